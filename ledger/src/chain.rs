@@ -1,0 +1,188 @@
+//! The hash chain: `hash = SHA-256(prev_hash || canonical envelope)`.
+//!
+//! The canonical envelope is the event's fields as JSON with object keys sorted by their bytes, no
+//! whitespace, and instants as RFC 3339 UTC with exactly six fractional digits (PostgreSQL keeps
+//! microseconds). It is computed from values as they read back from the database, so `verify`
+//! recomputes exactly what the appender wrote.
+
+use chrono::{DateTime, SubsecRound, Utc};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// The `prev_hash` of the first event.
+pub const GENESIS_HASH: [u8; 32] = [0; 32];
+
+/// The fields that are hashed, borrowed from either a new or a recorded event.
+pub struct Envelope<'a> {
+    pub position: i64,
+    pub stream_id: &'a str,
+    pub stream_version: i64,
+    pub event_id: Uuid,
+    pub event_type: &'a str,
+    pub schema_version: i32,
+    pub payload: &'a Value,
+    pub metadata: &'a Value,
+    pub recorded_at: DateTime<Utc>,
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl Envelope<'_> {
+    pub fn canonical(&self, out: &mut Vec<u8>) {
+        // Keys in byte order, written by hand so the order cannot depend on serde_json's map type.
+        out.extend_from_slice(b"{\"event_id\":\"");
+        out.extend_from_slice(
+            self.event_id
+                .hyphenated()
+                .encode_lower(&mut Uuid::encode_buffer())
+                .as_bytes(),
+        );
+        out.extend_from_slice(b"\",\"event_type\":");
+        write_string(out, self.event_type);
+        out.extend_from_slice(b",\"metadata\":");
+        write_canonical(out, self.metadata);
+        out.extend_from_slice(b",\"occurred_at\":\"");
+        out.extend_from_slice(format_instant(self.occurred_at).as_bytes());
+        out.extend_from_slice(b"\",\"payload\":");
+        write_canonical(out, self.payload);
+        out.extend_from_slice(b",\"position\":");
+        out.extend_from_slice(self.position.to_string().as_bytes());
+        out.extend_from_slice(b",\"recorded_at\":\"");
+        out.extend_from_slice(format_instant(self.recorded_at).as_bytes());
+        out.extend_from_slice(b"\",\"schema_version\":");
+        out.extend_from_slice(self.schema_version.to_string().as_bytes());
+        out.extend_from_slice(b",\"stream_id\":");
+        write_string(out, self.stream_id);
+        out.extend_from_slice(b",\"stream_version\":");
+        out.extend_from_slice(self.stream_version.to_string().as_bytes());
+        out.push(b'}');
+    }
+
+    /// The chained hash of this envelope after `prev_hash`. `scratch` is reused between calls.
+    pub fn hash(&self, prev_hash: &[u8; 32], scratch: &mut Vec<u8>) -> [u8; 32] {
+        scratch.clear();
+        self.canonical(scratch);
+        let mut hasher = Sha256::new();
+        hasher.update(prev_hash);
+        hasher.update(&scratch[..]);
+        hasher.finalize().into()
+    }
+}
+
+impl crate::RecordedEvent {
+    pub fn envelope(&self) -> Envelope<'_> {
+        Envelope {
+            position: self.position,
+            stream_id: &self.stream_id,
+            stream_version: self.stream_version,
+            event_id: self.event_id,
+            event_type: &self.event_type,
+            schema_version: self.schema_version,
+            payload: &self.payload,
+            metadata: &self.metadata,
+            recorded_at: self.recorded_at,
+            occurred_at: self.occurred_at,
+        }
+    }
+}
+
+/// Instants are stored with microsecond precision; truncate before hashing and storing.
+pub fn to_stored_precision(instant: DateTime<Utc>) -> DateTime<Utc> {
+    instant.trunc_subsecs(6)
+}
+
+fn format_instant(instant: DateTime<Utc>) -> String {
+    instant.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+fn write_string(out: &mut Vec<u8>, value: &str) {
+    serde_json::to_writer(&mut *out, value).expect("writing a string to a Vec cannot fail");
+}
+
+fn write_canonical(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out.push(b'{');
+            for (index, (key, item)) in entries.into_iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                write_string(out, key);
+                out.push(b':');
+                write_canonical(out, item);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (index, item) in items.iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                write_canonical(out, item);
+            }
+            out.push(b']');
+        }
+        scalar => {
+            serde_json::to_writer(&mut *out, scalar).expect("writing a scalar to a Vec cannot fail")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn envelope_of<'a>(payload: &'a Value, metadata: &'a Value) -> Envelope<'a> {
+        Envelope {
+            position: 7,
+            stream_id: "account-1",
+            stream_version: 3,
+            event_id: Uuid::nil(),
+            event_type: "TopUpSettled",
+            schema_version: 1,
+            payload,
+            metadata,
+            recorded_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456Z")
+                .unwrap()
+                .to_utc(),
+            occurred_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z")
+                .unwrap()
+                .to_utc(),
+        }
+    }
+
+    #[test]
+    fn canonical_form_sorts_keys_and_fixes_instants() {
+        let payload = json!({"b": [1, {"z": "x", "a": null}], "a": "25.00"});
+        let metadata = json!({});
+        let mut out = Vec::new();
+        envelope_of(&payload, &metadata).canonical(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"event_id":"00000000-0000-0000-0000-000000000000","event_type":"TopUpSettled","metadata":{},"occurred_at":"2026-01-02T03:04:05.000000Z","payload":{"a":"25.00","b":[1,{"a":null,"z":"x"}]},"position":7,"recorded_at":"2026-01-02T03:04:05.123456Z","schema_version":1,"stream_id":"account-1","stream_version":3}"#
+        );
+    }
+
+    #[test]
+    fn key_order_does_not_change_the_hash_but_content_does() {
+        let metadata = json!({});
+        let first: Value = serde_json::from_str(r#"{"a":1,"b":"two"}"#).unwrap();
+        let second: Value = serde_json::from_str(r#"{"b":"two","a":1}"#).unwrap();
+        let changed = json!({"a": 2, "b": "two"});
+        let mut scratch = Vec::new();
+        let hash = |payload: &Value, scratch: &mut Vec<u8>| {
+            envelope_of(payload, &metadata).hash(&GENESIS_HASH, scratch)
+        };
+        assert_eq!(hash(&first, &mut scratch), hash(&second, &mut scratch));
+        assert_ne!(hash(&first, &mut scratch), hash(&changed, &mut scratch));
+        // The previous hash is part of the chain.
+        assert_ne!(
+            envelope_of(&first, &metadata).hash(&[1; 32], &mut scratch),
+            hash(&first, &mut scratch)
+        );
+    }
+}

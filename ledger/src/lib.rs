@@ -1,0 +1,25 @@
+//! The event log: an append-only, hash-chained sequence of events in PostgreSQL.
+//!
+//! This crate owns appending (with optimistic concurrency per stream and group commit), reading a
+//! stream or the whole log, catch-up subscriptions with checkpoints, chain verification, and the
+//! cqrs-es `PersistedEventRepository` over the log. It knows nothing of billing.
+
+pub mod chain;
+pub mod checkpoint;
+pub mod cqrs;
+pub mod database;
+mod event;
+pub mod log;
+pub mod subscription;
+pub mod testing;
+pub mod verify;
+mod writer;
+
+pub use event::{
+    AppendError, AppendOutcome, AppendRequest, ExpectedVersion, NewEvent, RecordedEvent,
+    StreamAppend, VersionConflict,
+};
+pub use log::{EventLog, LogConfig, LogError};
+
+/// The migrations of the whole product, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

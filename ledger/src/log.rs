@@ -1,0 +1,243 @@
+//! `EventLog`: the handle the rest of the product uses to append to and read the log.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::event::{AppendError, AppendOutcome, AppendRequest, RecordedEvent, EVENT_COLUMNS};
+use crate::subscription::Subscription;
+use crate::writer::{self, Job, NOTIFY_CHANNEL};
+
+/// Most events one read returns.
+pub const READ_LIMIT_MAX: usize = 10_000;
+
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    /// A batch stops taking further waiting appends once it holds this many events.
+    pub batch_events_max: usize,
+    /// Appends waiting for the writer before callers are made to wait.
+    pub queue_depth: usize,
+    /// How long a subscriber waits for a notification before it looks at the log anyway.
+    pub poll_interval: Duration,
+    /// Tests only: hold each batch's transaction open up to this long before COMMIT, so slow
+    /// committers meet fast readers. Zero in production.
+    pub pause_before_commit_max: Duration,
+}
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig {
+            batch_events_max: 10_000,
+            queue_depth: 4_096,
+            poll_interval: Duration::from_millis(500),
+            pause_before_commit_max: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("the event log is not set up in this database (run `billing migrate`): {0}")]
+    NotMigrated(sqlx::Error),
+}
+
+#[derive(Clone)]
+pub struct EventLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    jobs: mpsc::Sender<Job>,
+    head: watch::Sender<i64>,
+    config: LogConfig,
+    listener: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+impl EventLog {
+    /// Opens the log on a migrated database and starts this process's writer and listener.
+    pub async fn open(pool: PgPool, config: LogConfig) -> Result<EventLog, LogError> {
+        let (position,): (i64,) =
+            sqlx::query_as("SELECT position FROM ledger_head WHERE singleton")
+                .fetch_one(&pool)
+                .await
+                .map_err(|error| match &error {
+                    sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
+                        LogError::NotMigrated(error)
+                    }
+                    _ => LogError::Database(error),
+                })?;
+        let (head, _) = watch::channel(position);
+        let (jobs, receiver) = mpsc::channel(config.queue_depth);
+        tokio::spawn(writer::run(
+            pool.clone(),
+            receiver,
+            head.clone(),
+            config.clone(),
+        ));
+        let listener = tokio::spawn(listen(pool.clone(), head.clone()));
+        Ok(EventLog {
+            inner: Arc::new(Inner {
+                pool,
+                jobs,
+                head,
+                config,
+                listener,
+            }),
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// Appends atomically: every stream's expected version holds and all events are stored, or
+    /// nothing is. A retry whose event ids are all stored is answered as a duplicate.
+    pub async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, AppendError> {
+        request.check()?;
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(Job { request, reply })
+            .await
+            .map_err(|_| AppendError::WriterStopped)?;
+        answer.await.map_err(|_| AppendError::WriterStopped)?
+    }
+
+    /// Events of one stream with a version above `after_version`, oldest first, at most `limit`.
+    pub async fn read_stream(
+        &self,
+        stream_id: &str,
+        after_version: i64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+        let limit = limit.clamp(1, READ_LIMIT_MAX) as i64;
+        sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version LIMIT $3"
+        ))
+        .bind(stream_id)
+        .bind(after_version)
+        .bind(limit)
+        .fetch_all(&self.inner.pool)
+        .await
+    }
+
+    /// Every event of one stream, oldest first, read in bounded pages.
+    pub async fn read_stream_all(
+        &self,
+        stream_id: &str,
+    ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+        let mut events = Vec::new();
+        loop {
+            let after = events
+                .last()
+                .map(|event: &RecordedEvent| event.stream_version)
+                .unwrap_or(0);
+            let page = self.read_stream(stream_id, after, READ_LIMIT_MAX).await?;
+            let full = page.len() == READ_LIMIT_MAX;
+            events.extend(page);
+            if !full {
+                return Ok(events);
+            }
+        }
+    }
+
+    /// Events of the whole log after `after_position`, in position order, at most `limit`.
+    pub async fn read_all(
+        &self,
+        after_position: i64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+        read_all(&self.inner.pool, after_position, limit).await
+    }
+
+    /// The current version of a stream (0 when it has no events).
+    pub async fn stream_version(&self, stream_id: &str) -> Result<i64, sqlx::Error> {
+        let (version,): (Option<i64>,) =
+            sqlx::query_as("SELECT max(stream_version) FROM events WHERE stream_id = $1")
+                .bind(stream_id)
+                .fetch_one(&self.inner.pool)
+                .await?;
+        Ok(version.unwrap_or(0))
+    }
+
+    /// The last committed position and its hash.
+    pub async fn head(&self) -> Result<(i64, [u8; 32]), sqlx::Error> {
+        let (position, hash): (i64, Vec<u8>) =
+            sqlx::query_as("SELECT position, hash FROM ledger_head WHERE singleton")
+                .fetch_one(&self.inner.pool)
+                .await?;
+        Ok((
+            position,
+            hash.try_into()
+                .expect("ledger_head.hash is 32 bytes by its CHECK"),
+        ))
+    }
+
+    /// A catch-up subscription to every event after `after_position`.
+    pub fn subscribe(&self, after_position: i64, batch_size: usize) -> Subscription {
+        Subscription::new(
+            self.clone(),
+            after_position,
+            batch_size,
+            self.inner.head.subscribe(),
+            self.inner.config.poll_interval,
+        )
+    }
+}
+
+pub(crate) async fn read_all(
+    pool: &PgPool,
+    after_position: i64,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    let limit = limit.clamp(1, READ_LIMIT_MAX) as i64;
+    sqlx::query_as(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
+    ))
+    .bind(after_position)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Follows other processes' appends through LISTEN/NOTIFY; subscribers also poll, so a lost
+/// connection delays them by at most the poll interval.
+async fn listen(pool: PgPool, head: watch::Sender<i64>) {
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::debug!(%error, "ledger listener cannot connect; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(error) = listener.listen(NOTIFY_CHANNEL).await {
+            tracing::debug!(%error, "ledger listener cannot LISTEN; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        while let Ok(notification) = listener.recv().await {
+            if let Ok(position) = notification.payload().parse::<i64>() {
+                head.send_if_modified(|current| {
+                    let moved = position > *current;
+                    *current = (*current).max(position);
+                    moved
+                });
+            }
+        }
+    }
+}

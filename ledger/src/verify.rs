@@ -1,0 +1,203 @@
+//! Chain verification: recompute every hash from position 1 and compare with what is stored.
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::chain::GENESIS_HASH;
+
+const PAGE_SIZE: usize = 5_000;
+
+/// A head recorded outside the database: the event at `position` must have `hash`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Anchor {
+    pub position: i64,
+    pub hash: [u8; 32],
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+
+    /// Parses `POSITION:HASH`, the hash as 64 hexadecimal digits.
+    fn from_str(text: &str) -> Result<Anchor, String> {
+        let (position, hash) = text
+            .split_once(':')
+            .ok_or_else(|| format!("an anchor is POSITION:HASH, got {text:?}"))?;
+        let position: i64 = position
+            .parse()
+            .map_err(|_| format!("anchor position {position:?} is not a whole number"))?;
+        if position < 1 {
+            return Err(format!("anchor position {position} must be at least 1"));
+        }
+        let bytes =
+            hex::decode(hash).map_err(|_| format!("anchor hash {hash:?} is not hexadecimal"))?;
+        let hash: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| "an anchor hash is 64 hexadecimal digits (SHA-256)".to_string())?;
+        Ok(Anchor { position, hash })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub events_checked: u64,
+    pub head_position: i64,
+    pub head_hash: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_bad_position: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// Recomputes the chain over the whole log. `progress(done, total)` is called after each page.
+pub async fn verify_chain(
+    pool: &PgPool,
+    anchor: Option<Anchor>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<VerifyReport, sqlx::Error> {
+    let (head_position, head_hash): (i64, Vec<u8>) =
+        sqlx::query_as("SELECT position, hash FROM ledger_head WHERE singleton")
+            .fetch_one(pool)
+            .await?;
+    let (stored_max,): (Option<i64>,) = sqlx::query_as("SELECT max(position) FROM events")
+        .fetch_one(pool)
+        .await?;
+    let total = head_position.max(stored_max.unwrap_or(0)) as u64;
+
+    let mut previous_position = 0i64;
+    let mut previous_hash = GENESIS_HASH;
+    let mut events_checked = 0u64;
+    let mut anchor_seen = false;
+    let mut scratch = Vec::with_capacity(1024);
+    let bad =
+        |events_checked: u64, position: i64, problem: String, head_hash: [u8; 32]| VerifyReport {
+            ok: false,
+            events_checked,
+            head_position: previous_position_or(position),
+            head_hash: hex::encode(head_hash),
+            first_bad_position: Some(position),
+            problem: Some(problem),
+        };
+    loop {
+        let page = crate::log::read_all(pool, previous_position, PAGE_SIZE).await?;
+        for event in &page {
+            let expected_position = previous_position + 1;
+            if event.position != expected_position {
+                let problem = format!(
+                    "position {expected_position} is missing; the next stored event is {}",
+                    event.position
+                );
+                return Ok(bad(
+                    events_checked,
+                    expected_position,
+                    problem,
+                    previous_hash,
+                ));
+            }
+            if event.prev_hash != previous_hash {
+                let problem = format!(
+                    "prev_hash {} does not match the hash of position {previous_position}",
+                    hex::encode(event.prev_hash)
+                );
+                return Ok(bad(events_checked, event.position, problem, previous_hash));
+            }
+            let recomputed = event.envelope().hash(&previous_hash, &mut scratch);
+            if recomputed != event.hash {
+                let problem = format!(
+                    "stored hash {} differs from the recomputed {}: the event was changed after it was written",
+                    hex::encode(event.hash),
+                    hex::encode(recomputed)
+                );
+                return Ok(bad(events_checked, event.position, problem, previous_hash));
+            }
+            if let Some(anchor) = anchor.filter(|anchor| anchor.position == event.position) {
+                anchor_seen = true;
+                if anchor.hash != event.hash {
+                    let problem = format!(
+                        "the anchor says {} but the log has {}",
+                        hex::encode(anchor.hash),
+                        hex::encode(event.hash)
+                    );
+                    return Ok(bad(events_checked, event.position, problem, previous_hash));
+                }
+            }
+            events_checked += 1;
+            previous_position = event.position;
+            previous_hash = event.hash;
+        }
+        progress(events_checked, total);
+        if page.len() < PAGE_SIZE {
+            break;
+        }
+    }
+    if head_position != previous_position || head_hash != previous_hash {
+        let problem = format!(
+            "the recorded head is position {head_position} hash {}, the log ends at {previous_position} hash {}: events were removed",
+            hex::encode(&head_hash),
+            hex::encode(previous_hash)
+        );
+        return Ok(bad(
+            events_checked,
+            previous_position + 1,
+            problem,
+            previous_hash,
+        ));
+    }
+    if let Some(anchor) = anchor.filter(|_| !anchor_seen) {
+        let problem = format!(
+            "the anchor names position {} but the log ends at {previous_position}",
+            anchor.position
+        );
+        return Ok(bad(events_checked, anchor.position, problem, previous_hash));
+    }
+    Ok(VerifyReport {
+        ok: true,
+        events_checked,
+        head_position: previous_position,
+        head_hash: hex::encode(previous_hash),
+        first_bad_position: None,
+        problem: None,
+    })
+}
+
+/// The head reported with a failure is the last good position.
+fn previous_position_or(bad_position: i64) -> i64 {
+    (bad_position - 1).max(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Anchor;
+
+    #[test]
+    fn anchors_parse_or_say_why_not() {
+        let hash = "ab".repeat(32);
+        assert_eq!(
+            format!("12:{hash}").parse::<Anchor>().unwrap(),
+            Anchor {
+                position: 12,
+                hash: [0xab; 32]
+            }
+        );
+        assert!("12"
+            .parse::<Anchor>()
+            .unwrap_err()
+            .contains("POSITION:HASH"));
+        assert!(format!("x:{hash}")
+            .parse::<Anchor>()
+            .unwrap_err()
+            .contains("whole number"));
+        assert!(format!("0:{hash}")
+            .parse::<Anchor>()
+            .unwrap_err()
+            .contains("at least 1"));
+        assert!("3:abcd"
+            .parse::<Anchor>()
+            .unwrap_err()
+            .contains("64 hexadecimal"));
+        assert!("3:zz"
+            .parse::<Anchor>()
+            .unwrap_err()
+            .contains("not hexadecimal"));
+    }
+}

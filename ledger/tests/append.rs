@@ -1,0 +1,423 @@
+//! Appending: optimistic concurrency, atomic multi-stream appends, duplicates, append-only.
+
+use std::sync::Arc;
+
+use ledger::testing::TestDatabase;
+use ledger::{AppendError, AppendRequest, EventLog, ExpectedVersion, LogConfig, NewEvent};
+use serde_json::json;
+use tokio::sync::Barrier;
+use uuid::Uuid;
+
+async fn open(db: &TestDatabase) -> EventLog {
+    EventLog::open(db.pool.clone(), LogConfig::default())
+        .await
+        .expect("open the log")
+}
+
+async fn count(db: &TestDatabase, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(&db.pool)
+        .await
+        .expect(sql)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_two_writers_one_stream_exactly_one_wins_each_version() {
+    const WRITERS: usize = 32;
+    const ROUNDS: i64 = 40;
+    let db = TestDatabase::new().await;
+    // Writers spread over four logs, as if in four processes, so batches also race on the head lock.
+    let mut logs = Vec::new();
+    for _ in 0..4 {
+        logs.push(open(&db).await);
+    }
+    let barrier = Arc::new(Barrier::new(WRITERS));
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        let log = logs[writer % logs.len()].clone();
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut wins = Vec::new();
+            for version in 0..ROUNDS {
+                barrier.wait().await;
+                let expected = if version == 0 {
+                    ExpectedVersion::NoStream
+                } else {
+                    ExpectedVersion::Exact(version)
+                };
+                let event =
+                    NewEvent::new("Incremented", json!({"writer": writer, "round": version}));
+                match log
+                    .append(AppendRequest::single("counter-1", expected, vec![event]))
+                    .await
+                {
+                    Ok(outcome) => {
+                        assert!(!outcome.duplicate);
+                        wins.push(version);
+                    }
+                    Err(AppendError::Conflict(conflict)) => {
+                        assert_eq!(conflict.stream_id, "counter-1");
+                        assert_eq!(conflict.expected, expected);
+                        assert_eq!(
+                            conflict.actual,
+                            version + 1,
+                            "a loser sees the winner's version"
+                        );
+                    }
+                    Err(other) => panic!("unexpected error: {other}"),
+                }
+            }
+            wins
+        }));
+    }
+    let mut winners_per_round = vec![0; ROUNDS as usize];
+    for task in tasks {
+        for version in task.await.unwrap() {
+            winners_per_round[version as usize] += 1;
+        }
+    }
+    assert!(
+        winners_per_round.iter().all(|winners| *winners == 1),
+        "winners per round: {winners_per_round:?}"
+    );
+    let events = logs[0].read_stream_all("counter-1").await.unwrap();
+    let versions: Vec<i64> = events.iter().map(|event| event.stream_version).collect();
+    assert_eq!(
+        versions,
+        (1..=ROUNDS).collect::<Vec<_>>(),
+        "the stream is contiguous"
+    );
+    let positions: Vec<i64> = events.iter().map(|event| event.position).collect();
+    assert_eq!(
+        positions,
+        (1..=ROUNDS).collect::<Vec<_>>(),
+        "no position was burnt by a loser"
+    );
+}
+
+#[tokio::test]
+async fn a_multi_stream_append_with_one_stale_version_stores_nothing() {
+    let db = TestDatabase::new().await;
+    let log = open(&db).await;
+    log.append(AppendRequest::single(
+        "b",
+        ExpectedVersion::NoStream,
+        vec![NewEvent::new("Opened", json!({}))],
+    ))
+    .await
+    .unwrap();
+    let head_before = log.head().await.unwrap();
+
+    let request = AppendRequest::default()
+        .stream(
+            "a",
+            ExpectedVersion::NoStream,
+            vec![
+                NewEvent::new("Opened", json!({})),
+                NewEvent::new("Credited", json!({"amount": "5.00"})),
+            ],
+        )
+        .stream(
+            "b",
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new("Debited", json!({"amount": "5.00"}))],
+        )
+        .stream(
+            "c",
+            ExpectedVersion::Any,
+            vec![NewEvent::new("Opened", json!({}))],
+        );
+    match log.append(request).await {
+        Err(AppendError::Conflict(conflict)) => {
+            assert_eq!(conflict.stream_id, "b");
+            assert_eq!(conflict.expected, ExpectedVersion::NoStream);
+            assert_eq!(conflict.actual, 1);
+            assert_eq!(
+                conflict.to_string(),
+                "stream b expected no stream, is at version 1"
+            );
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM events").await, 1);
+    assert_eq!(log.stream_version("a").await.unwrap(), 0);
+    assert_eq!(log.stream_version("c").await.unwrap(), 0);
+    assert_eq!(
+        log.head().await.unwrap(),
+        head_before,
+        "the head did not move"
+    );
+
+    // The same append with the right version is stored whole, in order, atomically.
+    let request = AppendRequest::default()
+        .stream(
+            "a",
+            ExpectedVersion::NoStream,
+            vec![
+                NewEvent::new("Opened", json!({})),
+                NewEvent::new("Credited", json!({"amount": "5.00"})),
+            ],
+        )
+        .stream(
+            "b",
+            ExpectedVersion::Exact(1),
+            vec![NewEvent::new("Debited", json!({"amount": "5.00"}))],
+        );
+    let outcome = log.append(request).await.unwrap();
+    assert_eq!((outcome.first_position, outcome.last_position), (2, 4));
+    assert_eq!(log.stream_version("a").await.unwrap(), 2);
+    assert_eq!(log.stream_version("b").await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn a_duplicate_event_id_is_stored_once_and_reported() {
+    let db = TestDatabase::new().await;
+    let log = open(&db).await;
+    let event = NewEvent::new("TopUpSettled", json!({"amount": "25.00"}));
+    let request =
+        AppendRequest::single("account-1", ExpectedVersion::NoStream, vec![event.clone()]);
+    let first = log.append(request.clone()).await.unwrap();
+    assert!(!first.duplicate);
+    // A retry with the same expected version (now stale) is still recognised as the same append.
+    let retry = log.append(request).await.unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(
+        (retry.first_position, retry.last_position),
+        (first.first_position, first.last_position)
+    );
+    // The same id under another stream is also the same event.
+    let elsewhere = log
+        .append(AppendRequest::single(
+            "account-2",
+            ExpectedVersion::Any,
+            vec![event.clone()],
+        ))
+        .await
+        .unwrap();
+    assert!(elsewhere.duplicate);
+    assert_eq!(count(&db, "SELECT count(*) FROM events").await, 1);
+
+    // Some stored, some new: refused whole, nothing stored.
+    let fresh = NewEvent::new("TopUpSettled", json!({"amount": "1.00"}));
+    match log
+        .append(AppendRequest::single(
+            "account-1",
+            ExpectedVersion::Any,
+            vec![fresh, event.clone()],
+        ))
+        .await
+    {
+        Err(AppendError::PartialDuplicate { stored_event_ids }) => {
+            assert_eq!(stored_event_ids, vec![event.event_id])
+        }
+        other => panic!("expected a partial duplicate, got {other:?}"),
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM events").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_retries_of_one_event_store_it_once() {
+    let db = TestDatabase::new().await;
+    let logs = [open(&db).await, open(&db).await];
+    let event_id = Uuid::new_v4();
+    let mut tasks = Vec::new();
+    for attempt in 0..20 {
+        let log = logs[attempt % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let event = NewEvent::new("WebhookReceived", json!({"id": "evt_1"})).with_id(event_id);
+            log.append(AppendRequest::single(
+                "webhooks",
+                ExpectedVersion::Any,
+                vec![event],
+            ))
+            .await
+            .unwrap()
+        }));
+    }
+    let mut stored = 0;
+    for task in tasks {
+        if !task.await.unwrap().duplicate {
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 1, "exactly one attempt stored the event");
+    assert_eq!(count(&db, "SELECT count(*) FROM events").await, 1);
+}
+
+#[tokio::test]
+async fn bad_appends_are_refused_with_a_reason() {
+    let db = TestDatabase::new().await;
+    let log = open(&db).await;
+    let cases = [
+        (AppendRequest::default(), "at least one event"),
+        (
+            AppendRequest::single(
+                "",
+                ExpectedVersion::Any,
+                vec![NewEvent::new("E", json!({}))],
+            ),
+            "stream id",
+        ),
+        (
+            AppendRequest::single(
+                "s",
+                ExpectedVersion::Any,
+                vec![NewEvent::new("", json!({}))],
+            ),
+            "event type",
+        ),
+        (
+            AppendRequest::single(
+                "s",
+                ExpectedVersion::Exact(-1),
+                vec![NewEvent::new("E", json!({}))],
+            ),
+            "negative",
+        ),
+        (
+            AppendRequest::single(
+                "s",
+                ExpectedVersion::Any,
+                vec![NewEvent::new("E", json!({})).with_schema_version(0)],
+            ),
+            "schema version",
+        ),
+        (
+            AppendRequest::single(
+                "s",
+                ExpectedVersion::Any,
+                vec![NewEvent::new("E", json!({})).with_metadata(json!([1]))],
+            ),
+            "metadata",
+        ),
+        (
+            AppendRequest::default()
+                .stream(
+                    "s",
+                    ExpectedVersion::Any,
+                    vec![NewEvent::new("E", json!({}))],
+                )
+                .stream(
+                    "s",
+                    ExpectedVersion::Any,
+                    vec![NewEvent::new("E", json!({}))],
+                ),
+            "appears twice",
+        ),
+    ];
+    for (request, reason) in cases {
+        match log.append(request).await {
+            Err(AppendError::Invalid(message)) => assert!(
+                message.contains(reason),
+                "{message:?} should mention {reason:?}"
+            ),
+            other => panic!("expected an invalid append ({reason}), got {other:?}"),
+        }
+    }
+    let id = Uuid::new_v4();
+    let twice = vec![
+        NewEvent::new("E", json!({})).with_id(id),
+        NewEvent::new("E", json!({})).with_id(id),
+    ];
+    assert!(matches!(
+        log.append(AppendRequest::single("s", ExpectedVersion::Any, twice))
+            .await,
+        Err(AppendError::Invalid(_))
+    ));
+    assert_eq!(count(&db, "SELECT count(*) FROM events").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_database_refuses_does_not_sink_its_batch() {
+    let db = TestDatabase::new().await;
+    let log = open(&db).await;
+    let mut tasks = Vec::new();
+    for index in 0..50 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            // PostgreSQL's jsonb cannot hold a NUL character.
+            let payload = if index == 17 {
+                json!({"text": "nul\u{0000}here"})
+            } else {
+                json!({"index": index})
+            };
+            log.append(AppendRequest::single(
+                format!("s-{index}"),
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("E", payload)],
+            ))
+            .await
+        }));
+    }
+    let mut refused = 0;
+    for (index, task) in tasks.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Ok(_) => assert_ne!(index, 17),
+            Err(AppendError::Database(_)) => {
+                assert_eq!(index, 17);
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected: {other}"),
+        }
+    }
+    assert_eq!(refused, 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM events").await, 49);
+    assert_eq!(
+        count(&db, "SELECT max(position) FROM events").await,
+        49,
+        "positions stay contiguous"
+    );
+}
+
+#[tokio::test]
+async fn the_events_table_refuses_update_delete_and_truncate_even_for_a_superuser() {
+    let db = TestDatabase::new().await;
+    let log = open(&db).await;
+    log.append(AppendRequest::single(
+        "s",
+        ExpectedVersion::NoStream,
+        vec![NewEvent::new("E", json!({"a": 1}))],
+    ))
+    .await
+    .unwrap();
+    let is_superuser: bool =
+        sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        is_superuser,
+        "this test means to show that even a superuser is refused"
+    );
+    for statement in [
+        "UPDATE events SET payload = '{\"a\": 2}'",
+        "DELETE FROM events",
+        "DELETE FROM events WHERE position = 999",
+        "TRUNCATE events",
+    ] {
+        let error = sqlx::query(statement)
+            .execute(&db.pool)
+            .await
+            .expect_err(statement);
+        let message = error.to_string();
+        assert!(message.contains("append-only"), "{statement}: {message}");
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM events").await, 1);
+
+    // The application role may read and append, and nothing else.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE billing_app")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    let error = sqlx::query("ALTER TABLE events DISABLE TRIGGER events_append_only")
+        .execute(&mut *tx)
+        .await
+        .expect_err("not the owner");
+    assert!(error.to_string().contains("must be owner"), "{error}");
+}

@@ -1,0 +1,195 @@
+//! `billing verify` against a real log: exit 0 when untouched, non-zero naming the position when a
+//! superuser changed or removed an event behind the triggers' back, and anchors.
+
+use std::process::Output;
+
+use ledger::testing::TestDatabase;
+use ledger::{AppendRequest, EventLog, ExpectedVersion, LogConfig, NewEvent};
+use serde_json::{json, Value};
+
+fn billing(db: &TestDatabase, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_billing"))
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run the billing binary")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn log_with_events(db: &TestDatabase, count: usize) -> EventLog {
+    let log = EventLog::open(db.pool.clone(), LogConfig::default())
+        .await
+        .unwrap();
+    for index in 0..count {
+        let event = NewEvent::new(
+            "Charged",
+            json!({"amount": format!("0.{index:06}"), "slot": index}),
+        );
+        log.append(AppendRequest::single(
+            format!("account-{}", index % 3),
+            ExpectedVersion::Any,
+            vec![event],
+        ))
+        .await
+        .unwrap();
+    }
+    log
+}
+
+async fn tamper(db: &TestDatabase, statement: &str) {
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let changed = sqlx::query(statement).execute(&mut *tx).await.unwrap();
+    assert_eq!(changed.rows_affected(), 1, "{statement}");
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn verify_passes_an_untouched_log_and_an_empty_one() {
+    let db = TestDatabase::new().await;
+    let output = billing(&db, &["verify"]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        stdout(&output).starts_with("ok: 0 events checked"),
+        "{}",
+        stdout(&output)
+    );
+
+    log_with_events(&db, 25).await;
+    let output = billing(&db, &["verify", "--json"]);
+    assert!(output.status.success(), "{output:?}");
+    let report: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["events_checked"], 25);
+    assert_eq!(report["head_position"], 25);
+    assert!(report.get("first_bad_position").is_none());
+}
+
+#[tokio::test]
+async fn verify_names_the_position_of_a_changed_payload() {
+    let db = TestDatabase::new().await;
+    log_with_events(&db, 30).await;
+    tamper(&db, "UPDATE events SET payload = jsonb_set(payload, '{amount}', '\"9.999999\"') WHERE position = 17").await;
+
+    let output = billing(&db, &["verify"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let text = stdout(&output);
+    assert!(text.starts_with("FAILED at position 17:"), "{text}");
+    assert!(text.contains("changed after it was written"), "{text}");
+
+    let report: Value =
+        serde_json::from_str(&stdout(&billing(&db, &["verify", "--json"]))).unwrap();
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["first_bad_position"], 17);
+    assert_eq!(report["events_checked"], 16);
+}
+
+#[tokio::test]
+async fn verify_detects_a_changed_envelope_field_and_a_removed_event() {
+    let db = TestDatabase::new().await;
+    log_with_events(&db, 12).await;
+    tamper(
+        &db,
+        "UPDATE events SET occurred_at = occurred_at - interval '1 day' WHERE position = 4",
+    )
+    .await;
+    let report: Value =
+        serde_json::from_str(&stdout(&billing(&db, &["verify", "--json"]))).unwrap();
+    assert_eq!(report["first_bad_position"], 4);
+
+    let db = TestDatabase::new().await;
+    log_with_events(&db, 12).await;
+    tamper(&db, "DELETE FROM events WHERE position = 6").await;
+    let output = billing(&db, &["verify"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stdout(&output).contains("position 6 is missing"),
+        "{}",
+        stdout(&output)
+    );
+
+    // Removing the tail is caught by the recorded head.
+    let db = TestDatabase::new().await;
+    log_with_events(&db, 12).await;
+    tamper(&db, "DELETE FROM events WHERE position = 12").await;
+    let report: Value =
+        serde_json::from_str(&stdout(&billing(&db, &["verify", "--json"]))).unwrap();
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["first_bad_position"], 12);
+}
+
+#[tokio::test]
+async fn verify_checks_an_anchor_recorded_outside_the_database() {
+    let db = TestDatabase::new().await;
+    let log = log_with_events(&db, 10).await;
+    let (position, hash) = log.head().await.unwrap();
+    let anchor = format!("{position}:{}", hex_of(&hash));
+    assert!(billing(&db, &["verify", "--anchor", &anchor])
+        .status
+        .success());
+
+    let wrong = format!("{position}:{}", "00".repeat(32));
+    let output = billing(&db, &["verify", "--anchor", &wrong]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stdout(&output).contains("FAILED at position 10: the anchor says"),
+        "{}",
+        stdout(&output)
+    );
+
+    let beyond = format!("11:{}", hex_of(&hash));
+    let output = billing(&db, &["verify", "--anchor", &beyond]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stdout(&output).contains("the log ends at 10"),
+        "{}",
+        stdout(&output)
+    );
+
+    // A malformed anchor is a usage error with a message, not a verification result.
+    let output = billing(&db, &["verify", "--anchor", "ten:abc"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("not a whole number"),
+        "{output:?}"
+    );
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent_and_verify_on_an_unmigrated_database_says_what_to_do() {
+    let db = TestDatabase::new().await;
+    let output = billing(&db, &["migrate"]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(stdout(&output).contains("up to date"));
+
+    sqlx::query("CREATE DATABASE \"verify_unmigrated_probe\"")
+        .execute(&db.pool)
+        .await
+        .ok();
+    let url = db.server.url("verify_unmigrated_probe");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_billing"))
+        .arg("verify")
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    sqlx::query("DROP DATABASE IF EXISTS \"verify_unmigrated_probe\" WITH (FORCE)")
+        .execute(&db.pool)
+        .await
+        .ok();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("run `billing migrate` first"),
+        "{output:?}"
+    );
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
