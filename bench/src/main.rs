@@ -1,0 +1,196 @@
+//! Benchmarks against a local PostgreSQL (found like the product finds it), in a database of their
+//! own that is dropped and recreated per scenario. Prints a table for people, or with `--json` one
+//! JSON object per scenario: `{scenario, value, unit, baseline, baseline_value, ratio}`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use ledger::database::{locate, quote_identifier, Server};
+use ledger::{AppendRequest, EventLog, ExpectedVersion, LogConfig, NewEvent, StreamAppend};
+use serde::Serialize;
+use serde_json::json;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+
+const SCENARIOS: &[&str] = &["append", "append_concurrent"];
+
+#[derive(Parser)]
+#[command(about = "Benchmarks of the billing ledger")]
+struct Args {
+    /// A scenario name (append, append_concurrent) or `all`.
+    scenario: String,
+    /// Small sizes, to keep the benchmarks compiling and correct in CI.
+    #[arg(long)]
+    quick: bool,
+    /// One JSON object per scenario on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Measurement {
+    scenario: &'static str,
+    value: f64,
+    unit: &'static str,
+    baseline: Option<&'static str>,
+    baseline_value: Option<f64>,
+    ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p99_ms: Option<f64>,
+    events: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let selected: Vec<&str> = match args.scenario.as_str() {
+        "all" => SCENARIOS.to_vec(),
+        name if SCENARIOS.contains(&name) => vec![SCENARIOS[SCENARIOS.iter().position(|s| *s == name).unwrap()]],
+        other => anyhow::bail!("unknown scenario {other:?}; known: {} or all", SCENARIOS.join(", ")),
+    };
+    let server = locate().await?;
+    let mut results = Vec::new();
+    for scenario in selected {
+        let pool = fresh_database(&server).await?;
+        let measurement = match scenario {
+            "append" => append(&pool, args.quick).await?,
+            "append_concurrent" => append_concurrent(&pool, args.quick).await?,
+            _ => unreachable!("checked above"),
+        };
+        pool.close().await;
+        if args.json {
+            println!("{}", serde_json::to_string(&measurement)?);
+        }
+        results.push(measurement);
+    }
+    if !args.json {
+        print_table(&results);
+    }
+    Ok(())
+}
+
+async fn fresh_database(server: &Server) -> anyhow::Result<PgPool> {
+    const NAME: &str = "billing_bench";
+    let mut admin = PgConnection::connect_with(&server.options("postgres")).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_identifier(NAME))).execute(&mut admin).await?;
+    sqlx::query(&format!("CREATE DATABASE {}", quote_identifier(NAME))).execute(&mut admin).await?;
+    let pool = PgPoolOptions::new().max_connections(70).connect_with(server.options(NAME)).await?;
+    ledger::MIGRATOR.run(&pool).await.context("migrating the bench database")?;
+    Ok(pool)
+}
+
+fn event(index: usize) -> NewEvent {
+    NewEvent::new("HourCharged", json!({"server_id": format!("server-{index}"), "net": "0.006849", "tax": "0.000685", "slot": "2026-11-01T10:00:00Z"}))
+}
+
+/// Batched appends: requests of 1,000 streams with one event each and a `NoStream` check.
+async fn append(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
+    let events_total = if quick { 4_000 } else { 200_000 };
+    let per_request = 1_000;
+    let log = EventLog::open(pool.clone(), LogConfig::default()).await?;
+    // Several requests in flight, so the writer can group them.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for request_index in 0..events_total / per_request {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let streams = (0..per_request)
+                .map(|n| {
+                    let index = request_index * per_request + n;
+                    StreamAppend::new(format!("server-{index}"), ExpectedVersion::NoStream, vec![event(index)])
+                })
+                .collect();
+            log.append(AppendRequest { streams }).await
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let elapsed = started.elapsed();
+    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM events").fetch_one(pool).await?;
+    anyhow::ensure!(count as usize == events_total, "stored {count} of {events_total} events");
+
+    // Baseline: the same events appended one per transaction, one after another.
+    let baseline_events = if quick { 200 } else { 5_000 };
+    let started_baseline = Instant::now();
+    for index in 0..baseline_events {
+        log.append(AppendRequest::single(format!("baseline-{index}"), ExpectedVersion::NoStream, vec![event(index)])).await?;
+    }
+    let baseline_rate = baseline_events as f64 / started_baseline.elapsed().as_secs_f64();
+    let rate = events_total as f64 / elapsed.as_secs_f64();
+    let report = ledger::verify::verify_chain(pool, None, |_, _| {}).await?;
+    anyhow::ensure!(report.ok, "the chain does not verify after the benchmark: {report:?}");
+    Ok(Measurement {
+        scenario: "append",
+        value: rate,
+        unit: "events/s",
+        baseline: Some("one event per append, sequential"),
+        baseline_value: Some(baseline_rate),
+        ratio: Some(rate / baseline_rate),
+        p50_ms: None,
+        p99_ms: None,
+        events: events_total,
+    })
+}
+
+/// 64 concurrent clients, each appending single events to its own stream with exact versions.
+async fn append_concurrent(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
+    const CLIENTS: usize = 64;
+    let per_client = if quick { 30 } else { 1_500 };
+    let log = EventLog::open(pool.clone(), LogConfig::default()).await?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..CLIENTS {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(per_client);
+            for version in 0..per_client {
+                let expected = if version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(version as i64) };
+                let sent = Instant::now();
+                log.append(AppendRequest::single(format!("account-{client}"), expected, vec![event(version)])).await?;
+                latencies.push(sent.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies: Vec<Duration> = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let events_total = CLIENTS * per_client;
+    let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1_000.0;
+    Ok(Measurement {
+        scenario: "append_concurrent",
+        value: events_total as f64 / elapsed.as_secs_f64(),
+        unit: "events/s",
+        baseline: None,
+        baseline_value: None,
+        ratio: None,
+        p50_ms: Some(percentile(0.50)),
+        p99_ms: Some(percentile(0.99)),
+        events: events_total,
+    })
+}
+
+fn print_table(results: &[Measurement]) {
+    println!("{:<20} {:>14} {:<10} {:>10} {:>10} {:>14} {:>8}  baseline", "scenario", "value", "unit", "p50 ms", "p99 ms", "baseline value", "ratio");
+    for m in results {
+        let optional = |value: Option<f64>, digits: usize| value.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<20} {:>14.0} {:<10} {:>10} {:>10} {:>14} {:>8}  {}",
+            m.scenario,
+            m.value,
+            m.unit,
+            optional(m.p50_ms, 2),
+            optional(m.p99_ms, 2),
+            optional(m.baseline_value, 0),
+            optional(m.ratio, 1),
+            m.baseline.unwrap_or("-")
+        );
+    }
+}
