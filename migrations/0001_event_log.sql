@@ -3,10 +3,10 @@
 -- of `position > checkpoint` can never see a later position before an earlier one.
 CREATE TABLE events (
     position        BIGINT      NOT NULL PRIMARY KEY CHECK (position > 0),
-    stream_id       TEXT        NOT NULL CHECK (length(stream_id) BETWEEN 1 AND 200),
+    stream_id       TEXT        COLLATE "C" NOT NULL CHECK (length(stream_id) BETWEEN 1 AND 200),
     stream_version  BIGINT      NOT NULL CHECK (stream_version > 0),
     event_id        UUID        NOT NULL,
-    event_type      TEXT        NOT NULL CHECK (length(event_type) BETWEEN 1 AND 200),
+    event_type      TEXT        COLLATE "C" NOT NULL CHECK (length(event_type) BETWEEN 1 AND 200),
     schema_version  INTEGER     NOT NULL CHECK (schema_version > 0),
     payload         JSONB       NOT NULL,
     metadata        JSONB       NOT NULL,

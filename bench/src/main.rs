@@ -26,6 +26,9 @@ struct Args {
     /// One JSON object per scenario on stdout instead of a table.
     #[arg(long)]
     json: bool,
+    /// Repetitions per scenario, each on a fresh database; medians are reported (default 3, 1 with --quick).
+    #[arg(long)]
+    repeat: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -41,6 +44,37 @@ struct Measurement {
     #[serde(skip_serializing_if = "Option::is_none")]
     p99_ms: Option<f64>,
     events: usize,
+    repetitions: usize,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// The median of each figure over the repetitions; the ratio is of the two medians.
+fn summarise(runs: Vec<Measurement>) -> Measurement {
+    let optional_median = |pick: fn(&Measurement) -> Option<f64>| {
+        let values: Vec<f64> = runs.iter().filter_map(pick).collect();
+        (!values.is_empty()).then(|| median(values))
+    };
+    let value = median(runs.iter().map(|m| m.value).collect());
+    let baseline_value = optional_median(|m| m.baseline_value);
+    let p50_ms = optional_median(|m| m.p50_ms);
+    let p99_ms = optional_median(|m| m.p99_ms);
+    let first = &runs[0];
+    Measurement {
+        scenario: first.scenario,
+        value,
+        unit: first.unit,
+        baseline: first.baseline,
+        baseline_value,
+        ratio: baseline_value.map(|baseline| value / baseline),
+        p50_ms,
+        p99_ms,
+        events: first.events,
+        repetitions: runs.len(),
+    }
 }
 
 #[tokio::main]
@@ -48,19 +82,29 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let selected: Vec<&str> = match args.scenario.as_str() {
         "all" => SCENARIOS.to_vec(),
-        name if SCENARIOS.contains(&name) => vec![SCENARIOS[SCENARIOS.iter().position(|s| *s == name).unwrap()]],
-        other => anyhow::bail!("unknown scenario {other:?}; known: {} or all", SCENARIOS.join(", ")),
+        name if SCENARIOS.contains(&name) => {
+            vec![SCENARIOS[SCENARIOS.iter().position(|s| *s == name).unwrap()]]
+        }
+        other => anyhow::bail!(
+            "unknown scenario {other:?}; known: {} or all",
+            SCENARIOS.join(", ")
+        ),
     };
     let server = locate().await?;
     let mut results = Vec::new();
+    let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     for scenario in selected {
-        let pool = fresh_database(&server).await?;
-        let measurement = match scenario {
-            "append" => append(&pool, args.quick).await?,
-            "append_concurrent" => append_concurrent(&pool, args.quick).await?,
-            _ => unreachable!("checked above"),
-        };
-        pool.close().await;
+        let mut runs = Vec::new();
+        for _ in 0..repeat {
+            let pool = fresh_database(&server).await?;
+            runs.push(match scenario {
+                "append" => append(&pool, args.quick).await?,
+                "append_concurrent" => append_concurrent(&pool, args.quick).await?,
+                _ => unreachable!("checked above"),
+            });
+            pool.close().await;
+        }
+        let measurement = summarise(runs);
         if args.json {
             println!("{}", serde_json::to_string(&measurement)?);
         }
@@ -75,15 +119,31 @@ async fn main() -> anyhow::Result<()> {
 async fn fresh_database(server: &Server) -> anyhow::Result<PgPool> {
     const NAME: &str = "billing_bench";
     let mut admin = PgConnection::connect_with(&server.options("postgres")).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_identifier(NAME))).execute(&mut admin).await?;
-    sqlx::query(&format!("CREATE DATABASE {}", quote_identifier(NAME))).execute(&mut admin).await?;
-    let pool = PgPoolOptions::new().max_connections(70).connect_with(server.options(NAME)).await?;
-    ledger::MIGRATOR.run(&pool).await.context("migrating the bench database")?;
+    sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+        quote_identifier(NAME)
+    ))
+    .execute(&mut admin)
+    .await?;
+    sqlx::query(&format!("CREATE DATABASE {}", quote_identifier(NAME)))
+        .execute(&mut admin)
+        .await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(70)
+        .connect_with(server.options(NAME))
+        .await?;
+    ledger::MIGRATOR
+        .run(&pool)
+        .await
+        .context("migrating the bench database")?;
     Ok(pool)
 }
 
 fn event(index: usize) -> NewEvent {
-    NewEvent::new("HourCharged", json!({"server_id": format!("server-{index}"), "net": "0.006849", "tax": "0.000685", "slot": "2026-11-01T10:00:00Z"}))
+    NewEvent::new(
+        "HourCharged",
+        json!({"server_id": format!("server-{index}"), "net": "0.006849", "tax": "0.000685", "slot": "2026-11-01T10:00:00Z"}),
+    )
 }
 
 /// Batched appends: requests of 1,000 streams with one event each and a `NoStream` check.
@@ -100,7 +160,11 @@ async fn append(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
             let streams = (0..per_request)
                 .map(|n| {
                     let index = request_index * per_request + n;
-                    StreamAppend::new(format!("server-{index}"), ExpectedVersion::NoStream, vec![event(index)])
+                    StreamAppend::new(
+                        format!("server-{index}"),
+                        ExpectedVersion::NoStream,
+                        vec![event(index)],
+                    )
                 })
                 .collect();
             log.append(AppendRequest { streams }).await
@@ -110,19 +174,32 @@ async fn append(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
         task.await??;
     }
     let elapsed = started.elapsed();
-    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM events").fetch_one(pool).await?;
-    anyhow::ensure!(count as usize == events_total, "stored {count} of {events_total} events");
+    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await?;
+    anyhow::ensure!(
+        count as usize == events_total,
+        "stored {count} of {events_total} events"
+    );
 
     // Baseline: the same events appended one per transaction, one after another.
     let baseline_events = if quick { 200 } else { 5_000 };
     let started_baseline = Instant::now();
     for index in 0..baseline_events {
-        log.append(AppendRequest::single(format!("baseline-{index}"), ExpectedVersion::NoStream, vec![event(index)])).await?;
+        log.append(AppendRequest::single(
+            format!("baseline-{index}"),
+            ExpectedVersion::NoStream,
+            vec![event(index)],
+        ))
+        .await?;
     }
     let baseline_rate = baseline_events as f64 / started_baseline.elapsed().as_secs_f64();
     let rate = events_total as f64 / elapsed.as_secs_f64();
     let report = ledger::verify::verify_chain(pool, None, |_, _| {}).await?;
-    anyhow::ensure!(report.ok, "the chain does not verify after the benchmark: {report:?}");
+    anyhow::ensure!(
+        report.ok,
+        "the chain does not verify after the benchmark: {report:?}"
+    );
     Ok(Measurement {
         scenario: "append",
         value: rate,
@@ -133,6 +210,7 @@ async fn append(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
         p50_ms: None,
         p99_ms: None,
         events: events_total,
+        repetitions: 1,
     })
 }
 
@@ -148,9 +226,18 @@ async fn append_concurrent(pool: &PgPool, quick: bool) -> anyhow::Result<Measure
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_client);
             for version in 0..per_client {
-                let expected = if version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(version as i64) };
+                let expected = if version == 0 {
+                    ExpectedVersion::NoStream
+                } else {
+                    ExpectedVersion::Exact(version as i64)
+                };
                 let sent = Instant::now();
-                log.append(AppendRequest::single(format!("account-{client}"), expected, vec![event(version)])).await?;
+                log.append(AppendRequest::single(
+                    format!("account-{client}"),
+                    expected,
+                    vec![event(version)],
+                ))
+                .await?;
                 latencies.push(sent.elapsed());
             }
             anyhow::Ok(latencies)
@@ -163,7 +250,10 @@ async fn append_concurrent(pool: &PgPool, quick: bool) -> anyhow::Result<Measure
     let elapsed = started.elapsed();
     latencies.sort();
     let events_total = CLIENTS * per_client;
-    let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1_000.0;
+    let percentile = |p: f64| {
+        latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64()
+            * 1_000.0
+    };
     Ok(Measurement {
         scenario: "append_concurrent",
         value: events_total as f64 / elapsed.as_secs_f64(),
@@ -174,13 +264,21 @@ async fn append_concurrent(pool: &PgPool, quick: bool) -> anyhow::Result<Measure
         p50_ms: Some(percentile(0.50)),
         p99_ms: Some(percentile(0.99)),
         events: events_total,
+        repetitions: 1,
     })
 }
 
 fn print_table(results: &[Measurement]) {
-    println!("{:<20} {:>14} {:<10} {:>10} {:>10} {:>14} {:>8}  baseline", "scenario", "value", "unit", "p50 ms", "p99 ms", "baseline value", "ratio");
+    println!(
+        "{:<20} {:>14} {:<10} {:>10} {:>10} {:>14} {:>8}  baseline",
+        "scenario", "value", "unit", "p50 ms", "p99 ms", "baseline value", "ratio"
+    );
     for m in results {
-        let optional = |value: Option<f64>, digits: usize| value.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into());
+        let optional = |value: Option<f64>, digits: usize| {
+            value
+                .map(|v| format!("{v:.digits$}"))
+                .unwrap_or_else(|| "-".into())
+        };
         println!(
             "{:<20} {:>14.0} {:<10} {:>10} {:>10} {:>14} {:>8}  {}",
             m.scenario,

@@ -21,8 +21,9 @@ pub struct Envelope<'a> {
     pub event_id: Uuid,
     pub event_type: &'a str,
     pub schema_version: i32,
-    pub payload: &'a Value,
-    pub metadata: &'a Value,
+    /// The payload's and metadata's canonical JSON (`canonical_json`).
+    pub payload_json: &'a str,
+    pub metadata_json: &'a str,
     pub recorded_at: DateTime<Utc>,
     pub occurred_at: DateTime<Utc>,
 }
@@ -40,11 +41,11 @@ impl Envelope<'_> {
         out.extend_from_slice(b"\",\"event_type\":");
         write_string(out, self.event_type);
         out.extend_from_slice(b",\"metadata\":");
-        write_canonical(out, self.metadata);
+        out.extend_from_slice(self.metadata_json.as_bytes());
         out.extend_from_slice(b",\"occurred_at\":\"");
         out.extend_from_slice(format_instant(self.occurred_at).as_bytes());
         out.extend_from_slice(b"\",\"payload\":");
-        write_canonical(out, self.payload);
+        out.extend_from_slice(self.payload_json.as_bytes());
         out.extend_from_slice(b",\"position\":");
         out.extend_from_slice(self.position.to_string().as_bytes());
         out.extend_from_slice(b",\"recorded_at\":\"");
@@ -70,7 +71,10 @@ impl Envelope<'_> {
 }
 
 impl crate::RecordedEvent {
-    pub fn envelope(&self) -> Envelope<'_> {
+    /// Recomputes this event's hash after `prev_hash` from its stored fields.
+    pub fn recompute_hash(&self, prev_hash: &[u8; 32], scratch: &mut Vec<u8>) -> [u8; 32] {
+        let payload_json = canonical_json(&self.payload);
+        let metadata_json = canonical_json(&self.metadata);
         Envelope {
             position: self.position,
             stream_id: &self.stream_id,
@@ -78,11 +82,12 @@ impl crate::RecordedEvent {
             event_id: self.event_id,
             event_type: &self.event_type,
             schema_version: self.schema_version,
-            payload: &self.payload,
-            metadata: &self.metadata,
+            payload_json: &payload_json,
+            metadata_json: &metadata_json,
             recorded_at: self.recorded_at,
             occurred_at: self.occurred_at,
         }
+        .hash(prev_hash, scratch)
     }
 }
 
@@ -93,6 +98,13 @@ pub fn to_stored_precision(instant: DateTime<Utc>) -> DateTime<Utc> {
 
 fn format_instant(instant: DateTime<Utc>) -> String {
     instant.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// The canonical JSON text of a value (keys sorted by bytes, no whitespace).
+pub fn canonical_json(value: &Value) -> String {
+    let mut out = Vec::with_capacity(128);
+    write_canonical(&mut out, value);
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
 fn write_string(out: &mut Vec<u8>, value: &str) {
@@ -136,7 +148,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn envelope_of<'a>(payload: &'a Value, metadata: &'a Value) -> Envelope<'a> {
+    fn envelope_of<'a>(payload: &'a str, metadata: &'a str) -> Envelope<'a> {
         Envelope {
             position: 7,
             stream_id: "account-1",
@@ -144,8 +156,8 @@ mod tests {
             event_id: Uuid::nil(),
             event_type: "TopUpSettled",
             schema_version: 1,
-            payload,
-            metadata,
+            payload_json: payload,
+            metadata_json: metadata,
             recorded_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456Z")
                 .unwrap()
                 .to_utc(),
@@ -157,8 +169,8 @@ mod tests {
 
     #[test]
     fn canonical_form_sorts_keys_and_fixes_instants() {
-        let payload = json!({"b": [1, {"z": "x", "a": null}], "a": "25.00"});
-        let metadata = json!({});
+        let payload = canonical_json(&json!({"b": [1, {"z": "x", "a": null}], "a": "25.00"}));
+        let metadata = canonical_json(&json!({}));
         let mut out = Vec::new();
         envelope_of(&payload, &metadata).canonical(&mut out);
         assert_eq!(
@@ -169,12 +181,13 @@ mod tests {
 
     #[test]
     fn key_order_does_not_change_the_hash_but_content_does() {
-        let metadata = json!({});
-        let first: Value = serde_json::from_str(r#"{"a":1,"b":"two"}"#).unwrap();
-        let second: Value = serde_json::from_str(r#"{"b":"two","a":1}"#).unwrap();
-        let changed = json!({"a": 2, "b": "two"});
+        let metadata = canonical_json(&json!({}));
+        let parse = |text: &str| canonical_json(&serde_json::from_str::<Value>(text).unwrap());
+        let first = parse(r#"{"a":1,"b":"two"}"#);
+        let second = parse(r#"{"b":"two","a":1}"#);
+        let changed = canonical_json(&json!({"a": 2, "b": "two"}));
         let mut scratch = Vec::new();
-        let hash = |payload: &Value, scratch: &mut Vec<u8>| {
+        let hash = |payload: &str, scratch: &mut Vec<u8>| {
             envelope_of(payload, &metadata).hash(&GENESIS_HASH, scratch)
         };
         assert_eq!(hash(&first, &mut scratch), hash(&second, &mut scratch));

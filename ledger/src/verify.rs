@@ -101,7 +101,7 @@ pub async fn verify_chain(
                 );
                 return Ok(bad(events_checked, event.position, problem, previous_hash));
             }
-            let recomputed = event.envelope().hash(&previous_hash, &mut scratch);
+            let recomputed = event.recompute_hash(&previous_hash, &mut scratch);
             if recomputed != event.hash {
                 let problem = format!(
                     "stored hash {} differs from the recomputed {}: the event was changed after it was written",

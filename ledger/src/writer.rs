@@ -14,7 +14,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use crate::chain::{to_stored_precision, Envelope};
+use crate::chain::{canonical_json, to_stored_precision, Envelope};
 use crate::event::{AppendError, AppendOutcome, AppendRequest};
 use crate::LogConfig;
 
@@ -93,8 +93,8 @@ struct Columns {
     event_id: Vec<Uuid>,
     event_type: Vec<String>,
     schema_version: Vec<i32>,
-    payload: Vec<serde_json::Value>,
-    metadata: Vec<serde_json::Value>,
+    payload: Vec<String>,
+    metadata: Vec<String>,
     occurred_at: Vec<DateTime<Utc>>,
     prev_hash: Vec<Vec<u8>>,
     hash: Vec<Vec<u8>>,
@@ -125,8 +125,8 @@ async fn commit_batch(
             .flat_map(|r| r.streams.iter().map(|s| s.stream_id.clone())),
     );
     let event_ids: Vec<Uuid> = requests.iter().flat_map(|r| r.event_ids()).collect();
-    let mut versions: HashMap<String, i64> = stream_versions(&mut tx, &stream_ids).await?;
-    let mut stored: HashMap<Uuid, i64> = stored_positions(&mut tx, &event_ids).await?;
+    let (mut versions, mut stored) =
+        known_versions_and_ids(&mut tx, &stream_ids, &event_ids).await?;
 
     let mut columns = Columns::default();
     let mut results = Vec::with_capacity(requests.len());
@@ -144,6 +144,8 @@ async fn commit_batch(
                             .occurred_at
                             .map(to_stored_precision)
                             .unwrap_or(recorded_at);
+                        let payload_json = canonical_json(&event.payload);
+                        let metadata_json = canonical_json(&event.metadata);
                         let envelope = Envelope {
                             position: head_position,
                             stream_id: &stream.stream_id,
@@ -151,8 +153,8 @@ async fn commit_batch(
                             event_id: event.event_id,
                             event_type: &event.event_type,
                             schema_version: event.schema_version,
-                            payload: &event.payload,
-                            metadata: &event.metadata,
+                            payload_json: &payload_json,
+                            metadata_json: &metadata_json,
                             recorded_at,
                             occurred_at,
                         };
@@ -163,8 +165,8 @@ async fn commit_batch(
                         columns.event_id.push(event.event_id);
                         columns.event_type.push(event.event_type.clone());
                         columns.schema_version.push(event.schema_version);
-                        columns.payload.push(event.payload.clone());
-                        columns.metadata.push(event.metadata.clone());
+                        columns.payload.push(payload_json);
+                        columns.metadata.push(metadata_json);
                         columns.occurred_at.push(occurred_at);
                         columns.prev_hash.push(head_hash.to_vec());
                         columns.hash.push(hash.to_vec());
@@ -187,9 +189,9 @@ async fn commit_batch(
             "INSERT INTO events (position, stream_id, stream_version, event_id, event_type, schema_version, \
                                  payload, metadata, recorded_at, occurred_at, prev_hash, hash) \
              SELECT position, stream_id, stream_version, event_id, event_type, schema_version, \
-                    payload, metadata, $9, occurred_at, prev_hash, hash \
+                    payload::jsonb, metadata::jsonb, $9, occurred_at, prev_hash, hash \
              FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int[], \
-                         $7::jsonb[], $8::jsonb[], $10::timestamptz[], $11::bytea[], $12::bytea[]) \
+                         $7::text[], $8::text[], $10::timestamptz[], $11::bytea[], $12::bytea[]) \
                   AS t(position, stream_id, stream_version, event_id, event_type, schema_version, \
                        payload, metadata, occurred_at, prev_hash, hash)",
         )
@@ -277,29 +279,40 @@ fn unique(items: impl Iterator<Item = String>) -> Vec<String> {
     items.filter(|item| seen.insert(item.clone())).collect()
 }
 
-async fn stream_versions(
+/// The current version of each stream and the position of each already stored event id, in one
+/// round trip. LATERAL with LIMIT is never flattened into a join, so every stream and id is one
+/// probe of its unique index whatever plan the prepared statement settles on (a plain
+/// `event_id = ANY($1)` degraded to a scan under the generic plan).
+async fn known_versions_and_ids(
     tx: &mut Transaction<'_, Postgres>,
     stream_ids: &[String],
-) -> Result<HashMap<String, i64>, sqlx::Error> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT s.stream_id, v.version FROM UNNEST($1::text[]) AS s(stream_id) \
+    event_ids: &[Uuid],
+) -> Result<(HashMap<String, i64>, HashMap<Uuid, i64>), sqlx::Error> {
+    let rows: Vec<(Option<String>, Option<Uuid>, i64)> = sqlx::query_as(
+        "SELECT s.stream_id, NULL::uuid, v.version FROM UNNEST($1::text[]) AS s(stream_id) \
          CROSS JOIN LATERAL (SELECT stream_version AS version FROM events e \
-                             WHERE e.stream_id = s.stream_id ORDER BY stream_version DESC LIMIT 1) v",
+                             WHERE e.stream_id = s.stream_id ORDER BY stream_version DESC LIMIT 1) v \
+         UNION ALL \
+         SELECT NULL, i.event_id, e.position FROM UNNEST($2::uuid[]) AS i(event_id) \
+         CROSS JOIN LATERAL (SELECT position FROM events \
+                             WHERE events.event_id = i.event_id LIMIT 1) e",
     )
     .bind(stream_ids)
+    .bind(event_ids)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(rows.into_iter().collect())
-}
-
-async fn stored_positions(
-    tx: &mut Transaction<'_, Postgres>,
-    event_ids: &[Uuid],
-) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
-    let rows: Vec<(Uuid, i64)> =
-        sqlx::query_as("SELECT event_id, position FROM events WHERE event_id = ANY($1)")
-            .bind(event_ids)
-            .fetch_all(&mut **tx)
-            .await?;
-    Ok(rows.into_iter().collect())
+    let mut versions = HashMap::with_capacity(stream_ids.len());
+    let mut stored = HashMap::new();
+    for (stream_id, event_id, number) in rows {
+        match (stream_id, event_id) {
+            (Some(stream_id), None) => {
+                versions.insert(stream_id, number);
+            }
+            (None, Some(event_id)) => {
+                stored.insert(event_id, number);
+            }
+            _ => unreachable!("each row names a stream or an event"),
+        }
+    }
+    Ok((versions, stored))
 }
