@@ -1,0 +1,1134 @@
+//! The account: a prepaid wallet and the consistency boundary for money. Every rule that decides
+//! whether money moves lives in `decide`; `apply` only folds. Events carry the resulting figures.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use cqrs_es::{Aggregate, DomainEvent};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::billing::{pro_rata, runway_hours, slot_charge};
+use crate::money::{Currency, LEDGER_SCALE};
+use crate::types::{
+    AccountId, AdjustmentId, ChargeId, Country, DisputeId, HourSlot, OrderId, PlanId, RefundId,
+    ServerId, TaxRate, TopUpId, YearMonth,
+};
+
+/// What an account's events carry about its money after the event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Figures {
+    pub balance: Decimal,
+    pub reserved: Decimal,
+    pub available: Decimal,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum AccountEvent {
+    AccountOpened {
+        account_id: AccountId,
+        name: String,
+        email: String,
+        currency: Currency,
+        country: Country,
+        opened_at: DateTime<Utc>,
+    },
+    TopUpSettled {
+        topup_id: TopUpId,
+        payment_id: String,
+        amount: Decimal,
+        figures: Figures,
+    },
+    HoldPlaced {
+        order_id: OrderId,
+        server_id: ServerId,
+        net: Decimal,
+        tax: Decimal,
+        amount: Decimal,
+        figures: Figures,
+    },
+    HoldCaptured {
+        order_id: OrderId,
+        charge_id: ChargeId,
+        server_id: ServerId,
+        plan_id: PlanId,
+        slot: HourSlot,
+        net: Decimal,
+        tax: Decimal,
+        gross: Decimal,
+        tax_rate: TaxRate,
+        figures: Figures,
+    },
+    HoldReleased {
+        order_id: OrderId,
+        amount: Decimal,
+        reason: String,
+        figures: Figures,
+    },
+    HourCharged {
+        charge_id: ChargeId,
+        server_id: ServerId,
+        plan_id: PlanId,
+        slot: HourSlot,
+        rate_per_hour: Decimal,
+        net: Decimal,
+        tax: Decimal,
+        gross: Decimal,
+        tax_rate: TaxRate,
+        capped: bool,
+        figures: Figures,
+    },
+    ChargeDeclined {
+        server_id: ServerId,
+        slot: HourSlot,
+        gross: Decimal,
+        figures: Figures,
+    },
+    CancellationRefunded {
+        charge_id: ChargeId,
+        server_id: ServerId,
+        unused_seconds: i64,
+        net: Decimal,
+        tax: Decimal,
+        gross: Decimal,
+        figures: Figures,
+    },
+    ServiceCredited {
+        refund_id: RefundId,
+        charge_id: ChargeId,
+        amount: Decimal,
+        reason: String,
+        figures: Figures,
+    },
+    CardRefundRequested {
+        refund_id: RefundId,
+        topup_id: TopUpId,
+        amount: Decimal,
+        reason: String,
+        figures: Figures,
+    },
+    CardRefundCompleted {
+        refund_id: RefundId,
+        topup_id: TopUpId,
+        amount: Decimal,
+    },
+    CardRefundFailed {
+        refund_id: RefundId,
+        topup_id: TopUpId,
+        amount: Decimal,
+        figures: Figures,
+    },
+    Adjusted {
+        adjustment_id: AdjustmentId,
+        amount: Decimal,
+        reason: String,
+        figures: Figures,
+    },
+    DisputeOpened {
+        dispute_id: DisputeId,
+        payment_id: String,
+        amount: Decimal,
+        figures: Figures,
+    },
+    DisputeClosed {
+        dispute_id: DisputeId,
+        won: bool,
+        amount_returned: Decimal,
+        figures: Figures,
+    },
+    LowBalanceWarned {
+        runway_hours: Decimal,
+        available: Decimal,
+    },
+    LowBalanceCleared {
+        runway_hours: Option<Decimal>,
+        available: Decimal,
+    },
+}
+
+impl DomainEvent for AccountEvent {
+    fn event_type(&self) -> String {
+        let name = match self {
+            AccountEvent::AccountOpened { .. } => "AccountOpened",
+            AccountEvent::TopUpSettled { .. } => "TopUpSettled",
+            AccountEvent::HoldPlaced { .. } => "HoldPlaced",
+            AccountEvent::HoldCaptured { .. } => "HoldCaptured",
+            AccountEvent::HoldReleased { .. } => "HoldReleased",
+            AccountEvent::HourCharged { .. } => "HourCharged",
+            AccountEvent::ChargeDeclined { .. } => "ChargeDeclined",
+            AccountEvent::CancellationRefunded { .. } => "CancellationRefunded",
+            AccountEvent::ServiceCredited { .. } => "ServiceCredited",
+            AccountEvent::CardRefundRequested { .. } => "CardRefundRequested",
+            AccountEvent::CardRefundCompleted { .. } => "CardRefundCompleted",
+            AccountEvent::CardRefundFailed { .. } => "CardRefundFailed",
+            AccountEvent::Adjusted { .. } => "Adjusted",
+            AccountEvent::DisputeOpened { .. } => "DisputeOpened",
+            AccountEvent::DisputeClosed { .. } => "DisputeClosed",
+            AccountEvent::LowBalanceWarned { .. } => "LowBalanceWarned",
+            AccountEvent::LowBalanceCleared { .. } => "LowBalanceCleared",
+        };
+        name.to_string()
+    }
+
+    fn event_version(&self) -> String {
+        match self {
+            // Version 1 named the country `tax_country`; see `upcast`.
+            AccountEvent::AccountOpened { .. } => "2".to_string(),
+            _ => "1".to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum AccountCommand {
+    Open {
+        account_id: AccountId,
+        name: String,
+        email: String,
+        currency: Currency,
+        country: Country,
+        at: DateTime<Utc>,
+    },
+    /// Idempotent by the provider's payment id: a redelivered payment changes nothing.
+    SettleTopUp {
+        topup_id: TopUpId,
+        payment_id: String,
+        amount: Decimal,
+    },
+    PlaceHold {
+        order_id: OrderId,
+        server_id: ServerId,
+        net: Decimal,
+        tax: Decimal,
+    },
+    CaptureHold {
+        order_id: OrderId,
+        charge_id: ChargeId,
+        plan_id: PlanId,
+        slot: HourSlot,
+        tax_rate: TaxRate,
+    },
+    ReleaseHold {
+        order_id: OrderId,
+        reason: String,
+    },
+    ChargeSlot {
+        charge_id: ChargeId,
+        server_id: ServerId,
+        plan_id: PlanId,
+        slot: HourSlot,
+        monthly_price: Decimal,
+        tax_rate: TaxRate,
+    },
+    RefundUnusedTime {
+        charge_id: ChargeId,
+        cancelled_at: DateTime<Utc>,
+    },
+    CreditService {
+        refund_id: RefundId,
+        charge_id: ChargeId,
+        amount: Decimal,
+        reason: String,
+    },
+    RequestCardRefund {
+        refund_id: RefundId,
+        topup_id: TopUpId,
+        amount: Decimal,
+        reason: String,
+    },
+    CompleteCardRefund {
+        refund_id: RefundId,
+    },
+    FailCardRefund {
+        refund_id: RefundId,
+    },
+    Adjust {
+        adjustment_id: AdjustmentId,
+        amount: Decimal,
+        reason: String,
+    },
+    OpenDispute {
+        dispute_id: DisputeId,
+        payment_id: String,
+        amount: Decimal,
+    },
+    CloseDispute {
+        dispute_id: DisputeId,
+        won: bool,
+    },
+    CheckRunway {
+        hourly_burn_gross: Decimal,
+        threshold_hours: Decimal,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AccountError {
+    #[error("the account is already open")]
+    AlreadyOpen,
+    #[error("the account is not open")]
+    NotOpen,
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("insufficient funds: {needed} needed, {available} available")]
+    InsufficientFunds { needed: Decimal, available: Decimal },
+    #[error("top-up {0} was settled by another payment")]
+    TopUpSettledElsewhere(TopUpId),
+    #[error("order {0} already has a hold")]
+    HoldExists(OrderId),
+    #[error("no hold for order {0}")]
+    UnknownHold(OrderId),
+    #[error("the hold for order {0} is already captured")]
+    HoldAlreadyCaptured(OrderId),
+    #[error("the hold for order {0} is already released")]
+    HoldAlreadyReleased(OrderId),
+    #[error("server {server_id} is already charged for {slot}")]
+    SlotAlreadyCharged { server_id: ServerId, slot: HourSlot },
+    #[error("no charge {0}")]
+    UnknownCharge(ChargeId),
+    #[error("charge {0} already had its unused time refunded")]
+    AlreadyRefunded(ChargeId),
+    #[error("refunds of charge {charge_id} would exceed its gross: {refundable} refundable")]
+    RefundExceedsCharge {
+        charge_id: ChargeId,
+        refundable: Decimal,
+    },
+    #[error("no top-up {0}")]
+    UnknownTopUp(TopUpId),
+    #[error("refunds of top-up {topup_id} would exceed it: {refundable} refundable")]
+    RefundExceedsTopUp {
+        topup_id: TopUpId,
+        refundable: Decimal,
+    },
+    #[error("no card refund {0}")]
+    UnknownRefund(RefundId),
+    #[error("card refund {0} is already settled")]
+    RefundSettled(RefundId),
+    #[error("{0} was already used")]
+    DuplicateId(String),
+    #[error("no dispute {0}")]
+    UnknownDispute(DisputeId),
+    #[error("dispute {0} is already closed")]
+    DisputeClosed(DisputeId),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> AccountError {
+    AccountError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum HoldState {
+    Placed,
+    Captured,
+    Released,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Hold {
+    server_id: ServerId,
+    net: Decimal,
+    tax: Decimal,
+    state: HoldState,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct ChargeRecord {
+    server_id: ServerId,
+    slot: HourSlot,
+    net: Decimal,
+    tax: Decimal,
+    /// Refunded so far (unused time and service credits), gross.
+    refunded: Decimal,
+    unused_time_refunded: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct TopUp {
+    amount: Decimal,
+    /// Card refunds requested or completed (failed ones give their amount back).
+    refunded: Decimal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum CardRefundState {
+    Requested,
+    Completed,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct CardRefund {
+    topup_id: TopUpId,
+    amount: Decimal,
+    state: CardRefundState,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Dispute {
+    amount: Decimal,
+    open: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Account {
+    opened: Option<Opened>,
+    balance: Decimal,
+    reserved: Decimal,
+    holds: HashMap<OrderId, Hold>,
+    payments: HashSet<String>,
+    topups: HashMap<TopUpId, TopUp>,
+    charges: HashMap<ChargeId, ChargeRecord>,
+    charged_slots: HashSet<(ServerId, HourSlot)>,
+    month_net: HashMap<(ServerId, YearMonth), Decimal>,
+    card_refunds: HashMap<RefundId, CardRefund>,
+    used_ids: HashSet<uuid::Uuid>,
+    disputes: HashMap<DisputeId, Dispute>,
+    low_balance_warned: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Opened {
+    pub account_id: AccountId,
+    pub currency: Currency,
+    pub country: Country,
+}
+
+impl Account {
+    pub fn opened(&self) -> Option<&Opened> {
+        self.opened.as_ref()
+    }
+
+    pub fn balance(&self) -> Decimal {
+        self.balance
+    }
+
+    pub fn reserved(&self) -> Decimal {
+        self.reserved
+    }
+
+    pub fn available(&self) -> Decimal {
+        self.balance - self.reserved
+    }
+
+    /// Net charged for `server` in `month` so far (for the monthly cap).
+    pub fn month_net(&self, server_id: ServerId, month: YearMonth) -> Decimal {
+        self.month_net
+            .get(&(server_id, month))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    pub fn is_charged(&self, server_id: ServerId, slot: HourSlot) -> bool {
+        self.charged_slots.contains(&(server_id, slot))
+    }
+
+    pub fn low_balance_warned(&self) -> bool {
+        self.low_balance_warned
+    }
+
+    fn figures_after(&self, balance_change: Decimal, reserved_change: Decimal) -> Figures {
+        let balance = self.balance + balance_change;
+        let reserved = self.reserved + reserved_change;
+        Figures {
+            balance,
+            reserved,
+            available: balance - reserved,
+        }
+    }
+
+    fn require_open(&self) -> Result<&Opened, AccountError> {
+        self.opened.as_ref().ok_or(AccountError::NotOpen)
+    }
+
+    fn fresh_id(&self, id: uuid::Uuid, what: &str) -> Result<(), AccountError> {
+        if self.used_ids.contains(&id) {
+            Err(AccountError::DuplicateId(format!("{what} {id}")))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Decides a command: the events it causes, or why not. Pure.
+    pub fn decide(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+        if let AccountCommand::Open {
+            account_id,
+            name,
+            email,
+            currency,
+            country,
+            at,
+        } = command
+        {
+            if self.opened.is_some() {
+                return Err(AccountError::AlreadyOpen);
+            }
+            let name = name.trim().to_string();
+            if name.is_empty() || name.len() > 200 {
+                return Err(invalid("name", "must be 1 to 200 characters"));
+            }
+            let email = email.trim().to_string();
+            let valid_email = email.len() <= 254
+                && email.split_once('@').is_some_and(|(local, domain)| {
+                    !local.is_empty()
+                        && domain.contains('.')
+                        && !domain.starts_with('.')
+                        && !domain.ends_with('.')
+                })
+                && !email.contains(char::is_whitespace);
+            if !valid_email {
+                return Err(invalid(
+                    "email",
+                    format!("{email:?} is not an email address"),
+                ));
+            }
+            return Ok(vec![AccountEvent::AccountOpened {
+                account_id,
+                name,
+                email,
+                currency,
+                country,
+                opened_at: at,
+            }]);
+        }
+        let opened = self.require_open()?;
+        let currency = opened.currency;
+        match command {
+            AccountCommand::Open { .. } => unreachable!("handled above"),
+            AccountCommand::SettleTopUp {
+                topup_id,
+                payment_id,
+                amount,
+            } => {
+                check_positive("amount", amount, currency)?;
+                if payment_id.is_empty() {
+                    return Err(invalid("payment_id", "is empty"));
+                }
+                if self.payments.contains(&payment_id) {
+                    return Ok(vec![]);
+                }
+                if self.topups.contains_key(&topup_id) {
+                    return Err(AccountError::TopUpSettledElsewhere(topup_id));
+                }
+                Ok(vec![AccountEvent::TopUpSettled {
+                    topup_id,
+                    payment_id,
+                    amount,
+                    figures: self.figures_after(amount, Decimal::ZERO),
+                }])
+            }
+            AccountCommand::PlaceHold {
+                order_id,
+                server_id,
+                net,
+                tax,
+            } => {
+                check_non_negative("net", net)?;
+                check_non_negative("tax", tax)?;
+                if self.holds.contains_key(&order_id) {
+                    return Err(AccountError::HoldExists(order_id));
+                }
+                let amount = net + tax;
+                if self.available() < amount {
+                    return Err(AccountError::InsufficientFunds {
+                        needed: amount,
+                        available: self.available(),
+                    });
+                }
+                Ok(vec![AccountEvent::HoldPlaced {
+                    order_id,
+                    server_id,
+                    net,
+                    tax,
+                    amount,
+                    figures: self.figures_after(Decimal::ZERO, amount),
+                }])
+            }
+            AccountCommand::CaptureHold {
+                order_id,
+                charge_id,
+                plan_id,
+                slot,
+                tax_rate,
+            } => {
+                let hold = self
+                    .holds
+                    .get(&order_id)
+                    .ok_or(AccountError::UnknownHold(order_id))?;
+                match hold.state {
+                    HoldState::Captured => return Err(AccountError::HoldAlreadyCaptured(order_id)),
+                    HoldState::Released => return Err(AccountError::HoldAlreadyReleased(order_id)),
+                    HoldState::Placed => {}
+                }
+                self.fresh_id(charge_id.0, "charge")?;
+                if self.is_charged(hold.server_id, slot) {
+                    return Err(AccountError::SlotAlreadyCharged {
+                        server_id: hold.server_id,
+                        slot,
+                    });
+                }
+                let gross = hold.net + hold.tax;
+                Ok(vec![AccountEvent::HoldCaptured {
+                    order_id,
+                    charge_id,
+                    server_id: hold.server_id,
+                    plan_id,
+                    slot,
+                    net: hold.net,
+                    tax: hold.tax,
+                    gross,
+                    tax_rate,
+                    figures: self.figures_after(-gross, -gross),
+                }])
+            }
+            AccountCommand::ReleaseHold { order_id, reason } => {
+                let hold = self
+                    .holds
+                    .get(&order_id)
+                    .ok_or(AccountError::UnknownHold(order_id))?;
+                match hold.state {
+                    HoldState::Captured => return Err(AccountError::HoldAlreadyCaptured(order_id)),
+                    HoldState::Released => return Err(AccountError::HoldAlreadyReleased(order_id)),
+                    HoldState::Placed => {}
+                }
+                let amount = hold.net + hold.tax;
+                Ok(vec![AccountEvent::HoldReleased {
+                    order_id,
+                    amount,
+                    reason,
+                    figures: self.figures_after(Decimal::ZERO, -amount),
+                }])
+            }
+            AccountCommand::ChargeSlot {
+                charge_id,
+                server_id,
+                plan_id,
+                slot,
+                monthly_price,
+                tax_rate,
+            } => {
+                check_positive("monthly_price", monthly_price, currency)?;
+                if self.is_charged(server_id, slot) {
+                    return Err(AccountError::SlotAlreadyCharged { server_id, slot });
+                }
+                self.fresh_id(charge_id.0, "charge")?;
+                let charge = slot_charge(
+                    monthly_price,
+                    self.month_net(server_id, slot.month()),
+                    tax_rate,
+                );
+                if self.available() < charge.gross {
+                    return Ok(vec![AccountEvent::ChargeDeclined {
+                        server_id,
+                        slot,
+                        gross: charge.gross,
+                        figures: self.figures_after(Decimal::ZERO, Decimal::ZERO),
+                    }]);
+                }
+                Ok(vec![AccountEvent::HourCharged {
+                    charge_id,
+                    server_id,
+                    plan_id,
+                    slot,
+                    rate_per_hour: charge.rate_per_hour,
+                    net: charge.net,
+                    tax: charge.tax,
+                    gross: charge.gross,
+                    tax_rate,
+                    capped: charge.capped,
+                    figures: self.figures_after(-charge.gross, Decimal::ZERO),
+                }])
+            }
+            AccountCommand::RefundUnusedTime {
+                charge_id,
+                cancelled_at,
+            } => {
+                let charge = self
+                    .charges
+                    .get(&charge_id)
+                    .ok_or(AccountError::UnknownCharge(charge_id))?;
+                if charge.unused_time_refunded {
+                    return Err(AccountError::AlreadyRefunded(charge_id));
+                }
+                let unused_seconds = charge.slot.seconds_after(cancelled_at);
+                let net = pro_rata(charge.net, unused_seconds);
+                let tax = pro_rata(charge.tax, unused_seconds);
+                let refundable = charge.net + charge.tax - charge.refunded;
+                // Earlier service credits on the charge shrink what is left to give back.
+                let (net, tax) = if net + tax > refundable {
+                    scale_down(net, tax, refundable)
+                } else {
+                    (net, tax)
+                };
+                Ok(vec![AccountEvent::CancellationRefunded {
+                    charge_id,
+                    server_id: charge.server_id,
+                    unused_seconds,
+                    net,
+                    tax,
+                    gross: net + tax,
+                    figures: self.figures_after(net + tax, Decimal::ZERO),
+                }])
+            }
+            AccountCommand::CreditService {
+                refund_id,
+                charge_id,
+                amount,
+                reason,
+            } => {
+                check_positive("amount", amount, currency)?;
+                check_reason(&reason)?;
+                self.fresh_id(refund_id.0, "refund")?;
+                let charge = self
+                    .charges
+                    .get(&charge_id)
+                    .ok_or(AccountError::UnknownCharge(charge_id))?;
+                let refundable = charge.net + charge.tax - charge.refunded;
+                if amount > refundable {
+                    return Err(AccountError::RefundExceedsCharge {
+                        charge_id,
+                        refundable,
+                    });
+                }
+                Ok(vec![AccountEvent::ServiceCredited {
+                    refund_id,
+                    charge_id,
+                    amount,
+                    reason,
+                    figures: self.figures_after(amount, Decimal::ZERO),
+                }])
+            }
+            AccountCommand::RequestCardRefund {
+                refund_id,
+                topup_id,
+                amount,
+                reason,
+            } => {
+                check_positive("amount", amount, currency)?;
+                check_reason(&reason)?;
+                self.fresh_id(refund_id.0, "refund")?;
+                let topup = self
+                    .topups
+                    .get(&topup_id)
+                    .ok_or(AccountError::UnknownTopUp(topup_id))?;
+                let refundable = topup.amount - topup.refunded;
+                if amount > refundable {
+                    return Err(AccountError::RefundExceedsTopUp {
+                        topup_id,
+                        refundable,
+                    });
+                }
+                if amount > self.available() {
+                    return Err(AccountError::InsufficientFunds {
+                        needed: amount,
+                        available: self.available(),
+                    });
+                }
+                Ok(vec![AccountEvent::CardRefundRequested {
+                    refund_id,
+                    topup_id,
+                    amount,
+                    reason,
+                    figures: self.figures_after(-amount, Decimal::ZERO),
+                }])
+            }
+            AccountCommand::CompleteCardRefund { refund_id } => {
+                let refund = self
+                    .card_refunds
+                    .get(&refund_id)
+                    .ok_or(AccountError::UnknownRefund(refund_id))?;
+                if refund.state != CardRefundState::Requested {
+                    return Err(AccountError::RefundSettled(refund_id));
+                }
+                Ok(vec![AccountEvent::CardRefundCompleted {
+                    refund_id,
+                    topup_id: refund.topup_id,
+                    amount: refund.amount,
+                }])
+            }
+            AccountCommand::FailCardRefund { refund_id } => {
+                let refund = self
+                    .card_refunds
+                    .get(&refund_id)
+                    .ok_or(AccountError::UnknownRefund(refund_id))?;
+                if refund.state != CardRefundState::Requested {
+                    return Err(AccountError::RefundSettled(refund_id));
+                }
+                Ok(vec![AccountEvent::CardRefundFailed {
+                    refund_id,
+                    topup_id: refund.topup_id,
+                    amount: refund.amount,
+                    figures: self.figures_after(refund.amount, Decimal::ZERO),
+                }])
+            }
+            AccountCommand::Adjust {
+                adjustment_id,
+                amount,
+                reason,
+            } => {
+                check_scale("amount", amount)?;
+                if amount.is_zero() {
+                    return Err(invalid("amount", "must not be zero"));
+                }
+                check_reason(&reason)?;
+                self.fresh_id(adjustment_id.0, "adjustment")?;
+                if amount.is_sign_negative() && -amount > self.available() {
+                    return Err(AccountError::InsufficientFunds {
+                        needed: -amount,
+                        available: self.available(),
+                    });
+                }
+                Ok(vec![AccountEvent::Adjusted {
+                    adjustment_id,
+                    amount,
+                    reason,
+                    figures: self.figures_after(amount, Decimal::ZERO),
+                }])
+            }
+            AccountCommand::OpenDispute {
+                dispute_id,
+                payment_id,
+                amount,
+            } => {
+                check_positive("amount", amount, currency)?;
+                if self.disputes.contains_key(&dispute_id) {
+                    return Ok(vec![]);
+                }
+                // The bank takes the money whatever the balance: the one way below zero.
+                Ok(vec![AccountEvent::DisputeOpened {
+                    dispute_id,
+                    payment_id,
+                    amount,
+                    figures: self.figures_after(-amount, Decimal::ZERO),
+                }])
+            }
+            AccountCommand::CloseDispute { dispute_id, won } => {
+                let dispute = self
+                    .disputes
+                    .get(&dispute_id)
+                    .ok_or(AccountError::UnknownDispute(dispute_id))?;
+                if !dispute.open {
+                    return Err(AccountError::DisputeClosed(dispute_id));
+                }
+                let amount_returned = if won { dispute.amount } else { Decimal::ZERO };
+                Ok(vec![AccountEvent::DisputeClosed {
+                    dispute_id,
+                    won,
+                    amount_returned,
+                    figures: self.figures_after(amount_returned, Decimal::ZERO),
+                }])
+            }
+            AccountCommand::CheckRunway {
+                hourly_burn_gross,
+                threshold_hours,
+            } => {
+                let runway = runway_hours(self.available(), hourly_burn_gross);
+                let low = runway.is_some_and(|hours| hours < threshold_hours);
+                match (low, self.low_balance_warned) {
+                    (true, false) => Ok(vec![AccountEvent::LowBalanceWarned {
+                        runway_hours: runway.expect("low implies some"),
+                        available: self.available(),
+                    }]),
+                    (false, true) => Ok(vec![AccountEvent::LowBalanceCleared {
+                        runway_hours: runway,
+                        available: self.available(),
+                    }]),
+                    _ => Ok(vec![]),
+                }
+            }
+        }
+    }
+}
+
+/// Shrinks a (net, tax) pair to total `limit`, keeping the tax's share.
+fn scale_down(net: Decimal, tax: Decimal, limit: Decimal) -> (Decimal, Decimal) {
+    let total = net + tax;
+    if total.is_zero() || limit <= Decimal::ZERO {
+        return (Decimal::ZERO, Decimal::ZERO);
+    }
+    let tax = crate::money::round_ledger(tax * limit / total);
+    (limit - tax, tax)
+}
+
+fn check_scale(field: &'static str, amount: Decimal) -> Result<(), AccountError> {
+    if amount.normalize().scale() > LEDGER_SCALE {
+        return Err(invalid(
+            field,
+            format!("{amount} has more than 6 decimal places"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_non_negative(field: &'static str, amount: Decimal) -> Result<(), AccountError> {
+    check_scale(field, amount)?;
+    if amount.is_sign_negative() && !amount.is_zero() {
+        return Err(invalid(field, format!("{amount} is negative")));
+    }
+    Ok(())
+}
+
+fn check_positive(
+    field: &'static str,
+    amount: Decimal,
+    _currency: Currency,
+) -> Result<(), AccountError> {
+    check_scale(field, amount)?;
+    if amount <= Decimal::ZERO {
+        return Err(invalid(field, format!("{amount} must be more than zero")));
+    }
+    Ok(())
+}
+
+fn check_reason(reason: &str) -> Result<(), AccountError> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.len() > 500 {
+        return Err(invalid("reason", "is required (1 to 500 characters)"));
+    }
+    Ok(())
+}
+
+impl Aggregate for Account {
+    const TYPE: &'static str = "account";
+    type Command = AccountCommand;
+    type Event = AccountEvent;
+    type Error = AccountError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: AccountCommand,
+        _: &(),
+        sink: &cqrs_es::event_sink::EventSink<Self>,
+    ) -> Result<(), AccountError> {
+        for event in self.decide(command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: AccountEvent) {
+        let figures = match &event {
+            AccountEvent::TopUpSettled { figures, .. }
+            | AccountEvent::HoldPlaced { figures, .. }
+            | AccountEvent::HoldCaptured { figures, .. }
+            | AccountEvent::HoldReleased { figures, .. }
+            | AccountEvent::HourCharged { figures, .. }
+            | AccountEvent::ChargeDeclined { figures, .. }
+            | AccountEvent::CancellationRefunded { figures, .. }
+            | AccountEvent::ServiceCredited { figures, .. }
+            | AccountEvent::CardRefundRequested { figures, .. }
+            | AccountEvent::CardRefundFailed { figures, .. }
+            | AccountEvent::Adjusted { figures, .. }
+            | AccountEvent::DisputeOpened { figures, .. }
+            | AccountEvent::DisputeClosed { figures, .. } => Some(*figures),
+            _ => None,
+        };
+        match event {
+            AccountEvent::AccountOpened {
+                account_id,
+                currency,
+                country,
+                ..
+            } => {
+                self.opened = Some(Opened {
+                    account_id,
+                    currency,
+                    country,
+                });
+            }
+            AccountEvent::TopUpSettled {
+                topup_id,
+                payment_id,
+                amount,
+                ..
+            } => {
+                self.payments.insert(payment_id);
+                self.topups.insert(
+                    topup_id,
+                    TopUp {
+                        amount,
+                        refunded: Decimal::ZERO,
+                    },
+                );
+            }
+            AccountEvent::HoldPlaced {
+                order_id,
+                server_id,
+                net,
+                tax,
+                ..
+            } => {
+                self.holds.insert(
+                    order_id,
+                    Hold {
+                        server_id,
+                        net,
+                        tax,
+                        state: HoldState::Placed,
+                    },
+                );
+            }
+            AccountEvent::HoldCaptured {
+                order_id,
+                charge_id,
+                server_id,
+                slot,
+                net,
+                tax,
+                ..
+            } => {
+                if let Some(hold) = self.holds.get_mut(&order_id) {
+                    hold.state = HoldState::Captured;
+                }
+                self.record_charge(charge_id, server_id, slot, net, tax);
+            }
+            AccountEvent::HoldReleased { order_id, .. } => {
+                if let Some(hold) = self.holds.get_mut(&order_id) {
+                    hold.state = HoldState::Released;
+                }
+            }
+            AccountEvent::HourCharged {
+                charge_id,
+                server_id,
+                slot,
+                net,
+                tax,
+                ..
+            } => {
+                self.record_charge(charge_id, server_id, slot, net, tax);
+            }
+            AccountEvent::ChargeDeclined { .. } => {}
+            AccountEvent::CancellationRefunded {
+                charge_id, gross, ..
+            } => {
+                if let Some(charge) = self.charges.get_mut(&charge_id) {
+                    charge.unused_time_refunded = true;
+                    charge.refunded += gross;
+                }
+            }
+            AccountEvent::ServiceCredited {
+                refund_id,
+                charge_id,
+                amount,
+                ..
+            } => {
+                self.used_ids.insert(refund_id.0);
+                if let Some(charge) = self.charges.get_mut(&charge_id) {
+                    charge.refunded += amount;
+                }
+            }
+            AccountEvent::CardRefundRequested {
+                refund_id,
+                topup_id,
+                amount,
+                ..
+            } => {
+                self.used_ids.insert(refund_id.0);
+                self.card_refunds.insert(
+                    refund_id,
+                    CardRefund {
+                        topup_id,
+                        amount,
+                        state: CardRefundState::Requested,
+                    },
+                );
+                if let Some(topup) = self.topups.get_mut(&topup_id) {
+                    topup.refunded += amount;
+                }
+            }
+            AccountEvent::CardRefundCompleted { refund_id, .. } => {
+                if let Some(refund) = self.card_refunds.get_mut(&refund_id) {
+                    refund.state = CardRefundState::Completed;
+                }
+            }
+            AccountEvent::CardRefundFailed {
+                refund_id,
+                topup_id,
+                amount,
+                ..
+            } => {
+                if let Some(refund) = self.card_refunds.get_mut(&refund_id) {
+                    refund.state = CardRefundState::Failed;
+                }
+                if let Some(topup) = self.topups.get_mut(&topup_id) {
+                    topup.refunded -= amount;
+                }
+            }
+            AccountEvent::Adjusted { adjustment_id, .. } => {
+                self.used_ids.insert(adjustment_id.0);
+            }
+            AccountEvent::DisputeOpened {
+                dispute_id, amount, ..
+            } => {
+                self.disputes
+                    .insert(dispute_id, Dispute { amount, open: true });
+            }
+            AccountEvent::DisputeClosed { dispute_id, .. } => {
+                if let Some(dispute) = self.disputes.get_mut(&dispute_id) {
+                    dispute.open = false;
+                }
+            }
+            AccountEvent::LowBalanceWarned { .. } => self.low_balance_warned = true,
+            AccountEvent::LowBalanceCleared { .. } => self.low_balance_warned = false,
+        }
+        if let Some(figures) = figures {
+            self.balance = figures.balance;
+            self.reserved = figures.reserved;
+            debug_assert_eq!(figures.available, figures.balance - figures.reserved);
+        }
+    }
+}
+
+impl Account {
+    fn record_charge(
+        &mut self,
+        charge_id: ChargeId,
+        server_id: ServerId,
+        slot: HourSlot,
+        net: Decimal,
+        tax: Decimal,
+    ) {
+        self.used_ids.insert(charge_id.0);
+        self.charged_slots.insert((server_id, slot));
+        *self.month_net.entry((server_id, slot.month())).or_default() += net;
+        self.charges.insert(
+            charge_id,
+            ChargeRecord {
+                server_id,
+                slot,
+                net,
+                tax,
+                refunded: Decimal::ZERO,
+                unused_time_refunded: false,
+            },
+        );
+    }
+
+    /// The charge of `server` in `slot`, for refunds at cancellation.
+    pub fn charge_for(&self, server_id: ServerId, slot: HourSlot) -> Option<ChargeId> {
+        self.charges
+            .iter()
+            .find(|(_, charge)| charge.server_id == server_id && charge.slot == slot)
+            .map(|(id, _)| *id)
+    }
+}
+
+/// Brings a stored account event's payload to the current version.
+pub fn upcast(
+    event_type: &str,
+    schema_version: i32,
+    mut payload: serde_json::Value,
+) -> serde_json::Value {
+    if event_type == "AccountOpened" && schema_version < 2 {
+        if let Some(object) = payload.as_object_mut() {
+            if let Some(country) = object.remove("tax_country") {
+                object.insert("country".into(), country);
+            }
+        }
+    }
+    payload
+}
