@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod cli;
+use api::cli;
 
 #[derive(Parser)]
 #[command(

@@ -1,0 +1,359 @@
+//! The command handler: loads aggregates from their streams, runs their `handle`, and appends the
+//! events of every stream a command touched in one atomic append with expected versions. On a
+//! version conflict the whole command is retried from fresh state, a bounded number of times.
+//!
+//! A command that spans several aggregates (an order holds money, creates the order and the
+//! server) is a loop over attempts: take a `Unit`, load what is needed, decide, and `commit`,
+//! which answers `Done` or `Retry` (the loop goes round again) or gives up after the bound:
+//!
+//! ```ignore
+//! for attempt in 1.. {
+//!     let mut unit = handler.unit();
+//!     let mut account = unit.load::<Account>(&stream).await?;
+//!     unit.handle(&mut account, command.clone()).await.map_err(HandlerError::Rejected)?;
+//!     if let Commit::Done(outcome) = handler.commit(unit, &metadata, attempt).await? {
+//!         break outcome;
+//!     }
+//! }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use domain::Clock;
+use ledger::{
+    AppendError, AppendOutcome, AppendRequest, EventLog, ExpectedVersion, NewEvent, StreamAppend,
+};
+use rand::Rng;
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Attempts of one command before it gives up as contended.
+pub const ATTEMPTS_MAX: u32 = 50;
+
+/// An aggregate that lives in one stream of the log.
+pub trait StreamAggregate: Aggregate<Services = ()> + Clone {
+    /// Brings a stored payload of an older schema version to the current one.
+    fn upcast(_event_type: &str, _schema_version: i32, payload: Value) -> Value {
+        payload
+    }
+}
+
+impl StreamAggregate for domain::Account {
+    fn upcast(event_type: &str, schema_version: i32, payload: Value) -> Value {
+        domain::account::upcast(event_type, schema_version, payload)
+    }
+}
+impl StreamAggregate for domain::Server {}
+impl StreamAggregate for domain::Order {}
+impl StreamAggregate for domain::Catalog {}
+impl StreamAggregate for domain::InvoiceSeries {}
+
+/// Who did it and why, recorded with every event.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Metadata {
+    pub actor_kind: String,
+    pub actor_id: String,
+    pub correlation_id: Option<Uuid>,
+    pub causation_id: Option<Uuid>,
+    pub request_id: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+impl Metadata {
+    pub fn actor(kind: &str, id: impl Into<String>) -> Metadata {
+        Metadata {
+            actor_kind: kind.to_string(),
+            actor_id: id.into(),
+            ..Metadata::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("reading the log: {0}")]
+    Read(#[from] sqlx::Error),
+    #[error("event at position {position} of {stream_id} does not decode: {reason}")]
+    Corrupt {
+        stream_id: String,
+        position: i64,
+        reason: String,
+    },
+    #[error("appending: {0}")]
+    Append(AppendError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError<E> {
+    /// The domain refused the command: an expected outcome, not a fault.
+    #[error(transparent)]
+    Rejected(E),
+    #[error("the command lost {attempts} races for its streams; try again")]
+    Contended { attempts: u32 },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// An aggregate as loaded from its stream.
+pub struct Loaded<A> {
+    pub stream_id: String,
+    pub version: i64,
+    pub state: A,
+}
+
+/// The streams a command touches: what was loaded at which version, and the events decided.
+pub struct Unit {
+    log: EventLog,
+    appends: Vec<(String, i64, Vec<(String, i32, Value)>)>,
+}
+
+/// What `commit` did.
+#[derive(Debug)]
+pub enum Commit {
+    /// Stored (or nothing to store).
+    Done(Option<AppendOutcome>),
+    /// A stream moved on since it was loaded: run the command again from fresh state.
+    Retry,
+}
+
+impl Unit {
+    /// Loads an aggregate by folding its stream (events upcast, then decoded).
+    pub async fn load<A: StreamAggregate>(
+        &self,
+        stream_id: &str,
+    ) -> Result<Loaded<A>, StorageError> {
+        load(&self.log, stream_id).await
+    }
+
+    /// Runs a command on a loaded aggregate; its events are applied to `loaded.state` and kept
+    /// for the commit. A refusal leaves nothing to commit for this aggregate.
+    pub async fn handle<A: StreamAggregate>(
+        &mut self,
+        loaded: &mut Loaded<A>,
+        command: A::Command,
+    ) -> Result<Vec<A::Event>, A::Error> {
+        let sink = EventSink::<A>::default();
+        // `handle` applies events as it writes them: decide on a copy, keep it only on success.
+        let mut scratch = loaded.state.clone();
+        let result = scratch.handle(command, &(), &sink).await;
+        let events = sink.collect().await;
+        match result {
+            Ok(()) => {
+                loaded.state = scratch;
+                let serialized = events
+                    .iter()
+                    .map(|event| {
+                        let version = event
+                            .event_version()
+                            .parse::<i32>()
+                            .expect("domain event versions are whole numbers");
+                        (
+                            event.event_type(),
+                            version,
+                            serde_json::to_value(event).expect("domain events serialise"),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                if !serialized.is_empty() {
+                    match self
+                        .appends
+                        .iter_mut()
+                        .find(|(stream, _, _)| *stream == loaded.stream_id)
+                    {
+                        Some((_, _, pending)) => pending.extend(serialized),
+                        None => self.appends.push((
+                            loaded.stream_id.clone(),
+                            loaded.version,
+                            serialized,
+                        )),
+                    }
+                }
+                Ok(events)
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CommandHandler {
+    log: EventLog,
+    clock: Arc<dyn Clock>,
+    attempts_max: u32,
+}
+
+/// What a committed command returns: the closure's value and where its events landed.
+#[derive(Debug)]
+pub struct Committed<T> {
+    pub value: T,
+    pub outcome: Option<AppendOutcome>,
+    pub attempts: u32,
+}
+
+impl CommandHandler {
+    pub fn new(log: EventLog, clock: Arc<dyn Clock>) -> CommandHandler {
+        CommandHandler {
+            log,
+            clock,
+            attempts_max: ATTEMPTS_MAX,
+        }
+    }
+
+    pub fn with_attempts_max(mut self, attempts_max: u32) -> CommandHandler {
+        self.attempts_max = attempts_max.max(1);
+        self
+    }
+
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    pub async fn load<A: StreamAggregate>(
+        &self,
+        stream_id: &str,
+    ) -> Result<Loaded<A>, StorageError> {
+        load(&self.log, stream_id).await
+    }
+
+    /// A fresh unit for one attempt of a command.
+    pub fn unit(&self) -> Unit {
+        Unit {
+            log: self.log.clone(),
+            appends: Vec::new(),
+        }
+    }
+
+    /// Appends what `unit` decided, atomically over its streams. A version conflict on attempt
+    /// `attempt` is a `Retry` (after a short jittered pause) until the bound, then `Contended`.
+    pub async fn commit<E>(
+        &self,
+        unit: Unit,
+        metadata: &Metadata,
+        attempt: u32,
+    ) -> Result<Commit, HandlerError<E>> {
+        if unit.appends.is_empty() {
+            return Ok(Commit::Done(None));
+        }
+        match self.log.append(self.request(unit, metadata)).await {
+            Ok(outcome) => Ok(Commit::Done(Some(outcome))),
+            Err(AppendError::Conflict(conflict)) if attempt < self.attempts_max => {
+                tracing::debug!(%conflict, attempt, "command lost a race; retrying");
+                // Jitter spreads the losers so they do not collide again in lockstep.
+                let pause_us = rand::thread_rng().gen_range(0..(200 * u64::from(attempt.min(10))));
+                tokio::time::sleep(Duration::from_micros(pause_us)).await;
+                Ok(Commit::Retry)
+            }
+            Err(AppendError::Conflict(_)) => Err(HandlerError::Contended {
+                attempts: self.attempts_max,
+            }),
+            Err(error) => Err(StorageError::Append(error).into()),
+        }
+    }
+
+    /// One command on one aggregate, retried on conflict.
+    pub async fn execute<A: StreamAggregate>(
+        &self,
+        stream_id: &str,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Committed<Vec<A::Event>>, HandlerError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        for attempt in 1.. {
+            let mut unit = self.unit();
+            let mut loaded = unit.load::<A>(stream_id).await?;
+            let events = unit
+                .handle(&mut loaded, command.clone())
+                .await
+                .map_err(HandlerError::Rejected)?;
+            if let Commit::Done(outcome) = self.commit(unit, metadata, attempt).await? {
+                return Ok(Committed {
+                    value: events,
+                    outcome,
+                    attempts: attempt,
+                });
+            }
+        }
+        unreachable!("commit gives up after attempts_max")
+    }
+
+    fn request(&self, unit: Unit, metadata: &Metadata) -> AppendRequest {
+        let occurred_at = self.clock.now();
+        let command_id = Uuid::now_v7();
+        let mut metadata = serde_json::to_value(metadata).expect("metadata serialises");
+        if let Value::Object(map) = &mut metadata {
+            map.retain(|_, value| !value.is_null());
+            map.insert("command_id".into(), Value::String(command_id.to_string()));
+        }
+        let streams = unit
+            .appends
+            .into_iter()
+            .map(|(stream_id, version, events)| {
+                let expected = if version == 0 {
+                    ExpectedVersion::NoStream
+                } else {
+                    ExpectedVersion::Exact(version)
+                };
+                let events = events
+                    .into_iter()
+                    .map(|(event_type, schema_version, payload)| {
+                        NewEvent::new(event_type, payload)
+                            .with_schema_version(schema_version)
+                            .with_metadata(metadata.clone())
+                            .occurred_at(occurred_at)
+                    })
+                    .collect();
+                StreamAppend::new(stream_id, expected, events)
+            })
+            .collect();
+        AppendRequest { streams }
+    }
+}
+
+async fn load<A: StreamAggregate>(
+    log: &EventLog,
+    stream_id: &str,
+) -> Result<Loaded<A>, StorageError> {
+    let events = log.read_stream_all(stream_id).await?;
+    let mut state = A::default();
+    let mut version = 0;
+    for recorded in events {
+        let payload = A::upcast(
+            &recorded.event_type,
+            recorded.schema_version,
+            recorded.payload,
+        );
+        let event: A::Event =
+            serde_json::from_value(payload).map_err(|error| StorageError::Corrupt {
+                stream_id: stream_id.to_string(),
+                position: recorded.position,
+                reason: error.to_string(),
+            })?;
+        state.apply(event);
+        version = recorded.stream_version;
+    }
+    Ok(Loaded {
+        stream_id: stream_id.to_string(),
+        version,
+        state,
+    })
+}
+
+/// The system's clock: the one place that reads the time of day.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}

@@ -1,0 +1,6 @@
+//! The outermost crate: the command handler that runs domain aggregates over the event log, the
+//! commands of the `billing` binary, and (later) the HTTP API and workers. Only this crate knows
+//! the wire format.
+
+pub mod cli;
+pub mod handler;
