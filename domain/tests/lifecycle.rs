@@ -962,13 +962,48 @@ fn invoice_numbers_are_gapless_per_year_and_credit_notes_reference_their_invoice
 #[test]
 fn a_tax_rate_change_applies_from_its_date_and_is_never_back_dated() {
     let au = domain::Country::parse("AU").unwrap();
-    let set = |rate, effective_at| CatalogCommand::SetTaxRate { country: au, rate: TaxRate::new(rate).unwrap(), name: "GST".into(), effective_at };
-    let first = TestFramework::<Catalog>::with(()).given_no_previous_events().when(set(dec!(0.10), at("2026-01-01T00:00:00Z"))).inspect_result().unwrap();
-    assert_eq!(first, vec![CatalogEvent::TaxRateSet { country: au, rate: TaxRate::new(dec!(0.10)).unwrap(), name: "GST".into(), effective_at: at("2026-01-01T00:00:00Z") }]);
+    let set = |rate, effective_at| CatalogCommand::SetTaxRate {
+        country: au,
+        rate: TaxRate::new(rate).unwrap(),
+        name: "GST".into(),
+        effective_at,
+    };
+    let first = TestFramework::<Catalog>::with(())
+        .given_no_previous_events()
+        .when(set(dec!(0.10), at("2026-01-01T00:00:00Z")))
+        .inspect_result()
+        .unwrap();
+    assert_eq!(
+        first,
+        vec![CatalogEvent::TaxRateSet {
+            country: au,
+            rate: TaxRate::new(dec!(0.10)).unwrap(),
+            name: "GST".into(),
+            effective_at: at("2026-01-01T00:00:00Z")
+        }]
+    );
     let mut events = first;
-    events.extend(TestFramework::<Catalog>::with(()).given(events.clone()).when(set(dec!(0.125), at("2026-07-01T00:00:00Z"))).inspect_result().unwrap());
+    events.extend(
+        TestFramework::<Catalog>::with(())
+            .given(events.clone())
+            .when(set(dec!(0.125), at("2026-07-01T00:00:00Z")))
+            .inspect_result()
+            .unwrap(),
+    );
     let catalog = catalog_after(events.clone());
-    assert_eq!(catalog.tax_rate(au, at("2026-06-30T23:59:59Z")).fraction(), dec!(0.1));
-    assert_eq!(catalog.tax_rate(au, at("2026-07-01T00:00:00Z")).fraction(), dec!(0.125));
-    TestFramework::<Catalog>::with(()).given(events).when(set(dec!(0.2), at("2026-03-01T00:00:00Z"))).then_expect_error(CatalogError::BackDated { effective_at: at("2026-03-01T00:00:00Z"), last: at("2026-07-01T00:00:00Z") });
+    assert_eq!(
+        catalog.tax_rate(au, at("2026-06-30T23:59:59Z")).fraction(),
+        dec!(0.1)
+    );
+    assert_eq!(
+        catalog.tax_rate(au, at("2026-07-01T00:00:00Z")).fraction(),
+        dec!(0.125)
+    );
+    TestFramework::<Catalog>::with(())
+        .given(events)
+        .when(set(dec!(0.2), at("2026-03-01T00:00:00Z")))
+        .then_expect_error(CatalogError::BackDated {
+            effective_at: at("2026-03-01T00:00:00Z"),
+            last: at("2026-07-01T00:00:00Z"),
+        });
 }

@@ -160,7 +160,7 @@ impl EventLog {
         after_position: i64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
-        read_all(&self.inner.pool, after_position, limit).await
+        read_after(&self.inner.pool, after_position, limit).await
     }
 
     /// The current version of a stream (0 when it has no events).
@@ -198,8 +198,10 @@ impl EventLog {
     }
 }
 
-pub(crate) async fn read_all(
-    pool: &PgPool,
+/// Events after `after_position`, in position order, at most `limit`, read through any executor
+/// (a projector reads inside the transaction that writes its rows).
+pub async fn read_after<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
     after_position: i64,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
@@ -209,7 +211,7 @@ pub(crate) async fn read_all(
     ))
     .bind(after_position)
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(executor)
     .await
 }
 

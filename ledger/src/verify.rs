@@ -79,7 +79,7 @@ pub async fn verify_chain(
             problem: Some(problem),
         };
     loop {
-        let page = crate::log::read_all(pool, previous_position, PAGE_SIZE).await?;
+        let page = crate::log::read_after(pool, previous_position, PAGE_SIZE).await?;
         for event in &page {
             let expected_position = previous_position + 1;
             if event.position != expected_position {

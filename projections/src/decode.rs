@@ -1,0 +1,84 @@
+//! Events as the projections see them: decoded into the domain's types once per batch.
+
+use chrono::{DateTime, Utc};
+use domain::account::AccountEvent;
+use domain::catalog::CatalogEvent;
+use domain::invoice::InvoiceSeriesEvent;
+use domain::order::OrderEvent;
+use domain::server::ServerEvent;
+use domain::{AccountId, OrderId, ServerId};
+use ledger::RecordedEvent;
+use uuid::Uuid;
+
+#[derive(Clone, Debug)]
+pub enum Decoded {
+    Account(AccountId, AccountEvent),
+    Server(ServerId, ServerEvent),
+    Order(OrderId, OrderEvent),
+    Catalog(CatalogEvent),
+    Invoice(InvoiceSeriesEvent),
+    /// A stream no projection reads (webhook receipts, for example).
+    Other,
+}
+
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub position: i64,
+    pub event_id: Uuid,
+    pub occurred_at: DateTime<Utc>,
+    pub event: Decoded,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("event at position {position} ({event_type} in {stream_id}) does not decode: {reason}")]
+pub struct DecodeError {
+    pub position: i64,
+    pub stream_id: String,
+    pub event_type: String,
+    pub reason: String,
+}
+
+fn id_after(stream_id: &str, prefix: &str) -> Option<Uuid> {
+    stream_id
+        .strip_prefix(prefix)
+        .and_then(|rest| Uuid::parse_str(rest).ok())
+}
+
+pub fn decode(event: &RecordedEvent) -> Result<Record, DecodeError> {
+    let fail = |reason: String| DecodeError {
+        position: event.position,
+        stream_id: event.stream_id.clone(),
+        event_type: event.event_type.clone(),
+        reason,
+    };
+    let payload = event.payload.clone();
+    let decoded = if let Some(id) = id_after(&event.stream_id, "account-") {
+        let payload = domain::account::upcast(&event.event_type, event.schema_version, payload);
+        Decoded::Account(
+            AccountId(id),
+            serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?,
+        )
+    } else if let Some(id) = id_after(&event.stream_id, "server-") {
+        Decoded::Server(
+            ServerId(id),
+            serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?,
+        )
+    } else if let Some(id) = id_after(&event.stream_id, "order-") {
+        Decoded::Order(
+            OrderId(id),
+            serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?,
+        )
+    } else if event.stream_id == domain::catalog::CATALOG_STREAM {
+        Decoded::Catalog(serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?)
+    } else if event.stream_id.starts_with("invoice-series-") {
+        Decoded::Invoice(serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?)
+    } else {
+        Decoded::Other
+    };
+    Ok(Record {
+        position: event.position,
+        event_id: event.event_id,
+        occurred_at: event.occurred_at,
+        event: decoded,
+    })
+}

@@ -1,0 +1,144 @@
+//! Queries finance asks: balances and the trial balance as of an instant, digests of read models,
+//! and the projections' status.
+
+use chrono::{DateTime, Utc};
+use domain::account::Figures;
+use domain::AccountId;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::decode::{decode, Decoded};
+use crate::runner::ProjectionError;
+
+/// An account's figures as of `at` (domain time), from its stream in the log. `None` before the
+/// account's first money event.
+pub async fn balance_as_of(
+    pool: &PgPool,
+    account_id: AccountId,
+    at: DateTime<Utc>,
+) -> Result<Option<Figures>, ProjectionError> {
+    let mut figures = None;
+    let mut after = 0i64;
+    loop {
+        let events: Vec<ledger::RecordedEvent> = sqlx::query_as(
+            "SELECT position, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, \
+                    recorded_at, occurred_at, prev_hash, hash \
+             FROM events WHERE stream_id = $1 AND stream_version > $2 AND occurred_at <= $3 ORDER BY stream_version LIMIT 5000",
+        )
+        .bind(account_id.stream_id())
+        .bind(after)
+        .bind(at)
+        .fetch_all(pool)
+        .await?;
+        let Some(last) = events.last() else {
+            return Ok(figures);
+        };
+        after = last.stream_version;
+        for event in &events {
+            if let Decoded::Account(_, event) = decode(event)?.event {
+                figures = crate::figures_of(&event).or(figures);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TrialBalanceLine {
+    pub account: String,
+    pub debit: Decimal,
+    pub credit: Decimal,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TrialBalance {
+    pub as_of: Option<DateTime<Utc>>,
+    pub accounts: Vec<TrialBalanceLine>,
+    pub total_debit: Decimal,
+    pub total_credit: Decimal,
+}
+
+/// Journal totals per ledger account, over everything or up to `as_of` (inclusive): whole days
+/// from the daily totals, the last day from its entries.
+pub async fn trial_balance(
+    pool: &PgPool,
+    as_of: Option<DateTime<Utc>>,
+) -> Result<TrialBalance, ProjectionError> {
+    let rows: Vec<(String, Decimal, Decimal)> = match as_of {
+        None => sqlx::query_as("SELECT ledger_account, sum(debit), sum(credit) FROM rm.journal_totals GROUP BY ledger_account ORDER BY ledger_account").fetch_all(pool).await?,
+        Some(at) => {
+            sqlx::query_as(
+                "SELECT account, sum(debit), sum(credit) FROM ( \
+                    SELECT ledger_account AS account, debit, credit FROM rm.journal_totals WHERE day < ($1 AT TIME ZONE 'UTC')::date \
+                    UNION ALL \
+                    SELECT p.account, p.debit, p.credit FROM rm.journal_entries e \
+                    CROSS JOIN LATERAL jsonb_to_recordset(e.postings) AS p(account text, debit numeric, credit numeric) \
+                    WHERE e.occurred_at >= date_trunc('day', $1 AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AND e.occurred_at <= $1 \
+                 ) lines GROUP BY account ORDER BY account",
+            )
+            .bind(at)
+            .fetch_all(pool)
+            .await?
+        }
+    };
+    let accounts: Vec<TrialBalanceLine> = rows
+        .into_iter()
+        .map(|(account, debit, credit)| TrialBalanceLine {
+            account,
+            debit: debit.normalize(),
+            credit: credit.normalize(),
+        })
+        .collect();
+    let total_debit = accounts.iter().map(|line| line.debit).sum();
+    let total_credit = accounts.iter().map(|line| line.credit).sum();
+    Ok(TrialBalance {
+        as_of,
+        accounts,
+        total_debit,
+        total_credit,
+    })
+}
+
+/// A digest of a table's content (every row as text, sorted), to compare two builds byte for byte.
+pub async fn table_digest(
+    pool: &PgPool,
+    schema: &str,
+    table: &str,
+) -> Result<String, ProjectionError> {
+    let digest: String = sqlx::query_scalar(&format!("SELECT md5(COALESCE(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM {schema}.{table} t")).fetch_one(pool).await?;
+    Ok(digest)
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub position: i64,
+    pub head: i64,
+    pub lag: i64,
+    pub generation: i32,
+    pub rebuilding: bool,
+    pub rebuild_position: i64,
+}
+
+pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, ProjectionError> {
+    let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head")
+        .fetch_one(pool)
+        .await?;
+    let mut statuses = Vec::new();
+    for projection in crate::projection::all() {
+        let name = projection.name();
+        let position = ledger::checkpoint::load(pool, name).await?;
+        let row: Option<(i32, bool, i64)> = sqlx::query_as("SELECT generation, rebuilding, rebuild_position FROM projection_status WHERE name = $1").bind(name).fetch_optional(pool).await?;
+        let (generation, rebuilding, rebuild_position) = row.unwrap_or((1, false, 0));
+        statuses.push(ProjectionStatus {
+            name: name.to_string(),
+            position,
+            head,
+            lag: head - position,
+            generation,
+            rebuilding,
+            rebuild_position,
+        });
+    }
+    Ok(statuses)
+}

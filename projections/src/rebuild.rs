@@ -1,0 +1,155 @@
+//! Rebuild without downtime: build a new version of a projection's tables from position 0 in a
+//! side schema while the live tables keep serving, then, holding the live projector's checkpoint
+//! lock, apply the last events and swap the tables in within one transaction. Readers see the old
+//! tables or the new ones, never a half-built one.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::projection::Projection;
+use crate::runner::{apply_batch, run_batch, ProjectionError, BATCH_EVENTS, LIVE_SCHEMA};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RebuildReport {
+    pub name: &'static str,
+    pub position: i64,
+    pub events: i64,
+    pub elapsed_ms: u128,
+}
+
+/// Creates `schema` holding empty copies of the projection's live tables (columns, constraints,
+/// indexes), and resets `checkpoint`.
+pub(crate) async fn prepare_side_schema(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    schema: &str,
+    checkpoint: &str,
+) -> Result<(), ProjectionError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut *tx)
+        .await?;
+    for table in projection.tables() {
+        sqlx::query(&format!(
+            "CREATE TABLE {schema}.{table} (LIKE {LIVE_SCHEMA}.{table} INCLUDING ALL)"
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("DELETE FROM checkpoints WHERE name = $1")
+        .bind(checkpoint)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn rebuild(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    mut progress: impl FnMut(i64, i64),
+) -> Result<RebuildReport, ProjectionError> {
+    let started = Instant::now();
+    let name = projection.name();
+    let schema = format!("rm_next_{name}");
+    let checkpoint = format!("{name}@rebuild");
+    prepare_side_schema(pool, projection, &schema, &checkpoint).await?;
+    sqlx::query(
+        "INSERT INTO projection_status (name, rebuilding, rebuild_position) VALUES ($1, TRUE, 0) \
+         ON CONFLICT (name) DO UPDATE SET rebuilding = TRUE, rebuild_position = 0",
+    )
+    .bind(name)
+    .execute(pool)
+    .await?;
+
+    let mut events = 0i64;
+    let mut last_status = Instant::now();
+    loop {
+        let applied = run_batch(pool, projection, &schema, &checkpoint, BATCH_EVENTS, None).await?;
+        events += applied as i64;
+        let position = ledger::checkpoint::load(pool, &checkpoint).await?;
+        let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head")
+            .fetch_one(pool)
+            .await?;
+        progress(position, head);
+        if last_status.elapsed() > Duration::from_millis(500) || applied == 0 {
+            sqlx::query("UPDATE projection_status SET rebuild_position = $2 WHERE name = $1")
+                .bind(name)
+                .bind(position)
+                .execute(pool)
+                .await?;
+            last_status = Instant::now();
+        }
+        if applied == 0 {
+            break;
+        }
+    }
+
+    // The swap: the live projector waits on its checkpoint while the last events are applied to
+    // the new tables and they take the live ones' place.
+    let mut tx = pool.begin().await?;
+    ledger::checkpoint::lock(&mut tx, name).await?;
+    loop {
+        let applied = apply_batch(
+            &mut tx,
+            projection,
+            &schema,
+            &checkpoint,
+            BATCH_EVENTS,
+            None,
+        )
+        .await?;
+        events += applied as i64;
+        if applied == 0 {
+            break;
+        }
+    }
+    let position: i64 = sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
+        .bind(&checkpoint)
+        .fetch_one(&mut *tx)
+        .await?;
+    for table in projection.tables() {
+        sqlx::query(&format!("DROP TABLE {LIVE_SCHEMA}.{table}"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "ALTER TABLE {schema}.{table} SET SCHEMA {LIVE_SCHEMA}"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON {LIVE_SCHEMA}.{table} TO billing_app"
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("UPDATE checkpoints SET position = $2, updated_at = now() WHERE name = $1")
+        .bind(name)
+        .bind(position)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM checkpoints WHERE name = $1")
+        .bind(&checkpoint)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!("DROP SCHEMA {schema}"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE projection_status SET generation = generation + 1, rebuilding = FALSE, rebuild_position = $2, rebuilt_at = now() WHERE name = $1")
+        .bind(name)
+        .bind(position)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(RebuildReport {
+        name,
+        position,
+        events,
+        elapsed_ms: started.elapsed().as_millis(),
+    })
+}
