@@ -109,6 +109,7 @@ pub struct Loaded<A> {
 /// The streams a command touches: what was loaded at which version, and the events decided.
 pub struct Unit {
     log: EventLog,
+    cache: Arc<StateCache>,
     appends: Vec<(String, i64, Vec<(String, i32, Value)>)>,
 }
 
@@ -123,11 +124,19 @@ pub enum Commit {
 
 impl Unit {
     /// Loads an aggregate by folding its stream (events upcast, then decoded).
-    pub async fn load<A: StreamAggregate>(
+    pub async fn load<A: StreamAggregate + 'static>(
         &self,
         stream_id: &str,
     ) -> Result<Loaded<A>, StorageError> {
-        load(&self.log, stream_id).await
+        load(&self.log, &self.cache, stream_id).await
+    }
+
+    /// Every event of a stream as stored (for flows that read history, such as invoicing).
+    pub async fn read_stream(
+        &self,
+        stream_id: &str,
+    ) -> Result<Vec<ledger::RecordedEvent>, StorageError> {
+        Ok(self.log.read_stream_all(stream_id).await?)
     }
 
     /// Runs a command on a loaded aggregate; its events are applied to `loaded.state` and kept
@@ -185,6 +194,42 @@ pub struct CommandHandler {
     log: EventLog,
     clock: Arc<dyn Clock>,
     attempts_max: u32,
+    cache: Arc<StateCache>,
+}
+
+/// Aggregates as last loaded, by stream: a load reads only the events after the cached version.
+/// The log stays the truth; a stale entry only means reading more events.
+#[derive(Default)]
+struct StateCache {
+    entries: std::sync::Mutex<
+        std::collections::HashMap<String, (i64, Arc<dyn std::any::Any + Send + Sync>)>,
+    >,
+}
+
+/// Streams kept in the cache before it starts afresh.
+const CACHE_STREAMS_MAX: usize = 20_000;
+
+impl StateCache {
+    fn get<A: StreamAggregate + 'static>(&self, stream_id: &str) -> Option<(i64, A)> {
+        let entries = self.entries.lock().expect("cache lock");
+        let (version, state) = entries.get(stream_id)?;
+        state
+            .downcast_ref::<A>()
+            .map(|state| (*version, state.clone()))
+    }
+
+    fn put<A: StreamAggregate + 'static>(&self, stream_id: &str, version: i64, state: &A) {
+        let mut entries = self.entries.lock().expect("cache lock");
+        if entries.len() >= CACHE_STREAMS_MAX && !entries.contains_key(stream_id) {
+            entries.clear();
+        }
+        match entries.get(stream_id) {
+            Some((cached, _)) if *cached >= version => {}
+            _ => {
+                entries.insert(stream_id.to_string(), (version, Arc::new(state.clone())));
+            }
+        }
+    }
 }
 
 /// What a committed command returns: the closure's value and where its events landed.
@@ -201,6 +246,7 @@ impl CommandHandler {
             log,
             clock,
             attempts_max: ATTEMPTS_MAX,
+            cache: Arc::default(),
         }
     }
 
@@ -217,17 +263,18 @@ impl CommandHandler {
         self.clock.now()
     }
 
-    pub async fn load<A: StreamAggregate>(
+    pub async fn load<A: StreamAggregate + 'static>(
         &self,
         stream_id: &str,
     ) -> Result<Loaded<A>, StorageError> {
-        load(&self.log, stream_id).await
+        load(&self.log, &self.cache, stream_id).await
     }
 
     /// A fresh unit for one attempt of a command.
     pub fn unit(&self) -> Unit {
         Unit {
             log: self.log.clone(),
+            cache: self.cache.clone(),
             appends: Vec::new(),
         }
     }
@@ -260,7 +307,7 @@ impl CommandHandler {
     }
 
     /// One command on one aggregate, retried on conflict.
-    pub async fn execute<A: StreamAggregate>(
+    pub async fn execute<A: StreamAggregate + 'static>(
         &self,
         stream_id: &str,
         command: A::Command,
@@ -320,27 +367,38 @@ impl CommandHandler {
     }
 }
 
-async fn load<A: StreamAggregate>(
+async fn load<A: StreamAggregate + 'static>(
     log: &EventLog,
+    cache: &StateCache,
     stream_id: &str,
 ) -> Result<Loaded<A>, StorageError> {
-    let events = log.read_stream_all(stream_id).await?;
-    let mut state = A::default();
-    let mut version = 0;
-    for recorded in events {
-        let payload = A::upcast(
-            &recorded.event_type,
-            recorded.schema_version,
-            recorded.payload,
-        );
-        let event: A::Event =
-            serde_json::from_value(payload).map_err(|error| StorageError::Corrupt {
-                stream_id: stream_id.to_string(),
-                position: recorded.position,
-                reason: error.to_string(),
-            })?;
-        state.apply(event);
-        version = recorded.stream_version;
+    let (mut version, mut state) = cache.get::<A>(stream_id).unwrap_or_default();
+    let cached_version = version;
+    loop {
+        let events = log
+            .read_stream(stream_id, version, ledger::log::READ_LIMIT_MAX)
+            .await?;
+        let Some(last) = events.last().map(|event| event.stream_version) else {
+            break;
+        };
+        for recorded in events {
+            let payload = A::upcast(
+                &recorded.event_type,
+                recorded.schema_version,
+                recorded.payload,
+            );
+            let event: A::Event =
+                serde_json::from_value(payload).map_err(|error| StorageError::Corrupt {
+                    stream_id: stream_id.to_string(),
+                    position: recorded.position,
+                    reason: error.to_string(),
+                })?;
+            state.apply(event);
+        }
+        version = last;
+    }
+    if version > cached_version {
+        cache.put(stream_id, version, &state);
     }
     Ok(Loaded {
         stream_id: stream_id.to_string(),

@@ -2,5 +2,8 @@
 //! commands of the `billing` binary, and (later) the HTTP API and workers. Only this crate knows
 //! the wire format.
 
+pub mod audit;
 pub mod cli;
+pub mod flows;
 pub mod handler;
+pub mod history;

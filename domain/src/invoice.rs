@@ -281,6 +281,7 @@ pub struct InvoiceSeries {
     credit_notes_issued: u32,
     invoiced: HashSet<(AccountId, YearMonth)>,
     numbers: BTreeMap<InvoiceId, String>,
+    charge_invoices: BTreeMap<ChargeId, InvoiceId>,
 }
 
 impl InvoiceSeries {
@@ -290,6 +291,11 @@ impl InvoiceSeries {
 
     pub fn is_invoiced(&self, account_id: AccountId, period: YearMonth) -> bool {
         self.invoiced.contains(&(account_id, period))
+    }
+
+    /// The invoice that billed `charge_id`, if one did.
+    pub fn invoice_of(&self, charge_id: ChargeId) -> Option<InvoiceId> {
+        self.charge_invoices.get(&charge_id).copied()
     }
 
     fn decide(
@@ -396,6 +402,9 @@ impl Aggregate for InvoiceSeries {
                 self.invoices_issued += 1;
                 self.invoiced.insert((invoice.account_id, invoice.period));
                 self.numbers.insert(invoice_id, number);
+                for charge_id in invoice.charge_ids {
+                    self.charge_invoices.insert(charge_id, invoice_id);
+                }
             }
             InvoiceSeriesEvent::CreditNoteIssued {
                 credit_note_id,

@@ -1,0 +1,896 @@
+//! The product's commands over several aggregates, each one atomic append: open an account,
+//! settle a top-up, place an order (hold + order + server), complete or fail provisioning
+//! (capture or release), charge a slot (declined: suspend), cancel (pro-rata refund), revoke,
+//! delete, refunds, adjustments, disputes, invoices and credit notes.
+
+use chrono::{DateTime, Utc};
+use domain::account::{Account, AccountCommand, AccountError, AccountEvent};
+use domain::catalog::{Catalog, CatalogCommand, CatalogError, Fixtures, CATALOG_STREAM};
+use domain::invoice::{
+    build_invoice, series_stream, BilledCharge, BilledRefund, CreditNoteDraft, InvoiceError,
+    InvoiceSeries, InvoiceSeriesCommand, RefundKind,
+};
+use domain::order::{Order, OrderCommand, OrderError};
+use domain::server::{
+    CancellationMode, PowerAction, Server, ServerCommand, ServerError, SuspensionReason,
+};
+use domain::{
+    AccountId, AdjustmentId, ChargeId, Country, Currency, DisputeId, Hostname, HourSlot, InvoiceId,
+    Location, OrderId, PlanId, RefundId, ServerId, TaxRate, TopUpId, YearMonth,
+};
+use rust_decimal::Decimal;
+
+use crate::handler::{CommandHandler, Commit, HandlerError, Metadata, StorageError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    #[error(transparent)]
+    Account(#[from] AccountError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error(transparent)]
+    Order(#[from] OrderError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Invoice(#[from] InvoiceError),
+    #[error("no {0}")]
+    NotFound(&'static str),
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("the command lost {attempts} races for its streams; try again")]
+    Contended { attempts: u32 },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<HandlerError<FlowError>> for FlowError {
+    fn from(error: HandlerError<FlowError>) -> FlowError {
+        match error {
+            HandlerError::Rejected(error) => error,
+            HandlerError::Contended { attempts } => FlowError::Contended { attempts },
+            HandlerError::Storage(error) => FlowError::Storage(error),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, FlowError>;
+
+/// Runs `$body` (which uses `$unit`) and commits, retrying on conflict; evaluates to the body's value.
+macro_rules! atomically {
+    ($flows:expr, $metadata:expr, |$unit:ident| $body:block) => {{
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            #[allow(unused_mut)]
+            let mut $unit = $flows.handler.unit();
+            let value = $body;
+            match $flows
+                .handler
+                .commit::<FlowError>($unit, $metadata, attempt)
+                .await?
+            {
+                Commit::Done(_) => break value,
+                Commit::Retry => continue,
+            }
+        }
+    }};
+}
+
+/// What charging a slot did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotOutcome {
+    Charged {
+        charge_id: ChargeId,
+        capped: bool,
+    },
+    /// Declined for insufficient funds; the server is now suspended.
+    DeclinedAndSuspended,
+    AlreadyCharged,
+    NotBillable,
+}
+
+#[derive(Clone)]
+pub struct Flows {
+    pub handler: CommandHandler,
+}
+
+async fn unit_load<A: crate::handler::StreamAggregate + 'static>(
+    unit: &crate::handler::Unit,
+    stream_id: &str,
+) -> Result<crate::handler::Loaded<A>> {
+    Ok(unit.load::<A>(stream_id).await?)
+}
+
+impl Flows {
+    pub fn new(handler: CommandHandler) -> Flows {
+        Flows { handler }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.handler.now()
+    }
+
+    pub async fn sync_catalog(&self, fixtures: Fixtures, metadata: &Metadata) -> Result<usize> {
+        let at = self.now();
+        let committed = self
+            .handler
+            .execute::<Catalog>(
+                CATALOG_STREAM,
+                CatalogCommand::Sync {
+                    fixtures,
+                    effective_at: at,
+                },
+                metadata,
+            )
+            .await
+            .map_err(map_single)?;
+        Ok(committed.value.len())
+    }
+
+    pub async fn open_account(
+        &self,
+        account_id: AccountId,
+        name: &str,
+        email: &str,
+        currency: Currency,
+        country: Country,
+        metadata: &Metadata,
+    ) -> Result<()> {
+        let command = AccountCommand::Open {
+            account_id,
+            name: name.to_string(),
+            email: email.to_string(),
+            currency,
+            country,
+            at: self.now(),
+        };
+        self.handler
+            .execute::<Account>(&account_id.stream_id(), command, metadata)
+            .await
+            .map_err(map_single)?;
+        Ok(())
+    }
+
+    /// Settles a paid top-up (idempotent by payment id).
+    pub async fn settle_topup(
+        &self,
+        account_id: AccountId,
+        topup_id: TopUpId,
+        payment_id: &str,
+        amount: Decimal,
+        metadata: &Metadata,
+    ) -> Result<bool> {
+        let command = AccountCommand::SettleTopUp {
+            topup_id,
+            payment_id: payment_id.to_string(),
+            amount,
+        };
+        let committed = self
+            .handler
+            .execute::<Account>(&account_id.stream_id(), command, metadata)
+            .await
+            .map_err(map_single)?;
+        Ok(!committed.value.is_empty())
+    }
+
+    /// The net and tax of a server's first hour for an account, at the current price.
+    async fn first_hour(
+        &self,
+        unit: &crate::handler::Unit,
+        account: &Account,
+        plan_id: &PlanId,
+        at: DateTime<Utc>,
+    ) -> Result<(Decimal, Decimal, TaxRate)> {
+        let opened = account.opened().ok_or(FlowError::NotFound("account"))?;
+        let catalog = unit_load::<Catalog>(unit, CATALOG_STREAM).await?;
+        catalog.state.orderable(plan_id, at)?;
+        let price = catalog
+            .state
+            .monthly_price(plan_id, opened.currency, at)
+            .ok_or_else(|| FlowError::Invalid {
+                field: "plan_id",
+                reason: format!("{plan_id} has no price in {}", opened.currency),
+            })?;
+        let tax_rate = catalog.state.tax_rate(opened.country, at);
+        let charge = domain::billing::slot_charge(price.amount, Decimal::ZERO, tax_rate);
+        Ok((charge.net, charge.tax, tax_rate))
+    }
+
+    /// Places a deploy order: the first hour is held on the wallet, the order and the server recorded.
+    pub async fn place_order(
+        &self,
+        account_id: AccountId,
+        plan_id: PlanId,
+        location: Location,
+        order_id: OrderId,
+        server_id: ServerId,
+        metadata: &Metadata,
+    ) -> Result<()> {
+        let at = self.now();
+        atomically!(self, metadata, |unit| {
+            let catalog = unit_load::<Catalog>(&unit, CATALOG_STREAM).await?;
+            if !catalog.state.has_location(&location) {
+                return Err(FlowError::Invalid {
+                    field: "location",
+                    reason: format!("unknown location {:?}", location.as_str()),
+                });
+            }
+            let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            let (net, tax, _) = self.first_hour(&unit, &account.state, &plan_id, at).await?;
+            let mut order = unit_load::<Order>(&unit, &order_id.stream_id()).await?;
+            let mut server = unit_load::<Server>(&unit, &server_id.stream_id()).await?;
+            unit.handle(
+                &mut account,
+                AccountCommand::PlaceHold {
+                    order_id,
+                    server_id,
+                    net,
+                    tax,
+                },
+            )
+            .await?;
+            unit.handle(
+                &mut order,
+                OrderCommand::Place {
+                    order_id,
+                    account_id,
+                    server_id,
+                    plan_id: plan_id.clone(),
+                    location: location.clone(),
+                    net,
+                    tax,
+                    at,
+                },
+            )
+            .await?;
+            unit.handle(
+                &mut server,
+                ServerCommand::Order {
+                    server_id,
+                    account_id,
+                    order_id,
+                    plan_id: plan_id.clone(),
+                    location: location.clone(),
+                    at,
+                },
+            )
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Provisioning succeeded: the server needs setup and the hold becomes the first hour's charge.
+    pub async fn complete_provisioning(
+        &self,
+        order_id: OrderId,
+        provider_server_id: &str,
+        metadata: &Metadata,
+    ) -> Result<ChargeId> {
+        let at = self.now();
+        let charge_id = ChargeId::new();
+        atomically!(self, metadata, |unit| {
+            let mut order = unit_load::<Order>(&unit, &order_id.stream_id()).await?;
+            let placed = order
+                .state
+                .placed
+                .clone()
+                .ok_or(FlowError::NotFound("order"))?;
+            let mut server = unit_load::<Server>(&unit, &placed.server_id.stream_id()).await?;
+            let mut account = unit_load::<Account>(&unit, &placed.account_id.stream_id()).await?;
+            let country = account
+                .state
+                .opened()
+                .ok_or(FlowError::NotFound("account"))?
+                .country;
+            let catalog = unit_load::<Catalog>(&unit, CATALOG_STREAM).await?;
+            let tax_rate = catalog.state.tax_rate(country, at);
+            unit.handle(&mut order, OrderCommand::Complete { charge_id, at })
+                .await?;
+            unit.handle(
+                &mut server,
+                ServerCommand::CompleteProvisioning {
+                    provider_server_id: provider_server_id.to_string(),
+                    at,
+                },
+            )
+            .await?;
+            unit.handle(
+                &mut account,
+                AccountCommand::CaptureHold {
+                    order_id,
+                    charge_id,
+                    plan_id: placed.plan_id.clone(),
+                    slot: HourSlot::containing(at),
+                    tax_rate,
+                },
+            )
+            .await?;
+        });
+        Ok(charge_id)
+    }
+
+    /// Provisioning failed: the hold is released in full.
+    pub async fn fail_provisioning(
+        &self,
+        order_id: OrderId,
+        reason: &str,
+        metadata: &Metadata,
+    ) -> Result<()> {
+        let at = self.now();
+        atomically!(self, metadata, |unit| {
+            let mut order = unit_load::<Order>(&unit, &order_id.stream_id()).await?;
+            let placed = order
+                .state
+                .placed
+                .clone()
+                .ok_or(FlowError::NotFound("order"))?;
+            let mut server = unit_load::<Server>(&unit, &placed.server_id.stream_id()).await?;
+            let mut account = unit_load::<Account>(&unit, &placed.account_id.stream_id()).await?;
+            unit.handle(
+                &mut order,
+                OrderCommand::Fail {
+                    reason: reason.to_string(),
+                    at,
+                },
+            )
+            .await?;
+            unit.handle(
+                &mut server,
+                ServerCommand::FailProvisioning {
+                    reason: reason.to_string(),
+                    at,
+                },
+            )
+            .await?;
+            unit.handle(
+                &mut account,
+                AccountCommand::ReleaseHold {
+                    order_id,
+                    reason: reason.to_string(),
+                },
+            )
+            .await?;
+        });
+        Ok(())
+    }
+
+    pub async fn server_command(
+        &self,
+        server_id: ServerId,
+        command: ServerCommand,
+        metadata: &Metadata,
+    ) -> Result<()> {
+        self.handler
+            .execute::<Server>(&server_id.stream_id(), command, metadata)
+            .await
+            .map_err(map_single)?;
+        Ok(())
+    }
+
+    pub async fn setup(
+        &self,
+        server_id: ServerId,
+        os_image: &str,
+        hostname: Hostname,
+        metadata: &Metadata,
+    ) -> Result<()> {
+        self.server_command(
+            server_id,
+            ServerCommand::Setup {
+                os_image: os_image.to_string(),
+                hostname,
+                at: self.now(),
+            },
+            metadata,
+        )
+        .await
+    }
+
+    pub async fn power(
+        &self,
+        server_id: ServerId,
+        action: PowerAction,
+        metadata: &Metadata,
+    ) -> Result<()> {
+        self.server_command(
+            server_id,
+            ServerCommand::Power {
+                action,
+                at: self.now(),
+            },
+            metadata,
+        )
+        .await
+    }
+
+    /// Charges one (server, slot) at the price in force at the slot; declined for lack of funds,
+    /// the server is suspended in the same append.
+    pub async fn charge_slot(
+        &self,
+        server_id: ServerId,
+        slot: HourSlot,
+        metadata: &Metadata,
+    ) -> Result<SlotOutcome> {
+        let at = self.now();
+        let charge_id = ChargeId::new();
+        let outcome = atomically!(self, metadata, |unit| {
+            let mut server = unit_load::<Server>(&unit, &server_id.stream_id()).await?;
+            let ordered = server
+                .state
+                .ordered
+                .clone()
+                .ok_or(FlowError::NotFound("server"))?;
+            if !server.state.is_billable() {
+                break SlotOutcome::NotBillable;
+            }
+            let mut account = unit_load::<Account>(&unit, &ordered.account_id.stream_id()).await?;
+            if account.state.is_charged(server_id, slot) {
+                break SlotOutcome::AlreadyCharged;
+            }
+            let opened = account
+                .state
+                .opened()
+                .cloned()
+                .ok_or(FlowError::NotFound("account"))?;
+            let catalog = unit_load::<Catalog>(&unit, CATALOG_STREAM).await?;
+            let price = catalog
+                .state
+                .monthly_price(&ordered.plan_id, opened.currency, slot.start())
+                .ok_or(FlowError::NotFound("price for the slot"))?;
+            let tax_rate = catalog.state.tax_rate(opened.country, slot.start());
+            let command = AccountCommand::ChargeSlot {
+                charge_id,
+                server_id,
+                plan_id: ordered.plan_id.clone(),
+                slot,
+                monthly_price: price.amount,
+                tax_rate,
+            };
+            let events = unit.handle(&mut account, command).await?;
+            match events.as_slice() {
+                [AccountEvent::HourCharged { capped, .. }] => SlotOutcome::Charged {
+                    charge_id,
+                    capped: *capped,
+                },
+                [AccountEvent::ChargeDeclined { .. }] => {
+                    unit.handle(
+                        &mut server,
+                        ServerCommand::Suspend {
+                            reason: SuspensionReason::NonPayment,
+                            at,
+                        },
+                    )
+                    .await?;
+                    SlotOutcome::DeclinedAndSuspended
+                }
+                other => unreachable!("a slot charge decides one event, got {other:?}"),
+            }
+        });
+        Ok(outcome)
+    }
+
+    /// Cancels a server: billing stops now and the unused part of the slot in progress is refunded.
+    pub async fn cancel(
+        &self,
+        server_id: ServerId,
+        mode: CancellationMode,
+        metadata: &Metadata,
+    ) -> Result<()> {
+        let at = self.now();
+        atomically!(self, metadata, |unit| {
+            let mut server = unit_load::<Server>(&unit, &server_id.stream_id()).await?;
+            let ordered = server
+                .state
+                .ordered
+                .clone()
+                .ok_or(FlowError::NotFound("server"))?;
+            unit.handle(&mut server, ServerCommand::RequestCancellation { mode, at })
+                .await?;
+            let mut account = unit_load::<Account>(&unit, &ordered.account_id.stream_id()).await?;
+            if let Some(charge_id) = account
+                .state
+                .charge_for(server_id, HourSlot::containing(at))
+            {
+                match unit
+                    .handle(
+                        &mut account,
+                        AccountCommand::RefundUnusedTime {
+                            charge_id,
+                            cancelled_at: at,
+                        },
+                    )
+                    .await
+                {
+                    Ok(_) | Err(AccountError::AlreadyRefunded(_)) => {}
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Revokes a grace cancellation: the server is powered on and the slot in progress charged.
+    pub async fn revoke_cancellation(
+        &self,
+        server_id: ServerId,
+        metadata: &Metadata,
+    ) -> Result<SlotOutcome> {
+        self.server_command(
+            server_id,
+            ServerCommand::RevokeCancellation { at: self.now() },
+            metadata,
+        )
+        .await?;
+        self.charge_slot(server_id, HourSlot::containing(self.now()), metadata)
+            .await
+    }
+
+    /// Resumes a server suspended for non-payment and charges the slot in progress.
+    pub async fn resume(&self, server_id: ServerId, metadata: &Metadata) -> Result<SlotOutcome> {
+        self.server_command(
+            server_id,
+            ServerCommand::Resume { at: self.now() },
+            metadata,
+        )
+        .await?;
+        self.charge_slot(server_id, HourSlot::containing(self.now()), metadata)
+            .await
+    }
+
+    pub async fn delete_due(&self, server_id: ServerId, metadata: &Metadata) -> Result<()> {
+        self.server_command(
+            server_id,
+            ServerCommand::Delete { at: self.now() },
+            metadata,
+        )
+        .await
+    }
+
+    pub async fn account_command(
+        &self,
+        account_id: AccountId,
+        command: AccountCommand,
+        metadata: &Metadata,
+    ) -> Result<Vec<AccountEvent>> {
+        Ok(self
+            .handler
+            .execute::<Account>(&account_id.stream_id(), command, metadata)
+            .await
+            .map_err(map_single)?
+            .value)
+    }
+
+    /// A service credit against a charge; if the charge was already invoiced, a credit note
+    /// referencing its invoice is issued in the same append.
+    pub async fn service_credit(
+        &self,
+        account_id: AccountId,
+        charge_id: ChargeId,
+        amount: Decimal,
+        reason: &str,
+        metadata: &Metadata,
+    ) -> Result<RefundId> {
+        let refund_id = RefundId::new();
+        let at = self.now();
+        atomically!(self, metadata, |unit| {
+            let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            let events = unit
+                .handle(
+                    &mut account,
+                    AccountCommand::CreditService {
+                        refund_id,
+                        charge_id,
+                        amount,
+                        reason: reason.to_string(),
+                    },
+                )
+                .await?;
+            let (slot, tax_rate) = charge_facts(&unit, account_id, charge_id).await?;
+            let currency = account
+                .state
+                .opened()
+                .ok_or(FlowError::NotFound("account"))?
+                .currency;
+            let year = slot.month().year;
+            let mut series = unit_load::<InvoiceSeries>(&unit, &series_stream(year)).await?;
+            if let (Some(invoice_id), false) =
+                (series.state.invoice_of(charge_id), events.is_empty())
+            {
+                let split = BilledRefund::service_credit(
+                    charge_id,
+                    domain::ServerId::default(),
+                    amount,
+                    tax_rate,
+                );
+                let credit_note = CreditNoteDraft {
+                    invoice_id,
+                    account_id,
+                    charge_id,
+                    reason: reason.to_string(),
+                    net: split.net,
+                    tax: split.tax,
+                    currency,
+                };
+                unit.handle(
+                    &mut series,
+                    InvoiceSeriesCommand::IssueCreditNote {
+                        year,
+                        credit_note_id: InvoiceId::new(),
+                        credit_note,
+                        at,
+                    },
+                )
+                .await?;
+            }
+        });
+        Ok(refund_id)
+    }
+
+    pub async fn adjust(
+        &self,
+        account_id: AccountId,
+        amount: Decimal,
+        reason: &str,
+        metadata: &Metadata,
+    ) -> Result<AdjustmentId> {
+        let adjustment_id = AdjustmentId::new();
+        self.account_command(
+            account_id,
+            AccountCommand::Adjust {
+                adjustment_id,
+                amount,
+                reason: reason.to_string(),
+            },
+            metadata,
+        )
+        .await?;
+        Ok(adjustment_id)
+    }
+
+    pub async fn request_card_refund(
+        &self,
+        account_id: AccountId,
+        topup_id: TopUpId,
+        amount: Decimal,
+        reason: &str,
+        metadata: &Metadata,
+    ) -> Result<RefundId> {
+        let refund_id = RefundId::new();
+        self.account_command(
+            account_id,
+            AccountCommand::RequestCardRefund {
+                refund_id,
+                topup_id,
+                amount,
+                reason: reason.to_string(),
+            },
+            metadata,
+        )
+        .await?;
+        Ok(refund_id)
+    }
+
+    /// A chargeback: the wallet is debited (below zero if need be) and every billable server of
+    /// the account is suspended.
+    pub async fn open_dispute(
+        &self,
+        account_id: AccountId,
+        dispute_id: DisputeId,
+        payment_id: &str,
+        amount: Decimal,
+        servers: &[ServerId],
+        metadata: &Metadata,
+    ) -> Result<()> {
+        let at = self.now();
+        atomically!(self, metadata, |unit| {
+            let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            unit.handle(
+                &mut account,
+                AccountCommand::OpenDispute {
+                    dispute_id,
+                    payment_id: payment_id.to_string(),
+                    amount,
+                },
+            )
+            .await?;
+            for server_id in servers {
+                let mut server = unit_load::<Server>(&unit, &server_id.stream_id()).await?;
+                if server.state.is_billable() {
+                    unit.handle(
+                        &mut server,
+                        ServerCommand::Suspend {
+                            reason: SuspensionReason::Dispute,
+                            at,
+                        },
+                    )
+                    .await?;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Issues the month's invoice for an account (none when the month had no charge).
+    pub async fn issue_invoice(
+        &self,
+        account_id: AccountId,
+        period: YearMonth,
+        metadata: &Metadata,
+    ) -> Result<Option<InvoiceId>> {
+        let at = self.now();
+        let invoice_id = InvoiceId::new();
+        let issued = atomically!(self, metadata, |unit| {
+            let account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            let currency = account
+                .state
+                .opened()
+                .ok_or(FlowError::NotFound("account"))?
+                .currency;
+            let mut series = unit_load::<InvoiceSeries>(&unit, &series_stream(period.year)).await?;
+            if series.state.is_invoiced(account_id, period) {
+                break None;
+            }
+            let (charges, refunds) = month_activity(&unit, account_id, period).await?;
+            let Some(draft) = build_invoice(account_id, currency, period, &charges, &refunds)
+            else {
+                break None;
+            };
+            unit.handle(
+                &mut series,
+                InvoiceSeriesCommand::IssueInvoice {
+                    year: period.year,
+                    invoice_id,
+                    invoice: draft,
+                    at,
+                },
+            )
+            .await?;
+            Some(invoice_id)
+        });
+        Ok(issued)
+    }
+}
+
+fn map_single<E: Into<FlowError>>(error: HandlerError<E>) -> FlowError {
+    match error {
+        HandlerError::Rejected(error) => error.into(),
+        HandlerError::Contended { attempts } => FlowError::Contended { attempts },
+        HandlerError::Storage(error) => FlowError::Storage(error),
+    }
+}
+
+async fn account_events(
+    unit: &crate::handler::Unit,
+    account_id: AccountId,
+) -> Result<Vec<(DateTime<Utc>, AccountEvent)>> {
+    let events = unit.read_stream(&account_id.stream_id()).await?;
+    events
+        .into_iter()
+        .map(|recorded| {
+            let payload = domain::account::upcast(
+                &recorded.event_type,
+                recorded.schema_version,
+                recorded.payload,
+            );
+            serde_json::from_value(payload)
+                .map(|event| (recorded.occurred_at, event))
+                .map_err(|error| {
+                    StorageError::Corrupt {
+                        stream_id: recorded.stream_id,
+                        position: recorded.position,
+                        reason: error.to_string(),
+                    }
+                    .into()
+                })
+        })
+        .collect()
+}
+
+/// The slot and tax rate of a charge.
+async fn charge_facts(
+    unit: &crate::handler::Unit,
+    account_id: AccountId,
+    charge_id: ChargeId,
+) -> Result<(HourSlot, TaxRate)> {
+    for (_, event) in account_events(unit, account_id).await? {
+        match event {
+            AccountEvent::HourCharged {
+                charge_id: id,
+                slot,
+                tax_rate,
+                ..
+            }
+            | AccountEvent::HoldCaptured {
+                charge_id: id,
+                slot,
+                tax_rate,
+                ..
+            } if id == charge_id => return Ok((slot, tax_rate)),
+            _ => {}
+        }
+    }
+    Err(FlowError::NotFound("charge"))
+}
+
+/// The charges with a slot in `period`, and the refunds of those charges.
+async fn month_activity(
+    unit: &crate::handler::Unit,
+    account_id: AccountId,
+    period: YearMonth,
+) -> Result<(Vec<BilledCharge>, Vec<BilledRefund>)> {
+    let events = account_events(unit, account_id).await?;
+    let mut charges: Vec<BilledCharge> = Vec::new();
+    for (_, event) in &events {
+        match event {
+            AccountEvent::HourCharged {
+                charge_id,
+                server_id,
+                plan_id,
+                slot,
+                net,
+                tax,
+                tax_rate,
+                ..
+            }
+            | AccountEvent::HoldCaptured {
+                charge_id,
+                server_id,
+                plan_id,
+                slot,
+                net,
+                tax,
+                tax_rate,
+                ..
+            } if slot.month() == period => {
+                charges.push(BilledCharge {
+                    charge_id: *charge_id,
+                    server_id: *server_id,
+                    plan_id: plan_id.clone(),
+                    net: *net,
+                    tax: *tax,
+                    tax_rate: *tax_rate,
+                });
+            }
+            _ => {}
+        }
+    }
+    let mut refunds = Vec::new();
+    for (_, event) in &events {
+        let (kind, charge_id, net, tax, gross) = match event {
+            AccountEvent::CancellationRefunded {
+                charge_id,
+                net,
+                tax,
+                ..
+            } => (RefundKind::Cancellation, charge_id, *net, *tax, None),
+            AccountEvent::ServiceCredited {
+                charge_id, amount, ..
+            } => (
+                RefundKind::ServiceCredit,
+                charge_id,
+                Decimal::ZERO,
+                Decimal::ZERO,
+                Some(*amount),
+            ),
+            _ => continue,
+        };
+        let Some(charge) = charges.iter().find(|charge| charge.charge_id == *charge_id) else {
+            continue;
+        };
+        refunds.push(match gross {
+            Some(amount) => {
+                BilledRefund::service_credit(*charge_id, charge.server_id, amount, charge.tax_rate)
+            }
+            None => BilledRefund {
+                kind,
+                charge_id: *charge_id,
+                server_id: charge.server_id,
+                net,
+                tax,
+                tax_rate: charge.tax_rate,
+            },
+        });
+    }
+    Ok((charges, refunds))
+}

@@ -1,0 +1,610 @@
+//! A month of realistic history, made through the real command path with a controlled clock:
+//! three accounts in three currencies and tax regimes, top-ups, orders (one failing), hourly
+//! charges up to the monthly cap, a declined charge and suspension, a resume after a top-up,
+//! cancellations of both modes with pro-rata refunds, a revoked cancellation, a service credit, a
+//! card refund, an adjustment, a dispute, March's invoices and a credit note in April.
+//! `fixtures/histories/march-2026.jsonl` is this history as exported.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use domain::catalog::Fixtures;
+use domain::server::{CancellationMode, PowerAction};
+use domain::{
+    AccountId, Country, Currency, DisputeId, Hostname, HourSlot, Location, ManualClock, OrderId,
+    PlanId, ServerId, TopUpId, YearMonth,
+};
+use rust_decimal::Decimal;
+
+use crate::flows::{FlowError, Flows, SlotOutcome};
+use crate::handler::Metadata;
+
+fn at(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text)
+        .expect("a valid instant")
+        .to_utc()
+}
+
+fn money(text: &str) -> Decimal {
+    text.parse().expect("a valid amount")
+}
+
+/// Ids are derived from names so the history is the same every time it is made.
+fn id(name: &str) -> uuid::Uuid {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes())
+}
+
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub accounts: Vec<(String, AccountId)>,
+    pub servers: Vec<(String, ServerId)>,
+}
+
+enum Step {
+    TopUp {
+        account: &'static str,
+        payment: &'static str,
+        amount: &'static str,
+    },
+    Order {
+        account: &'static str,
+        server: &'static str,
+        plan: &'static str,
+        location: &'static str,
+    },
+    Provision {
+        server: &'static str,
+    },
+    FailProvisioning {
+        server: &'static str,
+    },
+    Setup {
+        server: &'static str,
+        hostname: &'static str,
+    },
+    Power {
+        server: &'static str,
+        action: PowerAction,
+    },
+    Cancel {
+        server: &'static str,
+        mode: CancellationMode,
+    },
+    Revoke {
+        server: &'static str,
+    },
+    Delete {
+        server: &'static str,
+    },
+    Resume {
+        server: &'static str,
+    },
+    ServiceCredit {
+        account: &'static str,
+        server: &'static str,
+        amount: &'static str,
+        reason: &'static str,
+    },
+    CardRefund {
+        account: &'static str,
+        payment: &'static str,
+        amount: &'static str,
+    },
+    CompleteCardRefund {
+        account: &'static str,
+    },
+    Adjust {
+        account: &'static str,
+        amount: &'static str,
+        reason: &'static str,
+    },
+    Dispute {
+        account: &'static str,
+        payment: &'static str,
+        amount: &'static str,
+    },
+    CloseDispute {
+        account: &'static str,
+        won: bool,
+    },
+}
+
+fn script() -> Vec<(&'static str, Step)> {
+    use Step::*;
+    vec![
+        (
+            "2026-03-01T09:10:00Z",
+            TopUp {
+                account: "acme",
+                payment: "pi_acme_1",
+                amount: "100.00",
+            },
+        ),
+        (
+            "2026-03-01T09:20:00Z",
+            Order {
+                account: "acme",
+                server: "acme-web",
+                plan: "vps-2g",
+                location: "syd",
+            },
+        ),
+        ("2026-03-01T09:20:01Z", Provision { server: "acme-web" }),
+        (
+            "2026-03-01T09:31:00Z",
+            Setup {
+                server: "acme-web",
+                hostname: "web1.acme.example",
+            },
+        ),
+        (
+            "2026-03-02T12:00:00Z",
+            TopUp {
+                account: "bob",
+                payment: "pi_bob_1",
+                amount: "5.00",
+            },
+        ),
+        (
+            "2026-03-02T12:05:00Z",
+            Order {
+                account: "bob",
+                server: "bob-db",
+                plan: "vps-4g",
+                location: "nyc",
+            },
+        ),
+        ("2026-03-02T12:05:01Z", Provision { server: "bob-db" }),
+        (
+            "2026-03-02T12:20:00Z",
+            Setup {
+                server: "bob-db",
+                hostname: "db.bob.example",
+            },
+        ),
+        (
+            "2026-03-03T08:00:00Z",
+            TopUp {
+                account: "clara",
+                payment: "pi_clara_1",
+                amount: "50.00",
+            },
+        ),
+        (
+            "2026-03-03T08:02:00Z",
+            Order {
+                account: "clara",
+                server: "clara-fail",
+                plan: "vps-8g",
+                location: "fra",
+            },
+        ),
+        (
+            "2026-03-03T08:02:02Z",
+            FailProvisioning {
+                server: "clara-fail",
+            },
+        ),
+        (
+            "2026-03-03T08:10:00Z",
+            Order {
+                account: "clara",
+                server: "clara-app",
+                plan: "vps-1g",
+                location: "fra",
+            },
+        ),
+        (
+            "2026-03-03T08:10:01Z",
+            Provision {
+                server: "clara-app",
+            },
+        ),
+        (
+            "2026-03-03T08:40:00Z",
+            Setup {
+                server: "clara-app",
+                hostname: "app.clara.example",
+            },
+        ),
+        (
+            "2026-03-05T17:45:00Z",
+            Power {
+                server: "clara-app",
+                action: PowerAction::Shutdown,
+            },
+        ),
+        (
+            "2026-03-06T07:15:00Z",
+            Power {
+                server: "clara-app",
+                action: PowerAction::Boot,
+            },
+        ),
+        (
+            "2026-03-10T14:05:00Z",
+            Order {
+                account: "acme",
+                server: "acme-cache",
+                plan: "vps-1g",
+                location: "mel",
+            },
+        ),
+        (
+            "2026-03-10T14:05:01Z",
+            Provision {
+                server: "acme-cache",
+            },
+        ),
+        (
+            "2026-03-10T14:30:00Z",
+            Setup {
+                server: "acme-cache",
+                hostname: "cache.acme.example",
+            },
+        ),
+        (
+            "2026-03-11T10:00:00Z",
+            TopUp {
+                account: "bob",
+                payment: "pi_bob_2",
+                amount: "10.00",
+            },
+        ),
+        ("2026-03-11T10:00:30Z", Resume { server: "bob-db" }),
+        (
+            "2026-03-12T16:00:00Z",
+            ServiceCredit {
+                account: "acme",
+                server: "acme-web",
+                amount: "0.010000",
+                reason: "network outage in syd",
+            },
+        ),
+        (
+            "2026-03-14T09:00:00Z",
+            CardRefund {
+                account: "clara",
+                payment: "pi_clara_1",
+                amount: "10.00",
+            },
+        ),
+        (
+            "2026-03-14T09:30:00Z",
+            CompleteCardRefund { account: "clara" },
+        ),
+        (
+            "2026-03-15T08:30:45Z",
+            Cancel {
+                server: "bob-db",
+                mode: CancellationMode::Immediate,
+            },
+        ),
+        ("2026-03-15T08:35:45Z", Delete { server: "bob-db" }),
+        (
+            "2026-03-16T11:00:00Z",
+            Adjust {
+                account: "clara",
+                amount: "2.00",
+                reason: "goodwill after support ticket 4411",
+            },
+        ),
+        (
+            "2026-03-20T11:40:00Z",
+            Cancel {
+                server: "acme-cache",
+                mode: CancellationMode::Grace,
+            },
+        ),
+        (
+            "2026-03-25T09:12:00Z",
+            Revoke {
+                server: "acme-cache",
+            },
+        ),
+        (
+            "2026-03-27T13:00:00Z",
+            Dispute {
+                account: "clara",
+                payment: "pi_clara_1",
+                amount: "20.00",
+            },
+        ),
+        (
+            "2026-03-29T10:00:00Z",
+            CloseDispute {
+                account: "clara",
+                won: true,
+            },
+        ),
+        (
+            "2026-03-29T10:00:10Z",
+            Resume {
+                server: "clara-app",
+            },
+        ),
+    ]
+}
+
+const ACCOUNTS: [(&str, &str, &str, &str, &str); 3] = [
+    (
+        "acme",
+        "Acme Hosting Pty Ltd",
+        "billing@acme.example",
+        "AUD",
+        "AU",
+    ),
+    ("bob", "Bob Jones", "bob@bob.example", "USD", "US"),
+    (
+        "clara",
+        "Clara Schmidt GmbH",
+        "finance@clara.example",
+        "EUR",
+        "DE",
+    ),
+];
+
+/// Makes the month of history through `flows`, moving `clock`; returns who is who.
+pub async fn march_2026(
+    flows: &Flows,
+    clock: &ManualClock,
+    fixtures: Fixtures,
+) -> Result<Summary, FlowError> {
+    let admin = Metadata::actor("admin", "history");
+    let customer = Metadata::actor("customer", "history");
+    let system = Metadata::actor("system", "billing-scheduler");
+    let set = |instant: DateTime<Utc>| clock.set(instant).expect("the history only moves forward");
+
+    set(at("2026-02-28T00:00:00Z"));
+    flows.sync_catalog(fixtures, &admin).await?;
+    let mut accounts = BTreeMap::new();
+    for (key, name, email, currency, country) in ACCOUNTS {
+        let account_id = AccountId(id(key));
+        flows
+            .open_account(
+                account_id,
+                name,
+                email,
+                Currency::parse(currency).expect("known"),
+                Country::parse(country).expect("valid"),
+                &admin,
+            )
+            .await?;
+        accounts.insert(key, account_id);
+    }
+    let mut servers: BTreeMap<&str, ServerId> = BTreeMap::new();
+    let mut orders: BTreeMap<&str, OrderId> = BTreeMap::new();
+    let mut topups: BTreeMap<&str, TopUpId> = BTreeMap::new();
+    let mut last_refund = None;
+    let mut disputes: BTreeMap<&str, DisputeId> = BTreeMap::new();
+
+    let steps = script();
+    let mut step_index = 0;
+    let mut slot = HourSlot::containing(at("2026-03-01T00:00:00Z"));
+    let end = at("2026-04-01T00:00:00Z");
+    while slot.start() < end {
+        // The scheduler charges every server's slot at the slot's start.
+        set(slot.start());
+        for server_id in servers.values() {
+            match flows.charge_slot(*server_id, slot, &system).await? {
+                SlotOutcome::Charged { .. }
+                | SlotOutcome::DeclinedAndSuspended
+                | SlotOutcome::AlreadyCharged
+                | SlotOutcome::NotBillable => {}
+            }
+        }
+        // Then whatever people did during the hour.
+        while step_index < steps.len() && at(steps[step_index].0) < slot.end() {
+            let (instant, step) = &steps[step_index];
+            set(at(instant));
+            step_index += 1;
+            match step {
+                Step::TopUp {
+                    account,
+                    payment,
+                    amount,
+                } => {
+                    let topup_id = TopUpId(id(payment));
+                    topups.insert(payment, topup_id);
+                    flows
+                        .settle_topup(accounts[account], topup_id, payment, money(amount), &system)
+                        .await?;
+                }
+                Step::Order {
+                    account,
+                    server,
+                    plan,
+                    location,
+                } => {
+                    let (server_id, order_id) = (
+                        ServerId(id(server)),
+                        OrderId(id(&format!("order-{server}"))),
+                    );
+                    servers.insert(server, server_id);
+                    orders.insert(server, order_id);
+                    let plan = PlanId::parse(plan).expect("valid");
+                    let location = Location::parse(location).expect("valid");
+                    flows
+                        .place_order(
+                            accounts[account],
+                            plan,
+                            location,
+                            order_id,
+                            server_id,
+                            &customer,
+                        )
+                        .await?;
+                }
+                Step::Provision { server } => {
+                    flows
+                        .complete_provisioning(orders[server], &format!("sim-{server}"), &system)
+                        .await?;
+                }
+                Step::FailProvisioning { server } => {
+                    flows
+                        .fail_provisioning(orders[server], "no capacity in the location", &system)
+                        .await?
+                }
+                Step::Setup { server, hostname } => {
+                    flows
+                        .setup(
+                            servers[server],
+                            "debian-12",
+                            Hostname::parse(hostname).expect("valid"),
+                            &customer,
+                        )
+                        .await?
+                }
+                Step::Power { server, action } => {
+                    flows.power(servers[server], *action, &customer).await?
+                }
+                Step::Cancel { server, mode } => {
+                    flows.cancel(servers[server], *mode, &customer).await?
+                }
+                Step::Revoke { server } => {
+                    flows
+                        .revoke_cancellation(servers[server], &customer)
+                        .await?;
+                }
+                Step::Delete { server } => flows.delete_due(servers[server], &system).await?,
+                Step::Resume { server } => {
+                    flows.resume(servers[server], &system).await?;
+                }
+                Step::ServiceCredit {
+                    account,
+                    server,
+                    amount,
+                    reason,
+                } => {
+                    let account_id = accounts[account];
+                    let account_state = flows
+                        .handler
+                        .load::<domain::Account>(&account_id.stream_id())
+                        .await?;
+                    let charge_id = account_state
+                        .state
+                        .charge_for(servers[server], HourSlot::containing(at(instant)))
+                        .ok_or(FlowError::NotFound("charge"))?;
+                    flows
+                        .service_credit(account_id, charge_id, money(amount), reason, &admin)
+                        .await?;
+                }
+                Step::CardRefund {
+                    account,
+                    payment,
+                    amount,
+                } => {
+                    last_refund = Some(
+                        flows
+                            .request_card_refund(
+                                accounts[account],
+                                topups[payment],
+                                money(amount),
+                                "customer asked for part of the top-up back",
+                                &admin,
+                            )
+                            .await?,
+                    );
+                }
+                Step::CompleteCardRefund { account } => {
+                    let refund_id = last_refund.take().ok_or(FlowError::NotFound("refund"))?;
+                    flows
+                        .account_command(
+                            accounts[account],
+                            domain::AccountCommand::CompleteCardRefund { refund_id },
+                            &system,
+                        )
+                        .await?;
+                }
+                Step::Adjust {
+                    account,
+                    amount,
+                    reason,
+                } => {
+                    flows
+                        .adjust(accounts[account], money(amount), reason, &admin)
+                        .await?;
+                }
+                Step::Dispute {
+                    account,
+                    payment,
+                    amount,
+                } => {
+                    let dispute_id = DisputeId(id(&format!("dispute-{payment}")));
+                    disputes.insert(account, dispute_id);
+                    let own: Vec<ServerId> = servers
+                        .iter()
+                        .filter(|(name, _)| name.starts_with(account))
+                        .map(|(_, id)| *id)
+                        .collect();
+                    flows
+                        .open_dispute(
+                            accounts[account],
+                            dispute_id,
+                            payment,
+                            money(amount),
+                            &own,
+                            &system,
+                        )
+                        .await?;
+                }
+                Step::CloseDispute { account, won } => {
+                    flows
+                        .account_command(
+                            accounts[account],
+                            domain::AccountCommand::CloseDispute {
+                                dispute_id: disputes[account],
+                                won: *won,
+                            },
+                            &system,
+                        )
+                        .await?;
+                }
+            }
+        }
+        slot = slot.next();
+    }
+
+    // March is over: its invoices, then an April credit on a March charge (a credit note).
+    set(at("2026-04-01T00:05:00Z"));
+    let march = YearMonth {
+        year: 2026,
+        month: 3,
+    };
+    for account_id in accounts.values() {
+        flows.issue_invoice(*account_id, march, &system).await?;
+    }
+    set(at("2026-04-02T10:00:00Z"));
+    let acme = accounts["acme"];
+    let account_state = flows
+        .handler
+        .load::<domain::Account>(&acme.stream_id())
+        .await?;
+    let charge_id = account_state
+        .state
+        .charge_for(
+            servers["acme-web"],
+            HourSlot::containing(at("2026-03-20T10:00:00Z")),
+        )
+        .ok_or(FlowError::NotFound("charge"))?;
+    flows
+        .service_credit(
+            acme,
+            charge_id,
+            money("0.005000"),
+            "billing error on 20 March",
+            &admin,
+        )
+        .await?;
+
+    Ok(Summary {
+        accounts: accounts
+            .into_iter()
+            .map(|(name, id)| (name.to_string(), id))
+            .collect(),
+        servers: servers
+            .into_iter()
+            .map(|(name, id)| (name.to_string(), id))
+            .collect(),
+    })
+}

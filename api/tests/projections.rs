@@ -1,0 +1,283 @@
+//! The read models over realistic history: snapshots, the books, time travel, verify, rebuild.
+
+use std::sync::Arc;
+
+use api::flows::Flows;
+use api::handler::CommandHandler;
+use chrono::{DateTime, Utc};
+use domain::catalog::Fixtures;
+use domain::{AccountId, ManualClock};
+use ledger::testing::TestDatabase;
+use ledger::{EventLog, LogConfig};
+use projections::queries::{balance_as_of, table_digest, trial_balance};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use serde_json::Value;
+
+const HISTORY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../fixtures/histories/march-2026.jsonl"
+);
+
+fn at(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+}
+
+fn fixtures() -> Fixtures {
+    Fixtures::parse(
+        include_str!("../../fixtures/plans.toml"),
+        include_str!("../../fixtures/tax.toml"),
+    )
+    .unwrap()
+}
+
+fn account(name: &str) -> AccountId {
+    AccountId(uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        name.as_bytes(),
+    ))
+}
+
+/// Makes the March history through the command path and writes it to the fixture file.
+/// Run with `cargo nextest run -p api --run-ignored only regenerate` after changing the domain.
+#[tokio::test]
+#[ignore = "regenerates fixtures/histories/march-2026.jsonl"]
+async fn regenerate_march_history() {
+    let db = TestDatabase::new().await;
+    let log = EventLog::open(db.pool.clone(), LogConfig::default())
+        .await
+        .unwrap();
+    let clock = Arc::new(ManualClock::new(at("2026-02-01T00:00:00Z")));
+    let flows = Flows::new(CommandHandler::new(log, clock.clone()));
+    api::history::march_2026(&flows, &clock, fixtures())
+        .await
+        .unwrap();
+    let file = std::fs::File::create(HISTORY).unwrap();
+    let written = api::audit::export(&db.pool, None, None, api::audit::Format::Jsonl, file)
+        .await
+        .unwrap();
+    assert!(written > 1_000, "a month of history, got {written} events");
+}
+
+async fn load_history() -> TestDatabase {
+    let db = TestDatabase::new().await;
+    let log = EventLog::open(db.pool.clone(), LogConfig::default())
+        .await
+        .unwrap();
+    let file = std::io::BufReader::new(std::fs::File::open(HISTORY).expect("the history fixture"));
+    api::audit::import(&log, file).await.unwrap();
+    projections::runner::catch_up_all(&db.pool).await.unwrap();
+    db
+}
+
+/// A table's rows as JSON, amounts as strings so their scale shows.
+async fn rows(db: &TestDatabase, table: &str, order: &str, columns: &str) -> Value {
+    let sql = format!(
+        "SELECT COALESCE(jsonb_agg(r ORDER BY {order}), '[]'::jsonb)::text FROM ( \
+           SELECT (SELECT jsonb_object_agg(key, CASE WHEN jsonb_typeof(value) = 'number' THEN to_jsonb(value::text) ELSE value END) \
+                   FROM jsonb_each(to_jsonb(t))) AS r, {order} FROM (SELECT {columns} FROM {table}) t) s"
+    );
+    let text: String = sqlx::query_scalar(&sql).fetch_one(&db.pool).await.unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[tokio::test]
+async fn read_models_of_the_march_history() {
+    let db = load_history().await;
+    insta::assert_json_snapshot!(
+        "balances",
+        rows(&db, "rm.balances", "account_id", "*").await
+    );
+    insta::assert_json_snapshot!("servers", rows(&db, "rm.servers", "server_id", "server_id, account_id, plan_id, location, status, hostname, os_image, cancellation_mode, cancellation_effective_at, month, month_to_date_net, last_charged_slot, next_charge_at, created_at").await);
+    insta::assert_json_snapshot!("invoices", rows(&db, "rm.invoices", "number", "number, account_id, period_start, period_end, currency, lines, taxes, net, tax, total, display").await);
+    insta::assert_json_snapshot!(
+        "credit_notes",
+        rows(
+            &db,
+            "rm.credit_notes",
+            "number",
+            "number, account_id, reason, net, tax, total, display, issued_at"
+        )
+        .await
+    );
+    insta::assert_json_snapshot!(
+        "metrics_revenue",
+        rows(&db, "rm.metrics_revenue", "day, currency", "*").await
+    );
+    insta::assert_json_snapshot!(
+        "statement_movements",
+        rows(
+            &db,
+            "rm.statement",
+            "position",
+            "position, account_id, kind, amount, balance_after, occurred_at, reference"
+        )
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| row["kind"] != "charge")
+        .cloned()
+        .collect::<Vec<_>>()
+    );
+    insta::assert_json_snapshot!(
+        "statement_charges",
+        rows(&db, "(SELECT account_id, count(*) AS charges, sum(amount) AS total FROM rm.statement WHERE kind = 'charge' GROUP BY account_id) c", "account_id", "*").await
+    );
+    insta::assert_json_snapshot!(
+        "trial_balance",
+        trial_balance(&db.pool, None).await.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn the_books_balance_and_wallets_equal_balances() {
+    let db = load_history().await;
+    for as_of in [
+        None,
+        Some(at("2026-03-02T12:30:00Z")),
+        Some(at("2026-03-15T08:31:00Z")),
+        Some(at("2026-03-31T23:59:59Z")),
+    ] {
+        let books = trial_balance(&db.pool, as_of).await.unwrap();
+        assert!(!books.accounts.is_empty());
+        assert_eq!(
+            books.total_debit, books.total_credit,
+            "trial balance as of {as_of:?}"
+        );
+    }
+    let books = trial_balance(&db.pool, None).await.unwrap();
+    let balances: Vec<(uuid::Uuid, Decimal)> =
+        sqlx::query_as("SELECT account_id, balance FROM rm.balances ORDER BY account_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let mut wallets_total = Decimal::ZERO;
+    for (account_id, balance) in &balances {
+        let wallet = books
+            .accounts
+            .iter()
+            .find(|line| line.account == format!("liabilities:wallets:{account_id}"))
+            .expect("a wallet account");
+        assert_eq!(
+            wallet.credit - wallet.debit,
+            *balance,
+            "wallet of {account_id}"
+        );
+        wallets_total += wallet.credit - wallet.debit;
+    }
+    assert_eq!(
+        wallets_total,
+        balances
+            .iter()
+            .map(|(_, balance)| *balance)
+            .sum::<Decimal>()
+    );
+}
+
+#[tokio::test]
+async fn balances_as_of_past_instants_match_the_hand_computed_figures() {
+    let db = load_history().await;
+    let bob = account("bob");
+    // vps-4g in USD is 20.00 a month: 20.00 / 730 = 0.027397 an hour, no US tax.
+    let cases = [
+        ("2026-03-01T00:00:00Z", None),
+        ("2026-03-02T12:04:00Z", Some(dec!(5.00))),
+        ("2026-03-02T12:30:00Z", Some(dec!(5.00) - dec!(0.027397))),
+        (
+            "2026-03-02T15:00:00Z",
+            Some(dec!(5.00) - dec!(4) * dec!(0.027397)),
+        ),
+    ];
+    for (instant, expected) in cases {
+        let figures = balance_as_of(&db.pool, bob, at(instant)).await.unwrap();
+        assert_eq!(figures.map(|f| f.balance), expected, "as of {instant}");
+    }
+    // While the first hour was held, before provisioning captured it.
+    let held = balance_as_of(&db.pool, bob, at("2026-03-02T12:05:00Z"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (held.balance, held.reserved, held.available),
+        (dec!(5.00), dec!(0.027397), dec!(4.972603))
+    );
+}
+
+#[tokio::test]
+async fn verify_passes_then_names_a_row_changed_behind_its_back() {
+    let db = load_history().await;
+    for projection in projections::projection::all() {
+        let check = projections::verify::verify(&db.pool, projection.as_ref())
+            .await
+            .unwrap();
+        assert!(
+            check.differences.is_empty(),
+            "{}: {:?}",
+            check.name,
+            check.differences
+        );
+    }
+    let acme = account("acme");
+    sqlx::query("UPDATE rm.balances SET balance = balance + 1 WHERE account_id = $1")
+        .bind(acme.0)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let check = projections::verify::verify(
+        &db.pool,
+        projections::projection::by_name("balances")
+            .unwrap()
+            .as_ref(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(check.differences.len(), 1, "{:?}", check.differences);
+    let difference = &check.differences[0];
+    assert_eq!(
+        (difference.table.as_str(), difference.key.clone()),
+        ("balances", acme.to_string())
+    );
+    assert!(
+        difference.live.as_deref().unwrap().contains("79.733037")
+            && difference
+                .replayed
+                .as_deref()
+                .unwrap()
+                .contains("78.733037"),
+        "{difference:?}"
+    );
+}
+
+async fn digests(db: &TestDatabase) -> Vec<(String, String)> {
+    let mut digests = Vec::new();
+    for projection in projections::projection::all() {
+        for table in projection.tables() {
+            digests.push((
+                table.to_string(),
+                table_digest(&db.pool, "rm", table).await.unwrap(),
+            ));
+        }
+    }
+    digests
+}
+
+#[tokio::test]
+async fn a_rebuild_from_position_zero_is_byte_identical() {
+    let db = load_history().await;
+    let before = digests(&db).await;
+    for projection in projections::projection::all() {
+        let report = projections::rebuild::rebuild(&db.pool, projection.as_ref(), |_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(report.events, 2123);
+    }
+    assert_eq!(digests(&db).await, before);
+    let status = projections::queries::status(&db.pool).await.unwrap();
+    assert!(
+        status
+            .iter()
+            .all(|s| s.generation == 2 && !s.rebuilding && s.lag == 0),
+        "{status:?}"
+    );
+}
