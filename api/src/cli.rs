@@ -41,7 +41,11 @@ pub async fn migrate() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn verify(anchor: Option<Anchor>, json: bool) -> anyhow::Result<ExitCode> {
+pub async fn verify(
+    anchor: Option<Anchor>,
+    chain_only: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let pool = connect().await?;
     let bar = progress_bar("verifying the chain");
     let report = verify_chain(&pool, anchor, |done, total| {
@@ -56,30 +60,133 @@ pub async fn verify(anchor: Option<Anchor>, json: bool) -> anyhow::Result<ExitCo
         _ => anyhow::Error::new(error).context("reading the event log"),
     })?;
     bar.finish_and_clear();
-    if json {
-        println!("{}", serde_json_line(&report));
-    } else if report.ok {
-        println!(
-            "ok: {} events checked; head position {} hash {}",
-            report.events_checked, report.head_position, report.head_hash
-        );
-    } else {
-        println!(
-            "FAILED at position {}: {} ({} events checked before it)",
-            report.first_bad_position.unwrap_or_default(),
-            report.problem.as_deref().unwrap_or("chain broken"),
-            report.events_checked
-        );
+    let mut checks = Vec::new();
+    if report.ok && !chain_only {
+        for projection in projections::projection::all() {
+            checks.push(
+                projections::verify::verify(&pool, projection.as_ref())
+                    .await
+                    .with_context(|| format!("replaying {}", projection.name()))?,
+            );
+        }
     }
-    Ok(if report.ok {
+    let read_models_ok = checks.iter().all(|check| check.differences.is_empty());
+    let ok = report.ok && read_models_ok;
+    if json {
+        let mut value = serde_json::to_value(&report).expect("a report serialises");
+        value["ok"] = serde_json::Value::Bool(ok);
+        if !chain_only {
+            value["read_models"] = serde_json::to_value(&checks).expect("checks serialise");
+        }
+        println!("{value}");
+    } else {
+        if report.ok {
+            println!(
+                "ok: {} events checked; head position {} hash {}",
+                report.events_checked, report.head_position, report.head_hash
+            );
+        } else {
+            println!(
+                "FAILED at position {}: {} ({} events checked before it)",
+                report.first_bad_position.unwrap_or_default(),
+                report.problem.as_deref().unwrap_or("chain broken"),
+                report.events_checked
+            );
+        }
+        for check in &checks {
+            if check.differences.is_empty() {
+                println!(
+                    "ok: read model {} matches a replay up to position {}",
+                    check.name, check.position
+                );
+            } else {
+                println!(
+                    "FAILED: read model {} differs from a replay up to position {}:",
+                    check.name, check.position
+                );
+                for difference in &check.differences {
+                    println!(
+                        "  {} row {}: stored {} / replayed {}",
+                        difference.table,
+                        difference.key,
+                        difference.live.as_deref().unwrap_or("(missing)"),
+                        difference.replayed.as_deref().unwrap_or("(missing)")
+                    );
+                }
+            }
+        }
+    }
+    Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
 }
 
-fn serde_json_line(report: &ledger::verify::VerifyReport) -> String {
-    serde_json::to_string(report).expect("a report serialises")
+pub async fn rebuild(name: Option<String>) -> anyhow::Result<ExitCode> {
+    let pool = connect().await?;
+    let selected = match name {
+        Some(name) => vec![projections::projection::by_name(&name).ok_or_else(|| {
+            let known: Vec<&str> = projections::projection::all()
+                .iter()
+                .map(|p| p.name())
+                .collect();
+            anyhow::anyhow!("no read model named {name:?}; known: {}", known.join(", "))
+        })?],
+        None => projections::projection::all(),
+    };
+    for projection in selected {
+        let bar = progress_bar("rebuilding");
+        bar.set_message(format!("rebuilding {}", projection.name()));
+        let report = projections::rebuild::rebuild(&pool, projection.as_ref(), |done, head| {
+            bar.set_length(head.max(0) as u64);
+            bar.set_position(done.max(0) as u64);
+        })
+        .await?;
+        bar.finish_and_clear();
+        println!(
+            "rebuilt {}: {} events to position {} in {} ms",
+            report.name, report.events, report.position, report.elapsed_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn export(
+    from: Option<crate::audit::Bound>,
+    to: Option<crate::audit::Bound>,
+    format: crate::audit::Format,
+    output: Option<std::path::PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let pool = connect().await?;
+    let written = match output {
+        Some(path) => {
+            let file = std::fs::File::create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            crate::audit::export(&pool, from, to, format, file).await?
+        }
+        None => crate::audit::export(&pool, from, to, format, std::io::stdout().lock()).await?,
+    };
+    eprintln!("exported {written} events");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn import(file: std::path::PathBuf) -> anyhow::Result<ExitCode> {
+    let pool = connect().await?;
+    ledger::MIGRATOR
+        .run(&pool)
+        .await
+        .context("running the migrations")?;
+    let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
+    let input =
+        std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+    let imported = crate::audit::import(&log, std::io::BufReader::new(input)).await?;
+    projections::runner::catch_up_all(&pool).await?;
+    println!(
+        "imported {imported} events from {}; read models are up to date",
+        file.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A progress bar on a terminal; hidden when stderr is not one.

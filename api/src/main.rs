@@ -21,15 +21,45 @@ struct Args {
 enum Command {
     /// Create or update the database schema (finds or starts PostgreSQL when DATABASE_URL is unset).
     Migrate,
-    /// Recompute the hash chain over the whole log; exit 1 naming the first bad position.
+    /// Recompute the hash chain over the whole log, then replay it through the projections and
+    /// compare every read model row by row; exit 1 naming the first bad position or differing rows.
     Verify {
         /// Also check that the event at POSITION has HASH (a head recorded outside the database).
         #[arg(long, value_name = "POSITION:HASH")]
         anchor: Option<ledger::verify::Anchor>,
+        /// Check the chain only, not the read models.
+        #[arg(long)]
+        chain_only: bool,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
     },
+    /// Rebuild read models from position 0 beside the live ones and swap them in when caught up.
+    Rebuild {
+        /// The read model: balances, statement, servers, invoices, journal, metrics.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Rebuild every read model.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Write the events with positions and hashes, for auditors.
+    Export {
+        /// First position, or first instant of recording (RFC 3339), included.
+        #[arg(long)]
+        from: Option<api::audit::Bound>,
+        /// Last position, or last instant of recording (RFC 3339), included.
+        #[arg(long)]
+        to: Option<api::audit::Bound>,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: api::audit::Format,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Append the events of a JSONL export (such as fixtures/histories/march-2026.jsonl), keeping
+    /// their ids and domain times, then bring the read models up to date.
+    Import { file: std::path::PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -42,7 +72,19 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match args.command {
             Command::Migrate => cli::migrate().await,
-            Command::Verify { anchor, json } => cli::verify(anchor, json).await,
+            Command::Verify {
+                anchor,
+                chain_only,
+                json,
+            } => cli::verify(anchor, chain_only, json).await,
+            Command::Rebuild { name, all: _ } => cli::rebuild(name).await,
+            Command::Export {
+                from,
+                to,
+                format,
+                output,
+            } => cli::export(from, to, format, output).await,
+            Command::Import { file } => cli::import(file).await,
         }
     });
     match result {
