@@ -13,12 +13,12 @@ use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
-const SCENARIOS: &[&str] = &["append", "append_concurrent"];
+const SCENARIOS: &[&str] = &["append", "append_concurrent", "rebuild"];
 
 #[derive(Parser)]
 #[command(about = "Benchmarks of the billing ledger")]
 struct Args {
-    /// A scenario name (append, append_concurrent) or `all`.
+    /// A scenario name (append, append_concurrent, rebuild) or `all`.
     scenario: String,
     /// Small sizes, to keep the benchmarks compiling and correct in CI.
     #[arg(long)]
@@ -100,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
             runs.push(match scenario {
                 "append" => append(&pool, args.quick).await?,
                 "append_concurrent" => append_concurrent(&pool, args.quick).await?,
+                "rebuild" => rebuild(&pool, args.quick).await?,
                 _ => unreachable!("checked above"),
             });
             pool.close().await;
@@ -264,6 +265,120 @@ async fn append_concurrent(pool: &PgPool, quick: bool) -> anyhow::Result<Measure
         p50_ms: Some(percentile(0.50)),
         p99_ms: Some(percentile(0.99)),
         events: events_total,
+        repetitions: 1,
+    })
+}
+
+/// A synthetic history shaped like production: accounts with a top-up and servers ordered and
+/// provisioned, then every server charged hour after hour. Events are the domain's own types.
+async fn synthetic_history(pool: &PgPool, events_target: usize) -> anyhow::Result<usize> {
+    use domain::account::{AccountEvent, Figures};
+    use domain::server::ServerEvent;
+    use domain::{AccountId, ChargeId, Country, Currency, HourSlot, Location, OrderId, PlanId, ServerId, TaxRate, TopUpId};
+    use rust_decimal::Decimal;
+
+    let log = EventLog::open(pool.clone(), LogConfig::default()).await?;
+    let accounts = (events_target / 1_000).clamp(10, 2_000);
+    let servers_per_account = 2;
+    let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")?.to_utc();
+    let tax_rate = TaxRate::new(Decimal::new(1, 1))?;
+    let plan = PlanId::parse("vps-1g")?;
+    let rate = domain::billing::rate_per_hour(Decimal::new(800, 2));
+    let tax = domain::billing::tax_on(rate, tax_rate);
+    let top_up = Decimal::new(1_000_000, 0);
+    let account_ids: Vec<AccountId> = (0..accounts).map(|_| AccountId::new()).collect();
+    let server_ids: Vec<Vec<ServerId>> = (0..accounts).map(|_| (0..servers_per_account).map(|_| ServerId::new()).collect()).collect();
+    let mut balances: Vec<Decimal> = vec![top_up; accounts];
+    let to_event = |event_type: String, payload: serde_json::Value, at: chrono::DateTime<chrono::Utc>| NewEvent::new(event_type, payload).occurred_at(at);
+    let mut batch: Vec<StreamAppend> = Vec::new();
+    let mut written = 0usize;
+    async fn flush(log: &EventLog, batch: &mut Vec<StreamAppend>) -> anyhow::Result<()> {
+        if !batch.is_empty() {
+            log.append(AppendRequest { streams: std::mem::take(batch) }).await?;
+        }
+        Ok(())
+    }
+    for (index, account_id) in account_ids.iter().enumerate() {
+        let opened = AccountEvent::AccountOpened { account_id: *account_id, name: format!("Bench {index}"), email: "bench@example.com".into(), currency: Currency::AUD, country: Country::parse("AU")?, opened_at: start };
+        let settled = AccountEvent::TopUpSettled { topup_id: TopUpId::new(), payment_id: format!("pi_{index}"), amount: top_up, figures: Figures { balance: top_up, reserved: Decimal::ZERO, available: top_up } };
+        let events = [opened, settled].into_iter().map(|event| to_event(cqrs_es_event_type(&event), serde_json::to_value(&event).unwrap(), start).with_schema_version(if matches!(event, AccountEvent::AccountOpened { .. }) { 2 } else { 1 })).collect();
+        batch.push(StreamAppend::new(account_id.stream_id(), ExpectedVersion::Any, events));
+        for server_id in &server_ids[index] {
+            let ordered = ServerEvent::ServerOrdered { server_id: *server_id, account_id: *account_id, order_id: OrderId::new(), plan_id: plan.clone(), location: Location::parse("syd")?, at: start };
+            let provisioned = ServerEvent::ServerProvisioned { provider_server_id: format!("sim-{server_id}"), at: start };
+            let events = [ordered, provisioned].into_iter().map(|event| to_event(server_event_type(&event), serde_json::to_value(&event).unwrap(), start)).collect();
+            batch.push(StreamAppend::new(server_id.stream_id(), ExpectedVersion::Any, events));
+        }
+        written += 2 + 2 * servers_per_account;
+        if batch.len() >= 500 {
+            flush(&log, &mut batch).await?;
+        }
+    }
+    flush(&log, &mut batch).await?;
+    let mut slot = HourSlot::containing(start);
+    while written < events_target {
+        for (index, account_id) in account_ids.iter().enumerate() {
+            let mut events = Vec::new();
+            for server_id in &server_ids[index] {
+                balances[index] -= rate + tax;
+                let charged = AccountEvent::HourCharged {
+                    charge_id: ChargeId::new(),
+                    server_id: *server_id,
+                    plan_id: plan.clone(),
+                    slot,
+                    rate_per_hour: rate,
+                    net: rate,
+                    tax,
+                    gross: rate + tax,
+                    tax_rate,
+                    capped: false,
+                    figures: Figures { balance: balances[index], reserved: Decimal::ZERO, available: balances[index] },
+                };
+                events.push(to_event("HourCharged".into(), serde_json::to_value(&charged)?, slot.start()));
+            }
+            written += events.len();
+            batch.push(StreamAppend::new(account_id.stream_id(), ExpectedVersion::Any, events));
+        }
+        // One append per slot: each account appears once in it.
+        flush(&log, &mut batch).await?;
+        slot = slot.next();
+    }
+    flush(&log, &mut batch).await?;
+    Ok(written)
+}
+
+fn cqrs_es_event_type(event: &domain::account::AccountEvent) -> String {
+    use cqrs_es::DomainEvent;
+    event.event_type()
+}
+
+fn server_event_type(event: &domain::server::ServerEvent) -> String {
+    use cqrs_es::DomainEvent;
+    event.event_type()
+}
+
+/// All read models rebuilt from position 0 over a synthetic history.
+async fn rebuild(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
+    let events_target = if quick { 20_000 } else { 1_000_000 };
+    let events = synthetic_history(pool, events_target).await?;
+    let started = Instant::now();
+    for projection in projections::projection::all() {
+        let report = projections::rebuild::rebuild(pool, projection.as_ref(), |_, _| {}).await?;
+        anyhow::ensure!(report.events as usize == events, "{} applied {} of {events} events", report.name, report.events);
+    }
+    let elapsed = started.elapsed();
+    let books = projections::queries::trial_balance(pool, None).await?;
+    anyhow::ensure!(books.total_debit == books.total_credit, "the rebuilt books do not balance");
+    Ok(Measurement {
+        scenario: "rebuild",
+        value: events as f64 / elapsed.as_secs_f64(),
+        unit: "events/s",
+        baseline: None,
+        baseline_value: None,
+        ratio: None,
+        p50_ms: None,
+        p99_ms: None,
+        events,
         repetitions: 1,
     })
 }
