@@ -202,3 +202,124 @@ pub fn progress_bar(message: &'static str) -> ProgressBar {
     bar.set_message(message);
     bar
 }
+
+/// The catalogue shipped with the binary, loaded into the `catalog` stream at start.
+pub fn embedded_catalog() -> domain::catalog::Fixtures {
+    domain::catalog::Fixtures::parse(
+        include_str!("../../fixtures/plans.toml"),
+        include_str!("../../fixtures/tax.toml"),
+    )
+    .expect("the embedded fixtures parse")
+}
+
+pub async fn serve(dev: bool, bind: String) -> anyhow::Result<ExitCode> {
+    use std::sync::Arc;
+    let pool = connect().await?;
+    ledger::MIGRATOR
+        .run(&pool)
+        .await
+        .context("running the migrations")?;
+    let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
+    let dev_clock = dev.then(|| Arc::new(domain::ManualClock::new(chrono::Utc::now())));
+    let clock: Arc<dyn domain::Clock> = match &dev_clock {
+        Some(clock) => clock.clone(),
+        None => Arc::new(crate::handler::SystemClock),
+    };
+    let flows = crate::flows::Flows::new(crate::handler::CommandHandler::new(
+        log.clone(),
+        clock.clone(),
+    ));
+    flows
+        .sync_catalog(
+            embedded_catalog(),
+            &crate::handler::Metadata::actor("system", "startup"),
+        )
+        .await?;
+    if let Ok(token) = std::env::var("BILLING_BOOTSTRAP_ADMIN_TOKEN") {
+        anyhow::ensure!(
+            token.len() >= 16,
+            "BILLING_BOOTSTRAP_ADMIN_TOKEN must be at least 16 characters"
+        );
+        crate::http::auth::store_key(
+            &pool,
+            &token,
+            crate::http::auth::Role::Admin,
+            None,
+            "bootstrap",
+        )
+        .await?;
+    }
+    projections::runner::catch_up_all(&pool).await?;
+    // The projectors follow the log for as long as the server runs: woken by appends (this
+    // process's or, through NOTIFY, another's), polling twice a second besides.
+    let projector_pool = pool.clone();
+    let mut head = log.head_watch();
+    tokio::spawn(async move {
+        loop {
+            if let Err(error) = projections::runner::catch_up_all(&projector_pool).await {
+                tracing::error!(%error, "projector failed; retrying");
+            }
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(500), head.changed()).await;
+        }
+    });
+    let state = crate::http::AppState {
+        pool,
+        flows,
+        clock,
+        dev_clock,
+    };
+    let listener = tokio::net::TcpListener::bind(&bind)
+        .await
+        .with_context(|| format!("binding {bind}"))?;
+    let address = listener.local_addr()?;
+    println!(
+        "listening on http://{address}{}",
+        if dev {
+            " (dev mode: simulated clock at /v1/dev/clock)"
+        } else {
+            ""
+        }
+    );
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    axum::serve(listener, crate::http::router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn create_key(role: &str, account: Option<String>) -> anyhow::Result<ExitCode> {
+    use crate::http::auth::Role;
+    let role = Role::parse(role)
+        .ok_or_else(|| anyhow::anyhow!("--role is one of customer, finance, admin"))?;
+    let account_id = match (role, account) {
+        (Role::Customer, Some(text)) => Some(
+            domain::AccountId::parse(&text)
+                .map_err(|_| anyhow::anyhow!("--account {text:?} is not an account id"))?,
+        ),
+        (Role::Customer, None) => anyhow::bail!("a customer key needs --account ID"),
+        (_, Some(_)) => anyhow::bail!("only customer keys belong to an account"),
+        (_, None) => None,
+    };
+    let pool = connect().await?;
+    ledger::MIGRATOR
+        .run(&pool)
+        .await
+        .context("running the migrations")?;
+    if let Some(account_id) = account_id {
+        let exists: Option<(i32,)> =
+            sqlx::query_as("SELECT 1 FROM rm.balances WHERE account_id = $1")
+                .bind(account_id.0)
+                .fetch_optional(&pool)
+                .await?;
+        anyhow::ensure!(exists.is_some(), "no account {account_id}");
+    }
+    let token =
+        crate::http::auth::create_key(&pool, role, account_id, "created with billing keys create")
+            .await?;
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}

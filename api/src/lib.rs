@@ -7,3 +7,4 @@ pub mod cli;
 pub mod flows;
 pub mod handler;
 pub mod history;
+pub mod http;

@@ -57,9 +57,35 @@ enum Command {
         #[arg(long)]
         output: Option<std::path::PathBuf>,
     },
+    /// Serve the HTTP API (and keep the read models following the log).
+    Serve {
+        /// Dev mode: a controllable clock at /v1/dev/clock.
+        #[arg(long)]
+        dev: bool,
+        /// Address to listen on.
+        #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
+        bind: String,
+    },
+    /// API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Append the events of a JSONL export (such as fixtures/histories/march-2026.jsonl), keeping
     /// their ids and domain times, then bring the read models up to date.
     Import { file: std::path::PathBuf },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print its token (shown once).
+    Create {
+        #[arg(long)]
+        role: String,
+        /// The account of a customer key.
+        #[arg(long)]
+        account: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,6 +111,10 @@ fn main() -> ExitCode {
                 output,
             } => cli::export(from, to, format, output).await,
             Command::Import { file } => cli::import(file).await,
+            Command::Serve { dev, bind } => cli::serve(dev, bind).await,
+            Command::Keys {
+                command: KeysCommand::Create { role, account },
+            } => cli::create_key(&role, account).await,
         }
     });
     match result {

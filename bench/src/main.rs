@@ -274,7 +274,10 @@ async fn append_concurrent(pool: &PgPool, quick: bool) -> anyhow::Result<Measure
 async fn synthetic_history(pool: &PgPool, events_target: usize) -> anyhow::Result<usize> {
     use domain::account::{AccountEvent, Figures};
     use domain::server::ServerEvent;
-    use domain::{AccountId, ChargeId, Country, Currency, HourSlot, Location, OrderId, PlanId, ServerId, TaxRate, TopUpId};
+    use domain::{
+        AccountId, ChargeId, Country, Currency, HourSlot, Location, OrderId, PlanId, ServerId,
+        TaxRate, TopUpId,
+    };
     use rust_decimal::Decimal;
 
     let log = EventLog::open(pool.clone(), LogConfig::default()).await?;
@@ -287,27 +290,94 @@ async fn synthetic_history(pool: &PgPool, events_target: usize) -> anyhow::Resul
     let tax = domain::billing::tax_on(rate, tax_rate);
     let top_up = Decimal::new(1_000_000, 0);
     let account_ids: Vec<AccountId> = (0..accounts).map(|_| AccountId::new()).collect();
-    let server_ids: Vec<Vec<ServerId>> = (0..accounts).map(|_| (0..servers_per_account).map(|_| ServerId::new()).collect()).collect();
+    let server_ids: Vec<Vec<ServerId>> = (0..accounts)
+        .map(|_| (0..servers_per_account).map(|_| ServerId::new()).collect())
+        .collect();
     let mut balances: Vec<Decimal> = vec![top_up; accounts];
-    let to_event = |event_type: String, payload: serde_json::Value, at: chrono::DateTime<chrono::Utc>| NewEvent::new(event_type, payload).occurred_at(at);
+    let to_event =
+        |event_type: String, payload: serde_json::Value, at: chrono::DateTime<chrono::Utc>| {
+            NewEvent::new(event_type, payload).occurred_at(at)
+        };
     let mut batch: Vec<StreamAppend> = Vec::new();
     let mut written = 0usize;
     async fn flush(log: &EventLog, batch: &mut Vec<StreamAppend>) -> anyhow::Result<()> {
         if !batch.is_empty() {
-            log.append(AppendRequest { streams: std::mem::take(batch) }).await?;
+            log.append(AppendRequest {
+                streams: std::mem::take(batch),
+            })
+            .await?;
         }
         Ok(())
     }
     for (index, account_id) in account_ids.iter().enumerate() {
-        let opened = AccountEvent::AccountOpened { account_id: *account_id, name: format!("Bench {index}"), email: "bench@example.com".into(), currency: Currency::AUD, country: Country::parse("AU")?, opened_at: start };
-        let settled = AccountEvent::TopUpSettled { topup_id: TopUpId::new(), payment_id: format!("pi_{index}"), amount: top_up, figures: Figures { balance: top_up, reserved: Decimal::ZERO, available: top_up } };
-        let events = [opened, settled].into_iter().map(|event| to_event(cqrs_es_event_type(&event), serde_json::to_value(&event).unwrap(), start).with_schema_version(if matches!(event, AccountEvent::AccountOpened { .. }) { 2 } else { 1 })).collect();
-        batch.push(StreamAppend::new(account_id.stream_id(), ExpectedVersion::Any, events));
+        let opened = AccountEvent::AccountOpened {
+            account_id: *account_id,
+            name: format!("Bench {index}"),
+            email: "bench@example.com".into(),
+            currency: Currency::AUD,
+            country: Country::parse("AU")?,
+            opened_at: start,
+        };
+        let settled = AccountEvent::TopUpSettled {
+            topup_id: TopUpId::new(),
+            payment_id: format!("pi_{index}"),
+            amount: top_up,
+            figures: Figures {
+                balance: top_up,
+                reserved: Decimal::ZERO,
+                available: top_up,
+            },
+        };
+        let events = [opened, settled]
+            .into_iter()
+            .map(|event| {
+                to_event(
+                    cqrs_es_event_type(&event),
+                    serde_json::to_value(&event).unwrap(),
+                    start,
+                )
+                .with_schema_version(
+                    if matches!(event, AccountEvent::AccountOpened { .. }) {
+                        2
+                    } else {
+                        1
+                    },
+                )
+            })
+            .collect();
+        batch.push(StreamAppend::new(
+            account_id.stream_id(),
+            ExpectedVersion::Any,
+            events,
+        ));
         for server_id in &server_ids[index] {
-            let ordered = ServerEvent::ServerOrdered { server_id: *server_id, account_id: *account_id, order_id: OrderId::new(), plan_id: plan.clone(), location: Location::parse("syd")?, at: start };
-            let provisioned = ServerEvent::ServerProvisioned { provider_server_id: format!("sim-{server_id}"), at: start };
-            let events = [ordered, provisioned].into_iter().map(|event| to_event(server_event_type(&event), serde_json::to_value(&event).unwrap(), start)).collect();
-            batch.push(StreamAppend::new(server_id.stream_id(), ExpectedVersion::Any, events));
+            let ordered = ServerEvent::ServerOrdered {
+                server_id: *server_id,
+                account_id: *account_id,
+                order_id: OrderId::new(),
+                plan_id: plan.clone(),
+                location: Location::parse("syd")?,
+                at: start,
+            };
+            let provisioned = ServerEvent::ServerProvisioned {
+                provider_server_id: format!("sim-{server_id}"),
+                at: start,
+            };
+            let events = [ordered, provisioned]
+                .into_iter()
+                .map(|event| {
+                    to_event(
+                        server_event_type(&event),
+                        serde_json::to_value(&event).unwrap(),
+                        start,
+                    )
+                })
+                .collect();
+            batch.push(StreamAppend::new(
+                server_id.stream_id(),
+                ExpectedVersion::Any,
+                events,
+            ));
         }
         written += 2 + 2 * servers_per_account;
         if batch.len() >= 500 {
@@ -332,12 +402,24 @@ async fn synthetic_history(pool: &PgPool, events_target: usize) -> anyhow::Resul
                     gross: rate + tax,
                     tax_rate,
                     capped: false,
-                    figures: Figures { balance: balances[index], reserved: Decimal::ZERO, available: balances[index] },
+                    figures: Figures {
+                        balance: balances[index],
+                        reserved: Decimal::ZERO,
+                        available: balances[index],
+                    },
                 };
-                events.push(to_event("HourCharged".into(), serde_json::to_value(&charged)?, slot.start()));
+                events.push(to_event(
+                    "HourCharged".into(),
+                    serde_json::to_value(&charged)?,
+                    slot.start(),
+                ));
             }
             written += events.len();
-            batch.push(StreamAppend::new(account_id.stream_id(), ExpectedVersion::Any, events));
+            batch.push(StreamAppend::new(
+                account_id.stream_id(),
+                ExpectedVersion::Any,
+                events,
+            ));
         }
         // One append per slot: each account appears once in it.
         flush(&log, &mut batch).await?;
@@ -364,11 +446,23 @@ async fn rebuild(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
     let started = Instant::now();
     for projection in projections::projection::all() {
         let report = projections::rebuild::rebuild(pool, projection.as_ref(), |_, _| {}).await?;
-        anyhow::ensure!(report.events as usize == events, "{} applied {} of {events} events", report.name, report.events);
+        anyhow::ensure!(
+            report.events as usize == events,
+            "{} applied {} of {events} events",
+            report.name,
+            report.events
+        );
+        eprintln!(
+            "rebuild: {} took {} ms for {events} events",
+            report.name, report.elapsed_ms
+        );
     }
     let elapsed = started.elapsed();
     let books = projections::queries::trial_balance(pool, None).await?;
-    anyhow::ensure!(books.total_debit == books.total_credit, "the rebuilt books do not balance");
+    anyhow::ensure!(
+        books.total_debit == books.total_credit,
+        "the rebuilt books do not balance"
+    );
     Ok(Measurement {
         scenario: "rebuild",
         value: events as f64 / elapsed.as_secs_f64(),

@@ -186,6 +186,12 @@ impl EventLog {
         ))
     }
 
+    /// The last committed position as this process knows it (its own appends, and others' through
+    /// NOTIFY); `changed()` wakes a follower when it moves.
+    pub fn head_watch(&self) -> watch::Receiver<i64> {
+        self.inner.head.subscribe()
+    }
+
     /// A catch-up subscription to every event after `after_position`.
     pub fn subscribe(&self, after_position: i64, batch_size: usize) -> Subscription {
         Subscription::new(

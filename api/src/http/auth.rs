@@ -1,0 +1,172 @@
+//! Bearer tokens: random, shown once, stored as SHA-256, each with a role. A customer token sees
+//! one account; anything of another account is "not found" to it.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use domain::AccountId;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::AppState;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Customer,
+    Finance,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "customer" => Some(Role::Customer),
+            "finance" => Some(Role::Finance),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Customer => "customer",
+            Role::Finance => "finance",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// Who is calling.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub role: Role,
+    pub account_id: Option<AccountId>,
+    /// The token's hash, hex: identifies the caller (for idempotency keys) without the secret.
+    pub id: String,
+}
+
+impl Caller {
+    /// Finance and admin read everything; a customer reads its own account only.
+    pub fn may_read(&self, account_id: AccountId) -> Result<(), ApiError> {
+        match self.role {
+            Role::Admin | Role::Finance => Ok(()),
+            Role::Customer if self.account_id == Some(account_id) => Ok(()),
+            Role::Customer => Err(ApiError::not_found("account")),
+        }
+    }
+
+    /// Only the account's own customer acts on it (top-ups, orders, servers).
+    pub fn may_act_as_owner(&self, account_id: AccountId) -> Result<(), ApiError> {
+        match self.role {
+            Role::Customer if self.account_id == Some(account_id) => Ok(()),
+            Role::Customer => Err(ApiError::not_found("account")),
+            Role::Admin | Role::Finance => Err(ApiError::forbidden()),
+        }
+    }
+
+    pub fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
+        if roles.contains(&self.role) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden())
+        }
+    }
+
+    pub fn metadata(
+        &self,
+        request_id: Option<String>,
+        idempotency_key: Option<String>,
+    ) -> crate::handler::Metadata {
+        crate::handler::Metadata {
+            actor_kind: self.role.as_str().to_string(),
+            actor_id: self
+                .account_id
+                .map(|id| id.to_string())
+                .unwrap_or_else(|| self.id[..16].to_string()),
+            request_id,
+            idempotency_key,
+            ..Default::default()
+        }
+    }
+}
+
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// A new random token (`bl_` and 64 hexadecimal digits).
+pub fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    format!(
+        "bl_{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// Stores a key for `token` (creating it unless it exists).
+pub async fn store_key(
+    pool: &PgPool,
+    token: &str,
+    role: Role,
+    account_id: Option<AccountId>,
+    label: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO api_keys (token_sha256, role, account_id, label) VALUES ($1, $2, $3, $4) ON CONFLICT (token_sha256) DO NOTHING")
+        .bind(token_hash(token).to_vec())
+        .bind(role.as_str())
+        .bind(account_id.map(|id| id.0))
+        .bind(label)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Creates a key with a fresh token; the token is returned once and never stored.
+pub async fn create_key(
+    pool: &PgPool,
+    role: Role,
+    account_id: Option<AccountId>,
+    label: &str,
+) -> Result<String, sqlx::Error> {
+    let token = new_token();
+    store_key(pool, &token, role, account_id, label).await?;
+    Ok(token)
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("an Authorization: Bearer token is required"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|token| !token.is_empty() && token.len() <= 200)
+            .ok_or_else(|| {
+                ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+            })?;
+        let hash = token_hash(token);
+        let row: Option<(String, Option<Uuid>)> =
+            sqlx::query_as("SELECT role, account_id FROM api_keys WHERE token_sha256 = $1")
+                .bind(hash.to_vec())
+                .fetch_optional(&state.pool)
+                .await?;
+        let (role, account_id) = row.ok_or_else(|| ApiError::unauthorized("unknown token"))?;
+        let role = Role::parse(&role).ok_or_else(|| {
+            ApiError::internal(format!("api_keys holds an unknown role {role:?}"))
+        })?;
+        Ok(Caller {
+            role,
+            account_id: account_id.map(AccountId),
+            id: hash.iter().map(|b| format!("{b:02x}")).collect(),
+        })
+    }
+}

@@ -1,0 +1,30 @@
+//! The HTTP API (v1): thin handlers that parse, authorize, call the flows or read the read models,
+//! and map errors to problem details. Money crosses as strings.
+
+pub mod auth;
+pub mod error;
+mod routes;
+
+use std::sync::Arc;
+
+use axum::Router;
+use domain::{Clock, ManualClock};
+use sqlx::PgPool;
+
+use crate::flows::Flows;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub flows: Flows,
+    pub clock: Arc<dyn Clock>,
+    /// Set in dev mode: the controllable clock behind `/v1/dev/clock`.
+    pub dev_clock: Option<Arc<ManualClock>>,
+}
+
+/// Largest request body accepted; larger is a 413.
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+
+pub fn router(state: AppState) -> Router {
+    routes::router(state)
+}

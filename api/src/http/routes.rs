@@ -1,0 +1,624 @@
+//! The routes of API v1.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use domain::{AccountId, Country, Currency, Money, ServerId};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::auth::{create_key, Caller, Role};
+use super::error::ApiError;
+use super::{AppState, BODY_BYTES_MAX};
+
+pub fn router(state: AppState) -> Router {
+    let mut router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/plans", get(plans))
+        .route("/v1/accounts", post(open_account).get(search_accounts))
+        .route("/v1/accounts/{id}", get(get_account))
+        .route("/v1/accounts/{id}/api-keys", post(create_api_key))
+        .route("/v1/accounts/{id}/transactions", get(transactions))
+        .route("/v1/accounts/{id}/servers", get(account_servers))
+        .route("/v1/servers/{id}", get(get_server))
+        .route("/v1/admin/accounts/{id}/adjustments", post(adjust))
+        .route("/v1/admin/projections", get(projection_status))
+        .route("/v1/ledger/trial-balance", get(trial_balance))
+        .route("/v1/ledger/events", get(ledger_events));
+    if state.dev_clock.is_some() {
+        router = router.route("/v1/dev/clock", post(dev_clock).get(dev_clock_now));
+    }
+    router
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("route")
+}
+
+/// A JSON object body; malformed JSON is a 400, a body too large a 413, anything else that is not
+/// a JSON object a 422, all as problem details.
+pub struct Body(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Body, ApiError> {
+        match Json::<Value>::from_request(request, state).await {
+            Ok(Json(Value::Object(map))) => Ok(Body(map)),
+            Ok(Json(_)) => Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-body",
+                "The body is not a JSON object",
+                "send a JSON object",
+            )),
+            Err(JsonRejection::JsonSyntaxError(error)) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                "Malformed JSON",
+                error.body_text(),
+            )),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "content-type",
+                "JSON expected",
+                "set Content-Type: application/json",
+            )),
+            Err(JsonRejection::BytesRejection(error))
+                if error.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too-large",
+                    "Body too large",
+                    format!("bodies are at most {BODY_BYTES_MAX} bytes"),
+                ))
+            }
+            Err(error) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                "Malformed request",
+                error.body_text(),
+            )),
+        }
+    }
+}
+
+impl Body {
+    fn string(&self, field: &'static str) -> Result<&str, ApiError> {
+        match self.0.get(field) {
+            Some(Value::String(text)) => Ok(text),
+            Some(_) => Err(ApiError::invalid(
+                field,
+                format!("{field} must be a string"),
+            )),
+            None => Err(ApiError::invalid(field, format!("{field} is required"))),
+        }
+    }
+
+    /// An amount written as a JSON string; a JSON number is refused, so no float ever carries money.
+    fn amount(
+        &self,
+        field: &'static str,
+        currency: Currency,
+        signed: bool,
+    ) -> Result<Decimal, ApiError> {
+        let text = match self.0.get(field) {
+            Some(Value::String(text)) => text,
+            Some(Value::Number(_)) => {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("{field} must be a string such as \"25.00\", not a JSON number"),
+                ))
+            }
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("{field} must be a string such as \"25.00\""),
+                ))
+            }
+            None => return Err(ApiError::invalid(field, format!("{field} is required"))),
+        };
+        let parsed = if signed {
+            Money::parse_signed(text, currency)
+        } else {
+            Money::parse_positive(text, currency)
+        };
+        parsed
+            .map(|money| money.amount)
+            .map_err(|error| ApiError::invalid(field, format!("{field}: {error}")))
+    }
+}
+
+/// Amounts as strings: exact, with at least the currency's minor digits (`25.00`, `0.022603`).
+pub fn money_text(amount: Decimal, currency: &str) -> String {
+    let digits = Currency::parse(currency)
+        .map(|c| c.minor_unit_digits())
+        .unwrap_or(2);
+    let mut amount = amount.normalize();
+    if amount.scale() < digits {
+        amount.rescale(digits);
+    }
+    amount.to_string()
+}
+
+fn parse_account_id(text: &str) -> Result<AccountId, ApiError> {
+    AccountId::parse(text).map_err(|_| ApiError::not_found("account"))
+}
+
+fn request_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .map(|value| value.chars().take(100).collect())
+}
+
+/// Waits until the read models have passed the command's writes, so a response reflects them.
+async fn read_your_writes(state: &AppState) -> Result<(), ApiError> {
+    projections::runner::catch_up_all(&state.pool)
+        .await
+        .map_err(ApiError::from)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let statuses = projections::queries::status(&state.pool).await?;
+    let lag = statuses.iter().map(|status| status.lag).max().unwrap_or(0);
+    Ok(Json(json!({"status": "ready", "projector_lag": lag})))
+}
+
+async fn plans(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let catalog = state
+        .flows
+        .handler
+        .load::<domain::Catalog>(domain::catalog::CATALOG_STREAM)
+        .await
+        .map_err(|e| ApiError::from(crate::flows::FlowError::from(e)))?;
+    let now = state.clock.now();
+    let plans: Vec<Value> = catalog
+        .state
+        .plans_at(now)
+        .into_iter()
+        .map(|(spec, prices)| {
+            let prices: Map<String, Value> = prices
+                .iter()
+                .map(|(currency, monthly)| {
+                    let hourly = domain::billing::rate_per_hour(*monthly);
+                    (currency.code().to_string(), json!({"monthly": money_text(*monthly, currency.code()), "hourly": money_text(hourly, currency.code())}))
+                })
+                .collect();
+            json!({"id": spec.id.as_str(), "vcpu": spec.vcpu, "ram_gb": spec.ram_gb, "disk_gb": spec.disk_gb, "prices": prices})
+        })
+        .collect();
+    Ok(Json(json!({"items": plans})))
+}
+
+async fn open_account(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require(&[Role::Admin])?;
+    let name = body.string("name")?;
+    let email = body.string("email")?;
+    let currency = Currency::parse(body.string("currency")?)
+        .map_err(|error| ApiError::invalid("currency", error.to_string()))?;
+    let country = Country::parse(body.string("country")?)
+        .map_err(|error| ApiError::invalid("country", error.reason))?;
+    let account_id = AccountId::new();
+    state
+        .flows
+        .open_account(
+            account_id,
+            name,
+            email,
+            currency,
+            country,
+            &caller.metadata(request_id(&headers), None),
+        )
+        .await?;
+    read_your_writes(&state).await?;
+    Ok((StatusCode::CREATED, Json(json!({"id": account_id}))))
+}
+
+#[derive(Deserialize)]
+struct SearchQuery {
+    query: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn search_accounts(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<SearchQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Role::Admin, Role::Finance])?;
+    let limit = query.limit.unwrap_or(50).clamp(1, 200);
+    let pattern = format!(
+        "%{}%",
+        query
+            .query
+            .unwrap_or_default()
+            .to_lowercase()
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    );
+    let rows: Vec<projections::balances::BalanceRow> = sqlx::query_as("SELECT * FROM rm.balances WHERE lower(name) LIKE $1 OR lower(email) LIKE $1 ORDER BY lower(name), account_id LIMIT $2")
+        .bind(pattern)
+        .bind(limit)
+        .fetch_all(&state.pool)
+        .await?;
+    Ok(Json(
+        json!({"items": rows.iter().map(account_json).collect::<Vec<_>>()}),
+    ))
+}
+
+fn account_json(row: &projections::balances::BalanceRow) -> Value {
+    let runway_hours = (row.hourly_burn > Decimal::ZERO)
+        .then(|| domain::billing::runway_hours(row.available, row.hourly_burn))
+        .flatten();
+    json!({
+        "id": row.account_id,
+        "name": row.name,
+        "email": row.email,
+        "currency": row.currency,
+        "country": row.country,
+        "balance": money_text(row.balance, &row.currency),
+        "reserved": money_text(row.reserved, &row.currency),
+        "available": money_text(row.available, &row.currency),
+        "hourly_burn": money_text(row.hourly_burn, &row.currency),
+        "runway_hours": runway_hours.map(|hours| hours.to_string()),
+        "low_balance": row.low_balance_warned,
+    })
+}
+
+#[derive(Deserialize)]
+struct AsOfQuery {
+    as_of: Option<String>,
+}
+
+async fn load_account(
+    state: &AppState,
+    account_id: AccountId,
+) -> Result<projections::balances::BalanceRow, ApiError> {
+    sqlx::query_as("SELECT * FROM rm.balances WHERE account_id = $1")
+        .bind(account_id.0)
+        .fetch_optional(&state.pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found("account"))
+}
+
+async fn get_account(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(query): Query<AsOfQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let account_id = parse_account_id(&id)?;
+    caller.may_read(account_id)?;
+    let row = load_account(&state, account_id).await?;
+    let Some(as_of) = query.as_of else {
+        return Ok(Json(account_json(&row)));
+    };
+    let instant = DateTime::parse_from_rfc3339(&as_of)
+        .map_err(|_| ApiError::invalid("as_of", format!("{as_of:?} is not an RFC 3339 instant")))?
+        .to_utc();
+    let figures = projections::queries::balance_as_of(&state.pool, account_id, instant).await?;
+    let (balance, reserved, available) = figures
+        .map(|f| (f.balance, f.reserved, f.available))
+        .unwrap_or_default();
+    Ok(Json(json!({
+        "id": row.account_id,
+        "name": row.name,
+        "currency": row.currency,
+        "country": row.country,
+        "as_of": instant,
+        "balance": money_text(balance, &row.currency),
+        "reserved": money_text(reserved, &row.currency),
+        "available": money_text(available, &row.currency),
+        "runway_hours": Value::Null,
+    })))
+}
+
+async fn create_api_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require(&[Role::Admin])?;
+    let account_id = parse_account_id(&id)?;
+    load_account(&state, account_id).await?;
+    let role = Role::parse(body.string("role")?)
+        .ok_or_else(|| ApiError::invalid("role", "role is one of customer, finance, admin"))?;
+    let token = create_key(
+        &state.pool,
+        role,
+        (role == Role::Customer).then_some(account_id),
+        &format!("created by {}", caller.role.as_str()),
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"token": token, "role": role.as_str(), "account_id": account_id})),
+    ))
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    cursor: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Page sizes are bounded.
+const PAGE_MAX: i64 = 200;
+
+async fn transactions(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(page): Query<PageQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let account_id = parse_account_id(&id)?;
+    caller.may_read(account_id)?;
+    let account = load_account(&state, account_id).await?;
+    let after: i64 = match page.cursor.as_deref() {
+        None | Some("") => 0,
+        Some(cursor) => cursor.parse().map_err(|_| {
+            ApiError::invalid("cursor", "cursor is the next_cursor of an earlier page")
+        })?,
+    };
+    let limit = page.limit.unwrap_or(50).clamp(1, PAGE_MAX);
+    let rows: Vec<projections::statement::StatementRow> = sqlx::query_as("SELECT * FROM rm.statement WHERE account_id = $1 AND position > $2 ORDER BY position LIMIT $3")
+        .bind(account_id.0)
+        .bind(after)
+        .bind(limit + 1)
+        .fetch_all(&state.pool)
+        .await?;
+    let more = rows.len() as i64 > limit;
+    let items: Vec<Value> = rows
+        .iter()
+        .take(limit as usize)
+        .map(|row| {
+            json!({
+                "id": row.event_id,
+                "position": row.position,
+                "kind": row.kind,
+                "amount": money_text(row.amount, &account.currency),
+                "balance_after": money_text(row.balance_after, &account.currency),
+                "occurred_at": row.occurred_at,
+                "server_id": row.server_id,
+                "reference": row.reference,
+            })
+        })
+        .collect();
+    let next_cursor = if more {
+        items.last().map(|item| item["position"].to_string())
+    } else {
+        None
+    };
+    Ok(Json(json!({"items": items, "next_cursor": next_cursor})))
+}
+
+fn server_json(row: &projections::servers::ServerRow, now: DateTime<Utc>, currency: &str) -> Value {
+    let this_month = domain::YearMonth::of(now).to_string();
+    let month_to_date = if row.month.as_deref() == Some(this_month.as_str()) {
+        row.month_to_date_net
+    } else {
+        Decimal::ZERO
+    };
+    json!({
+        "id": row.server_id,
+        "account_id": row.account_id,
+        "plan_id": row.plan_id,
+        "location": row.location,
+        "status": row.status,
+        "hostname": row.hostname,
+        "os_image": row.os_image,
+        "month_to_date_net": money_text(month_to_date, currency),
+        "next_charge_at": row.next_charge_at,
+        "cancellation_mode": row.cancellation_mode,
+        "cancellation_effective_at": row.cancellation_effective_at,
+        "created_at": row.created_at,
+    })
+}
+
+async fn account_servers(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let account_id = parse_account_id(&id)?;
+    caller.may_read(account_id)?;
+    let account = load_account(&state, account_id).await?;
+    let rows: Vec<projections::servers::ServerRow> = sqlx::query_as(
+        "SELECT * FROM rm.servers WHERE account_id = $1 ORDER BY created_at, server_id LIMIT 1000",
+    )
+    .bind(account_id.0)
+    .fetch_all(&state.pool)
+    .await?;
+    let now = state.clock.now();
+    Ok(Json(
+        json!({"items": rows.iter().map(|row| server_json(row, now, &account.currency)).collect::<Vec<_>>(), "next_cursor": Value::Null}),
+    ))
+}
+
+async fn get_server(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let server_id = ServerId::parse(&id).map_err(|_| ApiError::not_found("server"))?;
+    let row: projections::servers::ServerRow =
+        sqlx::query_as("SELECT * FROM rm.servers WHERE server_id = $1")
+            .bind(server_id.0)
+            .fetch_optional(&state.pool)
+            .await?
+            .ok_or_else(|| ApiError::not_found("server"))?;
+    caller
+        .may_read(AccountId(row.account_id))
+        .map_err(|_| ApiError::not_found("server"))?;
+    let account = load_account(&state, AccountId(row.account_id)).await?;
+    Ok(Json(server_json(
+        &row,
+        state.clock.now(),
+        &account.currency,
+    )))
+}
+
+async fn adjust(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require(&[Role::Admin])?;
+    let account_id = parse_account_id(&id)?;
+    let account = load_account(&state, account_id).await?;
+    let currency = Currency::parse(&account.currency).map_err(ApiError::internal)?;
+    let amount = body.amount("amount", currency, true)?;
+    let reason = body.string("reason")?;
+    let adjustment_id = state
+        .flows
+        .adjust(
+            account_id,
+            amount,
+            reason,
+            &caller.metadata(request_id(&headers), None),
+        )
+        .await?;
+    read_your_writes(&state).await?;
+    let account = load_account(&state, account_id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"adjustment_id": adjustment_id, "account": account_json(&account)})),
+    ))
+}
+
+async fn projection_status(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Role::Admin])?;
+    Ok(Json(
+        json!({"items": projections::queries::status(&state.pool).await?}),
+    ))
+}
+
+async fn trial_balance(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<AsOfQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Role::Admin, Role::Finance])?;
+    let as_of = match query.as_of {
+        None => None,
+        Some(text) => Some(
+            DateTime::parse_from_rfc3339(&text)
+                .map_err(|_| {
+                    ApiError::invalid("as_of", format!("{text:?} is not an RFC 3339 instant"))
+                })?
+                .to_utc(),
+        ),
+    };
+    let books = projections::queries::trial_balance(&state.pool, as_of).await?;
+    let accounts: Vec<Value> = books.accounts.iter().map(|line| json!({"account": line.account, "debit": line.debit.to_string(), "credit": line.credit.to_string()})).collect();
+    Ok(Json(
+        json!({"as_of": books.as_of, "accounts": accounts, "total_debit": books.total_debit.to_string(), "total_credit": books.total_credit.to_string()}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    after: Option<i64>,
+    limit: Option<usize>,
+    stream: Option<String>,
+}
+
+async fn ledger_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<EventsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Role::Admin, Role::Finance])?;
+    let after = query.after.unwrap_or(0).max(0);
+    let limit = query.limit.unwrap_or(100).clamp(1, 1_000);
+    let events = match &query.stream {
+        Some(stream) => {
+            let events: Vec<ledger::RecordedEvent> = sqlx::query_as(
+                "SELECT position, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, recorded_at, occurred_at, prev_hash, hash \
+                 FROM events WHERE stream_id = $1 AND position > $2 ORDER BY position LIMIT $3",
+            )
+            .bind(stream)
+            .bind(after)
+            .bind(limit as i64)
+            .fetch_all(&state.pool)
+            .await?;
+            events
+        }
+        None => ledger::log::read_after(&state.pool, after, limit).await?,
+    };
+    let next_cursor = (events.len() == limit)
+        .then(|| events.last().map(|event| event.position))
+        .flatten();
+    Ok(Json(json!({"items": events, "next_cursor": next_cursor})))
+}
+
+async fn dev_clock_now(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({"now": state.clock.now()}))
+}
+
+async fn dev_clock(State(state): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
+    let clock = state
+        .dev_clock
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("route"))?;
+    let now = match (body.0.get("now"), body.0.get("advance_seconds")) {
+        (Some(Value::String(text)), None) => {
+            let instant = DateTime::parse_from_rfc3339(text)
+                .map_err(|_| {
+                    ApiError::invalid("now", format!("{text:?} is not an RFC 3339 instant"))
+                })?
+                .to_utc();
+            clock
+                .set(instant)
+                .map_err(|error| ApiError::invalid("now", error.to_string()))?
+        }
+        (None, Some(Value::Number(seconds))) => {
+            let seconds = seconds
+                .as_i64()
+                .filter(|s| (0..=366 * 24 * 3600).contains(s))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "advance_seconds",
+                        "a whole number of seconds from 0 to a year",
+                    )
+                })?;
+            clock
+                .advance(chrono::Duration::seconds(seconds))
+                .map_err(|error| ApiError::invalid("advance_seconds", error.to_string()))?
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "now",
+                "send either {\"now\": RFC 3339} or {\"advance_seconds\": N}",
+            ))
+        }
+    };
+    read_your_writes(&state).await?;
+    Ok(Json(json!({"now": now})))
+}
