@@ -419,3 +419,282 @@ async fn outside_dev_mode_the_dev_routes_do_not_exist() {
         404,
     );
 }
+
+async fn funded_customer(
+    api: &Api,
+    currency: &str,
+    country: &str,
+    amount: &str,
+) -> (String, String) {
+    let account = api.post("/v1/accounts", Some(ADMIN), json!({"name": "Journey", "email": "journey@example.com", "currency": currency, "country": country})).await.2["id"].as_str().unwrap().to_string();
+    let token = key(api, "customer", &account).await;
+    let credited = api
+        .post(
+            &format!("/v1/admin/accounts/{account}/adjustments"),
+            Some(ADMIN),
+            json!({"amount": amount, "reason": "opening credit"}),
+        )
+        .await;
+    assert_eq!(credited.0, 201, "{credited:?}");
+    (account, token)
+}
+
+async fn wait_for_status(api: &Api, server: &str, token: &str, status: &str) -> Value {
+    for _ in 0..100 {
+        let response = api.get(&format!("/v1/servers/{server}"), Some(token)).await;
+        if response.2["status"] == status {
+            return response.2;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("server {server} never reached {status}");
+}
+
+#[tokio::test]
+async fn a_customer_orders_sets_up_is_billed_hourly_and_cancels_with_a_pro_rata_refund() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, true);
+    let api = Api {
+        client: reqwest::Client::new(),
+        base: server.base.clone(),
+    };
+    let (account, customer) = funded_customer(&api, "AUD", "AU", "10.00").await;
+    assert_eq!(
+        api.post(
+            "/v1/dev/clock",
+            None,
+            json!({"now": "2027-05-04T10:15:00Z"})
+        )
+        .await
+        .0,
+        200
+    );
+
+    problem(
+        &api.post(
+            &format!("/v1/accounts/{account}/orders"),
+            Some(&customer),
+            json!({"plan_id": "vps-99g", "location": "syd"}),
+        )
+        .await,
+        422,
+    );
+    problem(
+        &api.post(
+            &format!("/v1/accounts/{account}/orders"),
+            Some(&customer),
+            json!({"plan_id": "vps-2g", "location": "mars"}),
+        )
+        .await,
+        422,
+    );
+    problem(
+        &api.post(
+            &format!("/v1/accounts/{account}/orders"),
+            Some(ADMIN),
+            json!({"plan_id": "vps-2g", "location": "syd"}),
+        )
+        .await,
+        403,
+    );
+    let order = api
+        .post(
+            &format!("/v1/accounts/{account}/orders"),
+            Some(&customer),
+            json!({"plan_id": "vps-2g", "location": "syd"}),
+        )
+        .await;
+    assert_eq!(order.0, 202, "{order:?}");
+    assert_eq!(order.2["status"], "provisioning");
+    let server_id = order.2["server_id"].as_str().unwrap().to_string();
+
+    let provisioned = wait_for_status(&api, &server_id, &customer, "needs_setup").await;
+    assert_eq!(provisioned["month_to_date_net"], "0.020548");
+    assert_eq!(provisioned["next_charge_at"], "2027-05-04T11:00:00Z");
+    // The first hour (0.020548 + 10% GST 0.002055) was held at the order and captured at provisioning.
+    assert_eq!(
+        api.get(&format!("/v1/accounts/{account}"), Some(&customer))
+            .await
+            .2["balance"],
+        "9.977397"
+    );
+
+    problem(
+        &api.post(
+            &format!("/v1/servers/{server_id}/setup"),
+            Some(&customer),
+            json!({"os_image": "debian-12", "hostname": "-bad-"}),
+        )
+        .await,
+        422,
+    );
+    let setup = api
+        .post(
+            &format!("/v1/servers/{server_id}/setup"),
+            Some(&customer),
+            json!({"os_image": "debian-12", "hostname": "web1.example.com"}),
+        )
+        .await;
+    assert_eq!(
+        (
+            setup.0,
+            setup.2["status"].as_str(),
+            setup.2["hostname"].as_str()
+        ),
+        (200, Some("running"), Some("web1.example.com"))
+    );
+    problem(
+        &api.post(
+            &format!("/v1/servers/{server_id}/setup"),
+            Some(&customer),
+            json!({"os_image": "debian-12", "hostname": "web2"}),
+        )
+        .await,
+        409,
+    );
+
+    // Three hours pass: the slots of 11:00, 12:00 and 13:00 are charged, once each.
+    let advanced = api
+        .post("/v1/dev/clock", None, json!({"advance_seconds": 3 * 3600}))
+        .await;
+    assert_eq!(advanced.2["due"]["slots_charged"], 3, "{advanced:?}");
+    assert_eq!(
+        api.post("/v1/dev/clock", None, json!({"advance_seconds": 0}))
+            .await
+            .2["due"]["slots_charged"],
+        0
+    );
+    assert_eq!(
+        api.get(&format!("/v1/accounts/{account}"), Some(&customer))
+            .await
+            .2["balance"],
+        "9.909588"
+    );
+
+    // Cancelled 15 minutes into the 13:00 slot: 2,700 of its 3,600 seconds come back.
+    let cancelled = api
+        .post(
+            &format!("/v1/servers/{server_id}/cancellation"),
+            Some(&customer),
+            json!({"mode": "immediate"}),
+        )
+        .await;
+    assert_eq!(
+        (cancelled.0, cancelled.2["status"].as_str()),
+        (200, Some("deleting")),
+        "{cancelled:?}"
+    );
+    assert_eq!(
+        api.get(&format!("/v1/accounts/{account}"), Some(&customer))
+            .await
+            .2["balance"],
+        "9.92654",
+        "exact, trailing zeros beyond the cents dropped"
+    );
+    problem(
+        &api.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/servers/{server_id}/cancellation"),
+            Some(&customer),
+            None,
+        )
+        .await,
+        409,
+    );
+    let advanced = api
+        .post("/v1/dev/clock", None, json!({"advance_seconds": 300}))
+        .await;
+    assert_eq!(
+        (
+            advanced.2["due"]["servers_deleted"].as_u64(),
+            advanced.2["due"]["slots_charged"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
+    assert_eq!(
+        api.get(&format!("/v1/servers/{server_id}"), Some(&customer))
+            .await
+            .2["status"],
+        "deleted"
+    );
+
+    let statement = api
+        .get(
+            &format!("/v1/accounts/{account}/transactions"),
+            Some(&customer),
+        )
+        .await
+        .2;
+    let kinds: Vec<&str> = statement["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "adjustment",
+            "charge",
+            "charge",
+            "charge",
+            "charge",
+            "cancellation_refund"
+        ]
+    );
+    assert_eq!(statement["items"][5]["amount"], "0.016952");
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_orders_on_a_wallet_that_affords_ten() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, true);
+    let api = std::sync::Arc::new(Api {
+        client: reqwest::Client::new(),
+        base: server.base.clone(),
+    });
+    // vps-1g in USD is 0.006849 an hour with no US tax: 0.068490 affords exactly ten first hours.
+    let (account, customer) = funded_customer(&api, "USD", "US", "0.068490").await;
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let api = api.clone();
+        let (account, customer) = (account.clone(), customer.clone());
+        tasks.push(tokio::spawn(async move {
+            api.post(
+                &format!("/v1/accounts/{account}/orders"),
+                Some(&customer),
+                json!({"plan_id": "vps-1g", "location": "nyc"}),
+            )
+            .await
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for task in tasks {
+        let response = task.await.unwrap();
+        if response.0 != 202 {
+            problem(&response, 402);
+        }
+        *statuses.entry(response.0).or_insert(0) += 1;
+    }
+    assert_eq!(
+        statuses,
+        std::collections::BTreeMap::from([(202, 10), (402, 90)])
+    );
+    let servers = api
+        .get(&format!("/v1/accounts/{account}/servers"), Some(&customer))
+        .await
+        .2;
+    assert_eq!(servers["items"].as_array().unwrap().len(), 10);
+    for item in servers["items"].as_array().unwrap() {
+        wait_for_status(&api, item["id"].as_str().unwrap(), &customer, "needs_setup").await;
+    }
+    let account = api
+        .get(&format!("/v1/accounts/{account}"), Some(&customer))
+        .await
+        .2;
+    assert_eq!(
+        (account["balance"].as_str(), account["reserved"].as_str()),
+        (Some("0.00"), Some("0.00")),
+        "ten holds captured, nothing left over"
+    );
+}

@@ -8,3 +8,4 @@ pub mod flows;
 pub mod handler;
 pub mod history;
 pub mod http;
+pub mod workers;

@@ -27,6 +27,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/accounts/{id}/transactions", get(transactions))
         .route("/v1/accounts/{id}/servers", get(account_servers))
         .route("/v1/servers/{id}", get(get_server))
+        .route("/v1/accounts/{id}/orders", post(place_order))
+        .route("/v1/servers/{id}/setup", post(setup_server))
+        .route("/v1/servers/{id}/power", post(power_server))
+        .route(
+            "/v1/servers/{id}/cancellation",
+            post(cancel_server).delete(revoke_cancellation),
+        )
         .route("/v1/admin/accounts/{id}/adjustments", post(adjust))
         .route("/v1/admin/projections", get(projection_status))
         .route("/v1/ledger/trial-balance", get(trial_balance))
@@ -619,6 +626,183 @@ async fn dev_clock(State(state): State<AppState>, body: Body) -> Result<Json<Val
             ))
         }
     };
+    let report = crate::workers::run_due(&state.flows, now).await?;
+    Ok(Json(json!({"now": now, "due": report})))
+}
+
+async fn place_order(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let account_id = parse_account_id(&id)?;
+    caller.may_act_as_owner(account_id)?;
+    load_account(&state, account_id).await?;
+    let plan_id = domain::PlanId::parse(body.string("plan_id")?)
+        .map_err(|error| ApiError::invalid("plan_id", error.reason))?;
+    let location = domain::Location::parse(body.string("location")?)
+        .map_err(|error| ApiError::invalid("location", error.reason))?;
+    let (order_id, server_id) = (domain::OrderId::new(), ServerId::new());
+    state
+        .flows
+        .place_order(
+            account_id,
+            plan_id,
+            location,
+            order_id,
+            server_id,
+            &caller.metadata(request_id(&headers), None),
+        )
+        .await?;
+    tokio::spawn(crate::workers::provision_simulated(
+        state.flows.clone(),
+        order_id,
+        std::time::Duration::from_millis(300),
+    ));
     read_your_writes(&state).await?;
-    Ok(Json(json!({"now": now})))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"order_id": order_id, "server_id": server_id, "status": "provisioning"})),
+    ))
+}
+
+/// The server, if the caller is its account's customer.
+async fn owned_server(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<projections::servers::ServerRow, ApiError> {
+    let server_id = ServerId::parse(id).map_err(|_| ApiError::not_found("server"))?;
+    let row: projections::servers::ServerRow =
+        sqlx::query_as("SELECT * FROM rm.servers WHERE server_id = $1")
+            .bind(server_id.0)
+            .fetch_optional(&state.pool)
+            .await?
+            .ok_or_else(|| ApiError::not_found("server"))?;
+    caller
+        .may_act_as_owner(AccountId(row.account_id))
+        .map_err(|error| {
+            if error.status == StatusCode::NOT_FOUND {
+                ApiError::not_found("server")
+            } else {
+                error
+            }
+        })?;
+    Ok(row)
+}
+
+async fn server_response(state: &AppState, server_id: uuid::Uuid) -> Result<Json<Value>, ApiError> {
+    read_your_writes(state).await?;
+    let row: projections::servers::ServerRow =
+        sqlx::query_as("SELECT * FROM rm.servers WHERE server_id = $1")
+            .bind(server_id)
+            .fetch_one(&state.pool)
+            .await?;
+    let account = load_account(state, AccountId(row.account_id)).await?;
+    Ok(Json(server_json(
+        &row,
+        state.clock.now(),
+        &account.currency,
+    )))
+}
+
+async fn setup_server(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let row = owned_server(&state, &caller, &id).await?;
+    let os_image = body.string("os_image")?;
+    let hostname = domain::Hostname::parse(body.string("hostname")?)
+        .map_err(|error| ApiError::invalid("hostname", error.reason))?;
+    state
+        .flows
+        .setup(
+            ServerId(row.server_id),
+            os_image,
+            hostname,
+            &caller.metadata(request_id(&headers), None),
+        )
+        .await?;
+    server_response(&state, row.server_id).await
+}
+
+async fn power_server(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let row = owned_server(&state, &caller, &id).await?;
+    let action = match body.string("action")? {
+        "boot" => domain::server::PowerAction::Boot,
+        "shutdown" => domain::server::PowerAction::Shutdown,
+        "reboot" => domain::server::PowerAction::Reboot,
+        other => {
+            return Err(ApiError::invalid(
+                "action",
+                format!("{other:?} is not one of boot, shutdown, reboot"),
+            ))
+        }
+    };
+    state
+        .flows
+        .power(
+            ServerId(row.server_id),
+            action,
+            &caller.metadata(request_id(&headers), None),
+        )
+        .await?;
+    server_response(&state, row.server_id).await
+}
+
+async fn cancel_server(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let row = owned_server(&state, &caller, &id).await?;
+    let mode = match body.string("mode")? {
+        "grace" => domain::server::CancellationMode::Grace,
+        "immediate" => domain::server::CancellationMode::Immediate,
+        other => {
+            return Err(ApiError::invalid(
+                "mode",
+                format!("{other:?} is not one of grace, immediate"),
+            ))
+        }
+    };
+    state
+        .flows
+        .cancel(
+            ServerId(row.server_id),
+            mode,
+            &caller.metadata(request_id(&headers), None),
+        )
+        .await?;
+    server_response(&state, row.server_id).await
+}
+
+async fn revoke_cancellation(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let row = owned_server(&state, &caller, &id).await?;
+    state
+        .flows
+        .revoke_cancellation(
+            ServerId(row.server_id),
+            &caller.metadata(request_id(&headers), None),
+        )
+        .await?;
+    server_response(&state, row.server_id).await
 }
