@@ -263,16 +263,34 @@ pub async fn serve(dev: bool, bind: String) -> anyhow::Result<ExitCode> {
                 tokio::time::timeout(std::time::Duration::from_millis(500), head.changed()).await;
         }
     });
+    // Due work (hourly slots, deletions) every 30 s; in dev mode it also runs when the clock moves.
+    let worker_flows = flows.clone();
+    let worker_clock = clock.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            if let Err(error) = crate::workers::run_due(&worker_flows, worker_clock.now()).await {
+                tracing::error!(%error, "due work failed; retrying at the next tick");
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind(&bind)
+        .await
+        .with_context(|| format!("binding {bind}"))?;
+    let address = listener.local_addr()?;
+    let webhook_secret = std::env::var("STRIPE_WEBHOOK_SECRET")
+        .ok()
+        .filter(|secret| !secret.is_empty())
+        .or_else(|| dev.then(|| crate::stripe::DEV_WEBHOOK_SECRET.to_string()));
     let state = crate::http::AppState {
         pool,
         flows,
         clock,
         dev_clock,
+        webhook_secret,
+        public_url: format!("http://{address}"),
     };
-    let listener = tokio::net::TcpListener::bind(&bind)
-        .await
-        .with_context(|| format!("binding {bind}"))?;
-    let address = listener.local_addr()?;
     println!(
         "listening on http://{address}{}",
         if dev {

@@ -34,6 +34,8 @@ pub enum FlowError {
     Catalog(#[from] CatalogError),
     #[error(transparent)]
     Invoice(#[from] InvoiceError),
+    #[error(transparent)]
+    TopUp(#[from] domain::topup::TopUpError),
     #[error("no {0}")]
     NotFound(&'static str),
     #[error("{field}: {reason}")]
@@ -709,6 +711,113 @@ impl Flows {
             }
         });
         Ok(())
+    }
+
+    /// Records a top-up request with its checkout URL (made by `checkout_url(topup_id)`).
+    pub async fn request_topup(
+        &self,
+        account_id: AccountId,
+        amount: Decimal,
+        checkout_url: impl Fn(TopUpId) -> String,
+        metadata: &Metadata,
+    ) -> Result<(TopUpId, String)> {
+        let topup_id = TopUpId::new();
+        let url = checkout_url(topup_id);
+        let at = self.now();
+        atomically!(self, metadata, |unit| {
+            let account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            let currency = account
+                .state
+                .opened()
+                .ok_or(FlowError::NotFound("account"))?
+                .currency;
+            domain::Money::new(amount, currency)
+                .and_then(|money| money.to_minor_units())
+                .map_err(|error| FlowError::Invalid {
+                    field: "amount",
+                    reason: format!("amount: {error}"),
+                })?;
+            let mut topup = unit_load::<domain::topup::TopUp>(&unit, &topup_id.stream_id()).await?;
+            unit.handle(
+                &mut topup,
+                domain::topup::TopUpCommand::Request {
+                    topup_id,
+                    account_id,
+                    amount,
+                    currency,
+                    checkout_url: url.clone(),
+                    at,
+                },
+            )
+            .await?;
+        });
+        Ok((topup_id, url))
+    }
+
+    /// Acts on a provider event once: its receipt (stream `receipt_stream`) is appended with its
+    /// effect. A paid checkout credits the wallet. Returns false for a redelivery.
+    pub async fn receive_payment_event(
+        &self,
+        receipt_stream: &str,
+        receipt: serde_json::Value,
+        paid: Option<(TopUpId, String, Option<Decimal>)>,
+        metadata: &Metadata,
+    ) -> Result<bool> {
+        let at = self.now();
+        let fresh = atomically!(self, metadata, |unit| {
+            if unit.stream_exists(receipt_stream).await? {
+                break false;
+            }
+            unit.open_stream(receipt_stream, "ProviderEventReceived", receipt.clone());
+            if let Some((topup_id, payment_id, paid_amount)) = &paid {
+                let mut topup =
+                    unit_load::<domain::topup::TopUp>(&unit, &topup_id.stream_id()).await?;
+                match topup.state.requested.clone() {
+                    // An unknown top-up is recorded as received, and nothing is credited.
+                    None => tracing::warn!(%topup_id, "payment for an unknown top-up"),
+                    Some(requested) => {
+                        let amount = paid_amount.unwrap_or(requested.amount);
+                        if amount != requested.amount {
+                            tracing::warn!(%topup_id, %amount, requested = %requested.amount, "paid amount differs from the requested one; crediting what was paid");
+                        }
+                        let newly_paid = match unit
+                            .handle(
+                                &mut topup,
+                                domain::topup::TopUpCommand::MarkPaid {
+                                    payment_id: payment_id.clone(),
+                                    at,
+                                },
+                            )
+                            .await
+                        {
+                            Ok(events) => events,
+                            // Acknowledged and recorded, never credited twice: a person looks at it.
+                            Err(domain::topup::TopUpError::PaidElsewhere(first)) => {
+                                tracing::warn!(%topup_id, %first, second = %payment_id, "a paid top-up was paid again");
+                                Vec::new()
+                            }
+                            Err(error) => return Err(error.into()),
+                        };
+                        if !newly_paid.is_empty() {
+                            let mut account =
+                                unit_load::<Account>(&unit, &requested.account_id.stream_id())
+                                    .await?;
+                            unit.handle(
+                                &mut account,
+                                AccountCommand::SettleTopUp {
+                                    topup_id: *topup_id,
+                                    payment_id: payment_id.clone(),
+                                    amount,
+                                },
+                            )
+                            .await?;
+                        }
+                    }
+                }
+            }
+            true
+        });
+        Ok(fresh)
     }
 
     /// Issues the month's invoice for an account (none when the month had no charge).

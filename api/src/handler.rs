@@ -52,6 +52,7 @@ impl StreamAggregate for domain::Server {}
 impl StreamAggregate for domain::Order {}
 impl StreamAggregate for domain::Catalog {}
 impl StreamAggregate for domain::InvoiceSeries {}
+impl StreamAggregate for domain::topup::TopUp {}
 
 /// Who did it and why, recorded with every event.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -129,6 +130,22 @@ impl Unit {
         stream_id: &str,
     ) -> Result<Loaded<A>, StorageError> {
         load(&self.log, &self.cache, stream_id).await
+    }
+
+    /// Whether a stream has any event (read now; the commit's expected versions keep it true).
+    pub async fn stream_exists(&self, stream_id: &str) -> Result<bool, StorageError> {
+        Ok(self.log.stream_version(stream_id).await? > 0)
+    }
+
+    /// Records one event opening a new stream: the commit fails as a conflict if the stream was
+    /// opened meanwhile. Receipts of external events (a webhook's event id) use it to be
+    /// recorded once, in the same append as their effect.
+    pub fn open_stream(&mut self, stream_id: &str, event_type: &str, payload: Value) {
+        self.appends.push((
+            stream_id.to_string(),
+            0,
+            vec![(event_type.to_string(), 1, payload)],
+        ));
     }
 
     /// Every event of a stream as stored (for flows that read history, such as invoicing).

@@ -8,4 +8,5 @@ pub mod flows;
 pub mod handler;
 pub mod history;
 pub mod http;
+pub mod stripe;
 pub mod workers;

@@ -11,6 +11,7 @@ pub mod money;
 pub mod order;
 pub mod postings;
 pub mod server;
+pub mod topup;
 pub mod types;
 
 pub use account::{Account, AccountCommand, AccountError, AccountEvent, Figures};

@@ -1007,3 +1007,64 @@ fn a_tax_rate_change_applies_from_its_date_and_is_never_back_dated() {
             last: at("2026-07-01T00:00:00Z"),
         });
 }
+
+#[test]
+fn a_top_up_is_paid_once() {
+    use domain::topup::{TopUp, TopUpCommand, TopUpError, TopUpEvent};
+    let requested = TopUpEvent::TopUpRequested {
+        topup_id: domain::TopUpId(id(9)),
+        account_id: AccountId(id(1)),
+        amount: dec!(25.00),
+        currency: Currency::AUD,
+        checkout_url: "http://localhost/dev/checkout/9".into(),
+        at: t0(),
+    };
+    let request = TopUpCommand::Request {
+        topup_id: domain::TopUpId(id(9)),
+        account_id: AccountId(id(1)),
+        amount: dec!(25.00),
+        currency: Currency::AUD,
+        checkout_url: "http://localhost/dev/checkout/9".into(),
+        at: t0(),
+    };
+    TestFramework::<TopUp>::with(())
+        .given_no_previous_events()
+        .when(request.clone())
+        .then_expect_events(vec![requested.clone()]);
+    TestFramework::<TopUp>::with(())
+        .given(vec![requested.clone()])
+        .when(request)
+        .then_expect_error(TopUpError::AlreadyRequested);
+    let paid = TopUpEvent::TopUpPaid {
+        payment_id: "pi_1".into(),
+        at: t0(),
+    };
+    TestFramework::<TopUp>::with(())
+        .given(vec![requested.clone()])
+        .when(TopUpCommand::MarkPaid {
+            payment_id: "pi_1".into(),
+            at: t0(),
+        })
+        .then_expect_events(vec![paid.clone()]);
+    TestFramework::<TopUp>::with(())
+        .given(vec![requested.clone(), paid.clone()])
+        .when(TopUpCommand::MarkPaid {
+            payment_id: "pi_1".into(),
+            at: t0(),
+        })
+        .then_expect_events(vec![]);
+    TestFramework::<TopUp>::with(())
+        .given(vec![requested, paid])
+        .when(TopUpCommand::MarkPaid {
+            payment_id: "pi_2".into(),
+            at: t0(),
+        })
+        .then_expect_error(TopUpError::PaidElsewhere("pi_1".into()));
+    TestFramework::<TopUp>::with(())
+        .given_no_previous_events()
+        .when(TopUpCommand::MarkPaid {
+            payment_id: "pi_1".into(),
+            at: t0(),
+        })
+        .then_expect_error(TopUpError::NotFound);
+}

@@ -177,6 +177,8 @@ impl From<FlowError> for ApiError {
                 domain::CatalogError::UnknownPlan(_) | domain::CatalogError::PlanRetired(_),
             ) => ApiError::invalid("plan_id", detail),
             FlowError::Catalog(_) => conflict(detail),
+            FlowError::TopUp(domain::topup::TopUpError::NotFound) => ApiError::not_found("top-up"),
+            FlowError::TopUp(_) => conflict(detail),
             FlowError::NotFound(what) => ApiError::not_found(what),
             FlowError::Invalid { field, .. } => ApiError::invalid(field, detail),
             FlowError::Contended { .. } => {

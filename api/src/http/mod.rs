@@ -20,6 +20,10 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Set in dev mode: the controllable clock behind `/v1/dev/clock`.
     pub dev_clock: Option<Arc<ManualClock>>,
+    /// The Stripe webhook signing secret (`whsec_dev` in dev mode unless configured).
+    pub webhook_secret: Option<String>,
+    /// This server's own base URL (for checkout links and the dev checkout's webhook).
+    pub public_url: String,
 }
 
 /// Largest request body accepted; larger is a 413.

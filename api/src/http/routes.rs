@@ -28,6 +28,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/accounts/{id}/servers", get(account_servers))
         .route("/v1/servers/{id}", get(get_server))
         .route("/v1/accounts/{id}/orders", post(place_order))
+        .route("/v1/accounts/{id}/topups", post(request_topup))
+        .route("/v1/webhooks/stripe", post(stripe_webhook))
         .route("/v1/servers/{id}/setup", post(setup_server))
         .route("/v1/servers/{id}/power", post(power_server))
         .route(
@@ -39,7 +41,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ledger/trial-balance", get(trial_balance))
         .route("/v1/ledger/events", get(ledger_events));
     if state.dev_clock.is_some() {
-        router = router.route("/v1/dev/clock", post(dev_clock).get(dev_clock_now));
+        router = router
+            .route("/v1/dev/clock", post(dev_clock).get(dev_clock_now))
+            .route("/dev/checkout/{topup_id}", get(dev_checkout_page))
+            .route("/dev/checkout/{topup_id}/pay", post(dev_checkout_pay));
     }
     router
         .fallback(not_found)
@@ -805,4 +810,211 @@ async fn revoke_cancellation(
         )
         .await?;
     server_response(&state, row.server_id).await
+}
+
+async fn request_topup(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let account_id = parse_account_id(&id)?;
+    caller.may_act_as_owner(account_id)?;
+    let account = load_account(&state, account_id).await?;
+    let currency = Currency::parse(&account.currency).map_err(ApiError::internal)?;
+    let amount = body.amount("amount", currency, false)?;
+    if amount > Decimal::from(10_000) {
+        return Err(ApiError::invalid("amount", "a top-up is at most 10000"));
+    }
+    if state.dev_clock.is_none() {
+        // Real Checkout Sessions come with the Stripe adapter; until then only dev mode pays.
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "payments-unavailable",
+            "Payments unavailable",
+            "card payments are not configured on this server",
+        ));
+    }
+    let base = state.public_url.clone();
+    let (topup_id, checkout_url) = state
+        .flows
+        .request_topup(
+            account_id,
+            amount,
+            |topup_id| format!("{base}/dev/checkout/{topup_id}"),
+            &caller.metadata(request_id(&headers), None),
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({"topup_id": topup_id, "checkout_url": checkout_url, "amount": money_text(amount, &account.currency), "status": "pending"}),
+        ),
+    ))
+}
+
+async fn stripe_webhook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let secret = state.webhook_secret.as_deref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "webhooks-unconfigured",
+            "Webhooks not configured",
+            "STRIPE_WEBHOOK_SECRET is not set",
+        )
+    })?;
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|value| value.to_str().ok());
+    // Signatures are checked against real time, whatever the dev clock says.
+    crate::stripe::verify(secret, signature, &body, Utc::now()).map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad-signature",
+            "Bad webhook signature",
+            error.to_string(),
+        )
+    })?;
+    let event: crate::stripe::Event = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "Malformed event",
+            error.to_string(),
+        )
+    })?;
+    if !crate::stripe::valid_event_id(&event.id) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "Malformed event",
+            "the event id is not a Stripe event id",
+        ));
+    }
+    let paid = match event.paid_checkout() {
+        None => None,
+        Some(checkout) => {
+            let topup_id = domain::TopUpId::parse(&checkout.topup_reference).ok();
+            let amount = match (
+                checkout.amount_minor,
+                checkout
+                    .currency
+                    .as_deref()
+                    .and_then(|code| Currency::parse(code).ok()),
+            ) {
+                (Some(minor), Some(currency)) => {
+                    Some(Money::from_minor_units(minor, currency).amount)
+                }
+                _ => None,
+            };
+            topup_id.map(|topup_id| (topup_id, checkout.payment_id, amount))
+        }
+    };
+    let receipt = json!({"provider": "stripe", "event_id": event.id, "event_type": event.kind, "livemode": event.livemode, "acted_on": paid.is_some()});
+    let metadata = crate::handler::Metadata {
+        actor_kind: "stripe".into(),
+        actor_id: event.id.clone(),
+        request_id: request_id(&headers),
+        ..Default::default()
+    };
+    let fresh = state
+        .flows
+        .receive_payment_event(
+            &format!("stripe-event-{}", event.id),
+            receipt,
+            paid,
+            &metadata,
+        )
+        .await?;
+    read_your_writes(&state).await?;
+    Ok(Json(json!({"received": true, "duplicate": !fresh})))
+}
+
+async fn dev_topup(state: &AppState, topup_id: &str) -> Result<domain::topup::Requested, ApiError> {
+    let topup_id = domain::TopUpId::parse(topup_id).map_err(|_| ApiError::not_found("top-up"))?;
+    let topup = state
+        .flows
+        .handler
+        .load::<domain::topup::TopUp>(&topup_id.stream_id())
+        .await
+        .map_err(|e| ApiError::from(crate::flows::FlowError::from(e)))?;
+    topup
+        .state
+        .requested
+        .ok_or_else(|| ApiError::not_found("top-up"))
+}
+
+/// The local stand-in for Stripe Checkout: a page with a button that pays.
+async fn dev_checkout_page(
+    State(state): State<AppState>,
+    Path(topup_id): Path<String>,
+) -> Result<axum::response::Html<String>, ApiError> {
+    let topup = dev_topup(&state, &topup_id).await?;
+    let amount = money_text(topup.amount, topup.currency.code());
+    Ok(axum::response::Html(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Checkout</title></head>\
+         <body style=\"font-family: sans-serif; max-width: 28rem; margin: 4rem auto\">\
+         <h1>Top up your wallet</h1><p>Amount: <strong>{} {}</strong></p>\
+         <form method=\"post\" action=\"/dev/checkout/{}/pay\"><button type=\"submit\">Pay {} {}</button></form>\
+         <p><small>Dev mode: paying posts a signed <code>checkout.session.completed</code> webhook.</small></p></body></html>",
+        topup.currency, amount, topup.topup_id, topup.currency, amount
+    )))
+}
+
+/// Pays a top-up as Stripe would: posts a signed `checkout.session.completed` to the webhook.
+async fn dev_checkout_pay(
+    State(state): State<AppState>,
+    Path(topup_id): Path<String>,
+) -> Result<axum::response::Html<String>, ApiError> {
+    let topup = dev_topup(&state, &topup_id).await?;
+    let secret = state
+        .webhook_secret
+        .clone()
+        .ok_or_else(|| ApiError::internal("dev mode without a webhook secret"))?;
+    let minor = Money::new(topup.amount, topup.currency)
+        .and_then(|m| m.to_minor_units())
+        .map_err(ApiError::internal)?;
+    let now = Utc::now().timestamp();
+    let event = json!({
+        "id": format!("evt_dev_{}", uuid::Uuid::new_v4().simple()),
+        "object": "event",
+        "api_version": "2024-06-20",
+        "created": now,
+        "livemode": false,
+        "pending_webhooks": 1,
+        "request": {"id": null, "idempotency_key": null},
+        "type": "checkout.session.completed",
+        "data": {"object": {
+            "id": format!("cs_dev_{}", topup.topup_id.0.simple()),
+            "object": "checkout.session",
+            "amount_total": minor,
+            "currency": topup.currency.code().to_ascii_lowercase(),
+            "client_reference_id": topup.topup_id.to_string(),
+            "metadata": {"topup_id": topup.topup_id.to_string()},
+            "mode": "payment",
+            "payment_intent": format!("pi_dev_{}", topup.topup_id.0.simple()),
+            "payment_status": "paid",
+            "status": "complete"
+        }}
+    });
+    let body = serde_json::to_vec(&event).expect("an event serialises");
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/webhooks/stripe", state.public_url))
+        .header("content-type", "application/json")
+        .header("stripe-signature", crate::stripe::sign(&secret, &body, now))
+        .body(body)
+        .send()
+        .await
+        .map_err(ApiError::internal)?;
+    if !response.status().is_success() {
+        return Err(ApiError::internal(format!(
+            "the webhook answered {}",
+            response.status()
+        )));
+    }
+    Ok(axum::response::Html(format!("<!doctype html><html lang=\"en\"><body style=\"font-family: sans-serif; max-width: 28rem; margin: 4rem auto\"><h1>Paid</h1><p>{} {} was added to your wallet.</p></body></html>", topup.currency, money_text(topup.amount, topup.currency.code()))))
 }

@@ -1,0 +1,160 @@
+//! A top-up: requested (with its checkout), then paid once. The wallet is credited only when the
+//! payment provider says it was paid, never on the customer's redirect.
+
+use chrono::{DateTime, Utc};
+use cqrs_es::{Aggregate, DomainEvent};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::money::Currency;
+use crate::types::{AccountId, TopUpId};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum TopUpEvent {
+    TopUpRequested {
+        topup_id: TopUpId,
+        account_id: AccountId,
+        amount: Decimal,
+        currency: Currency,
+        checkout_url: String,
+        at: DateTime<Utc>,
+    },
+    TopUpPaid {
+        payment_id: String,
+        at: DateTime<Utc>,
+    },
+}
+
+impl DomainEvent for TopUpEvent {
+    fn event_type(&self) -> String {
+        match self {
+            TopUpEvent::TopUpRequested { .. } => "TopUpRequested",
+            TopUpEvent::TopUpPaid { .. } => "TopUpPaid",
+        }
+        .to_string()
+    }
+
+    fn event_version(&self) -> String {
+        "1".to_string()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum TopUpCommand {
+    Request {
+        topup_id: TopUpId,
+        account_id: AccountId,
+        amount: Decimal,
+        currency: Currency,
+        checkout_url: String,
+        at: DateTime<Utc>,
+    },
+    /// Idempotent for the same payment; another payment of a paid top-up is refused.
+    MarkPaid {
+        payment_id: String,
+        at: DateTime<Utc>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TopUpError {
+    #[error("the top-up already exists")]
+    AlreadyRequested,
+    #[error("no such top-up")]
+    NotFound,
+    #[error("the top-up was already paid by {0}")]
+    PaidElsewhere(String),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TopUp {
+    pub requested: Option<Requested>,
+    pub paid_by: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Requested {
+    pub topup_id: TopUpId,
+    pub account_id: AccountId,
+    pub amount: Decimal,
+    pub currency: Currency,
+    pub checkout_url: String,
+}
+
+impl TopUp {
+    fn decide(&self, command: TopUpCommand) -> Result<Vec<TopUpEvent>, TopUpError> {
+        match command {
+            TopUpCommand::Request {
+                topup_id,
+                account_id,
+                amount,
+                currency,
+                checkout_url,
+                at,
+            } => {
+                if self.requested.is_some() {
+                    return Err(TopUpError::AlreadyRequested);
+                }
+                Ok(vec![TopUpEvent::TopUpRequested {
+                    topup_id,
+                    account_id,
+                    amount,
+                    currency,
+                    checkout_url,
+                    at,
+                }])
+            }
+            TopUpCommand::MarkPaid { payment_id, at } => {
+                self.requested.as_ref().ok_or(TopUpError::NotFound)?;
+                match &self.paid_by {
+                    Some(paid_by) if *paid_by == payment_id => Ok(vec![]),
+                    Some(paid_by) => Err(TopUpError::PaidElsewhere(paid_by.clone())),
+                    None => Ok(vec![TopUpEvent::TopUpPaid { payment_id, at }]),
+                }
+            }
+        }
+    }
+}
+
+impl Aggregate for TopUp {
+    const TYPE: &'static str = "topup";
+    type Command = TopUpCommand;
+    type Event = TopUpEvent;
+    type Error = TopUpError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: TopUpCommand,
+        _: &(),
+        sink: &cqrs_es::event_sink::EventSink<Self>,
+    ) -> Result<(), TopUpError> {
+        for event in self.decide(command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: TopUpEvent) {
+        match event {
+            TopUpEvent::TopUpRequested {
+                topup_id,
+                account_id,
+                amount,
+                currency,
+                checkout_url,
+                ..
+            } => {
+                self.requested = Some(Requested {
+                    topup_id,
+                    account_id,
+                    amount,
+                    currency,
+                    checkout_url,
+                });
+            }
+            TopUpEvent::TopUpPaid { payment_id, .. } => self.paid_by = Some(payment_id),
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! Top-ups are credited only by a signed Stripe webhook, once, however often it is delivered.
+//! Payloads are built from Stripe's own object shapes in shared/fixtures/stripe.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use ledger::testing::TestDatabase;
+use serde_json::{json, Value};
+
+const ADMIN: &str = "bootstrap-admin-token-for-tests";
+const SECRET: &str = "whsec_test_secret";
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/stripe");
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(db: &TestDatabase, secret: Option<&str>) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_billing"));
+    command
+        .args(["serve", "--dev", "--bind", "127.0.0.1:0"])
+        .env("DATABASE_URL", db.url())
+        .env("BILLING_BOOTSTRAP_ADMIN_TOKEN", ADMIN)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped());
+    match secret {
+        Some(secret) => command.env("STRIPE_WEBHOOK_SECRET", secret),
+        None => command.env_remove("STRIPE_WEBHOOK_SECRET"),
+    };
+    let mut child = command.spawn().expect("start billing serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    Server { child, base }
+}
+
+fn fixture(name: &str) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(format!("{FIXTURES}/{name}.json"))
+            .expect("the shared Stripe fixtures"),
+    )
+    .unwrap()
+}
+
+/// A `checkout.session.completed` event for `topup_id`, shaped like Stripe's.
+fn completed_checkout(
+    event_id: &str,
+    topup_id: &str,
+    amount_minor: i64,
+    currency: &str,
+) -> Vec<u8> {
+    let mut session = fixture("checkout_session");
+    session["amount_total"] = json!(amount_minor);
+    session["currency"] = json!(currency);
+    session["client_reference_id"] = json!(topup_id);
+    session["metadata"] = json!({"topup_id": topup_id});
+    session["payment_status"] = json!("paid");
+    session["status"] = json!("complete");
+    let mut event = fixture("event");
+    event["id"] = json!(event_id);
+    event["type"] = json!("checkout.session.completed");
+    event["data"]["object"] = session;
+    serde_json::to_vec(&event).unwrap()
+}
+
+fn sign(body: &[u8], secret: &str, offset_seconds: i64) -> String {
+    api::stripe::sign(
+        secret,
+        body,
+        chrono::Utc::now().timestamp() + offset_seconds,
+    )
+}
+
+async fn deliver(
+    client: &reqwest::Client,
+    base: &str,
+    body: Vec<u8>,
+    signature: Option<String>,
+) -> (u16, Value) {
+    let mut request = client
+        .post(format!("{base}/v1/webhooks/stripe"))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(signature) = signature {
+        request = request.header("stripe-signature", signature);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn customer_with_topup(
+    client: &reqwest::Client,
+    base: &str,
+    amount: &str,
+) -> (String, String, String) {
+    let account: Value = client.post(format!("{base}/v1/accounts")).bearer_auth(ADMIN).json(&json!({"name": "Payer", "email": "payer@example.com", "currency": "AUD", "country": "AU"})).send().await.unwrap().json().await.unwrap();
+    let account = account["id"].as_str().unwrap().to_string();
+    let key: Value = client
+        .post(format!("{base}/v1/accounts/{account}/api-keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"role": "customer"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = key["token"].as_str().unwrap().to_string();
+    let response = client
+        .post(format!("{base}/v1/accounts/{account}/topups"))
+        .bearer_auth(&token)
+        .json(&json!({"amount": amount}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    let topup: Value = response.json().await.unwrap();
+    assert_eq!(
+        (topup["amount"].as_str(), topup["status"].as_str()),
+        (Some(amount), Some("pending"))
+    );
+    assert!(topup["checkout_url"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("{base}/dev/checkout/")));
+    (
+        account,
+        token,
+        topup["topup_id"].as_str().unwrap().to_string(),
+    )
+}
+
+async fn balance(client: &reqwest::Client, base: &str, account: &str, token: &str) -> String {
+    let account: Value = client
+        .get(format!("{base}/v1/accounts/{account}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    account["balance"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_paid_checkout_delivered_five_times_at_once_is_credited_once() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, Some(SECRET));
+    let client = reqwest::Client::new();
+    let (account, token, topup_id) = customer_with_topup(&client, &server.base, "25.00").await;
+    assert_eq!(
+        balance(&client, &server.base, &account, &token).await,
+        "0.00",
+        "the request alone credits nothing"
+    );
+
+    let body = completed_checkout("evt_1TopUpPaidOnce", &topup_id, 2_500, "aud");
+    let signature = sign(&body, SECRET, 0);
+    let mut deliveries = Vec::new();
+    for _ in 0..5 {
+        let (client, base, body, signature) = (
+            client.clone(),
+            server.base.clone(),
+            body.clone(),
+            signature.clone(),
+        );
+        deliveries.push(tokio::spawn(async move {
+            deliver(&client, &base, body, Some(signature)).await
+        }));
+    }
+    let mut fresh = 0;
+    for delivery in deliveries {
+        let (status, answer) = delivery.await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+        if answer["duplicate"] == false {
+            fresh += 1;
+        }
+    }
+    assert_eq!(fresh, 1);
+    assert_eq!(
+        balance(&client, &server.base, &account, &token).await,
+        "25.00"
+    );
+    let statement: Value = client
+        .get(format!(
+            "{}/v1/accounts/{account}/transactions",
+            server.base
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(statement["items"].as_array().unwrap().len(), 1);
+    assert_eq!(statement["items"][0]["reference"], topup_id.as_str());
+
+    // A later redelivery of the same event, and another event for the same payment, change nothing.
+    assert_eq!(
+        deliver(
+            &client,
+            &server.base,
+            body.clone(),
+            Some(sign(&body, SECRET, 0))
+        )
+        .await
+        .1["duplicate"],
+        true
+    );
+    let again = completed_checkout("evt_1SamePaymentOtherEvent", &topup_id, 2_500, "aud");
+    assert_eq!(
+        deliver(
+            &client,
+            &server.base,
+            again.clone(),
+            Some(sign(&again, SECRET, 0))
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        balance(&client, &server.base, &account, &token).await,
+        "25.00"
+    );
+}
+
+#[tokio::test]
+async fn bad_signatures_stale_timestamps_and_unknown_events() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, Some(SECRET));
+    let client = reqwest::Client::new();
+    let (account, token, topup_id) = customer_with_topup(&client, &server.base, "10.00").await;
+    let body = completed_checkout("evt_1Refused", &topup_id, 1_000, "aud");
+    for (signature, reason) in [
+        (None, "missing"),
+        (
+            Some(sign(&body, "whsec_wrong", 0)),
+            "no v1 signature matches",
+        ),
+        (Some(sign(&body, SECRET, -301)), "more than 300 s"),
+        (Some("t=abc".to_string()), "malformed"),
+    ] {
+        let (status, problem) = deliver(&client, &server.base, body.clone(), signature).await;
+        assert_eq!(status, 400, "{problem}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains(reason),
+            "{problem}"
+        );
+    }
+    // A body changed after signing is refused.
+    let signature = sign(&body, SECRET, 0);
+    let tampered = completed_checkout("evt_1Refused", &topup_id, 1_000_000, "aud");
+    assert_eq!(
+        deliver(&client, &server.base, tampered, Some(signature))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        balance(&client, &server.base, &account, &token).await,
+        "0.00"
+    );
+
+    // An event type the ledger does not act on is acknowledged and recorded.
+    let unknown = serde_json::to_vec(&fixture("event")).unwrap();
+    let (status, answer) = deliver(
+        &client,
+        &server.base,
+        unknown.clone(),
+        Some(sign(&unknown, SECRET, 0)),
+    )
+    .await;
+    assert_eq!((status, answer["duplicate"].as_bool()), (200, Some(false)));
+    let recorded: (String, Value) = sqlx::query_as("SELECT event_type, payload FROM events WHERE stream_id = 'stripe-event-evt_1Pgc76B7WZ01zgkWwyRHS12y'").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(recorded.0, "ProviderEventReceived");
+    assert_eq!(
+        (
+            recorded.1["event_type"].as_str(),
+            recorded.1["acted_on"].as_bool()
+        ),
+        (Some("plan.created"), Some(false))
+    );
+
+    // Money: amounts as strings with whole cents.
+    for (amount, status) in [
+        (json!(25), 422),
+        (json!("0"), 422),
+        (json!("10.001"), 422),
+        (json!("-5"), 422),
+        (json!("20000"), 422),
+    ] {
+        let response = client
+            .post(format!("{}/v1/accounts/{account}/topups", server.base))
+            .bearer_auth(&token)
+            .json(&json!({"amount": amount}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{amount}");
+    }
+}
+
+#[tokio::test]
+async fn the_dev_checkout_page_pays_through_a_signed_webhook() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, None);
+    let client = reqwest::Client::new();
+    let (account, token, topup_id) = customer_with_topup(&client, &server.base, "12.34").await;
+    let page = client
+        .get(format!("{}/dev/checkout/{topup_id}", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Pay AUD 12.34"), "{page}");
+    let paid = client
+        .post(format!("{}/dev/checkout/{topup_id}/pay", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paid.status().as_u16(), 200);
+    assert!(paid
+        .text()
+        .await
+        .unwrap()
+        .contains("was added to your wallet"));
+    assert_eq!(
+        balance(&client, &server.base, &account, &token).await,
+        "12.34"
+    );
+    // The dev secret is whsec_dev: a webhook signed with it is accepted.
+    let body = completed_checkout("evt_1DevSecret", &topup_id, 1_234, "aud");
+    assert_eq!(
+        deliver(
+            &client,
+            &server.base,
+            body.clone(),
+            Some(api::stripe::sign(
+                "whsec_dev",
+                &body,
+                chrono::Utc::now().timestamp()
+            ))
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        balance(&client, &server.base, &account, &token).await,
+        "12.34",
+        "the same payment again credits nothing"
+    );
+}
