@@ -5,10 +5,7 @@ use std::process::Output;
 
 use ledger::testing::TestDatabase;
 
-const HISTORY: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../fixtures/histories/march-2026.jsonl"
-);
+const HISTORY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/histories/march-2026.jsonl");
 
 fn billing(db: &TestDatabase, args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_billing"))
@@ -28,44 +25,22 @@ async fn import_verify_tamper_rebuild_and_export() {
     let db = TestDatabase::new().await;
     let output = billing(&db, &["import", HISTORY]);
     assert!(output.status.success(), "{output:?}");
-    assert!(
-        text(&output.stdout).contains("imported 2123 events"),
-        "{}",
-        text(&output.stdout)
-    );
+    assert!(text(&output.stdout).contains("imported 2123 events"), "{}", text(&output.stdout));
 
     let output = billing(&db, &["verify"]);
-    assert!(
-        output.status.success(),
-        "{}{}",
-        text(&output.stdout),
-        text(&output.stderr)
-    );
+    assert!(output.status.success(), "{}{}", text(&output.stdout), text(&output.stderr));
     let stdout = text(&output.stdout);
     assert!(stdout.starts_with("ok: 2123 events checked"), "{stdout}");
-    for name in [
-        "balances",
-        "statement",
-        "servers",
-        "invoices",
-        "journal",
-        "metrics",
-    ] {
+    for name in ["balances", "statement", "servers", "invoices", "journal", "metrics"] {
         assert!(
-            stdout.contains(&format!(
-                "ok: read model {name} matches a replay up to position 2123"
-            )),
+            stdout.contains(&format!("ok: read model {name} matches a replay up to position 2123")),
             "{stdout}"
         );
     }
 
     // Importing the same file again stores nothing.
     let output = billing(&db, &["import", HISTORY]);
-    assert!(
-        text(&output.stdout).contains("imported 0 events"),
-        "{}",
-        text(&output.stdout)
-    );
+    assert!(text(&output.stdout).contains("imported 0 events"), "{}", text(&output.stdout));
 
     // A read-model row changed behind the projector's back is named.
     sqlx::query("UPDATE rm.servers SET status = 'running' WHERE status = 'deleted'")
@@ -82,15 +57,8 @@ async fn import_verify_tamper_rebuild_and_export() {
         .iter()
         .find(|check| check["name"] == "servers")
         .unwrap();
-    assert_eq!(
-        servers["differences"].as_array().unwrap().len(),
-        1,
-        "{servers}"
-    );
-    assert_eq!(
-        servers["differences"][0]["key"],
-        "c6f8827b-56e3-5edd-8efd-622199430558"
-    );
+    assert_eq!(servers["differences"].as_array().unwrap().len(), 1, "{servers}");
+    assert_eq!(servers["differences"][0]["key"], "c6f8827b-56e3-5edd-8efd-622199430558");
 
     // A rebuild repairs it.
     let output = billing(&db, &["rebuild", "servers"]);
@@ -102,10 +70,7 @@ async fn import_verify_tamper_rebuild_and_export() {
     );
     assert!(billing(&db, &["verify"]).status.success());
     let output = billing(&db, &["rebuild", "--all"]);
-    assert!(
-        output.status.success() && text(&output.stdout).lines().count() == 6,
-        "{output:?}"
-    );
+    assert!(output.status.success() && text(&output.stdout).lines().count() == 6, "{output:?}");
 
     // Bad input: a clear message and a non-zero exit.
     let output = billing(&db, &["rebuild", "ledgers"]);
@@ -124,30 +89,21 @@ async fn import_verify_tamper_rebuild_and_export() {
     );
 
     // Exports: JSONL lines carry positions and hashes; CSV has a header and one row per event.
-    let output = billing(
-        &db,
-        &["export", "--from", "10", "--to", "19", "--format", "jsonl"],
-    );
+    let output = billing(&db, &["export", "--from", "10", "--to", "19", "--format", "jsonl"]);
     assert!(output.status.success());
     let lines: Vec<serde_json::Value> = text(&output.stdout)
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
     assert_eq!(lines.len(), 10);
-    assert_eq!(
-        (lines[0]["position"].as_i64(), lines[9]["position"].as_i64()),
-        (Some(10), Some(19))
-    );
-    assert_eq!(
-        lines[1]["prev_hash"], lines[0]["hash"],
-        "the chain is visible in the export"
-    );
-    let output = billing(
-        &db,
-        &["export", "--format", "csv", "--to", "2026-01-01T00:00:00Z"],
-    );
+    assert_eq!((lines[0]["position"].as_i64(), lines[9]["position"].as_i64()), (Some(10), Some(19)));
+    assert_eq!(lines[1]["prev_hash"], lines[0]["hash"], "the chain is visible in the export");
+    let output = billing(&db, &["export", "--format", "csv", "--to", "2026-01-01T00:00:00Z"]);
     assert!(output.status.success());
-    assert_eq!(text(&output.stdout).trim(), "position,stream_id,stream_version,event_id,event_type,schema_version,payload,metadata,recorded_at,occurred_at,prev_hash,hash");
+    assert_eq!(
+        text(&output.stdout).trim(),
+        "position,stream_id,stream_version,event_id,event_type,schema_version,payload,metadata,recorded_at,occurred_at,prev_hash,hash"
+    );
     let output = billing(&db, &["export", "--format", "csv"]);
     let mut reader = csv::Reader::from_reader(output.stdout.as_slice());
     assert_eq!(reader.records().count(), 2123);

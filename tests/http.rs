@@ -46,10 +46,7 @@ fn serve(db: &TestDatabase, dev: bool) -> Server {
         .next()
         .unwrap()
         .to_string();
-    Server {
-        child,
-        base: address,
-    }
+    Server { child, base: address }
 }
 
 struct Api {
@@ -58,13 +55,7 @@ struct Api {
 }
 
 impl Api {
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, String, Value) {
+    async fn call(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, String, Value) {
         let mut request = self.client.request(method, format!("{}{path}", self.base));
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -80,11 +71,7 @@ impl Api {
             .map(|v| v.to_str().unwrap().to_string())
             .unwrap_or_default();
         let text = response.text().await.unwrap();
-        (
-            status,
-            content_type,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, content_type, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     async fn get(&self, path: &str, token: Option<&str>) -> (u16, String, Value) {
@@ -92,18 +79,13 @@ impl Api {
     }
 
     async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, String, Value) {
-        self.call(reqwest::Method::POST, path, token, Some(body))
-            .await
+        self.call(reqwest::Method::POST, path, token, Some(body)).await
     }
 }
 
 async fn key(api: &Api, role: &str, account: &str) -> String {
     let response = api
-        .post(
-            &format!("/v1/accounts/{account}/api-keys"),
-            Some(ADMIN),
-            json!({"role": role}),
-        )
+        .post(&format!("/v1/accounts/{account}/api-keys"), Some(ADMIN), json!({"role": role}))
         .await;
     assert_eq!(response.0, 201, "{response:?}");
     response.2["token"].as_str().unwrap().to_string()
@@ -113,10 +95,7 @@ fn problem(response: &(u16, String, Value), status: u16) {
     assert_eq!(response.0, status, "{response:?}");
     assert_eq!(response.1, "application/problem+json", "{response:?}");
     for field in ["type", "title", "status", "detail"] {
-        assert!(
-            response.2.get(field).is_some(),
-            "problem without {field}: {response:?}"
-        );
+        assert!(response.2.get(field).is_some(), "problem without {field}: {response:?}");
     }
     assert_eq!(response.2["status"], status);
 }
@@ -139,20 +118,12 @@ async fn accounts_keys_adjustments_and_statements_over_http() {
         .iter()
         .find(|plan| plan["id"] == "vps-2g")
         .unwrap();
-    assert_eq!(
-        vps2["prices"]["AUD"],
-        json!({"monthly": "15.00", "hourly": "0.020548"})
-    );
+    assert_eq!(vps2["prices"]["AUD"], json!({"monthly": "15.00", "hourly": "0.020548"}));
 
     // Who may open an account.
     problem(&api.post("/v1/accounts", None, json!({})).await, 401);
-    problem(
-        &api.post("/v1/accounts", Some("not-a-token"), json!({}))
-            .await,
-        401,
-    );
-    let body =
-        json!({"name": "Ada", "email": "ada@example.com", "currency": "AUD", "country": "AU"});
+    problem(&api.post("/v1/accounts", Some("not-a-token"), json!({})).await, 401);
+    let body = json!({"name": "Ada", "email": "ada@example.com", "currency": "AUD", "country": "AU"});
     let created = api.post("/v1/accounts", Some(ADMIN), body.clone()).await;
     assert_eq!(created.0, 201, "{created:?}");
     let account = created.2["id"].as_str().unwrap().to_string();
@@ -176,10 +147,7 @@ async fn accounts_keys_adjustments_and_statements_over_http() {
             "country",
             json!({"name": "X", "email": "x@example.com", "currency": "AUD", "country": "Australia"}),
         ),
-        (
-            "email",
-            json!({"name": "X", "email": "nope", "currency": "AUD", "country": "AU"}),
-        ),
+        ("email", json!({"name": "X", "email": "nope", "currency": "AUD", "country": "AU"})),
     ] {
         let response = api.post("/v1/accounts", Some(ADMIN), bad).await;
         problem(&response, 422);
@@ -199,33 +167,15 @@ async fn accounts_keys_adjustments_and_statements_over_http() {
         403,
     );
 
-    let own = api
-        .get(&format!("/v1/accounts/{account}"), Some(&customer))
-        .await;
+    let own = api.get(&format!("/v1/accounts/{account}"), Some(&customer)).await;
     assert_eq!(own.0, 200);
     assert_eq!(
-        (
-            own.2["balance"].as_str(),
-            own.2["available"].as_str(),
-            own.2["currency"].as_str()
-        ),
+        (own.2["balance"].as_str(), own.2["available"].as_str(), own.2["currency"].as_str()),
         (Some("0.00"), Some("0.00"), Some("AUD"))
     );
-    problem(
-        &api.get(&format!("/v1/accounts/{account}"), Some(&other_customer))
-            .await,
-        404,
-    );
-    problem(
-        &api.get("/v1/accounts/not-a-uuid", Some(&customer)).await,
-        404,
-    );
-    assert_eq!(
-        api.get(&format!("/v1/accounts/{account}"), Some(&finance))
-            .await
-            .0,
-        200
-    );
+    problem(&api.get(&format!("/v1/accounts/{account}"), Some(&other_customer)).await, 404);
+    problem(&api.get("/v1/accounts/not-a-uuid", Some(&customer)).await, 404);
+    assert_eq!(api.get(&format!("/v1/accounts/{account}"), Some(&finance)).await.0, 200);
     assert_eq!(
         api.get("/v1/accounts?query=ada", Some(&finance)).await.2["items"]
             .as_array()
@@ -233,80 +183,41 @@ async fn accounts_keys_adjustments_and_statements_over_http() {
             .len(),
         1
     );
-    problem(
-        &api.get("/v1/accounts?query=ada", Some(&customer)).await,
-        403,
-    );
+    problem(&api.get("/v1/accounts?query=ada", Some(&customer)).await, 403);
 
     // Adjustments: money as strings, a reason, never below zero.
     let adjust = |token: String, body: Value| {
         let api = &api;
         let account = account.clone();
         async move {
-            api.post(
-                &format!("/v1/admin/accounts/{account}/adjustments"),
-                Some(&token),
-                body,
-            )
-            .await
+            api.post(&format!("/v1/admin/accounts/{account}/adjustments"), Some(&token), body)
+                .await
         }
     };
     let response = adjust(ADMIN.into(), json!({"amount": 25, "reason": "goodwill"})).await;
     problem(&response, 422);
-    assert!(
-        response.2["detail"]
-            .as_str()
-            .unwrap()
-            .contains("not a JSON number"),
-        "{response:?}"
-    );
+    assert!(response.2["detail"].as_str().unwrap().contains("not a JSON number"), "{response:?}");
     problem(
-        &adjust(
-            ADMIN.into(),
-            json!({"amount": "1.0000001", "reason": "goodwill"}),
-        )
-        .await,
+        &adjust(ADMIN.into(), json!({"amount": "1.0000001", "reason": "goodwill"})).await,
         422,
     );
     problem(&adjust(ADMIN.into(), json!({"amount": "25.00"})).await, 422);
-    problem(
-        &adjust(customer.clone(), json!({"amount": "25.00", "reason": "me"})).await,
-        403,
-    );
-    let response = adjust(
-        ADMIN.into(),
-        json!({"amount": "25.00", "reason": "goodwill"}),
-    )
-    .await;
+    problem(&adjust(customer.clone(), json!({"amount": "25.00", "reason": "me"})).await, 403);
+    let response = adjust(ADMIN.into(), json!({"amount": "25.00", "reason": "goodwill"})).await;
     assert_eq!(response.0, 201, "{response:?}");
-    assert_eq!(
-        response.2["account"]["balance"], "25.00",
-        "the response reflects its own write"
-    );
+    assert_eq!(response.2["account"]["balance"], "25.00", "the response reflects its own write");
     problem(
-        &adjust(
-            ADMIN.into(),
-            json!({"amount": "-25.01", "reason": "correction"}),
-        )
-        .await,
+        &adjust(ADMIN.into(), json!({"amount": "-25.01", "reason": "correction"})).await,
         402,
     );
     assert_eq!(
-        adjust(
-            ADMIN.into(),
-            json!({"amount": "-5.50", "reason": "correction"})
-        )
-        .await
-        .0,
+        adjust(ADMIN.into(), json!({"amount": "-5.50", "reason": "correction"})).await.0,
         201
     );
 
     // The statement, cursor-paginated.
     let page = api
-        .get(
-            &format!("/v1/accounts/{account}/transactions?limit=1"),
-            Some(&customer),
-        )
+        .get(&format!("/v1/accounts/{account}/transactions?limit=1"), Some(&customer))
         .await;
     assert_eq!(page.0, 200);
     assert_eq!(page.2["items"][0]["amount"], "25.00");
@@ -319,27 +230,18 @@ async fn accounts_keys_adjustments_and_statements_over_http() {
         )
         .await;
     assert_eq!(
-        (
-            next.2["items"][0]["amount"].as_str(),
-            next.2["items"][0]["balance_after"].as_str()
-        ),
+        (next.2["items"][0]["amount"].as_str(), next.2["items"][0]["balance_after"].as_str()),
         (Some("-5.50"), Some("19.50"))
     );
     assert_eq!(next.2["next_cursor"], Value::Null);
     problem(
-        &api.get(
-            &format!("/v1/accounts/{account}/transactions?cursor=abc"),
-            Some(&customer),
-        )
-        .await,
+        &api.get(&format!("/v1/accounts/{account}/transactions?cursor=abc"), Some(&customer))
+            .await,
         422,
     );
     problem(
-        &api.get(
-            &format!("/v1/accounts/{account}/transactions"),
-            Some(&other_customer),
-        )
-        .await,
+        &api.get(&format!("/v1/accounts/{account}/transactions"), Some(&other_customer))
+            .await,
         404,
     );
 
@@ -347,15 +249,8 @@ async fn accounts_keys_adjustments_and_statements_over_http() {
     let books = api.get("/v1/ledger/trial-balance", Some(&finance)).await;
     assert_eq!(books.0, 200);
     assert_eq!(books.2["total_debit"], books.2["total_credit"]);
-    problem(
-        &api.get("/v1/ledger/trial-balance", Some(&customer)).await,
-        403,
-    );
-    problem(
-        &api.get("/v1/ledger/trial-balance?as_of=yesterday", Some(&finance))
-            .await,
-        422,
-    );
+    problem(&api.get("/v1/ledger/trial-balance", Some(&customer)).await, 403);
+    problem(&api.get("/v1/ledger/trial-balance?as_of=yesterday", Some(&finance)).await, 422);
 
     // Malformed and oversized bodies.
     let raw = api
@@ -368,38 +263,18 @@ async fn accounts_keys_adjustments_and_statements_over_http() {
         .await
         .unwrap();
     assert_eq!(
-        (
-            raw.status().as_u16(),
-            raw.headers()["content-type"].to_str().unwrap()
-        ),
+        (raw.status().as_u16(), raw.headers()["content-type"].to_str().unwrap()),
         (400, "application/problem+json")
     );
-    let huge =
-        json!({"name": "x".repeat(100_000), "email": "a@b.co", "currency": "AUD", "country": "AU"});
+    let huge = json!({"name": "x".repeat(100_000), "email": "a@b.co", "currency": "AUD", "country": "AU"});
     problem(&api.post("/v1/accounts", Some(ADMIN), huge).await, 413);
 
     // The dev clock moves forward only.
-    let now = api
-        .post(
-            "/v1/dev/clock",
-            None,
-            json!({"now": "2030-01-01T00:00:00Z"}),
-        )
-        .await;
+    let now = api.post("/v1/dev/clock", None, json!({"now": "2030-01-01T00:00:00Z"})).await;
     assert_eq!(now.0, 200, "{now:?}");
-    problem(
-        &api.post(
-            "/v1/dev/clock",
-            None,
-            json!({"now": "2029-01-01T00:00:00Z"}),
-        )
-        .await,
-        422,
-    );
+    problem(&api.post("/v1/dev/clock", None, json!({"now": "2029-01-01T00:00:00Z"})).await, 422);
     assert_eq!(
-        api.post("/v1/dev/clock", None, json!({"advance_seconds": 3600}))
-            .await
-            .2["now"],
+        api.post("/v1/dev/clock", None, json!({"advance_seconds": 3600})).await.2["now"],
         "2030-01-01T01:00:00Z"
     );
     problem(&api.get("/v1/no-such-route", None).await, 404);
@@ -413,20 +288,21 @@ async fn outside_dev_mode_the_dev_routes_do_not_exist() {
         client: reqwest::Client::new(),
         base: server.base.clone(),
     };
-    problem(
-        &api.post("/v1/dev/clock", None, json!({"advance_seconds": 60}))
-            .await,
-        404,
-    );
+    problem(&api.post("/v1/dev/clock", None, json!({"advance_seconds": 60})).await, 404);
 }
 
-async fn funded_customer(
-    api: &Api,
-    currency: &str,
-    country: &str,
-    amount: &str,
-) -> (String, String) {
-    let account = api.post("/v1/accounts", Some(ADMIN), json!({"name": "Journey", "email": "journey@example.com", "currency": currency, "country": country})).await.2["id"].as_str().unwrap().to_string();
+async fn funded_customer(api: &Api, currency: &str, country: &str, amount: &str) -> (String, String) {
+    let account = api
+        .post(
+            "/v1/accounts",
+            Some(ADMIN),
+            json!({"name": "Journey", "email": "journey@example.com", "currency": currency, "country": country}),
+        )
+        .await
+        .2["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let token = key(api, "customer", &account).await;
     let credited = api
         .post(
@@ -459,16 +335,7 @@ async fn a_customer_orders_sets_up_is_billed_hourly_and_cancels_with_a_pro_rata_
         base: server.base.clone(),
     };
     let (account, customer) = funded_customer(&api, "AUD", "AU", "10.00").await;
-    assert_eq!(
-        api.post(
-            "/v1/dev/clock",
-            None,
-            json!({"now": "2027-05-04T10:15:00Z"})
-        )
-        .await
-        .0,
-        200
-    );
+    assert_eq!(api.post("/v1/dev/clock", None, json!({"now": "2027-05-04T10:15:00Z"})).await.0, 200);
 
     problem(
         &api.post(
@@ -513,9 +380,7 @@ async fn a_customer_orders_sets_up_is_billed_hourly_and_cancels_with_a_pro_rata_
     assert_eq!(provisioned["next_charge_at"], "2027-05-04T11:00:00Z");
     // The first hour (0.020548 + 10% GST 0.002055) was held at the order and captured at provisioning.
     assert_eq!(
-        api.get(&format!("/v1/accounts/{account}"), Some(&customer))
-            .await
-            .2["balance"],
+        api.get(&format!("/v1/accounts/{account}"), Some(&customer)).await.2["balance"],
         "9.977397"
     );
 
@@ -536,11 +401,7 @@ async fn a_customer_orders_sets_up_is_billed_hourly_and_cancels_with_a_pro_rata_
         )
         .await;
     assert_eq!(
-        (
-            setup.0,
-            setup.2["status"].as_str(),
-            setup.2["hostname"].as_str()
-        ),
+        (setup.0, setup.2["status"].as_str(), setup.2["hostname"].as_str()),
         (200, Some("running"), Some("web1.example.com"))
     );
     problem(
@@ -554,20 +415,14 @@ async fn a_customer_orders_sets_up_is_billed_hourly_and_cancels_with_a_pro_rata_
     );
 
     // Three hours pass: the slots of 11:00, 12:00 and 13:00 are charged, once each.
-    let advanced = api
-        .post("/v1/dev/clock", None, json!({"advance_seconds": 3 * 3600}))
-        .await;
+    let advanced = api.post("/v1/dev/clock", None, json!({"advance_seconds": 3 * 3600})).await;
     assert_eq!(advanced.2["due"]["slots_charged"], 3, "{advanced:?}");
     assert_eq!(
-        api.post("/v1/dev/clock", None, json!({"advance_seconds": 0}))
-            .await
-            .2["due"]["slots_charged"],
+        api.post("/v1/dev/clock", None, json!({"advance_seconds": 0})).await.2["due"]["slots_charged"],
         0
     );
     assert_eq!(
-        api.get(&format!("/v1/accounts/{account}"), Some(&customer))
-            .await
-            .2["balance"],
+        api.get(&format!("/v1/accounts/{account}"), Some(&customer)).await.2["balance"],
         "9.909588"
     );
 
@@ -585,9 +440,7 @@ async fn a_customer_orders_sets_up_is_billed_hourly_and_cancels_with_a_pro_rata_
         "{cancelled:?}"
     );
     assert_eq!(
-        api.get(&format!("/v1/accounts/{account}"), Some(&customer))
-            .await
-            .2["balance"],
+        api.get(&format!("/v1/accounts/{account}"), Some(&customer)).await.2["balance"],
         "9.92654",
         "exact, trailing zeros beyond the cents dropped"
     );
@@ -601,9 +454,7 @@ async fn a_customer_orders_sets_up_is_billed_hourly_and_cancels_with_a_pro_rata_
         .await,
         409,
     );
-    let advanced = api
-        .post("/v1/dev/clock", None, json!({"advance_seconds": 300}))
-        .await;
+    let advanced = api.post("/v1/dev/clock", None, json!({"advance_seconds": 300})).await;
     assert_eq!(
         (
             advanced.2["due"]["servers_deleted"].as_u64(),
@@ -612,36 +463,18 @@ async fn a_customer_orders_sets_up_is_billed_hourly_and_cancels_with_a_pro_rata_
         (Some(1), Some(0))
     );
     assert_eq!(
-        api.get(&format!("/v1/servers/{server_id}"), Some(&customer))
-            .await
-            .2["status"],
+        api.get(&format!("/v1/servers/{server_id}"), Some(&customer)).await.2["status"],
         "deleted"
     );
 
-    let statement = api
-        .get(
-            &format!("/v1/accounts/{account}/transactions"),
-            Some(&customer),
-        )
-        .await
-        .2;
+    let statement = api.get(&format!("/v1/accounts/{account}/transactions"), Some(&customer)).await.2;
     let kinds: Vec<&str> = statement["items"]
         .as_array()
         .unwrap()
         .iter()
         .map(|item| item["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        kinds,
-        [
-            "adjustment",
-            "charge",
-            "charge",
-            "charge",
-            "charge",
-            "cancellation_refund"
-        ]
-    );
+    assert_eq!(kinds, ["adjustment", "charge", "charge", "charge", "charge", "cancellation_refund"]);
     assert_eq!(statement["items"][5]["amount"], "0.016952");
 }
 
@@ -676,25 +509,75 @@ async fn a_hundred_concurrent_orders_on_a_wallet_that_affords_ten() {
         }
         *statuses.entry(response.0).or_insert(0) += 1;
     }
-    assert_eq!(
-        statuses,
-        std::collections::BTreeMap::from([(202, 10), (402, 90)])
-    );
-    let servers = api
-        .get(&format!("/v1/accounts/{account}/servers"), Some(&customer))
-        .await
-        .2;
+    assert_eq!(statuses, std::collections::BTreeMap::from([(202, 10), (402, 90)]));
+    let servers = api.get(&format!("/v1/accounts/{account}/servers"), Some(&customer)).await.2;
     assert_eq!(servers["items"].as_array().unwrap().len(), 10);
     for item in servers["items"].as_array().unwrap() {
         wait_for_status(&api, item["id"].as_str().unwrap(), &customer, "needs_setup").await;
     }
-    let account = api
-        .get(&format!("/v1/accounts/{account}"), Some(&customer))
-        .await
-        .2;
+    let account = api.get(&format!("/v1/accounts/{account}"), Some(&customer)).await.2;
     assert_eq!(
         (account["balance"].as_str(), account["reserved"].as_str()),
         (Some("0.00"), Some("0.00")),
         "ten holds captured, nothing left over"
     );
+}
+
+#[tokio::test]
+async fn the_demo_loads_history_prints_working_tokens_and_serves_in_dev_mode() {
+    let db = TestDatabase::new().await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_billing"))
+        .args(["demo", "--bind", "127.0.0.1:0"])
+        .env("DATABASE_URL", db.url())
+        .env_remove("BILLING_BOOTSTRAP_ADMIN_TOKEN")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut banner = Vec::new();
+    for _ in 0..7 {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        banner.push(line.trim().to_string());
+    }
+    let server = Server {
+        child,
+        base: banner[0]
+            .strip_prefix("listening on ")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string(),
+    };
+    let api = Api {
+        client: reqwest::Client::new(),
+        base: server.base.clone(),
+    };
+    assert!(banner[1].starts_with("demo: 2123 new events loaded"), "{banner:?}");
+    let token = |prefix: &str| {
+        banner
+            .iter()
+            .find_map(|line| line.strip_prefix(prefix))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let (admin, finance, customer) = (token("admin token:"), token("finance token:"), token("customer token:"));
+    let account = banner[4].split("(account ").nth(1).unwrap().trim_end_matches(')').to_string();
+
+    let own = api.get(&format!("/v1/accounts/{account}"), Some(&customer)).await;
+    assert_eq!(
+        (own.0, own.2["name"].as_str(), own.2["balance"].as_str()),
+        (200, Some("Acme Hosting Pty Ltd"), Some("78.733037"))
+    );
+    assert_eq!(api.get("/v1/ledger/trial-balance", Some(&finance)).await.0, 200);
+    assert_eq!(api.get("/v1/admin/projections", Some(&admin)).await.0, 200);
+    // The clock starts where the history ends; an hour later the two running servers are charged.
+    let advanced = api.post("/v1/dev/clock", None, json!({"advance_seconds": 3600})).await;
+    assert_eq!(advanced.2["now"], "2026-04-02T11:00:00Z", "{advanced:?}");
+    assert!(advanced.2["due"]["slots_charged"].as_u64().unwrap() >= 2, "{advanced:?}");
 }

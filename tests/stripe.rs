@@ -37,9 +37,7 @@ fn serve(db: &TestDatabase, secret: Option<&str>) -> Server {
     };
     let mut child = command.spawn().expect("start billing serve");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let base = line
         .trim()
         .strip_prefix("listening on ")
@@ -52,20 +50,11 @@ fn serve(db: &TestDatabase, secret: Option<&str>) -> Server {
 }
 
 fn fixture(name: &str) -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(format!("{FIXTURES}/{name}.json"))
-            .expect("the shared Stripe fixtures"),
-    )
-    .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURES}/{name}.json")).expect("the shared Stripe fixtures")).unwrap()
 }
 
 /// A `checkout.session.completed` event for `topup_id`, shaped like Stripe's.
-fn completed_checkout(
-    event_id: &str,
-    topup_id: &str,
-    amount_minor: i64,
-    currency: &str,
-) -> Vec<u8> {
+fn completed_checkout(event_id: &str, topup_id: &str, amount_minor: i64, currency: &str) -> Vec<u8> {
     let mut session = fixture("checkout_session");
     session["amount_total"] = json!(amount_minor);
     session["currency"] = json!(currency);
@@ -81,19 +70,10 @@ fn completed_checkout(
 }
 
 fn sign(body: &[u8], secret: &str, offset_seconds: i64) -> String {
-    api::stripe::sign(
-        secret,
-        body,
-        chrono::Utc::now().timestamp() + offset_seconds,
-    )
+    api::stripe::sign(secret, body, chrono::Utc::now().timestamp() + offset_seconds)
 }
 
-async fn deliver(
-    client: &reqwest::Client,
-    base: &str,
-    body: Vec<u8>,
-    signature: Option<String>,
-) -> (u16, Value) {
+async fn deliver(client: &reqwest::Client, base: &str, body: Vec<u8>, signature: Option<String>) -> (u16, Value) {
     let mut request = client
         .post(format!("{base}/v1/webhooks/stripe"))
         .header("content-type", "application/json")
@@ -106,12 +86,17 @@ async fn deliver(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn customer_with_topup(
-    client: &reqwest::Client,
-    base: &str,
-    amount: &str,
-) -> (String, String, String) {
-    let account: Value = client.post(format!("{base}/v1/accounts")).bearer_auth(ADMIN).json(&json!({"name": "Payer", "email": "payer@example.com", "currency": "AUD", "country": "AU"})).send().await.unwrap().json().await.unwrap();
+async fn customer_with_topup(client: &reqwest::Client, base: &str, amount: &str) -> (String, String, String) {
+    let account: Value = client
+        .post(format!("{base}/v1/accounts"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "Payer", "email": "payer@example.com", "currency": "AUD", "country": "AU"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let account = account["id"].as_str().unwrap().to_string();
     let key: Value = client
         .post(format!("{base}/v1/accounts/{account}/api-keys"))
@@ -141,11 +126,7 @@ async fn customer_with_topup(
         .as_str()
         .unwrap()
         .starts_with(&format!("{base}/dev/checkout/")));
-    (
-        account,
-        token,
-        topup["topup_id"].as_str().unwrap().to_string(),
-    )
+    (account, token, topup["topup_id"].as_str().unwrap().to_string())
 }
 
 async fn balance(client: &reqwest::Client, base: &str, account: &str, token: &str) -> String {
@@ -177,15 +158,8 @@ async fn a_paid_checkout_delivered_five_times_at_once_is_credited_once() {
     let signature = sign(&body, SECRET, 0);
     let mut deliveries = Vec::new();
     for _ in 0..5 {
-        let (client, base, body, signature) = (
-            client.clone(),
-            server.base.clone(),
-            body.clone(),
-            signature.clone(),
-        );
-        deliveries.push(tokio::spawn(async move {
-            deliver(&client, &base, body, Some(signature)).await
-        }));
+        let (client, base, body, signature) = (client.clone(), server.base.clone(), body.clone(), signature.clone());
+        deliveries.push(tokio::spawn(async move { deliver(&client, &base, body, Some(signature)).await }));
     }
     let mut fresh = 0;
     for delivery in deliveries {
@@ -196,15 +170,9 @@ async fn a_paid_checkout_delivered_five_times_at_once_is_credited_once() {
         }
     }
     assert_eq!(fresh, 1);
-    assert_eq!(
-        balance(&client, &server.base, &account, &token).await,
-        "25.00"
-    );
+    assert_eq!(balance(&client, &server.base, &account, &token).await, "25.00");
     let statement: Value = client
-        .get(format!(
-            "{}/v1/accounts/{account}/transactions",
-            server.base
-        ))
+        .get(format!("{}/v1/accounts/{account}/transactions", server.base))
         .bearer_auth(&token)
         .send()
         .await
@@ -217,32 +185,15 @@ async fn a_paid_checkout_delivered_five_times_at_once_is_credited_once() {
 
     // A later redelivery of the same event, and another event for the same payment, change nothing.
     assert_eq!(
-        deliver(
-            &client,
-            &server.base,
-            body.clone(),
-            Some(sign(&body, SECRET, 0))
-        )
-        .await
-        .1["duplicate"],
+        deliver(&client, &server.base, body.clone(), Some(sign(&body, SECRET, 0))).await.1["duplicate"],
         true
     );
     let again = completed_checkout("evt_1SamePaymentOtherEvent", &topup_id, 2_500, "aud");
     assert_eq!(
-        deliver(
-            &client,
-            &server.base,
-            again.clone(),
-            Some(sign(&again, SECRET, 0))
-        )
-        .await
-        .0,
+        deliver(&client, &server.base, again.clone(), Some(sign(&again, SECRET, 0))).await.0,
         200
     );
-    assert_eq!(
-        balance(&client, &server.base, &account, &token).await,
-        "25.00"
-    );
+    assert_eq!(balance(&client, &server.base, &account, &token).await, "25.00");
 }
 
 #[tokio::test]
@@ -254,51 +205,32 @@ async fn bad_signatures_stale_timestamps_and_unknown_events() {
     let body = completed_checkout("evt_1Refused", &topup_id, 1_000, "aud");
     for (signature, reason) in [
         (None, "missing"),
-        (
-            Some(sign(&body, "whsec_wrong", 0)),
-            "no v1 signature matches",
-        ),
+        (Some(sign(&body, "whsec_wrong", 0)), "no v1 signature matches"),
         (Some(sign(&body, SECRET, -301)), "more than 300 s"),
         (Some("t=abc".to_string()), "malformed"),
     ] {
         let (status, problem) = deliver(&client, &server.base, body.clone(), signature).await;
         assert_eq!(status, 400, "{problem}");
-        assert!(
-            problem["detail"].as_str().unwrap().contains(reason),
-            "{problem}"
-        );
+        assert!(problem["detail"].as_str().unwrap().contains(reason), "{problem}");
     }
     // A body changed after signing is refused.
     let signature = sign(&body, SECRET, 0);
     let tampered = completed_checkout("evt_1Refused", &topup_id, 1_000_000, "aud");
-    assert_eq!(
-        deliver(&client, &server.base, tampered, Some(signature))
-            .await
-            .0,
-        400
-    );
-    assert_eq!(
-        balance(&client, &server.base, &account, &token).await,
-        "0.00"
-    );
+    assert_eq!(deliver(&client, &server.base, tampered, Some(signature)).await.0, 400);
+    assert_eq!(balance(&client, &server.base, &account, &token).await, "0.00");
 
     // An event type the ledger does not act on is acknowledged and recorded.
     let unknown = serde_json::to_vec(&fixture("event")).unwrap();
-    let (status, answer) = deliver(
-        &client,
-        &server.base,
-        unknown.clone(),
-        Some(sign(&unknown, SECRET, 0)),
-    )
-    .await;
+    let (status, answer) = deliver(&client, &server.base, unknown.clone(), Some(sign(&unknown, SECRET, 0))).await;
     assert_eq!((status, answer["duplicate"].as_bool()), (200, Some(false)));
-    let recorded: (String, Value) = sqlx::query_as("SELECT event_type, payload FROM events WHERE stream_id = 'stripe-event-evt_1Pgc76B7WZ01zgkWwyRHS12y'").fetch_one(&db.pool).await.unwrap();
+    let recorded: (String, Value) =
+        sqlx::query_as("SELECT event_type, payload FROM events WHERE stream_id = 'stripe-event-evt_1Pgc76B7WZ01zgkWwyRHS12y'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(recorded.0, "ProviderEventReceived");
     assert_eq!(
-        (
-            recorded.1["event_type"].as_str(),
-            recorded.1["acted_on"].as_bool()
-        ),
+        (recorded.1["event_type"].as_str(), recorded.1["acted_on"].as_bool()),
         (Some("plan.created"), Some(false))
     );
 
@@ -342,15 +274,8 @@ async fn the_dev_checkout_page_pays_through_a_signed_webhook() {
         .await
         .unwrap();
     assert_eq!(paid.status().as_u16(), 200);
-    assert!(paid
-        .text()
-        .await
-        .unwrap()
-        .contains("was added to your wallet"));
-    assert_eq!(
-        balance(&client, &server.base, &account, &token).await,
-        "12.34"
-    );
+    assert!(paid.text().await.unwrap().contains("was added to your wallet"));
+    assert_eq!(balance(&client, &server.base, &account, &token).await, "12.34");
     // The dev secret is whsec_dev: a webhook signed with it is accepted.
     let body = completed_checkout("evt_1DevSecret", &topup_id, 1_234, "aud");
     assert_eq!(
@@ -358,11 +283,7 @@ async fn the_dev_checkout_page_pays_through_a_signed_webhook() {
             &client,
             &server.base,
             body.clone(),
-            Some(api::stripe::sign(
-                "whsec_dev",
-                &body,
-                chrono::Utc::now().timestamp()
-            ))
+            Some(api::stripe::sign("whsec_dev", &body, chrono::Utc::now().timestamp()))
         )
         .await
         .0,

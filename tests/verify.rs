@@ -21,14 +21,9 @@ fn stdout(output: &Output) -> String {
 }
 
 async fn log_with_events(db: &TestDatabase, count: usize) -> EventLog {
-    let log = EventLog::open(db.pool.clone(), LogConfig::default())
-        .await
-        .unwrap();
+    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
     for index in 0..count {
-        let event = NewEvent::new(
-            "Charged",
-            json!({"amount": format!("0.{index:06}"), "slot": index}),
-        );
+        let event = NewEvent::new("Charged", json!({"amount": format!("0.{index:06}"), "slot": index}));
         log.append(AppendRequest::single(
             format!("account-{}", index % 3),
             ExpectedVersion::Any,
@@ -56,11 +51,7 @@ async fn verify_passes_an_untouched_log_and_an_empty_one() {
     let db = TestDatabase::new().await;
     let output = billing(&db, &["verify"]);
     assert!(output.status.success(), "{output:?}");
-    assert!(
-        stdout(&output).starts_with("ok: 0 events checked"),
-        "{}",
-        stdout(&output)
-    );
+    assert!(stdout(&output).starts_with("ok: 0 events checked"), "{}", stdout(&output));
 
     log_with_events(&db, 25).await;
     let output = billing(&db, &["verify", "--json"]);
@@ -76,7 +67,11 @@ async fn verify_passes_an_untouched_log_and_an_empty_one() {
 async fn verify_names_the_position_of_a_changed_payload() {
     let db = TestDatabase::new().await;
     log_with_events(&db, 30).await;
-    tamper(&db, "UPDATE events SET payload = jsonb_set(payload, '{amount}', '\"9.999999\"') WHERE position = 17").await;
+    tamper(
+        &db,
+        "UPDATE events SET payload = jsonb_set(payload, '{amount}', '\"9.999999\"') WHERE position = 17",
+    )
+    .await;
 
     let output = billing(&db, &["verify"]);
     assert_eq!(output.status.code(), Some(1), "{output:?}");
@@ -84,8 +79,7 @@ async fn verify_names_the_position_of_a_changed_payload() {
     assert!(text.starts_with("FAILED at position 17:"), "{text}");
     assert!(text.contains("changed after it was written"), "{text}");
 
-    let report: Value =
-        serde_json::from_str(&stdout(&billing(&db, &["verify", "--json"]))).unwrap();
+    let report: Value = serde_json::from_str(&stdout(&billing(&db, &["verify", "--json"]))).unwrap();
     assert_eq!(report["ok"], false);
     assert_eq!(report["first_bad_position"], 17);
     assert_eq!(report["events_checked"], 16);
@@ -100,8 +94,7 @@ async fn verify_detects_a_changed_envelope_field_and_a_removed_event() {
         "UPDATE events SET occurred_at = occurred_at - interval '1 day' WHERE position = 4",
     )
     .await;
-    let report: Value =
-        serde_json::from_str(&stdout(&billing(&db, &["verify", "--json"]))).unwrap();
+    let report: Value = serde_json::from_str(&stdout(&billing(&db, &["verify", "--json"]))).unwrap();
     assert_eq!(report["first_bad_position"], 4);
 
     let db = TestDatabase::new().await;
@@ -109,18 +102,13 @@ async fn verify_detects_a_changed_envelope_field_and_a_removed_event() {
     tamper(&db, "DELETE FROM events WHERE position = 6").await;
     let output = billing(&db, &["verify"]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stdout(&output).contains("position 6 is missing"),
-        "{}",
-        stdout(&output)
-    );
+    assert!(stdout(&output).contains("position 6 is missing"), "{}", stdout(&output));
 
     // Removing the tail is caught by the recorded head.
     let db = TestDatabase::new().await;
     log_with_events(&db, 12).await;
     tamper(&db, "DELETE FROM events WHERE position = 12").await;
-    let report: Value =
-        serde_json::from_str(&stdout(&billing(&db, &["verify", "--json"]))).unwrap();
+    let report: Value = serde_json::from_str(&stdout(&billing(&db, &["verify", "--json"]))).unwrap();
     assert_eq!(report["ok"], false);
     assert_eq!(report["first_bad_position"], 12);
 }
@@ -131,9 +119,7 @@ async fn verify_checks_an_anchor_recorded_outside_the_database() {
     let log = log_with_events(&db, 10).await;
     let (position, hash) = log.head().await.unwrap();
     let anchor = format!("{position}:{}", hex_of(&hash));
-    assert!(billing(&db, &["verify", "--anchor", &anchor])
-        .status
-        .success());
+    assert!(billing(&db, &["verify", "--anchor", &anchor]).status.success());
 
     let wrong = format!("{position}:{}", "00".repeat(32));
     let output = billing(&db, &["verify", "--anchor", &wrong]);
@@ -147,19 +133,12 @@ async fn verify_checks_an_anchor_recorded_outside_the_database() {
     let beyond = format!("11:{}", hex_of(&hash));
     let output = billing(&db, &["verify", "--anchor", &beyond]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stdout(&output).contains("the log ends at 10"),
-        "{}",
-        stdout(&output)
-    );
+    assert!(stdout(&output).contains("the log ends at 10"), "{}", stdout(&output));
 
     // A malformed anchor is a usage error with a message, not a verification result.
     let output = billing(&db, &["verify", "--anchor", "ten:abc"]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("not a whole number"),
-        "{output:?}"
-    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not a whole number"), "{output:?}");
 }
 
 #[tokio::test]

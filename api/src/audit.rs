@@ -52,13 +52,7 @@ const CSV_HEADER: [&str; 12] = [
 const PAGE: usize = 5_000;
 
 /// Writes the events with `from <= bound <= to` in position order; returns how many.
-pub async fn export(
-    pool: &PgPool,
-    from: Option<Bound>,
-    to: Option<Bound>,
-    format: Format,
-    out: impl Write,
-) -> anyhow::Result<u64> {
+pub async fn export(pool: &PgPool, from: Option<Bound>, to: Option<Bound>, format: Format, out: impl Write) -> anyhow::Result<u64> {
     let mut sink = match format {
         Format::Csv => {
             let mut writer = csv::Writer::from_writer(out);
@@ -156,13 +150,9 @@ pub async fn import(log: &EventLog, input: impl BufRead) -> anyhow::Result<u64> 
         if line.trim().is_empty() {
             continue;
         }
-        let event: ImportedEvent = serde_json::from_str(&line)
-            .map_err(|error| anyhow::anyhow!("line {}: {error}", index + 1))?;
+        let event: ImportedEvent = serde_json::from_str(&line).map_err(|error| anyhow::anyhow!("line {}: {error}", index + 1))?;
         // One append may not name a stream twice: flush before a stream repeats, keeping order.
-        if pending
-            .iter()
-            .any(|append| append.stream_id == event.stream_id)
-        {
+        if pending.iter().any(|append| append.stream_id == event.stream_id) {
             imported += flush(log, &mut pending).await?;
         }
         let expected = if event.stream_version == 1 {
@@ -175,11 +165,7 @@ pub async fn import(log: &EventLog, input: impl BufRead) -> anyhow::Result<u64> 
             .with_schema_version(event.schema_version)
             .with_metadata(event.metadata)
             .occurred_at(event.occurred_at);
-        pending.push(StreamAppend::new(
-            event.stream_id,
-            expected,
-            vec![new_event],
-        ));
+        pending.push(StreamAppend::new(event.stream_id, expected, vec![new_event]));
     }
     imported += flush(log, &mut pending).await?;
     Ok(imported)

@@ -12,11 +12,8 @@ use sqlx::PgPool;
 const DATABASE_NAME: &str = "billing";
 
 pub fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {
@@ -32,20 +29,13 @@ async fn connect() -> anyhow::Result<PgPool> {
 
 pub async fn migrate() -> anyhow::Result<ExitCode> {
     let pool = connect().await?;
-    ledger::MIGRATOR
-        .run(&pool)
-        .await
-        .context("running the migrations")?;
+    ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
     let applied = ledger::MIGRATOR.iter().count();
     println!("database is up to date ({applied} migrations)");
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn verify(
-    anchor: Option<Anchor>,
-    chain_only: bool,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
+pub async fn verify(anchor: Option<Anchor>, chain_only: bool, json: bool) -> anyhow::Result<ExitCode> {
     let pool = connect().await?;
     let bar = progress_bar("verifying the chain");
     let report = verify_chain(&pool, anchor, |done, total| {
@@ -95,10 +85,7 @@ pub async fn verify(
         }
         for check in &checks {
             if check.differences.is_empty() {
-                println!(
-                    "ok: read model {} matches a replay up to position {}",
-                    check.name, check.position
-                );
+                println!("ok: read model {} matches a replay up to position {}", check.name, check.position);
             } else {
                 println!(
                     "FAILED: read model {} differs from a replay up to position {}:",
@@ -116,21 +103,14 @@ pub async fn verify(
             }
         }
     }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 pub async fn rebuild(name: Option<String>) -> anyhow::Result<ExitCode> {
     let pool = connect().await?;
     let selected = match name {
         Some(name) => vec![projections::projection::by_name(&name).ok_or_else(|| {
-            let known: Vec<&str> = projections::projection::all()
-                .iter()
-                .map(|p| p.name())
-                .collect();
+            let known: Vec<&str> = projections::projection::all().iter().map(|p| p.name()).collect();
             anyhow::anyhow!("no read model named {name:?}; known: {}", known.join(", "))
         })?],
         None => projections::projection::all(),
@@ -161,8 +141,7 @@ pub async fn export(
     let pool = connect().await?;
     let written = match output {
         Some(path) => {
-            let file = std::fs::File::create(&path)
-                .with_context(|| format!("creating {}", path.display()))?;
+            let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
             crate::audit::export(&pool, from, to, format, file).await?
         }
         None => crate::audit::export(&pool, from, to, format, std::io::stdout().lock()).await?,
@@ -173,19 +152,12 @@ pub async fn export(
 
 pub async fn import(file: std::path::PathBuf) -> anyhow::Result<ExitCode> {
     let pool = connect().await?;
-    ledger::MIGRATOR
-        .run(&pool)
-        .await
-        .context("running the migrations")?;
+    ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
     let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
-    let input =
-        std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+    let input = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
     let imported = crate::audit::import(&log, std::io::BufReader::new(input)).await?;
     projections::runner::catch_up_all(&pool).await?;
-    println!(
-        "imported {imported} events from {}; read models are up to date",
-        file.display()
-    );
+    println!("imported {imported} events from {}; read models are up to date", file.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -195,59 +167,80 @@ pub fn progress_bar(message: &'static str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} events, {per_sec}, eta {eta}")
-            .expect("a valid template"),
-    );
+    bar.set_style(ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} events, {per_sec}, eta {eta}").expect("a valid template"));
     bar.set_message(message);
     bar
 }
 
 /// The catalogue shipped with the binary, loaded into the `catalog` stream at start.
 pub fn embedded_catalog() -> domain::catalog::Fixtures {
-    domain::catalog::Fixtures::parse(
-        include_str!("../../fixtures/plans.toml"),
-        include_str!("../../fixtures/tax.toml"),
-    )
-    .expect("the embedded fixtures parse")
+    domain::catalog::Fixtures::parse(include_str!("../../fixtures/plans.toml"), include_str!("../../fixtures/tax.toml"))
+        .expect("the embedded fixtures parse")
 }
 
 pub async fn serve(dev: bool, bind: String) -> anyhow::Result<ExitCode> {
-    use std::sync::Arc;
     let pool = connect().await?;
-    ledger::MIGRATOR
-        .run(&pool)
-        .await
-        .context("running the migrations")?;
+    ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
+    run_server(pool, dev, bind, chrono::Utc::now(), None).await
+}
+
+/// The month of history shipped with the binary, for `billing demo`.
+const DEMO_HISTORY: &str = include_str!("../../fixtures/histories/march-2026.jsonl");
+
+/// Loads the demo history, makes a key of each role, and serves in dev mode with the clock where
+/// the history ends.
+pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
+    use crate::http::auth::{create_key, Role};
+    let pool = connect().await?;
+    ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
     let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
-    let dev_clock = dev.then(|| Arc::new(domain::ManualClock::new(chrono::Utc::now())));
+    let imported = crate::audit::import(&log, DEMO_HISTORY.as_bytes()).await?;
+    projections::runner::catch_up_all(&pool).await?;
+    let customer_account: uuid::Uuid =
+        sqlx::query_scalar("SELECT account_id FROM rm.balances WHERE name LIKE 'Acme%' ORDER BY account_id LIMIT 1")
+            .fetch_one(&pool)
+            .await?;
+    let admin = match std::env::var("BILLING_BOOTSTRAP_ADMIN_TOKEN") {
+        Ok(token) if token.len() >= 16 => token,
+        _ => create_key(&pool, Role::Admin, None, "demo").await?,
+    };
+    let finance = create_key(&pool, Role::Finance, None, "demo").await?;
+    let customer = create_key(&pool, Role::Customer, Some(domain::AccountId(customer_account)), "demo").await?;
+    let last_event: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT max(occurred_at) FROM events").fetch_one(&pool).await?;
+    let clock_start = last_event.unwrap_or_else(chrono::Utc::now);
+    let banner = format!(
+        "demo: {imported} new events loaded (3 accounts, a month of billing); the dev clock starts at {clock_start}\n\
+         admin token:    {admin}\n\
+         finance token:  {finance}\n\
+         customer token: {customer} (account {customer_account})\n\
+         try:          curl -H 'Authorization: Bearer {customer}' URL/v1/accounts/{customer_account}\n\
+         advance time: curl -X POST -H 'content-type: application/json' -d '{{\"advance_seconds\": 3600}}' URL/v1/dev/clock"
+    );
+    run_server(pool, true, bind, clock_start, Some(banner)).await
+}
+
+async fn run_server(
+    pool: sqlx::PgPool,
+    dev: bool,
+    bind: String,
+    clock_start: chrono::DateTime<chrono::Utc>,
+    banner: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    use std::sync::Arc;
+    let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
+    let dev_clock = dev.then(|| Arc::new(domain::ManualClock::new(clock_start)));
     let clock: Arc<dyn domain::Clock> = match &dev_clock {
         Some(clock) => clock.clone(),
         None => Arc::new(crate::handler::SystemClock),
     };
-    let flows = crate::flows::Flows::new(crate::handler::CommandHandler::new(
-        log.clone(),
-        clock.clone(),
-    ));
+    let flows = crate::flows::Flows::new(crate::handler::CommandHandler::new(log.clone(), clock.clone()));
     flows
-        .sync_catalog(
-            embedded_catalog(),
-            &crate::handler::Metadata::actor("system", "startup"),
-        )
+        .sync_catalog(embedded_catalog(), &crate::handler::Metadata::actor("system", "startup"))
         .await?;
     if let Ok(token) = std::env::var("BILLING_BOOTSTRAP_ADMIN_TOKEN") {
-        anyhow::ensure!(
-            token.len() >= 16,
-            "BILLING_BOOTSTRAP_ADMIN_TOKEN must be at least 16 characters"
-        );
-        crate::http::auth::store_key(
-            &pool,
-            &token,
-            crate::http::auth::Role::Admin,
-            None,
-            "bootstrap",
-        )
-        .await?;
+        anyhow::ensure!(token.len() >= 16, "BILLING_BOOTSTRAP_ADMIN_TOKEN must be at least 16 characters");
+        crate::http::auth::store_key(&pool, &token, crate::http::auth::Role::Admin, None, "bootstrap").await?;
     }
     projections::runner::catch_up_all(&pool).await?;
     // The projectors follow the log for as long as the server runs: woken by appends (this
@@ -259,8 +252,7 @@ pub async fn serve(dev: bool, bind: String) -> anyhow::Result<ExitCode> {
             if let Err(error) = projections::runner::catch_up_all(&projector_pool).await {
                 tracing::error!(%error, "projector failed; retrying");
             }
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_millis(500), head.changed()).await;
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(500), head.changed()).await;
         }
     });
     // Due work (hourly slots, deletions) every 30 s; in dev mode it also runs when the clock moves.
@@ -293,12 +285,11 @@ pub async fn serve(dev: bool, bind: String) -> anyhow::Result<ExitCode> {
     };
     println!(
         "listening on http://{address}{}",
-        if dev {
-            " (dev mode: simulated clock at /v1/dev/clock)"
-        } else {
-            ""
-        }
+        if dev { " (dev mode: simulated clock at /v1/dev/clock)" } else { "" }
     );
+    if let Some(banner) = banner {
+        println!("{}", banner.replace("URL", &format!("http://{address}")));
+    }
     use std::io::Write as _;
     std::io::stdout().flush()?;
     axum::serve(listener, crate::http::router(state))
@@ -311,33 +302,25 @@ pub async fn serve(dev: bool, bind: String) -> anyhow::Result<ExitCode> {
 
 pub async fn create_key(role: &str, account: Option<String>) -> anyhow::Result<ExitCode> {
     use crate::http::auth::Role;
-    let role = Role::parse(role)
-        .ok_or_else(|| anyhow::anyhow!("--role is one of customer, finance, admin"))?;
+    let role = Role::parse(role).ok_or_else(|| anyhow::anyhow!("--role is one of customer, finance, admin"))?;
     let account_id = match (role, account) {
-        (Role::Customer, Some(text)) => Some(
-            domain::AccountId::parse(&text)
-                .map_err(|_| anyhow::anyhow!("--account {text:?} is not an account id"))?,
-        ),
+        (Role::Customer, Some(text)) => {
+            Some(domain::AccountId::parse(&text).map_err(|_| anyhow::anyhow!("--account {text:?} is not an account id"))?)
+        }
         (Role::Customer, None) => anyhow::bail!("a customer key needs --account ID"),
         (_, Some(_)) => anyhow::bail!("only customer keys belong to an account"),
         (_, None) => None,
     };
     let pool = connect().await?;
-    ledger::MIGRATOR
-        .run(&pool)
-        .await
-        .context("running the migrations")?;
+    ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
     if let Some(account_id) = account_id {
-        let exists: Option<(i32,)> =
-            sqlx::query_as("SELECT 1 FROM rm.balances WHERE account_id = $1")
-                .bind(account_id.0)
-                .fetch_optional(&pool)
-                .await?;
+        let exists: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM rm.balances WHERE account_id = $1")
+            .bind(account_id.0)
+            .fetch_optional(&pool)
+            .await?;
         anyhow::ensure!(exists.is_some(), "no account {account_id}");
     }
-    let token =
-        crate::http::auth::create_key(&pool, role, account_id, "created with billing keys create")
-            .await?;
+    let token = crate::http::auth::create_key(&pool, role, account_id, "created with billing keys create").await?;
     println!("{token}");
     Ok(ExitCode::SUCCESS)
 }

@@ -7,16 +7,14 @@ use chrono::{DateTime, Utc};
 use domain::account::{Account, AccountCommand, AccountError, AccountEvent};
 use domain::catalog::{Catalog, CatalogCommand, CatalogError, Fixtures, CATALOG_STREAM};
 use domain::invoice::{
-    build_invoice, series_stream, BilledCharge, BilledRefund, CreditNoteDraft, InvoiceError,
-    InvoiceSeries, InvoiceSeriesCommand, RefundKind,
+    build_invoice, series_stream, BilledCharge, BilledRefund, CreditNoteDraft, InvoiceError, InvoiceSeries, InvoiceSeriesCommand,
+    RefundKind,
 };
 use domain::order::{Order, OrderCommand, OrderError};
-use domain::server::{
-    CancellationMode, PowerAction, Server, ServerCommand, ServerError, SuspensionReason,
-};
+use domain::server::{CancellationMode, PowerAction, Server, ServerCommand, ServerError, SuspensionReason};
 use domain::{
-    AccountId, AdjustmentId, ChargeId, Country, Currency, DisputeId, Hostname, HourSlot, InvoiceId,
-    Location, OrderId, PlanId, RefundId, ServerId, TaxRate, TopUpId, YearMonth,
+    AccountId, AdjustmentId, ChargeId, Country, Currency, DisputeId, Hostname, HourSlot, InvoiceId, Location, OrderId, PlanId, RefundId,
+    ServerId, TaxRate, TopUpId, YearMonth,
 };
 use rust_decimal::Decimal;
 
@@ -67,11 +65,7 @@ macro_rules! atomically {
             #[allow(unused_mut)]
             let mut $unit = $flows.handler.unit();
             let value = $body;
-            match $flows
-                .handler
-                .commit::<FlowError>($unit, $metadata, attempt)
-                .await?
-            {
+            match $flows.handler.commit::<FlowError>($unit, $metadata, attempt).await? {
                 Commit::Done(_) => break value,
                 Commit::Retry => continue,
             }
@@ -263,32 +257,18 @@ impl Flows {
     }
 
     /// Provisioning succeeded: the server needs setup and the hold becomes the first hour's charge.
-    pub async fn complete_provisioning(
-        &self,
-        order_id: OrderId,
-        provider_server_id: &str,
-        metadata: &Metadata,
-    ) -> Result<ChargeId> {
+    pub async fn complete_provisioning(&self, order_id: OrderId, provider_server_id: &str, metadata: &Metadata) -> Result<ChargeId> {
         let at = self.now();
         let charge_id = ChargeId::new();
         atomically!(self, metadata, |unit| {
             let mut order = unit_load::<Order>(&unit, &order_id.stream_id()).await?;
-            let placed = order
-                .state
-                .placed
-                .clone()
-                .ok_or(FlowError::NotFound("order"))?;
+            let placed = order.state.placed.clone().ok_or(FlowError::NotFound("order"))?;
             let mut server = unit_load::<Server>(&unit, &placed.server_id.stream_id()).await?;
             let mut account = unit_load::<Account>(&unit, &placed.account_id.stream_id()).await?;
-            let country = account
-                .state
-                .opened()
-                .ok_or(FlowError::NotFound("account"))?
-                .country;
+            let country = account.state.opened().ok_or(FlowError::NotFound("account"))?.country;
             let catalog = unit_load::<Catalog>(&unit, CATALOG_STREAM).await?;
             let tax_rate = catalog.state.tax_rate(country, at);
-            unit.handle(&mut order, OrderCommand::Complete { charge_id, at })
-                .await?;
+            unit.handle(&mut order, OrderCommand::Complete { charge_id, at }).await?;
             unit.handle(
                 &mut server,
                 ServerCommand::CompleteProvisioning {
@@ -313,20 +293,11 @@ impl Flows {
     }
 
     /// Provisioning failed: the hold is released in full.
-    pub async fn fail_provisioning(
-        &self,
-        order_id: OrderId,
-        reason: &str,
-        metadata: &Metadata,
-    ) -> Result<()> {
+    pub async fn fail_provisioning(&self, order_id: OrderId, reason: &str, metadata: &Metadata) -> Result<()> {
         let at = self.now();
         atomically!(self, metadata, |unit| {
             let mut order = unit_load::<Order>(&unit, &order_id.stream_id()).await?;
-            let placed = order
-                .state
-                .placed
-                .clone()
-                .ok_or(FlowError::NotFound("order"))?;
+            let placed = order.state.placed.clone().ok_or(FlowError::NotFound("order"))?;
             let mut server = unit_load::<Server>(&unit, &placed.server_id.stream_id()).await?;
             let mut account = unit_load::<Account>(&unit, &placed.account_id.stream_id()).await?;
             unit.handle(
@@ -357,12 +328,7 @@ impl Flows {
         Ok(())
     }
 
-    pub async fn server_command(
-        &self,
-        server_id: ServerId,
-        command: ServerCommand,
-        metadata: &Metadata,
-    ) -> Result<()> {
+    pub async fn server_command(&self, server_id: ServerId, command: ServerCommand, metadata: &Metadata) -> Result<()> {
         self.handler
             .execute::<Server>(&server_id.stream_id(), command, metadata)
             .await
@@ -370,13 +336,7 @@ impl Flows {
         Ok(())
     }
 
-    pub async fn setup(
-        &self,
-        server_id: ServerId,
-        os_image: &str,
-        hostname: Hostname,
-        metadata: &Metadata,
-    ) -> Result<()> {
+    pub async fn setup(&self, server_id: ServerId, os_image: &str, hostname: Hostname, metadata: &Metadata) -> Result<()> {
         self.server_command(
             server_id,
             ServerCommand::Setup {
@@ -389,40 +349,19 @@ impl Flows {
         .await
     }
 
-    pub async fn power(
-        &self,
-        server_id: ServerId,
-        action: PowerAction,
-        metadata: &Metadata,
-    ) -> Result<()> {
-        self.server_command(
-            server_id,
-            ServerCommand::Power {
-                action,
-                at: self.now(),
-            },
-            metadata,
-        )
-        .await
+    pub async fn power(&self, server_id: ServerId, action: PowerAction, metadata: &Metadata) -> Result<()> {
+        self.server_command(server_id, ServerCommand::Power { action, at: self.now() }, metadata)
+            .await
     }
 
     /// Charges one (server, slot) at the price in force at the slot; declined for lack of funds,
     /// the server is suspended in the same append.
-    pub async fn charge_slot(
-        &self,
-        server_id: ServerId,
-        slot: HourSlot,
-        metadata: &Metadata,
-    ) -> Result<SlotOutcome> {
+    pub async fn charge_slot(&self, server_id: ServerId, slot: HourSlot, metadata: &Metadata) -> Result<SlotOutcome> {
         let at = self.now();
         let charge_id = ChargeId::new();
         let outcome = atomically!(self, metadata, |unit| {
             let mut server = unit_load::<Server>(&unit, &server_id.stream_id()).await?;
-            let ordered = server
-                .state
-                .ordered
-                .clone()
-                .ok_or(FlowError::NotFound("server"))?;
+            let ordered = server.state.ordered.clone().ok_or(FlowError::NotFound("server"))?;
             if !server.state.is_billable() {
                 break SlotOutcome::NotBillable;
             }
@@ -430,11 +369,7 @@ impl Flows {
             if account.state.is_charged(server_id, slot) {
                 break SlotOutcome::AlreadyCharged;
             }
-            let opened = account
-                .state
-                .opened()
-                .cloned()
-                .ok_or(FlowError::NotFound("account"))?;
+            let opened = account.state.opened().cloned().ok_or(FlowError::NotFound("account"))?;
             let catalog = unit_load::<Catalog>(&unit, CATALOG_STREAM).await?;
             let price = catalog
                 .state
@@ -473,27 +408,14 @@ impl Flows {
     }
 
     /// Cancels a server: billing stops now and the unused part of the slot in progress is refunded.
-    pub async fn cancel(
-        &self,
-        server_id: ServerId,
-        mode: CancellationMode,
-        metadata: &Metadata,
-    ) -> Result<()> {
+    pub async fn cancel(&self, server_id: ServerId, mode: CancellationMode, metadata: &Metadata) -> Result<()> {
         let at = self.now();
         atomically!(self, metadata, |unit| {
             let mut server = unit_load::<Server>(&unit, &server_id.stream_id()).await?;
-            let ordered = server
-                .state
-                .ordered
-                .clone()
-                .ok_or(FlowError::NotFound("server"))?;
-            unit.handle(&mut server, ServerCommand::RequestCancellation { mode, at })
-                .await?;
+            let ordered = server.state.ordered.clone().ok_or(FlowError::NotFound("server"))?;
+            unit.handle(&mut server, ServerCommand::RequestCancellation { mode, at }).await?;
             let mut account = unit_load::<Account>(&unit, &ordered.account_id.stream_id()).await?;
-            if let Some(charge_id) = account
-                .state
-                .charge_for(server_id, HourSlot::containing(at))
-            {
+            if let Some(charge_id) = account.state.charge_for(server_id, HourSlot::containing(at)) {
                 match unit
                     .handle(
                         &mut account,
@@ -513,48 +435,25 @@ impl Flows {
     }
 
     /// Revokes a grace cancellation: the server is powered on and the slot in progress charged.
-    pub async fn revoke_cancellation(
-        &self,
-        server_id: ServerId,
-        metadata: &Metadata,
-    ) -> Result<SlotOutcome> {
-        self.server_command(
-            server_id,
-            ServerCommand::RevokeCancellation { at: self.now() },
-            metadata,
-        )
-        .await?;
-        self.charge_slot(server_id, HourSlot::containing(self.now()), metadata)
-            .await
+    pub async fn revoke_cancellation(&self, server_id: ServerId, metadata: &Metadata) -> Result<SlotOutcome> {
+        self.server_command(server_id, ServerCommand::RevokeCancellation { at: self.now() }, metadata)
+            .await?;
+        self.charge_slot(server_id, HourSlot::containing(self.now()), metadata).await
     }
 
     /// Resumes a server suspended for non-payment and charges the slot in progress.
     pub async fn resume(&self, server_id: ServerId, metadata: &Metadata) -> Result<SlotOutcome> {
-        self.server_command(
-            server_id,
-            ServerCommand::Resume { at: self.now() },
-            metadata,
-        )
-        .await?;
-        self.charge_slot(server_id, HourSlot::containing(self.now()), metadata)
-            .await
+        self.server_command(server_id, ServerCommand::Resume { at: self.now() }, metadata)
+            .await?;
+        self.charge_slot(server_id, HourSlot::containing(self.now()), metadata).await
     }
 
     pub async fn delete_due(&self, server_id: ServerId, metadata: &Metadata) -> Result<()> {
-        self.server_command(
-            server_id,
-            ServerCommand::Delete { at: self.now() },
-            metadata,
-        )
-        .await
+        self.server_command(server_id, ServerCommand::Delete { at: self.now() }, metadata)
+            .await
     }
 
-    pub async fn account_command(
-        &self,
-        account_id: AccountId,
-        command: AccountCommand,
-        metadata: &Metadata,
-    ) -> Result<Vec<AccountEvent>> {
+    pub async fn account_command(&self, account_id: AccountId, command: AccountCommand, metadata: &Metadata) -> Result<Vec<AccountEvent>> {
         Ok(self
             .handler
             .execute::<Account>(&account_id.stream_id(), command, metadata)
@@ -589,22 +488,11 @@ impl Flows {
                 )
                 .await?;
             let (slot, tax_rate) = charge_facts(&unit, account_id, charge_id).await?;
-            let currency = account
-                .state
-                .opened()
-                .ok_or(FlowError::NotFound("account"))?
-                .currency;
+            let currency = account.state.opened().ok_or(FlowError::NotFound("account"))?.currency;
             let year = slot.month().year;
             let mut series = unit_load::<InvoiceSeries>(&unit, &series_stream(year)).await?;
-            if let (Some(invoice_id), false) =
-                (series.state.invoice_of(charge_id), events.is_empty())
-            {
-                let split = BilledRefund::service_credit(
-                    charge_id,
-                    domain::ServerId::default(),
-                    amount,
-                    tax_rate,
-                );
+            if let (Some(invoice_id), false) = (series.state.invoice_of(charge_id), events.is_empty()) {
+                let split = BilledRefund::service_credit(charge_id, domain::ServerId::default(), amount, tax_rate);
                 let credit_note = CreditNoteDraft {
                     invoice_id,
                     account_id,
@@ -629,13 +517,7 @@ impl Flows {
         Ok(refund_id)
     }
 
-    pub async fn adjust(
-        &self,
-        account_id: AccountId,
-        amount: Decimal,
-        reason: &str,
-        metadata: &Metadata,
-    ) -> Result<AdjustmentId> {
+    pub async fn adjust(&self, account_id: AccountId, amount: Decimal, reason: &str, metadata: &Metadata) -> Result<AdjustmentId> {
         let adjustment_id = AdjustmentId::new();
         self.account_command(
             account_id,
@@ -726,11 +608,7 @@ impl Flows {
         let at = self.now();
         atomically!(self, metadata, |unit| {
             let account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
-            let currency = account
-                .state
-                .opened()
-                .ok_or(FlowError::NotFound("account"))?
-                .currency;
+            let currency = account.state.opened().ok_or(FlowError::NotFound("account"))?.currency;
             domain::Money::new(amount, currency)
                 .and_then(|money| money.to_minor_units())
                 .map_err(|error| FlowError::Invalid {
@@ -770,8 +648,7 @@ impl Flows {
             }
             unit.open_stream(receipt_stream, "ProviderEventReceived", receipt.clone());
             if let Some((topup_id, payment_id, paid_amount)) = &paid {
-                let mut topup =
-                    unit_load::<domain::topup::TopUp>(&unit, &topup_id.stream_id()).await?;
+                let mut topup = unit_load::<domain::topup::TopUp>(&unit, &topup_id.stream_id()).await?;
                 match topup.state.requested.clone() {
                     // An unknown top-up is recorded as received, and nothing is credited.
                     None => tracing::warn!(%topup_id, "payment for an unknown top-up"),
@@ -799,9 +676,7 @@ impl Flows {
                             Err(error) => return Err(error.into()),
                         };
                         if !newly_paid.is_empty() {
-                            let mut account =
-                                unit_load::<Account>(&unit, &requested.account_id.stream_id())
-                                    .await?;
+                            let mut account = unit_load::<Account>(&unit, &requested.account_id.stream_id()).await?;
                             unit.handle(
                                 &mut account,
                                 AccountCommand::SettleTopUp {
@@ -821,28 +696,18 @@ impl Flows {
     }
 
     /// Issues the month's invoice for an account (none when the month had no charge).
-    pub async fn issue_invoice(
-        &self,
-        account_id: AccountId,
-        period: YearMonth,
-        metadata: &Metadata,
-    ) -> Result<Option<InvoiceId>> {
+    pub async fn issue_invoice(&self, account_id: AccountId, period: YearMonth, metadata: &Metadata) -> Result<Option<InvoiceId>> {
         let at = self.now();
         let invoice_id = InvoiceId::new();
         let issued = atomically!(self, metadata, |unit| {
             let account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
-            let currency = account
-                .state
-                .opened()
-                .ok_or(FlowError::NotFound("account"))?
-                .currency;
+            let currency = account.state.opened().ok_or(FlowError::NotFound("account"))?.currency;
             let mut series = unit_load::<InvoiceSeries>(&unit, &series_stream(period.year)).await?;
             if series.state.is_invoiced(account_id, period) {
                 break None;
             }
             let (charges, refunds) = month_activity(&unit, account_id, period).await?;
-            let Some(draft) = build_invoice(account_id, currency, period, &charges, &refunds)
-            else {
+            let Some(draft) = build_invoice(account_id, currency, period, &charges, &refunds) else {
                 break None;
             };
             unit.handle(
@@ -869,19 +734,12 @@ fn map_single<E: Into<FlowError>>(error: HandlerError<E>) -> FlowError {
     }
 }
 
-async fn account_events(
-    unit: &crate::handler::Unit,
-    account_id: AccountId,
-) -> Result<Vec<(DateTime<Utc>, AccountEvent)>> {
+async fn account_events(unit: &crate::handler::Unit, account_id: AccountId) -> Result<Vec<(DateTime<Utc>, AccountEvent)>> {
     let events = unit.read_stream(&account_id.stream_id()).await?;
     events
         .into_iter()
         .map(|recorded| {
-            let payload = domain::account::upcast(
-                &recorded.event_type,
-                recorded.schema_version,
-                recorded.payload,
-            );
+            let payload = domain::account::upcast(&recorded.event_type, recorded.schema_version, recorded.payload);
             serde_json::from_value(payload)
                 .map(|event| (recorded.occurred_at, event))
                 .map_err(|error| {
@@ -897,11 +755,7 @@ async fn account_events(
 }
 
 /// The slot and tax rate of a charge.
-async fn charge_facts(
-    unit: &crate::handler::Unit,
-    account_id: AccountId,
-    charge_id: ChargeId,
-) -> Result<(HourSlot, TaxRate)> {
+async fn charge_facts(unit: &crate::handler::Unit, account_id: AccountId, charge_id: ChargeId) -> Result<(HourSlot, TaxRate)> {
     for (_, event) in account_events(unit, account_id).await? {
         match event {
             AccountEvent::HourCharged {
@@ -967,30 +821,17 @@ async fn month_activity(
     let mut refunds = Vec::new();
     for (_, event) in &events {
         let (kind, charge_id, net, tax, gross) = match event {
-            AccountEvent::CancellationRefunded {
-                charge_id,
-                net,
-                tax,
-                ..
-            } => (RefundKind::Cancellation, charge_id, *net, *tax, None),
-            AccountEvent::ServiceCredited {
-                charge_id, amount, ..
-            } => (
-                RefundKind::ServiceCredit,
-                charge_id,
-                Decimal::ZERO,
-                Decimal::ZERO,
-                Some(*amount),
-            ),
+            AccountEvent::CancellationRefunded { charge_id, net, tax, .. } => (RefundKind::Cancellation, charge_id, *net, *tax, None),
+            AccountEvent::ServiceCredited { charge_id, amount, .. } => {
+                (RefundKind::ServiceCredit, charge_id, Decimal::ZERO, Decimal::ZERO, Some(*amount))
+            }
             _ => continue,
         };
         let Some(charge) = charges.iter().find(|charge| charge.charge_id == *charge_id) else {
             continue;
         };
         refunds.push(match gross {
-            Some(amount) => {
-                BilledRefund::service_credit(*charge_id, charge.server_id, amount, charge.tax_rate)
-            }
+            Some(amount) => BilledRefund::service_credit(*charge_id, charge.server_id, amount, charge.tax_rate),
             None => BilledRefund {
                 kind,
                 charge_id: *charge_id,

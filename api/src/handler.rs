@@ -24,9 +24,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use domain::Clock;
-use ledger::{
-    AppendError, AppendOutcome, AppendRequest, EventLog, ExpectedVersion, NewEvent, StreamAppend,
-};
+use ledger::{AppendError, AppendOutcome, AppendRequest, EventLog, ExpectedVersion, NewEvent, StreamAppend};
 use rand::Rng;
 use serde::Serialize;
 use serde_json::Value;
@@ -80,11 +78,7 @@ pub enum StorageError {
     #[error("reading the log: {0}")]
     Read(#[from] sqlx::Error),
     #[error("event at position {position} of {stream_id} does not decode: {reason}")]
-    Corrupt {
-        stream_id: String,
-        position: i64,
-        reason: String,
-    },
+    Corrupt { stream_id: String, position: i64, reason: String },
     #[error("appending: {0}")]
     Append(AppendError),
 }
@@ -125,10 +119,7 @@ pub enum Commit {
 
 impl Unit {
     /// Loads an aggregate by folding its stream (events upcast, then decoded).
-    pub async fn load<A: StreamAggregate + 'static>(
-        &self,
-        stream_id: &str,
-    ) -> Result<Loaded<A>, StorageError> {
+    pub async fn load<A: StreamAggregate + 'static>(&self, stream_id: &str) -> Result<Loaded<A>, StorageError> {
         load(&self.log, &self.cache, stream_id).await
     }
 
@@ -141,28 +132,18 @@ impl Unit {
     /// opened meanwhile. Receipts of external events (a webhook's event id) use it to be
     /// recorded once, in the same append as their effect.
     pub fn open_stream(&mut self, stream_id: &str, event_type: &str, payload: Value) {
-        self.appends.push((
-            stream_id.to_string(),
-            0,
-            vec![(event_type.to_string(), 1, payload)],
-        ));
+        self.appends
+            .push((stream_id.to_string(), 0, vec![(event_type.to_string(), 1, payload)]));
     }
 
     /// Every event of a stream as stored (for flows that read history, such as invoicing).
-    pub async fn read_stream(
-        &self,
-        stream_id: &str,
-    ) -> Result<Vec<ledger::RecordedEvent>, StorageError> {
+    pub async fn read_stream(&self, stream_id: &str) -> Result<Vec<ledger::RecordedEvent>, StorageError> {
         Ok(self.log.read_stream_all(stream_id).await?)
     }
 
     /// Runs a command on a loaded aggregate; its events are applied to `loaded.state` and kept
     /// for the commit. A refusal leaves nothing to commit for this aggregate.
-    pub async fn handle<A: StreamAggregate>(
-        &mut self,
-        loaded: &mut Loaded<A>,
-        command: A::Command,
-    ) -> Result<Vec<A::Event>, A::Error> {
+    pub async fn handle<A: StreamAggregate>(&mut self, loaded: &mut Loaded<A>, command: A::Command) -> Result<Vec<A::Event>, A::Error> {
         let sink = EventSink::<A>::default();
         // `handle` applies events as it writes them: decide on a copy, keep it only on success.
         let mut scratch = loaded.state.clone();
@@ -186,17 +167,9 @@ impl Unit {
                     })
                     .collect::<Vec<_>>();
                 if !serialized.is_empty() {
-                    match self
-                        .appends
-                        .iter_mut()
-                        .find(|(stream, _, _)| *stream == loaded.stream_id)
-                    {
+                    match self.appends.iter_mut().find(|(stream, _, _)| *stream == loaded.stream_id) {
                         Some((_, _, pending)) => pending.extend(serialized),
-                        None => self.appends.push((
-                            loaded.stream_id.clone(),
-                            loaded.version,
-                            serialized,
-                        )),
+                        None => self.appends.push((loaded.stream_id.clone(), loaded.version, serialized)),
                     }
                 }
                 Ok(events)
@@ -218,9 +191,7 @@ pub struct CommandHandler {
 /// The log stays the truth; a stale entry only means reading more events.
 #[derive(Default)]
 struct StateCache {
-    entries: std::sync::Mutex<
-        std::collections::HashMap<String, (i64, Arc<dyn std::any::Any + Send + Sync>)>,
-    >,
+    entries: std::sync::Mutex<std::collections::HashMap<String, (i64, Arc<dyn std::any::Any + Send + Sync>)>>,
 }
 
 /// Streams kept in the cache before it starts afresh.
@@ -230,9 +201,7 @@ impl StateCache {
     fn get<A: StreamAggregate + 'static>(&self, stream_id: &str) -> Option<(i64, A)> {
         let entries = self.entries.lock().expect("cache lock");
         let (version, state) = entries.get(stream_id)?;
-        state
-            .downcast_ref::<A>()
-            .map(|state| (*version, state.clone()))
+        state.downcast_ref::<A>().map(|state| (*version, state.clone()))
     }
 
     fn put<A: StreamAggregate + 'static>(&self, stream_id: &str, version: i64, state: &A) {
@@ -280,10 +249,7 @@ impl CommandHandler {
         self.clock.now()
     }
 
-    pub async fn load<A: StreamAggregate + 'static>(
-        &self,
-        stream_id: &str,
-    ) -> Result<Loaded<A>, StorageError> {
+    pub async fn load<A: StreamAggregate + 'static>(&self, stream_id: &str) -> Result<Loaded<A>, StorageError> {
         load(&self.log, &self.cache, stream_id).await
     }
 
@@ -298,12 +264,7 @@ impl CommandHandler {
 
     /// Appends what `unit` decided, atomically over its streams. A version conflict on attempt
     /// `attempt` is a `Retry` (after a short jittered pause) until the bound, then `Contended`.
-    pub async fn commit<E>(
-        &self,
-        unit: Unit,
-        metadata: &Metadata,
-        attempt: u32,
-    ) -> Result<Commit, HandlerError<E>> {
+    pub async fn commit<E>(&self, unit: Unit, metadata: &Metadata, attempt: u32) -> Result<Commit, HandlerError<E>> {
         if unit.appends.is_empty() {
             return Ok(Commit::Done(None));
         }
@@ -336,10 +297,7 @@ impl CommandHandler {
         for attempt in 1.. {
             let mut unit = self.unit();
             let mut loaded = unit.load::<A>(stream_id).await?;
-            let events = unit
-                .handle(&mut loaded, command.clone())
-                .await
-                .map_err(HandlerError::Rejected)?;
+            let events = unit.handle(&mut loaded, command.clone()).await.map_err(HandlerError::Rejected)?;
             if let Commit::Done(outcome) = self.commit(unit, metadata, attempt).await? {
                 return Ok(Committed {
                     value: events,
@@ -384,32 +342,21 @@ impl CommandHandler {
     }
 }
 
-async fn load<A: StreamAggregate + 'static>(
-    log: &EventLog,
-    cache: &StateCache,
-    stream_id: &str,
-) -> Result<Loaded<A>, StorageError> {
+async fn load<A: StreamAggregate + 'static>(log: &EventLog, cache: &StateCache, stream_id: &str) -> Result<Loaded<A>, StorageError> {
     let (mut version, mut state) = cache.get::<A>(stream_id).unwrap_or_default();
     let cached_version = version;
     loop {
-        let events = log
-            .read_stream(stream_id, version, ledger::log::READ_LIMIT_MAX)
-            .await?;
+        let events = log.read_stream(stream_id, version, ledger::log::READ_LIMIT_MAX).await?;
         let Some(last) = events.last().map(|event| event.stream_version) else {
             break;
         };
         for recorded in events {
-            let payload = A::upcast(
-                &recorded.event_type,
-                recorded.schema_version,
-                recorded.payload,
-            );
-            let event: A::Event =
-                serde_json::from_value(payload).map_err(|error| StorageError::Corrupt {
-                    stream_id: stream_id.to_string(),
-                    position: recorded.position,
-                    reason: error.to_string(),
-                })?;
+            let payload = A::upcast(&recorded.event_type, recorded.schema_version, recorded.payload);
+            let event: A::Event = serde_json::from_value(payload).map_err(|error| StorageError::Corrupt {
+                stream_id: stream_id.to_string(),
+                position: recorded.position,
+                reason: error.to_string(),
+            })?;
             state.apply(event);
         }
         version = last;

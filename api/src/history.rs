@@ -11,8 +11,7 @@ use chrono::{DateTime, Utc};
 use domain::catalog::Fixtures;
 use domain::server::{CancellationMode, PowerAction};
 use domain::{
-    AccountId, Country, Currency, DisputeId, Hostname, HourSlot, Location, ManualClock, OrderId,
-    PlanId, ServerId, TopUpId, YearMonth,
+    AccountId, Country, Currency, DisputeId, Hostname, HourSlot, Location, ManualClock, OrderId, PlanId, ServerId, TopUpId, YearMonth,
 };
 use rust_decimal::Decimal;
 
@@ -20,9 +19,7 @@ use crate::flows::{FlowError, Flows, SlotOutcome};
 use crate::handler::Metadata;
 
 fn at(text: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(text)
-        .expect("a valid instant")
-        .to_utc()
+    DateTime::parse_from_rfc3339(text).expect("a valid instant").to_utc()
 }
 
 fn money(text: &str) -> Decimal {
@@ -179,12 +176,7 @@ fn script() -> Vec<(&'static str, Step)> {
                 location: "fra",
             },
         ),
-        (
-            "2026-03-03T08:02:02Z",
-            FailProvisioning {
-                server: "clara-fail",
-            },
-        ),
+        ("2026-03-03T08:02:02Z", FailProvisioning { server: "clara-fail" }),
         (
             "2026-03-03T08:10:00Z",
             Order {
@@ -194,12 +186,7 @@ fn script() -> Vec<(&'static str, Step)> {
                 location: "fra",
             },
         ),
-        (
-            "2026-03-03T08:10:01Z",
-            Provision {
-                server: "clara-app",
-            },
-        ),
+        ("2026-03-03T08:10:01Z", Provision { server: "clara-app" }),
         (
             "2026-03-03T08:40:00Z",
             Setup {
@@ -230,12 +217,7 @@ fn script() -> Vec<(&'static str, Step)> {
                 location: "mel",
             },
         ),
-        (
-            "2026-03-10T14:05:01Z",
-            Provision {
-                server: "acme-cache",
-            },
-        ),
+        ("2026-03-10T14:05:01Z", Provision { server: "acme-cache" }),
         (
             "2026-03-10T14:30:00Z",
             Setup {
@@ -269,10 +251,7 @@ fn script() -> Vec<(&'static str, Step)> {
                 amount: "10.00",
             },
         ),
-        (
-            "2026-03-14T09:30:00Z",
-            CompleteCardRefund { account: "clara" },
-        ),
+        ("2026-03-14T09:30:00Z", CompleteCardRefund { account: "clara" }),
         (
             "2026-03-15T08:30:45Z",
             Cancel {
@@ -296,12 +275,7 @@ fn script() -> Vec<(&'static str, Step)> {
                 mode: CancellationMode::Grace,
             },
         ),
-        (
-            "2026-03-25T09:12:00Z",
-            Revoke {
-                server: "acme-cache",
-            },
-        ),
+        ("2026-03-25T09:12:00Z", Revoke { server: "acme-cache" }),
         (
             "2026-03-27T13:00:00Z",
             Dispute {
@@ -317,39 +291,18 @@ fn script() -> Vec<(&'static str, Step)> {
                 won: true,
             },
         ),
-        (
-            "2026-03-29T10:00:10Z",
-            Resume {
-                server: "clara-app",
-            },
-        ),
+        ("2026-03-29T10:00:10Z", Resume { server: "clara-app" }),
     ]
 }
 
 const ACCOUNTS: [(&str, &str, &str, &str, &str); 3] = [
-    (
-        "acme",
-        "Acme Hosting Pty Ltd",
-        "billing@acme.example",
-        "AUD",
-        "AU",
-    ),
+    ("acme", "Acme Hosting Pty Ltd", "billing@acme.example", "AUD", "AU"),
     ("bob", "Bob Jones", "bob@bob.example", "USD", "US"),
-    (
-        "clara",
-        "Clara Schmidt GmbH",
-        "finance@clara.example",
-        "EUR",
-        "DE",
-    ),
+    ("clara", "Clara Schmidt GmbH", "finance@clara.example", "EUR", "DE"),
 ];
 
 /// Makes the month of history through `flows`, moving `clock`; returns who is who.
-pub async fn march_2026(
-    flows: &Flows,
-    clock: &ManualClock,
-    fixtures: Fixtures,
-) -> Result<Summary, FlowError> {
+pub async fn march_2026(flows: &Flows, clock: &ManualClock, fixtures: Fixtures) -> Result<Summary, FlowError> {
     let admin = Metadata::actor("admin", "history");
     let customer = Metadata::actor("customer", "history");
     let system = Metadata::actor("system", "billing-scheduler");
@@ -399,11 +352,7 @@ pub async fn march_2026(
             set(at(instant));
             step_index += 1;
             match step {
-                Step::TopUp {
-                    account,
-                    payment,
-                    amount,
-                } => {
+                Step::TopUp { account, payment, amount } => {
                     let topup_id = TopUpId(id(payment));
                     topups.insert(payment, topup_id);
                     flows
@@ -416,23 +365,13 @@ pub async fn march_2026(
                     plan,
                     location,
                 } => {
-                    let (server_id, order_id) = (
-                        ServerId(id(server)),
-                        OrderId(id(&format!("order-{server}"))),
-                    );
+                    let (server_id, order_id) = (ServerId(id(server)), OrderId(id(&format!("order-{server}"))));
                     servers.insert(server, server_id);
                     orders.insert(server, order_id);
                     let plan = PlanId::parse(plan).expect("valid");
                     let location = Location::parse(location).expect("valid");
                     flows
-                        .place_order(
-                            accounts[account],
-                            plan,
-                            location,
-                            order_id,
-                            server_id,
-                            &customer,
-                        )
+                        .place_order(accounts[account], plan, location, order_id, server_id, &customer)
                         .await?;
                 }
                 Step::Provision { server } => {
@@ -447,24 +386,13 @@ pub async fn march_2026(
                 }
                 Step::Setup { server, hostname } => {
                     flows
-                        .setup(
-                            servers[server],
-                            "debian-12",
-                            Hostname::parse(hostname).expect("valid"),
-                            &customer,
-                        )
+                        .setup(servers[server], "debian-12", Hostname::parse(hostname).expect("valid"), &customer)
                         .await?
                 }
-                Step::Power { server, action } => {
-                    flows.power(servers[server], *action, &customer).await?
-                }
-                Step::Cancel { server, mode } => {
-                    flows.cancel(servers[server], *mode, &customer).await?
-                }
+                Step::Power { server, action } => flows.power(servers[server], *action, &customer).await?,
+                Step::Cancel { server, mode } => flows.cancel(servers[server], *mode, &customer).await?,
                 Step::Revoke { server } => {
-                    flows
-                        .revoke_cancellation(servers[server], &customer)
-                        .await?;
+                    flows.revoke_cancellation(servers[server], &customer).await?;
                 }
                 Step::Delete { server } => flows.delete_due(servers[server], &system).await?,
                 Step::Resume { server } => {
@@ -477,23 +405,14 @@ pub async fn march_2026(
                     reason,
                 } => {
                     let account_id = accounts[account];
-                    let account_state = flows
-                        .handler
-                        .load::<domain::Account>(&account_id.stream_id())
-                        .await?;
+                    let account_state = flows.handler.load::<domain::Account>(&account_id.stream_id()).await?;
                     let charge_id = account_state
                         .state
                         .charge_for(servers[server], HourSlot::containing(at(instant)))
                         .ok_or(FlowError::NotFound("charge"))?;
-                    flows
-                        .service_credit(account_id, charge_id, money(amount), reason, &admin)
-                        .await?;
+                    flows.service_credit(account_id, charge_id, money(amount), reason, &admin).await?;
                 }
-                Step::CardRefund {
-                    account,
-                    payment,
-                    amount,
-                } => {
+                Step::CardRefund { account, payment, amount } => {
                     last_refund = Some(
                         flows
                             .request_card_refund(
@@ -509,27 +428,13 @@ pub async fn march_2026(
                 Step::CompleteCardRefund { account } => {
                     let refund_id = last_refund.take().ok_or(FlowError::NotFound("refund"))?;
                     flows
-                        .account_command(
-                            accounts[account],
-                            domain::AccountCommand::CompleteCardRefund { refund_id },
-                            &system,
-                        )
+                        .account_command(accounts[account], domain::AccountCommand::CompleteCardRefund { refund_id }, &system)
                         .await?;
                 }
-                Step::Adjust {
-                    account,
-                    amount,
-                    reason,
-                } => {
-                    flows
-                        .adjust(accounts[account], money(amount), reason, &admin)
-                        .await?;
+                Step::Adjust { account, amount, reason } => {
+                    flows.adjust(accounts[account], money(amount), reason, &admin).await?;
                 }
-                Step::Dispute {
-                    account,
-                    payment,
-                    amount,
-                } => {
+                Step::Dispute { account, payment, amount } => {
                     let dispute_id = DisputeId(id(&format!("dispute-{payment}")));
                     disputes.insert(account, dispute_id);
                     let own: Vec<ServerId> = servers
@@ -538,14 +443,7 @@ pub async fn march_2026(
                         .map(|(_, id)| *id)
                         .collect();
                     flows
-                        .open_dispute(
-                            accounts[account],
-                            dispute_id,
-                            payment,
-                            money(amount),
-                            &own,
-                            &system,
-                        )
+                        .open_dispute(accounts[account], dispute_id, payment, money(amount), &own, &system)
                         .await?;
                 }
                 Step::CloseDispute { account, won } => {
@@ -567,44 +465,23 @@ pub async fn march_2026(
 
     // March is over: its invoices, then an April credit on a March charge (a credit note).
     set(at("2026-04-01T00:05:00Z"));
-    let march = YearMonth {
-        year: 2026,
-        month: 3,
-    };
+    let march = YearMonth { year: 2026, month: 3 };
     for account_id in accounts.values() {
         flows.issue_invoice(*account_id, march, &system).await?;
     }
     set(at("2026-04-02T10:00:00Z"));
     let acme = accounts["acme"];
-    let account_state = flows
-        .handler
-        .load::<domain::Account>(&acme.stream_id())
-        .await?;
+    let account_state = flows.handler.load::<domain::Account>(&acme.stream_id()).await?;
     let charge_id = account_state
         .state
-        .charge_for(
-            servers["acme-web"],
-            HourSlot::containing(at("2026-03-20T10:00:00Z")),
-        )
+        .charge_for(servers["acme-web"], HourSlot::containing(at("2026-03-20T10:00:00Z")))
         .ok_or(FlowError::NotFound("charge"))?;
     flows
-        .service_credit(
-            acme,
-            charge_id,
-            money("0.005000"),
-            "billing error on 20 March",
-            &admin,
-        )
+        .service_credit(acme, charge_id, money("0.005000"), "billing error on 20 March", &admin)
         .await?;
 
     Ok(Summary {
-        accounts: accounts
-            .into_iter()
-            .map(|(name, id)| (name.to_string(), id))
-            .collect(),
-        servers: servers
-            .into_iter()
-            .map(|(name, id)| (name.to_string(), id))
-            .collect(),
+        accounts: accounts.into_iter().map(|(name, id)| (name.to_string(), id)).collect(),
+        servers: servers.into_iter().map(|(name, id)| (name.to_string(), id)).collect(),
     })
 }

@@ -7,11 +7,7 @@ use clap::{Parser, Subcommand};
 use api::cli;
 
 #[derive(Parser)]
-#[command(
-    name = "billing",
-    version,
-    about = "The billing ledger: an event-sourced ledger for VPS hosting"
-)]
+#[command(name = "billing", version, about = "The billing ledger: an event-sourced ledger for VPS hosting")]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -66,6 +62,11 @@ enum Command {
         #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
         bind: String,
     },
+    /// Load a month of demo history, make a key of each role, and serve in dev mode.
+    Demo {
+        #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
+        bind: String,
+    },
     /// API keys.
     Keys {
         #[command(subcommand)]
@@ -98,20 +99,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match args.command {
             Command::Migrate => cli::migrate().await,
-            Command::Verify {
-                anchor,
-                chain_only,
-                json,
-            } => cli::verify(anchor, chain_only, json).await,
+            Command::Verify { anchor, chain_only, json } => cli::verify(anchor, chain_only, json).await,
             Command::Rebuild { name, all: _ } => cli::rebuild(name).await,
-            Command::Export {
-                from,
-                to,
-                format,
-                output,
-            } => cli::export(from, to, format, output).await,
+            Command::Export { from, to, format, output } => cli::export(from, to, format, output).await,
             Command::Import { file } => cli::import(file).await,
             Command::Serve { dev, bind } => cli::serve(dev, bind).await,
+            Command::Demo { bind } => cli::demo(bind).await,
             Command::Keys {
                 command: KeysCommand::Create { role, account },
             } => cli::create_key(&role, account).await,

@@ -24,21 +24,14 @@ pub enum SignatureError {
 }
 
 /// Checks `header` against the raw `body` at `now`.
-pub fn verify(
-    secret: &str,
-    header: Option<&str>,
-    body: &[u8],
-    now: DateTime<Utc>,
-) -> Result<(), SignatureError> {
+pub fn verify(secret: &str, header: Option<&str>, body: &[u8], now: DateTime<Utc>) -> Result<(), SignatureError> {
     let header = header.ok_or(SignatureError::Missing)?;
     let mut timestamp = None;
     let mut signatures = Vec::new();
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", value)) => timestamp = value.parse::<i64>().ok(),
-            Some(("v1", value)) => {
-                signatures.push(hex::decode(value).map_err(|_| SignatureError::Malformed)?)
-            }
+            Some(("v1", value)) => signatures.push(hex::decode(value).map_err(|_| SignatureError::Malformed)?),
             Some(_) => {}
             None => return Err(SignatureError::Malformed),
         }
@@ -51,8 +44,7 @@ pub fn verify(
         return Err(SignatureError::Stale);
     }
     for signature in signatures {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
         mac.update(timestamp.to_string().as_bytes());
         mac.update(b".");
         mac.update(body);
@@ -65,15 +57,11 @@ pub fn verify(
 
 /// The `Stripe-Signature` header for `body` at `timestamp`, as Stripe computes it.
 pub fn sign(secret: &str, body: &[u8], timestamp: i64) -> String {
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    format!(
-        "t={timestamp},v1={}",
-        hex::encode(mac.finalize().into_bytes())
-    )
+    format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -114,12 +102,7 @@ impl Event {
         let topup_reference = session
             .get("client_reference_id")
             .and_then(Value::as_str)
-            .or_else(|| {
-                session
-                    .get("metadata")
-                    .and_then(|m| m.get("topup_id"))
-                    .and_then(Value::as_str)
-            })?
+            .or_else(|| session.get("metadata").and_then(|m| m.get("topup_id")).and_then(Value::as_str))?
             .to_string();
         let payment_id = session
             .get("payment_intent")
@@ -129,20 +112,12 @@ impl Event {
                     .map(str::to_string)
                     .or_else(|| intent.get("id").and_then(Value::as_str).map(str::to_string))
             })
-            .or_else(|| {
-                session
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })?;
+            .or_else(|| session.get("id").and_then(Value::as_str).map(str::to_string))?;
         Some(PaidCheckout {
             topup_reference,
             payment_id,
             amount_minor: session.get("amount_total").and_then(Value::as_i64),
-            currency: session
-                .get("currency")
-                .and_then(Value::as_str)
-                .map(str::to_ascii_uppercase),
+            currency: session.get("currency").and_then(Value::as_str).map(str::to_ascii_uppercase),
         })
     }
 }
@@ -162,44 +137,22 @@ mod tests {
         let body = br#"{"id":"evt_1"}"#;
         let header = sign("whsec_test", body, now.timestamp());
         assert_eq!(verify("whsec_test", Some(&header), body, now), Ok(()));
-        assert_eq!(
-            verify("whsec_other", Some(&header), body, now),
-            Err(SignatureError::Mismatch)
-        );
+        assert_eq!(verify("whsec_other", Some(&header), body, now), Err(SignatureError::Mismatch));
         assert_eq!(
             verify("whsec_test", Some(&header), br#"{"id":"evt_2"}"#, now),
             Err(SignatureError::Mismatch)
         );
         assert_eq!(
-            verify(
-                "whsec_test",
-                Some(&header),
-                body,
-                now + chrono::Duration::seconds(301)
-            ),
+            verify("whsec_test", Some(&header), body, now + chrono::Duration::seconds(301)),
             Err(SignatureError::Stale)
         );
         assert_eq!(
-            verify(
-                "whsec_test",
-                Some(&header),
-                body,
-                now + chrono::Duration::seconds(300)
-            ),
+            verify("whsec_test", Some(&header), body, now + chrono::Duration::seconds(300)),
             Ok(())
         );
-        assert_eq!(
-            verify("whsec_test", None, body, now),
-            Err(SignatureError::Missing)
-        );
-        assert_eq!(
-            verify("whsec_test", Some("garbage"), body, now),
-            Err(SignatureError::Malformed)
-        );
-        assert_eq!(
-            verify("whsec_test", Some("t=1,v1=zz"), body, now),
-            Err(SignatureError::Malformed)
-        );
+        assert_eq!(verify("whsec_test", None, body, now), Err(SignatureError::Missing));
+        assert_eq!(verify("whsec_test", Some("garbage"), body, now), Err(SignatureError::Malformed));
+        assert_eq!(verify("whsec_test", Some("t=1,v1=zz"), body, now), Err(SignatureError::Malformed));
         // Several v1 signatures (a secret being rolled): any one matching is enough.
         let rolled = format!(
             "{},v1={}",

@@ -29,12 +29,10 @@ fn system() -> Metadata {
 /// servers whose cancellation is due. Reads the servers read model (brought up to date first).
 pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, FlowError> {
     let pool = flows.handler.log().pool().clone();
-    projections::runner::catch_up_all(&pool)
-        .await
-        .map_err(|error| FlowError::Invalid {
-            field: "projections",
-            reason: error.to_string(),
-        })?;
+    projections::runner::catch_up_all(&pool).await.map_err(|error| FlowError::Invalid {
+        field: "projections",
+        reason: error.to_string(),
+    })?;
     let mut report = DueReport::default();
     let current = HourSlot::containing(now);
     let due: Vec<(uuid::Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(
@@ -51,10 +49,7 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
         let mut slot = HourSlot::containing(first);
         let mut slots = 0;
         while slot <= current && slots < CATCH_UP_SLOTS_MAX {
-            match flows
-                .charge_slot(ServerId(server_id), slot, &system())
-                .await?
-            {
+            match flows.charge_slot(ServerId(server_id), slot, &system()).await? {
                 SlotOutcome::Charged { .. } => report.slots_charged += 1,
                 SlotOutcome::DeclinedAndSuspended => {
                     report.slots_declined += 1;
@@ -67,11 +62,13 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
             slots += 1;
         }
     }
-    let deletions: Vec<(uuid::Uuid,)> = sqlx::query_as("SELECT server_id FROM rm.servers WHERE status IN ('pending_cancellation', 'deleting') AND cancellation_effective_at <= $1")
-        .bind(now)
-        .fetch_all(&pool)
-        .await
-        .map_err(crate::handler::StorageError::Read)?;
+    let deletions: Vec<(uuid::Uuid,)> = sqlx::query_as(
+        "SELECT server_id FROM rm.servers WHERE status IN ('pending_cancellation', 'deleting') AND cancellation_effective_at <= $1",
+    )
+    .bind(now)
+    .fetch_all(&pool)
+    .await
+    .map_err(crate::handler::StorageError::Read)?;
     for (server_id,) in deletions {
         match flows.delete_due(ServerId(server_id), &system()).await {
             Ok(()) => report.servers_deleted += 1,
@@ -80,37 +77,24 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
             Err(error) => return Err(error),
         }
     }
-    projections::runner::catch_up_all(&pool)
-        .await
-        .map_err(|error| FlowError::Invalid {
-            field: "projections",
-            reason: error.to_string(),
-        })?;
+    projections::runner::catch_up_all(&pool).await.map_err(|error| FlowError::Invalid {
+        field: "projections",
+        reason: error.to_string(),
+    })?;
     Ok(report)
 }
 
 /// The simulated provider: provisioning completes after `latency`, unless the order's location is
 /// configured to fail. The server is stamped with the clock's instant at completion.
-pub async fn provision_simulated(
-    flows: Flows,
-    order_id: OrderId,
-    latency: Duration,
-) -> Result<(), FlowError> {
+pub async fn provision_simulated(flows: Flows, order_id: OrderId, latency: Duration) -> Result<(), FlowError> {
     tokio::time::sleep(latency).await;
     let provider_id = format!("sim-{}", &order_id.0.simple().to_string()[..12]);
-    match flows
-        .complete_provisioning(order_id, &provider_id, &system())
-        .await
-    {
+    match flows.complete_provisioning(order_id, &provider_id, &system()).await {
         Ok(_) => Ok(()),
-        Err(FlowError::Order(
-            domain::OrderError::AlreadyCompleted | domain::OrderError::AlreadyFailed,
-        )) => Ok(()),
+        Err(FlowError::Order(domain::OrderError::AlreadyCompleted | domain::OrderError::AlreadyFailed)) => Ok(()),
         Err(error) => {
             tracing::error!(%error, %order_id, "provisioning failed; releasing the hold");
-            flows
-                .fail_provisioning(order_id, &error.to_string(), &system())
-                .await
+            flows.fail_provisioning(order_id, &error.to_string(), &system()).await
         }
     }
 }

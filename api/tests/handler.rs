@@ -8,9 +8,7 @@ use chrono::{DateTime, Utc};
 use domain::account::{Account, AccountCommand, AccountError, AccountEvent};
 use domain::order::{Order, OrderCommand};
 use domain::server::{Server, ServerCommand, Status};
-use domain::{
-    AccountId, Country, Currency, Location, ManualClock, OrderId, PlanId, ServerId, TopUpId,
-};
+use domain::{AccountId, Country, Currency, Location, ManualClock, OrderId, PlanId, ServerId, TopUpId};
 use ledger::testing::TestDatabase;
 use ledger::{AppendRequest, EventLog, ExpectedVersion, LogConfig, NewEvent};
 use rust_decimal_macros::dec;
@@ -20,9 +18,7 @@ fn at(text: &str) -> DateTime<Utc> {
 }
 
 async fn handler(db: &TestDatabase) -> CommandHandler {
-    let log = EventLog::open(db.pool.clone(), LogConfig::default())
-        .await
-        .unwrap();
+    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
     CommandHandler::new(log, Arc::new(ManualClock::new(at("2026-03-01T12:00:00Z"))))
 }
 
@@ -41,19 +37,13 @@ async fn open_with(handler: &CommandHandler, amount: rust_decimal::Decimal) -> A
         country: Country::parse("US").unwrap(),
         at: handler.now(),
     };
-    handler
-        .execute::<Account>(&stream, open, &admin())
-        .await
-        .unwrap();
+    handler.execute::<Account>(&stream, open, &admin()).await.unwrap();
     let settle = AccountCommand::SettleTopUp {
         topup_id: TopUpId::new(),
         payment_id: format!("pi_{account_id}"),
         amount,
     };
-    handler
-        .execute::<Account>(&stream, settle, &admin())
-        .await
-        .unwrap();
+    handler.execute::<Account>(&stream, settle, &admin()).await.unwrap();
     account_id
 }
 
@@ -75,48 +65,32 @@ async fn concurrent_holds_on_one_account_never_overspend() {
                 net: dec!(0.09),
                 tax: dec!(0.01),
             };
-            handler
-                .execute::<Account>(&stream, hold, &Metadata::actor("customer", "c1"))
-                .await
+            handler.execute::<Account>(&stream, hold, &Metadata::actor("customer", "c1")).await
         }));
     }
     let (mut placed, mut refused) = (0, 0);
     for task in tasks {
         match task.await.unwrap() {
             Ok(committed) => {
-                assert!(matches!(
-                    committed.value.as_slice(),
-                    [AccountEvent::HoldPlaced { .. }]
-                ));
+                assert!(matches!(committed.value.as_slice(), [AccountEvent::HoldPlaced { .. }]));
                 placed += 1;
             }
             Err(HandlerError::Rejected(AccountError::InsufficientFunds { .. })) => refused += 1,
             Err(other) => panic!("unexpected: {other}"),
         }
     }
-    assert_eq!(
-        (placed, refused),
-        (10, 30),
-        "1.00 affords exactly ten holds of 0.10"
-    );
+    assert_eq!((placed, refused), (10, 30), "1.00 affords exactly ten holds of 0.10");
 
     // Replaying the account from the log agrees with the figures its events carry.
     let loaded = handler.load::<Account>(&stream).await.unwrap();
     assert_eq!(
-        (
-            loaded.state.balance(),
-            loaded.state.reserved(),
-            loaded.state.available()
-        ),
+        (loaded.state.balance(), loaded.state.reserved(), loaded.state.available()),
         (dec!(1.00), dec!(1.00), dec!(0.00))
     );
     assert_eq!(loaded.version, 2 + 10);
     let events = handler.log().read_stream_all(&stream).await.unwrap();
-    let last: AccountEvent =
-        serde_json::from_value(events.last().unwrap().payload.clone()).unwrap();
-    let AccountEvent::HoldPlaced { figures, .. } = last else {
-        panic!()
-    };
+    let last: AccountEvent = serde_json::from_value(events.last().unwrap().payload.clone()).unwrap();
+    let AccountEvent::HoldPlaced { figures, .. } = last else { panic!() };
     assert_eq!(
         (figures.balance, figures.reserved, figures.available),
         (dec!(1.00), dec!(1.00), dec!(0.00))
@@ -203,62 +177,24 @@ async fn a_command_over_three_streams_is_stored_whole_or_not_at_all() {
     let handler = handler(&db).await;
     let account_id = open_with(&handler, dec!(0.01)).await;
     let (server_id, order_id) = (ServerId::new(), OrderId::new());
-    place_order(&handler, account_id, server_id, order_id)
-        .await
-        .unwrap();
-    assert_eq!(
-        handler
-            .log()
-            .stream_version(&order_id.stream_id())
-            .await
-            .unwrap(),
-        1
-    );
-    let server = handler
-        .load::<Server>(&server_id.stream_id())
-        .await
-        .unwrap();
+    place_order(&handler, account_id, server_id, order_id).await.unwrap();
+    assert_eq!(handler.log().stream_version(&order_id.stream_id()).await.unwrap(), 1);
+    let server = handler.load::<Server>(&server_id.stream_id()).await.unwrap();
     assert_eq!(server.state.status(), Some(Status::Provisioning));
-    let account = handler
-        .load::<Account>(&account_id.stream_id())
-        .await
-        .unwrap();
+    let account = handler.load::<Account>(&account_id.stream_id()).await.unwrap();
     assert_eq!(account.state.reserved(), dec!(0.007534));
 
     // The second order is refused by the account after the order and server were decided in
     // memory: none of its three streams gets an event.
     let (server_2, order_2) = (ServerId::new(), OrderId::new());
-    let error = place_order(&handler, account_id, server_2, order_2)
-        .await
-        .unwrap_err();
+    let error = place_order(&handler, account_id, server_2, order_2).await.unwrap_err();
     assert!(
         matches!(&error, HandlerError::Rejected(message) if message.starts_with("insufficient funds")),
         "{error}"
     );
-    assert_eq!(
-        handler
-            .log()
-            .stream_version(&order_2.stream_id())
-            .await
-            .unwrap(),
-        0
-    );
-    assert_eq!(
-        handler
-            .log()
-            .stream_version(&server_2.stream_id())
-            .await
-            .unwrap(),
-        0
-    );
-    assert_eq!(
-        handler
-            .log()
-            .stream_version(&account_id.stream_id())
-            .await
-            .unwrap(),
-        3
-    );
+    assert_eq!(handler.log().stream_version(&order_2.stream_id()).await.unwrap(), 0);
+    assert_eq!(handler.log().stream_version(&server_2.stream_id()).await.unwrap(), 0);
+    assert_eq!(handler.log().stream_version(&account_id.stream_id()).await.unwrap(), 3);
 }
 
 #[tokio::test]
@@ -275,9 +211,18 @@ async fn a_command_that_keeps_losing_races_gives_up_after_its_bound() {
             let mut unit = handler.unit();
             let mut account = unit.load::<Account>(&stream).await?;
             // Someone else writes to the stream between our read and our append, every time.
-            let meddler = NewEvent::new("LowBalanceCleared", serde_json::json!({"type": "LowBalanceCleared", "runway_hours": null, "available": "5"}));
-            log.append(AppendRequest::single(stream.clone(), ExpectedVersion::Any, vec![meddler])).await.unwrap();
-            let adjust = AccountCommand::Adjust { adjustment_id: domain::AdjustmentId::new(), amount: dec!(1), reason: "retry test".into() };
+            let meddler = NewEvent::new(
+                "LowBalanceCleared",
+                serde_json::json!({"type": "LowBalanceCleared", "runway_hours": null, "available": "5"}),
+            );
+            log.append(AppendRequest::single(stream.clone(), ExpectedVersion::Any, vec![meddler]))
+                .await
+                .unwrap();
+            let adjust = AccountCommand::Adjust {
+                adjustment_id: domain::AdjustmentId::new(),
+                amount: dec!(1),
+                reason: "retry test".into(),
+            };
             unit.handle(&mut account, adjust).await.map_err(HandlerError::Rejected)?;
             if let Commit::Done(_) = handler.commit(unit, &admin(), attempt).await? {
                 return Ok(());
@@ -286,10 +231,7 @@ async fn a_command_that_keeps_losing_races_gives_up_after_its_bound() {
         unreachable!()
     }
     .await;
-    assert!(
-        matches!(result, Err(HandlerError::Contended { attempts: 4 })),
-        "{result:?}"
-    );
+    assert!(matches!(result, Err(HandlerError::Contended { attempts: 4 })), "{result:?}");
     assert_eq!(calls, 4, "one attempt per allowed try, no more");
     let account = handler.load::<Account>(&stream).await.unwrap();
     assert_eq!(account.state.balance(), dec!(5), "no adjustment was stored");
@@ -299,8 +241,7 @@ async fn a_command_that_keeps_losing_races_gives_up_after_its_bound() {
 async fn a_stored_version_1_event_still_replays() {
     let db = TestDatabase::new().await;
     let handler = handler(&db).await;
-    let stored: serde_json::Value =
-        serde_json::from_str(include_str!("../../fixtures/events/account_opened_v1.json")).unwrap();
+    let stored: serde_json::Value = serde_json::from_str(include_str!("../../fixtures/events/account_opened_v1.json")).unwrap();
     let event = NewEvent::new("AccountOpened", stored["payload"].clone())
         .with_schema_version(1)
         .with_metadata(stored["metadata"].clone())
@@ -308,30 +249,20 @@ async fn a_stored_version_1_event_still_replays() {
     let stream = stored["stream_id"].as_str().unwrap();
     handler
         .log()
-        .append(AppendRequest::single(
-            stream,
-            ExpectedVersion::NoStream,
-            vec![event],
-        ))
+        .append(AppendRequest::single(stream, ExpectedVersion::NoStream, vec![event]))
         .await
         .unwrap();
 
     let account = handler.load::<Account>(stream).await.unwrap();
     let opened = account.state.opened().expect("opened");
-    assert_eq!(
-        (opened.country.as_str(), opened.currency.code()),
-        ("NZ", "NZD")
-    );
+    assert_eq!((opened.country.as_str(), opened.currency.code()), ("NZ", "NZD"));
     // New commands work on top of it.
     let settle = AccountCommand::SettleTopUp {
         topup_id: TopUpId::new(),
         payment_id: "pi_nz".into(),
         amount: dec!(20),
     };
-    handler
-        .execute::<Account>(stream, settle, &admin())
-        .await
-        .unwrap();
+    handler.execute::<Account>(stream, settle, &admin()).await.unwrap();
 }
 
 #[tokio::test]
@@ -352,15 +283,8 @@ async fn an_undecodable_event_is_reported_with_its_position() {
         .await
         .unwrap();
     match handler.load::<Account>(&stream).await {
-        Err(StorageError::Corrupt {
-            position,
-            stream_id,
-            ..
-        }) => assert_eq!((position, stream_id), (1, stream)),
-        other => panic!(
-            "expected a decoding error, got {:?}",
-            other.map(|l| l.version)
-        ),
+        Err(StorageError::Corrupt { position, stream_id, .. }) => assert_eq!((position, stream_id), (1, stream)),
+        other => panic!("expected a decoding error, got {:?}", other.map(|l| l.version)),
     }
 }
 
@@ -369,37 +293,20 @@ async fn the_catalogue_is_loaded_from_the_fixture_files_once() {
     use domain::catalog::{Catalog, CatalogCommand, Fixtures, CATALOG_STREAM};
     let db = TestDatabase::new().await;
     let handler = handler(&db).await;
-    let fixtures = Fixtures::parse(
-        include_str!("../../fixtures/plans.toml"),
-        include_str!("../../fixtures/tax.toml"),
-    )
-    .unwrap();
+    let fixtures = Fixtures::parse(include_str!("../../fixtures/plans.toml"), include_str!("../../fixtures/tax.toml")).unwrap();
     let sync = CatalogCommand::Sync {
         fixtures,
         effective_at: handler.now(),
     };
-    let first = handler
-        .execute::<Catalog>(CATALOG_STREAM, sync.clone(), &admin())
-        .await
-        .unwrap();
+    let first = handler.execute::<Catalog>(CATALOG_STREAM, sync.clone(), &admin()).await.unwrap();
     assert_eq!(first.value.len(), 9);
-    let again = handler
-        .execute::<Catalog>(CATALOG_STREAM, sync, &admin())
-        .await
-        .unwrap();
-    assert!(
-        again.value.is_empty() && again.outcome.is_none(),
-        "a second load appends nothing"
-    );
+    let again = handler.execute::<Catalog>(CATALOG_STREAM, sync, &admin()).await.unwrap();
+    assert!(again.value.is_empty() && again.outcome.is_none(), "a second load appends nothing");
     let catalog = handler.load::<Catalog>(CATALOG_STREAM).await.unwrap();
     assert_eq!(catalog.version, 9);
     let price = catalog
         .state
-        .monthly_price(
-            &PlanId::parse("vps-4g").unwrap(),
-            Currency::AUD,
-            handler.now(),
-        )
+        .monthly_price(&PlanId::parse("vps-4g").unwrap(), Currency::AUD, handler.now())
         .unwrap();
     assert_eq!(price.amount, dec!(30.00));
 }

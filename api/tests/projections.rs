@@ -14,28 +14,18 @@ use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde_json::Value;
 
-const HISTORY: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../fixtures/histories/march-2026.jsonl"
-);
+const HISTORY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/histories/march-2026.jsonl");
 
 fn at(text: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(text).unwrap().to_utc()
 }
 
 fn fixtures() -> Fixtures {
-    Fixtures::parse(
-        include_str!("../../fixtures/plans.toml"),
-        include_str!("../../fixtures/tax.toml"),
-    )
-    .unwrap()
+    Fixtures::parse(include_str!("../../fixtures/plans.toml"), include_str!("../../fixtures/tax.toml")).unwrap()
 }
 
 fn account(name: &str) -> AccountId {
-    AccountId(uuid::Uuid::new_v5(
-        &uuid::Uuid::NAMESPACE_OID,
-        name.as_bytes(),
-    ))
+    AccountId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()))
 }
 
 /// Makes the March history through the command path and writes it to the fixture file.
@@ -44,14 +34,10 @@ fn account(name: &str) -> AccountId {
 #[ignore = "regenerates fixtures/histories/march-2026.jsonl"]
 async fn regenerate_march_history() {
     let db = TestDatabase::new().await;
-    let log = EventLog::open(db.pool.clone(), LogConfig::default())
-        .await
-        .unwrap();
+    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
     let clock = Arc::new(ManualClock::new(at("2026-02-01T00:00:00Z")));
     let flows = Flows::new(CommandHandler::new(log, clock.clone()));
-    api::history::march_2026(&flows, &clock, fixtures())
-        .await
-        .unwrap();
+    api::history::march_2026(&flows, &clock, fixtures()).await.unwrap();
     let file = std::fs::File::create(HISTORY).unwrap();
     let written = api::audit::export(&db.pool, None, None, api::audit::Format::Jsonl, file)
         .await
@@ -61,9 +47,7 @@ async fn regenerate_march_history() {
 
 async fn load_history() -> TestDatabase {
     let db = TestDatabase::new().await;
-    let log = EventLog::open(db.pool.clone(), LogConfig::default())
-        .await
-        .unwrap();
+    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
     let file = std::io::BufReader::new(std::fs::File::open(HISTORY).expect("the history fixture"));
     api::audit::import(&log, file).await.unwrap();
     projections::runner::catch_up_all(&db.pool).await.unwrap();
@@ -84,12 +68,18 @@ async fn rows(db: &TestDatabase, table: &str, order: &str, columns: &str) -> Val
 #[tokio::test]
 async fn read_models_of_the_march_history() {
     let db = load_history().await;
-    insta::assert_json_snapshot!(
-        "balances",
-        rows(&db, "rm.balances", "account_id", "*").await
-    );
+    insta::assert_json_snapshot!("balances", rows(&db, "rm.balances", "account_id", "*").await);
     insta::assert_json_snapshot!("servers", rows(&db, "rm.servers", "server_id", "server_id, account_id, plan_id, location, status, hostname, os_image, cancellation_mode, cancellation_effective_at, month, month_to_date_net, last_charged_slot, next_charge_at, created_at").await);
-    insta::assert_json_snapshot!("invoices", rows(&db, "rm.invoices", "number", "number, account_id, period_start, period_end, currency, lines, taxes, net, tax, total, display").await);
+    insta::assert_json_snapshot!(
+        "invoices",
+        rows(
+            &db,
+            "rm.invoices",
+            "number",
+            "number, account_id, period_start, period_end, currency, lines, taxes, net, tax, total, display"
+        )
+        .await
+    );
     insta::assert_json_snapshot!(
         "credit_notes",
         rows(
@@ -100,10 +90,7 @@ async fn read_models_of_the_march_history() {
         )
         .await
     );
-    insta::assert_json_snapshot!(
-        "metrics_revenue",
-        rows(&db, "rm.metrics_revenue", "day, currency", "*").await
-    );
+    insta::assert_json_snapshot!("metrics_revenue", rows(&db, "rm.metrics_revenue", "day, currency", "*").await);
     insta::assert_json_snapshot!(
         "statement_movements",
         rows(
@@ -122,12 +109,15 @@ async fn read_models_of_the_march_history() {
     );
     insta::assert_json_snapshot!(
         "statement_charges",
-        rows(&db, "(SELECT account_id, count(*) AS charges, sum(amount) AS total FROM rm.statement WHERE kind = 'charge' GROUP BY account_id) c", "account_id", "*").await
+        rows(
+            &db,
+            "(SELECT account_id, count(*) AS charges, sum(amount) AS total FROM rm.statement WHERE kind = 'charge' GROUP BY account_id) c",
+            "account_id",
+            "*"
+        )
+        .await
     );
-    insta::assert_json_snapshot!(
-        "trial_balance",
-        trial_balance(&db.pool, None).await.unwrap()
-    );
+    insta::assert_json_snapshot!("trial_balance", trial_balance(&db.pool, None).await.unwrap());
 }
 
 #[tokio::test]
@@ -141,17 +131,13 @@ async fn the_books_balance_and_wallets_equal_balances() {
     ] {
         let books = trial_balance(&db.pool, as_of).await.unwrap();
         assert!(!books.accounts.is_empty());
-        assert_eq!(
-            books.total_debit, books.total_credit,
-            "trial balance as of {as_of:?}"
-        );
+        assert_eq!(books.total_debit, books.total_credit, "trial balance as of {as_of:?}");
     }
     let books = trial_balance(&db.pool, None).await.unwrap();
-    let balances: Vec<(uuid::Uuid, Decimal)> =
-        sqlx::query_as("SELECT account_id, balance FROM rm.balances ORDER BY account_id")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+    let balances: Vec<(uuid::Uuid, Decimal)> = sqlx::query_as("SELECT account_id, balance FROM rm.balances ORDER BY account_id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
     let mut wallets_total = Decimal::ZERO;
     for (account_id, balance) in &balances {
         let wallet = books
@@ -159,20 +145,10 @@ async fn the_books_balance_and_wallets_equal_balances() {
             .iter()
             .find(|line| line.account == format!("liabilities:wallets:{account_id}"))
             .expect("a wallet account");
-        assert_eq!(
-            wallet.credit - wallet.debit,
-            *balance,
-            "wallet of {account_id}"
-        );
+        assert_eq!(wallet.credit - wallet.debit, *balance, "wallet of {account_id}");
         wallets_total += wallet.credit - wallet.debit;
     }
-    assert_eq!(
-        wallets_total,
-        balances
-            .iter()
-            .map(|(_, balance)| *balance)
-            .sum::<Decimal>()
-    );
+    assert_eq!(wallets_total, balances.iter().map(|(_, balance)| *balance).sum::<Decimal>());
 }
 
 #[tokio::test]
@@ -184,20 +160,14 @@ async fn balances_as_of_past_instants_match_the_hand_computed_figures() {
         ("2026-03-01T00:00:00Z", None),
         ("2026-03-02T12:04:00Z", Some(dec!(5.00))),
         ("2026-03-02T12:30:00Z", Some(dec!(5.00) - dec!(0.027397))),
-        (
-            "2026-03-02T15:00:00Z",
-            Some(dec!(5.00) - dec!(4) * dec!(0.027397)),
-        ),
+        ("2026-03-02T15:00:00Z", Some(dec!(5.00) - dec!(4) * dec!(0.027397))),
     ];
     for (instant, expected) in cases {
         let figures = balance_as_of(&db.pool, bob, at(instant)).await.unwrap();
         assert_eq!(figures.map(|f| f.balance), expected, "as of {instant}");
     }
     // While the first hour was held, before provisioning captured it.
-    let held = balance_as_of(&db.pool, bob, at("2026-03-02T12:05:00Z"))
-        .await
-        .unwrap()
-        .unwrap();
+    let held = balance_as_of(&db.pool, bob, at("2026-03-02T12:05:00Z")).await.unwrap().unwrap();
     assert_eq!(
         (held.balance, held.reserved, held.available),
         (dec!(5.00), dec!(0.027397), dec!(4.972603))
@@ -208,15 +178,8 @@ async fn balances_as_of_past_instants_match_the_hand_computed_figures() {
 async fn verify_passes_then_names_a_row_changed_behind_its_back() {
     let db = load_history().await;
     for projection in projections::projection::all() {
-        let check = projections::verify::verify(&db.pool, projection.as_ref())
-            .await
-            .unwrap();
-        assert!(
-            check.differences.is_empty(),
-            "{}: {:?}",
-            check.name,
-            check.differences
-        );
+        let check = projections::verify::verify(&db.pool, projection.as_ref()).await.unwrap();
+        assert!(check.differences.is_empty(), "{}: {:?}", check.name, check.differences);
     }
     let acme = account("acme");
     sqlx::query("UPDATE rm.balances SET balance = balance + 1 WHERE account_id = $1")
@@ -224,27 +187,14 @@ async fn verify_passes_then_names_a_row_changed_behind_its_back() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let check = projections::verify::verify(
-        &db.pool,
-        projections::projection::by_name("balances")
-            .unwrap()
-            .as_ref(),
-    )
-    .await
-    .unwrap();
+    let check = projections::verify::verify(&db.pool, projections::projection::by_name("balances").unwrap().as_ref())
+        .await
+        .unwrap();
     assert_eq!(check.differences.len(), 1, "{:?}", check.differences);
     let difference = &check.differences[0];
-    assert_eq!(
-        (difference.table.as_str(), difference.key.clone()),
-        ("balances", acme.to_string())
-    );
+    assert_eq!((difference.table.as_str(), difference.key.clone()), ("balances", acme.to_string()));
     assert!(
-        difference.live.as_deref().unwrap().contains("79.733037")
-            && difference
-                .replayed
-                .as_deref()
-                .unwrap()
-                .contains("78.733037"),
+        difference.live.as_deref().unwrap().contains("79.733037") && difference.replayed.as_deref().unwrap().contains("78.733037"),
         "{difference:?}"
     );
 }
@@ -253,10 +203,7 @@ async fn digests(db: &TestDatabase) -> Vec<(String, String)> {
     let mut digests = Vec::new();
     for projection in projections::projection::all() {
         for table in projection.tables() {
-            digests.push((
-                table.to_string(),
-                table_digest(&db.pool, "rm", table).await.unwrap(),
-            ));
+            digests.push((table.to_string(), table_digest(&db.pool, "rm", table).await.unwrap()));
         }
     }
     digests
@@ -275,9 +222,7 @@ async fn a_rebuild_from_position_zero_is_byte_identical() {
     assert_eq!(digests(&db).await, before);
     let status = projections::queries::status(&db.pool).await.unwrap();
     assert!(
-        status
-            .iter()
-            .all(|s| s.generation == 2 && !s.rebuilding && s.lag == 0),
+        status.iter().all(|s| s.generation == 2 && !s.rebuilding && s.lag == 0),
         "{status:?}"
     );
 }
@@ -307,16 +252,12 @@ impl projections::Projection for FailsAfterWriting {
             self.inner.apply(tx, records).await?;
             if self
                 .failures_left
-                .fetch_update(
-                    std::sync::atomic::Ordering::SeqCst,
-                    std::sync::atomic::Ordering::SeqCst,
-                    |left| left.checked_sub(1),
-                )
+                .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |left| {
+                    left.checked_sub(1)
+                })
                 .is_ok()
             {
-                return Err(sqlx::Error::Protocol(
-                    "injected failure after writing the batch".into(),
-                ));
+                return Err(sqlx::Error::Protocol("injected failure after writing the batch".into()));
             }
             Ok(())
         })
@@ -326,15 +267,10 @@ impl projections::Projection for FailsAfterWriting {
 #[tokio::test]
 async fn a_projector_that_dies_mid_batch_resumes_without_loss_or_duplication() {
     let db = TestDatabase::new().await;
-    let log = EventLog::open(db.pool.clone(), LogConfig::default())
+    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
+    api::audit::import(&log, std::io::BufReader::new(std::fs::File::open(HISTORY).unwrap()))
         .await
         .unwrap();
-    api::audit::import(
-        &log,
-        std::io::BufReader::new(std::fs::File::open(HISTORY).unwrap()),
-    )
-    .await
-    .unwrap();
     for projection in projections::projection::all() {
         let failing = FailsAfterWriting {
             inner: projection.clone(),
@@ -342,16 +278,7 @@ async fn a_projector_that_dies_mid_batch_resumes_without_loss_or_duplication() {
         };
         let mut failures = 0;
         loop {
-            match projections::runner::run_batch(
-                &db.pool,
-                &failing,
-                "rm",
-                projection.name(),
-                700,
-                None,
-            )
-            .await
-            {
+            match projections::runner::run_batch(&db.pool, &failing, "rm", projection.name(), 700, None).await {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(error) => {
@@ -361,39 +288,22 @@ async fn a_projector_that_dies_mid_batch_resumes_without_loss_or_duplication() {
             }
         }
         assert_eq!(failures, 3, "{}", projection.name());
-        assert_eq!(
-            ledger::checkpoint::load(&db.pool, projection.name())
-                .await
-                .unwrap(),
-            2123
-        );
-        let check = projections::verify::verify(&db.pool, projection.as_ref())
-            .await
-            .unwrap();
-        assert!(
-            check.differences.is_empty(),
-            "{}: {:?}",
-            check.name,
-            check.differences
-        );
+        assert_eq!(ledger::checkpoint::load(&db.pool, projection.name()).await.unwrap(), 2123);
+        let check = projections::verify::verify(&db.pool, projection.as_ref()).await.unwrap();
+        assert!(check.differences.is_empty(), "{}: {:?}", check.name, check.differences);
     }
     let statement_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM rm.statement")
         .fetch_one(&db.pool)
         .await
         .unwrap();
     let money_events: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type IN ('TopUpSettled','HoldCaptured','HourCharged','CancellationRefunded','ServiceCredited','CardRefundRequested','Adjusted','DisputeOpened','DisputeClosed')").fetch_one(&db.pool).await.unwrap();
-    assert_eq!(
-        statement_rows, money_events,
-        "one statement line per money event, none twice"
-    );
+    assert_eq!(statement_rows, money_events, "one statement line per money event, none twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuild_under_load_keeps_serving_and_misses_nothing() {
     let db = load_history().await;
-    let log = EventLog::open(db.pool.clone(), LogConfig::default())
-        .await
-        .unwrap();
+    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
     let clock = Arc::new(ManualClock::new(at("2026-04-03T00:00:00Z")));
     let flows = Flows::new(CommandHandler::new(log, clock));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -443,16 +353,9 @@ async fn a_rebuild_under_load_keeps_serving_and_misses_nothing() {
         tokio::spawn(async move {
             let balances = projections::projection::by_name("balances").unwrap();
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                projections::runner::run_batch(
-                    &pool,
-                    balances.as_ref(),
-                    "rm",
-                    "balances",
-                    500,
-                    None,
-                )
-                .await
-                .unwrap();
+                projections::runner::run_batch(&pool, balances.as_ref(), "rm", "balances", 500, None)
+                    .await
+                    .unwrap();
             }
         })
     };
@@ -464,16 +367,16 @@ async fn a_rebuild_under_load_keeps_serving_and_misses_nothing() {
             let mut last = 0i64;
             let mut reads = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let (count, acme): (i64, Option<Decimal>) = sqlx::query_as("SELECT count(*), max(balance) FILTER (WHERE name LIKE 'Acme%') FROM rm.balances").fetch_one(&pool).await.unwrap();
+                let (count, acme): (i64, Option<Decimal>) =
+                    sqlx::query_as("SELECT count(*), max(balance) FILTER (WHERE name LIKE 'Acme%') FROM rm.balances")
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
                 assert!(
                     count >= last && count >= 3,
                     "the balances read model went from {last} rows to {count}"
                 );
-                assert_eq!(
-                    acme,
-                    Some(dec!(78.733037)),
-                    "the history's account is always there, whole"
-                );
+                assert_eq!(acme, Some(dec!(78.733037)), "the history's account is always there, whole");
                 last = count;
                 reads += 1;
             }
@@ -483,9 +386,7 @@ async fn a_rebuild_under_load_keeps_serving_and_misses_nothing() {
 
     let balances = projections::projection::by_name("balances").unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let report = projections::rebuild::rebuild(&db.pool, balances.as_ref(), |_, _| {})
-        .await
-        .unwrap();
+    let report = projections::rebuild::rebuild(&db.pool, balances.as_ref(), |_, _| {}).await.unwrap();
     assert!(report.events >= 2123);
     let mut opened = 0;
     for writer in writers {
@@ -494,27 +395,18 @@ async fn a_rebuild_under_load_keeps_serving_and_misses_nothing() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     live.await.unwrap();
     let reads = reader.await.unwrap();
-    assert!(
-        reads > 10,
-        "the reader kept reading during the rebuild ({reads} reads)"
-    );
+    assert!(reads > 10, "the reader kept reading during the rebuild ({reads} reads)");
 
     projections::runner::catch_up_all(&db.pool).await.unwrap();
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM rm.balances")
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(
-        count,
-        3 + opened,
-        "every account opened during the rebuild is there"
-    );
-    let wrong: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM rm.balances WHERE name LIKE 'Load %' AND balance <> 3.75",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    assert_eq!(count, 3 + opened, "every account opened during the rebuild is there");
+    let wrong: i64 = sqlx::query_scalar("SELECT count(*) FROM rm.balances WHERE name LIKE 'Load %' AND balance <> 3.75")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(wrong, 0, "no top-up lost or counted twice");
     // And a full rebuild after this concurrent workload is byte-identical to what the live
     // projectors built.

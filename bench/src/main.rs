@@ -85,10 +85,7 @@ async fn main() -> anyhow::Result<()> {
         name if SCENARIOS.contains(&name) => {
             vec![SCENARIOS[SCENARIOS.iter().position(|s| *s == name).unwrap()]]
         }
-        other => anyhow::bail!(
-            "unknown scenario {other:?}; known: {} or all",
-            SCENARIOS.join(", ")
-        ),
+        other => anyhow::bail!("unknown scenario {other:?}; known: {} or all", SCENARIOS.join(", ")),
     };
     let server = locate().await?;
     let mut results = Vec::new();
@@ -120,23 +117,14 @@ async fn main() -> anyhow::Result<()> {
 async fn fresh_database(server: &Server) -> anyhow::Result<PgPool> {
     const NAME: &str = "billing_bench";
     let mut admin = PgConnection::connect_with(&server.options("postgres")).await?;
-    sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-        quote_identifier(NAME)
-    ))
-    .execute(&mut admin)
-    .await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_identifier(NAME)))
+        .execute(&mut admin)
+        .await?;
     sqlx::query(&format!("CREATE DATABASE {}", quote_identifier(NAME)))
         .execute(&mut admin)
         .await?;
-    let pool = PgPoolOptions::new()
-        .max_connections(70)
-        .connect_with(server.options(NAME))
-        .await?;
-    ledger::MIGRATOR
-        .run(&pool)
-        .await
-        .context("migrating the bench database")?;
+    let pool = PgPoolOptions::new().max_connections(70).connect_with(server.options(NAME)).await?;
+    ledger::MIGRATOR.run(&pool).await.context("migrating the bench database")?;
     Ok(pool)
 }
 
@@ -161,11 +149,7 @@ async fn append(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
             let streams = (0..per_request)
                 .map(|n| {
                     let index = request_index * per_request + n;
-                    StreamAppend::new(
-                        format!("server-{index}"),
-                        ExpectedVersion::NoStream,
-                        vec![event(index)],
-                    )
+                    StreamAppend::new(format!("server-{index}"), ExpectedVersion::NoStream, vec![event(index)])
                 })
                 .collect();
             log.append(AppendRequest { streams }).await
@@ -175,13 +159,8 @@ async fn append(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
         task.await??;
     }
     let elapsed = started.elapsed();
-    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM events")
-        .fetch_one(pool)
-        .await?;
-    anyhow::ensure!(
-        count as usize == events_total,
-        "stored {count} of {events_total} events"
-    );
+    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM events").fetch_one(pool).await?;
+    anyhow::ensure!(count as usize == events_total, "stored {count} of {events_total} events");
 
     // Baseline: the same events appended one per transaction, one after another.
     let baseline_events = if quick { 200 } else { 5_000 };
@@ -197,10 +176,7 @@ async fn append(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
     let baseline_rate = baseline_events as f64 / started_baseline.elapsed().as_secs_f64();
     let rate = events_total as f64 / elapsed.as_secs_f64();
     let report = ledger::verify::verify_chain(pool, None, |_, _| {}).await?;
-    anyhow::ensure!(
-        report.ok,
-        "the chain does not verify after the benchmark: {report:?}"
-    );
+    anyhow::ensure!(report.ok, "the chain does not verify after the benchmark: {report:?}");
     Ok(Measurement {
         scenario: "append",
         value: rate,
@@ -233,12 +209,8 @@ async fn append_concurrent(pool: &PgPool, quick: bool) -> anyhow::Result<Measure
                     ExpectedVersion::Exact(version as i64)
                 };
                 let sent = Instant::now();
-                log.append(AppendRequest::single(
-                    format!("account-{client}"),
-                    expected,
-                    vec![event(version)],
-                ))
-                .await?;
+                log.append(AppendRequest::single(format!("account-{client}"), expected, vec![event(version)]))
+                    .await?;
                 latencies.push(sent.elapsed());
             }
             anyhow::Ok(latencies)
@@ -251,10 +223,7 @@ async fn append_concurrent(pool: &PgPool, quick: bool) -> anyhow::Result<Measure
     let elapsed = started.elapsed();
     latencies.sort();
     let events_total = CLIENTS * per_client;
-    let percentile = |p: f64| {
-        latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64()
-            * 1_000.0
-    };
+    let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1_000.0;
     Ok(Measurement {
         scenario: "append_concurrent",
         value: events_total as f64 / elapsed.as_secs_f64(),
@@ -274,10 +243,7 @@ async fn append_concurrent(pool: &PgPool, quick: bool) -> anyhow::Result<Measure
 async fn synthetic_history(pool: &PgPool, events_target: usize) -> anyhow::Result<usize> {
     use domain::account::{AccountEvent, Figures};
     use domain::server::ServerEvent;
-    use domain::{
-        AccountId, ChargeId, Country, Currency, HourSlot, Location, OrderId, PlanId, ServerId,
-        TaxRate, TopUpId,
-    };
+    use domain::{AccountId, ChargeId, Country, Currency, HourSlot, Location, OrderId, PlanId, ServerId, TaxRate, TopUpId};
     use rust_decimal::Decimal;
 
     let log = EventLog::open(pool.clone(), LogConfig::default()).await?;
@@ -294,10 +260,9 @@ async fn synthetic_history(pool: &PgPool, events_target: usize) -> anyhow::Resul
         .map(|_| (0..servers_per_account).map(|_| ServerId::new()).collect())
         .collect();
     let mut balances: Vec<Decimal> = vec![top_up; accounts];
-    let to_event =
-        |event_type: String, payload: serde_json::Value, at: chrono::DateTime<chrono::Utc>| {
-            NewEvent::new(event_type, payload).occurred_at(at)
-        };
+    let to_event = |event_type: String, payload: serde_json::Value, at: chrono::DateTime<chrono::Utc>| {
+        NewEvent::new(event_type, payload).occurred_at(at)
+    };
     let mut batch: Vec<StreamAppend> = Vec::new();
     let mut written = 0usize;
     async fn flush(log: &EventLog, batch: &mut Vec<StreamAppend>) -> anyhow::Result<()> {
@@ -331,12 +296,7 @@ async fn synthetic_history(pool: &PgPool, events_target: usize) -> anyhow::Resul
         let events = [opened, settled]
             .into_iter()
             .map(|event| {
-                to_event(
-                    cqrs_es_event_type(&event),
-                    serde_json::to_value(&event).unwrap(),
-                    start,
-                )
-                .with_schema_version(
+                to_event(cqrs_es_event_type(&event), serde_json::to_value(&event).unwrap(), start).with_schema_version(
                     if matches!(event, AccountEvent::AccountOpened { .. }) {
                         2
                     } else {
@@ -345,11 +305,7 @@ async fn synthetic_history(pool: &PgPool, events_target: usize) -> anyhow::Resul
                 )
             })
             .collect();
-        batch.push(StreamAppend::new(
-            account_id.stream_id(),
-            ExpectedVersion::Any,
-            events,
-        ));
+        batch.push(StreamAppend::new(account_id.stream_id(), ExpectedVersion::Any, events));
         for server_id in &server_ids[index] {
             let ordered = ServerEvent::ServerOrdered {
                 server_id: *server_id,
@@ -365,19 +321,9 @@ async fn synthetic_history(pool: &PgPool, events_target: usize) -> anyhow::Resul
             };
             let events = [ordered, provisioned]
                 .into_iter()
-                .map(|event| {
-                    to_event(
-                        server_event_type(&event),
-                        serde_json::to_value(&event).unwrap(),
-                        start,
-                    )
-                })
+                .map(|event| to_event(server_event_type(&event), serde_json::to_value(&event).unwrap(), start))
                 .collect();
-            batch.push(StreamAppend::new(
-                server_id.stream_id(),
-                ExpectedVersion::Any,
-                events,
-            ));
+            batch.push(StreamAppend::new(server_id.stream_id(), ExpectedVersion::Any, events));
         }
         written += 2 + 2 * servers_per_account;
         if batch.len() >= 500 {
@@ -408,18 +354,10 @@ async fn synthetic_history(pool: &PgPool, events_target: usize) -> anyhow::Resul
                         available: balances[index],
                     },
                 };
-                events.push(to_event(
-                    "HourCharged".into(),
-                    serde_json::to_value(&charged)?,
-                    slot.start(),
-                ));
+                events.push(to_event("HourCharged".into(), serde_json::to_value(&charged)?, slot.start()));
             }
             written += events.len();
-            batch.push(StreamAppend::new(
-                account_id.stream_id(),
-                ExpectedVersion::Any,
-                events,
-            ));
+            batch.push(StreamAppend::new(account_id.stream_id(), ExpectedVersion::Any, events));
         }
         // One append per slot: each account appears once in it.
         flush(&log, &mut batch).await?;
@@ -452,17 +390,11 @@ async fn rebuild(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
             report.name,
             report.events
         );
-        eprintln!(
-            "rebuild: {} took {} ms for {events} events",
-            report.name, report.elapsed_ms
-        );
+        eprintln!("rebuild: {} took {} ms for {events} events", report.name, report.elapsed_ms);
     }
     let elapsed = started.elapsed();
     let books = projections::queries::trial_balance(pool, None).await?;
-    anyhow::ensure!(
-        books.total_debit == books.total_credit,
-        "the rebuilt books do not balance"
-    );
+    anyhow::ensure!(books.total_debit == books.total_credit, "the rebuilt books do not balance");
     Ok(Measurement {
         scenario: "rebuild",
         value: events as f64 / elapsed.as_secs_f64(),
@@ -483,11 +415,7 @@ fn print_table(results: &[Measurement]) {
         "scenario", "value", "unit", "p50 ms", "p99 ms", "baseline value", "ratio"
     );
     for m in results {
-        let optional = |value: Option<f64>, digits: usize| {
-            value
-                .map(|v| format!("{v:.digits$}"))
-                .unwrap_or_else(|| "-".into())
-        };
+        let optional = |value: Option<f64>, digits: usize| value.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into());
         println!(
             "{:<20} {:>14.0} {:<10} {:>10} {:>10} {:>14} {:>8}  {}",
             m.scenario,

@@ -11,8 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::billing::{pro_rata, runway_hours, slot_charge};
 use crate::money::{Currency, LEDGER_SCALE};
 use crate::types::{
-    AccountId, AdjustmentId, ChargeId, Country, DisputeId, HourSlot, OrderId, PlanId, RefundId,
-    ServerId, TaxRate, TopUpId, YearMonth,
+    AccountId, AdjustmentId, ChargeId, Country, DisputeId, HourSlot, OrderId, PlanId, RefundId, ServerId, TaxRate, TopUpId, YearMonth,
 };
 
 /// What an account's events carry about its money after the event.
@@ -290,17 +289,11 @@ pub enum AccountError {
     #[error("charge {0} already had its unused time refunded")]
     AlreadyRefunded(ChargeId),
     #[error("refunds of charge {charge_id} would exceed its gross: {refundable} refundable")]
-    RefundExceedsCharge {
-        charge_id: ChargeId,
-        refundable: Decimal,
-    },
+    RefundExceedsCharge { charge_id: ChargeId, refundable: Decimal },
     #[error("no top-up {0}")]
     UnknownTopUp(TopUpId),
     #[error("refunds of top-up {topup_id} would exceed it: {refundable} refundable")]
-    RefundExceedsTopUp {
-        topup_id: TopUpId,
-        refundable: Decimal,
-    },
+    RefundExceedsTopUp { topup_id: TopUpId, refundable: Decimal },
     #[error("no card refund {0}")]
     UnknownRefund(RefundId),
     #[error("card refund {0} is already settled")]
@@ -416,10 +409,7 @@ impl Account {
 
     /// Net charged for `server` in `month` so far (for the monthly cap).
     pub fn month_net(&self, server_id: ServerId, month: YearMonth) -> Decimal {
-        self.month_net
-            .get(&(server_id, month))
-            .copied()
-            .unwrap_or_default()
+        self.month_net.get(&(server_id, month)).copied().unwrap_or_default()
     }
 
     pub fn is_charged(&self, server_id: ServerId, slot: HourSlot) -> bool {
@@ -473,17 +463,11 @@ impl Account {
             let email = email.trim().to_string();
             let valid_email = email.len() <= 254
                 && email.split_once('@').is_some_and(|(local, domain)| {
-                    !local.is_empty()
-                        && domain.contains('.')
-                        && !domain.starts_with('.')
-                        && !domain.ends_with('.')
+                    !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
                 })
                 && !email.contains(char::is_whitespace);
             if !valid_email {
-                return Err(invalid(
-                    "email",
-                    format!("{email:?} is not an email address"),
-                ));
+                return Err(invalid("email", format!("{email:?} is not an email address")));
             }
             return Ok(vec![AccountEvent::AccountOpened {
                 account_id,
@@ -554,10 +538,7 @@ impl Account {
                 slot,
                 tax_rate,
             } => {
-                let hold = self
-                    .holds
-                    .get(&order_id)
-                    .ok_or(AccountError::UnknownHold(order_id))?;
+                let hold = self.holds.get(&order_id).ok_or(AccountError::UnknownHold(order_id))?;
                 match hold.state {
                     HoldState::Captured => return Err(AccountError::HoldAlreadyCaptured(order_id)),
                     HoldState::Released => return Err(AccountError::HoldAlreadyReleased(order_id)),
@@ -585,10 +566,7 @@ impl Account {
                 }])
             }
             AccountCommand::ReleaseHold { order_id, reason } => {
-                let hold = self
-                    .holds
-                    .get(&order_id)
-                    .ok_or(AccountError::UnknownHold(order_id))?;
+                let hold = self.holds.get(&order_id).ok_or(AccountError::UnknownHold(order_id))?;
                 match hold.state {
                     HoldState::Captured => return Err(AccountError::HoldAlreadyCaptured(order_id)),
                     HoldState::Released => return Err(AccountError::HoldAlreadyReleased(order_id)),
@@ -615,11 +593,7 @@ impl Account {
                     return Err(AccountError::SlotAlreadyCharged { server_id, slot });
                 }
                 self.fresh_id(charge_id.0, "charge")?;
-                let charge = slot_charge(
-                    monthly_price,
-                    self.month_net(server_id, slot.month()),
-                    tax_rate,
-                );
+                let charge = slot_charge(monthly_price, self.month_net(server_id, slot.month()), tax_rate);
                 if self.available() < charge.gross {
                     return Ok(vec![AccountEvent::ChargeDeclined {
                         server_id,
@@ -642,14 +616,8 @@ impl Account {
                     figures: self.figures_after(-charge.gross, Decimal::ZERO),
                 }])
             }
-            AccountCommand::RefundUnusedTime {
-                charge_id,
-                cancelled_at,
-            } => {
-                let charge = self
-                    .charges
-                    .get(&charge_id)
-                    .ok_or(AccountError::UnknownCharge(charge_id))?;
+            AccountCommand::RefundUnusedTime { charge_id, cancelled_at } => {
+                let charge = self.charges.get(&charge_id).ok_or(AccountError::UnknownCharge(charge_id))?;
                 if charge.unused_time_refunded {
                     return Err(AccountError::AlreadyRefunded(charge_id));
                 }
@@ -682,16 +650,10 @@ impl Account {
                 check_positive("amount", amount, currency)?;
                 check_reason(&reason)?;
                 self.fresh_id(refund_id.0, "refund")?;
-                let charge = self
-                    .charges
-                    .get(&charge_id)
-                    .ok_or(AccountError::UnknownCharge(charge_id))?;
+                let charge = self.charges.get(&charge_id).ok_or(AccountError::UnknownCharge(charge_id))?;
                 let refundable = charge.net + charge.tax - charge.refunded;
                 if amount > refundable {
-                    return Err(AccountError::RefundExceedsCharge {
-                        charge_id,
-                        refundable,
-                    });
+                    return Err(AccountError::RefundExceedsCharge { charge_id, refundable });
                 }
                 Ok(vec![AccountEvent::ServiceCredited {
                     refund_id,
@@ -710,16 +672,10 @@ impl Account {
                 check_positive("amount", amount, currency)?;
                 check_reason(&reason)?;
                 self.fresh_id(refund_id.0, "refund")?;
-                let topup = self
-                    .topups
-                    .get(&topup_id)
-                    .ok_or(AccountError::UnknownTopUp(topup_id))?;
+                let topup = self.topups.get(&topup_id).ok_or(AccountError::UnknownTopUp(topup_id))?;
                 let refundable = topup.amount - topup.refunded;
                 if amount > refundable {
-                    return Err(AccountError::RefundExceedsTopUp {
-                        topup_id,
-                        refundable,
-                    });
+                    return Err(AccountError::RefundExceedsTopUp { topup_id, refundable });
                 }
                 if amount > self.available() {
                     return Err(AccountError::InsufficientFunds {
@@ -736,10 +692,7 @@ impl Account {
                 }])
             }
             AccountCommand::CompleteCardRefund { refund_id } => {
-                let refund = self
-                    .card_refunds
-                    .get(&refund_id)
-                    .ok_or(AccountError::UnknownRefund(refund_id))?;
+                let refund = self.card_refunds.get(&refund_id).ok_or(AccountError::UnknownRefund(refund_id))?;
                 if refund.state != CardRefundState::Requested {
                     return Err(AccountError::RefundSettled(refund_id));
                 }
@@ -750,10 +703,7 @@ impl Account {
                 }])
             }
             AccountCommand::FailCardRefund { refund_id } => {
-                let refund = self
-                    .card_refunds
-                    .get(&refund_id)
-                    .ok_or(AccountError::UnknownRefund(refund_id))?;
+                let refund = self.card_refunds.get(&refund_id).ok_or(AccountError::UnknownRefund(refund_id))?;
                 if refund.state != CardRefundState::Requested {
                     return Err(AccountError::RefundSettled(refund_id));
                 }
@@ -806,10 +756,7 @@ impl Account {
                 }])
             }
             AccountCommand::CloseDispute { dispute_id, won } => {
-                let dispute = self
-                    .disputes
-                    .get(&dispute_id)
-                    .ok_or(AccountError::UnknownDispute(dispute_id))?;
+                let dispute = self.disputes.get(&dispute_id).ok_or(AccountError::UnknownDispute(dispute_id))?;
                 if !dispute.open {
                     return Err(AccountError::DisputeClosed(dispute_id));
                 }
@@ -855,10 +802,7 @@ fn scale_down(net: Decimal, tax: Decimal, limit: Decimal) -> (Decimal, Decimal) 
 
 fn check_scale(field: &'static str, amount: Decimal) -> Result<(), AccountError> {
     if amount.normalize().scale() > LEDGER_SCALE {
-        return Err(invalid(
-            field,
-            format!("{amount} has more than 6 decimal places"),
-        ));
+        return Err(invalid(field, format!("{amount} has more than 6 decimal places")));
     }
     Ok(())
 }
@@ -871,11 +815,7 @@ fn check_non_negative(field: &'static str, amount: Decimal) -> Result<(), Accoun
     Ok(())
 }
 
-fn check_positive(
-    field: &'static str,
-    amount: Decimal,
-    _currency: Currency,
-) -> Result<(), AccountError> {
+fn check_positive(field: &'static str, amount: Decimal, _currency: Currency) -> Result<(), AccountError> {
     check_scale(field, amount)?;
     if amount <= Decimal::ZERO {
         return Err(invalid(field, format!("{amount} must be more than zero")));
@@ -898,12 +838,7 @@ impl Aggregate for Account {
     type Error = AccountError;
     type Services = ();
 
-    async fn handle(
-        &mut self,
-        command: AccountCommand,
-        _: &(),
-        sink: &cqrs_es::event_sink::EventSink<Self>,
-    ) -> Result<(), AccountError> {
+    async fn handle(&mut self, command: AccountCommand, _: &(), sink: &cqrs_es::event_sink::EventSink<Self>) -> Result<(), AccountError> {
         for event in self.decide(command)? {
             sink.write(event, self).await;
         }
@@ -1002,9 +937,7 @@ impl Aggregate for Account {
                 self.record_charge(charge_id, server_id, slot, net, tax);
             }
             AccountEvent::ChargeDeclined { .. } => {}
-            AccountEvent::CancellationRefunded {
-                charge_id, gross, ..
-            } => {
+            AccountEvent::CancellationRefunded { charge_id, gross, .. } => {
                 if let Some(charge) = self.charges.get_mut(&charge_id) {
                     charge.unused_time_refunded = true;
                     charge.refunded += gross;
@@ -1061,11 +994,8 @@ impl Aggregate for Account {
             AccountEvent::Adjusted { adjustment_id, .. } => {
                 self.used_ids.insert(adjustment_id.0);
             }
-            AccountEvent::DisputeOpened {
-                dispute_id, amount, ..
-            } => {
-                self.disputes
-                    .insert(dispute_id, Dispute { amount, open: true });
+            AccountEvent::DisputeOpened { dispute_id, amount, .. } => {
+                self.disputes.insert(dispute_id, Dispute { amount, open: true });
             }
             AccountEvent::DisputeClosed { dispute_id, .. } => {
                 if let Some(dispute) = self.disputes.get_mut(&dispute_id) {
@@ -1084,14 +1014,7 @@ impl Aggregate for Account {
 }
 
 impl Account {
-    fn record_charge(
-        &mut self,
-        charge_id: ChargeId,
-        server_id: ServerId,
-        slot: HourSlot,
-        net: Decimal,
-        tax: Decimal,
-    ) {
+    fn record_charge(&mut self, charge_id: ChargeId, server_id: ServerId, slot: HourSlot, net: Decimal, tax: Decimal) {
         self.used_ids.insert(charge_id.0);
         self.charged_slots.insert((server_id, slot));
         *self.month_net.entry((server_id, slot.month())).or_default() += net;
@@ -1118,11 +1041,7 @@ impl Account {
 }
 
 /// Brings a stored account event's payload to the current version.
-pub fn upcast(
-    event_type: &str,
-    schema_version: i32,
-    mut payload: serde_json::Value,
-) -> serde_json::Value {
+pub fn upcast(event_type: &str, schema_version: i32, mut payload: serde_json::Value) -> serde_json::Value {
     if event_type == "AccountOpened" && schema_version < 2 {
         if let Some(object) = payload.as_object_mut() {
             if let Some(country) = object.remove("tax_country") {

@@ -32,11 +32,7 @@ pub struct SlotCharge {
 }
 
 /// The charge for one slot: `net = min(rate, monthly - net_charged_this_month)`, never below zero.
-pub fn slot_charge(
-    monthly_price: Decimal,
-    net_charged_this_month: Decimal,
-    tax_rate: TaxRate,
-) -> SlotCharge {
+pub fn slot_charge(monthly_price: Decimal, net_charged_this_month: Decimal, tax_rate: TaxRate) -> SlotCharge {
     let rate = rate_per_hour(monthly_price);
     let headroom = (monthly_price - net_charged_this_month).max(Decimal::ZERO);
     let net = rate.min(headroom);
@@ -101,10 +97,7 @@ mod tests {
         // 730 * 0.006849 = 4.99977; the 731st slot takes the last 0.00023, the rest are zero.
         assert_eq!(capped_slots, 744 - 730);
         let last = slot_charge(monthly, net_this_month, TaxRate::ZERO);
-        assert_eq!(
-            (last.net, last.gross, last.capped),
-            (dec!(0), dec!(0), true)
-        );
+        assert_eq!((last.net, last.gross, last.capped), (dec!(0), dec!(0), true));
     }
 
     #[test]
@@ -114,11 +107,7 @@ mod tests {
         assert_eq!(pro_rata(dec!(0.002055), 3570), dec!(0.002038));
         assert_eq!(pro_rata(dec!(0.020548), 0), dec!(0));
         assert_eq!(pro_rata(dec!(0.020548), 3600), dec!(0.020548));
-        assert_eq!(
-            pro_rata(dec!(0.020548), 99_999),
-            dec!(0.020548),
-            "never more than the slot"
-        );
+        assert_eq!(pro_rata(dec!(0.020548), 99_999), dec!(0.020548), "never more than the slot");
     }
 
     #[test]

@@ -80,10 +80,7 @@ pub enum CatalogError {
     #[error("plan {0} is retired")]
     PlanRetired(PlanId),
     #[error("a change effective {effective_at} would precede the last one ({last}): history is not rewritten")]
-    BackDated {
-        effective_at: DateTime<Utc>,
-        last: DateTime<Utc>,
-    },
+    BackDated { effective_at: DateTime<Utc>, last: DateTime<Utc> },
     #[error("a plan needs at least one price, each more than zero with at most 6 decimals")]
     BadPrices,
 }
@@ -137,26 +134,15 @@ pub struct Catalog {
 
 impl Catalog {
     /// The monthly price of `plan` in `currency` in force at `at`.
-    pub fn monthly_price(
-        &self,
-        plan: &PlanId,
-        currency: Currency,
-        at: DateTime<Utc>,
-    ) -> Option<Money> {
+    pub fn monthly_price(&self, plan: &PlanId, currency: Currency, at: DateTime<Utc>) -> Option<Money> {
         let history = self.plans.get(plan)?;
         let (_, prices) = history.prices.iter().rev().find(|(from, _)| *from <= at)?;
-        prices.get(&currency).map(|amount| Money {
-            amount: *amount,
-            currency,
-        })
+        prices.get(&currency).map(|amount| Money { amount: *amount, currency })
     }
 
     /// Whether `plan` can be ordered at `at` (published and not retired).
     pub fn orderable(&self, plan: &PlanId, at: DateTime<Utc>) -> Result<&PlanSpec, CatalogError> {
-        let history = self
-            .plans
-            .get(plan)
-            .ok_or_else(|| CatalogError::UnknownPlan(plan.clone()))?;
+        let history = self.plans.get(plan).ok_or_else(|| CatalogError::UnknownPlan(plan.clone()))?;
         match history.retired_at {
             Some(retired_at) if retired_at <= at => Err(CatalogError::PlanRetired(plan.clone())),
             _ => Ok(&history.spec),
@@ -193,9 +179,7 @@ impl Catalog {
 
     fn check_not_back_dated(&self, effective_at: DateTime<Utc>) -> Result<(), CatalogError> {
         match self.last_change {
-            Some(last) if effective_at < last => {
-                Err(CatalogError::BackDated { effective_at, last })
-            }
+            Some(last) if effective_at < last => Err(CatalogError::BackDated { effective_at, last }),
             _ => Ok(()),
         }
     }
@@ -232,16 +216,10 @@ impl Catalog {
                     effective_at,
                 }])
             }
-            CatalogCommand::RetirePlan {
-                plan_id,
-                effective_at,
-            } => {
+            CatalogCommand::RetirePlan { plan_id, effective_at } => {
                 self.check_not_back_dated(effective_at)?;
                 self.orderable(&plan_id, effective_at)?;
-                Ok(vec![CatalogEvent::PlanRetired {
-                    plan_id,
-                    effective_at,
-                }])
+                Ok(vec![CatalogEvent::PlanRetired { plan_id, effective_at }])
             }
             CatalogCommand::SetTaxRate {
                 country,
@@ -257,10 +235,7 @@ impl Catalog {
                     effective_at,
                 }])
             }
-            CatalogCommand::Sync {
-                fixtures,
-                effective_at,
-            } => {
+            CatalogCommand::Sync { fixtures, effective_at } => {
                 let mut events = Vec::new();
                 for plan in fixtures.plans {
                     check_prices(&plan.monthly)?;
@@ -283,12 +258,8 @@ impl Catalog {
                     }
                 }
                 for rule in fixtures.tax {
-                    let current = self
-                        .tax
-                        .get(&rule.country)
-                        .and_then(|history| history.last());
-                    if current.map(|(_, rate, name)| (rate, name)) != Some((&rule.rate, &rule.name))
-                    {
+                    let current = self.tax.get(&rule.country).and_then(|history| history.last());
+                    if current.map(|(_, rate, name)| (rate, name)) != Some((&rule.rate, &rule.name)) {
                         events.push(CatalogEvent::TaxRateSet {
                             country: rule.country,
                             rate: rule.rate,
@@ -331,12 +302,7 @@ impl Aggregate for Catalog {
     type Error = CatalogError;
     type Services = ();
 
-    async fn handle(
-        &mut self,
-        command: CatalogCommand,
-        _: &(),
-        sink: &cqrs_es::event_sink::EventSink<Self>,
-    ) -> Result<(), CatalogError> {
+    async fn handle(&mut self, command: CatalogCommand, _: &(), sink: &cqrs_es::event_sink::EventSink<Self>) -> Result<(), CatalogError> {
         for event in self.decide(command)? {
             sink.write(event, self).await;
         }
@@ -371,10 +337,7 @@ impl Aggregate for Catalog {
                     history.prices.push((effective_at, monthly));
                 }
             }
-            CatalogEvent::PlanRetired {
-                plan_id,
-                effective_at,
-            } => {
+            CatalogEvent::PlanRetired { plan_id, effective_at } => {
                 self.last_change = Some(effective_at);
                 if let Some(history) = self.plans.get_mut(&plan_id) {
                     history.retired_at = Some(effective_at);
@@ -387,15 +350,9 @@ impl Aggregate for Catalog {
                 effective_at,
             } => {
                 self.last_change = Some(effective_at);
-                self.tax
-                    .entry(country)
-                    .or_default()
-                    .push((effective_at, rate, name));
+                self.tax.entry(country).or_default().push((effective_at, rate, name));
             }
-            CatalogEvent::LocationsSet {
-                locations,
-                effective_at,
-            } => {
+            CatalogEvent::LocationsSet { locations, effective_at } => {
                 self.last_change = Some(effective_at);
                 self.locations = locations;
             }
@@ -427,20 +384,11 @@ pub struct TaxRule {
 #[derive(Debug, thiserror::Error)]
 pub enum FixtureError {
     #[error("{file}: {source}")]
-    Toml {
-        file: &'static str,
-        source: toml::de::Error,
-    },
+    Toml { file: &'static str, source: toml::de::Error },
     #[error("{file}: {source}")]
-    Field {
-        file: &'static str,
-        source: ParseError,
-    },
+    Field { file: &'static str, source: ParseError },
     #[error("{file}: {source}")]
-    Money {
-        file: &'static str,
-        source: MoneyError,
-    },
+    Money { file: &'static str, source: MoneyError },
 }
 
 impl Fixtures {
@@ -471,31 +419,15 @@ impl Fixtures {
         }
         const PLANS: &str = "plans.toml";
         const TAX: &str = "tax.toml";
-        let plans_file: PlansFile =
-            toml::from_str(plans_toml).map_err(|source| FixtureError::Toml {
-                file: PLANS,
-                source,
-            })?;
-        let tax_file: TaxFile =
-            toml::from_str(tax_toml).map_err(|source| FixtureError::Toml { file: TAX, source })?;
+        let plans_file: PlansFile = toml::from_str(plans_toml).map_err(|source| FixtureError::Toml { file: PLANS, source })?;
+        let tax_file: TaxFile = toml::from_str(tax_toml).map_err(|source| FixtureError::Toml { file: TAX, source })?;
         let mut plans = Vec::new();
         for entry in plans_file.plan {
-            let id = PlanId::parse(&entry.id).map_err(|source| FixtureError::Field {
-                file: PLANS,
-                source,
-            })?;
+            let id = PlanId::parse(&entry.id).map_err(|source| FixtureError::Field { file: PLANS, source })?;
             let mut monthly = Prices::new();
             for (code, amount) in entry.monthly {
-                let currency = Currency::parse(&code).map_err(|source| FixtureError::Money {
-                    file: PLANS,
-                    source,
-                })?;
-                let price = Money::parse_positive(&amount, currency).map_err(|source| {
-                    FixtureError::Money {
-                        file: PLANS,
-                        source,
-                    }
-                })?;
+                let currency = Currency::parse(&code).map_err(|source| FixtureError::Money { file: PLANS, source })?;
+                let price = Money::parse_positive(&amount, currency).map_err(|source| FixtureError::Money { file: PLANS, source })?;
                 monthly.insert(currency, price.amount);
             }
             plans.push(FixturePlan {
@@ -510,8 +442,7 @@ impl Fixtures {
         }
         let mut tax = Vec::new();
         for rule in tax_file.rule {
-            let country = Country::parse(&rule.country)
-                .map_err(|source| FixtureError::Field { file: TAX, source })?;
+            let country = Country::parse(&rule.country).map_err(|source| FixtureError::Field { file: TAX, source })?;
             let rate: Decimal = rule.rate.parse().map_err(|_| FixtureError::Field {
                 file: TAX,
                 source: ParseError {
@@ -519,8 +450,7 @@ impl Fixtures {
                     reason: format!("{:?} is not a decimal", rule.rate),
                 },
             })?;
-            let rate =
-                TaxRate::new(rate).map_err(|source| FixtureError::Field { file: TAX, source })?;
+            let rate = TaxRate::new(rate).map_err(|source| FixtureError::Field { file: TAX, source })?;
             tax.push(TaxRule {
                 country,
                 rate,
@@ -532,14 +462,7 @@ impl Fixtures {
             .iter()
             .map(|text| Location::parse(text))
             .collect::<Result<BTreeSet<_>, _>>()
-            .map_err(|source| FixtureError::Field {
-                file: PLANS,
-                source,
-            })?;
-        Ok(Fixtures {
-            plans,
-            tax,
-            locations,
-        })
+            .map_err(|source| FixtureError::Field { file: PLANS, source })?;
+        Ok(Fixtures { plans, tax, locations })
     }
 }

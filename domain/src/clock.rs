@@ -23,9 +23,7 @@ pub struct BackwardsError {
 
 impl ManualClock {
     pub fn new(start: DateTime<Utc>) -> ManualClock {
-        ManualClock {
-            now: Mutex::new(start),
-        }
+        ManualClock { now: Mutex::new(start) }
     }
 
     pub fn set(&self, instant: DateTime<Utc>) -> Result<DateTime<Utc>, BackwardsError> {

@@ -46,12 +46,7 @@ pub struct BilledRefund {
 
 impl BilledRefund {
     /// A service credit is a gross amount; split it by the charge's tax rate.
-    pub fn service_credit(
-        charge_id: ChargeId,
-        server_id: ServerId,
-        gross: Decimal,
-        tax_rate: TaxRate,
-    ) -> BilledRefund {
+    pub fn service_credit(charge_id: ChargeId, server_id: ServerId, gross: Decimal, tax_rate: TaxRate) -> BilledRefund {
         let net = round_ledger(gross / (Decimal::ONE + tax_rate.fraction()));
         BilledRefund {
             kind: RefundKind::ServiceCredit,
@@ -128,22 +123,13 @@ pub fn build_invoice(
     let mut per_server: Vec<(ServerId, PlanId, u32, Decimal, Decimal)> = Vec::new();
     let mut taxes: BTreeMap<TaxRate, (Decimal, Decimal)> = BTreeMap::new();
     for charge in charges {
-        match per_server
-            .iter_mut()
-            .find(|line| line.0 == charge.server_id)
-        {
+        match per_server.iter_mut().find(|line| line.0 == charge.server_id) {
             Some(line) => {
                 line.2 += 1;
                 line.3 += charge.net;
                 line.4 += charge.tax;
             }
-            None => per_server.push((
-                charge.server_id,
-                charge.plan_id.clone(),
-                1,
-                charge.net,
-                charge.tax,
-            )),
+            None => per_server.push((charge.server_id, charge.plan_id.clone(), 1, charge.net, charge.tax)),
         }
         let entry = taxes.entry(charge.tax_rate).or_default();
         entry.0 += charge.net;
@@ -185,10 +171,7 @@ pub fn build_invoice(
         currency,
         period,
         lines,
-        taxes: taxes
-            .into_iter()
-            .map(|(rate, (net, tax))| TaxSummary { rate, net, tax })
-            .collect(),
+        taxes: taxes.into_iter().map(|(rate, (net, tax))| TaxSummary { rate, net, tax }).collect(),
         net,
         tax,
         total,
@@ -298,10 +281,7 @@ impl InvoiceSeries {
         self.charge_invoices.get(&charge_id).copied()
     }
 
-    fn decide(
-        &self,
-        command: InvoiceSeriesCommand,
-    ) -> Result<Vec<InvoiceSeriesEvent>, InvoiceError> {
+    fn decide(&self, command: InvoiceSeriesCommand) -> Result<Vec<InvoiceSeriesEvent>, InvoiceError> {
         match command {
             InvoiceSeriesCommand::IssueInvoice {
                 year,
@@ -315,14 +295,8 @@ impl InvoiceSeries {
                 if at < invoice.period.end() {
                     return Err(InvoiceError::MonthNotOver(invoice.period));
                 }
-                if self
-                    .invoiced
-                    .contains(&(invoice.account_id, invoice.period))
-                {
-                    return Err(InvoiceError::AlreadyInvoiced(
-                        invoice.account_id,
-                        invoice.period,
-                    ));
+                if self.invoiced.contains(&(invoice.account_id, invoice.period)) {
+                    return Err(InvoiceError::AlreadyInvoiced(invoice.account_id, invoice.period));
                 }
                 if self.numbers.contains_key(&invoice_id) {
                     return Err(InvoiceError::DuplicateId(invoice_id));
@@ -407,9 +381,7 @@ impl Aggregate for InvoiceSeries {
                 }
             }
             InvoiceSeriesEvent::CreditNoteIssued {
-                credit_note_id,
-                number,
-                ..
+                credit_note_id, number, ..
             } => {
                 self.credit_notes_issued += 1;
                 self.numbers.insert(credit_note_id, number);

@@ -149,8 +149,7 @@ impl Money {
         if trimmed.is_empty() || trimmed != amount || trimmed.contains(['e', 'E', '_']) {
             return Err(MoneyError::NotAnAmount(amount.to_string()));
         }
-        let decimal =
-            Decimal::from_str(trimmed).map_err(|_| MoneyError::NotAnAmount(amount.to_string()))?;
+        let decimal = Decimal::from_str(trimmed).map_err(|_| MoneyError::NotAnAmount(amount.to_string()))?;
         Money::new(decimal, currency)
     }
 
@@ -195,10 +194,7 @@ impl Money {
 
     pub fn checked_add(self, other: Money) -> Result<Money, MoneyError> {
         self.same_currency(other)?;
-        let sum = self
-            .amount
-            .checked_add(other.amount)
-            .ok_or(MoneyError::Overflow)?;
+        let sum = self.amount.checked_add(other.amount).ok_or(MoneyError::Overflow)?;
         Ok(Money {
             amount: sum,
             currency: self.currency,
@@ -207,10 +203,7 @@ impl Money {
 
     pub fn checked_sub(self, other: Money) -> Result<Money, MoneyError> {
         self.same_currency(other)?;
-        let difference = self
-            .amount
-            .checked_sub(other.amount)
-            .ok_or(MoneyError::Overflow)?;
+        let difference = self.amount.checked_sub(other.amount).ok_or(MoneyError::Overflow)?;
         Ok(Money {
             amount: difference,
             currency: self.currency,
@@ -253,10 +246,7 @@ impl Money {
 
 /// Rounds half-even to the currency's minor unit, keeping trailing zeros (`5` -> `5.00`).
 pub fn display_round(amount: Decimal, currency: Currency) -> Decimal {
-    let mut rounded = amount.round_dp_with_strategy(
-        currency.minor_unit_digits(),
-        RoundingStrategy::MidpointNearestEven,
-    );
+    let mut rounded = amount.round_dp_with_strategy(currency.minor_unit_digits(), RoundingStrategy::MidpointNearestEven);
     rounded.rescale(currency.minor_unit_digits());
     rounded
 }
@@ -274,14 +264,8 @@ mod tests {
 
     #[test]
     fn parses_amounts_as_strings_and_refuses_the_rest() {
-        assert_eq!(
-            Money::parse("25.00", Currency::USD).unwrap().amount,
-            dec!(25.00)
-        );
-        assert_eq!(
-            Money::parse("0.000001", Currency::USD).unwrap().amount,
-            dec!(0.000001)
-        );
+        assert_eq!(Money::parse("25.00", Currency::USD).unwrap().amount, dec!(25.00));
+        assert_eq!(Money::parse("0.000001", Currency::USD).unwrap().amount, dec!(0.000001));
         assert_eq!(
             Money::parse("1.0000000", Currency::USD).unwrap().amount,
             dec!(1),
@@ -291,35 +275,17 @@ mod tests {
             Money::parse("0.0000001", Currency::USD),
             Err(MoneyError::TooPrecise(dec!(0.0000001)))
         );
-        assert_eq!(
-            Money::parse("-1", Currency::USD),
-            Err(MoneyError::Negative(dec!(-1)))
-        );
-        assert_eq!(
-            Money::parse_positive("0", Currency::USD),
-            Err(MoneyError::NotPositive(dec!(0)))
-        );
-        assert_eq!(
-            Money::parse_signed("-1.50", Currency::USD).unwrap().amount,
-            dec!(-1.50)
-        );
+        assert_eq!(Money::parse("-1", Currency::USD), Err(MoneyError::Negative(dec!(-1))));
+        assert_eq!(Money::parse_positive("0", Currency::USD), Err(MoneyError::NotPositive(dec!(0))));
+        assert_eq!(Money::parse_signed("-1.50", Currency::USD).unwrap().amount, dec!(-1.50));
         for bad in ["", " 1", "1e3", "abc", "1,5", "1_000", "NaN"] {
             assert!(
-                matches!(
-                    Money::parse(bad, Currency::USD),
-                    Err(MoneyError::NotAnAmount(_))
-                ),
+                matches!(Money::parse(bad, Currency::USD), Err(MoneyError::NotAnAmount(_))),
                 "{bad:?}"
             );
         }
-        assert_eq!(
-            Currency::parse("XYZ"),
-            Err(MoneyError::UnknownCurrency("XYZ".into()))
-        );
-        assert_eq!(
-            Currency::parse("usd"),
-            Err(MoneyError::UnknownCurrency("usd".into()))
-        );
+        assert_eq!(Currency::parse("XYZ"), Err(MoneyError::UnknownCurrency("XYZ".into())));
+        assert_eq!(Currency::parse("usd"), Err(MoneyError::UnknownCurrency("usd".into())));
     }
 
     #[test]
@@ -335,47 +301,20 @@ mod tests {
 
     #[test]
     fn minor_units_include_zero_decimal_currencies() {
-        assert_eq!(
-            Money::parse("25.00", Currency::USD)
-                .unwrap()
-                .to_minor_units(),
-            Ok(2500)
-        );
-        assert_eq!(
-            Money::parse("1500", Currency::JPY)
-                .unwrap()
-                .to_minor_units(),
-            Ok(1500)
-        );
+        assert_eq!(Money::parse("25.00", Currency::USD).unwrap().to_minor_units(), Ok(2500));
+        assert_eq!(Money::parse("1500", Currency::JPY).unwrap().to_minor_units(), Ok(1500));
         let kwd = Currency::parse("KWD").unwrap();
-        assert_eq!(
-            Money::parse("1.234", kwd).unwrap().to_minor_units(),
-            Ok(1234)
-        );
+        assert_eq!(Money::parse("1.234", kwd).unwrap().to_minor_units(), Ok(1234));
         assert!(matches!(
-            Money::parse("10.5", Currency::JPY)
-                .unwrap()
-                .to_minor_units(),
+            Money::parse("10.5", Currency::JPY).unwrap().to_minor_units(),
             Err(MoneyError::NotWholeMinorUnits { .. })
         ));
         assert!(matches!(
-            Money::parse("0.001", Currency::USD)
-                .unwrap()
-                .to_minor_units(),
+            Money::parse("0.001", Currency::USD).unwrap().to_minor_units(),
             Err(MoneyError::NotWholeMinorUnits { .. })
         ));
-        assert_eq!(
-            Money::from_minor_units(2500, Currency::USD)
-                .amount
-                .to_string(),
-            "25.00"
-        );
-        assert_eq!(
-            Money::from_minor_units(1500, Currency::JPY)
-                .amount
-                .to_string(),
-            "1500"
-        );
+        assert_eq!(Money::from_minor_units(2500, Currency::USD).amount.to_string(), "25.00");
+        assert_eq!(Money::from_minor_units(1500, Currency::JPY).amount.to_string(), "1500");
     }
 
     #[test]
@@ -383,19 +322,10 @@ mod tests {
         assert_eq!(round_ledger(dec!(0.0000005)), dec!(0.000000));
         assert_eq!(round_ledger(dec!(0.0000015)), dec!(0.000002));
         assert_eq!(round_ledger(dec!(0.0000025)), dec!(0.000002));
-        assert_eq!(
-            display_round(dec!(0.125), Currency::USD).to_string(),
-            "0.12"
-        );
-        assert_eq!(
-            display_round(dec!(0.135), Currency::USD).to_string(),
-            "0.14"
-        );
+        assert_eq!(display_round(dec!(0.125), Currency::USD).to_string(), "0.12");
+        assert_eq!(display_round(dec!(0.135), Currency::USD).to_string(), "0.14");
         assert_eq!(display_round(dec!(5), Currency::USD).to_string(), "5.00");
-        assert_eq!(
-            display_round(dec!(1499.5), Currency::JPY).to_string(),
-            "1500"
-        );
+        assert_eq!(display_round(dec!(1499.5), Currency::JPY).to_string(), "1500");
     }
 
     #[test]

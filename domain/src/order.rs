@@ -135,12 +135,8 @@ impl Order {
             (_, None) => Err(OrderError::NotFound),
             (_, Some(OrderStatus::Completed)) => Err(OrderError::AlreadyCompleted),
             (_, Some(OrderStatus::Failed)) => Err(OrderError::AlreadyFailed),
-            (OrderCommand::Complete { charge_id, at }, Some(OrderStatus::Placed)) => {
-                Ok(vec![OrderEvent::OrderCompleted { charge_id, at }])
-            }
-            (OrderCommand::Fail { reason, at }, Some(OrderStatus::Placed)) => {
-                Ok(vec![OrderEvent::OrderFailed { reason, at }])
-            }
+            (OrderCommand::Complete { charge_id, at }, Some(OrderStatus::Placed)) => Ok(vec![OrderEvent::OrderCompleted { charge_id, at }]),
+            (OrderCommand::Fail { reason, at }, Some(OrderStatus::Placed)) => Ok(vec![OrderEvent::OrderFailed { reason, at }]),
         }
     }
 }
@@ -152,12 +148,7 @@ impl Aggregate for Order {
     type Error = OrderError;
     type Services = ();
 
-    async fn handle(
-        &mut self,
-        command: OrderCommand,
-        _: &(),
-        sink: &cqrs_es::event_sink::EventSink<Self>,
-    ) -> Result<(), OrderError> {
+    async fn handle(&mut self, command: OrderCommand, _: &(), sink: &cqrs_es::event_sink::EventSink<Self>) -> Result<(), OrderError> {
         for event in self.decide(command)? {
             sink.write(event, self).await;
         }

@@ -67,11 +67,7 @@ pub fn postings(account_id: AccountId, country: Country, event: &AccountEvent) -
             gross,
             ..
         } => {
-            vec![
-                debit(wallet, *gross),
-                credit(HOSTING_INCOME, *net),
-                credit(tax, *tax_amount),
-            ]
+            vec![debit(wallet, *gross), credit(HOSTING_INCOME, *net), credit(tax, *tax_amount)]
         }
         AccountEvent::CancellationRefunded {
             net,
@@ -79,27 +75,14 @@ pub fn postings(account_id: AccountId, country: Country, event: &AccountEvent) -
             gross,
             ..
         } => {
-            vec![
-                debit(HOSTING_INCOME, *net),
-                debit(tax, *tax_amount),
-                credit(wallet, *gross),
-            ]
+            vec![debit(HOSTING_INCOME, *net), debit(tax, *tax_amount), credit(wallet, *gross)]
         }
         AccountEvent::ServiceCredited { amount, .. } => {
             vec![debit(SERVICE_CREDITS, *amount), credit(wallet, *amount)]
         }
-        AccountEvent::CardRefundRequested { amount, .. } => vec![
-            debit(wallet, *amount),
-            credit(CARD_REFUNDS_PENDING, *amount),
-        ],
-        AccountEvent::CardRefundCompleted { amount, .. } => vec![
-            debit(CARD_REFUNDS_PENDING, *amount),
-            credit(STRIPE_CLEARING, *amount),
-        ],
-        AccountEvent::CardRefundFailed { amount, .. } => vec![
-            debit(CARD_REFUNDS_PENDING, *amount),
-            credit(wallet, *amount),
-        ],
+        AccountEvent::CardRefundRequested { amount, .. } => vec![debit(wallet, *amount), credit(CARD_REFUNDS_PENDING, *amount)],
+        AccountEvent::CardRefundCompleted { amount, .. } => vec![debit(CARD_REFUNDS_PENDING, *amount), credit(STRIPE_CLEARING, *amount)],
+        AccountEvent::CardRefundFailed { amount, .. } => vec![debit(CARD_REFUNDS_PENDING, *amount), credit(wallet, *amount)],
         AccountEvent::Adjusted { amount, .. } if amount.is_sign_positive() => {
             vec![debit(ADJUSTMENT_CREDITS, *amount), credit(wallet, *amount)]
         }
@@ -110,12 +93,9 @@ pub fn postings(account_id: AccountId, country: Country, event: &AccountEvent) -
         AccountEvent::DisputeOpened { amount, .. } => {
             vec![debit(wallet, *amount), credit(STRIPE_CLEARING, *amount)]
         }
-        AccountEvent::DisputeClosed {
-            amount_returned, ..
-        } => vec![
-            debit(STRIPE_CLEARING, *amount_returned),
-            credit(wallet, *amount_returned),
-        ],
+        AccountEvent::DisputeClosed { amount_returned, .. } => {
+            vec![debit(STRIPE_CLEARING, *amount_returned), credit(wallet, *amount_returned)]
+        }
         AccountEvent::AccountOpened { .. }
         | AccountEvent::HoldPlaced { .. }
         | AccountEvent::HoldReleased { .. }
@@ -123,17 +103,12 @@ pub fn postings(account_id: AccountId, country: Country, event: &AccountEvent) -
         | AccountEvent::LowBalanceWarned { .. }
         | AccountEvent::LowBalanceCleared { .. } => vec![],
     };
-    let entries: Vec<Posting> = entries
-        .into_iter()
-        .filter(|p| !(p.debit.is_zero() && p.credit.is_zero()))
-        .collect();
+    let entries: Vec<Posting> = entries.into_iter().filter(|p| !(p.debit.is_zero() && p.credit.is_zero())).collect();
     let debits: Decimal = entries.iter().map(|p| p.debit).sum();
     let credits: Decimal = entries.iter().map(|p| p.credit).sum();
     assert_eq!(debits, credits, "postings of {event:?} do not balance");
     assert!(
-        entries
-            .iter()
-            .all(|p| p.debit >= Decimal::ZERO && p.credit >= Decimal::ZERO),
+        entries.iter().all(|p| p.debit >= Decimal::ZERO && p.credit >= Decimal::ZERO),
         "a posting is negative: {entries:?}"
     );
     entries
@@ -142,9 +117,5 @@ pub fn postings(account_id: AccountId, country: Country, event: &AccountEvent) -
 /// The change an event makes to the wallet's balance, read from its postings.
 pub fn wallet_change(account_id: AccountId, postings: &[Posting]) -> Decimal {
     let wallet = wallet_account(account_id);
-    postings
-        .iter()
-        .filter(|p| p.account == wallet)
-        .map(|p| p.credit - p.debit)
-        .sum()
+    postings.iter().filter(|p| p.account == wallet).map(|p| p.credit - p.debit).sum()
 }

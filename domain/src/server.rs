@@ -288,10 +288,7 @@ impl Server {
 
     /// Billed from provisioning until cancellation, suspension or deletion (a stopped server is billed).
     pub fn is_billable(&self) -> bool {
-        matches!(
-            self.status(),
-            Some(Status::NeedsSetup | Status::Running | Status::Stopped)
-        )
+        matches!(self.status(), Some(Status::NeedsSetup | Status::Running | Status::Stopped))
     }
 
     fn decide(&self, command: ServerCommand) -> Result<Vec<ServerEvent>, ServerError> {
@@ -324,28 +321,14 @@ impl Server {
                 Status::Provisioning => Ok(vec![ServerEvent::ProvisioningFailed { reason, at }]),
                 _ => Err(wrong()),
             },
-            ServerCommand::CompleteProvisioning {
-                provider_server_id,
-                at,
-            } => match status {
-                Status::Provisioning => Ok(vec![ServerEvent::ServerProvisioned {
-                    provider_server_id,
-                    at,
-                }]),
+            ServerCommand::CompleteProvisioning { provider_server_id, at } => match status {
+                Status::Provisioning => Ok(vec![ServerEvent::ServerProvisioned { provider_server_id, at }]),
                 _ => Err(wrong()),
             },
-            ServerCommand::Setup {
-                os_image,
-                hostname,
-                at,
-            } => {
+            ServerCommand::Setup { os_image, hostname, at } => {
                 check_image(&os_image)?;
                 match status {
-                    Status::NeedsSetup => Ok(vec![ServerEvent::SetupCompleted {
-                        os_image,
-                        hostname,
-                        at,
-                    }]),
+                    Status::NeedsSetup => Ok(vec![ServerEvent::SetupCompleted { os_image, hostname, at }]),
                     Status::Running | Status::Stopped => Err(ServerError::AlreadySetUp),
                     _ => Err(wrong()),
                 }
@@ -353,9 +336,7 @@ impl Server {
             ServerCommand::Reinstall { os_image, at } => {
                 check_image(&os_image)?;
                 match status {
-                    Status::Running | Status::Stopped => {
-                        Ok(vec![ServerEvent::Reinstalled { os_image, at }])
-                    }
+                    Status::Running | Status::Stopped => Ok(vec![ServerEvent::Reinstalled { os_image, at }]),
                     Status::NeedsSetup => Err(ServerError::NotSetUp),
                     _ => Err(wrong()),
                 }
@@ -367,25 +348,15 @@ impl Server {
                     _ => return Err(wrong()),
                 }
                 let powered_on = match (action, self.powered_on) {
-                    (PowerAction::Boot, true) => {
-                        return Err(ServerError::AlreadyInPowerState("running"))
-                    }
-                    (PowerAction::Shutdown | PowerAction::Reboot, false) => {
-                        return Err(ServerError::AlreadyInPowerState("stopped"))
-                    }
+                    (PowerAction::Boot, true) => return Err(ServerError::AlreadyInPowerState("running")),
+                    (PowerAction::Shutdown | PowerAction::Reboot, false) => return Err(ServerError::AlreadyInPowerState("stopped")),
                     (PowerAction::Boot | PowerAction::Reboot, _) => true,
                     (PowerAction::Shutdown, _) => false,
                 };
-                Ok(vec![ServerEvent::PowerChanged {
-                    action,
-                    powered_on,
-                    at,
-                }])
+                Ok(vec![ServerEvent::PowerChanged { action, powered_on, at }])
             }
             ServerCommand::Suspend { reason, at } => match status {
-                Status::NeedsSetup | Status::Running | Status::Stopped => {
-                    Ok(vec![ServerEvent::ServerSuspended { reason, at }])
-                }
+                Status::NeedsSetup | Status::Running | Status::Stopped => Ok(vec![ServerEvent::ServerSuspended { reason, at }]),
                 Status::Suspended => Err(ServerError::AlreadySuspended),
                 _ => Err(wrong()),
             },
@@ -397,9 +368,7 @@ impl Server {
                 Status::NeedsSetup | Status::Running | Status::Stopped | Status::Suspended => {
                     let effective_at = match mode {
                         CancellationMode::Grace => at + Duration::days(GRACE_CANCELLATION_DAYS),
-                        CancellationMode::Immediate => {
-                            at + Duration::minutes(IMMEDIATE_CANCELLATION_MINUTES)
-                        }
+                        CancellationMode::Immediate => at + Duration::minutes(IMMEDIATE_CANCELLATION_MINUTES),
                     };
                     Ok(vec![ServerEvent::CancellationRequested {
                         mode,
@@ -407,16 +376,11 @@ impl Server {
                         effective_at,
                     }])
                 }
-                Status::PendingCancellation | Status::Deleting => {
-                    Err(ServerError::AlreadyCancelled)
-                }
+                Status::PendingCancellation | Status::Deleting => Err(ServerError::AlreadyCancelled),
                 _ => Err(wrong()),
             },
             ServerCommand::RevokeCancellation { at } => {
-                let cancellation = self
-                    .cancellation
-                    .as_ref()
-                    .ok_or(ServerError::NotCancelled)?;
+                let cancellation = self.cancellation.as_ref().ok_or(ServerError::NotCancelled)?;
                 if status == Status::Deleted {
                     return Err(wrong());
                 }
@@ -429,10 +393,7 @@ impl Server {
                 Ok(vec![ServerEvent::CancellationRevoked { at }])
             }
             ServerCommand::Delete { at } => {
-                let cancellation = self
-                    .cancellation
-                    .as_ref()
-                    .ok_or(ServerError::NotCancelled)?;
+                let cancellation = self.cancellation.as_ref().ok_or(ServerError::NotCancelled)?;
                 if status == Status::Deleted {
                     return Err(wrong());
                 }
@@ -441,20 +402,18 @@ impl Server {
                 }
                 Ok(vec![ServerEvent::ServerDeleted { at }])
             }
-            ServerCommand::TerminateForNonPayment { unpaid_days, at } => {
-                match (status, self.suspended) {
-                    (Status::Suspended, Some((SuspensionReason::NonPayment, since))) => {
-                        if at - since < Duration::days(unpaid_days) {
-                            return Err(ServerError::NotOverdue(since));
-                        }
-                        Ok(vec![ServerEvent::TerminatedForNonPayment {
-                            suspended_since: since,
-                            at,
-                        }])
+            ServerCommand::TerminateForNonPayment { unpaid_days, at } => match (status, self.suspended) {
+                (Status::Suspended, Some((SuspensionReason::NonPayment, since))) => {
+                    if at - since < Duration::days(unpaid_days) {
+                        return Err(ServerError::NotOverdue(since));
                     }
-                    _ => Err(wrong()),
+                    Ok(vec![ServerEvent::TerminatedForNonPayment {
+                        suspended_since: since,
+                        at,
+                    }])
                 }
-            }
+                _ => Err(wrong()),
+            },
         }
     }
 }
@@ -481,12 +440,7 @@ impl Aggregate for Server {
     type Error = ServerError;
     type Services = ();
 
-    async fn handle(
-        &mut self,
-        command: ServerCommand,
-        _: &(),
-        sink: &cqrs_es::event_sink::EventSink<Self>,
-    ) -> Result<(), ServerError> {
+    async fn handle(&mut self, command: ServerCommand, _: &(), sink: &cqrs_es::event_sink::EventSink<Self>) -> Result<(), ServerError> {
         for event in self.decide(command)? {
             sink.write(event, self).await;
         }
@@ -513,16 +467,11 @@ impl Aggregate for Server {
                 });
             }
             ServerEvent::ProvisioningFailed { .. } => self.failed = true,
-            ServerEvent::ServerProvisioned {
-                provider_server_id,
-                at,
-            } => {
+            ServerEvent::ServerProvisioned { provider_server_id, at } => {
                 self.provisioned_at = Some(at);
                 self.provider_server_id = Some(provider_server_id);
             }
-            ServerEvent::SetupCompleted {
-                os_image, hostname, ..
-            } => {
+            ServerEvent::SetupCompleted { os_image, hostname, .. } => {
                 self.os_image = Some(os_image);
                 self.hostname = Some(hostname);
                 self.powered_on = true;

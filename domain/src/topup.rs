@@ -51,10 +51,7 @@ pub enum TopUpCommand {
         at: DateTime<Utc>,
     },
     /// Idempotent for the same payment; another payment of a paid top-up is refused.
-    MarkPaid {
-        payment_id: String,
-        at: DateTime<Utc>,
-    },
+    MarkPaid { payment_id: String, at: DateTime<Utc> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -124,12 +121,7 @@ impl Aggregate for TopUp {
     type Error = TopUpError;
     type Services = ();
 
-    async fn handle(
-        &mut self,
-        command: TopUpCommand,
-        _: &(),
-        sink: &cqrs_es::event_sink::EventSink<Self>,
-    ) -> Result<(), TopUpError> {
+    async fn handle(&mut self, command: TopUpCommand, _: &(), sink: &cqrs_es::event_sink::EventSink<Self>) -> Result<(), TopUpError> {
         for event in self.decide(command)? {
             sink.write(event, self).await;
         }

@@ -23,9 +23,7 @@ fn parse_error(field: &'static str, reason: impl Into<String>) -> ParseError {
 
 macro_rules! uuid_id {
     ($name:ident, $prefix:literal) => {
-        #[derive(
-            Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-        )]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
         pub struct $name(pub Uuid);
 
@@ -79,9 +77,7 @@ impl PlanId {
     pub fn parse(text: &str) -> Result<PlanId, ParseError> {
         let valid = !text.is_empty()
             && text.len() <= 64
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !text.starts_with('-');
         if valid {
             Ok(PlanId(text.to_string()))
@@ -124,17 +120,10 @@ pub struct Location(String);
 
 impl Location {
     pub fn parse(text: &str) -> Result<Location, ParseError> {
-        if (2..=16).contains(&text.len())
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        {
+        if (2..=16).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
             Ok(Location(text.to_string()))
         } else {
-            Err(parse_error(
-                "location",
-                format!("{text:?} is not a location code"),
-            ))
+            Err(parse_error("location", format!("{text:?} is not a location code")))
         }
     }
 
@@ -247,10 +236,7 @@ impl Hostname {
             if label.is_empty() || label.len() > 63 {
                 return fail("has a label that is empty or longer than 63 characters");
             }
-            if !label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            {
+            if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
                 return fail("may hold only letters, digits, hyphens and dots");
             }
             if label.starts_with('-') || label.ends_with('-') {
@@ -287,14 +273,7 @@ impl HourSlot {
     /// The slot an instant falls in.
     pub fn containing(instant: DateTime<Utc>) -> HourSlot {
         let start = Utc
-            .with_ymd_and_hms(
-                instant.year(),
-                instant.month(),
-                instant.day(),
-                instant.hour(),
-                0,
-                0,
-            )
+            .with_ymd_and_hms(instant.year(), instant.month(), instant.day(), instant.hour(), 0, 0)
             .single()
             .expect("UTC has no gaps");
         HourSlot(start)
@@ -417,10 +396,7 @@ mod tests {
         for good in ["web1", "web-1.example.com", "A1", "1host", &"a".repeat(63)] {
             assert!(Hostname::parse(good).is_ok(), "{good}");
         }
-        assert_eq!(
-            Hostname::parse("Web1.Example.COM").unwrap().as_str(),
-            "web1.example.com"
-        );
+        assert_eq!(Hostname::parse("Web1.Example.COM").unwrap().as_str(), "web1.example.com");
         for bad in [
             "",
             "-web",
@@ -442,42 +418,12 @@ mod tests {
         let slot = HourSlot::containing(at("2026-01-31T23:59:59.999Z"));
         assert_eq!(slot.start(), at("2026-01-31T23:00:00Z"));
         assert_eq!(slot.next().start(), at("2026-02-01T00:00:00Z"));
-        assert_eq!(
-            slot.next().month(),
-            YearMonth {
-                year: 2026,
-                month: 2
-            }
-        );
+        assert_eq!(slot.next().month(), YearMonth { year: 2026, month: 2 });
         assert_eq!(slot.seconds_after(at("2026-01-31T23:00:30Z")), 3570);
         assert!(HourSlot::starting_at(at("2026-01-31T23:00:01Z")).is_err());
-        assert_eq!(
-            YearMonth {
-                year: 2026,
-                month: 1
-            }
-            .hours(),
-            744
-        );
-        assert_eq!(
-            YearMonth {
-                year: 2026,
-                month: 2
-            }
-            .hours(),
-            672
-        );
-        assert_eq!(
-            YearMonth {
-                year: 2026,
-                month: 12
-            }
-            .next(),
-            YearMonth {
-                year: 2027,
-                month: 1
-            }
-        );
+        assert_eq!(YearMonth { year: 2026, month: 1 }.hours(), 744);
+        assert_eq!(YearMonth { year: 2026, month: 2 }.hours(), 672);
+        assert_eq!(YearMonth { year: 2026, month: 12 }.next(), YearMonth { year: 2027, month: 1 });
     }
 
     #[test]

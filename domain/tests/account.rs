@@ -2,12 +2,9 @@
 
 use chrono::{DateTime, Utc};
 use cqrs_es::test::TestFramework;
-use domain::account::{
-    Account, AccountCommand as C, AccountError as E, AccountEvent as Ev, Figures,
-};
+use domain::account::{Account, AccountCommand as C, AccountError as E, AccountEvent as Ev, Figures};
 use domain::{
-    AccountId, AdjustmentId, ChargeId, Country, Currency, DisputeId, HourSlot, OrderId, PlanId,
-    RefundId, ServerId, TaxRate, TopUpId,
+    AccountId, AdjustmentId, ChargeId, Country, Currency, DisputeId, HourSlot, OrderId, PlanId, RefundId, ServerId, TaxRate, TopUpId,
 };
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
@@ -142,10 +139,7 @@ fn open_refuses_a_bad_name_or_email() {
             .given_no_previous_events()
             .when(open("Ada", email))
             .inspect_result();
-        assert!(
-            matches!(result, Err(E::Invalid { field: "email", .. })),
-            "{email:?}"
-        );
+        assert!(matches!(result, Err(E::Invalid { field: "email", .. })), "{email:?}");
     }
 }
 
@@ -173,10 +167,7 @@ fn a_top_up_is_settled_once_per_payment() {
         .when(settle.clone())
         .then_expect_events(vec![topped_up(dec!(25.00), dec!(25.00))]);
     // A redelivered webhook changes nothing.
-    Fixture::with(())
-        .given(with_funds())
-        .when(settle)
-        .then_expect_events(vec![]);
+    Fixture::with(()).given(with_funds()).when(settle).then_expect_events(vec![]);
     // The same top-up paid by another payment is refused.
     Fixture::with(())
         .given(with_funds())
@@ -195,16 +186,7 @@ fn a_top_up_is_settled_once_per_payment() {
                 amount,
             })
             .inspect_result();
-        assert!(
-            matches!(
-                result,
-                Err(E::Invalid {
-                    field: "amount",
-                    ..
-                })
-            ),
-            "{amount}"
-        );
+        assert!(matches!(result, Err(E::Invalid { field: "amount", .. })), "{amount}");
     }
 }
 
@@ -405,29 +387,19 @@ fn the_monthly_cap_limits_net_and_a_capped_slot_is_still_recorded() {
         .inspect_result()
         .unwrap();
     let Ev::HourCharged {
-        net,
-        tax,
-        gross,
-        capped,
-        ..
+        net, tax, gross, capped, ..
     } = &events[0]
     else {
         panic!("{events:?}")
     };
-    assert_eq!(
-        (*net, *tax, *gross, *capped),
-        (dec!(0.01), dec!(0.001), dec!(0.011), true)
-    );
+    assert_eq!((*net, *tax, *gross, *capped), (dec!(0.01), dec!(0.001), dec!(0.011), true));
     given.extend(events);
     let events = Fixture::with(())
         .given(given.clone())
         .when(charge_command(31, "2026-01-05T12:00:00Z"))
         .inspect_result()
         .unwrap();
-    let Ev::HourCharged {
-        net, gross, capped, ..
-    } = &events[0]
-    else {
+    let Ev::HourCharged { net, gross, capped, .. } = &events[0] else {
         panic!("{events:?}")
     };
     assert_eq!((*net, *gross, *capped), (dec!(0), dec!(0), true));
@@ -528,13 +500,7 @@ fn service_credits_never_exceed_the_charge_in_total() {
             reason: " ".into(),
         })
         .inspect_result();
-    assert!(matches!(
-        result,
-        Err(E::Invalid {
-            field: "reason",
-            ..
-        })
-    ));
+    assert!(matches!(result, Err(E::Invalid { field: "reason", .. })));
     // The pro-rata refund after a credit gives back only what is left.
     let events = Fixture::with(())
         .given(given)
@@ -635,10 +601,7 @@ fn card_refunds_are_bounded_by_the_top_up_and_the_available_balance() {
         })
         .then_expect_error(E::RefundSettled(RefundId(id(50))));
     // A failed refund gives its amount back to what may be refunded.
-    let result = Fixture::with(())
-        .given(given)
-        .when(request(53, dec!(25.00)))
-        .inspect_result();
+    let result = Fixture::with(()).given(given).when(request(53, dec!(25.00))).inspect_result();
     assert!(result.is_ok(), "{result:?}");
     Fixture::with(())
         .given(with_funds())
@@ -681,24 +644,15 @@ fn adjustments_need_a_reason_and_a_debit_never_goes_below_zero() {
             available: dec!(25.00),
         });
     assert!(matches!(
-        Fixture::with(())
-            .given(with_funds())
-            .when(adjust(60, dec!(5), ""))
-            .inspect_result(),
-        Err(E::Invalid {
-            field: "reason",
-            ..
-        })
+        Fixture::with(()).given(with_funds()).when(adjust(60, dec!(5), "")).inspect_result(),
+        Err(E::Invalid { field: "reason", .. })
     ));
     assert!(matches!(
         Fixture::with(())
             .given(with_funds())
             .when(adjust(60, dec!(0), "x"))
             .inspect_result(),
-        Err(E::Invalid {
-            field: "amount",
-            ..
-        })
+        Err(E::Invalid { field: "amount", .. })
     ));
     let mut given = with_funds();
     given.push(Ev::Adjusted {
@@ -732,10 +686,7 @@ fn a_dispute_may_take_the_balance_below_zero_and_a_won_one_gives_it_back() {
         .when(open.clone())
         .then_expect_events(vec![opened_dispute.clone()]);
     given.push(opened_dispute);
-    Fixture::with(())
-        .given(given.clone())
-        .when(open)
-        .then_expect_events(vec![]);
+    Fixture::with(()).given(given.clone()).when(open).then_expect_events(vec![]);
     Fixture::with(())
         .given(given.clone())
         .when(C::CloseDispute {
@@ -819,10 +770,7 @@ fn an_opened_v1_event_upcasts_to_v2() {
     assert_eq!(stored["schema_version"], 1);
     let payload = domain::account::upcast("AccountOpened", 1, stored["payload"].clone());
     let event: Ev = serde_json::from_value(payload).unwrap();
-    let Ev::AccountOpened {
-        country, currency, ..
-    } = event
-    else {
+    let Ev::AccountOpened { country, currency, .. } = event else {
         panic!()
     };
     assert_eq!((country.as_str(), currency.code()), ("NZ", "NZD"));

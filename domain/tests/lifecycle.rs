@@ -2,22 +2,16 @@
 
 use chrono::{DateTime, Duration, Utc};
 use cqrs_es::test::TestFramework;
-use domain::catalog::{
-    Catalog, CatalogCommand, CatalogError, CatalogEvent, Fixtures, PlanSpec, Prices,
-};
+use domain::catalog::{Catalog, CatalogCommand, CatalogError, CatalogEvent, Fixtures, PlanSpec, Prices};
 use domain::invoice::{
-    build_invoice, BilledCharge, BilledRefund, CreditNoteDraft, InvoiceError, InvoiceSeries,
-    InvoiceSeriesCommand, InvoiceSeriesEvent, RefundKind,
+    build_invoice, BilledCharge, BilledRefund, CreditNoteDraft, InvoiceError, InvoiceSeries, InvoiceSeriesCommand, InvoiceSeriesEvent,
+    RefundKind,
 };
 use domain::order::{Order, OrderCommand, OrderError, OrderEvent};
 use domain::server::{
-    CancellationMode, PowerAction, Server, ServerCommand as S, ServerError as SE,
-    ServerEvent as SEv, Status, SuspensionReason,
+    CancellationMode, PowerAction, Server, ServerCommand as S, ServerError as SE, ServerEvent as SEv, Status, SuspensionReason,
 };
-use domain::{
-    AccountId, ChargeId, Currency, Hostname, InvoiceId, Location, OrderId, PlanId, ServerId,
-    TaxRate, YearMonth,
-};
+use domain::{AccountId, ChargeId, Currency, Hostname, InvoiceId, Location, OrderId, PlanId, ServerId, TaxRate, YearMonth};
 use rust_decimal_macros::dec;
 use uuid::Uuid;
 
@@ -175,10 +169,7 @@ fn setup_and_reinstall_check_their_inputs_and_order() {
         at: t0(),
     };
     assert!(matches!(
-        TestFramework::<Server>::with(())
-            .given(provisioned())
-            .when(bad)
-            .inspect_result(),
+        TestFramework::<Server>::with(()).given(provisioned()).when(bad).inspect_result(),
         Err(SE::Invalid(_))
     ));
     TestFramework::<Server>::with(())
@@ -350,10 +341,7 @@ fn cancellation_in_both_modes() {
 
     let mut in_grace = running();
     in_grace.push(grace);
-    assert_eq!(
-        status_after(in_grace.clone()),
-        Some(Status::PendingCancellation)
-    );
+    assert_eq!(status_after(in_grace.clone()), Some(Status::PendingCancellation));
     TestFramework::<Server>::with(())
         .given(in_grace.clone())
         .when(S::RequestCancellation {
@@ -517,11 +505,7 @@ fn a_deploy_order_completes_or_fails_exactly_once() {
 }
 
 fn fixtures() -> Fixtures {
-    Fixtures::parse(
-        include_str!("../../fixtures/plans.toml"),
-        include_str!("../../fixtures/tax.toml"),
-    )
-    .unwrap()
+    Fixtures::parse(include_str!("../../fixtures/plans.toml"), include_str!("../../fixtures/tax.toml")).unwrap()
 }
 
 fn catalog_after(events: Vec<CatalogEvent>) -> Catalog {
@@ -543,11 +527,7 @@ fn the_catalogue_loads_the_demo_plans_and_tax_rules_idempotently() {
         .when(sync.clone())
         .inspect_result()
         .unwrap();
-    assert_eq!(
-        events.len(),
-        4 + 4 + 1,
-        "four plans, four tax rules, the locations"
-    );
+    assert_eq!(events.len(), 4 + 4 + 1, "four plans, four tax rules, the locations");
     TestFramework::<Catalog>::with(())
         .given(events.clone())
         .when(sync)
@@ -563,19 +543,12 @@ fn the_catalogue_loads_the_demo_plans_and_tax_rules_idempotently() {
     );
     assert_eq!(
         catalog
-            .monthly_price(
-                &PlanId::parse("vps-8g").unwrap(),
-                Currency::EUR,
-                at("2026-02-01T00:00:00Z")
-            )
+            .monthly_price(&PlanId::parse("vps-8g").unwrap(), Currency::EUR, at("2026-02-01T00:00:00Z"))
             .unwrap()
             .amount,
         dec!(36.00)
     );
-    assert_eq!(
-        catalog.monthly_price(&vps2, Currency::JPY, at("2026-02-01T00:00:00Z")),
-        None
-    );
+    assert_eq!(catalog.monthly_price(&vps2, Currency::JPY, at("2026-02-01T00:00:00Z")), None);
     assert_eq!(
         catalog.monthly_price(&vps2, Currency::AUD, at("2025-12-31T23:59:59Z")),
         None,
@@ -583,27 +556,18 @@ fn the_catalogue_loads_the_demo_plans_and_tax_rules_idempotently() {
     );
     assert_eq!(
         catalog
-            .tax_rate(
-                domain::Country::parse("AU").unwrap(),
-                at("2026-02-01T00:00:00Z")
-            )
+            .tax_rate(domain::Country::parse("AU").unwrap(), at("2026-02-01T00:00:00Z"))
             .fraction(),
         dec!(0.1)
     );
     assert_eq!(
         catalog
-            .tax_rate(
-                domain::Country::parse("DE").unwrap(),
-                at("2026-02-01T00:00:00Z")
-            )
+            .tax_rate(domain::Country::parse("DE").unwrap(), at("2026-02-01T00:00:00Z"))
             .fraction(),
         dec!(0.19)
     );
     assert_eq!(
-        catalog.tax_rate(
-            domain::Country::parse("US").unwrap(),
-            at("2026-02-01T00:00:00Z")
-        ),
+        catalog.tax_rate(domain::Country::parse("US").unwrap(), at("2026-02-01T00:00:00Z")),
         TaxRate::ZERO
     );
     assert!(catalog.has_location(&Location::parse("fra").unwrap()));
@@ -734,27 +698,16 @@ fn bad_fixture_files_say_which_file_and_what() {
         include_str!("../../fixtures/tax.toml"),
     )
     .unwrap_err();
-    assert!(
-        error.to_string().starts_with("plans.toml: plan_id"),
-        "{error}"
-    );
+    assert!(error.to_string().starts_with("plans.toml: plan_id"), "{error}");
     let error = Fixtures::parse(
         include_str!("../../fixtures/plans.toml"),
         "[[rule]]\ncountry = \"AU\"\nrate = \"1.5\"\nname = \"x\"\n",
     )
     .unwrap_err();
-    assert!(
-        error.to_string().starts_with("tax.toml: tax_rate"),
-        "{error}"
-    );
+    assert!(error.to_string().starts_with("tax.toml: tax_rate"), "{error}");
 }
 
-fn charge(
-    n: u128,
-    server: u128,
-    net: rust_decimal::Decimal,
-    tax: rust_decimal::Decimal,
-) -> BilledCharge {
+fn charge(n: u128, server: u128, net: rust_decimal::Decimal, tax: rust_decimal::Decimal) -> BilledCharge {
     BilledCharge {
         charge_id: ChargeId(id(n)),
         server_id: ServerId(id(server)),
@@ -767,10 +720,7 @@ fn charge(
 
 #[test]
 fn an_invoice_has_a_line_per_server_negative_refund_lines_and_display_figures_that_add_up() {
-    let period = YearMonth {
-        year: 2026,
-        month: 3,
-    };
+    let period = YearMonth { year: 2026, month: 3 };
     let charges: Vec<BilledCharge> = (0..3)
         .map(|n| charge(100 + n, 2, dec!(0.020548), dec!(0.002055)))
         .chain([charge(200, 5, dec!(0.020548), dec!(0.002055))])
@@ -784,36 +734,17 @@ fn an_invoice_has_a_line_per_server_negative_refund_lines_and_display_figures_th
             tax: dec!(0.002038),
             tax_rate: TaxRate::new(dec!(0.1)).unwrap(),
         },
-        BilledRefund::service_credit(
-            ChargeId(id(200)),
-            ServerId(id(5)),
-            dec!(0.011),
-            TaxRate::new(dec!(0.1)).unwrap(),
-        ),
+        BilledRefund::service_credit(ChargeId(id(200)), ServerId(id(5)), dec!(0.011), TaxRate::new(dec!(0.1)).unwrap()),
     ];
-    let invoice =
-        build_invoice(AccountId(id(1)), Currency::AUD, period, &charges, &refunds).unwrap();
+    let invoice = build_invoice(AccountId(id(1)), Currency::AUD, period, &charges, &refunds).unwrap();
     assert_eq!(invoice.lines.len(), 4);
     assert_eq!(
-        (
-            invoice.lines[0].hours,
-            invoice.lines[0].net,
-            invoice.lines[0].tax
-        ),
+        (invoice.lines[0].hours, invoice.lines[0].net, invoice.lines[0].tax),
         (Some(3), dec!(0.061644), dec!(0.006165))
     );
-    assert_eq!(
-        (invoice.lines[1].hours, invoice.lines[1].net),
-        (Some(1), dec!(0.020548))
-    );
-    assert_eq!(
-        (invoice.lines[2].net, invoice.lines[2].tax),
-        (dec!(-0.020377), dec!(-0.002038))
-    );
-    assert_eq!(
-        (invoice.lines[3].net, invoice.lines[3].tax),
-        (dec!(-0.010000), dec!(-0.001000))
-    );
+    assert_eq!((invoice.lines[1].hours, invoice.lines[1].net), (Some(1), dec!(0.020548)));
+    assert_eq!((invoice.lines[2].net, invoice.lines[2].tax), (dec!(-0.020377), dec!(-0.002038)));
+    assert_eq!((invoice.lines[3].net, invoice.lines[3].tax), (dec!(-0.010000), dec!(-0.001000)));
     assert_eq!(invoice.net, dec!(0.051815));
     assert_eq!(invoice.tax, dec!(0.005182));
     assert_eq!(invoice.total, dec!(0.056997));
@@ -825,10 +756,7 @@ fn an_invoice_has_a_line_per_server_negative_refund_lines_and_display_figures_th
         ),
         ("0.05".into(), "0.01".into(), "0.06".into())
     );
-    assert_eq!(
-        invoice.display.net + invoice.display.tax,
-        invoice.display.total
-    );
+    assert_eq!(invoice.display.net + invoice.display.tax, invoice.display.total);
     assert!(
         build_invoice(AccountId(id(1)), Currency::AUD, period, &[], &refunds).is_none(),
         "no charge, no invoice"
@@ -837,10 +765,7 @@ fn an_invoice_has_a_line_per_server_negative_refund_lines_and_display_figures_th
 
 #[test]
 fn invoice_numbers_are_gapless_per_year_and_credit_notes_reference_their_invoice() {
-    let period = YearMonth {
-        year: 2026,
-        month: 3,
-    };
+    let period = YearMonth { year: 2026, month: 3 };
     let draft = |account: u128| {
         build_invoice(
             AccountId(id(account)),
@@ -991,14 +916,8 @@ fn a_tax_rate_change_applies_from_its_date_and_is_never_back_dated() {
             .unwrap(),
     );
     let catalog = catalog_after(events.clone());
-    assert_eq!(
-        catalog.tax_rate(au, at("2026-06-30T23:59:59Z")).fraction(),
-        dec!(0.1)
-    );
-    assert_eq!(
-        catalog.tax_rate(au, at("2026-07-01T00:00:00Z")).fraction(),
-        dec!(0.125)
-    );
+    assert_eq!(catalog.tax_rate(au, at("2026-06-30T23:59:59Z")).fraction(), dec!(0.1));
+    assert_eq!(catalog.tax_rate(au, at("2026-07-01T00:00:00Z")).fraction(), dec!(0.125));
     TestFramework::<Catalog>::with(())
         .given(events)
         .when(set(dec!(0.2), at("2026-03-01T00:00:00Z")))

@@ -8,8 +8,8 @@ use cqrs_es::Aggregate;
 use domain::account::{Account, AccountCommand as C, AccountEvent as Ev};
 use domain::postings::{postings, wallet_change};
 use domain::{
-    AccountId, AdjustmentId, ChargeId, Country, Currency, DisputeId, HourSlot, OrderId, PlanId,
-    RefundId, ServerId, TaxRate, TopUpId, YearMonth,
+    AccountId, AdjustmentId, ChargeId, Country, Currency, DisputeId, HourSlot, OrderId, PlanId, RefundId, ServerId, TaxRate, TopUpId,
+    YearMonth,
 };
 use proptest::prelude::*;
 use rust_decimal::Decimal;
@@ -130,11 +130,7 @@ impl World {
     /// made so far).
     fn commands_later(op: &Op) -> Vec<Box<dyn FnOnce(&mut World) -> Option<C>>> {
         match *op {
-            Op::ChargeRun {
-                server,
-                hour,
-                count,
-            } => (hour..hour + count)
+            Op::ChargeRun { server, hour, count } => (hour..hour + count)
                 .map(|hour| {
                     Box::new(move |world: &mut World| world.command(&Op::Charge { server, hour }))
                         as Box<dyn FnOnce(&mut World) -> Option<C>>
@@ -151,10 +147,7 @@ impl World {
         let server = |n: u8| ServerId(uuid(2, u128::from(n)));
         let plan = PlanId::parse("vps-x").unwrap();
         Some(match *op {
-            Op::TopUp {
-                micros: amount,
-                payment,
-            } => {
+            Op::TopUp { micros: amount, payment } => {
                 let topup_id = TopUpId(uuid(3, self.fresh()));
                 C::SettleTopUp {
                     topup_id,
@@ -202,19 +195,13 @@ impl World {
                     cancelled_at: self.start + Duration::seconds(seconds),
                 }
             }
-            Op::Credit {
-                pick,
-                micros: amount,
-            } => C::CreditService {
+            Op::Credit { pick, micros: amount } => C::CreditService {
                 refund_id: RefundId(uuid(6, self.fresh())),
                 charge_id: World::pick(&self.charges, pick)?,
                 amount: micros(amount),
                 reason: "sla".into(),
             },
-            Op::CardRefund {
-                pick,
-                micros: amount,
-            } => {
+            Op::CardRefund { pick, micros: amount } => {
                 let refund_id = RefundId(uuid(6, self.fresh()));
                 C::RequestCardRefund {
                     refund_id,

@@ -32,12 +32,7 @@ impl Envelope<'_> {
     pub fn canonical(&self, out: &mut Vec<u8>) {
         // Keys in byte order, written by hand so the order cannot depend on serde_json's map type.
         out.extend_from_slice(b"{\"event_id\":\"");
-        out.extend_from_slice(
-            self.event_id
-                .hyphenated()
-                .encode_lower(&mut Uuid::encode_buffer())
-                .as_bytes(),
-        );
+        out.extend_from_slice(self.event_id.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
         out.extend_from_slice(b"\",\"event_type\":");
         write_string(out, self.event_type);
         out.extend_from_slice(b",\"metadata\":");
@@ -137,9 +132,7 @@ fn write_canonical(out: &mut Vec<u8>, value: &Value) {
             }
             out.push(b']');
         }
-        scalar => {
-            serde_json::to_writer(&mut *out, scalar).expect("writing a scalar to a Vec cannot fail")
-        }
+        scalar => serde_json::to_writer(&mut *out, scalar).expect("writing a scalar to a Vec cannot fail"),
     }
 }
 
@@ -158,12 +151,8 @@ mod tests {
             schema_version: 1,
             payload_json: payload,
             metadata_json: metadata,
-            recorded_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456Z")
-                .unwrap()
-                .to_utc(),
-            occurred_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z")
-                .unwrap()
-                .to_utc(),
+            recorded_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456Z").unwrap().to_utc(),
+            occurred_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z").unwrap().to_utc(),
         }
     }
 
@@ -187,9 +176,7 @@ mod tests {
         let second = parse(r#"{"b":"two","a":1}"#);
         let changed = canonical_json(&json!({"a": 2, "b": "two"}));
         let mut scratch = Vec::new();
-        let hash = |payload: &str, scratch: &mut Vec<u8>| {
-            envelope_of(payload, &metadata).hash(&GENESIS_HASH, scratch)
-        };
+        let hash = |payload: &str, scratch: &mut Vec<u8>| envelope_of(payload, &metadata).hash(&GENESIS_HASH, scratch);
         assert_eq!(hash(&first, &mut scratch), hash(&second, &mut scratch));
         assert_ne!(hash(&first, &mut scratch), hash(&changed, &mut scratch));
         // The previous hash is part of the chain.

@@ -6,27 +6,23 @@ use sqlx::{PgConnection, PgExecutor};
 
 /// The stored position of `name`, 0 when it has none.
 pub async fn load<'e>(executor: impl PgExecutor<'e>, name: &str) -> Result<i64, sqlx::Error> {
-    let position: Option<(i64,)> =
-        sqlx::query_as("SELECT position FROM checkpoints WHERE name = $1")
-            .bind(name)
-            .fetch_optional(executor)
-            .await?;
+    let position: Option<(i64,)> = sqlx::query_as("SELECT position FROM checkpoints WHERE name = $1")
+        .bind(name)
+        .fetch_optional(executor)
+        .await?;
     Ok(position.map(|(position,)| position).unwrap_or(0))
 }
 
 /// Locks `name`'s checkpoint for the rest of the transaction and returns its position.
 pub async fn lock(tx: &mut PgConnection, name: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING",
-    )
-    .bind(name)
-    .execute(&mut *tx)
-    .await?;
-    let (position,): (i64,) =
-        sqlx::query_as("SELECT position FROM checkpoints WHERE name = $1 FOR UPDATE")
-            .bind(name)
-            .fetch_one(&mut *tx)
-            .await?;
+    sqlx::query("INSERT INTO checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    let (position,): (i64,) = sqlx::query_as("SELECT position FROM checkpoints WHERE name = $1 FOR UPDATE")
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
     Ok(position)
 }
 
@@ -41,10 +37,6 @@ pub async fn store(tx: &mut PgConnection, name: &str, position: i64) -> Result<(
     .bind(position)
     .execute(&mut *tx)
     .await?;
-    assert_eq!(
-        updated.rows_affected(),
-        1,
-        "checkpoint {name} would move back to {position}"
-    );
+    assert_eq!(updated.rows_affected(), 1, "checkpoint {name} would move back to {position}");
     Ok(())
 }

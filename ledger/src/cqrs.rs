@@ -5,9 +5,7 @@
 //! `occurred_at` (RFC 3339 domain time); the rest is stored as it is.
 
 use chrono::{DateTime, Utc};
-use cqrs_es::persist::{
-    PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
-};
+use cqrs_es::persist::{PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot};
 use cqrs_es::Aggregate;
 use serde_json::Value;
 use uuid::Uuid;
@@ -57,26 +55,17 @@ fn schema_version(event_version: &str) -> Result<i32, PersistenceError> {
         .parse::<i32>()
         .ok()
         .filter(|version| *version >= 1)
-        .ok_or_else(|| {
-            invalid(format!(
-                "event version {event_version:?} is not a whole number >= 1"
-            ))
-        })
+        .ok_or_else(|| invalid(format!("event version {event_version:?} is not a whole number >= 1")))
 }
 
 fn new_event(event: &SerializedEvent) -> Result<NewEvent, PersistenceError> {
     let metadata = match &event.metadata {
         Value::Object(map) => map.clone(),
         Value::Null => Default::default(),
-        other => {
-            return Err(invalid(format!(
-                "event metadata must be an object, got {other}"
-            )))
-        }
+        other => return Err(invalid(format!("event metadata must be an object, got {other}"))),
     };
     let event_id = match metadata.get("event_id").and_then(Value::as_str) {
-        Some(text) => Uuid::parse_str(text)
-            .map_err(|error| invalid(format!("metadata event_id {text:?}: {error}")))?,
+        Some(text) => Uuid::parse_str(text).map_err(|error| invalid(format!("metadata event_id {text:?}: {error}")))?,
         None => Uuid::now_v7(),
     };
     let occurred_at = match metadata.get("occurred_at").and_then(Value::as_str) {
@@ -98,19 +87,9 @@ fn new_event(event: &SerializedEvent) -> Result<NewEvent, PersistenceError> {
 }
 
 impl PersistedEventRepository for LedgerEventRepository {
-    async fn get_events<A: Aggregate>(
-        &self,
-        aggregate_id: &str,
-    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
-        let events = self
-            .log
-            .read_stream_all(&stream_id::<A>(aggregate_id))
-            .await
-            .map_err(unknown)?;
-        Ok(events
-            .into_iter()
-            .map(|event| serialized::<A>(aggregate_id, event))
-            .collect())
+    async fn get_events<A: Aggregate>(&self, aggregate_id: &str) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        let events = self.log.read_stream_all(&stream_id::<A>(aggregate_id)).await.map_err(unknown)?;
+        Ok(events.into_iter().map(|event| serialized::<A>(aggregate_id, event)).collect())
     }
 
     async fn get_last_events<A: Aggregate>(
@@ -128,24 +107,15 @@ impl PersistedEventRepository for LedgerEventRepository {
                 .await
                 .map_err(unknown)?;
             let full = page.len() == crate::log::READ_LIMIT_MAX;
-            after = page
-                .last()
-                .map(|event| event.stream_version)
-                .unwrap_or(after);
-            events.extend(
-                page.into_iter()
-                    .map(|event| serialized::<A>(aggregate_id, event)),
-            );
+            after = page.last().map(|event| event.stream_version).unwrap_or(after);
+            events.extend(page.into_iter().map(|event| serialized::<A>(aggregate_id, event)));
             if !full {
                 return Ok(events);
             }
         }
     }
 
-    async fn get_snapshot<A: Aggregate>(
-        &self,
-        _aggregate_id: &str,
-    ) -> Result<Option<SerializedSnapshot>, PersistenceError> {
+    async fn get_snapshot<A: Aggregate>(&self, _aggregate_id: &str) -> Result<Option<SerializedSnapshot>, PersistenceError> {
         // Aggregates are rebuilt from their streams; the log keeps no snapshots.
         Ok(None)
     }
@@ -163,41 +133,25 @@ impl PersistedEventRepository for LedgerEventRepository {
         let Some(first) = events.first() else {
             return Ok(());
         };
-        if events
-            .iter()
-            .any(|event| event.aggregate_id != first.aggregate_id)
-        {
-            return Err(invalid(
-                "one persist call covers one aggregate instance".into(),
-            ));
+        if events.iter().any(|event| event.aggregate_id != first.aggregate_id) {
+            return Err(invalid("one persist call covers one aggregate instance".into()));
         }
         let expected = match first.sequence {
             0 => return Err(invalid("event sequences start at 1".into())),
             1 => ExpectedVersion::NoStream,
             sequence => ExpectedVersion::Exact(sequence as i64 - 1),
         };
-        let new_events = events
-            .iter()
-            .map(new_event)
-            .collect::<Result<Vec<_>, _>>()?;
-        let request =
-            AppendRequest::single(stream_id::<A>(&first.aggregate_id), expected, new_events);
+        let new_events = events.iter().map(new_event).collect::<Result<Vec<_>, _>>()?;
+        let request = AppendRequest::single(stream_id::<A>(&first.aggregate_id), expected, new_events);
         match self.log.append(request).await {
             Ok(_) => Ok(()),
-            Err(AppendError::Conflict(_)) | Err(AppendError::PartialDuplicate { .. }) => {
-                Err(PersistenceError::OptimisticLockError)
-            }
-            Err(AppendError::Database(error)) => Err(PersistenceError::ConnectionError(Box::new(
-                AppendError::Database(error),
-            ))),
+            Err(AppendError::Conflict(_)) | Err(AppendError::PartialDuplicate { .. }) => Err(PersistenceError::OptimisticLockError),
+            Err(AppendError::Database(error)) => Err(PersistenceError::ConnectionError(Box::new(AppendError::Database(error)))),
             Err(other) => Err(unknown(other)),
         }
     }
 
-    async fn stream_events<A: Aggregate>(
-        &self,
-        aggregate_id: &str,
-    ) -> Result<ReplayStream, PersistenceError> {
+    async fn stream_events<A: Aggregate>(&self, aggregate_id: &str) -> Result<ReplayStream, PersistenceError> {
         let events = self.get_events::<A>(aggregate_id).await?;
         let (mut feed, stream) = ReplayStream::new(REPLAY_QUEUE);
         tokio::spawn(async move {
@@ -227,14 +181,8 @@ impl PersistedEventRepository for LedgerEventRepository {
                 let Some(last) = page.last() else { return };
                 after = last.position;
                 for event in page {
-                    if let Some(aggregate_id) =
-                        event.stream_id.strip_prefix(&prefix).map(str::to_string)
-                    {
-                        if feed
-                            .push(Ok(serialized::<A>(&aggregate_id, event)))
-                            .await
-                            .is_err()
-                        {
+                    if let Some(aggregate_id) = event.stream_id.strip_prefix(&prefix).map(str::to_string) {
+                        if feed.push(Ok(serialized::<A>(&aggregate_id, event))).await.is_err() {
                             return;
                         }
                     }

@@ -60,10 +60,7 @@ impl Server {
         match &self.kind {
             ServerKind::Url(url) => replace_database(url, database),
             ServerKind::Socket { dir, port, user } => {
-                format!(
-                    "postgres://{user}@localhost/{database}?host={}&port={port}",
-                    dir.display()
-                )
+                format!("postgres://{user}@localhost/{database}?host={}&port={port}", dir.display())
             }
             ServerKind::Tcp { host, port, user } => {
                 format!("postgres://{user}@{host}:{port}/{database}")
@@ -79,8 +76,7 @@ impl Server {
 
     /// Creates `database` unless it exists (racing creators are fine).
     pub async fn ensure_database(&self, database: &str) -> Result<(), DatabaseError> {
-        let mut admin =
-            PgConnection::connect_with(&self.options(self.maintenance_database())).await?;
+        let mut admin = PgConnection::connect_with(&self.options(self.maintenance_database())).await?;
         let exists: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = $1")
             .bind(database)
             .fetch_optional(&mut admin)
@@ -92,8 +88,7 @@ impl Server {
             match created {
                 Ok(_) => {}
                 // 42P04 duplicate_database, 23505 when two creators race on pg_database's index.
-                Err(sqlx::Error::Database(error))
-                    if matches!(error.code().as_deref(), Some("42P04") | Some("23505")) => {}
+                Err(sqlx::Error::Database(error)) if matches!(error.code().as_deref(), Some("42P04") | Some("23505")) => {}
                 Err(error) => return Err(error.into()),
             }
         }
@@ -246,9 +241,7 @@ fn cluster_dir(data_dir: &Path) -> PathBuf {
 }
 
 fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|metadata| metadata.uid() == 0)
-        .unwrap_or(false)
+    std::fs::metadata("/proc/self").map(|metadata| metadata.uid() == 0).unwrap_or(false)
 }
 
 fn reachable_by_postgres(dir: &Path) -> bool {
@@ -268,13 +261,11 @@ fn start_private_cluster_blocking(data_dir: &Path) -> Result<PathBuf, DatabaseEr
         reason,
     };
     let bin = server_binaries().ok_or(DatabaseError::NotFound)?;
-    std::fs::create_dir_all(data_dir)
-        .map_err(|error| fail(format!("cannot create the data folder: {error}")))?;
+    std::fs::create_dir_all(data_dir).map_err(|error| fail(format!("cannot create the data folder: {error}")))?;
     let cluster = cluster_dir(data_dir);
     // One starter at a time, across processes (tests start in parallel).
     let lock_path = data_dir.join("cluster.lock");
-    let lock = std::fs::File::create(&lock_path)
-        .map_err(|error| fail(format!("cannot create {}: {error}", lock_path.display())))?;
+    let lock = std::fs::File::create(&lock_path).map_err(|error| fail(format!("cannot create {}: {error}", lock_path.display())))?;
     lock.lock()
         .map_err(|error| fail(format!("cannot lock {}: {error}", lock_path.display())))?;
 
@@ -303,20 +294,13 @@ fn start_private_cluster_blocking(data_dir: &Path) -> Result<PathBuf, DatabaseEr
             )))
         }
     };
-    let cluster_text = cluster
-        .to_str()
-        .ok_or_else(|| fail("the data folder's path is not UTF-8".into()))?;
+    let cluster_text = cluster.to_str().ok_or_else(|| fail("the data folder's path is not UTF-8".into()))?;
     if !cluster.join("PG_VERSION").exists() {
-        std::fs::create_dir_all(&cluster)
-            .map_err(|error| fail(format!("cannot create {cluster_text}: {error}")))?;
+        std::fs::create_dir_all(&cluster).map_err(|error| fail(format!("cannot create {cluster_text}: {error}")))?;
         if as_root {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres", cluster_text])
-                .status();
+            let status = Command::new("chown").args(["-R", "postgres:postgres", cluster_text]).status();
             if !status.map(|status| status.success()).unwrap_or(false) {
-                return Err(fail(
-                    "cannot give the cluster folder to the postgres user".into(),
-                ));
+                return Err(fail("cannot give the cluster folder to the postgres user".into()));
             }
         }
         run(
@@ -341,30 +325,15 @@ fn start_private_cluster_blocking(data_dir: &Path) -> Result<PathBuf, DatabaseEr
             .args(["-D", cluster_text, "status"])
             .output()
     } else {
-        Command::new(bin.join("pg_ctl"))
-            .args(["-D", cluster_text, "status"])
-            .output()
+        Command::new(bin.join("pg_ctl")).args(["-D", cluster_text, "status"]).output()
     };
-    let running = status
-        .map(|output| output.status.success())
-        .unwrap_or(false);
+    let running = status.map(|output| output.status.success()).unwrap_or(false);
     if !running {
         let log = format!("{cluster_text}/server.log");
         let server_options = format!("-c listen_addresses='' -k {cluster_text} -p {PRIVATE_PORT}");
         run(
             &bin.join("pg_ctl"),
-            &[
-                "-D",
-                cluster_text,
-                "-l",
-                &log,
-                "-w",
-                "-t",
-                "60",
-                "-o",
-                &server_options,
-                "start",
-            ],
+            &["-D", cluster_text, "-l", &log, "-w", "-t", "60", "-o", &server_options, "start"],
         )?;
     }
     drop(lock);
@@ -376,9 +345,7 @@ fn server_binaries() -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Ok(output) = Command::new("pg_config").arg("--bindir").output() {
         if output.status.success() {
-            candidates.push(PathBuf::from(
-                String::from_utf8_lossy(&output.stdout).trim(),
-            ));
+            candidates.push(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()));
         }
     }
     if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
@@ -400,11 +367,9 @@ fn server_binaries() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("PATH") {
         candidates.extend(std::env::split_paths(&path));
     }
-    candidates.into_iter().find(|dir| {
-        ["initdb", "pg_ctl", "postgres"]
-            .iter()
-            .all(|program| dir.join(program).exists())
-    })
+    candidates
+        .into_iter()
+        .find(|dir| ["initdb", "pg_ctl", "postgres"].iter().all(|program| dir.join(program).exists()))
 }
 
 fn replace_database(url: &str, database: &str) -> String {
@@ -437,10 +402,7 @@ mod tests {
             replace_database("postgres://u:p@h:5/app?sslmode=disable", "t1"),
             "postgres://u:p@h:5/t1?sslmode=disable"
         );
-        assert_eq!(
-            replace_database("postgres://u@h", "t1"),
-            "postgres://u@h/t1"
-        );
+        assert_eq!(replace_database("postgres://u@h", "t1"), "postgres://u@h/t1");
         assert_eq!(
             replace_database("postgresql:///app?host=/run/pg", "t1"),
             "postgresql:///t1?host=/run/pg"

@@ -87,11 +87,7 @@ pub struct StreamAppend {
 }
 
 impl StreamAppend {
-    pub fn new(
-        stream_id: impl Into<String>,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> StreamAppend {
+    pub fn new(stream_id: impl Into<String>, expected: ExpectedVersion, events: Vec<NewEvent>) -> StreamAppend {
         StreamAppend {
             stream_id: stream_id.into(),
             expected,
@@ -107,24 +103,14 @@ pub struct AppendRequest {
 }
 
 impl AppendRequest {
-    pub fn single(
-        stream_id: impl Into<String>,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> AppendRequest {
+    pub fn single(stream_id: impl Into<String>, expected: ExpectedVersion, events: Vec<NewEvent>) -> AppendRequest {
         AppendRequest {
             streams: vec![StreamAppend::new(stream_id, expected, events)],
         }
     }
 
-    pub fn stream(
-        mut self,
-        stream_id: impl Into<String>,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> AppendRequest {
-        self.streams
-            .push(StreamAppend::new(stream_id, expected, events));
+    pub fn stream(mut self, stream_id: impl Into<String>, expected: ExpectedVersion, events: Vec<NewEvent>) -> AppendRequest {
+        self.streams.push(StreamAppend::new(stream_id, expected, events));
         self
     }
 
@@ -153,37 +139,22 @@ impl AppendRequest {
         let mut stream_ids = std::collections::HashSet::new();
         for stream in &self.streams {
             if stream.stream_id.is_empty() || stream.stream_id.len() > NAME_LENGTH_MAX {
-                return invalid(format!(
-                    "a stream id is 1 to {NAME_LENGTH_MAX} bytes, got {:?}",
-                    stream.stream_id
-                ));
+                return invalid(format!("a stream id is 1 to {NAME_LENGTH_MAX} bytes, got {:?}", stream.stream_id));
             }
             if !stream_ids.insert(stream.stream_id.as_str()) {
-                return invalid(format!(
-                    "stream {} appears twice in one append",
-                    stream.stream_id
-                ));
+                return invalid(format!("stream {} appears twice in one append", stream.stream_id));
             }
             if stream.events.is_empty() {
-                return invalid(format!(
-                    "stream {} has no events in this append",
-                    stream.stream_id
-                ));
+                return invalid(format!("stream {} has no events in this append", stream.stream_id));
             }
             if let ExpectedVersion::Exact(version) = stream.expected {
                 if version < 0 {
-                    return invalid(format!(
-                        "expected version {version} of stream {} is negative",
-                        stream.stream_id
-                    ));
+                    return invalid(format!("expected version {version} of stream {} is negative", stream.stream_id));
                 }
             }
             for event in &stream.events {
                 if event.event_type.is_empty() || event.event_type.len() > NAME_LENGTH_MAX {
-                    return invalid(format!(
-                        "an event type is 1 to {NAME_LENGTH_MAX} bytes, got {:?}",
-                        event.event_type
-                    ));
+                    return invalid(format!("an event type is 1 to {NAME_LENGTH_MAX} bytes, got {:?}", event.event_type));
                 }
                 if event.schema_version < 1 {
                     return invalid(format!(
@@ -192,10 +163,7 @@ impl AppendRequest {
                     ));
                 }
                 if !event.metadata.is_object() {
-                    return invalid(format!(
-                        "event {} has metadata that is not a JSON object",
-                        event.event_id
-                    ));
+                    return invalid(format!("event {} has metadata that is not a JSON object", event.event_id));
                 }
             }
         }
@@ -234,11 +202,7 @@ impl std::fmt::Display for VersionConflict {
             ExpectedVersion::NoStream => "no stream".to_string(),
             ExpectedVersion::Exact(version) => format!("version {version}"),
         };
-        write!(
-            f,
-            "stream {} expected {expected}, is at version {}",
-            self.stream_id, self.actual
-        )
+        write!(f, "stream {} expected {expected}, is at version {}", self.stream_id, self.actual)
     }
 }
 
@@ -298,12 +262,10 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for RecordedEvent {
         use sqlx::Row;
         let hash_column = |name: &str| -> Result<[u8; 32], sqlx::Error> {
             let bytes: Vec<u8> = row.try_get(name)?;
-            bytes
-                .try_into()
-                .map_err(|bytes: Vec<u8>| sqlx::Error::ColumnDecode {
-                    index: name.to_string(),
-                    source: format!("a hash is 32 bytes, found {}", bytes.len()).into(),
-                })
+            bytes.try_into().map_err(|bytes: Vec<u8>| sqlx::Error::ColumnDecode {
+                index: name.to_string(),
+                source: format!("a hash is 32 bytes, found {}", bytes.len()).into(),
+            })
         };
         Ok(RecordedEvent {
             position: row.try_get("position")?,
@@ -323,6 +285,5 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for RecordedEvent {
 }
 
 /// The columns of `RecordedEvent`, in the order of `FromRow`.
-pub(crate) const EVENT_COLUMNS: &str =
-    "position, stream_id, stream_version, event_id, event_type, schema_version, \
+pub(crate) const EVENT_COLUMNS: &str = "position, stream_id, stream_version, event_id, event_type, schema_version, \
      payload, metadata, recorded_at, occurred_at, prev_hash, hash";

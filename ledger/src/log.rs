@@ -69,24 +69,16 @@ impl Drop for Inner {
 impl EventLog {
     /// Opens the log on a migrated database and starts this process's writer and listener.
     pub async fn open(pool: PgPool, config: LogConfig) -> Result<EventLog, LogError> {
-        let (position,): (i64,) =
-            sqlx::query_as("SELECT position FROM ledger_head WHERE singleton")
-                .fetch_one(&pool)
-                .await
-                .map_err(|error| match &error {
-                    sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
-                        LogError::NotMigrated(error)
-                    }
-                    _ => LogError::Database(error),
-                })?;
+        let (position,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head WHERE singleton")
+            .fetch_one(&pool)
+            .await
+            .map_err(|error| match &error {
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => LogError::NotMigrated(error),
+                _ => LogError::Database(error),
+            })?;
         let (head, _) = watch::channel(position);
         let (jobs, receiver) = mpsc::channel(config.queue_depth);
-        tokio::spawn(writer::run(
-            pool.clone(),
-            receiver,
-            head.clone(),
-            config.clone(),
-        ));
+        tokio::spawn(writer::run(pool.clone(), receiver, head.clone(), config.clone()));
         let listener = tokio::spawn(listen(pool.clone(), head.clone()));
         Ok(EventLog {
             inner: Arc::new(Inner {
@@ -117,12 +109,7 @@ impl EventLog {
     }
 
     /// Events of one stream with a version above `after_version`, oldest first, at most `limit`.
-    pub async fn read_stream(
-        &self,
-        stream_id: &str,
-        after_version: i64,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    pub async fn read_stream(&self, stream_id: &str, after_version: i64, limit: usize) -> Result<Vec<RecordedEvent>, sqlx::Error> {
         let limit = limit.clamp(1, READ_LIMIT_MAX) as i64;
         sqlx::query_as(&format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version LIMIT $3"
@@ -135,16 +122,10 @@ impl EventLog {
     }
 
     /// Every event of one stream, oldest first, read in bounded pages.
-    pub async fn read_stream_all(
-        &self,
-        stream_id: &str,
-    ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    pub async fn read_stream_all(&self, stream_id: &str) -> Result<Vec<RecordedEvent>, sqlx::Error> {
         let mut events = Vec::new();
         loop {
-            let after = events
-                .last()
-                .map(|event: &RecordedEvent| event.stream_version)
-                .unwrap_or(0);
+            let after = events.last().map(|event: &RecordedEvent| event.stream_version).unwrap_or(0);
             let page = self.read_stream(stream_id, after, READ_LIMIT_MAX).await?;
             let full = page.len() == READ_LIMIT_MAX;
             events.extend(page);
@@ -155,35 +136,25 @@ impl EventLog {
     }
 
     /// Events of the whole log after `after_position`, in position order, at most `limit`.
-    pub async fn read_all(
-        &self,
-        after_position: i64,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    pub async fn read_all(&self, after_position: i64, limit: usize) -> Result<Vec<RecordedEvent>, sqlx::Error> {
         read_after(&self.inner.pool, after_position, limit).await
     }
 
     /// The current version of a stream (0 when it has no events).
     pub async fn stream_version(&self, stream_id: &str) -> Result<i64, sqlx::Error> {
-        let (version,): (Option<i64>,) =
-            sqlx::query_as("SELECT max(stream_version) FROM events WHERE stream_id = $1")
-                .bind(stream_id)
-                .fetch_one(&self.inner.pool)
-                .await?;
+        let (version,): (Option<i64>,) = sqlx::query_as("SELECT max(stream_version) FROM events WHERE stream_id = $1")
+            .bind(stream_id)
+            .fetch_one(&self.inner.pool)
+            .await?;
         Ok(version.unwrap_or(0))
     }
 
     /// The last committed position and its hash.
     pub async fn head(&self) -> Result<(i64, [u8; 32]), sqlx::Error> {
-        let (position, hash): (i64, Vec<u8>) =
-            sqlx::query_as("SELECT position, hash FROM ledger_head WHERE singleton")
-                .fetch_one(&self.inner.pool)
-                .await?;
-        Ok((
-            position,
-            hash.try_into()
-                .expect("ledger_head.hash is 32 bytes by its CHECK"),
-        ))
+        let (position, hash): (i64, Vec<u8>) = sqlx::query_as("SELECT position, hash FROM ledger_head WHERE singleton")
+            .fetch_one(&self.inner.pool)
+            .await?;
+        Ok((position, hash.try_into().expect("ledger_head.hash is 32 bytes by its CHECK")))
     }
 
     /// The last committed position as this process knows it (its own appends, and others' through

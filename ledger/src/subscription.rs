@@ -54,10 +54,7 @@ impl Subscription {
 
     /// The next events, or `None` at once when the subscriber is caught up.
     pub async fn try_next_batch(&mut self) -> Result<Option<Vec<RecordedEvent>>, sqlx::Error> {
-        let events = self
-            .log
-            .read_all(self.after_position, self.batch_size)
-            .await?;
+        let events = self.log.read_all(self.after_position, self.batch_size).await?;
         let Some(last) = events.last() else {
             return Ok(None);
         };

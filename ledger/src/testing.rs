@@ -23,9 +23,7 @@ pub struct TestDatabase {
 
 impl TestDatabase {
     pub async fn new() -> TestDatabase {
-        let server = locate()
-            .await
-            .unwrap_or_else(|error| panic!("tests need PostgreSQL: {error}"));
+        let server = locate().await.unwrap_or_else(|error| panic!("tests need PostgreSQL: {error}"));
         let template = ensure_template(&server)
             .await
             .unwrap_or_else(|error| panic!("cannot build the template database: {error}"));
@@ -45,12 +43,7 @@ impl TestDatabase {
             .await;
             match created {
                 Ok(_) => break,
-                Err(error)
-                    if attempts < 50
-                        && error
-                            .to_string()
-                            .contains("is being accessed by other users") =>
-                {
+                Err(error) if attempts < 50 && error.to_string().contains("is being accessed by other users") => {
                     attempts += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -75,10 +68,7 @@ impl TestDatabase {
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let options = self.server.options("postgres");
-        let statement = format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_identifier(&self.name)
-        );
+        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_identifier(&self.name));
         // Drop runs outside any runtime we may block: use a thread with its own.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -115,11 +105,7 @@ async fn ensure_template(server: &Server) -> Result<String, sqlx::Error> {
     result.map(|_| template)
 }
 
-async fn build_template_locked(
-    server: &Server,
-    admin: &mut PgConnection,
-    template: &str,
-) -> Result<(), sqlx::Error> {
+async fn build_template_locked(server: &Server, admin: &mut PgConnection, template: &str) -> Result<(), sqlx::Error> {
     let exists: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = $1")
         .bind(template)
         .fetch_optional(&mut *admin)
@@ -128,26 +114,19 @@ async fn build_template_locked(
         return Ok(());
     }
     // Templates of older migrations are of no further use.
-    let stale: Vec<(String,)> =
-        sqlx::query_as("SELECT datname FROM pg_database WHERE datname LIKE $1")
-            .bind(format!("{TEMPLATE_PREFIX}%"))
-            .fetch_all(&mut *admin)
-            .await?;
-    for (name,) in stale {
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_identifier(&name)
-        ))
-        .execute(&mut *admin)
+    let stale: Vec<(String,)> = sqlx::query_as("SELECT datname FROM pg_database WHERE datname LIKE $1")
+        .bind(format!("{TEMPLATE_PREFIX}%"))
+        .fetch_all(&mut *admin)
         .await?;
+    for (name,) in stale {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_identifier(&name)))
+            .execute(&mut *admin)
+            .await?;
     }
     let building = format!("{template}_building");
-    sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-        quote_identifier(&building)
-    ))
-    .execute(&mut *admin)
-    .await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_identifier(&building)))
+        .execute(&mut *admin)
+        .await?;
     sqlx::query(&format!("CREATE DATABASE {}", quote_identifier(&building)))
         .execute(&mut *admin)
         .await?;

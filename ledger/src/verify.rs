@@ -28,8 +28,7 @@ impl std::str::FromStr for Anchor {
         if position < 1 {
             return Err(format!("anchor position {position} must be at least 1"));
         }
-        let bytes =
-            hex::decode(hash).map_err(|_| format!("anchor hash {hash:?} is not hexadecimal"))?;
+        let bytes = hex::decode(hash).map_err(|_| format!("anchor hash {hash:?} is not hexadecimal"))?;
         let hash: [u8; 32] = bytes
             .try_into()
             .map_err(|_| "an anchor hash is 64 hexadecimal digits (SHA-256)".to_string())?;
@@ -50,18 +49,11 @@ pub struct VerifyReport {
 }
 
 /// Recomputes the chain over the whole log. `progress(done, total)` is called after each page.
-pub async fn verify_chain(
-    pool: &PgPool,
-    anchor: Option<Anchor>,
-    mut progress: impl FnMut(u64, u64),
-) -> Result<VerifyReport, sqlx::Error> {
-    let (head_position, head_hash): (i64, Vec<u8>) =
-        sqlx::query_as("SELECT position, hash FROM ledger_head WHERE singleton")
-            .fetch_one(pool)
-            .await?;
-    let (stored_max,): (Option<i64>,) = sqlx::query_as("SELECT max(position) FROM events")
+pub async fn verify_chain(pool: &PgPool, anchor: Option<Anchor>, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport, sqlx::Error> {
+    let (head_position, head_hash): (i64, Vec<u8>) = sqlx::query_as("SELECT position, hash FROM ledger_head WHERE singleton")
         .fetch_one(pool)
         .await?;
+    let (stored_max,): (Option<i64>,) = sqlx::query_as("SELECT max(position) FROM events").fetch_one(pool).await?;
     let total = head_position.max(stored_max.unwrap_or(0)) as u64;
 
     let mut previous_position = 0i64;
@@ -69,15 +61,14 @@ pub async fn verify_chain(
     let mut events_checked = 0u64;
     let mut anchor_seen = false;
     let mut scratch = Vec::with_capacity(1024);
-    let bad =
-        |events_checked: u64, position: i64, problem: String, head_hash: [u8; 32]| VerifyReport {
-            ok: false,
-            events_checked,
-            head_position: previous_position_or(position),
-            head_hash: hex::encode(head_hash),
-            first_bad_position: Some(position),
-            problem: Some(problem),
-        };
+    let bad = |events_checked: u64, position: i64, problem: String, head_hash: [u8; 32]| VerifyReport {
+        ok: false,
+        events_checked,
+        head_position: previous_position_or(position),
+        head_hash: hex::encode(head_hash),
+        first_bad_position: Some(position),
+        problem: Some(problem),
+    };
     loop {
         let page = crate::log::read_after(pool, previous_position, PAGE_SIZE).await?;
         for event in &page {
@@ -87,12 +78,7 @@ pub async fn verify_chain(
                     "position {expected_position} is missing; the next stored event is {}",
                     event.position
                 );
-                return Ok(bad(
-                    events_checked,
-                    expected_position,
-                    problem,
-                    previous_hash,
-                ));
+                return Ok(bad(events_checked, expected_position, problem, previous_hash));
             }
             if event.prev_hash != previous_hash {
                 let problem = format!(
@@ -136,12 +122,7 @@ pub async fn verify_chain(
             hex::encode(&head_hash),
             hex::encode(previous_hash)
         );
-        return Ok(bad(
-            events_checked,
-            previous_position + 1,
-            problem,
-            previous_hash,
-        ));
+        return Ok(bad(events_checked, previous_position + 1, problem, previous_hash));
     }
     if let Some(anchor) = anchor.filter(|_| !anchor_seen) {
         let problem = format!(
@@ -179,25 +160,10 @@ mod tests {
                 hash: [0xab; 32]
             }
         );
-        assert!("12"
-            .parse::<Anchor>()
-            .unwrap_err()
-            .contains("POSITION:HASH"));
-        assert!(format!("x:{hash}")
-            .parse::<Anchor>()
-            .unwrap_err()
-            .contains("whole number"));
-        assert!(format!("0:{hash}")
-            .parse::<Anchor>()
-            .unwrap_err()
-            .contains("at least 1"));
-        assert!("3:abcd"
-            .parse::<Anchor>()
-            .unwrap_err()
-            .contains("64 hexadecimal"));
-        assert!("3:zz"
-            .parse::<Anchor>()
-            .unwrap_err()
-            .contains("not hexadecimal"));
+        assert!("12".parse::<Anchor>().unwrap_err().contains("POSITION:HASH"));
+        assert!(format!("x:{hash}").parse::<Anchor>().unwrap_err().contains("whole number"));
+        assert!(format!("0:{hash}").parse::<Anchor>().unwrap_err().contains("at least 1"));
+        assert!("3:abcd".parse::<Anchor>().unwrap_err().contains("64 hexadecimal"));
+        assert!("3:zz".parse::<Anchor>().unwrap_err().contains("not hexadecimal"));
     }
 }

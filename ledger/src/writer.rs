@@ -25,12 +25,7 @@ pub(crate) struct Job {
     pub reply: oneshot::Sender<Result<AppendOutcome, AppendError>>,
 }
 
-pub(crate) async fn run(
-    pool: PgPool,
-    mut jobs: mpsc::Receiver<Job>,
-    head: watch::Sender<i64>,
-    config: LogConfig,
-) {
+pub(crate) async fn run(pool: PgPool, mut jobs: mpsc::Receiver<Job>, head: watch::Sender<i64>, config: LogConfig) {
     let mut scratch = Vec::with_capacity(1024);
     while let Some(first) = jobs.recv().await {
         let mut events = first.request.event_count();
@@ -48,13 +43,7 @@ pub(crate) async fn run(
     }
 }
 
-async fn commit_jobs(
-    pool: &PgPool,
-    jobs: Vec<Job>,
-    head: &watch::Sender<i64>,
-    config: &LogConfig,
-    scratch: &mut Vec<u8>,
-) {
+async fn commit_jobs(pool: &PgPool, jobs: Vec<Job>, head: &watch::Sender<i64>, config: &LogConfig, scratch: &mut Vec<u8>) {
     let requests: Vec<&AppendRequest> = jobs.iter().map(|job| &job.request).collect();
     match commit_batch(pool, &requests, config, scratch).await {
         Ok((results, head_position)) => {
@@ -114,19 +103,12 @@ async fn commit_batch(
         .await?;
     let mut head_position: i64 = head_row.try_get("position")?;
     let head_hash: Vec<u8> = head_row.try_get("hash")?;
-    let mut head_hash: [u8; 32] = head_hash
-        .try_into()
-        .expect("ledger_head.hash is 32 bytes by its CHECK");
+    let mut head_hash: [u8; 32] = head_hash.try_into().expect("ledger_head.hash is 32 bytes by its CHECK");
     let recorded_at = to_stored_precision(head_row.try_get::<DateTime<Utc>, _>("now")?);
 
-    let stream_ids: Vec<String> = unique(
-        requests
-            .iter()
-            .flat_map(|r| r.streams.iter().map(|s| s.stream_id.clone())),
-    );
+    let stream_ids: Vec<String> = unique(requests.iter().flat_map(|r| r.streams.iter().map(|s| s.stream_id.clone())));
     let event_ids: Vec<Uuid> = requests.iter().flat_map(|r| r.event_ids()).collect();
-    let (mut versions, mut stored) =
-        known_versions_and_ids(&mut tx, &stream_ids, &event_ids).await?;
+    let (mut versions, mut stored) = known_versions_and_ids(&mut tx, &stream_ids, &event_ids).await?;
 
     let mut columns = Columns::default();
     let mut results = Vec::with_capacity(requests.len());
@@ -140,10 +122,7 @@ async fn commit_batch(
                     for event in &stream.events {
                         head_position += 1;
                         *version += 1;
-                        let occurred_at = event
-                            .occurred_at
-                            .map(to_stored_precision)
-                            .unwrap_or(recorded_at);
+                        let occurred_at = event.occurred_at.map(to_stored_precision).unwrap_or(recorded_at);
                         let payload_json = canonical_json(&event.payload);
                         let metadata_json = canonical_json(&event.metadata);
                         let envelope = Envelope {
@@ -244,16 +223,8 @@ fn decide(
         // A retry of a stored append is answered with the stored positions; its expected versions
         // are not checked again, since the first attempt already moved the streams on.
         if stored_positions.len() == request.event_count() {
-            let first_position = stored_positions
-                .iter()
-                .map(|(_, p)| *p)
-                .min()
-                .expect("not empty");
-            let last_position = stored_positions
-                .iter()
-                .map(|(_, p)| *p)
-                .max()
-                .expect("not empty");
+            let first_position = stored_positions.iter().map(|(_, p)| *p).min().expect("not empty");
+            let last_position = stored_positions.iter().map(|(_, p)| *p).max().expect("not empty");
             return Ok(Some(AppendOutcome {
                 first_position,
                 last_position,
@@ -266,10 +237,7 @@ fn decide(
     }
     for stream in &request.streams {
         let actual = versions.get(&stream.stream_id).copied().unwrap_or(0);
-        stream
-            .expected
-            .check(&stream.stream_id, actual)
-            .map_err(AppendError::Conflict)?;
+        stream.expected.check(&stream.stream_id, actual).map_err(AppendError::Conflict)?;
     }
     Ok(None)
 }

@@ -9,16 +9,11 @@ use tokio::sync::Barrier;
 use uuid::Uuid;
 
 async fn open(db: &TestDatabase) -> EventLog {
-    EventLog::open(db.pool.clone(), LogConfig::default())
-        .await
-        .expect("open the log")
+    EventLog::open(db.pool.clone(), LogConfig::default()).await.expect("open the log")
 }
 
 async fn count(db: &TestDatabase, sql: &str) -> i64 {
-    sqlx::query_scalar(sql)
-        .fetch_one(&db.pool)
-        .await
-        .expect(sql)
+    sqlx::query_scalar(sql).fetch_one(&db.pool).await.expect(sql)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -45,12 +40,8 @@ async fn thirty_two_writers_one_stream_exactly_one_wins_each_version() {
                 } else {
                     ExpectedVersion::Exact(version)
                 };
-                let event =
-                    NewEvent::new("Incremented", json!({"writer": writer, "round": version}));
-                match log
-                    .append(AppendRequest::single("counter-1", expected, vec![event]))
-                    .await
-                {
+                let event = NewEvent::new("Incremented", json!({"writer": writer, "round": version}));
+                match log.append(AppendRequest::single("counter-1", expected, vec![event])).await {
                     Ok(outcome) => {
                         assert!(!outcome.duplicate);
                         wins.push(version);
@@ -58,11 +49,7 @@ async fn thirty_two_writers_one_stream_exactly_one_wins_each_version() {
                     Err(AppendError::Conflict(conflict)) => {
                         assert_eq!(conflict.stream_id, "counter-1");
                         assert_eq!(conflict.expected, expected);
-                        assert_eq!(
-                            conflict.actual,
-                            version + 1,
-                            "a loser sees the winner's version"
-                        );
+                        assert_eq!(conflict.actual, version + 1, "a loser sees the winner's version");
                     }
                     Err(other) => panic!("unexpected error: {other}"),
                 }
@@ -82,17 +69,9 @@ async fn thirty_two_writers_one_stream_exactly_one_wins_each_version() {
     );
     let events = logs[0].read_stream_all("counter-1").await.unwrap();
     let versions: Vec<i64> = events.iter().map(|event| event.stream_version).collect();
-    assert_eq!(
-        versions,
-        (1..=ROUNDS).collect::<Vec<_>>(),
-        "the stream is contiguous"
-    );
+    assert_eq!(versions, (1..=ROUNDS).collect::<Vec<_>>(), "the stream is contiguous");
     let positions: Vec<i64> = events.iter().map(|event| event.position).collect();
-    assert_eq!(
-        positions,
-        (1..=ROUNDS).collect::<Vec<_>>(),
-        "no position was burnt by a loser"
-    );
+    assert_eq!(positions, (1..=ROUNDS).collect::<Vec<_>>(), "no position was burnt by a loser");
 }
 
 #[tokio::test]
@@ -122,31 +101,20 @@ async fn a_multi_stream_append_with_one_stale_version_stores_nothing() {
             ExpectedVersion::NoStream,
             vec![NewEvent::new("Debited", json!({"amount": "5.00"}))],
         )
-        .stream(
-            "c",
-            ExpectedVersion::Any,
-            vec![NewEvent::new("Opened", json!({}))],
-        );
+        .stream("c", ExpectedVersion::Any, vec![NewEvent::new("Opened", json!({}))]);
     match log.append(request).await {
         Err(AppendError::Conflict(conflict)) => {
             assert_eq!(conflict.stream_id, "b");
             assert_eq!(conflict.expected, ExpectedVersion::NoStream);
             assert_eq!(conflict.actual, 1);
-            assert_eq!(
-                conflict.to_string(),
-                "stream b expected no stream, is at version 1"
-            );
+            assert_eq!(conflict.to_string(), "stream b expected no stream, is at version 1");
         }
         other => panic!("expected a conflict, got {other:?}"),
     }
     assert_eq!(count(&db, "SELECT count(*) FROM events").await, 1);
     assert_eq!(log.stream_version("a").await.unwrap(), 0);
     assert_eq!(log.stream_version("c").await.unwrap(), 0);
-    assert_eq!(
-        log.head().await.unwrap(),
-        head_before,
-        "the head did not move"
-    );
+    assert_eq!(log.head().await.unwrap(), head_before, "the head did not move");
 
     // The same append with the right version is stored whole, in order, atomically.
     let request = AppendRequest::default()
@@ -174,8 +142,7 @@ async fn a_duplicate_event_id_is_stored_once_and_reported() {
     let db = TestDatabase::new().await;
     let log = open(&db).await;
     let event = NewEvent::new("TopUpSettled", json!({"amount": "25.00"}));
-    let request =
-        AppendRequest::single("account-1", ExpectedVersion::NoStream, vec![event.clone()]);
+    let request = AppendRequest::single("account-1", ExpectedVersion::NoStream, vec![event.clone()]);
     let first = log.append(request.clone()).await.unwrap();
     assert!(!first.duplicate);
     // A retry with the same expected version (now stale) is still recognised as the same append.
@@ -187,11 +154,7 @@ async fn a_duplicate_event_id_is_stored_once_and_reported() {
     );
     // The same id under another stream is also the same event.
     let elsewhere = log
-        .append(AppendRequest::single(
-            "account-2",
-            ExpectedVersion::Any,
-            vec![event.clone()],
-        ))
+        .append(AppendRequest::single("account-2", ExpectedVersion::Any, vec![event.clone()]))
         .await
         .unwrap();
     assert!(elsewhere.duplicate);
@@ -200,11 +163,7 @@ async fn a_duplicate_event_id_is_stored_once_and_reported() {
     // Some stored, some new: refused whole, nothing stored.
     let fresh = NewEvent::new("TopUpSettled", json!({"amount": "1.00"}));
     match log
-        .append(AppendRequest::single(
-            "account-1",
-            ExpectedVersion::Any,
-            vec![fresh, event.clone()],
-        ))
+        .append(AppendRequest::single("account-1", ExpectedVersion::Any, vec![fresh, event.clone()]))
         .await
     {
         Err(AppendError::PartialDuplicate { stored_event_ids }) => {
@@ -225,13 +184,9 @@ async fn concurrent_retries_of_one_event_store_it_once() {
         let log = logs[attempt % 2].clone();
         tasks.push(tokio::spawn(async move {
             let event = NewEvent::new("WebhookReceived", json!({"id": "evt_1"})).with_id(event_id);
-            log.append(AppendRequest::single(
-                "webhooks",
-                ExpectedVersion::Any,
-                vec![event],
-            ))
-            .await
-            .unwrap()
+            log.append(AppendRequest::single("webhooks", ExpectedVersion::Any, vec![event]))
+                .await
+                .unwrap()
         }));
     }
     let mut stored = 0;
@@ -251,27 +206,15 @@ async fn bad_appends_are_refused_with_a_reason() {
     let cases = [
         (AppendRequest::default(), "at least one event"),
         (
-            AppendRequest::single(
-                "",
-                ExpectedVersion::Any,
-                vec![NewEvent::new("E", json!({}))],
-            ),
+            AppendRequest::single("", ExpectedVersion::Any, vec![NewEvent::new("E", json!({}))]),
             "stream id",
         ),
         (
-            AppendRequest::single(
-                "s",
-                ExpectedVersion::Any,
-                vec![NewEvent::new("", json!({}))],
-            ),
+            AppendRequest::single("s", ExpectedVersion::Any, vec![NewEvent::new("", json!({}))]),
             "event type",
         ),
         (
-            AppendRequest::single(
-                "s",
-                ExpectedVersion::Exact(-1),
-                vec![NewEvent::new("E", json!({}))],
-            ),
+            AppendRequest::single("s", ExpectedVersion::Exact(-1), vec![NewEvent::new("E", json!({}))]),
             "negative",
         ),
         (
@@ -292,36 +235,21 @@ async fn bad_appends_are_refused_with_a_reason() {
         ),
         (
             AppendRequest::default()
-                .stream(
-                    "s",
-                    ExpectedVersion::Any,
-                    vec![NewEvent::new("E", json!({}))],
-                )
-                .stream(
-                    "s",
-                    ExpectedVersion::Any,
-                    vec![NewEvent::new("E", json!({}))],
-                ),
+                .stream("s", ExpectedVersion::Any, vec![NewEvent::new("E", json!({}))])
+                .stream("s", ExpectedVersion::Any, vec![NewEvent::new("E", json!({}))]),
             "appears twice",
         ),
     ];
     for (request, reason) in cases {
         match log.append(request).await {
-            Err(AppendError::Invalid(message)) => assert!(
-                message.contains(reason),
-                "{message:?} should mention {reason:?}"
-            ),
+            Err(AppendError::Invalid(message)) => assert!(message.contains(reason), "{message:?} should mention {reason:?}"),
             other => panic!("expected an invalid append ({reason}), got {other:?}"),
         }
     }
     let id = Uuid::new_v4();
-    let twice = vec![
-        NewEvent::new("E", json!({})).with_id(id),
-        NewEvent::new("E", json!({})).with_id(id),
-    ];
+    let twice = vec![NewEvent::new("E", json!({})).with_id(id), NewEvent::new("E", json!({})).with_id(id)];
     assert!(matches!(
-        log.append(AppendRequest::single("s", ExpectedVersion::Any, twice))
-            .await,
+        log.append(AppendRequest::single("s", ExpectedVersion::Any, twice)).await,
         Err(AppendError::Invalid(_))
     ));
     assert_eq!(count(&db, "SELECT count(*) FROM events").await, 0);
@@ -380,25 +308,18 @@ async fn the_events_table_refuses_update_delete_and_truncate_even_for_a_superuse
     ))
     .await
     .unwrap();
-    let is_superuser: bool =
-        sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert!(
-        is_superuser,
-        "this test means to show that even a superuser is refused"
-    );
+    let is_superuser: bool = sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(is_superuser, "this test means to show that even a superuser is refused");
     for statement in [
         "UPDATE events SET payload = '{\"a\": 2}'",
         "DELETE FROM events",
         "DELETE FROM events WHERE position = 999",
         "TRUNCATE events",
     ] {
-        let error = sqlx::query(statement)
-            .execute(&db.pool)
-            .await
-            .expect_err(statement);
+        let error = sqlx::query(statement).execute(&db.pool).await.expect_err(statement);
         let message = error.to_string();
         assert!(message.contains("append-only"), "{statement}: {message}");
     }
@@ -406,14 +327,8 @@ async fn the_events_table_refuses_update_delete_and_truncate_even_for_a_superuse
 
     // The application role may read and append, and nothing else.
     let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL ROLE billing_app")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
+    sqlx::query("SET LOCAL ROLE billing_app").execute(&mut *tx).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut *tx).await.unwrap();
     assert_eq!(rows, 1);
     let error = sqlx::query("ALTER TABLE events DISABLE TRIGGER events_append_only")
         .execute(&mut *tx)

@@ -3,9 +3,7 @@
 use std::collections::HashMap;
 
 use cqrs_es::persist::{PersistedEventStore, SemanticVersionEventUpcaster};
-use cqrs_es::{
-    Aggregate, AggregateError, CqrsFramework, DomainEvent, EventEnvelope, EventStore, Query,
-};
+use cqrs_es::{Aggregate, AggregateError, CqrsFramework, DomainEvent, EventEnvelope, EventStore, Query};
 use ledger::cqrs::LedgerEventRepository;
 use ledger::testing::TestDatabase;
 use ledger::{AppendRequest, EventLog, ExpectedVersion, LogConfig, NewEvent};
@@ -67,12 +65,7 @@ impl Aggregate for Wallet {
     type Error = WalletError;
     type Services = ();
 
-    async fn handle(
-        &mut self,
-        command: WalletCommand,
-        _: &(),
-        sink: &cqrs_es::event_sink::EventSink<Self>,
-    ) -> Result<(), WalletError> {
+    async fn handle(&mut self, command: WalletCommand, _: &(), sink: &cqrs_es::event_sink::EventSink<Self>) -> Result<(), WalletError> {
         match command {
             WalletCommand::Open if self.opened => return Err(WalletError::AlreadyOpen),
             WalletCommand::Open => sink.write(WalletEvent::Opened, self).await,
@@ -87,9 +80,7 @@ impl Aggregate for Wallet {
                 )
                 .await
             }
-            WalletCommand::Withdraw { cents } if cents > self.balance_cents => {
-                return Err(WalletError::InsufficientFunds)
-            }
+            WalletCommand::Withdraw { cents } if cents > self.balance_cents => return Err(WalletError::InsufficientFunds),
             WalletCommand::Withdraw { cents } => {
                 sink.write(
                     WalletEvent::Withdrawn {
@@ -107,8 +98,9 @@ impl Aggregate for Wallet {
     fn apply(&mut self, event: WalletEvent) {
         match event {
             WalletEvent::Opened => self.opened = true,
-            WalletEvent::Deposited { balance_cents, .. }
-            | WalletEvent::Withdrawn { balance_cents, .. } => self.balance_cents = balance_cents,
+            WalletEvent::Deposited { balance_cents, .. } | WalletEvent::Withdrawn { balance_cents, .. } => {
+                self.balance_cents = balance_cents
+            }
         }
     }
 }
@@ -134,11 +126,10 @@ struct Recorder(std::sync::Mutex<Vec<String>>);
 impl Query<Wallet> for std::sync::Arc<Recorder> {
     async fn dispatch(&self, aggregate_id: &str, events: &[EventEnvelope<Wallet>]) {
         for event in events {
-            self.0.lock().unwrap().push(format!(
-                "{aggregate_id}#{} {}",
-                event.sequence,
-                event.payload.event_type()
-            ));
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("{aggregate_id}#{} {}", event.sequence, event.payload.event_type()));
         }
     }
 }
@@ -146,37 +137,26 @@ impl Query<Wallet> for std::sync::Arc<Recorder> {
 #[tokio::test]
 async fn an_aggregate_round_trips_through_the_log() {
     let db = TestDatabase::new().await;
-    let log = EventLog::open(db.pool.clone(), LogConfig::default())
-        .await
-        .unwrap();
-    let store = PersistedEventStore::new_event_store(LedgerEventRepository::new(log.clone()))
-        .with_upcasters(vec![Box::new(deposited_v1_to_v2())]);
+    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
+    let store =
+        PersistedEventStore::new_event_store(LedgerEventRepository::new(log.clone())).with_upcasters(vec![Box::new(deposited_v1_to_v2())]);
     let recorder = std::sync::Arc::new(Recorder(Default::default()));
     let cqrs = CqrsFramework::new(store, vec![Box::new(recorder.clone())], ());
 
     cqrs.execute("w1", WalletCommand::Open).await.unwrap();
-    cqrs.execute("w1", WalletCommand::Deposit { cents: 2_500 })
-        .await
-        .unwrap();
+    cqrs.execute("w1", WalletCommand::Deposit { cents: 2_500 }).await.unwrap();
     let mut metadata = HashMap::new();
-    metadata.insert(
-        "occurred_at".to_string(),
-        "2026-03-01T10:00:00Z".to_string(),
-    );
+    metadata.insert("occurred_at".to_string(), "2026-03-01T10:00:00Z".to_string());
     metadata.insert("actor".to_string(), "admin-7".to_string());
     cqrs.execute_with_metadata("w1", WalletCommand::Withdraw { cents: 1_000 }, metadata)
         .await
         .unwrap();
-    match cqrs
-        .execute("w1", WalletCommand::Withdraw { cents: 1_501 })
-        .await
-    {
+    match cqrs.execute("w1", WalletCommand::Withdraw { cents: 1_501 }).await {
         Err(AggregateError::UserError(WalletError::InsufficientFunds)) => {}
         other => panic!("expected insufficient funds, got {other:?}"),
     }
     assert!(matches!(
-        cqrs.execute("w2", WalletCommand::Deposit { cents: 1 })
-            .await,
+        cqrs.execute("w2", WalletCommand::Deposit { cents: 1 }).await,
         Err(AggregateError::UserError(WalletError::NotOpen))
     ));
 
@@ -186,18 +166,9 @@ async fn an_aggregate_round_trips_through_the_log() {
         .iter()
         .map(|e| (e.stream_version, e.event_type.as_str(), e.schema_version))
         .collect();
-    assert_eq!(
-        summary,
-        vec![(1, "Opened", 1), (2, "Deposited", 2), (3, "Withdrawn", 1)]
-    );
-    assert_eq!(
-        events[1].payload,
-        json!({"Deposited": {"cents": 2500, "balance_cents": 2500}})
-    );
-    assert_eq!(
-        events[2].occurred_at.to_rfc3339(),
-        "2026-03-01T10:00:00+00:00"
-    );
+    assert_eq!(summary, vec![(1, "Opened", 1), (2, "Deposited", 2), (3, "Withdrawn", 1)]);
+    assert_eq!(events[1].payload, json!({"Deposited": {"cents": 2500, "balance_cents": 2500}}));
+    assert_eq!(events[2].occurred_at.to_rfc3339(), "2026-03-01T10:00:00+00:00");
     assert_eq!(events[2].metadata["actor"], "admin-7");
     assert_eq!(
         recorder.0.lock().unwrap().clone(),
@@ -215,9 +186,8 @@ async fn an_aggregate_round_trips_through_the_log() {
     ))
     .await
     .unwrap();
-    let store =
-        PersistedEventStore::<_, Wallet>::new_event_store(LedgerEventRepository::new(log.clone()))
-            .with_upcasters(vec![Box::new(deposited_v1_to_v2())]);
+    let store = PersistedEventStore::<_, Wallet>::new_event_store(LedgerEventRepository::new(log.clone()))
+        .with_upcasters(vec![Box::new(deposited_v1_to_v2())]);
     let mut context = store.load_aggregate("w1").await.unwrap();
     let wallet = cqrs_es::AggregateContext::aggregate(&mut context);
     assert!(wallet.opened);
@@ -227,28 +197,21 @@ async fn an_aggregate_round_trips_through_the_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_commands_never_overspend_through_the_framework() {
     let db = TestDatabase::new().await;
-    let log = EventLog::open(db.pool.clone(), LogConfig::default())
-        .await
-        .unwrap();
+    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
     let cqrs = std::sync::Arc::new(CqrsFramework::new(
         PersistedEventStore::<_, Wallet>::new_event_store(LedgerEventRepository::new(log.clone())),
         vec![],
         (),
     ));
     cqrs.execute("w", WalletCommand::Open).await.unwrap();
-    cqrs.execute("w", WalletCommand::Deposit { cents: 1_000 })
-        .await
-        .unwrap();
+    cqrs.execute("w", WalletCommand::Deposit { cents: 1_000 }).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let cqrs = cqrs.clone();
         tasks.push(tokio::spawn(async move {
             // Retry on conflict, as the product's command handler does.
             loop {
-                match cqrs
-                    .execute("w", WalletCommand::Withdraw { cents: 300 })
-                    .await
-                {
+                match cqrs.execute("w", WalletCommand::Withdraw { cents: 300 }).await {
                     Err(AggregateError::AggregateConflict) => continue,
                     other => return other,
                 }
@@ -264,13 +227,9 @@ async fn concurrent_commands_never_overspend_through_the_framework() {
         }
     }
     assert_eq!(accepted, 3, "1000 affords three withdrawals of 300");
-    let mut context =
-        PersistedEventStore::<_, Wallet>::new_event_store(LedgerEventRepository::new(log))
-            .load_aggregate("w")
-            .await
-            .unwrap();
-    assert_eq!(
-        cqrs_es::AggregateContext::aggregate(&mut context).balance_cents,
-        100
-    );
+    let mut context = PersistedEventStore::<_, Wallet>::new_event_store(LedgerEventRepository::new(log))
+        .load_aggregate("w")
+        .await
+        .unwrap();
+    assert_eq!(cqrs_es::AggregateContext::aggregate(&mut context).balance_cents, 100);
 }

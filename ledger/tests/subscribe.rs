@@ -23,11 +23,7 @@ async fn a_subscriber_sees_every_event_exactly_once_in_order_while_many_writers_
     };
     let mut logs = Vec::new();
     for _ in 0..PROCESSES {
-        logs.push(
-            EventLog::open(db.pool.clone(), config.clone())
-                .await
-                .unwrap(),
-        );
+        logs.push(EventLog::open(db.pool.clone(), config.clone()).await.unwrap());
     }
     let reader_log = EventLog::open(
         db.pool.clone(),
@@ -53,11 +49,7 @@ async fn a_subscriber_sees_every_event_exactly_once_in_order_while_many_writers_
                         .map(|n| NewEvent::new("Tick", json!({"w": writer, "a": append, "n": n})))
                         .collect::<Vec<_>>();
                     written += events.len();
-                    request = request.stream(
-                        format!("w{writer}-s{stream}"),
-                        ExpectedVersion::Any,
-                        events,
-                    );
+                    request = request.stream(format!("w{writer}-s{stream}"), ExpectedVersion::Any, events);
                 }
                 log.append(request).await.expect("append");
                 tokio::time::sleep(Duration::from_micros(rng.gen_range(0..3_000))).await;
@@ -72,9 +64,7 @@ async fn a_subscriber_sees_every_event_exactly_once_in_order_while_many_writers_
         let mut idle_rounds = 0;
         // Reads until the writers are done and the log is drained (signalled by an idle period).
         loop {
-            match tokio::time::timeout(Duration::from_millis(1_500), subscription.next_batch())
-                .await
-            {
+            match tokio::time::timeout(Duration::from_millis(1_500), subscription.next_batch()).await {
                 Ok(batch) => {
                     idle_rounds = 0;
                     seen.extend(batch.unwrap());
@@ -95,17 +85,10 @@ async fn a_subscriber_sees_every_event_exactly_once_in_order_while_many_writers_
     }
     let (seen, reader_log) = reader.await.unwrap();
 
-    assert!(
-        written > 5_000,
-        "the test means thousands of events, wrote {written}"
-    );
+    assert!(written > 5_000, "the test means thousands of events, wrote {written}");
     let positions: Vec<i64> = seen.iter().map(|event| event.position).collect();
     let unique: HashSet<i64> = positions.iter().copied().collect();
-    assert_eq!(
-        unique.len(),
-        positions.len(),
-        "no event was delivered twice"
-    );
+    assert_eq!(unique.len(), positions.len(), "no event was delivered twice");
     assert!(
         positions.windows(2).all(|pair| pair[1] == pair[0] + 1),
         "delivered in position order without a gap"
@@ -136,9 +119,7 @@ async fn a_subscriber_is_woken_promptly_by_an_append_from_another_process() {
     )
     .await
     .unwrap();
-    let writer = EventLog::open(db.pool.clone(), LogConfig::default())
-        .await
-        .unwrap();
+    let writer = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
     let mut subscription = reader.subscribe(0, 10);
     let waiting = tokio::spawn(async move { subscription.next_batch().await.unwrap() });
     tokio::time::sleep(Duration::from_millis(300)).await; // the listener is connected by now
@@ -168,10 +149,7 @@ async fn a_checkpoint_moves_with_its_rows_and_never_back() {
 
     let mut tx = db.pool.begin().await.unwrap();
     assert_eq!(ledger::checkpoint::lock(&mut tx, "p").await.unwrap(), 0);
-    sqlx::query("INSERT INTO seen VALUES (1), (2)")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    sqlx::query("INSERT INTO seen VALUES (1), (2)").execute(&mut *tx).await.unwrap();
     ledger::checkpoint::store(&mut tx, "p", 2).await.unwrap();
     tx.rollback().await.unwrap();
     assert_eq!(
@@ -192,11 +170,7 @@ async fn a_checkpoint_moves_with_its_rows_and_never_back() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!second.is_finished(), "the second locker waits");
     tx.commit().await.unwrap();
-    assert_eq!(
-        second.await.unwrap(),
-        2,
-        "and then sees the committed position"
-    );
+    assert_eq!(second.await.unwrap(), 2, "and then sees the committed position");
 }
 
 #[tokio::test]

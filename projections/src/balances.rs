@@ -79,21 +79,11 @@ impl Projection for Balances {
         &["balances", "balance_servers"]
     }
 
-    fn apply<'a>(
-        &'a self,
-        tx: &'a mut PgConnection,
-        records: &'a [Record],
-    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    fn apply<'a>(&'a self, tx: &'a mut PgConnection, records: &'a [Record]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
         Box::pin(async move {
             let account_ids: Vec<Uuid> = records
                 .iter()
-                .filter_map(|r| {
-                    if let Decoded::Account(id, _) = &r.event {
-                        Some(id.0)
-                    } else {
-                        None
-                    }
-                })
+                .filter_map(|r| if let Decoded::Account(id, _) = &r.event { Some(id.0) } else { None })
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
@@ -101,34 +91,30 @@ impl Projection for Balances {
                 .iter()
                 .filter_map(|r| match &r.event {
                     Decoded::Server(id, _) => Some(id.0),
-                    Decoded::Account(
-                        _,
-                        AccountEvent::HourCharged { server_id, .. }
-                        | AccountEvent::HoldCaptured { server_id, .. },
-                    ) => Some(server_id.0),
+                    Decoded::Account(_, AccountEvent::HourCharged { server_id, .. } | AccountEvent::HoldCaptured { server_id, .. }) => {
+                        Some(server_id.0)
+                    }
                     _ => None,
                 })
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let mut accounts: BTreeMap<Uuid, BalanceRow> = sqlx::query_as::<_, BalanceRow>(
-                "SELECT * FROM balances WHERE account_id = ANY($1)",
-            )
-            .bind(&account_ids)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .map(|row| (row.account_id, row))
-            .collect();
-            let mut servers: BTreeMap<Uuid, ServerRow> = sqlx::query_as::<_, ServerRow>(
-                "SELECT * FROM balance_servers WHERE server_id = ANY($1)",
-            )
-            .bind(&server_ids)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .map(|row| (row.server_id, row))
-            .collect();
+            let mut accounts: BTreeMap<Uuid, BalanceRow> =
+                sqlx::query_as::<_, BalanceRow>("SELECT * FROM balances WHERE account_id = ANY($1)")
+                    .bind(&account_ids)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .map(|row| (row.account_id, row))
+                    .collect();
+            let mut servers: BTreeMap<Uuid, ServerRow> =
+                sqlx::query_as::<_, ServerRow>("SELECT * FROM balance_servers WHERE server_id = ANY($1)")
+                    .bind(&server_ids)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .map(|row| (row.server_id, row))
+                    .collect();
             let mut changed_accounts = BTreeSet::new();
             let mut changed_servers = BTreeSet::new();
             for record in records {
@@ -173,9 +159,7 @@ impl Projection for Balances {
                         }
                         match event {
                             AccountEvent::LowBalanceWarned { .. } => row.low_balance_warned = true,
-                            AccountEvent::LowBalanceCleared { .. } => {
-                                row.low_balance_warned = false
-                            }
+                            AccountEvent::LowBalanceCleared { .. } => row.low_balance_warned = false,
                             AccountEvent::HourCharged {
                                 server_id,
                                 rate_per_hour,
@@ -183,17 +167,11 @@ impl Projection for Balances {
                                 ..
                             } => {
                                 if let Some(server) = servers.get_mut(&server_id.0) {
-                                    server.hourly_gross = rate_per_hour
-                                        + domain::billing::tax_on(*rate_per_hour, *tax_rate);
+                                    server.hourly_gross = rate_per_hour + domain::billing::tax_on(*rate_per_hour, *tax_rate);
                                     changed_servers.insert(server_id.0);
                                 }
                             }
-                            AccountEvent::HoldCaptured {
-                                server_id,
-                                net,
-                                tax,
-                                ..
-                            } => {
+                            AccountEvent::HoldCaptured { server_id, net, tax, .. } => {
                                 if let Some(server) = servers.get_mut(&server_id.0) {
                                     server.hourly_gross = net + tax;
                                     changed_servers.insert(server_id.0);
@@ -236,30 +214,10 @@ impl Projection for Balances {
                     _ => {}
                 }
             }
-            let server_rows: Vec<&ServerRow> = changed_servers
-                .iter()
-                .filter_map(|id| servers.get(id))
-                .collect();
-            upsert(
-                tx,
-                "balance_servers",
-                &["server_id"],
-                SERVER_COLUMNS,
-                &server_rows,
-            )
-            .await?;
-            let account_rows: Vec<&BalanceRow> = changed_accounts
-                .iter()
-                .filter_map(|id| accounts.get(id))
-                .collect();
-            upsert(
-                tx,
-                "balances",
-                &["account_id"],
-                BALANCE_COLUMNS,
-                &account_rows,
-            )
-            .await?;
+            let server_rows: Vec<&ServerRow> = changed_servers.iter().filter_map(|id| servers.get(id)).collect();
+            upsert(tx, "balance_servers", &["server_id"], SERVER_COLUMNS, &server_rows).await?;
+            let account_rows: Vec<&BalanceRow> = changed_accounts.iter().filter_map(|id| accounts.get(id)).collect();
+            upsert(tx, "balances", &["account_id"], BALANCE_COLUMNS, &account_rows).await?;
             // The burn of every account whose servers or figures changed, summed by the database
             // (an addition of stored amounts; nothing is rounded).
             let burn_accounts: Vec<Uuid> = changed_accounts

@@ -39,9 +39,7 @@ pub struct DecodeError {
 }
 
 fn id_after(stream_id: &str, prefix: &str) -> Option<Uuid> {
-    stream_id
-        .strip_prefix(prefix)
-        .and_then(|rest| Uuid::parse_str(rest).ok())
+    stream_id.strip_prefix(prefix).and_then(|rest| Uuid::parse_str(rest).ok())
 }
 
 pub fn decode(event: &RecordedEvent) -> Result<Record, DecodeError> {
@@ -54,20 +52,11 @@ pub fn decode(event: &RecordedEvent) -> Result<Record, DecodeError> {
     let payload = event.payload.clone();
     let decoded = if let Some(id) = id_after(&event.stream_id, "account-") {
         let payload = domain::account::upcast(&event.event_type, event.schema_version, payload);
-        Decoded::Account(
-            AccountId(id),
-            serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?,
-        )
+        Decoded::Account(AccountId(id), serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?)
     } else if let Some(id) = id_after(&event.stream_id, "server-") {
-        Decoded::Server(
-            ServerId(id),
-            serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?,
-        )
+        Decoded::Server(ServerId(id), serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?)
     } else if let Some(id) = id_after(&event.stream_id, "order-") {
-        Decoded::Order(
-            OrderId(id),
-            serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?,
-        )
+        Decoded::Order(OrderId(id), serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?)
     } else if event.stream_id == domain::catalog::CATALOG_STREAM {
         Decoded::Catalog(serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?)
     } else if event.stream_id.starts_with("invoice-series-") {

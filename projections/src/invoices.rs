@@ -87,11 +87,7 @@ impl Projection for Invoices {
         &["invoices", "credit_notes"]
     }
 
-    fn apply<'a>(
-        &'a self,
-        tx: &'a mut PgConnection,
-        records: &'a [Record],
-    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    fn apply<'a>(&'a self, tx: &'a mut PgConnection, records: &'a [Record]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
         Box::pin(async move {
             let mut invoices = Vec::new();
             let mut notes = Vec::new();
@@ -112,21 +108,13 @@ impl Projection for Invoices {
                         period_start: invoice.period.start(),
                         period_end: invoice.period.end(),
                         currency: invoice.currency.code().to_string(),
-                        lines: sqlx::types::Json(
-                            serde_json::to_value(&invoice.lines).expect("lines serialise"),
-                        ),
-                        taxes: sqlx::types::Json(
-                            serde_json::to_value(&invoice.taxes).expect("taxes serialise"),
-                        ),
+                        lines: sqlx::types::Json(serde_json::to_value(&invoice.lines).expect("lines serialise")),
+                        taxes: sqlx::types::Json(serde_json::to_value(&invoice.taxes).expect("taxes serialise")),
                         net: invoice.net,
                         tax: invoice.tax,
                         total: invoice.total,
-                        display: sqlx::types::Json(
-                            serde_json::to_value(&invoice.display).expect("display serialises"),
-                        ),
-                        charge_ids: sqlx::types::Json(
-                            serde_json::to_value(&invoice.charge_ids).expect("ids serialise"),
-                        ),
+                        display: sqlx::types::Json(serde_json::to_value(&invoice.display).expect("display serialises")),
+                        charge_ids: sqlx::types::Json(serde_json::to_value(&invoice.charge_ids).expect("ids serialise")),
                         issued_at: *issued_at,
                     }),
                     InvoiceSeriesEvent::CreditNoteIssued {
@@ -147,22 +135,13 @@ impl Projection for Invoices {
                         net: credit_note.net,
                         tax: credit_note.tax,
                         total: *total,
-                        display: sqlx::types::Json(
-                            serde_json::to_value(display).expect("display serialises"),
-                        ),
+                        display: sqlx::types::Json(serde_json::to_value(display).expect("display serialises")),
                         issued_at: *issued_at,
                     }),
                 }
             }
             insert_new(tx, "invoices", &["invoice_id"], INVOICE_COLUMNS, &invoices).await?;
-            insert_new(
-                tx,
-                "credit_notes",
-                &["credit_note_id"],
-                CREDIT_NOTE_COLUMNS,
-                &notes,
-            )
-            .await
+            insert_new(tx, "credit_notes", &["credit_note_id"], CREDIT_NOTE_COLUMNS, &notes).await
         })
     }
 }

@@ -53,37 +53,22 @@ impl Projection for Journal {
         &["journal_entries", "journal_totals", "journal_accounts"]
     }
 
-    fn apply<'a>(
-        &'a self,
-        tx: &'a mut PgConnection,
-        records: &'a [Record],
-    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    fn apply<'a>(&'a self, tx: &'a mut PgConnection, records: &'a [Record]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
         Box::pin(async move {
             let ids: Vec<Uuid> = records
                 .iter()
-                .filter_map(|r| {
-                    if let Decoded::Account(id, _) = &r.event {
-                        Some(id.0)
-                    } else {
-                        None
-                    }
-                })
+                .filter_map(|r| if let Decoded::Account(id, _) = &r.event { Some(id.0) } else { None })
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let mut countries: BTreeMap<Uuid, Country> = sqlx::query_as::<_, AccountRow>(
-                "SELECT * FROM journal_accounts WHERE account_id = ANY($1)",
-            )
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .filter_map(|row| {
-                Country::parse(&row.country)
-                    .ok()
-                    .map(|country| (row.account_id, country))
-            })
-            .collect();
+            let mut countries: BTreeMap<Uuid, Country> =
+                sqlx::query_as::<_, AccountRow>("SELECT * FROM journal_accounts WHERE account_id = ANY($1)")
+                    .bind(&ids)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .filter_map(|row| Country::parse(&row.country).ok().map(|country| (row.account_id, country)))
+                    .collect();
             let mut new_accounts = Vec::new();
             let mut entries = Vec::new();
             let mut totals: BTreeMap<(String, NaiveDate), (Decimal, Decimal)> = BTreeMap::new();
@@ -119,25 +104,12 @@ impl Projection for Journal {
                     postings: Json(lines),
                 });
             }
-            upsert(
-                tx,
-                "journal_accounts",
-                &["account_id"],
-                &["account_id", "country"],
-                &new_accounts,
-            )
-            .await?;
+            upsert(tx, "journal_accounts", &["account_id"], &["account_id", "country"], &new_accounts).await?;
             insert_new(
                 tx,
                 "journal_entries",
                 &["event_id"],
-                &[
-                    "event_id",
-                    "position",
-                    "occurred_at",
-                    "account_id",
-                    "postings",
-                ],
+                &["event_id", "position", "occurred_at", "account_id", "postings"],
                 &entries,
             )
             .await?;

@@ -40,33 +40,22 @@ impl Projection for Metrics {
         &["metrics_revenue", "metrics_accounts"]
     }
 
-    fn apply<'a>(
-        &'a self,
-        tx: &'a mut PgConnection,
-        records: &'a [Record],
-    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    fn apply<'a>(&'a self, tx: &'a mut PgConnection, records: &'a [Record]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
         Box::pin(async move {
             let ids: Vec<Uuid> = records
                 .iter()
-                .filter_map(|r| {
-                    if let Decoded::Account(id, _) = &r.event {
-                        Some(id.0)
-                    } else {
-                        None
-                    }
-                })
+                .filter_map(|r| if let Decoded::Account(id, _) = &r.event { Some(id.0) } else { None })
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let mut currencies: BTreeMap<Uuid, String> = sqlx::query_as::<_, AccountRow>(
-                "SELECT * FROM metrics_accounts WHERE account_id = ANY($1)",
-            )
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .map(|row| (row.account_id, row.currency))
-            .collect();
+            let mut currencies: BTreeMap<Uuid, String> =
+                sqlx::query_as::<_, AccountRow>("SELECT * FROM metrics_accounts WHERE account_id = ANY($1)")
+                    .bind(&ids)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .map(|row| (row.account_id, row.currency))
+                    .collect();
             let mut new_accounts = Vec::new();
             let mut revenue: BTreeMap<(NaiveDate, String), (Decimal, Decimal)> = BTreeMap::new();
             for record in records {
@@ -84,35 +73,20 @@ impl Projection for Metrics {
                     continue;
                 };
                 let (day, net, tax) = match event {
-                    AccountEvent::HourCharged { slot, net, tax, .. }
-                    | AccountEvent::HoldCaptured { slot, net, tax, .. } => {
+                    AccountEvent::HourCharged { slot, net, tax, .. } | AccountEvent::HoldCaptured { slot, net, tax, .. } => {
                         (slot.start().date_naive(), *net, *tax)
                     }
-                    AccountEvent::CancellationRefunded { net, tax, .. } => {
-                        (record.occurred_at.date_naive(), -*net, -*tax)
-                    }
+                    AccountEvent::CancellationRefunded { net, tax, .. } => (record.occurred_at.date_naive(), -*net, -*tax),
                     _ => continue,
                 };
                 let entry = revenue.entry((day, currency.clone())).or_default();
                 entry.0 += net;
                 entry.1 += tax;
             }
-            upsert(
-                tx,
-                "metrics_accounts",
-                &["account_id"],
-                &["account_id", "currency"],
-                &new_accounts,
-            )
-            .await?;
+            upsert(tx, "metrics_accounts", &["account_id"], &["account_id", "currency"], &new_accounts).await?;
             let rows: Vec<RevenueRow> = revenue
                 .into_iter()
-                .map(|((day, currency), (net, tax))| RevenueRow {
-                    day,
-                    currency,
-                    net,
-                    tax,
-                })
+                .map(|((day, currency), (net, tax))| RevenueRow { day, currency, net, tax })
                 .collect();
             if !rows.is_empty() {
                 sqlx::query(

@@ -12,11 +12,7 @@ pub trait Projection: Send + Sync {
     /// Applies a batch in the caller's transaction, writing unqualified table names (the
     /// transaction's search_path picks the schema). Applying a batch is a pure function of the
     /// rows it reads and the records.
-    fn apply<'a>(
-        &'a self,
-        tx: &'a mut PgConnection,
-        records: &'a [Record],
-    ) -> BoxFuture<'a, Result<(), sqlx::Error>>;
+    fn apply<'a>(&'a self, tx: &'a mut PgConnection, records: &'a [Record]) -> BoxFuture<'a, Result<(), sqlx::Error>>;
 }
 
 /// Every projection of the product.
@@ -32,7 +28,5 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
 }
 
 pub fn by_name(name: &str) -> Option<std::sync::Arc<dyn Projection>> {
-    all()
-        .into_iter()
-        .find(|projection| projection.name() == name)
+    all().into_iter().find(|projection| projection.name() == name)
 }

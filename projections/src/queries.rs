@@ -13,11 +13,7 @@ use crate::runner::ProjectionError;
 
 /// An account's figures as of `at` (domain time), from its stream in the log. `None` before the
 /// account's first money event.
-pub async fn balance_as_of(
-    pool: &PgPool,
-    account_id: AccountId,
-    at: DateTime<Utc>,
-) -> Result<Option<Figures>, ProjectionError> {
+pub async fn balance_as_of(pool: &PgPool, account_id: AccountId, at: DateTime<Utc>) -> Result<Option<Figures>, ProjectionError> {
     let mut figures = None;
     let mut after = 0i64;
     loop {
@@ -60,12 +56,15 @@ pub struct TrialBalance {
 
 /// Journal totals per ledger account, over everything or up to `as_of` (inclusive): whole days
 /// from the daily totals, the last day from its entries.
-pub async fn trial_balance(
-    pool: &PgPool,
-    as_of: Option<DateTime<Utc>>,
-) -> Result<TrialBalance, ProjectionError> {
+pub async fn trial_balance(pool: &PgPool, as_of: Option<DateTime<Utc>>) -> Result<TrialBalance, ProjectionError> {
     let rows: Vec<(String, Decimal, Decimal)> = match as_of {
-        None => sqlx::query_as("SELECT ledger_account, sum(debit), sum(credit) FROM rm.journal_totals GROUP BY ledger_account ORDER BY ledger_account").fetch_all(pool).await?,
+        None => {
+            sqlx::query_as(
+                "SELECT ledger_account, sum(debit), sum(credit) FROM rm.journal_totals GROUP BY ledger_account ORDER BY ledger_account",
+            )
+            .fetch_all(pool)
+            .await?
+        }
         Some(at) => {
             sqlx::query_as(
                 "SELECT account, sum(debit), sum(credit) FROM ( \
@@ -100,12 +99,12 @@ pub async fn trial_balance(
 }
 
 /// A digest of a table's content (every row as text, sorted), to compare two builds byte for byte.
-pub async fn table_digest(
-    pool: &PgPool,
-    schema: &str,
-    table: &str,
-) -> Result<String, ProjectionError> {
-    let digest: String = sqlx::query_scalar(&format!("SELECT md5(COALESCE(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM {schema}.{table} t")).fetch_one(pool).await?;
+pub async fn table_digest(pool: &PgPool, schema: &str, table: &str) -> Result<String, ProjectionError> {
+    let digest: String = sqlx::query_scalar(&format!(
+        "SELECT md5(COALESCE(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM {schema}.{table} t"
+    ))
+    .fetch_one(pool)
+    .await?;
     Ok(digest)
 }
 
@@ -121,14 +120,16 @@ pub struct ProjectionStatus {
 }
 
 pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, ProjectionError> {
-    let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head")
-        .fetch_one(pool)
-        .await?;
+    let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head").fetch_one(pool).await?;
     let mut statuses = Vec::new();
     for projection in crate::projection::all() {
         let name = projection.name();
         let position = ledger::checkpoint::load(pool, name).await?;
-        let row: Option<(i32, bool, i64)> = sqlx::query_as("SELECT generation, rebuilding, rebuild_position FROM projection_status WHERE name = $1").bind(name).fetch_optional(pool).await?;
+        let row: Option<(i32, bool, i64)> =
+            sqlx::query_as("SELECT generation, rebuilding, rebuild_position FROM projection_status WHERE name = $1")
+                .bind(name)
+                .fetch_optional(pool)
+                .await?;
         let (generation, rebuilding, rebuild_position) = row.unwrap_or((1, false, 0));
         statuses.push(ProjectionStatus {
             name: name.to_string(),

@@ -31,15 +31,11 @@ pub(crate) async fn prepare_side_schema(
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
         .execute(&mut *tx)
         .await?;
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut *tx).await?;
     for table in projection.tables() {
-        sqlx::query(&format!(
-            "CREATE TABLE {schema}.{table} (LIKE {LIVE_SCHEMA}.{table} INCLUDING ALL)"
-        ))
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(&format!("CREATE TABLE {schema}.{table} (LIKE {LIVE_SCHEMA}.{table} INCLUDING ALL)"))
+            .execute(&mut *tx)
+            .await?;
     }
     sqlx::query("DELETE FROM checkpoints WHERE name = $1")
         .bind(checkpoint)
@@ -73,9 +69,7 @@ pub async fn rebuild(
         let applied = run_batch(pool, projection, &schema, &checkpoint, BATCH_EVENTS, None).await?;
         events += applied as i64;
         let position = ledger::checkpoint::load(pool, &checkpoint).await?;
-        let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head")
-            .fetch_one(pool)
-            .await?;
+        let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head").fetch_one(pool).await?;
         progress(position, head);
         if last_status.elapsed() > Duration::from_millis(500) || applied == 0 {
             sqlx::query("UPDATE projection_status SET rebuild_position = $2 WHERE name = $1")
@@ -95,15 +89,7 @@ pub async fn rebuild(
     let mut tx = pool.begin().await?;
     ledger::checkpoint::lock(&mut tx, name).await?;
     loop {
-        let applied = apply_batch(
-            &mut tx,
-            projection,
-            &schema,
-            &checkpoint,
-            BATCH_EVENTS,
-            None,
-        )
-        .await?;
+        let applied = apply_batch(&mut tx, projection, &schema, &checkpoint, BATCH_EVENTS, None).await?;
         events += applied as i64;
         if applied == 0 {
             break;
@@ -114,14 +100,10 @@ pub async fn rebuild(
         .fetch_one(&mut *tx)
         .await?;
     for table in projection.tables() {
-        sqlx::query(&format!("DROP TABLE {LIVE_SCHEMA}.{table}"))
+        sqlx::query(&format!("DROP TABLE {LIVE_SCHEMA}.{table}")).execute(&mut *tx).await?;
+        sqlx::query(&format!("ALTER TABLE {schema}.{table} SET SCHEMA {LIVE_SCHEMA}"))
             .execute(&mut *tx)
             .await?;
-        sqlx::query(&format!(
-            "ALTER TABLE {schema}.{table} SET SCHEMA {LIVE_SCHEMA}"
-        ))
-        .execute(&mut *tx)
-        .await?;
         sqlx::query(&format!(
             "GRANT SELECT, INSERT, UPDATE, DELETE ON {LIVE_SCHEMA}.{table} TO billing_app"
         ))
@@ -137,9 +119,7 @@ pub async fn rebuild(
         .bind(&checkpoint)
         .execute(&mut *tx)
         .await?;
-    sqlx::query(&format!("DROP SCHEMA {schema}"))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(&format!("DROP SCHEMA {schema}")).execute(&mut *tx).await?;
     sqlx::query("UPDATE projection_status SET generation = generation + 1, rebuilding = FALSE, rebuild_position = $2, rebuilt_at = now() WHERE name = $1")
         .bind(name)
         .bind(position)

@@ -64,11 +64,7 @@ const COLUMNS: &[&str] = &[
 impl ServerRow {
     fn refresh(&mut self) {
         let server = &self.state.0;
-        self.status = server
-            .status()
-            .map(|s| s.as_str())
-            .unwrap_or("provisioning")
-            .to_string();
+        self.status = server.status().map(|s| s.as_str()).unwrap_or("provisioning").to_string();
         self.hostname = server.hostname.as_ref().map(|h| h.as_str().to_string());
         self.os_image = server.os_image.clone();
         self.provider_server_id = server.provider_server_id.clone();
@@ -79,15 +75,9 @@ impl ServerRow {
         self.cancellation_effective_at = server.cancellation.as_ref().map(|c| c.effective_at);
         // Billed in advance per slot: the next charge is at the start of the slot after the last
         // one charged, while the server is billable.
-        self.next_charge_at = match (
-            server.is_billable(),
-            self.last_charged_slot,
-            server.provisioned_at,
-        ) {
+        self.next_charge_at = match (server.is_billable(), self.last_charged_slot, server.provisioned_at) {
             (true, Some(last), _) => Some(last + Duration::hours(1)),
-            (true, None, Some(provisioned)) => {
-                Some(domain::HourSlot::containing(provisioned).end())
-            }
+            (true, None, Some(provisioned)) => Some(domain::HourSlot::containing(provisioned).end()),
             _ => None,
         };
     }
@@ -102,34 +92,27 @@ impl Projection for Servers {
         &["servers"]
     }
 
-    fn apply<'a>(
-        &'a self,
-        tx: &'a mut PgConnection,
-        records: &'a [Record],
-    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    fn apply<'a>(&'a self, tx: &'a mut PgConnection, records: &'a [Record]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
         Box::pin(async move {
             let ids: Vec<Uuid> = records
                 .iter()
                 .filter_map(|r| match &r.event {
                     Decoded::Server(id, _) => Some(id.0),
-                    Decoded::Account(
-                        _,
-                        AccountEvent::HourCharged { server_id, .. }
-                        | AccountEvent::HoldCaptured { server_id, .. },
-                    ) => Some(server_id.0),
+                    Decoded::Account(_, AccountEvent::HourCharged { server_id, .. } | AccountEvent::HoldCaptured { server_id, .. }) => {
+                        Some(server_id.0)
+                    }
                     _ => None,
                 })
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let mut rows: BTreeMap<Uuid, ServerRow> =
-                sqlx::query_as::<_, ServerRow>("SELECT * FROM servers WHERE server_id = ANY($1)")
-                    .bind(&ids)
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .into_iter()
-                    .map(|row| (row.server_id, row))
-                    .collect();
+            let mut rows: BTreeMap<Uuid, ServerRow> = sqlx::query_as::<_, ServerRow>("SELECT * FROM servers WHERE server_id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .map(|row| (row.server_id, row))
+                .collect();
             let mut changed = BTreeSet::new();
             for record in records {
                 match &record.event {
@@ -175,18 +158,7 @@ impl Projection for Servers {
                     }
                     Decoded::Account(
                         _,
-                        AccountEvent::HourCharged {
-                            server_id,
-                            slot,
-                            net,
-                            ..
-                        }
-                        | AccountEvent::HoldCaptured {
-                            server_id,
-                            slot,
-                            net,
-                            ..
-                        },
+                        AccountEvent::HourCharged { server_id, slot, net, .. } | AccountEvent::HoldCaptured { server_id, slot, net, .. },
                     ) => {
                         let Some(row) = rows.get_mut(&server_id.0) else {
                             continue;
@@ -194,26 +166,18 @@ impl Projection for Servers {
                         let month = slot.month().to_string();
                         if row.month.as_deref() == Some(month.as_str()) {
                             row.month_to_date_net += net;
-                        } else if row
-                            .month
-                            .as_deref()
-                            .is_none_or(|current| current < month.as_str())
-                        {
+                        } else if row.month.as_deref().is_none_or(|current| current < month.as_str()) {
                             row.month = Some(month);
                             row.month_to_date_net = *net;
                         }
-                        row.last_charged_slot = Some(
-                            row.last_charged_slot
-                                .map_or(slot.start(), |last| last.max(slot.start())),
-                        );
+                        row.last_charged_slot = Some(row.last_charged_slot.map_or(slot.start(), |last| last.max(slot.start())));
                         row.refresh();
                         changed.insert(server_id.0);
                     }
                     _ => {}
                 }
             }
-            let changed_rows: Vec<&ServerRow> =
-                changed.iter().filter_map(|id| rows.get(id)).collect();
+            let changed_rows: Vec<&ServerRow> = changed.iter().filter_map(|id| rows.get(id)).collect();
             upsert(tx, "servers", &["server_id"], COLUMNS, &changed_rows).await
         })
     }

@@ -40,13 +40,9 @@ const COLUMNS: &[&str] = &[
 
 /// The kind, signed wallet amount, server and reference of a money movement; `None` for events
 /// that move no money.
-pub fn movement(
-    event: &AccountEvent,
-) -> Option<(&'static str, Decimal, Option<Uuid>, Option<String>)> {
+pub fn movement(event: &AccountEvent) -> Option<(&'static str, Decimal, Option<Uuid>, Option<String>)> {
     Some(match event {
-        AccountEvent::TopUpSettled {
-            topup_id, amount, ..
-        } => ("topup", *amount, None, Some(topup_id.to_string())),
+        AccountEvent::TopUpSettled { topup_id, amount, .. } => ("topup", *amount, None, Some(topup_id.to_string())),
         AccountEvent::HoldCaptured {
             charge_id,
             server_id,
@@ -58,55 +54,23 @@ pub fn movement(
             server_id,
             gross,
             ..
-        } => (
-            "charge",
-            -*gross,
-            Some(server_id.0),
-            Some(charge_id.to_string()),
-        ),
+        } => ("charge", -*gross, Some(server_id.0), Some(charge_id.to_string())),
         AccountEvent::CancellationRefunded {
             charge_id,
             server_id,
             gross,
             ..
-        } => (
-            "cancellation_refund",
-            *gross,
-            Some(server_id.0),
-            Some(charge_id.to_string()),
-        ),
-        AccountEvent::ServiceCredited {
-            charge_id, amount, ..
-        } => ("service_credit", *amount, None, Some(charge_id.to_string())),
-        AccountEvent::CardRefundRequested {
-            refund_id, amount, ..
-        } => ("card_refund", -*amount, None, Some(refund_id.to_string())),
-        AccountEvent::CardRefundFailed {
-            refund_id, amount, ..
-        } => (
-            "card_refund_failed",
-            *amount,
-            None,
-            Some(refund_id.to_string()),
-        ),
-        AccountEvent::Adjusted {
-            adjustment_id,
-            amount,
-            ..
-        } => ("adjustment", *amount, None, Some(adjustment_id.to_string())),
-        AccountEvent::DisputeOpened {
-            dispute_id, amount, ..
-        } => ("dispute", -*amount, None, Some(dispute_id.to_string())),
+        } => ("cancellation_refund", *gross, Some(server_id.0), Some(charge_id.to_string())),
+        AccountEvent::ServiceCredited { charge_id, amount, .. } => ("service_credit", *amount, None, Some(charge_id.to_string())),
+        AccountEvent::CardRefundRequested { refund_id, amount, .. } => ("card_refund", -*amount, None, Some(refund_id.to_string())),
+        AccountEvent::CardRefundFailed { refund_id, amount, .. } => ("card_refund_failed", *amount, None, Some(refund_id.to_string())),
+        AccountEvent::Adjusted { adjustment_id, amount, .. } => ("adjustment", *amount, None, Some(adjustment_id.to_string())),
+        AccountEvent::DisputeOpened { dispute_id, amount, .. } => ("dispute", -*amount, None, Some(dispute_id.to_string())),
         AccountEvent::DisputeClosed {
             dispute_id,
             amount_returned,
             ..
-        } if !amount_returned.is_zero() => (
-            "dispute_won",
-            *amount_returned,
-            None,
-            Some(dispute_id.to_string()),
-        ),
+        } if !amount_returned.is_zero() => ("dispute_won", *amount_returned, None, Some(dispute_id.to_string())),
         _ => return None,
     })
 }
@@ -120,20 +84,14 @@ impl Projection for Statement {
         &["statement"]
     }
 
-    fn apply<'a>(
-        &'a self,
-        tx: &'a mut PgConnection,
-        records: &'a [Record],
-    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    fn apply<'a>(&'a self, tx: &'a mut PgConnection, records: &'a [Record]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
         Box::pin(async move {
             let mut rows = Vec::new();
             for record in records {
                 let Decoded::Account(account_id, event) = &record.event else {
                     continue;
                 };
-                let (Some((kind, amount, server_id, reference)), Some(figures)) =
-                    (movement(event), crate::figures_of(event))
-                else {
+                let (Some((kind, amount, server_id, reference)), Some(figures)) = (movement(event), crate::figures_of(event)) else {
                     continue;
                 };
                 rows.push(StatementRow {

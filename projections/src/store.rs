@@ -52,7 +52,10 @@ pub async fn insert_new<T: Serialize>(
         return Ok(());
     }
     let list = columns.join(", ");
-    let sql = format!("INSERT INTO {table} ({list}) SELECT {list} FROM jsonb_populate_recordset(NULL::{table}, $1) ON CONFLICT ({}) DO NOTHING", key.join(", "));
+    let sql = format!(
+        "INSERT INTO {table} ({list}) SELECT {list} FROM jsonb_populate_recordset(NULL::{table}, $1) ON CONFLICT ({}) DO NOTHING",
+        key.join(", ")
+    );
     sqlx::query(&sql)
         .bind(serde_json::to_value(rows).expect("rows serialise"))
         .execute(tx)

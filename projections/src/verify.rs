@@ -29,41 +29,18 @@ pub struct ProjectionCheck {
     pub differences: Vec<Difference>,
 }
 
-pub async fn verify(
-    pool: &PgPool,
-    projection: &dyn Projection,
-) -> Result<ProjectionCheck, ProjectionError> {
+pub async fn verify(pool: &PgPool, projection: &dyn Projection) -> Result<ProjectionCheck, ProjectionError> {
     let name = projection.name();
     let schema = format!("rm_verify_{name}");
     let checkpoint = format!("{name}@verify");
     prepare_side_schema(pool, projection, &schema, &checkpoint).await?;
     let target = ledger::checkpoint::load(pool, name).await?;
-    while run_batch(
-        pool,
-        projection,
-        &schema,
-        &checkpoint,
-        BATCH_EVENTS,
-        Some(target),
-    )
-    .await?
-        > 0
-    {}
+    while run_batch(pool, projection, &schema, &checkpoint, BATCH_EVENTS, Some(target)).await? > 0 {}
 
     // Hold the live checkpoint still while the last events are replayed and the tables compared.
     let mut tx = pool.begin().await?;
     let position = ledger::checkpoint::lock(&mut tx, name).await?;
-    while apply_batch(
-        &mut tx,
-        projection,
-        &schema,
-        &checkpoint,
-        BATCH_EVENTS,
-        Some(position),
-    )
-    .await?
-        > 0
-    {}
+    while apply_batch(&mut tx, projection, &schema, &checkpoint, BATCH_EVENTS, Some(position)).await? > 0 {}
     let mut differences = Vec::new();
     for table in projection.tables() {
         let key: Vec<String> = sqlx::query_scalar(
@@ -73,11 +50,7 @@ pub async fn verify(
         .bind(format!("{LIVE_SCHEMA}.{table}"))
         .fetch_all(&mut *tx)
         .await?;
-        let key_text = key
-            .iter()
-            .map(|column| format!("t.{column}::text"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let key_text = key.iter().map(|column| format!("t.{column}::text")).collect::<Vec<_>>().join(", ");
         let live = format!("{LIVE_SCHEMA}.{table}");
         let replayed = format!("{schema}.{table}");
         let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(&format!(
@@ -96,9 +69,7 @@ pub async fn verify(
             replayed,
         }));
     }
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut *tx).await?;
     sqlx::query("DELETE FROM checkpoints WHERE name = $1")
         .bind(&checkpoint)
         .execute(&mut *tx)

@@ -74,11 +74,7 @@ impl Caller {
         }
     }
 
-    pub fn metadata(
-        &self,
-        request_id: Option<String>,
-        idempotency_key: Option<String>,
-    ) -> crate::handler::Metadata {
+    pub fn metadata(&self, request_id: Option<String>, idempotency_key: Option<String>) -> crate::handler::Metadata {
         crate::handler::Metadata {
             actor_kind: self.role.as_str().to_string(),
             actor_id: self
@@ -100,37 +96,25 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 pub fn new_token() -> String {
     let mut bytes = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut bytes);
-    format!(
-        "bl_{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    format!("bl_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 /// Stores a key for `token` (creating it unless it exists).
-pub async fn store_key(
-    pool: &PgPool,
-    token: &str,
-    role: Role,
-    account_id: Option<AccountId>,
-    label: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO api_keys (token_sha256, role, account_id, label) VALUES ($1, $2, $3, $4) ON CONFLICT (token_sha256) DO NOTHING")
-        .bind(token_hash(token).to_vec())
-        .bind(role.as_str())
-        .bind(account_id.map(|id| id.0))
-        .bind(label)
-        .execute(pool)
-        .await?;
+pub async fn store_key(pool: &PgPool, token: &str, role: Role, account_id: Option<AccountId>, label: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO api_keys (token_sha256, role, account_id, label) VALUES ($1, $2, $3, $4) ON CONFLICT (token_sha256) DO NOTHING",
+    )
+    .bind(token_hash(token).to_vec())
+    .bind(role.as_str())
+    .bind(account_id.map(|id| id.0))
+    .bind(label)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
 /// Creates a key with a fresh token; the token is returned once and never stored.
-pub async fn create_key(
-    pool: &PgPool,
-    role: Role,
-    account_id: Option<AccountId>,
-    label: &str,
-) -> Result<String, sqlx::Error> {
+pub async fn create_key(pool: &PgPool, role: Role, account_id: Option<AccountId>, label: &str) -> Result<String, sqlx::Error> {
     let token = new_token();
     store_key(pool, &token, role, account_id, label).await?;
     Ok(token)
@@ -150,19 +134,14 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|value| value.strip_prefix("Bearer "))
             .map(str::trim)
             .filter(|token| !token.is_empty() && token.len() <= 200)
-            .ok_or_else(|| {
-                ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
-            })?;
+            .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?;
         let hash = token_hash(token);
-        let row: Option<(String, Option<Uuid>)> =
-            sqlx::query_as("SELECT role, account_id FROM api_keys WHERE token_sha256 = $1")
-                .bind(hash.to_vec())
-                .fetch_optional(&state.pool)
-                .await?;
+        let row: Option<(String, Option<Uuid>)> = sqlx::query_as("SELECT role, account_id FROM api_keys WHERE token_sha256 = $1")
+            .bind(hash.to_vec())
+            .fetch_optional(&state.pool)
+            .await?;
         let (role, account_id) = row.ok_or_else(|| ApiError::unauthorized("unknown token"))?;
-        let role = Role::parse(&role).ok_or_else(|| {
-            ApiError::internal(format!("api_keys holds an unknown role {role:?}"))
-        })?;
+        let role = Role::parse(&role).ok_or_else(|| ApiError::internal(format!("api_keys holds an unknown role {role:?}")))?;
         Ok(Caller {
             role,
             account_id: account_id.map(AccountId),

@@ -28,12 +28,7 @@ struct Problem<'a> {
 }
 
 impl ApiError {
-    pub fn new(
-        status: StatusCode,
-        slug: &'static str,
-        title: &'static str,
-        detail: impl Into<String>,
-    ) -> ApiError {
+    pub fn new(status: StatusCode, slug: &'static str, title: &'static str, detail: impl Into<String>) -> ApiError {
         ApiError {
             status,
             slug,
@@ -46,31 +41,16 @@ impl ApiError {
     pub fn invalid(field: &'static str, detail: impl Into<String>) -> ApiError {
         ApiError {
             field: Some(field),
-            ..ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid-field",
-                "A field is invalid",
-                detail,
-            )
+            ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-field", "A field is invalid", detail)
         }
     }
 
     pub fn not_found(what: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            "Not found",
-            format!("no such {what}"),
-        )
+        ApiError::new(StatusCode::NOT_FOUND, "not-found", "Not found", format!("no such {what}"))
     }
 
     pub fn unauthorized(detail: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "Authentication required",
-            detail,
-        )
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "Authentication required", detail)
     }
 
     pub fn forbidden() -> ApiError {
@@ -113,21 +93,14 @@ impl IntoResponse for ApiError {
             field: self.field,
         };
         let body = serde_json::to_vec(&problem).expect("a problem serialises");
-        (
-            self.status,
-            [(header::CONTENT_TYPE, "application/problem+json")],
-            body,
-        )
-            .into_response()
+        (self.status, [(header::CONTENT_TYPE, "application/problem+json")], body).into_response()
     }
 }
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> ApiError {
         match error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                ApiError::unavailable(error)
-            }
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => ApiError::unavailable(error),
             other => ApiError::internal(other),
         }
     }
@@ -147,43 +120,29 @@ impl From<FlowError> for ApiError {
         use domain::account::AccountError as A;
         use domain::server::ServerError as S;
         let detail = error.to_string();
-        let conflict = |detail: String| {
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                "Conflicts with the current state",
-                detail,
-            )
-        };
+        let conflict = |detail: String| ApiError::new(StatusCode::CONFLICT, "conflict", "Conflicts with the current state", detail);
         match error {
-            FlowError::Account(A::InsufficientFunds { .. }) => ApiError::new(
-                StatusCode::PAYMENT_REQUIRED,
-                "insufficient-funds",
-                "Insufficient funds",
-                detail,
-            ),
+            FlowError::Account(A::InsufficientFunds { .. }) => {
+                ApiError::new(StatusCode::PAYMENT_REQUIRED, "insufficient-funds", "Insufficient funds", detail)
+            }
             FlowError::Account(A::Invalid { field, .. }) => ApiError::invalid(field, detail),
             FlowError::Account(A::NotOpen) => ApiError::not_found("account"),
             FlowError::Account(A::UnknownCharge(_)) => ApiError::not_found("charge"),
             FlowError::Account(A::UnknownTopUp(_)) => ApiError::not_found("top-up"),
-            FlowError::Account(A::RefundExceedsCharge { .. } | A::RefundExceedsTopUp { .. }) => {
-                ApiError::invalid("amount", detail)
-            }
+            FlowError::Account(A::RefundExceedsCharge { .. } | A::RefundExceedsTopUp { .. }) => ApiError::invalid("amount", detail),
             FlowError::Account(_) => conflict(detail),
             FlowError::Server(S::NotFound) => ApiError::not_found("server"),
             FlowError::Server(S::Invalid(_)) => ApiError::invalid("os_image", detail),
             FlowError::Server(_) | FlowError::Order(_) | FlowError::Invoice(_) => conflict(detail),
-            FlowError::Catalog(
-                domain::CatalogError::UnknownPlan(_) | domain::CatalogError::PlanRetired(_),
-            ) => ApiError::invalid("plan_id", detail),
+            FlowError::Catalog(domain::CatalogError::UnknownPlan(_) | domain::CatalogError::PlanRetired(_)) => {
+                ApiError::invalid("plan_id", detail)
+            }
             FlowError::Catalog(_) => conflict(detail),
             FlowError::TopUp(domain::topup::TopUpError::NotFound) => ApiError::not_found("top-up"),
             FlowError::TopUp(_) => conflict(detail),
             FlowError::NotFound(what) => ApiError::not_found(what),
             FlowError::Invalid { field, .. } => ApiError::invalid(field, detail),
-            FlowError::Contended { .. } => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "contended", "Busy", detail)
-            }
+            FlowError::Contended { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "contended", "Busy", detail),
             FlowError::Storage(crate::handler::StorageError::Read(error)) => error.into(),
             FlowError::Storage(other) => ApiError::internal(other),
         }

@@ -32,10 +32,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/webhooks/stripe", post(stripe_webhook))
         .route("/v1/servers/{id}/setup", post(setup_server))
         .route("/v1/servers/{id}/power", post(power_server))
-        .route(
-            "/v1/servers/{id}/cancellation",
-            post(cancel_server).delete(revoke_cancellation),
-        )
+        .route("/v1/servers/{id}/cancellation", post(cancel_server).delete(revoke_cancellation))
         .route("/v1/admin/accounts/{id}/adjustments", post(adjust))
         .route("/v1/admin/projections", get(projection_status))
         .route("/v1/ledger/trial-balance", get(trial_balance))
@@ -84,16 +81,12 @@ impl<S: Send + Sync> FromRequest<S> for Body {
                 "JSON expected",
                 "set Content-Type: application/json",
             )),
-            Err(JsonRejection::BytesRejection(error))
-                if error.status() == StatusCode::PAYLOAD_TOO_LARGE =>
-            {
-                Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too-large",
-                    "Body too large",
-                    format!("bodies are at most {BODY_BYTES_MAX} bytes"),
-                ))
-            }
+            Err(JsonRejection::BytesRejection(error)) if error.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                "Body too large",
+                format!("bodies are at most {BODY_BYTES_MAX} bytes"),
+            )),
             Err(error) => Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "malformed",
@@ -108,21 +101,13 @@ impl Body {
     fn string(&self, field: &'static str) -> Result<&str, ApiError> {
         match self.0.get(field) {
             Some(Value::String(text)) => Ok(text),
-            Some(_) => Err(ApiError::invalid(
-                field,
-                format!("{field} must be a string"),
-            )),
+            Some(_) => Err(ApiError::invalid(field, format!("{field} must be a string"))),
             None => Err(ApiError::invalid(field, format!("{field} is required"))),
         }
     }
 
     /// An amount written as a JSON string; a JSON number is refused, so no float ever carries money.
-    fn amount(
-        &self,
-        field: &'static str,
-        currency: Currency,
-        signed: bool,
-    ) -> Result<Decimal, ApiError> {
+    fn amount(&self, field: &'static str, currency: Currency, signed: bool) -> Result<Decimal, ApiError> {
         let text = match self.0.get(field) {
             Some(Value::String(text)) => text,
             Some(Value::Number(_)) => {
@@ -131,12 +116,7 @@ impl Body {
                     format!("{field} must be a string such as \"25.00\", not a JSON number"),
                 ))
             }
-            Some(_) => {
-                return Err(ApiError::invalid(
-                    field,
-                    format!("{field} must be a string such as \"25.00\""),
-                ))
-            }
+            Some(_) => return Err(ApiError::invalid(field, format!("{field} must be a string such as \"25.00\""))),
             None => return Err(ApiError::invalid(field, format!("{field} is required"))),
         };
         let parsed = if signed {
@@ -152,9 +132,7 @@ impl Body {
 
 /// Amounts as strings: exact, with at least the currency's minor digits (`25.00`, `0.022603`).
 pub fn money_text(amount: Decimal, currency: &str) -> String {
-    let digits = Currency::parse(currency)
-        .map(|c| c.minor_unit_digits())
-        .unwrap_or(2);
+    let digits = Currency::parse(currency).map(|c| c.minor_unit_digits()).unwrap_or(2);
     let mut amount = amount.normalize();
     if amount.scale() < digits {
         amount.rescale(digits);
@@ -175,9 +153,7 @@ fn request_id(headers: &HeaderMap) -> Option<String> {
 
 /// Waits until the read models have passed the command's writes, so a response reflects them.
 async fn read_your_writes(state: &AppState) -> Result<(), ApiError> {
-    projections::runner::catch_up_all(&state.pool)
-        .await
-        .map_err(ApiError::from)
+    projections::runner::catch_up_all(&state.pool).await.map_err(ApiError::from)
 }
 
 async fn healthz() -> &'static str {
@@ -207,7 +183,10 @@ async fn plans(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
                 .iter()
                 .map(|(currency, monthly)| {
                     let hourly = domain::billing::rate_per_hour(*monthly);
-                    (currency.code().to_string(), json!({"monthly": money_text(*monthly, currency.code()), "hourly": money_text(hourly, currency.code())}))
+                    (
+                        currency.code().to_string(),
+                        json!({"monthly": money_text(*monthly, currency.code()), "hourly": money_text(hourly, currency.code())}),
+                    )
                 })
                 .collect();
             json!({"id": spec.id.as_str(), "vcpu": spec.vcpu, "ram_gb": spec.ram_gb, "disk_gb": spec.disk_gb, "prices": prices})
@@ -225,10 +204,8 @@ async fn open_account(
     caller.require(&[Role::Admin])?;
     let name = body.string("name")?;
     let email = body.string("email")?;
-    let currency = Currency::parse(body.string("currency")?)
-        .map_err(|error| ApiError::invalid("currency", error.to_string()))?;
-    let country = Country::parse(body.string("country")?)
-        .map_err(|error| ApiError::invalid("country", error.reason))?;
+    let currency = Currency::parse(body.string("currency")?).map_err(|error| ApiError::invalid("currency", error.to_string()))?;
+    let country = Country::parse(body.string("country")?).map_err(|error| ApiError::invalid("country", error.reason))?;
     let account_id = AccountId::new();
     state
         .flows
@@ -251,11 +228,7 @@ struct SearchQuery {
     limit: Option<i64>,
 }
 
-async fn search_accounts(
-    State(state): State<AppState>,
-    caller: Caller,
-    Query(query): Query<SearchQuery>,
-) -> Result<Json<Value>, ApiError> {
+async fn search_accounts(State(state): State<AppState>, caller: Caller, Query(query): Query<SearchQuery>) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::Admin, Role::Finance])?;
     let limit = query.limit.unwrap_or(50).clamp(1, 200);
     let pattern = format!(
@@ -268,14 +241,14 @@ async fn search_accounts(
             .replace('%', "\\%")
             .replace('_', "\\_")
     );
-    let rows: Vec<projections::balances::BalanceRow> = sqlx::query_as("SELECT * FROM rm.balances WHERE lower(name) LIKE $1 OR lower(email) LIKE $1 ORDER BY lower(name), account_id LIMIT $2")
-        .bind(pattern)
-        .bind(limit)
-        .fetch_all(&state.pool)
-        .await?;
-    Ok(Json(
-        json!({"items": rows.iter().map(account_json).collect::<Vec<_>>()}),
-    ))
+    let rows: Vec<projections::balances::BalanceRow> = sqlx::query_as(
+        "SELECT * FROM rm.balances WHERE lower(name) LIKE $1 OR lower(email) LIKE $1 ORDER BY lower(name), account_id LIMIT $2",
+    )
+    .bind(pattern)
+    .bind(limit)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(json!({"items": rows.iter().map(account_json).collect::<Vec<_>>()})))
 }
 
 fn account_json(row: &projections::balances::BalanceRow) -> Value {
@@ -302,10 +275,7 @@ struct AsOfQuery {
     as_of: Option<String>,
 }
 
-async fn load_account(
-    state: &AppState,
-    account_id: AccountId,
-) -> Result<projections::balances::BalanceRow, ApiError> {
+async fn load_account(state: &AppState, account_id: AccountId) -> Result<projections::balances::BalanceRow, ApiError> {
     sqlx::query_as("SELECT * FROM rm.balances WHERE account_id = $1")
         .bind(account_id.0)
         .fetch_optional(&state.pool)
@@ -329,9 +299,7 @@ async fn get_account(
         .map_err(|_| ApiError::invalid("as_of", format!("{as_of:?} is not an RFC 3339 instant")))?
         .to_utc();
     let figures = projections::queries::balance_as_of(&state.pool, account_id, instant).await?;
-    let (balance, reserved, available) = figures
-        .map(|f| (f.balance, f.reserved, f.available))
-        .unwrap_or_default();
+    let (balance, reserved, available) = figures.map(|f| (f.balance, f.reserved, f.available)).unwrap_or_default();
     Ok(Json(json!({
         "id": row.account_id,
         "name": row.name,
@@ -354,8 +322,7 @@ async fn create_api_key(
     caller.require(&[Role::Admin])?;
     let account_id = parse_account_id(&id)?;
     load_account(&state, account_id).await?;
-    let role = Role::parse(body.string("role")?)
-        .ok_or_else(|| ApiError::invalid("role", "role is one of customer, finance, admin"))?;
+    let role = Role::parse(body.string("role")?).ok_or_else(|| ApiError::invalid("role", "role is one of customer, finance, admin"))?;
     let token = create_key(
         &state.pool,
         role,
@@ -389,17 +356,18 @@ async fn transactions(
     let account = load_account(&state, account_id).await?;
     let after: i64 = match page.cursor.as_deref() {
         None | Some("") => 0,
-        Some(cursor) => cursor.parse().map_err(|_| {
-            ApiError::invalid("cursor", "cursor is the next_cursor of an earlier page")
-        })?,
+        Some(cursor) => cursor
+            .parse()
+            .map_err(|_| ApiError::invalid("cursor", "cursor is the next_cursor of an earlier page"))?,
     };
     let limit = page.limit.unwrap_or(50).clamp(1, PAGE_MAX);
-    let rows: Vec<projections::statement::StatementRow> = sqlx::query_as("SELECT * FROM rm.statement WHERE account_id = $1 AND position > $2 ORDER BY position LIMIT $3")
-        .bind(account_id.0)
-        .bind(after)
-        .bind(limit + 1)
-        .fetch_all(&state.pool)
-        .await?;
+    let rows: Vec<projections::statement::StatementRow> =
+        sqlx::query_as("SELECT * FROM rm.statement WHERE account_id = $1 AND position > $2 ORDER BY position LIMIT $3")
+            .bind(account_id.0)
+            .bind(after)
+            .bind(limit + 1)
+            .fetch_all(&state.pool)
+            .await?;
     let more = rows.len() as i64 > limit;
     let items: Vec<Value> = rows
         .iter()
@@ -448,47 +416,33 @@ fn server_json(row: &projections::servers::ServerRow, now: DateTime<Utc>, curren
     })
 }
 
-async fn account_servers(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn account_servers(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let account_id = parse_account_id(&id)?;
     caller.may_read(account_id)?;
     let account = load_account(&state, account_id).await?;
-    let rows: Vec<projections::servers::ServerRow> = sqlx::query_as(
-        "SELECT * FROM rm.servers WHERE account_id = $1 ORDER BY created_at, server_id LIMIT 1000",
-    )
-    .bind(account_id.0)
-    .fetch_all(&state.pool)
-    .await?;
+    let rows: Vec<projections::servers::ServerRow> =
+        sqlx::query_as("SELECT * FROM rm.servers WHERE account_id = $1 ORDER BY created_at, server_id LIMIT 1000")
+            .bind(account_id.0)
+            .fetch_all(&state.pool)
+            .await?;
     let now = state.clock.now();
     Ok(Json(
         json!({"items": rows.iter().map(|row| server_json(row, now, &account.currency)).collect::<Vec<_>>(), "next_cursor": Value::Null}),
     ))
 }
 
-async fn get_server(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn get_server(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let server_id = ServerId::parse(&id).map_err(|_| ApiError::not_found("server"))?;
-    let row: projections::servers::ServerRow =
-        sqlx::query_as("SELECT * FROM rm.servers WHERE server_id = $1")
-            .bind(server_id.0)
-            .fetch_optional(&state.pool)
-            .await?
-            .ok_or_else(|| ApiError::not_found("server"))?;
+    let row: projections::servers::ServerRow = sqlx::query_as("SELECT * FROM rm.servers WHERE server_id = $1")
+        .bind(server_id.0)
+        .fetch_optional(&state.pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found("server"))?;
     caller
         .may_read(AccountId(row.account_id))
         .map_err(|_| ApiError::not_found("server"))?;
     let account = load_account(&state, AccountId(row.account_id)).await?;
-    Ok(Json(server_json(
-        &row,
-        state.clock.now(),
-        &account.currency,
-    )))
+    Ok(Json(server_json(&row, state.clock.now(), &account.currency)))
 }
 
 async fn adjust(
@@ -506,12 +460,7 @@ async fn adjust(
     let reason = body.string("reason")?;
     let adjustment_id = state
         .flows
-        .adjust(
-            account_id,
-            amount,
-            reason,
-            &caller.metadata(request_id(&headers), None),
-        )
+        .adjust(account_id, amount, reason, &caller.metadata(request_id(&headers), None))
         .await?;
     read_your_writes(&state).await?;
     let account = load_account(&state, account_id).await?;
@@ -521,34 +470,27 @@ async fn adjust(
     ))
 }
 
-async fn projection_status(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Value>, ApiError> {
+async fn projection_status(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::Admin])?;
-    Ok(Json(
-        json!({"items": projections::queries::status(&state.pool).await?}),
-    ))
+    Ok(Json(json!({"items": projections::queries::status(&state.pool).await?})))
 }
 
-async fn trial_balance(
-    State(state): State<AppState>,
-    caller: Caller,
-    Query(query): Query<AsOfQuery>,
-) -> Result<Json<Value>, ApiError> {
+async fn trial_balance(State(state): State<AppState>, caller: Caller, Query(query): Query<AsOfQuery>) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::Admin, Role::Finance])?;
     let as_of = match query.as_of {
         None => None,
         Some(text) => Some(
             DateTime::parse_from_rfc3339(&text)
-                .map_err(|_| {
-                    ApiError::invalid("as_of", format!("{text:?} is not an RFC 3339 instant"))
-                })?
+                .map_err(|_| ApiError::invalid("as_of", format!("{text:?} is not an RFC 3339 instant")))?
                 .to_utc(),
         ),
     };
     let books = projections::queries::trial_balance(&state.pool, as_of).await?;
-    let accounts: Vec<Value> = books.accounts.iter().map(|line| json!({"account": line.account, "debit": line.debit.to_string(), "credit": line.credit.to_string()})).collect();
+    let accounts: Vec<Value> = books
+        .accounts
+        .iter()
+        .map(|line| json!({"account": line.account, "debit": line.debit.to_string(), "credit": line.credit.to_string()}))
+        .collect();
     Ok(Json(
         json!({"as_of": books.as_of, "accounts": accounts, "total_debit": books.total_debit.to_string(), "total_credit": books.total_credit.to_string()}),
     ))
@@ -561,11 +503,7 @@ struct EventsQuery {
     stream: Option<String>,
 }
 
-async fn ledger_events(
-    State(state): State<AppState>,
-    caller: Caller,
-    Query(query): Query<EventsQuery>,
-) -> Result<Json<Value>, ApiError> {
+async fn ledger_events(State(state): State<AppState>, caller: Caller, Query(query): Query<EventsQuery>) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::Admin, Role::Finance])?;
     let after = query.after.unwrap_or(0).max(0);
     let limit = query.limit.unwrap_or(100).clamp(1, 1_000);
@@ -584,9 +522,7 @@ async fn ledger_events(
         }
         None => ledger::log::read_after(&state.pool, after, limit).await?,
     };
-    let next_cursor = (events.len() == limit)
-        .then(|| events.last().map(|event| event.position))
-        .flatten();
+    let next_cursor = (events.len() == limit).then(|| events.last().map(|event| event.position)).flatten();
     Ok(Json(json!({"items": events, "next_cursor": next_cursor})))
 }
 
@@ -595,31 +531,19 @@ async fn dev_clock_now(State(state): State<AppState>) -> Json<Value> {
 }
 
 async fn dev_clock(State(state): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
-    let clock = state
-        .dev_clock
-        .as_ref()
-        .ok_or_else(|| ApiError::not_found("route"))?;
+    let clock = state.dev_clock.as_ref().ok_or_else(|| ApiError::not_found("route"))?;
     let now = match (body.0.get("now"), body.0.get("advance_seconds")) {
         (Some(Value::String(text)), None) => {
             let instant = DateTime::parse_from_rfc3339(text)
-                .map_err(|_| {
-                    ApiError::invalid("now", format!("{text:?} is not an RFC 3339 instant"))
-                })?
+                .map_err(|_| ApiError::invalid("now", format!("{text:?} is not an RFC 3339 instant")))?
                 .to_utc();
-            clock
-                .set(instant)
-                .map_err(|error| ApiError::invalid("now", error.to_string()))?
+            clock.set(instant).map_err(|error| ApiError::invalid("now", error.to_string()))?
         }
         (None, Some(Value::Number(seconds))) => {
             let seconds = seconds
                 .as_i64()
                 .filter(|s| (0..=366 * 24 * 3600).contains(s))
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        "advance_seconds",
-                        "a whole number of seconds from 0 to a year",
-                    )
-                })?;
+                .ok_or_else(|| ApiError::invalid("advance_seconds", "a whole number of seconds from 0 to a year"))?;
             clock
                 .advance(chrono::Duration::seconds(seconds))
                 .map_err(|error| ApiError::invalid("advance_seconds", error.to_string()))?
@@ -645,10 +569,8 @@ async fn place_order(
     let account_id = parse_account_id(&id)?;
     caller.may_act_as_owner(account_id)?;
     load_account(&state, account_id).await?;
-    let plan_id = domain::PlanId::parse(body.string("plan_id")?)
-        .map_err(|error| ApiError::invalid("plan_id", error.reason))?;
-    let location = domain::Location::parse(body.string("location")?)
-        .map_err(|error| ApiError::invalid("location", error.reason))?;
+    let plan_id = domain::PlanId::parse(body.string("plan_id")?).map_err(|error| ApiError::invalid("plan_id", error.reason))?;
+    let location = domain::Location::parse(body.string("location")?).map_err(|error| ApiError::invalid("location", error.reason))?;
     let (order_id, server_id) = (domain::OrderId::new(), ServerId::new());
     state
         .flows
@@ -674,43 +596,31 @@ async fn place_order(
 }
 
 /// The server, if the caller is its account's customer.
-async fn owned_server(
-    state: &AppState,
-    caller: &Caller,
-    id: &str,
-) -> Result<projections::servers::ServerRow, ApiError> {
+async fn owned_server(state: &AppState, caller: &Caller, id: &str) -> Result<projections::servers::ServerRow, ApiError> {
     let server_id = ServerId::parse(id).map_err(|_| ApiError::not_found("server"))?;
-    let row: projections::servers::ServerRow =
-        sqlx::query_as("SELECT * FROM rm.servers WHERE server_id = $1")
-            .bind(server_id.0)
-            .fetch_optional(&state.pool)
-            .await?
-            .ok_or_else(|| ApiError::not_found("server"))?;
-    caller
-        .may_act_as_owner(AccountId(row.account_id))
-        .map_err(|error| {
-            if error.status == StatusCode::NOT_FOUND {
-                ApiError::not_found("server")
-            } else {
-                error
-            }
-        })?;
+    let row: projections::servers::ServerRow = sqlx::query_as("SELECT * FROM rm.servers WHERE server_id = $1")
+        .bind(server_id.0)
+        .fetch_optional(&state.pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found("server"))?;
+    caller.may_act_as_owner(AccountId(row.account_id)).map_err(|error| {
+        if error.status == StatusCode::NOT_FOUND {
+            ApiError::not_found("server")
+        } else {
+            error
+        }
+    })?;
     Ok(row)
 }
 
 async fn server_response(state: &AppState, server_id: uuid::Uuid) -> Result<Json<Value>, ApiError> {
     read_your_writes(state).await?;
-    let row: projections::servers::ServerRow =
-        sqlx::query_as("SELECT * FROM rm.servers WHERE server_id = $1")
-            .bind(server_id)
-            .fetch_one(&state.pool)
-            .await?;
+    let row: projections::servers::ServerRow = sqlx::query_as("SELECT * FROM rm.servers WHERE server_id = $1")
+        .bind(server_id)
+        .fetch_one(&state.pool)
+        .await?;
     let account = load_account(state, AccountId(row.account_id)).await?;
-    Ok(Json(server_json(
-        &row,
-        state.clock.now(),
-        &account.currency,
-    )))
+    Ok(Json(server_json(&row, state.clock.now(), &account.currency)))
 }
 
 async fn setup_server(
@@ -722,8 +632,7 @@ async fn setup_server(
 ) -> Result<Json<Value>, ApiError> {
     let row = owned_server(&state, &caller, &id).await?;
     let os_image = body.string("os_image")?;
-    let hostname = domain::Hostname::parse(body.string("hostname")?)
-        .map_err(|error| ApiError::invalid("hostname", error.reason))?;
+    let hostname = domain::Hostname::parse(body.string("hostname")?).map_err(|error| ApiError::invalid("hostname", error.reason))?;
     state
         .flows
         .setup(
@@ -757,11 +666,7 @@ async fn power_server(
     };
     state
         .flows
-        .power(
-            ServerId(row.server_id),
-            action,
-            &caller.metadata(request_id(&headers), None),
-        )
+        .power(ServerId(row.server_id), action, &caller.metadata(request_id(&headers), None))
         .await?;
     server_response(&state, row.server_id).await
 }
@@ -777,20 +682,11 @@ async fn cancel_server(
     let mode = match body.string("mode")? {
         "grace" => domain::server::CancellationMode::Grace,
         "immediate" => domain::server::CancellationMode::Immediate,
-        other => {
-            return Err(ApiError::invalid(
-                "mode",
-                format!("{other:?} is not one of grace, immediate"),
-            ))
-        }
+        other => return Err(ApiError::invalid("mode", format!("{other:?} is not one of grace, immediate"))),
     };
     state
         .flows
-        .cancel(
-            ServerId(row.server_id),
-            mode,
-            &caller.metadata(request_id(&headers), None),
-        )
+        .cancel(ServerId(row.server_id), mode, &caller.metadata(request_id(&headers), None))
         .await?;
     server_response(&state, row.server_id).await
 }
@@ -804,10 +700,7 @@ async fn revoke_cancellation(
     let row = owned_server(&state, &caller, &id).await?;
     state
         .flows
-        .revoke_cancellation(
-            ServerId(row.server_id),
-            &caller.metadata(request_id(&headers), None),
-        )
+        .revoke_cancellation(ServerId(row.server_id), &caller.metadata(request_id(&headers), None))
         .await?;
     server_response(&state, row.server_id).await
 }
@@ -854,11 +747,7 @@ async fn request_topup(
     ))
 }
 
-async fn stripe_webhook(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+async fn stripe_webhook(State(state): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Json<Value>, ApiError> {
     let secret = state.webhook_secret.as_deref().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -867,26 +756,12 @@ async fn stripe_webhook(
             "STRIPE_WEBHOOK_SECRET is not set",
         )
     })?;
-    let signature = headers
-        .get("stripe-signature")
-        .and_then(|value| value.to_str().ok());
+    let signature = headers.get("stripe-signature").and_then(|value| value.to_str().ok());
     // Signatures are checked against real time, whatever the dev clock says.
-    crate::stripe::verify(secret, signature, &body, Utc::now()).map_err(|error| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad-signature",
-            "Bad webhook signature",
-            error.to_string(),
-        )
-    })?;
-    let event: crate::stripe::Event = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed",
-            "Malformed event",
-            error.to_string(),
-        )
-    })?;
+    crate::stripe::verify(secret, signature, &body, Utc::now())
+        .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, "bad-signature", "Bad webhook signature", error.to_string()))?;
+    let event: crate::stripe::Event = serde_json::from_slice(&body)
+        .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, "malformed", "Malformed event", error.to_string()))?;
     if !crate::stripe::valid_event_id(&event.id) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -901,14 +776,9 @@ async fn stripe_webhook(
             let topup_id = domain::TopUpId::parse(&checkout.topup_reference).ok();
             let amount = match (
                 checkout.amount_minor,
-                checkout
-                    .currency
-                    .as_deref()
-                    .and_then(|code| Currency::parse(code).ok()),
+                checkout.currency.as_deref().and_then(|code| Currency::parse(code).ok()),
             ) {
-                (Some(minor), Some(currency)) => {
-                    Some(Money::from_minor_units(minor, currency).amount)
-                }
+                (Some(minor), Some(currency)) => Some(Money::from_minor_units(minor, currency).amount),
                 _ => None,
             };
             topup_id.map(|topup_id| (topup_id, checkout.payment_id, amount))
@@ -923,12 +793,7 @@ async fn stripe_webhook(
     };
     let fresh = state
         .flows
-        .receive_payment_event(
-            &format!("stripe-event-{}", event.id),
-            receipt,
-            paid,
-            &metadata,
-        )
+        .receive_payment_event(&format!("stripe-event-{}", event.id), receipt, paid, &metadata)
         .await?;
     read_your_writes(&state).await?;
     Ok(Json(json!({"received": true, "duplicate": !fresh})))
@@ -942,17 +807,11 @@ async fn dev_topup(state: &AppState, topup_id: &str) -> Result<domain::topup::Re
         .load::<domain::topup::TopUp>(&topup_id.stream_id())
         .await
         .map_err(|e| ApiError::from(crate::flows::FlowError::from(e)))?;
-    topup
-        .state
-        .requested
-        .ok_or_else(|| ApiError::not_found("top-up"))
+    topup.state.requested.ok_or_else(|| ApiError::not_found("top-up"))
 }
 
 /// The local stand-in for Stripe Checkout: a page with a button that pays.
-async fn dev_checkout_page(
-    State(state): State<AppState>,
-    Path(topup_id): Path<String>,
-) -> Result<axum::response::Html<String>, ApiError> {
+async fn dev_checkout_page(State(state): State<AppState>, Path(topup_id): Path<String>) -> Result<axum::response::Html<String>, ApiError> {
     let topup = dev_topup(&state, &topup_id).await?;
     let amount = money_text(topup.amount, topup.currency.code());
     Ok(axum::response::Html(format!(
@@ -966,10 +825,7 @@ async fn dev_checkout_page(
 }
 
 /// Pays a top-up as Stripe would: posts a signed `checkout.session.completed` to the webhook.
-async fn dev_checkout_pay(
-    State(state): State<AppState>,
-    Path(topup_id): Path<String>,
-) -> Result<axum::response::Html<String>, ApiError> {
+async fn dev_checkout_pay(State(state): State<AppState>, Path(topup_id): Path<String>) -> Result<axum::response::Html<String>, ApiError> {
     let topup = dev_topup(&state, &topup_id).await?;
     let secret = state
         .webhook_secret
@@ -1011,10 +867,7 @@ async fn dev_checkout_pay(
         .await
         .map_err(ApiError::internal)?;
     if !response.status().is_success() {
-        return Err(ApiError::internal(format!(
-            "the webhook answered {}",
-            response.status()
-        )));
+        return Err(ApiError::internal(format!("the webhook answered {}", response.status())));
     }
     Ok(axum::response::Html(format!("<!doctype html><html lang=\"en\"><body style=\"font-family: sans-serif; max-width: 28rem; margin: 4rem auto\"><h1>Paid</h1><p>{} {} was added to your wallet.</p></body></html>", topup.currency, money_text(topup.amount, topup.currency.code()))))
 }
