@@ -581,3 +581,65 @@ async fn the_demo_loads_history_prints_working_tokens_and_serves_in_dev_mode() {
     assert_eq!(advanced.2["now"], "2026-04-02T11:00:00Z", "{advanced:?}");
     assert!(advanced.2["due"]["slots_charged"].as_u64().unwrap() >= 2, "{advanced:?}");
 }
+
+#[tokio::test]
+async fn idempotency_keys_replay_refuse_a_different_body_and_make_one_effect_under_races() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, true);
+    let api = std::sync::Arc::new(Api {
+        client: reqwest::Client::new(),
+        base: server.base.clone(),
+    });
+    let (account, customer) = funded_customer(&api, "USD", "US", "1.00").await;
+    let order = |key: &str, location: &str| {
+        let api = api.clone();
+        let (account, customer, key, location) = (account.clone(), customer.clone(), key.to_string(), location.to_string());
+        async move {
+            let response = api
+                .client
+                .post(format!("{}/v1/accounts/{account}/orders", api.base))
+                .bearer_auth(&customer)
+                .header("idempotency-key", key)
+                .json(&json!({"plan_id": "vps-1g", "location": location}))
+                .send()
+                .await
+                .unwrap();
+            let replayed = response.headers().get("idempotent-replayed").is_some();
+            (response.status().as_u16(), replayed, response.json::<Value>().await.unwrap())
+        }
+    };
+    let first = order("order-1", "nyc").await;
+    let again = order("order-1", "nyc").await;
+    assert_eq!((first.0, first.1), (202, false));
+    assert_eq!((again.0, again.1), (202, true));
+    assert_eq!(first.2, again.2, "the stored response is replayed");
+    let different = order("order-1", "syd").await;
+    assert_eq!(different.0, 422, "{different:?}");
+    assert_eq!(different.2["field"], "Idempotency-Key");
+
+    // Ten concurrent requests with one new key: one order.
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        tasks.push(tokio::spawn(order("order-2", "fra")));
+    }
+    let mut order_ids = std::collections::BTreeSet::new();
+    for task in tasks {
+        let (status, _, body) = task.await.unwrap();
+        assert_eq!(status, 202, "{body}");
+        order_ids.insert(body["order_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(order_ids.len(), 1, "one effect, one answer");
+    let servers = api.get(&format!("/v1/accounts/{account}/servers"), Some(&customer)).await.2;
+    assert_eq!(servers["items"].as_array().unwrap().len(), 2);
+    // Keys are per caller: another caller's identical key is its own.
+    let admin = api
+        .client
+        .post(format!("{}/v1/accounts", api.base))
+        .bearer_auth(ADMIN)
+        .header("idempotency-key", "order-1")
+        .json(&json!({"name": "K", "email": "k@example.com", "currency": "USD", "country": "US"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status().as_u16(), 201);
+}

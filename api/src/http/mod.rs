@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod error;
+mod idempotency;
 mod routes;
 
 use std::sync::Arc;
