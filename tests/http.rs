@@ -643,3 +643,103 @@ async fn idempotency_keys_replay_refuse_a_different_body_and_make_one_effect_und
         .unwrap();
     assert_eq!(admin.status().as_u16(), 201);
 }
+
+#[tokio::test]
+async fn the_authorization_matrix() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, true);
+    let api = Api {
+        client: reqwest::Client::new(),
+        base: server.base.clone(),
+    };
+    let (account, owner) = funded_customer(&api, "USD", "US", "5.00").await;
+    let (_, stranger) = funded_customer(&api, "USD", "US", "5.00").await;
+    let finance = key(&api, "finance", &account).await;
+    let order = api
+        .post(
+            &format!("/v1/accounts/{account}/orders"),
+            Some(&owner),
+            json!({"plan_id": "vps-1g", "location": "nyc"}),
+        )
+        .await;
+    let server_id = order.2["server_id"].as_str().unwrap().to_string();
+    wait_for_status(&api, &server_id, &owner, "needs_setup").await;
+    let setup = api
+        .post(
+            &format!("/v1/servers/{server_id}/setup"),
+            Some(&owner),
+            json!({"os_image": "debian-12", "hostname": "matrix"}),
+        )
+        .await;
+    assert_eq!(setup.0, 200, "{setup:?}");
+
+    use reqwest::Method as M;
+    // (method, path, body, who may: owner, finance, admin). Another customer's token always gets
+    // a 404 for an account's objects; a role that may not is a 403; no token is a 401.
+    let routes: Vec<(M, String, Option<Value>, [bool; 3])> = vec![
+        (M::GET, format!("/v1/accounts/{account}"), None, [true, true, true]),
+        (M::GET, format!("/v1/accounts/{account}/transactions"), None, [true, true, true]),
+        (M::GET, format!("/v1/accounts/{account}/servers"), None, [true, true, true]),
+        (M::GET, format!("/v1/servers/{server_id}"), None, [true, true, true]),
+        (
+            M::POST,
+            format!("/v1/accounts/{account}/topups"),
+            Some(json!({"amount": "5.00"})),
+            [true, false, false],
+        ),
+        (
+            M::POST,
+            format!("/v1/accounts/{account}/orders"),
+            Some(json!({"plan_id": "vps-1g", "location": "nyc"})),
+            [true, false, false],
+        ),
+        (
+            M::POST,
+            format!("/v1/servers/{server_id}/power"),
+            Some(json!({"action": "reboot"})),
+            [true, false, false],
+        ),
+        (
+            M::POST,
+            format!("/v1/accounts/{account}/api-keys"),
+            Some(json!({"role": "customer"})),
+            [false, false, true],
+        ),
+        (
+            M::POST,
+            format!("/v1/admin/accounts/{account}/adjustments"),
+            Some(json!({"amount": "1.00", "reason": "matrix"})),
+            [false, false, true],
+        ),
+        (
+            M::POST,
+            "/v1/accounts".to_string(),
+            Some(json!({"name": "M", "email": "m@example.com", "currency": "USD", "country": "US"})),
+            [false, false, true],
+        ),
+        (M::GET, "/v1/accounts?query=j".to_string(), None, [false, true, true]),
+        (M::GET, "/v1/ledger/events".to_string(), None, [false, true, true]),
+        (M::GET, "/v1/ledger/trial-balance".to_string(), None, [false, true, true]),
+        (M::GET, "/v1/admin/projections".to_string(), None, [false, false, true]),
+    ];
+    for (method, path, body, allowed) in routes {
+        let anonymous = api.call(method.clone(), &path, None, body.clone()).await;
+        assert_eq!(anonymous.0, 401, "{method} {path} without a token: {anonymous:?}");
+        let account_scoped = path.contains(&account) || path.contains(&server_id);
+        let other = api.call(method.clone(), &path, Some(&stranger), body.clone()).await;
+        let expected_other = if account_scoped { 404 } else { 403 };
+        assert_eq!(other.0, expected_other, "{method} {path} with another customer's token: {other:?}");
+        for (token, may, who) in [
+            (&owner, allowed[0], "owner"),
+            (&finance, allowed[1], "finance"),
+            (&ADMIN.to_string(), allowed[2], "admin"),
+        ] {
+            let response = api.call(method.clone(), &path, Some(token), body.clone()).await;
+            if may {
+                assert!(response.0 < 400, "{method} {path} as {who}: {response:?}");
+            } else {
+                assert_eq!(response.0, 403, "{method} {path} as {who}: {response:?}");
+            }
+        }
+    }
+}

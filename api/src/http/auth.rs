@@ -66,6 +66,15 @@ impl Caller {
         }
     }
 
+    /// A role check on an account's object: to a customer of another account the object does
+    /// not exist (404) rather than being forbidden, so existence is not leaked.
+    pub fn require_for_account(&self, roles: &[Role], account_id: AccountId) -> Result<(), ApiError> {
+        if self.role == Role::Customer && self.account_id != Some(account_id) {
+            return Err(ApiError::not_found("account"));
+        }
+        self.require(roles)
+    }
+
     pub fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
         if roles.contains(&self.role) {
             Ok(())

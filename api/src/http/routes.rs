@@ -320,8 +320,8 @@ async fn create_api_key(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
-    caller.require(&[Role::Admin])?;
     let account_id = parse_account_id(&id)?;
+    caller.require_for_account(&[Role::Admin], account_id)?;
     load_account(&state, account_id).await?;
     let role = Role::parse(body.string("role")?).ok_or_else(|| ApiError::invalid("role", "role is one of customer, finance, admin"))?;
     let token = create_key(
@@ -453,8 +453,8 @@ async fn adjust(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
-    caller.require(&[Role::Admin])?;
     let account_id = parse_account_id(&id)?;
+    caller.require_for_account(&[Role::Admin], account_id)?;
     let account = load_account(&state, account_id).await?;
     let currency = Currency::parse(&account.currency).map_err(ApiError::internal)?;
     let amount = body.amount("amount", currency, true)?;
