@@ -476,6 +476,53 @@ async fn a_customer_orders_sets_up_is_billed_hourly_and_cancels_with_a_pro_rata_
         .collect();
     assert_eq!(kinds, ["adjustment", "charge", "charge", "charge", "charge", "cancellation_refund"]);
     assert_eq!(statement["items"][5]["amount"], "0.016952");
+
+    // May ends: its invoice is issued with the next run, numbered first in 2027's series.
+    let month_end = api.post("/v1/dev/clock", None, json!({"now": "2027-06-01T00:05:00Z"})).await;
+    assert_eq!(month_end.2["due"]["invoices_issued"], 1, "{month_end:?}");
+    let invoices = api.get(&format!("/v1/accounts/{account}/invoices"), Some(&customer)).await.2;
+    let invoice = &invoices["items"][0];
+    assert_eq!(invoice["number"], "INV-2027-000001");
+    assert_eq!(
+        (invoice["period_start"].as_str(), invoice["period_end"].as_str()),
+        (Some("2027-05-01T00:00:00Z"), Some("2027-06-01T00:00:00Z"))
+    );
+    // Four hours of vps-2g (0.020548 net + 0.002055 GST each) less 2,700 seconds of the last.
+    assert_eq!(invoice["lines"][0]["hours"], 4);
+    assert_eq!(
+        (invoice["lines"][0]["net"].as_str(), invoice["lines"][0]["tax"].as_str()),
+        (Some("0.082192"), Some("0.00822"))
+    );
+    assert_eq!(
+        (invoice["lines"][1]["net"].as_str(), invoice["lines"][1]["tax"].as_str()),
+        (Some("-0.015411"), Some("-0.001541"))
+    );
+    assert_eq!(
+        (invoice["net"].as_str(), invoice["tax"].as_str(), invoice["total"].as_str()),
+        (Some("0.066781"), Some("0.006679"), Some("0.07346"))
+    );
+    assert_eq!(invoice["display"], json!({"net": "0.07", "tax": "0.00", "total": "0.07"}));
+    let invoice_id = invoice["id"].as_str().unwrap();
+    let html = api
+        .client
+        .get(format!("{}/v1/invoices/{invoice_id}", api.base))
+        .bearer_auth(&customer)
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains("<h1>Invoice INV-2027-000001</h1>") && html.contains("Total 0.07"),
+        "{html}"
+    );
+    assert_eq!(
+        api.post("/v1/dev/clock", None, json!({"advance_seconds": 60})).await.2["due"]["invoices_issued"],
+        0,
+        "an invoice is issued once"
+    );
 }
 
 #[tokio::test]

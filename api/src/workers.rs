@@ -19,20 +19,26 @@ pub struct DueReport {
     pub slots_charged: u64,
     pub slots_declined: u64,
     pub servers_deleted: u64,
+    pub invoices_issued: u64,
 }
 
 fn system() -> Metadata {
     Metadata::actor("system", "scheduler")
 }
 
-/// Charges every due slot of every billable server up to the slot containing `now`, then deletes
-/// servers whose cancellation is due. Reads the servers read model (brought up to date first).
-pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, FlowError> {
-    let pool = flows.handler.log().pool().clone();
-    projections::runner::catch_up_all(&pool).await.map_err(|error| FlowError::Invalid {
+async fn catch_up(pool: &sqlx::PgPool) -> Result<(), FlowError> {
+    projections::runner::catch_up_all(pool).await.map_err(|error| FlowError::Invalid {
         field: "projections",
         reason: error.to_string(),
-    })?;
+    })
+}
+
+/// Charges every due slot of every billable server up to the slot containing `now`, deletes
+/// servers whose cancellation is due, and issues last month's invoices once its last slot is
+/// billed. Reads the read models, brought up to date first.
+pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, FlowError> {
+    let pool = flows.handler.log().pool().clone();
+    catch_up(&pool).await?;
     let mut report = DueReport::default();
     let current = HourSlot::containing(now);
     let due: Vec<(uuid::Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(
@@ -43,9 +49,7 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
     .await
     .map_err(crate::handler::StorageError::Read)?;
     for (server_id, next_charge_at) in due {
-        let Some(first) = next_charge_at else {
-            continue;
-        };
+        let Some(first) = next_charge_at else { continue };
         let mut slot = HourSlot::containing(first);
         let mut slots = 0;
         while slot <= current && slots < CATCH_UP_SLOTS_MAX {
@@ -77,10 +81,31 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
             Err(error) => return Err(error),
         }
     }
-    projections::runner::catch_up_all(&pool).await.map_err(|error| FlowError::Invalid {
-        field: "projections",
-        reason: error.to_string(),
-    })?;
+    // Last month's invoices: the charges above came first, so its last slot is billed.
+    catch_up(&pool).await?;
+    let this_month = domain::YearMonth::of(now);
+    let last_month = domain::YearMonth::of(this_month.start() - chrono::Duration::hours(1));
+    let uninvoiced: Vec<(uuid::Uuid,)> = sqlx::query_as(
+        "SELECT DISTINCT s.account_id FROM rm.statement s \
+         WHERE s.kind = 'charge' AND s.occurred_at >= $1 AND s.occurred_at < $2 \
+           AND NOT EXISTS (SELECT 1 FROM rm.invoices i WHERE i.account_id = s.account_id AND i.period_start = $1) \
+         ORDER BY s.account_id",
+    )
+    .bind(last_month.start())
+    .bind(last_month.end())
+    .fetch_all(&pool)
+    .await
+    .map_err(crate::handler::StorageError::Read)?;
+    for (account_id,) in uninvoiced {
+        if flows
+            .issue_invoice(domain::AccountId(account_id), last_month, &system())
+            .await?
+            .is_some()
+        {
+            report.invoices_issued += 1;
+        }
+    }
+    catch_up(&pool).await?;
     Ok(report)
 }
 

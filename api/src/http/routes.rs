@@ -29,6 +29,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/servers/{id}", get(get_server))
         .route("/v1/accounts/{id}/orders", post(place_order))
         .route("/v1/accounts/{id}/topups", post(request_topup))
+        .route("/v1/accounts/{id}/invoices", get(account_invoices))
+        .route("/v1/invoices/{id}", get(get_invoice))
         .route("/v1/webhooks/stripe", post(stripe_webhook))
         .route("/v1/servers/{id}/setup", post(setup_server))
         .route("/v1/servers/{id}/power", post(power_server))
@@ -871,4 +873,154 @@ async fn dev_checkout_pay(State(state): State<AppState>, Path(topup_id): Path<St
         return Err(ApiError::internal(format!("the webhook answered {}", response.status())));
     }
     Ok(axum::response::Html(format!("<!doctype html><html lang=\"en\"><body style=\"font-family: sans-serif; max-width: 28rem; margin: 4rem auto\"><h1>Paid</h1><p>{} {} was added to your wallet.</p></body></html>", topup.currency, money_text(topup.amount, topup.currency.code()))))
+}
+
+async fn invoice_json(state: &AppState, row: &projections::invoices::InvoiceRow) -> Result<Value, ApiError> {
+    let notes: Vec<projections::invoices::CreditNoteRow> =
+        sqlx::query_as("SELECT * FROM rm.credit_notes WHERE invoice_id = $1 ORDER BY number")
+            .bind(row.invoice_id)
+            .fetch_all(&state.pool)
+            .await?;
+    let currency = row.currency.as_str();
+    let text = |value: &Value| {
+        value
+            .as_str()
+            .and_then(|t| t.parse::<Decimal>().ok())
+            .map(|d| money_text(d, currency))
+            .unwrap_or_default()
+    };
+    let lines: Vec<Value> = row
+        .lines
+        .0
+        .as_array()
+        .map(|lines| {
+            lines
+                .iter()
+                .map(|line| json!({"description": line["description"], "server_id": line["server_id"], "hours": line["hours"], "net": text(&line["net"]), "tax": text(&line["tax"])}))
+                .collect()
+        })
+        .unwrap_or_default();
+    let taxes: Vec<Value> = row
+        .taxes
+        .0
+        .as_array()
+        .map(|taxes| {
+            taxes
+                .iter()
+                .map(|t| json!({"rate": t["rate"], "net": text(&t["net"]), "tax": text(&t["tax"])}))
+                .collect()
+        })
+        .unwrap_or_default();
+    let display = &row.display.0;
+    let credit_notes: Vec<Value> = notes
+        .iter()
+        .map(|note| {
+            json!({
+                "id": note.credit_note_id,
+                "number": note.number,
+                "charge_id": note.charge_id,
+                "reason": note.reason,
+                "net": money_text(note.net, currency),
+                "tax": money_text(note.tax, currency),
+                "total": money_text(note.total, currency),
+                "issued_at": note.issued_at,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "id": row.invoice_id,
+        "number": row.number,
+        "account_id": row.account_id,
+        "period_start": row.period_start,
+        "period_end": row.period_end,
+        "currency": row.currency,
+        "lines": lines,
+        "taxes": taxes,
+        "net": money_text(row.net, currency),
+        "tax": money_text(row.tax, currency),
+        "total": money_text(row.total, currency),
+        "display": {"net": text(&display["net"]), "tax": text(&display["tax"]), "total": text(&display["total"])},
+        "issued_at": row.issued_at,
+        "credit_notes": credit_notes,
+    }))
+}
+
+async fn account_invoices(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let account_id = parse_account_id(&id)?;
+    caller.may_read(account_id)?;
+    load_account(&state, account_id).await?;
+    let rows: Vec<projections::invoices::InvoiceRow> =
+        sqlx::query_as("SELECT * FROM rm.invoices WHERE account_id = $1 ORDER BY period_start DESC LIMIT 200")
+            .bind(account_id.0)
+            .fetch_all(&state.pool)
+            .await?;
+    let mut items = Vec::with_capacity(rows.len());
+    for row in &rows {
+        items.push(invoice_json(&state, row).await?);
+    }
+    Ok(Json(json!({"items": items, "next_cursor": Value::Null})))
+}
+
+async fn get_invoice(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    let invoice_id = domain::InvoiceId::parse(&id).map_err(|_| ApiError::not_found("invoice"))?;
+    let row: projections::invoices::InvoiceRow = sqlx::query_as("SELECT * FROM rm.invoices WHERE invoice_id = $1")
+        .bind(invoice_id.0)
+        .fetch_optional(&state.pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found("invoice"))?;
+    caller
+        .may_read(AccountId(row.account_id))
+        .map_err(|_| ApiError::not_found("invoice"))?;
+    let invoice = invoice_json(&state, &row).await?;
+    let wants_html = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"));
+    if !wants_html {
+        return Ok(Json(invoice).into_response());
+    }
+    let account = load_account(&state, AccountId(row.account_id)).await?;
+    Ok(axum::response::Html(invoice_html(&invoice, &account.name)).into_response())
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn invoice_html(invoice: &Value, customer: &str) -> String {
+    let field = |value: &Value| escape(value.as_str().unwrap_or_default());
+    let mut rows = String::new();
+    for line in invoice["lines"].as_array().into_iter().flatten() {
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td class=n>{}</td><td class=n>{}</td><td class=n>{}</td></tr>",
+            field(&line["description"]),
+            line["hours"].as_u64().map(|h| h.to_string()).unwrap_or_default(),
+            field(&line["net"]),
+            field(&line["tax"]),
+        ));
+    }
+    let display = &invoice["display"];
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Invoice {number}</title>\
+         <style>body{{font-family:sans-serif;max-width:48rem;margin:3rem auto}}td,th{{padding:.3rem .6rem;border-bottom:1px solid #ddd}}.n{{text-align:right}}</style></head>\
+         <body><h1>Invoice {number}</h1><p>{customer}<br>Period {start} to {end}<br>All amounts in {currency}</p>\
+         <table><thead><tr><th>Description</th><th class=n>Hours</th><th class=n>Net</th><th class=n>Tax</th></tr></thead><tbody>{rows}</tbody></table>\
+         <p class=n>Net {net}<br>Tax {tax}<br><strong>Total {total}</strong></p></body></html>",
+        number = field(&invoice["number"]),
+        customer = escape(customer),
+        start = field(&invoice["period_start"]),
+        end = field(&invoice["period_end"]),
+        currency = field(&invoice["currency"]),
+        net = field(&display["net"]),
+        tax = field(&display["tax"]),
+        total = field(&display["total"]),
+    )
 }
