@@ -790,3 +790,74 @@ async fn the_authorization_matrix() {
         }
     }
 }
+
+#[tokio::test]
+async fn service_credits_against_a_charge_are_bounded_by_its_gross() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, true);
+    let api = Api {
+        client: reqwest::Client::new(),
+        base: server.base.clone(),
+    };
+    let (account, customer) = funded_customer(&api, "AUD", "AU", "1.00").await;
+    let order = api
+        .post(
+            &format!("/v1/accounts/{account}/orders"),
+            Some(&customer),
+            json!({"plan_id": "vps-2g", "location": "syd"}),
+        )
+        .await;
+    wait_for_status(&api, order.2["server_id"].as_str().unwrap(), &customer, "needs_setup").await;
+    let statement = api.get(&format!("/v1/accounts/{account}/transactions"), Some(&customer)).await.2;
+    let charge = statement["items"][1]["reference"].as_str().unwrap().to_string();
+    assert_eq!(statement["items"][1]["amount"], "-0.022603");
+
+    let path = format!("/v1/admin/charges/{charge}/refunds");
+    let credit = |amount: &str| api.post(&path, Some(ADMIN), json!({"amount": amount, "reason": "outage"}));
+    let first = credit("0.02").await;
+    assert_eq!(
+        (first.0, first.2["account"]["balance"].as_str()),
+        (201, Some("0.997397")),
+        "{first:?}"
+    );
+    let too_much = credit("0.002604").await;
+    problem(&too_much, 422);
+    assert!(
+        too_much.2["detail"].as_str().unwrap().contains("0.002603 refundable"),
+        "{too_much:?}"
+    );
+    assert_eq!(credit("0.002603").await.0, 201);
+    problem(&credit("0.000001").await, 422);
+    problem(
+        &api.post(
+            &format!("/v1/admin/charges/{charge}/refunds"),
+            Some(ADMIN),
+            json!({"amount": "0.01"}),
+        )
+        .await,
+        422,
+    );
+    problem(
+        &api.post(
+            &format!("/v1/admin/charges/{charge}/refunds"),
+            Some(&customer),
+            json!({"amount": "0.01", "reason": "me"}),
+        )
+        .await,
+        403,
+    );
+    problem(
+        &api.post(
+            &format!("/v1/admin/charges/{}/refunds", uuid::Uuid::new_v4()),
+            Some(ADMIN),
+            json!({"amount": "0.01", "reason": "x"}),
+        )
+        .await,
+        404,
+    );
+    assert_eq!(
+        api.get(&format!("/v1/accounts/{account}"), Some(&customer)).await.2["balance"],
+        "1.00",
+        "refunded in full, and no more"
+    );
+}

@@ -36,6 +36,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/servers/{id}/power", post(power_server))
         .route("/v1/servers/{id}/cancellation", post(cancel_server).delete(revoke_cancellation))
         .route("/v1/admin/accounts/{id}/adjustments", post(adjust))
+        .route("/v1/admin/charges/{id}/refunds", post(credit_charge))
         .route("/v1/admin/projections", get(projection_status))
         .route("/v1/ledger/trial-balance", get(trial_balance))
         .route("/v1/ledger/events", get(ledger_events));
@@ -1023,4 +1024,37 @@ fn invoice_html(invoice: &Value, customer: &str) -> String {
         tax = field(&display["tax"]),
         total = field(&display["total"]),
     )
+}
+
+/// A service credit against a charge, to the wallet (never more than the charge's gross in total).
+async fn credit_charge(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require(&[Role::Admin])?;
+    let charge_id = domain::ChargeId::parse(&id).map_err(|_| ApiError::not_found("charge"))?;
+    let owner: Option<(uuid::Uuid,)> = sqlx::query_as("SELECT account_id FROM rm.statement WHERE kind = 'charge' AND reference = $1")
+        .bind(charge_id.to_string())
+        .fetch_optional(&state.pool)
+        .await?;
+    let account_id = AccountId(owner.ok_or_else(|| ApiError::not_found("charge"))?.0);
+    let account = load_account(&state, account_id).await?;
+    let currency = Currency::parse(&account.currency).map_err(ApiError::internal)?;
+    let amount = body.amount("amount", currency, false)?;
+    let reason = body.string("reason")?;
+    let refund_id = state
+        .flows
+        .service_credit(account_id, charge_id, amount, reason, &caller.metadata(request_id(&headers), None))
+        .await?;
+    read_your_writes(&state).await?;
+    let account = load_account(&state, account_id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({"refund_id": refund_id, "charge_id": charge_id, "amount": money_text(amount, &account.currency), "account": account_json(&account)}),
+        ),
+    ))
 }
