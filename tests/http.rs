@@ -1,52 +1,23 @@
 //! The HTTP API over the real `billing serve` binary: authentication and roles, problem details,
 //! money as strings, accounts, adjustments, statements, the dev clock.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::io::BufRead;
+
+mod support;
+use support::Server;
 
 use ledger::testing::TestDatabase;
 use serde_json::{json, Value};
 
 const ADMIN: &str = "bootstrap-admin-token-for-tests";
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn serve(db: &TestDatabase, dev: bool) -> Server {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_billing"));
-    command
-        .args(["serve", "--bind", "127.0.0.1:0"])
-        .env("DATABASE_URL", db.url())
-        .env("BILLING_BOOTSTRAP_ADMIN_TOKEN", ADMIN)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if dev {
-        command.arg("--dev");
-    }
-    let mut child = command.spawn().expect("start billing serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .expect("the listening line");
-    let address = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect(&line)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
-    Server { child, base: address }
+    let args: &[&str] = if dev {
+        &["serve", "--bind", "127.0.0.1:0", "--dev"]
+    } else {
+        &["serve", "--bind", "127.0.0.1:0"]
+    };
+    support::start(db, args, &[("BILLING_BOOTSTRAP_ADMIN_TOKEN", Some(ADMIN))]).0
 }
 
 struct Api {
@@ -573,31 +544,14 @@ async fn a_hundred_concurrent_orders_on_a_wallet_that_affords_ten() {
 #[tokio::test]
 async fn the_demo_loads_history_prints_working_tokens_and_serves_in_dev_mode() {
     let db = TestDatabase::new().await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_billing"))
-        .args(["demo", "--bind", "127.0.0.1:0"])
-        .env("DATABASE_URL", db.url())
-        .env_remove("BILLING_BOOTSTRAP_ADMIN_TOKEN")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut banner = Vec::new();
-    for _ in 0..7 {
+    let (server, mut stdout) = support::start(&db, &["demo", "--bind", "127.0.0.1:0"], &[("BILLING_BOOTSTRAP_ADMIN_TOKEN", None)]);
+    // The first line (the address) was read by `start`; the banner follows.
+    let mut banner = vec![String::new()];
+    for _ in 0..6 {
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         banner.push(line.trim().to_string());
     }
-    let server = Server {
-        child,
-        base: banner[0]
-            .strip_prefix("listening on ")
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string(),
-    };
     let api = Api {
         client: reqwest::Client::new(),
         base: server.base.clone(),

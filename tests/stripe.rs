@@ -1,8 +1,8 @@
 //! Top-ups are credited only by a signed Stripe webhook, once, however often it is delivered.
 //! Payloads are built from Stripe's own object shapes in shared/fixtures/stripe.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod support;
+use support::Server;
 
 use ledger::testing::TestDatabase;
 use serde_json::{json, Value};
@@ -11,42 +11,13 @@ const ADMIN: &str = "bootstrap-admin-token-for-tests";
 const SECRET: &str = "whsec_test_secret";
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/stripe");
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn serve(db: &TestDatabase, secret: Option<&str>) -> Server {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_billing"));
-    command
-        .args(["serve", "--dev", "--bind", "127.0.0.1:0"])
-        .env("DATABASE_URL", db.url())
-        .env("BILLING_BOOTSTRAP_ADMIN_TOKEN", ADMIN)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped());
-    match secret {
-        Some(secret) => command.env("STRIPE_WEBHOOK_SECRET", secret),
-        None => command.env_remove("STRIPE_WEBHOOK_SECRET"),
-    };
-    let mut child = command.spawn().expect("start billing serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
-    Server { child, base }
+    support::start(
+        db,
+        &["serve", "--dev", "--bind", "127.0.0.1:0"],
+        &[("BILLING_BOOTSTRAP_ADMIN_TOKEN", Some(ADMIN)), ("STRIPE_WEBHOOK_SECRET", secret)],
+    )
+    .0
 }
 
 fn fixture(name: &str) -> Value {

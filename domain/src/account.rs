@@ -146,6 +146,31 @@ pub enum AccountEvent {
     },
 }
 
+impl AccountEvent {
+    /// The balance, reserved and available figures after this event, if it carries them.
+    pub fn figures(&self) -> Option<Figures> {
+        match self {
+            AccountEvent::TopUpSettled { figures, .. }
+            | AccountEvent::HoldPlaced { figures, .. }
+            | AccountEvent::HoldCaptured { figures, .. }
+            | AccountEvent::HoldReleased { figures, .. }
+            | AccountEvent::HourCharged { figures, .. }
+            | AccountEvent::ChargeDeclined { figures, .. }
+            | AccountEvent::CancellationRefunded { figures, .. }
+            | AccountEvent::ServiceCredited { figures, .. }
+            | AccountEvent::CardRefundRequested { figures, .. }
+            | AccountEvent::CardRefundFailed { figures, .. }
+            | AccountEvent::Adjusted { figures, .. }
+            | AccountEvent::DisputeOpened { figures, .. }
+            | AccountEvent::DisputeClosed { figures, .. } => Some(*figures),
+            AccountEvent::AccountOpened { .. }
+            | AccountEvent::CardRefundCompleted { .. }
+            | AccountEvent::LowBalanceWarned { .. }
+            | AccountEvent::LowBalanceCleared { .. } => None,
+        }
+    }
+}
+
 impl DomainEvent for AccountEvent {
     fn event_type(&self) -> String {
         let name = match self {
@@ -846,22 +871,7 @@ impl Aggregate for Account {
     }
 
     fn apply(&mut self, event: AccountEvent) {
-        let figures = match &event {
-            AccountEvent::TopUpSettled { figures, .. }
-            | AccountEvent::HoldPlaced { figures, .. }
-            | AccountEvent::HoldCaptured { figures, .. }
-            | AccountEvent::HoldReleased { figures, .. }
-            | AccountEvent::HourCharged { figures, .. }
-            | AccountEvent::ChargeDeclined { figures, .. }
-            | AccountEvent::CancellationRefunded { figures, .. }
-            | AccountEvent::ServiceCredited { figures, .. }
-            | AccountEvent::CardRefundRequested { figures, .. }
-            | AccountEvent::CardRefundFailed { figures, .. }
-            | AccountEvent::Adjusted { figures, .. }
-            | AccountEvent::DisputeOpened { figures, .. }
-            | AccountEvent::DisputeClosed { figures, .. } => Some(*figures),
-            _ => None,
-        };
+        let figures = event.figures();
         match event {
             AccountEvent::AccountOpened {
                 account_id,

@@ -152,7 +152,7 @@ impl Projection for Balances {
                         };
                         row.position = record.position;
                         changed_accounts.insert(id.0);
-                        if let Some(figures) = crate::figures_of(event) {
+                        if let Some(figures) = event.figures() {
                             row.balance = figures.balance;
                             row.reserved = figures.reserved;
                             row.available = figures.available;

@@ -18,28 +18,3 @@ pub mod verify;
 
 pub use projection::Projection;
 pub use runner::ProjectionError;
-
-use domain::account::{AccountEvent, Figures};
-
-/// The figures an account event carries, if it carries any.
-pub fn figures_of(event: &AccountEvent) -> Option<Figures> {
-    match event {
-        AccountEvent::TopUpSettled { figures, .. }
-        | AccountEvent::HoldPlaced { figures, .. }
-        | AccountEvent::HoldCaptured { figures, .. }
-        | AccountEvent::HoldReleased { figures, .. }
-        | AccountEvent::HourCharged { figures, .. }
-        | AccountEvent::ChargeDeclined { figures, .. }
-        | AccountEvent::CancellationRefunded { figures, .. }
-        | AccountEvent::ServiceCredited { figures, .. }
-        | AccountEvent::CardRefundRequested { figures, .. }
-        | AccountEvent::CardRefundFailed { figures, .. }
-        | AccountEvent::Adjusted { figures, .. }
-        | AccountEvent::DisputeOpened { figures, .. }
-        | AccountEvent::DisputeClosed { figures, .. } => Some(*figures),
-        AccountEvent::AccountOpened { .. }
-        | AccountEvent::CardRefundCompleted { .. }
-        | AccountEvent::LowBalanceWarned { .. }
-        | AccountEvent::LowBalanceCleared { .. } => None,
-    }
-}

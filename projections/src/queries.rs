@@ -33,7 +33,7 @@ pub async fn balance_as_of(pool: &PgPool, account_id: AccountId, at: DateTime<Ut
         after = last.stream_version;
         for event in &events {
             if let Decoded::Account(_, event) = decode(event)?.event {
-                figures = crate::figures_of(&event).or(figures);
+                figures = event.figures().or(figures);
             }
         }
     }

@@ -91,7 +91,7 @@ impl Projection for Statement {
                 let Decoded::Account(account_id, event) = &record.event else {
                     continue;
                 };
-                let (Some((kind, amount, server_id, reference)), Some(figures)) = (movement(event), crate::figures_of(event)) else {
+                let (Some((kind, amount, server_id, reference)), Some(figures)) = (movement(event), event.figures()) else {
                     continue;
                 };
                 rows.push(StatementRow {

@@ -1,0 +1,49 @@
+//! Starting the real `billing` binary for end-to-end tests.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+use ledger::testing::TestDatabase;
+
+/// A running `billing` process, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `billing <args>` against `db` with `envs` (a `None` value removes the variable), and
+/// waits for its "listening on http://ADDR" line. Returns the server and the rest of its stdout.
+pub fn start(db: &TestDatabase, args: &[&str], envs: &[(&str, Option<&str>)]) -> (Server, BufReader<ChildStdout>) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_billing"));
+    command
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped());
+    for (name, value) in envs {
+        match value {
+            Some(value) => command.env(name, value),
+            None => command.env_remove(name),
+        };
+    }
+    let mut child = command.spawn().expect("start billing");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("the listening line");
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    (Server { child, base }, stdout)
+}
