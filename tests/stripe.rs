@@ -266,3 +266,182 @@ async fn the_dev_checkout_page_pays_through_a_signed_webhook() {
         "the same payment again credits nothing"
     );
 }
+
+#[tokio::test]
+async fn declined_suspended_warned_resumed_by_a_top_up_and_terminated_when_unpaid() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, None);
+    let client = reqwest::Client::new();
+    let base = server.base.clone();
+    let clock = |body: Value| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            client
+                .post(format!("{base}/v1/dev/clock"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    clock(json!({"now": "2027-08-01T09:30:00Z"})).await;
+    // Two servers on 0.10 USD: vps-4g costs 0.027397 an hour (no US tax).
+    let account: Value = client
+        .post(format!("{base}/v1/accounts"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "Low", "email": "low@example.com", "currency": "USD", "country": "US"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let account = account["id"].as_str().unwrap().to_string();
+    let key: Value = client
+        .post(format!("{base}/v1/accounts/{account}/api-keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"role": "customer"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = key["token"].as_str().unwrap().to_string();
+    client
+        .post(format!("{base}/v1/admin/accounts/{account}/adjustments"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"amount": "0.10", "reason": "trial"}))
+        .send()
+        .await
+        .unwrap();
+    let order: Value = client
+        .post(format!("{base}/v1/accounts/{account}/orders"))
+        .bearer_auth(&token)
+        .json(&json!({"plan_id": "vps-4g", "location": "nyc"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let server_id = order["server_id"].as_str().unwrap().to_string();
+    let status = |id: String| {
+        let (client, base, token) = (client.clone(), base.clone(), token.clone());
+        async move {
+            client
+                .get(format!("{base}/v1/servers/{id}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    for _ in 0..100 {
+        if status(server_id.clone()).await == "needs_setup" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // 10:00 is charged, leaving 0.045206: under 24 hours of runway, one warning.
+    let due = clock(json!({"now": "2027-08-01T10:10:00Z"})).await;
+    assert_eq!(
+        (due["due"]["slots_charged"].as_u64(), due["due"]["low_balance_warnings"].as_u64()),
+        (Some(1), Some(1)),
+        "{due}"
+    );
+    // 11:00 is affordable (0.10 - 3 * 0.027397 = 0.017809 left); 12:00 is declined.
+    let due = clock(json!({"now": "2027-08-01T12:10:00Z"})).await;
+    assert_eq!(
+        (
+            due["due"]["slots_charged"].as_u64(),
+            due["due"]["slots_declined"].as_u64(),
+            due["due"]["low_balance_warnings"].as_u64()
+        ),
+        (Some(1), Some(1), Some(0)),
+        "{due}"
+    );
+    assert_eq!(status(server_id.clone()).await, "suspended");
+    let account_view: Value = client
+        .get(format!("{base}/v1/accounts/{account}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (account_view["balance"].as_str(), account_view["low_balance"].as_bool()),
+        (Some("0.017809"), Some(true)),
+        "{account_view}"
+    );
+    // Suspended servers are not billed.
+    assert_eq!(clock(json!({"advance_seconds": 3 * 3600})).await["due"]["slots_charged"], 0);
+
+    // A top-up through the checkout resumes the server and charges the slot in progress (15:00).
+    let topup: Value = client
+        .post(format!("{base}/v1/accounts/{account}/topups"))
+        .bearer_auth(&token)
+        .json(&json!({"amount": "5.00"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let topup_id = topup["topup_id"].as_str().unwrap();
+    assert_eq!(
+        client
+            .post(format!("{base}/dev/checkout/{topup_id}/pay"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(status(server_id.clone()).await, "needs_setup");
+    let account_view: Value = client
+        .get(format!("{base}/v1/accounts/{account}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(account_view["balance"], "4.990412", "0.017809 + 5.00 - 0.027397");
+    clock(json!({"advance_seconds": 60})).await;
+    let account_view: Value = client
+        .get(format!("{base}/v1/accounts/{account}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(account_view["low_balance"], false, "182 hours of runway: the warning is cleared");
+
+    // Unpaid for seven days: terminated. 4.990412 lasts 182 hours, then a week passes.
+    let drained = clock(json!({"advance_seconds": 190 * 3600})).await;
+    assert_eq!(drained["due"]["slots_declined"], 1, "{drained}");
+    assert_eq!(status(server_id.clone()).await, "suspended");
+    assert_eq!(
+        clock(json!({"advance_seconds": 6 * 24 * 3600})).await["due"]["servers_terminated"],
+        0
+    );
+    let week = clock(json!({"advance_seconds": 24 * 3600})).await;
+    assert_eq!(week["due"]["servers_terminated"], 1, "{week}");
+    assert_eq!(status(server_id).await, "deleted");
+}

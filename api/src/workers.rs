@@ -18,9 +18,17 @@ const CATCH_UP_SLOTS_MAX: i64 = 24 * 62;
 pub struct DueReport {
     pub slots_charged: u64,
     pub slots_declined: u64,
+    pub servers_resumed: u64,
+    pub servers_terminated: u64,
     pub servers_deleted: u64,
     pub invoices_issued: u64,
+    pub low_balance_warnings: u64,
 }
+
+/// Days a server may stay suspended for non-payment before it is terminated.
+pub const UNPAID_DAYS: i64 = 7;
+/// A runway below this many hours records a low-balance warning.
+pub const LOW_BALANCE_HOURS: i64 = 24;
 
 fn system() -> Metadata {
     Metadata::actor("system", "scheduler")
@@ -41,6 +49,7 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
     catch_up(&pool).await?;
     let mut report = DueReport::default();
     let current = HourSlot::containing(now);
+    report.servers_resumed += resume_affordable(flows, None).await?;
     let due: Vec<(uuid::Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(
         "SELECT server_id, next_charge_at FROM rm.servers WHERE status IN ('needs_setup', 'running', 'stopped') AND next_charge_at <= $1 ORDER BY server_id",
     )
@@ -81,6 +90,50 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
             Err(error) => return Err(error),
         }
     }
+    // Unpaid for too long: terminated.
+    let overdue: Vec<(uuid::Uuid,)> = sqlx::query_as(
+        "SELECT server_id FROM rm.servers WHERE status = 'suspended' AND state->'suspended'->>0 = 'non_payment' \
+           AND (state->'suspended'->>1)::timestamptz <= $1",
+    )
+    .bind(now - chrono::Duration::days(UNPAID_DAYS))
+    .fetch_all(&pool)
+    .await
+    .map_err(crate::handler::StorageError::Read)?;
+    for (server_id,) in overdue {
+        flows
+            .server_command(
+                ServerId(server_id),
+                domain::ServerCommand::TerminateForNonPayment {
+                    unpaid_days: UNPAID_DAYS,
+                    at: now,
+                },
+                &system(),
+            )
+            .await?;
+        report.servers_terminated += 1;
+    }
+    // Low balance: one warning per crossing below the runway threshold, cleared when restored.
+    // With nothing billable (all suspended, say) the runway says nothing, and nothing changes.
+    catch_up(&pool).await?;
+    let crossings: Vec<(uuid::Uuid, rust_decimal::Decimal)> = sqlx::query_as(
+        "SELECT account_id, hourly_burn FROM rm.balances \
+         WHERE hourly_burn > 0 AND (available < hourly_burn * $1) <> low_balance_warned",
+    )
+    .bind(rust_decimal::Decimal::from(LOW_BALANCE_HOURS))
+    .fetch_all(&pool)
+    .await
+    .map_err(crate::handler::StorageError::Read)?;
+    for (account_id, burn) in crossings {
+        let command = domain::AccountCommand::CheckRunway {
+            hourly_burn_gross: burn,
+            threshold_hours: rust_decimal::Decimal::from(LOW_BALANCE_HOURS),
+        };
+        let events = flows.account_command(domain::AccountId(account_id), command, &system()).await?;
+        report.low_balance_warnings += events
+            .iter()
+            .filter(|event| matches!(event, domain::AccountEvent::LowBalanceWarned { .. }))
+            .count() as u64;
+    }
     // Last month's invoices: the charges above came first, so its last slot is billed.
     catch_up(&pool).await?;
     let this_month = domain::YearMonth::of(now);
@@ -107,6 +160,40 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
     }
     catch_up(&pool).await?;
     Ok(report)
+}
+
+/// Resumes servers suspended for non-payment whose account can now pay for the slot in progress
+/// (of one account, or of all), charging that slot. Returns how many were resumed.
+pub async fn resume_affordable(flows: &Flows, account_id: Option<domain::AccountId>) -> Result<u64, FlowError> {
+    let pool = flows.handler.log().pool().clone();
+    catch_up(&pool).await?;
+    let suspended: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
+        "SELECT s.server_id, s.account_id FROM rm.servers s \
+         WHERE s.status = 'suspended' AND s.state->'suspended'->>0 = 'non_payment' AND ($1::uuid IS NULL OR s.account_id = $1) \
+         ORDER BY s.server_id",
+    )
+    .bind(account_id.map(|id| id.0))
+    .fetch_all(&pool)
+    .await
+    .map_err(crate::handler::StorageError::Read)?;
+    let mut resumed = 0;
+    for (server_id, account) in suspended {
+        let affordable: Option<bool> = sqlx::query_scalar(
+            "SELECT b.available >= s.hourly_gross FROM rm.balances b JOIN rm.balance_servers s ON s.account_id = b.account_id \
+             WHERE b.account_id = $1 AND s.server_id = $2",
+        )
+        .bind(account)
+        .bind(server_id)
+        .fetch_optional(&pool)
+        .await
+        .map_err(crate::handler::StorageError::Read)?;
+        if affordable == Some(true) {
+            flows.resume(ServerId(server_id), &system()).await?;
+            resumed += 1;
+            catch_up(&pool).await?;
+        }
+    }
+    Ok(resumed)
 }
 
 /// The simulated provider: provisioning completes after `latency`, unless the order's location is

@@ -795,10 +795,25 @@ async fn stripe_webhook(State(state): State<AppState>, headers: HeaderMap, body:
         request_id: request_id(&headers),
         ..Default::default()
     };
+    let credited_account = match &paid {
+        Some((topup_id, _, _)) => state
+            .flows
+            .handler
+            .load::<domain::topup::TopUp>(&topup_id.stream_id())
+            .await
+            .ok()
+            .and_then(|t| t.state.requested)
+            .map(|r| r.account_id),
+        None => None,
+    };
     let fresh = state
         .flows
         .receive_payment_event(&format!("stripe-event-{}", event.id), receipt, paid, &metadata)
         .await?;
+    // A top-up that makes a suspended server affordable resumes it now.
+    if let (true, Some(account_id)) = (fresh, credited_account) {
+        crate::workers::resume_affordable(&state.flows, Some(account_id)).await?;
+    }
     read_your_writes(&state).await?;
     Ok(Json(json!({"received": true, "duplicate": !fresh})))
 }
