@@ -815,3 +815,69 @@ async fn service_credits_against_a_charge_are_bounded_by_its_gross() {
         "refunded in full, and no more"
     );
 }
+
+#[tokio::test]
+async fn two_instances_charge_every_slot_exactly_once() {
+    let db = TestDatabase::new().await;
+    let first = serve(&db, true);
+    let second = serve(&db, true);
+    let one = std::sync::Arc::new(Api {
+        client: reqwest::Client::new(),
+        base: first.base.clone(),
+    });
+    let two = std::sync::Arc::new(Api {
+        client: reqwest::Client::new(),
+        base: second.base.clone(),
+    });
+    let start = json!({"now": "2027-09-01T00:30:00Z"});
+    assert_eq!(one.post("/v1/dev/clock", None, start.clone()).await.0, 200);
+    assert_eq!(two.post("/v1/dev/clock", None, start).await.0, 200);
+    let (account, customer) = funded_customer(&one, "EUR", "DE", "50.00").await;
+    let mut servers = Vec::new();
+    for plan in ["vps-1g", "vps-2g", "vps-4g"] {
+        let order = one
+            .post(
+                &format!("/v1/accounts/{account}/orders"),
+                Some(&customer),
+                json!({"plan_id": plan, "location": "fra"}),
+            )
+            .await;
+        assert_eq!(order.0, 202, "{order:?}");
+        servers.push(order.2["server_id"].as_str().unwrap().to_string());
+    }
+    for server in &servers {
+        wait_for_status(&one, server, &customer, "needs_setup").await;
+    }
+    // Twelve simulated hours; each hour both instances run their due work at the same moment.
+    const HOURS: usize = 12;
+    for _ in 0..HOURS {
+        let (a, b) = (one.clone(), two.clone());
+        let advance = json!({"advance_seconds": 3600});
+        let (x, y) = tokio::join!(
+            a.post("/v1/dev/clock", None, advance.clone()),
+            b.post("/v1/dev/clock", None, advance)
+        );
+        assert_eq!((x.0, y.0), (200, 200), "{x:?} {y:?}");
+    }
+    let charged: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT payload->>'server_id', count(*) FROM events WHERE event_type IN ('HourCharged', 'HoldCaptured') GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(charged.len(), 3);
+    for (server, count) in &charged {
+        assert_eq!(
+            *count,
+            1 + HOURS as i64,
+            "server {server}: the first hour at provisioning, then one charge per slot"
+        );
+    }
+    let duplicates: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT payload->>'server_id', payload->>'slot' FROM events WHERE event_type IN ('HourCharged', 'HoldCaptured') GROUP BY 1, 2 HAVING count(*) > 1) d",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(duplicates, 0, "no (server, slot) charged twice");
+}
