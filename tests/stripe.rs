@@ -445,3 +445,111 @@ async fn declined_suspended_warned_resumed_by_a_top_up_and_terminated_when_unpai
     assert_eq!(week["due"]["servers_terminated"], 1, "{week}");
     assert_eq!(status(server_id).await, "deleted");
 }
+
+fn dispute_event(event_id: &str, kind: &str, dispute_id: &str, payment_intent: &str, amount_minor: i64, status: &str) -> Vec<u8> {
+    let mut dispute = fixture("dispute");
+    dispute["id"] = json!(dispute_id);
+    dispute["payment_intent"] = json!(payment_intent);
+    dispute["amount"] = json!(amount_minor);
+    dispute["currency"] = json!("aud");
+    dispute["status"] = json!(status);
+    let mut event = fixture("event");
+    event["id"] = json!(event_id);
+    event["type"] = json!(kind);
+    event["data"]["object"] = dispute;
+    serde_json::to_vec(&event).unwrap()
+}
+
+#[tokio::test]
+async fn disputes_debit_below_zero_suspend_and_settle_and_wait_for_their_payment() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, Some(SECRET));
+    let client = reqwest::Client::new();
+    let base = server.base.clone();
+    // Everything below happens within the 10:00 slot of the simulated clock.
+    client
+        .post(format!("{base}/v1/dev/clock"))
+        .json(&json!({"now": "2027-10-01T10:15:00Z"}))
+        .send()
+        .await
+        .unwrap();
+    let (account, token, topup_id) = customer_with_topup(&client, &base, "10.00").await;
+    let send = |body: Vec<u8>| {
+        let (client, base) = (client.clone(), base.clone());
+        async move { deliver(&client, &base, body.clone(), Some(sign(&body, SECRET, 0))).await }
+    };
+
+    // The dispute arrives before the payment it disputes: refused for now, nothing recorded.
+    let early = dispute_event(
+        "evt_1DisputeEarly",
+        "charge.dispute.created",
+        "dp_1Early",
+        "pi_1PgafyB7WZ01zgkWSjxsAJo3",
+        2_000,
+        "needs_response",
+    );
+    let (status, problem) = send(early.clone()).await;
+    assert_eq!(status, 409, "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("not known yet"));
+    // The payment settles (the checkout fixture's payment intent is pi_1PgafyB7WZ01zgkWSjxsAJo3).
+    assert_eq!(send(completed_checkout("evt_1Paid", &topup_id, 1_000, "aud")).await.0, 200);
+    assert_eq!(balance(&client, &base, &account, &token).await, "10.00");
+    let order: Value = client
+        .post(format!("{base}/v1/accounts/{account}/orders"))
+        .bearer_auth(&token)
+        .json(&json!({"plan_id": "vps-1g", "location": "syd"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let server_id = order["server_id"].as_str().unwrap().to_string();
+    let status_of = |id: String| {
+        let (client, base, token) = (client.clone(), base.clone(), token.clone());
+        async move {
+            client
+                .get(format!("{base}/v1/servers/{id}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    for _ in 0..100 {
+        if status_of(server_id.clone()).await == "needs_setup" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Redelivered, the dispute now applies: 20.00 taken back from a wallet of 9.987945.
+    let (status, answer) = send(early.clone()).await;
+    assert_eq!((status, answer["duplicate"].as_bool()), (200, Some(false)), "{answer}");
+    assert_eq!(
+        balance(&client, &base, &account, &token).await,
+        "-10.012055",
+        "the one way below zero"
+    );
+    assert_eq!(status_of(server_id.clone()).await, "suspended");
+    assert_eq!(send(early).await.1["duplicate"], true);
+
+    // Won: the money comes back and the server runs again.
+    let closed = dispute_event(
+        "evt_1DisputeWon",
+        "charge.dispute.closed",
+        "dp_1Early",
+        "pi_1PgafyB7WZ01zgkWSjxsAJo3",
+        2_000,
+        "won",
+    );
+    assert_eq!(send(closed).await.0, 200);
+    assert_eq!(status_of(server_id).await, "needs_setup");
+    // vps-1g in AUD: 0.010959 + 0.001096 GST for the first hour; its slot is not charged again.
+    assert_eq!(balance(&client, &base, &account, &token).await, "9.987945");
+}

@@ -695,6 +695,63 @@ impl Flows {
         Ok(fresh)
     }
 
+    /// Acts once on a dispute event (its receipt opens `receipt_stream` in the same append): opened,
+    /// the wallet is debited (below zero if need be) and `servers` suspended; closed, it is
+    /// settled (won: the amount comes back). Returns false for a redelivery.
+    pub async fn receive_dispute_event(
+        &self,
+        receipt_stream: &str,
+        receipt: serde_json::Value,
+        account_id: AccountId,
+        dispute_id: DisputeId,
+        payment_id: &str,
+        amount: Decimal,
+        opened: Option<bool>,
+        servers: &[ServerId],
+        metadata: &Metadata,
+    ) -> Result<bool> {
+        let at = self.now();
+        let fresh = atomically!(self, metadata, |unit| {
+            if unit.stream_exists(receipt_stream).await? {
+                break false;
+            }
+            unit.open_stream(receipt_stream, "ProviderEventReceived", receipt.clone());
+            let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            match opened {
+                None => {
+                    unit.handle(
+                        &mut account,
+                        AccountCommand::OpenDispute {
+                            dispute_id,
+                            payment_id: payment_id.to_string(),
+                            amount,
+                        },
+                    )
+                    .await?;
+                    for server_id in servers {
+                        let mut server = unit_load::<Server>(&unit, &server_id.stream_id()).await?;
+                        if server.state.is_billable() {
+                            unit.handle(
+                                &mut server,
+                                ServerCommand::Suspend {
+                                    reason: SuspensionReason::Dispute,
+                                    at,
+                                },
+                            )
+                            .await?;
+                        }
+                    }
+                }
+                Some(won) => match unit.handle(&mut account, AccountCommand::CloseDispute { dispute_id, won }).await {
+                    Ok(_) | Err(AccountError::DisputeClosed(_)) => {}
+                    Err(error) => return Err(error.into()),
+                },
+            }
+            true
+        });
+        Ok(fresh)
+    }
+
     /// Issues the month's invoice for an account (none when the month had no charge).
     pub async fn issue_invoice(&self, account_id: AccountId, period: YearMonth, metadata: &Metadata) -> Result<Option<InvoiceId>> {
         let at = self.now();

@@ -122,6 +122,44 @@ impl Event {
     }
 }
 
+/// What a dispute event tells the ledger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DisputeFacts {
+    pub dispute_reference: String,
+    pub payment_id: Option<String>,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub status: String,
+}
+
+impl Event {
+    /// `charge.dispute.created` or `charge.dispute.closed`: the dispute, its payment and amount.
+    pub fn dispute(&self) -> Option<(bool, DisputeFacts)> {
+        let created = match self.kind.as_str() {
+            "charge.dispute.created" => true,
+            "charge.dispute.closed" => false,
+            _ => return None,
+        };
+        let dispute = &self.data.object;
+        let payment_id = dispute.get("payment_intent").and_then(|intent| {
+            intent
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| intent.get("id").and_then(Value::as_str).map(str::to_string))
+        });
+        Some((
+            created,
+            DisputeFacts {
+                dispute_reference: dispute.get("id")?.as_str()?.to_string(),
+                payment_id,
+                amount_minor: dispute.get("amount")?.as_i64()?,
+                currency: dispute.get("currency")?.as_str()?.to_ascii_uppercase(),
+                status: dispute.get("status").and_then(Value::as_str).unwrap_or_default().to_string(),
+            },
+        ))
+    }
+}
+
 /// Stripe's event ids are short ASCII tokens; anything else is refused before it names a stream.
 pub fn valid_event_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 100 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')

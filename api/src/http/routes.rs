@@ -774,6 +774,9 @@ async fn stripe_webhook(State(state): State<AppState>, headers: HeaderMap, body:
             "the event id is not a Stripe event id",
         ));
     }
+    if let Some((created, dispute)) = event.dispute() {
+        return dispute_webhook(&state, &headers, &event, created, dispute).await;
+    }
     let paid = match event.paid_checkout() {
         None => None,
         Some(checkout) => {
@@ -1072,4 +1075,94 @@ async fn credit_charge(
             json!({"refund_id": refund_id, "charge_id": charge_id, "amount": money_text(amount, &account.currency), "account": account_json(&account)}),
         ),
     ))
+}
+
+/// The account whose top-up was paid by `payment_id`, from the log.
+async fn account_of_payment(state: &AppState, payment_id: &str) -> Result<Option<AccountId>, ApiError> {
+    let stream: Option<String> =
+        sqlx::query_scalar("SELECT stream_id FROM events WHERE event_type = 'TopUpSettled' AND payload->>'payment_id' = $1 LIMIT 1")
+            .bind(payment_id)
+            .fetch_optional(&state.pool)
+            .await?;
+    Ok(stream.and_then(|stream| stream.strip_prefix("account-").and_then(|id| AccountId::parse(id).ok())))
+}
+
+async fn dispute_webhook(
+    state: &AppState,
+    headers: &HeaderMap,
+    event: &crate::stripe::Event,
+    created: bool,
+    dispute: crate::stripe::DisputeFacts,
+) -> Result<Json<Value>, ApiError> {
+    let receipt_stream = format!("stripe-event-{}", event.id);
+    let metadata = crate::handler::Metadata {
+        actor_kind: "stripe".into(),
+        actor_id: event.id.clone(),
+        request_id: request_id(headers),
+        ..Default::default()
+    };
+    let receipt = json!({"provider": "stripe", "event_id": event.id, "event_type": event.kind, "livemode": event.livemode, "dispute": dispute.dispute_reference});
+    let account_id = match &dispute.payment_id {
+        Some(payment_id) => account_of_payment(state, payment_id).await?,
+        None => None,
+    };
+    let (Some(account_id), Some(payment_id)) = (account_id, dispute.payment_id.clone()) else {
+        if dispute.payment_id.is_some() {
+            // Its payment is not settled here yet (events arrive out of order): refuse, so
+            // Stripe delivers it again later, and nothing is lost.
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "payment-unknown",
+                "Payment not known yet",
+                "the disputed payment is not known yet; deliver the event again later",
+            ));
+        }
+        tracing::error!(event = %event.id, dispute = %dispute.dispute_reference, "a dispute without a payment intent cannot be matched to an account; recorded for review");
+        let fresh = state.flows.receive_payment_event(&receipt_stream, receipt, None, &metadata).await?;
+        return Ok(Json(json!({"received": true, "duplicate": !fresh, "matched": false})));
+    };
+    let currency = Currency::parse(&dispute.currency)
+        .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, "malformed", "Malformed event", error.to_string()))?;
+    let amount = Money::from_minor_units(dispute.amount_minor, currency).amount;
+    let dispute_id = domain::DisputeId(uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_URL,
+        format!("stripe:{}", dispute.dispute_reference).as_bytes(),
+    ));
+    let servers: Vec<(uuid::Uuid,)> = sqlx::query_as(
+        "SELECT server_id FROM rm.servers WHERE account_id = $1 AND status IN ('needs_setup', 'running', 'stopped') ORDER BY server_id",
+    )
+    .bind(account_id.0)
+    .fetch_all(&state.pool)
+    .await?;
+    let servers: Vec<ServerId> = servers.into_iter().map(|(id,)| ServerId(id)).collect();
+    let opened = if created { None } else { Some(dispute.status == "won") };
+    let fresh = state
+        .flows
+        .receive_dispute_event(
+            &receipt_stream,
+            receipt,
+            account_id,
+            dispute_id,
+            &payment_id,
+            amount,
+            opened,
+            &servers,
+            &metadata,
+        )
+        .await?;
+    if fresh && !created {
+        // Settled: servers suspended for the dispute come back (and are billed again).
+        read_your_writes(state).await?;
+        let suspended: Vec<(uuid::Uuid,)> = sqlx::query_as(
+            "SELECT server_id FROM rm.servers WHERE account_id = $1 AND status = 'suspended' AND state->'suspended'->>0 = 'dispute'",
+        )
+        .bind(account_id.0)
+        .fetch_all(&state.pool)
+        .await?;
+        for (server_id,) in suspended {
+            state.flows.resume(ServerId(server_id), &metadata).await?;
+        }
+    }
+    read_your_writes(state).await?;
+    Ok(Json(json!({"received": true, "duplicate": !fresh})))
 }
