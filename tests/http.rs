@@ -881,3 +881,82 @@ async fn two_instances_charge_every_slot_exactly_once() {
     .unwrap();
     assert_eq!(duplicates, 0, "no (server, slot) charged twice");
 }
+
+#[tokio::test]
+async fn rate_limits_request_ids_and_metrics() {
+    let db = TestDatabase::new().await;
+    let (server, _) = support::start(
+        &db,
+        &["serve", "--dev", "--bind", "127.0.0.1:0"],
+        &[
+            ("BILLING_BOOTSTRAP_ADMIN_TOKEN", Some(ADMIN)),
+            ("BILLING_RATE_LIMIT_BURST", Some("3")),
+            ("BILLING_RATE_LIMIT_PER_SECOND", Some("0.01")),
+        ],
+    );
+    let api = Api {
+        client: reqwest::Client::new(),
+        base: server.base.clone(),
+    };
+    let (account, customer) = funded_customer(&api, "USD", "US", "5.00").await;
+    let orders = format!("/v1/accounts/{account}/orders");
+    let order = || api.post(&orders, Some(&customer), json!({"plan_id": "vps-1g", "location": "nyc"}));
+    for _ in 0..3 {
+        assert_eq!(order().await.0, 202);
+    }
+    let limited = api
+        .client
+        .post(format!("{}/v1/accounts/{account}/orders", api.base))
+        .bearer_auth(&customer)
+        .json(&json!({"plan_id": "vps-1g", "location": "nyc"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(limited.status().as_u16(), 429);
+    assert!(limited.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(limited.headers()["content-type"], "application/problem+json");
+    // Reads are not limited, nor are other tokens.
+    assert_eq!(api.get(&format!("/v1/accounts/{account}"), Some(&customer)).await.0, 200);
+
+    // A request id is echoed, and kept in the metadata of the events the request caused.
+    let response = api
+        .client
+        .post(format!("{}/v1/admin/accounts/{account}/adjustments", api.base))
+        .bearer_auth(ADMIN)
+        .header("x-request-id", "req-trace-42")
+        .json(&json!({"amount": "1.00", "reason": "traced"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "req-trace-42");
+    let metadata: Value = sqlx::query_scalar("SELECT metadata FROM events WHERE event_type = 'Adjusted' AND payload->>'reason' = 'traced'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (metadata["request_id"].as_str(), metadata["actor_kind"].as_str()),
+        (Some("req-trace-42"), Some("admin"))
+    );
+    let generated = api.client.get(format!("{}/healthz", api.base)).send().await.unwrap();
+    assert_eq!(generated.headers()["x-request-id"].to_str().unwrap().len(), 36);
+
+    let metrics = api
+        .client
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("billing_http_requests_total{method=\"POST\",status=\"429\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("billing_http_request_duration_seconds_count"), "{metrics}");
+    assert!(
+        metrics.contains("billing_projector_lag_events{projection=\"balances\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("billing_active_servers"), "{metrics}");
+}

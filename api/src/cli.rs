@@ -282,6 +282,7 @@ async fn run_server(
         dev_clock,
         webhook_secret,
         public_url: format!("http://{address}"),
+        rate_limiter: std::sync::Arc::new(crate::http::operations::RateLimiter::from_env()),
     };
     println!(
         "listening on http://{address}{}",

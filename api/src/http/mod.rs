@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod error;
 mod idempotency;
+pub mod operations;
 mod routes;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ pub struct AppState {
     pub webhook_secret: Option<String>,
     /// This server's own base URL (for checkout links and the dev checkout's webhook).
     pub public_url: String,
+    pub rate_limiter: Arc<operations::RateLimiter>,
 }
 
 /// Largest request body accepted; larger is a 413.

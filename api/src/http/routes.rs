@@ -20,6 +20,7 @@ pub fn router(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/plans", get(plans))
         .route("/v1/accounts", post(open_account).get(search_accounts))
         .route("/v1/accounts/{id}", get(get_account))
@@ -49,6 +50,8 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), super::idempotency::layer))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), super::operations::rate_limit))
+        .layer(axum::middleware::from_fn(super::operations::request_id))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
 }
@@ -1165,4 +1168,28 @@ async fn dispute_webhook(
     }
     read_your_writes(state).await?;
     Ok(Json(json!({"received": true, "duplicate": !fresh})))
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
+    let statuses = projections::queries::status(&state.pool).await?;
+    let mut extra = String::from("# TYPE billing_ledger_head_position gauge\n");
+    extra.push_str(&format!(
+        "billing_ledger_head_position {}\n",
+        statuses.first().map(|s| s.head).unwrap_or(0)
+    ));
+    extra.push_str("# TYPE billing_projector_lag_events gauge\n");
+    for status in &statuses {
+        extra.push_str(&format!(
+            "billing_projector_lag_events{{projection=\"{}\"}} {}\n",
+            status.name, status.lag
+        ));
+    }
+    let billable: i64 = sqlx::query_scalar("SELECT count(*) FROM rm.servers WHERE status IN ('needs_setup', 'running', 'stopped')")
+        .fetch_one(&state.pool)
+        .await?;
+    extra.push_str(&format!("# TYPE billing_active_servers gauge\nbilling_active_servers {billable}\n"));
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        super::operations::METRICS.render(&extra),
+    ))
 }
