@@ -283,6 +283,8 @@ async fn run_server(
         webhook_secret,
         public_url: format!("http://{address}"),
         rate_limiter: std::sync::Arc::new(crate::http::operations::RateLimiter::from_env()),
+        provider: provider_from_env()?,
+        provider_retry: crate::workers::RetryPolicy::from_env(),
     };
     println!(
         "listening on http://{address}{}",
@@ -324,4 +326,61 @@ pub async fn create_key(role: &str, account: Option<String>) -> anyhow::Result<E
     let token = crate::http::auth::create_key(&pool, role, account_id, "created with billing keys create").await?;
     println!("{token}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `PROVIDER=simulated` (the default) or `virtfusion` (with `VIRTFUSION_URL`, `VIRTFUSION_TOKEN`,
+/// and optionally `VIRTFUSION_PACKAGES=vps-1g=1,...`, `VIRTFUSION_HYPERVISOR_GROUPS=syd=1,...`,
+/// `VIRTFUSION_USER_ID`, `VIRTFUSION_TIMEOUT_MS`).
+fn provider_from_env() -> anyhow::Result<std::sync::Arc<dyn domain::provider::ServerProvider>> {
+    let pairs = |name: &str, default: &str| -> anyhow::Result<std::collections::HashMap<String, u64>> {
+        let text = std::env::var(name).unwrap_or_else(|_| default.to_string());
+        text.split(',')
+            .filter(|pair| !pair.trim().is_empty())
+            .map(|pair| {
+                let (key, value) = pair
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("{name}: {pair:?} is not KEY=ID"))?;
+                Ok((
+                    key.trim().to_string(),
+                    value
+                        .trim()
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("{name}: {value:?} is not a number"))?,
+                ))
+            })
+            .collect()
+    };
+    match std::env::var("PROVIDER").unwrap_or_else(|_| "simulated".into()).as_str() {
+        "simulated" => {
+            let latency_ms = std::env::var("BILLING_SIMULATED_LATENCY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(300);
+            let failing = std::env::var("BILLING_SIMULATED_FAILING_LOCATIONS").unwrap_or_default();
+            Ok(std::sync::Arc::new(adapters::simulated::SimulatedProvider {
+                latency: std::time::Duration::from_millis(latency_ms),
+                failing_locations: failing.split(',').filter(|l| !l.is_empty()).map(str::to_string).collect(),
+            }))
+        }
+        "virtfusion" => {
+            let base_url = std::env::var("VIRTFUSION_URL").context("PROVIDER=virtfusion needs VIRTFUSION_URL")?;
+            let token = std::env::var("VIRTFUSION_TOKEN").context("PROVIDER=virtfusion needs VIRTFUSION_TOKEN")?;
+            Ok(std::sync::Arc::new(adapters::virtfusion::VirtFusion::new(
+                adapters::virtfusion::VirtFusionConfig {
+                    base_url,
+                    token,
+                    packages: pairs("VIRTFUSION_PACKAGES", "vps-1g=1,vps-2g=2,vps-4g=3,vps-8g=4")?,
+                    hypervisor_groups: pairs("VIRTFUSION_HYPERVISOR_GROUPS", "syd=1,mel=2,sgp=3,fra=4,nyc=5")?,
+                    user_id: std::env::var("VIRTFUSION_USER_ID").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
+                    timeout: std::time::Duration::from_millis(
+                        std::env::var("VIRTFUSION_TIMEOUT_MS")
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(10_000),
+                    ),
+                },
+            )))
+        }
+        other => anyhow::bail!("PROVIDER is simulated or virtfusion, not {other:?}"),
+    }
 }

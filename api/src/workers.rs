@@ -196,17 +196,88 @@ pub async fn resume_affordable(flows: &Flows, account_id: Option<domain::Account
     Ok(resumed)
 }
 
-/// The simulated provider: provisioning completes after `latency`, unless the order's location is
-/// configured to fail. The server is stamped with the clock's instant at completion.
-pub async fn provision_simulated(flows: Flows, order_id: OrderId, latency: Duration) -> Result<(), FlowError> {
-    tokio::time::sleep(latency).await;
-    let provider_id = format!("sim-{}", &order_id.0.simple().to_string()[..12]);
-    match flows.complete_provisioning(order_id, &provider_id, &system()).await {
-        Ok(_) => Ok(()),
-        Err(FlowError::Order(domain::OrderError::AlreadyCompleted | domain::OrderError::AlreadyFailed)) => Ok(()),
-        Err(error) => {
-            tracing::error!(%error, %order_id, "provisioning failed; releasing the hold");
-            flows.fail_provisioning(order_id, &error.to_string(), &system()).await
+/// How the deploy saga retries a provider that is busy, locked or slow.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    pub attempts_max: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl RetryPolicy {
+    /// `BILLING_PROVIDER_ATTEMPTS` (default 6) and `BILLING_PROVIDER_BACKOFF_MS` (default 500).
+    pub fn from_env() -> RetryPolicy {
+        let attempts_max = std::env::var("BILLING_PROVIDER_ATTEMPTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(6u32)
+            .clamp(1, 20);
+        let base_ms = std::env::var("BILLING_PROVIDER_BACKOFF_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(500u64)
+            .clamp(1, 60_000);
+        RetryPolicy {
+            attempts_max,
+            backoff_base: Duration::from_millis(base_ms),
+            backoff_max: Duration::from_secs(60),
         }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        (self.backoff_base * 2u32.saturating_pow(attempt.saturating_sub(1).min(16))).min(self.backoff_max)
+    }
+}
+
+/// The deploy saga for one order: ask the provider, retrying what may pass; then capture the hold
+/// as the first hour (provisioned) or release it (refused, or given up). The order, the server and
+/// the hold each change state at most once, whoever else runs this for the same order.
+pub async fn provision(
+    flows: Flows,
+    provider: std::sync::Arc<dyn domain::provider::ServerProvider>,
+    order_id: OrderId,
+    policy: RetryPolicy,
+) -> Result<(), FlowError> {
+    let order = flows.handler.load::<domain::Order>(&order_id.stream_id()).await?;
+    let Some(placed) = order.state.placed.clone() else {
+        return Err(FlowError::NotFound("order"));
+    };
+    if order.state.status != Some(domain::order::OrderStatus::Placed) {
+        return Ok(());
+    }
+    let server = flows.handler.load::<domain::Server>(&placed.server_id.stream_id()).await?;
+    let location = server
+        .state
+        .ordered
+        .as_ref()
+        .map(|ordered| ordered.location.clone())
+        .ok_or(FlowError::NotFound("server"))?;
+    let request = domain::provider::ProvisionRequest {
+        order_id,
+        server_id: placed.server_id,
+        plan_id: placed.plan_id.clone(),
+        location,
+    };
+    let mut attempt = 0;
+    let outcome = loop {
+        attempt += 1;
+        match provider.provision(request.clone()).await {
+            Ok(provider_id) => break Ok(provider_id),
+            Err(domain::provider::ProviderError::Permanent(reason)) => break Err(reason),
+            Err(domain::provider::ProviderError::Retryable(reason)) if attempt < policy.attempts_max => {
+                tracing::warn!(%order_id, attempt, %reason, "provider busy; retrying");
+                tokio::time::sleep(policy.backoff(attempt)).await;
+            }
+            Err(domain::provider::ProviderError::Retryable(reason)) => break Err(format!("gave up after {attempt} attempts: {reason}")),
+        }
+    };
+    let result = match outcome {
+        Ok(provider_id) => flows.complete_provisioning(order_id, &provider_id, &system()).await.map(|_| ()),
+        Err(reason) => flows.fail_provisioning(order_id, &reason, &system()).await,
+    };
+    match result {
+        // Someone finished the saga first: the order says how it ended.
+        Err(FlowError::Order(domain::OrderError::AlreadyCompleted | domain::OrderError::AlreadyFailed)) => Ok(()),
+        other => other,
     }
 }

@@ -10,6 +10,7 @@ pub mod invoice;
 pub mod money;
 pub mod order;
 pub mod postings;
+pub mod provider;
 pub mod server;
 pub mod topup;
 pub mod types;

@@ -27,6 +27,8 @@ pub struct AppState {
     /// This server's own base URL (for checkout links and the dev checkout's webhook).
     pub public_url: String,
     pub rate_limiter: Arc<operations::RateLimiter>,
+    pub provider: Arc<dyn domain::provider::ServerProvider>,
+    pub provider_retry: crate::workers::RetryPolicy,
 }
 
 /// Largest request body accepted; larger is a 413.

@@ -590,10 +590,11 @@ async fn place_order(
             &caller.metadata(request_id(&headers), None),
         )
         .await?;
-    tokio::spawn(crate::workers::provision_simulated(
+    tokio::spawn(crate::workers::provision(
         state.flows.clone(),
+        state.provider.clone(),
         order_id,
-        std::time::Duration::from_millis(300),
+        state.provider_retry,
     ));
     read_your_writes(&state).await?;
     Ok((

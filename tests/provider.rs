@@ -1,0 +1,230 @@
+//! The deploy saga against VirtFusion (wiremock at its HTTP boundary, answering as its API does):
+//! retried while locked (423), unavailable (503) or slow; released when refused or given up;
+//! the hold captured or released exactly once.
+
+use std::time::Duration;
+
+use ledger::testing::TestDatabase;
+use serde_json::{json, Value};
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+mod support;
+
+const ADMIN: &str = "bootstrap-admin-token-for-tests";
+
+/// VirtFusion's answer to a created server (trimmed to what the adapter reads, shaped as its API).
+fn created(id: u64) -> ResponseTemplate {
+    ResponseTemplate::new(201).set_body_json(json!({"data": {"id": id, "ownerId": 1, "hypervisorId": 5, "name": "server", "hostname": null, "commissionStatus": 0, "uuid": "8f2d8a0e-6e4c-4c52-9b1f-3a4b5c6d7e8f", "state": "queued"}}))
+}
+
+async fn order_against(virtfusion: &MockServer) -> (TestDatabase, support::Server, String, String, String) {
+    let db = TestDatabase::new().await;
+    let uri = virtfusion.uri();
+    let (server, _) = support::start(
+        &db,
+        &["serve", "--dev", "--bind", "127.0.0.1:0"],
+        &[
+            ("BILLING_BOOTSTRAP_ADMIN_TOKEN", Some(ADMIN)),
+            ("PROVIDER", Some("virtfusion")),
+            ("VIRTFUSION_URL", Some(&uri)),
+            ("VIRTFUSION_TOKEN", Some("vf-token")),
+            ("VIRTFUSION_TIMEOUT_MS", Some("300")),
+            ("BILLING_PROVIDER_ATTEMPTS", Some("4")),
+            ("BILLING_PROVIDER_BACKOFF_MS", Some("20")),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let base = server.base.clone();
+    let account: Value = client
+        .post(format!("{base}/v1/accounts"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "Saga", "email": "saga@example.com", "currency": "USD", "country": "US"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let account = account["id"].as_str().unwrap().to_string();
+    let key: Value = client
+        .post(format!("{base}/v1/accounts/{account}/api-keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"role": "customer"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = key["token"].as_str().unwrap().to_string();
+    client
+        .post(format!("{base}/v1/admin/accounts/{account}/adjustments"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"amount": "1.00", "reason": "saga"}))
+        .send()
+        .await
+        .unwrap();
+    let order = client
+        .post(format!("{base}/v1/accounts/{account}/orders"))
+        .bearer_auth(&token)
+        .json(&json!({"plan_id": "vps-1g", "location": "nyc"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(order.status().as_u16(), 202);
+    let order: Value = order.json().await.unwrap();
+    (db, server, account, token, order["server_id"].as_str().unwrap().to_string())
+}
+
+async fn settle(base: &str, token: &str, server_id: &str) -> String {
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        let server: Value = client
+            .get(format!("{base}/v1/servers/{server_id}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let status = server["status"].as_str().unwrap().to_string();
+        if status != "provisioning" {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the saga never ended");
+}
+
+async fn hold_events(db: &TestDatabase) -> (i64, i64) {
+    let captured: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'HoldCaptured'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let released: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'HoldReleased'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    (captured, released)
+}
+
+async fn balance(base: &str, token: &str, account: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("{base}/v1/accounts/{account}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn locked_twice_then_created_captures_the_hold_once() {
+    let virtfusion = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/servers"))
+        .and(header("authorization", "Bearer vf-token"))
+        .respond_with(ResponseTemplate::new(423).set_body_json(json!({"errors": ["resource locked"]})))
+        .up_to_n_times(2)
+        .expect(2)
+        .mount(&virtfusion)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/servers"))
+        .respond_with(created(4242))
+        .expect(1)
+        .mount(&virtfusion)
+        .await;
+    let (db, server, account, token, server_id) = order_against(&virtfusion).await;
+    assert_eq!(settle(&server.base, &token, &server_id).await, "needs_setup");
+    assert_eq!(hold_events(&db).await, (1, 0));
+    let view = balance(&server.base, &token, &account).await;
+    assert_eq!(
+        (view["balance"].as_str(), view["reserved"].as_str()),
+        (Some("0.993151"), Some("0.00")),
+        "1.00 less the first hour, 0.006849"
+    );
+    let provider_id: String =
+        sqlx::query_scalar("SELECT payload->>'provider_server_id' FROM events WHERE event_type = 'ServerProvisioned'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(provider_id, "vf-4242");
+    let request: Value = serde_json::from_slice(&virtfusion.received_requests().await.unwrap()[0].body).unwrap();
+    assert_eq!(
+        (
+            request["packageId"].as_u64(),
+            request["hypervisorId"].as_u64(),
+            request["name"].as_str()
+        ),
+        (Some(1), Some(5), Some(server_id.as_str()))
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_releases_the_hold_in_full_once() {
+    let virtfusion = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/servers"))
+        .respond_with(ResponseTemplate::new(422).set_body_json(json!({"errors": ["package unavailable"]})))
+        .expect(1)
+        .mount(&virtfusion)
+        .await;
+    let (db, server, account, token, server_id) = order_against(&virtfusion).await;
+    assert_eq!(settle(&server.base, &token, &server_id).await, "failed");
+    assert_eq!(hold_events(&db).await, (0, 1));
+    let view = balance(&server.base, &token, &account).await;
+    assert_eq!(
+        (view["balance"].as_str(), view["available"].as_str(), view["reserved"].as_str()),
+        (Some("1.00"), Some("1.00"), Some("0.00"))
+    );
+    let reason: String = sqlx::query_scalar("SELECT payload->>'reason' FROM events WHERE event_type = 'HoldReleased'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(reason.contains("422") && reason.contains("package unavailable"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_provider_that_keeps_timing_out_is_given_up_and_the_hold_released() {
+    let virtfusion = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/servers"))
+        .respond_with(created(1).set_delay(Duration::from_secs(2)))
+        .expect(4)
+        .mount(&virtfusion)
+        .await;
+    let (db, server, _, token, server_id) = order_against(&virtfusion).await;
+    assert_eq!(settle(&server.base, &token, &server_id).await, "failed");
+    assert_eq!(hold_events(&db).await, (0, 1));
+    let reason: String = sqlx::query_scalar("SELECT payload->>'reason' FROM events WHERE event_type = 'HoldReleased'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(reason.starts_with("gave up after 4 attempts"), "{reason}");
+}
+
+#[tokio::test]
+async fn unavailable_then_created_captures_once() {
+    let virtfusion = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/servers"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(3)
+        .expect(3)
+        .mount(&virtfusion)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/servers"))
+        .respond_with(created(77))
+        .expect(1)
+        .mount(&virtfusion)
+        .await;
+    let (db, server, _, token, server_id) = order_against(&virtfusion).await;
+    assert_eq!(settle(&server.base, &token, &server_id).await, "needs_setup");
+    assert_eq!(hold_events(&db).await, (1, 0));
+}
