@@ -960,3 +960,60 @@ async fn rate_limits_request_ids_and_metrics() {
     );
     assert!(metrics.contains("billing_active_servers"), "{metrics}");
 }
+
+#[tokio::test]
+async fn the_openapi_document_covers_every_route() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, true);
+    let api = Api {
+        client: reqwest::Client::new(),
+        base: server.base.clone(),
+    };
+    let document = api.get("/openapi.json", None).await;
+    assert_eq!(document.0, 200);
+    assert!(document.2["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = document.2["paths"].as_object().unwrap();
+    for (method, path) in [
+        ("get", "/v1/plans"),
+        ("post", "/v1/accounts"),
+        ("get", "/v1/accounts"),
+        ("get", "/v1/accounts/{id}"),
+        ("post", "/v1/accounts/{id}/api-keys"),
+        ("get", "/v1/accounts/{id}/transactions"),
+        ("get", "/v1/accounts/{id}/invoices"),
+        ("get", "/v1/invoices/{id}"),
+        ("get", "/v1/accounts/{id}/servers"),
+        ("get", "/v1/servers/{id}"),
+        ("post", "/v1/accounts/{id}/topups"),
+        ("post", "/v1/accounts/{id}/orders"),
+        ("post", "/v1/servers/{id}/setup"),
+        ("post", "/v1/servers/{id}/power"),
+        ("post", "/v1/servers/{id}/cancellation"),
+        ("delete", "/v1/servers/{id}/cancellation"),
+        ("post", "/v1/webhooks/stripe"),
+        ("post", "/v1/admin/accounts/{id}/adjustments"),
+        ("post", "/v1/admin/charges/{id}/refunds"),
+        ("get", "/v1/ledger/events"),
+        ("get", "/v1/ledger/trial-balance"),
+        ("get", "/v1/admin/projections"),
+        ("post", "/v1/dev/clock"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+    ] {
+        let operation = &paths.get(path).unwrap_or_else(|| panic!("{path} is not documented"))[method];
+        assert!(operation.is_object(), "{method} {path} is not documented");
+        assert!(
+            operation["responses"].as_object().is_some_and(|r| !r.is_empty()),
+            "{method} {path} has no responses"
+        );
+    }
+    let order = &paths["/v1/accounts/{id}/orders"]["post"]["responses"];
+    for status in ["202", "401", "402", "403", "404", "422", "429"] {
+        assert!(order.get(status).is_some(), "orders: {status} is not documented");
+    }
+    assert_eq!(
+        order["402"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/Problem"
+    );
+}

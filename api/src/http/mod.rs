@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod error;
 mod idempotency;
+pub mod openapi;
 pub mod operations;
 mod routes;
 

@@ -21,6 +21,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .route("/v1/plans", get(plans))
         .route("/v1/accounts", post(open_account).get(search_accounts))
         .route("/v1/accounts/{id}", get(get_account))
@@ -163,17 +164,20 @@ async fn read_your_writes(state: &AppState) -> Result<(), ApiError> {
     projections::runner::catch_up_all(&state.pool).await.map_err(ApiError::from)
 }
 
-async fn healthz() -> &'static str {
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "alive")))]
+pub(crate) async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "database reachable; the projectors' lag"), (status = 503, description = "database unavailable", body = super::openapi::Problem)))]
+pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let statuses = projections::queries::status(&state.pool).await?;
     let lag = statuses.iter().map(|status| status.lag).max().unwrap_or(0);
     Ok(Json(json!({"status": "ready", "projector_lag": lag})))
 }
 
-async fn plans(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/plans", responses((status = 200, description = "the plans on sale, with monthly and hourly prices per currency")))]
+pub(crate) async fn plans(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let catalog = state
         .flows
         .handler
@@ -202,7 +206,8 @@ async fn plans(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({"items": plans})))
 }
 
-async fn open_account(
+#[utoipa::path(post, path = "/v1/accounts", request_body = super::openapi::OpenAccount, security(("bearer" = [])), responses((status = 201, description = "opened: {id}"), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem)))]
+pub(crate) async fn open_account(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
@@ -230,12 +235,17 @@ async fn open_account(
 }
 
 #[derive(Deserialize)]
-struct SearchQuery {
+pub(crate) struct SearchQuery {
     query: Option<String>,
     limit: Option<i64>,
 }
 
-async fn search_accounts(State(state): State<AppState>, caller: Caller, Query(query): Query<SearchQuery>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/accounts", params(("query" = Option<String>, Query, description = "part of a name or email"), ("limit" = Option<i64>, Query)), security(("bearer" = [])), responses((status = 200, description = "matching accounts", body = super::openapi::Page), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem)))]
+pub(crate) async fn search_accounts(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<SearchQuery>,
+) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::Admin, Role::Finance])?;
     let limit = query.limit.unwrap_or(50).clamp(1, 200);
     let pattern = format!(
@@ -278,7 +288,7 @@ fn account_json(row: &projections::balances::BalanceRow) -> Value {
 }
 
 #[derive(Deserialize)]
-struct AsOfQuery {
+pub(crate) struct AsOfQuery {
     as_of: Option<String>,
 }
 
@@ -290,7 +300,8 @@ async fn load_account(state: &AppState, account_id: AccountId) -> Result<project
         .ok_or_else(|| ApiError::not_found("account"))
 }
 
-async fn get_account(
+#[utoipa::path(get, path = "/v1/accounts/{id}", params(("id" = String, Path), ("as_of" = Option<String>, Query, description = "an RFC 3339 instant")), security(("bearer" = [])), responses((status = 200, description = "the account", body = super::openapi::Account), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem)))]
+pub(crate) async fn get_account(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -320,7 +331,8 @@ async fn get_account(
     })))
 }
 
-async fn create_api_key(
+#[utoipa::path(post, path = "/v1/accounts/{id}/api-keys", params(("id" = String, Path)), request_body = super::openapi::NewKey, security(("bearer" = [])), responses((status = 201, description = "{token}, shown once"), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem)))]
+pub(crate) async fn create_api_key(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -344,7 +356,7 @@ async fn create_api_key(
 }
 
 #[derive(Deserialize)]
-struct PageQuery {
+pub(crate) struct PageQuery {
     cursor: Option<String>,
     limit: Option<i64>,
 }
@@ -352,7 +364,8 @@ struct PageQuery {
 /// Page sizes are bounded.
 const PAGE_MAX: i64 = 200;
 
-async fn transactions(
+#[utoipa::path(get, path = "/v1/accounts/{id}/transactions", params(("id" = String, Path), ("cursor" = Option<String>, Query), ("limit" = Option<i64>, Query)), security(("bearer" = [])), responses((status = 200, description = "the statement, oldest first", body = super::openapi::Page), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem)))]
+pub(crate) async fn transactions(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -423,7 +436,12 @@ fn server_json(row: &projections::servers::ServerRow, now: DateTime<Utc>, curren
     })
 }
 
-async fn account_servers(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/accounts/{id}/servers", params(("id" = String, Path)), security(("bearer" = [])), responses((status = 200, description = "the account's servers", body = super::openapi::Page), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem)))]
+pub(crate) async fn account_servers(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let account_id = parse_account_id(&id)?;
     caller.may_read(account_id)?;
     let account = load_account(&state, account_id).await?;
@@ -438,7 +456,8 @@ async fn account_servers(State(state): State<AppState>, caller: Caller, Path(id)
     ))
 }
 
-async fn get_server(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/servers/{id}", params(("id" = String, Path)), security(("bearer" = [])), responses((status = 200, description = "the server", body = super::openapi::Server), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem)))]
+pub(crate) async fn get_server(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let server_id = ServerId::parse(&id).map_err(|_| ApiError::not_found("server"))?;
     let row: projections::servers::ServerRow = sqlx::query_as("SELECT * FROM rm.servers WHERE server_id = $1")
         .bind(server_id.0)
@@ -452,7 +471,8 @@ async fn get_server(State(state): State<AppState>, caller: Caller, Path(id): Pat
     Ok(Json(server_json(&row, state.clock.now(), &account.currency)))
 }
 
-async fn adjust(
+#[utoipa::path(post, path = "/v1/admin/accounts/{id}/adjustments", params(("id" = String, Path)), request_body = super::openapi::Adjustment, security(("bearer" = [])), responses((status = 201, description = "adjusted"), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 402, description = "a debit beyond the available balance", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem)))]
+pub(crate) async fn adjust(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
@@ -477,12 +497,18 @@ async fn adjust(
     ))
 }
 
-async fn projection_status(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/admin/projections", security(("bearer" = [])), responses((status = 200, description = "each read model's position, lag, generation and rebuild state"), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem)))]
+pub(crate) async fn projection_status(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::Admin])?;
     Ok(Json(json!({"items": projections::queries::status(&state.pool).await?})))
 }
 
-async fn trial_balance(State(state): State<AppState>, caller: Caller, Query(query): Query<AsOfQuery>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/ledger/trial-balance", params(("as_of" = Option<String>, Query)), security(("bearer" = [])), responses((status = 200, description = "journal totals per ledger account", body = super::openapi::TrialBalance), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem)))]
+pub(crate) async fn trial_balance(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<AsOfQuery>,
+) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::Admin, Role::Finance])?;
     let as_of = match query.as_of {
         None => None,
@@ -504,13 +530,18 @@ async fn trial_balance(State(state): State<AppState>, caller: Caller, Query(quer
 }
 
 #[derive(Deserialize)]
-struct EventsQuery {
+pub(crate) struct EventsQuery {
     after: Option<i64>,
     limit: Option<usize>,
     stream: Option<String>,
 }
 
-async fn ledger_events(State(state): State<AppState>, caller: Caller, Query(query): Query<EventsQuery>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/ledger/events", params(("after" = Option<i64>, Query), ("limit" = Option<usize>, Query), ("stream" = Option<String>, Query)), security(("bearer" = [])), responses((status = 200, description = "the audit stream with hashes", body = super::openapi::Page), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem)))]
+pub(crate) async fn ledger_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<EventsQuery>,
+) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::Admin, Role::Finance])?;
     let after = query.after.unwrap_or(0).max(0);
     let limit = query.limit.unwrap_or(100).clamp(1, 1_000);
@@ -537,7 +568,8 @@ async fn dev_clock_now(State(state): State<AppState>) -> Json<Value> {
     Json(json!({"now": state.clock.now()}))
 }
 
-async fn dev_clock(State(state): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(post, path = "/v1/dev/clock", request_body = super::openapi::DevClock, responses((status = 200, description = "the new instant, and the due work it ran"), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem), (status = 404, description = "not in dev mode", body = super::openapi::Problem)))]
+pub(crate) async fn dev_clock(State(state): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
     let clock = state.dev_clock.as_ref().ok_or_else(|| ApiError::not_found("route"))?;
     let now = match (body.0.get("now"), body.0.get("advance_seconds")) {
         (Some(Value::String(text)), None) => {
@@ -566,7 +598,8 @@ async fn dev_clock(State(state): State<AppState>, body: Body) -> Result<Json<Val
     Ok(Json(json!({"now": now, "due": report})))
 }
 
-async fn place_order(
+#[utoipa::path(post, path = "/v1/accounts/{id}/orders", params(("id" = String, Path)), request_body = super::openapi::PlaceOrder, security(("bearer" = [])), responses((status = 202, description = "accepted; provisioning", body = super::openapi::OrderAccepted), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 402, description = "the first hour is not affordable", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem), (status = 429, description = "too many orders", body = super::openapi::Problem)))]
+pub(crate) async fn place_order(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
@@ -631,7 +664,8 @@ async fn server_response(state: &AppState, server_id: uuid::Uuid) -> Result<Json
     Ok(Json(server_json(&row, state.clock.now(), &account.currency)))
 }
 
-async fn setup_server(
+#[utoipa::path(post, path = "/v1/servers/{id}/setup", params(("id" = String, Path)), request_body = super::openapi::Setup, security(("bearer" = [])), responses((status = 200, description = "set up", body = super::openapi::Server), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 409, description = "not in a state that allows it", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem)))]
+pub(crate) async fn setup_server(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
@@ -653,7 +687,8 @@ async fn setup_server(
     server_response(&state, row.server_id).await
 }
 
-async fn power_server(
+#[utoipa::path(post, path = "/v1/servers/{id}/power", params(("id" = String, Path)), request_body = super::openapi::Power, security(("bearer" = [])), responses((status = 200, description = "done", body = super::openapi::Server), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 409, description = "not in a state that allows it", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem)))]
+pub(crate) async fn power_server(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
@@ -679,7 +714,8 @@ async fn power_server(
     server_response(&state, row.server_id).await
 }
 
-async fn cancel_server(
+#[utoipa::path(post, path = "/v1/servers/{id}/cancellation", params(("id" = String, Path)), request_body = super::openapi::Cancellation, security(("bearer" = [])), responses((status = 200, description = "cancelled; the unused part of the slot refunded", body = super::openapi::Server), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 409, description = "already cancelled or not cancellable", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem)))]
+pub(crate) async fn cancel_server(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
@@ -699,7 +735,8 @@ async fn cancel_server(
     server_response(&state, row.server_id).await
 }
 
-async fn revoke_cancellation(
+#[utoipa::path(delete, path = "/v1/servers/{id}/cancellation", params(("id" = String, Path)), security(("bearer" = [])), responses((status = 200, description = "revoked; the slot in progress charged", body = super::openapi::Server), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 409, description = "immediate, due, or not cancelled", body = super::openapi::Problem)))]
+pub(crate) async fn revoke_cancellation(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
@@ -713,7 +750,8 @@ async fn revoke_cancellation(
     server_response(&state, row.server_id).await
 }
 
-async fn request_topup(
+#[utoipa::path(post, path = "/v1/accounts/{id}/topups", params(("id" = String, Path)), request_body = super::openapi::AmountRequest, security(("bearer" = [])), responses((status = 201, description = "pending, with its checkout URL", body = super::openapi::TopUp), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem), (status = 429, description = "too many top-ups", body = super::openapi::Problem)))]
+pub(crate) async fn request_topup(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
@@ -755,7 +793,12 @@ async fn request_topup(
     ))
 }
 
-async fn stripe_webhook(State(state): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(post, path = "/v1/webhooks/stripe", responses((status = 200, description = "received (duplicate: already acted on)"), (status = 400, description = "bad signature, stale timestamp or malformed event", body = super::openapi::Problem), (status = 409, description = "the payment is not known yet; deliver again later", body = super::openapi::Problem)))]
+pub(crate) async fn stripe_webhook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
     let secret = state.webhook_secret.as_deref().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -968,7 +1011,12 @@ async fn invoice_json(state: &AppState, row: &projections::invoices::InvoiceRow)
     }))
 }
 
-async fn account_invoices(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/accounts/{id}/invoices", params(("id" = String, Path)), security(("bearer" = [])), responses((status = 200, description = "issued invoices, newest first", body = super::openapi::Page), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem)))]
+pub(crate) async fn account_invoices(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let account_id = parse_account_id(&id)?;
     caller.may_read(account_id)?;
     load_account(&state, account_id).await?;
@@ -984,7 +1032,8 @@ async fn account_invoices(State(state): State<AppState>, caller: Caller, Path(id
     Ok(Json(json!({"items": items, "next_cursor": Value::Null})))
 }
 
-async fn get_invoice(
+#[utoipa::path(get, path = "/v1/invoices/{id}", params(("id" = String, Path)), security(("bearer" = [])), responses((status = 200, description = "the invoice; HTML with Accept: text/html", body = super::openapi::Invoice), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem)))]
+pub(crate) async fn get_invoice(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
@@ -1049,7 +1098,8 @@ fn invoice_html(invoice: &Value, customer: &str) -> String {
 }
 
 /// A service credit against a charge, to the wallet (never more than the charge's gross in total).
-async fn credit_charge(
+#[utoipa::path(post, path = "/v1/admin/charges/{id}/refunds", params(("id" = String, Path)), request_body = super::openapi::Adjustment, security(("bearer" = [])), responses((status = 201, description = "credited to the wallet"), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem)))]
+pub(crate) async fn credit_charge(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
@@ -1171,7 +1221,8 @@ async fn dispute_webhook(
     Ok(Json(json!({"received": true, "duplicate": !fresh})))
 }
 
-async fn metrics(State(state): State<AppState>) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text: requests, latency, ledger head, projector lag, active servers")))]
+pub(crate) async fn metrics(State(state): State<AppState>) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
     let statuses = projections::queries::status(&state.pool).await?;
     let mut extra = String::from("# TYPE billing_ledger_head_position gauge\n");
     extra.push_str(&format!(
@@ -1193,4 +1244,9 @@ async fn metrics(State(state): State<AppState>) -> Result<([(axum::http::HeaderN
         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         super::operations::METRICS.render(&extra),
     ))
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    use utoipa::OpenApi;
+    Json(super::openapi::ApiDoc::openapi())
 }
