@@ -1,5 +1,5 @@
 //! Top-ups are credited only by a signed Stripe webhook, once, however often it is delivered.
-//! Payloads are built from Stripe's own object shapes in shared/fixtures/stripe.
+//! Payloads are built from Stripe's own object shapes in fixtures/stripe.
 
 mod support;
 use support::Server;
@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 const ADMIN: &str = "bootstrap-admin-token-for-tests";
 const SECRET: &str = "whsec_test_secret";
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/stripe");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/stripe");
 
 fn serve(db: &TestDatabase, secret: Option<&str>) -> Server {
     support::start(
