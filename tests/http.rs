@@ -287,14 +287,8 @@ async fn funded_customer(api: &Api, currency: &str, country: &str, amount: &str)
 }
 
 async fn wait_for_status(api: &Api, server: &str, token: &str, status: &str) -> Value {
-    for _ in 0..100 {
-        let response = api.get(&format!("/v1/servers/{server}"), Some(token)).await;
-        if response.2["status"] == status {
-            return response.2;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("server {server} never reached {status}");
+    support::wait_for(&api.base, token, server, |current| current == status).await;
+    api.get(&format!("/v1/servers/{server}"), Some(token)).await.2
 }
 
 #[tokio::test]

@@ -78,24 +78,7 @@ async fn order_against(virtfusion: &MockServer) -> (TestDatabase, support::Serve
 }
 
 async fn settle(base: &str, token: &str, server_id: &str) -> String {
-    let client = reqwest::Client::new();
-    for _ in 0..200 {
-        let server: Value = client
-            .get(format!("{base}/v1/servers/{server_id}"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let status = server["status"].as_str().unwrap().to_string();
-        if status != "provisioning" {
-            return status;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the saga never ended");
+    support::wait_for(base, token, server_id, |status| status != "provisioning").await
 }
 
 async fn hold_events(db: &TestDatabase) -> (i64, i64) {

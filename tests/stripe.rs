@@ -329,29 +329,11 @@ async fn declined_suspended_warned_resumed_by_a_top_up_and_terminated_when_unpai
         .await
         .unwrap();
     let server_id = order["server_id"].as_str().unwrap().to_string();
+    support::wait_for(&base, &token, &server_id, |status| status == "needs_setup").await;
     let status = |id: String| {
-        let (client, base, token) = (client.clone(), base.clone(), token.clone());
-        async move {
-            client
-                .get(format!("{base}/v1/servers/{id}"))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()["status"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        }
+        let (base, token) = (base.clone(), token.clone());
+        async move { support::server_status(&base, &token, &id).await }
     };
-    for _ in 0..100 {
-        if status(server_id.clone()).await == "needs_setup" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
     // 10:00 is charged, leaving 0.045206: under 24 hours of runway, one warning.
     let due = clock(json!({"now": "2027-08-01T10:10:00Z"})).await;
     assert_eq!(
@@ -505,29 +487,11 @@ async fn disputes_debit_below_zero_suspend_and_settle_and_wait_for_their_payment
         .await
         .unwrap();
     let server_id = order["server_id"].as_str().unwrap().to_string();
+    support::wait_for(&base, &token, &server_id, |status| status == "needs_setup").await;
     let status_of = |id: String| {
-        let (client, base, token) = (client.clone(), base.clone(), token.clone());
-        async move {
-            client
-                .get(format!("{base}/v1/servers/{id}"))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()["status"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        }
+        let (base, token) = (base.clone(), token.clone());
+        async move { support::server_status(&base, &token, &id).await }
     };
-    for _ in 0..100 {
-        if status_of(server_id.clone()).await == "needs_setup" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
     // Redelivered, the dispute now applies: 20.00 taken back from a wallet of 9.987945.
     let (status, answer) = send(early.clone()).await;
     assert_eq!((status, answer["duplicate"].as_bool()), (200, Some(false)), "{answer}");

@@ -47,3 +47,32 @@ pub fn start(db: &TestDatabase, args: &[&str], envs: &[(&str, Option<&str>)]) ->
         .to_string();
     (Server { child, base }, stdout)
 }
+
+/// The status of a server as its customer sees it.
+pub async fn server_status(base: &str, token: &str, server_id: &str) -> String {
+    let server: serde_json::Value = reqwest::Client::new()
+        .get(format!("{base}/v1/servers/{server_id}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    server["status"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no status in {server}"))
+        .to_string()
+}
+
+/// Polls until the server's status satisfies `done` (at most 10 s); returns that status.
+pub async fn wait_for(base: &str, token: &str, server_id: &str, done: impl Fn(&str) -> bool) -> String {
+    for _ in 0..400 {
+        let status = server_status(base, token, server_id).await;
+        if done(&status) {
+            return status;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("server {server_id} never reached the awaited status");
+}
