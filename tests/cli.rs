@@ -70,7 +70,7 @@ async fn import_verify_tamper_rebuild_and_export() {
     );
     assert!(billing(&db, &["verify"]).status.success());
     let output = billing(&db, &["rebuild", "--all"]);
-    assert!(output.status.success() && text(&output.stdout).lines().count() == 6, "{output:?}");
+    assert!(output.status.success() && text(&output.stdout).lines().count() == 7, "{output:?}");
 
     // Bad input: a clear message and a non-zero exit.
     let output = billing(&db, &["rebuild", "ledgers"]);

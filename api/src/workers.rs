@@ -19,11 +19,16 @@ pub struct DueReport {
     pub slots_charged: u64,
     pub slots_declined: u64,
     pub servers_resumed: u64,
+    pub orders_resumed: u64,
     pub servers_terminated: u64,
     pub servers_deleted: u64,
     pub invoices_issued: u64,
     pub low_balance_warnings: u64,
 }
+
+/// An order still placed this long after it was placed lost its saga (the process that ran it
+/// stopped); the due-work run takes it up again.
+pub const ORDER_RESUME_AFTER_MINUTES: i64 = 2;
 
 /// Days a server may stay suspended for non-payment before it is terminated.
 pub const UNPAID_DAYS: i64 = 7;
@@ -44,10 +49,28 @@ async fn catch_up(pool: &sqlx::PgPool) -> Result<(), FlowError> {
 /// Charges every due slot of every billable server up to the slot containing `now`, deletes
 /// servers whose cancellation is due, and issues last month's invoices once its last slot is
 /// billed. Reads the read models, brought up to date first.
-pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, FlowError> {
+pub async fn run_due(
+    flows: &Flows,
+    provider: &std::sync::Arc<dyn domain::provider::ServerProvider>,
+    policy: RetryPolicy,
+    now: DateTime<Utc>,
+) -> Result<DueReport, FlowError> {
     let pool = flows.handler.log().pool().clone();
     catch_up(&pool).await?;
     let mut report = DueReport::default();
+    // Orders whose saga was interrupted: the log holds them as placed; provision them now.
+    let stale: Vec<(uuid::Uuid,)> =
+        sqlx::query_as("SELECT order_id FROM rm.orders WHERE status = 'placed' AND placed_at <= $1 ORDER BY placed_at LIMIT 100")
+            .bind(now - chrono::Duration::minutes(ORDER_RESUME_AFTER_MINUTES))
+            .fetch_all(&pool)
+            .await
+            .map_err(crate::handler::StorageError::Read)?;
+    for (order_id,) in stale {
+        match provision(flows.clone(), provider.clone(), OrderId(order_id), policy).await {
+            Ok(()) => report.orders_resumed += 1,
+            Err(error) => tracing::error!(%error, %order_id, "resuming an interrupted order failed; trying again next run"),
+        }
+    }
     let current = HourSlot::containing(now);
     report.servers_resumed += resume_affordable(flows, None).await?;
     let due: Vec<(uuid::Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(

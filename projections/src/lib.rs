@@ -7,6 +7,7 @@ pub mod decode;
 pub mod invoices;
 pub mod journal;
 pub mod metrics;
+pub mod orders;
 pub mod projection;
 pub mod queries;
 pub mod rebuild;

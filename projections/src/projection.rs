@@ -24,6 +24,7 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
         std::sync::Arc::new(crate::invoices::Invoices),
         std::sync::Arc::new(crate::journal::Journal),
         std::sync::Arc::new(crate::metrics::Metrics),
+        std::sync::Arc::new(crate::orders::Orders),
     ]
 }
 

@@ -594,7 +594,7 @@ pub(crate) async fn dev_clock(State(state): State<AppState>, body: Body) -> Resu
             ))
         }
     };
-    let report = crate::workers::run_due(&state.flows, now).await?;
+    let report = crate::workers::run_due(&state.flows, &state.provider, state.provider_retry, now).await?;
     Ok(Json(json!({"now": now, "due": report})))
 }
 
