@@ -517,3 +517,113 @@ async fn disputes_debit_below_zero_suspend_and_settle_and_wait_for_their_payment
     // vps-1g in AUD: 0.010959 + 0.001096 GST for the first hour; its slot is not charged again.
     assert_eq!(balance(&client, &base, &account, &token).await, "9.987945");
 }
+
+fn refund_event(event_id: &str, refund_id: &str, topup_id: &str, amount_minor: i64, status: &str) -> Vec<u8> {
+    let mut refund = fixture("refund");
+    refund["amount"] = json!(amount_minor);
+    refund["currency"] = json!("aud");
+    refund["status"] = json!(status);
+    refund["metadata"] = json!({"refund_id": refund_id, "topup_id": topup_id});
+    let mut event = fixture("event");
+    event["id"] = json!(event_id);
+    event["type"] = json!("refund.updated");
+    event["data"]["object"] = refund;
+    serde_json::to_vec(&event).unwrap()
+}
+
+#[tokio::test]
+async fn card_refunds_are_bounded_debited_when_asked_and_given_back_if_they_fail() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, Some(SECRET));
+    let client = reqwest::Client::new();
+    let base = server.base.clone();
+    let (account, token, topup_id) = customer_with_topup(&client, &base, "25.00").await;
+    let send = |body: Vec<u8>| {
+        let (client, base) = (client.clone(), base.clone());
+        async move { deliver(&client, &base, body.clone(), Some(sign(&body, SECRET, 0))).await }
+    };
+    let refund = |amount: &str, token: &str| {
+        let (client, base, token, topup_id, amount) = (
+            client.clone(),
+            base.clone(),
+            token.to_string(),
+            topup_id.clone(),
+            amount.to_string(),
+        );
+        async move {
+            let response = client
+                .post(format!("{base}/v1/admin/topups/{topup_id}/refunds"))
+                .bearer_auth(&token)
+                .json(&json!({"amount": amount, "reason": "customer asked"}))
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(refund("5.00", ADMIN).await.0, 409, "nothing to refund before the top-up is paid");
+    assert_eq!(send(completed_checkout("evt_1RefundPaid", &topup_id, 2_500, "aud")).await.0, 200);
+
+    assert_eq!(refund("25.01", ADMIN).await.0, 422, "more than the top-up");
+    assert_eq!(refund("1.001", ADMIN).await.0, 422, "not whole cents");
+    assert_eq!(refund("5.00", &token).await.0, 403, "customers do not refund themselves");
+    let (status, requested) = refund("10.00", ADMIN).await;
+    assert_eq!(
+        (status, requested["status"].as_str(), requested["account"]["balance"].as_str()),
+        (201, Some("requested"), Some("15.00")),
+        "{requested}"
+    );
+    let first_refund = requested["refund_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        refund("15.01", ADMIN).await.0,
+        422,
+        "more than the top-up less what is being refunded"
+    );
+
+    // Stripe reports the refund failed: the money comes back, once.
+    let failed = refund_event("evt_1RefundFailed", &first_refund, &topup_id, 1_000, "failed");
+    assert_eq!(send(failed.clone()).await.1["duplicate"], false);
+    assert_eq!(balance(&client, &base, &account, &token).await, "25.00");
+    assert_eq!(send(failed).await.1["duplicate"], true);
+    // A later "succeeded" for a failed refund changes nothing.
+    assert_eq!(
+        send(refund_event("evt_1RefundLateSuccess", &first_refund, &topup_id, 1_000, "succeeded"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(balance(&client, &base, &account, &token).await, "25.00");
+
+    // Another refund succeeds: the wallet stays debited.
+    let (_, second) = refund("6.50", ADMIN).await;
+    let second_refund = second["refund_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        send(refund_event("evt_1RefundPending", &second_refund, &topup_id, 650, "pending"))
+            .await
+            .1["acted_on"],
+        false
+    );
+    assert_eq!(
+        send(refund_event("evt_1RefundSucceeded", &second_refund, &topup_id, 650, "succeeded"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(balance(&client, &base, &account, &token).await, "18.50");
+    let statement: Value = client
+        .get(format!("{base}/v1/accounts/{account}/transactions"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = statement["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["topup", "card_refund", "card_refund_failed", "card_refund"]);
+}

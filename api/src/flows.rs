@@ -752,6 +752,38 @@ impl Flows {
         Ok(fresh)
     }
 
+    /// Acts once on a card refund's outcome (its receipt opens `receipt_stream` in the same
+    /// append): succeeded completes the refund; failed or canceled re-credits the wallet. A refund
+    /// already settled is left as it is. Returns false for a redelivery.
+    pub async fn receive_refund_event(
+        &self,
+        receipt_stream: &str,
+        receipt: serde_json::Value,
+        account_id: AccountId,
+        refund_id: RefundId,
+        succeeded: bool,
+        metadata: &Metadata,
+    ) -> Result<bool> {
+        let fresh = atomically!(self, metadata, |unit| {
+            if unit.stream_exists(receipt_stream).await? {
+                break false;
+            }
+            unit.open_stream(receipt_stream, "ProviderEventReceived", receipt.clone());
+            let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            let command = if succeeded {
+                AccountCommand::CompleteCardRefund { refund_id }
+            } else {
+                AccountCommand::FailCardRefund { refund_id }
+            };
+            match unit.handle(&mut account, command).await {
+                Ok(_) | Err(AccountError::RefundSettled(_)) => {}
+                Err(error) => return Err(error.into()),
+            }
+            true
+        });
+        Ok(fresh)
+    }
+
     /// Issues the month's invoice for an account (none when the month had no charge).
     pub async fn issue_invoice(&self, account_id: AccountId, period: YearMonth, metadata: &Metadata) -> Result<Option<InvoiceId>> {
         let at = self.now();

@@ -160,6 +160,31 @@ impl Event {
     }
 }
 
+/// What a refund event tells the ledger: our refund id (the metadata we send with it) and its status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefundFacts {
+    pub refund_reference: Option<String>,
+    pub topup_reference: Option<String>,
+    pub status: String,
+}
+
+impl Event {
+    /// `refund.updated` (or `charge.refund.updated`) with our ids in its metadata.
+    pub fn refund(&self) -> Option<RefundFacts> {
+        if self.kind != "refund.updated" && self.kind != "charge.refund.updated" {
+            return None;
+        }
+        let refund = &self.data.object;
+        let metadata = refund.get("metadata");
+        let text = |key: &str| metadata.and_then(|m| m.get(key)).and_then(Value::as_str).map(str::to_string);
+        Some(RefundFacts {
+            refund_reference: text("refund_id"),
+            topup_reference: text("topup_id"),
+            status: refund.get("status").and_then(Value::as_str).unwrap_or_default().to_string(),
+        })
+    }
+}
+
 /// Stripe's event ids are short ASCII tokens; anything else is refused before it names a stream.
 pub fn valid_event_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 100 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')

@@ -118,7 +118,16 @@ async fn read_models_of_the_march_history() {
         .await
     );
     insta::assert_json_snapshot!("trial_balance", trial_balance(&db.pool, None).await.unwrap());
-    insta::assert_json_snapshot!("orders", rows(&db, "rm.orders", "placed_at, order_id", "order_id, account_id, server_id, plan_id, location, status, placed_at, ended_at").await);
+    insta::assert_json_snapshot!(
+        "orders",
+        rows(
+            &db,
+            "rm.orders",
+            "placed_at, order_id",
+            "order_id, account_id, server_id, plan_id, location, status, placed_at, ended_at"
+        )
+        .await
+    );
 }
 
 #[tokio::test]

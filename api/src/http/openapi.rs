@@ -203,6 +203,7 @@ pub struct DevClock {
         super::routes::revoke_cancellation,
         super::routes::adjust,
         super::routes::credit_charge,
+        super::routes::refund_topup,
         super::routes::projection_status,
         super::routes::trial_balance,
         super::routes::ledger_events,

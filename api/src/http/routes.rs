@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/servers/{id}/cancellation", post(cancel_server).delete(revoke_cancellation))
         .route("/v1/admin/accounts/{id}/adjustments", post(adjust))
         .route("/v1/admin/charges/{id}/refunds", post(credit_charge))
+        .route("/v1/admin/topups/{id}/refunds", post(refund_topup))
         .route("/v1/admin/projections", get(projection_status))
         .route("/v1/ledger/trial-balance", get(trial_balance))
         .route("/v1/ledger/events", get(ledger_events));
@@ -824,6 +825,9 @@ pub(crate) async fn stripe_webhook(
     if let Some((created, dispute)) = event.dispute() {
         return dispute_webhook(&state, &headers, &event, created, dispute).await;
     }
+    if let Some(refund) = event.refund() {
+        return refund_webhook(&state, &headers, &event, refund).await;
+    }
     let paid = match event.paid_checkout() {
         None => None,
         Some(checkout) => {
@@ -1249,4 +1253,114 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Result<([(axum::ht
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     use utoipa::OpenApi;
     Json(super::openapi::ApiDoc::openapi())
+}
+
+/// A card refund of a paid top-up: the wallet is debited now (at most the top-up less earlier
+/// refunds, and at most what is available); Stripe's `refund.updated` completes it or gives the
+/// money back.
+#[utoipa::path(post, path = "/v1/admin/topups/{id}/refunds", params(("id" = String, Path)), request_body = super::openapi::Adjustment, security(("bearer" = [])),
+    responses((status = 201, description = "requested; the wallet is debited until Stripe answers"), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "not an admin", body = super::openapi::Problem), (status = 404, description = "no such top-up", body = super::openapi::Problem), (status = 402, description = "more than is available", body = super::openapi::Problem), (status = 409, description = "the top-up is not paid", body = super::openapi::Problem), (status = 422, description = "an invalid field", body = super::openapi::Problem), (status = 503, description = "card refunds need the Stripe adapter (outside dev mode)", body = super::openapi::Problem)))]
+pub(crate) async fn refund_topup(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require(&[Role::Admin])?;
+    let topup_id = domain::TopUpId::parse(&id).map_err(|_| ApiError::not_found("top-up"))?;
+    let topup = state
+        .flows
+        .handler
+        .load::<domain::topup::TopUp>(&topup_id.stream_id())
+        .await
+        .map_err(|e| ApiError::from(crate::flows::FlowError::from(e)))?;
+    let requested = topup.state.requested.clone().ok_or_else(|| ApiError::not_found("top-up"))?;
+    if topup.state.paid_by.is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not-paid",
+            "Not paid",
+            "the top-up has not been paid; there is nothing to refund",
+        ));
+    }
+    let amount = body.amount("amount", requested.currency, false)?;
+    Money::new(amount, requested.currency)
+        .and_then(|money| money.to_minor_units())
+        .map_err(|error| ApiError::invalid("amount", format!("amount: {error}")))?;
+    let reason = body.string("reason")?;
+    if state.dev_clock.is_none() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "refunds-unavailable",
+            "Card refunds unavailable",
+            "card refunds are not configured on this server",
+        ));
+    }
+    let refund_id = state
+        .flows
+        .request_card_refund(
+            requested.account_id,
+            topup_id,
+            amount,
+            reason,
+            &caller.metadata(request_id(&headers), None),
+        )
+        .await?;
+    read_your_writes(&state).await?;
+    let account = load_account(&state, requested.account_id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({"refund_id": refund_id, "topup_id": topup_id, "amount": money_text(amount, &account.currency), "status": "requested", "account": account_json(&account)}),
+        ),
+    ))
+}
+
+async fn refund_webhook(
+    state: &AppState,
+    headers: &HeaderMap,
+    event: &crate::stripe::Event,
+    refund: crate::stripe::RefundFacts,
+) -> Result<Json<Value>, ApiError> {
+    let receipt_stream = format!("stripe-event-{}", event.id);
+    let metadata = crate::handler::Metadata {
+        actor_kind: "stripe".into(),
+        actor_id: event.id.clone(),
+        request_id: request_id(headers),
+        ..Default::default()
+    };
+    let receipt = json!({"provider": "stripe", "event_id": event.id, "event_type": event.kind, "livemode": event.livemode, "refund_status": refund.status});
+    let settled = match refund.status.as_str() {
+        "succeeded" => Some(true),
+        "failed" | "canceled" => Some(false),
+        _ => None,
+    };
+    let refund_id = refund
+        .refund_reference
+        .as_deref()
+        .and_then(|text| domain::RefundId::parse(text).ok());
+    let topup_id = refund.topup_reference.as_deref().and_then(|text| domain::TopUpId::parse(text).ok());
+    let account_id = match topup_id {
+        Some(topup_id) => state
+            .flows
+            .handler
+            .load::<domain::topup::TopUp>(&topup_id.stream_id())
+            .await
+            .ok()
+            .and_then(|t| t.state.requested)
+            .map(|r| r.account_id),
+        None => None,
+    };
+    let (Some(settled), Some(refund_id), Some(account_id)) = (settled, refund_id, account_id) else {
+        // A pending refund, or one this ledger did not start: recorded, nothing moves.
+        let fresh = state.flows.receive_payment_event(&receipt_stream, receipt, None, &metadata).await?;
+        return Ok(Json(json!({"received": true, "duplicate": !fresh, "acted_on": false})));
+    };
+    let fresh = state
+        .flows
+        .receive_refund_event(&receipt_stream, receipt, account_id, refund_id, settled, &metadata)
+        .await?;
+    read_your_writes(state).await?;
+    Ok(Json(json!({"received": true, "duplicate": !fresh})))
 }
