@@ -643,10 +643,9 @@ impl Flows {
     ) -> Result<bool> {
         let at = self.now();
         let fresh = atomically!(self, metadata, |unit| {
-            if unit.stream_exists(receipt_stream).await? {
+            if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
                 break false;
             }
-            unit.open_stream(receipt_stream, "ProviderEventReceived", receipt.clone());
             if let Some((topup_id, payment_id, paid_amount)) = &paid {
                 let mut topup = unit_load::<domain::topup::TopUp>(&unit, &topup_id.stream_id()).await?;
                 match topup.state.requested.clone() {
@@ -712,10 +711,9 @@ impl Flows {
     ) -> Result<bool> {
         let at = self.now();
         let fresh = atomically!(self, metadata, |unit| {
-            if unit.stream_exists(receipt_stream).await? {
+            if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
                 break false;
             }
-            unit.open_stream(receipt_stream, "ProviderEventReceived", receipt.clone());
             let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
             match opened {
                 None => {
@@ -765,10 +763,9 @@ impl Flows {
         metadata: &Metadata,
     ) -> Result<bool> {
         let fresh = atomically!(self, metadata, |unit| {
-            if unit.stream_exists(receipt_stream).await? {
+            if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
                 break false;
             }
-            unit.open_stream(receipt_stream, "ProviderEventReceived", receipt.clone());
             let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
             let command = if succeeded {
                 AccountCommand::CompleteCardRefund { refund_id }

@@ -123,17 +123,17 @@ impl Unit {
         load(&self.log, &self.cache, stream_id).await
     }
 
-    /// Whether a stream has any event (read now; the commit's expected versions keep it true).
-    pub async fn stream_exists(&self, stream_id: &str) -> Result<bool, StorageError> {
-        Ok(self.log.stream_version(stream_id).await? > 0)
-    }
-
-    /// Records one event opening a new stream: the commit fails as a conflict if the stream was
-    /// opened meanwhile. Receipts of external events (a webhook's event id) use it to be
-    /// recorded once, in the same append as their effect.
-    pub fn open_stream(&mut self, stream_id: &str, event_type: &str, payload: Value) {
+    /// Records a receipt once: opens `stream_id` with one event unless it already has events.
+    /// Returns false when it had (a redelivery). If another command opens the stream meanwhile,
+    /// the commit conflicts and the retry sees it. Receipts of external events (a webhook's event
+    /// id) use it to act once, in the same append as their effect.
+    pub async fn record_once(&mut self, stream_id: &str, event_type: &str, payload: Value) -> Result<bool, StorageError> {
+        if self.log.stream_version(stream_id).await? > 0 {
+            return Ok(false);
+        }
         self.appends
             .push((stream_id.to_string(), 0, vec![(event_type.to_string(), 1, payload)]));
+        Ok(true)
     }
 
     /// Every event of a stream as stored (for flows that read history, such as invoicing).

@@ -842,13 +842,7 @@ pub(crate) async fn stripe_webhook(
             topup_id.map(|topup_id| (topup_id, checkout.payment_id, amount))
         }
     };
-    let receipt = json!({"provider": "stripe", "event_id": event.id, "event_type": event.kind, "livemode": event.livemode, "acted_on": paid.is_some()});
-    let metadata = crate::handler::Metadata {
-        actor_kind: "stripe".into(),
-        actor_id: event.id.clone(),
-        request_id: request_id(&headers),
-        ..Default::default()
-    };
+    let (receipt_stream, metadata, receipt) = stripe_receipt(&event, &headers, json!({"acted_on": paid.is_some()}));
     let credited_account = match &paid {
         Some((topup_id, _, _)) => state
             .flows
@@ -862,7 +856,7 @@ pub(crate) async fn stripe_webhook(
     };
     let fresh = state
         .flows
-        .receive_payment_event(&format!("stripe-event-{}", event.id), receipt, paid, &metadata)
+        .receive_payment_event(&receipt_stream, receipt, paid, &metadata)
         .await?;
     // A top-up that makes a suspended server affordable resumes it now.
     if let (true, Some(account_id)) = (fresh, credited_account) {
@@ -1152,14 +1146,7 @@ async fn dispute_webhook(
     created: bool,
     dispute: crate::stripe::DisputeFacts,
 ) -> Result<Json<Value>, ApiError> {
-    let receipt_stream = format!("stripe-event-{}", event.id);
-    let metadata = crate::handler::Metadata {
-        actor_kind: "stripe".into(),
-        actor_id: event.id.clone(),
-        request_id: request_id(headers),
-        ..Default::default()
-    };
-    let receipt = json!({"provider": "stripe", "event_id": event.id, "event_type": event.kind, "livemode": event.livemode, "dispute": dispute.dispute_reference});
+    let (receipt_stream, metadata, receipt) = stripe_receipt(event, headers, json!({"dispute": dispute.dispute_reference}));
     let account_id = match &dispute.payment_id {
         Some(payment_id) => account_of_payment(state, payment_id).await?,
         None => None,
@@ -1323,14 +1310,7 @@ async fn refund_webhook(
     event: &crate::stripe::Event,
     refund: crate::stripe::RefundFacts,
 ) -> Result<Json<Value>, ApiError> {
-    let receipt_stream = format!("stripe-event-{}", event.id);
-    let metadata = crate::handler::Metadata {
-        actor_kind: "stripe".into(),
-        actor_id: event.id.clone(),
-        request_id: request_id(headers),
-        ..Default::default()
-    };
-    let receipt = json!({"provider": "stripe", "event_id": event.id, "event_type": event.kind, "livemode": event.livemode, "refund_status": refund.status});
+    let (receipt_stream, metadata, receipt) = stripe_receipt(event, headers, json!({"refund_status": refund.status}));
     let settled = match refund.status.as_str() {
         "succeeded" => Some(true),
         "failed" | "canceled" => Some(false),
@@ -1363,4 +1343,20 @@ async fn refund_webhook(
         .await?;
     read_your_writes(state).await?;
     Ok(Json(json!({"received": true, "duplicate": !fresh})))
+}
+
+/// A Stripe event's receipt: the stream it opens (once per event id), the metadata of what it
+/// causes, and its payload (`detail`'s fields beside the event's own).
+fn stripe_receipt(event: &crate::stripe::Event, headers: &HeaderMap, detail: Value) -> (String, crate::handler::Metadata, Value) {
+    let metadata = crate::handler::Metadata {
+        actor_kind: "stripe".into(),
+        actor_id: event.id.clone(),
+        request_id: request_id(headers),
+        ..Default::default()
+    };
+    let mut receipt = json!({"provider": "stripe", "event_id": event.id, "event_type": event.kind, "livemode": event.livemode});
+    if let (Value::Object(receipt), Value::Object(detail)) = (&mut receipt, detail) {
+        receipt.extend(detail);
+    }
+    (format!("stripe-event-{}", event.id), metadata, receipt)
 }
