@@ -538,7 +538,12 @@ async fn a_hundred_concurrent_orders_on_a_wallet_that_affords_ten() {
 #[tokio::test]
 async fn the_demo_loads_history_prints_working_tokens_and_serves_in_dev_mode() {
     let db = TestDatabase::new().await;
-    let (server, mut stdout) = support::start(&db, &["demo", "--bind", "127.0.0.1:0"], &[("BILLING_BOOTSTRAP_ADMIN_TOKEN", None)]);
+    // A small fleet beside the shipped history keeps the test quick; the demo's default is 240.
+    let (server, mut stdout) = support::start(
+        &db,
+        &["demo", "--bind", "127.0.0.1:0"],
+        &[("BILLING_BOOTSTRAP_ADMIN_TOKEN", None), ("BILLING_DEMO_ACCOUNTS", Some("12"))],
+    );
     // The first line (the address) was read by `start`; the banner follows.
     let mut banner = vec![String::new()];
     for _ in 0..6 {
@@ -550,7 +555,8 @@ async fn the_demo_loads_history_prints_working_tokens_and_serves_in_dev_mode() {
         client: reqwest::Client::new(),
         base: server.base.clone(),
     };
-    assert!(banner[1].starts_with("demo: 2123 new events loaded"), "{banner:?}");
+    assert!(banner[1].starts_with("demo: 15 accounts, "), "{banner:?}");
+    assert!(banner[1].contains("(2123 new from the March 2026 history)"), "{banner:?}");
     let token = |prefix: &str| {
         banner
             .iter()
@@ -570,6 +576,14 @@ async fn the_demo_loads_history_prints_working_tokens_and_serves_in_dev_mode() {
         (200, Some("Acme Hosting Pty Ltd"), Some("78.733037"))
     );
     assert_eq!(api.get("/v1/ledger/trial-balance", Some(&finance)).await.0, 200);
+    // The fleet was billed through March and invoiced at its end, through the command path.
+    let fleet: i64 = sqlx::query_scalar("SELECT count(*) FROM rm.invoices WHERE period_start = '2026-03-01T00:00:00Z'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(fleet > 3, "March invoices beyond the three of the history: {fleet}");
+    let verify = api.get("/v1/ledger/verify", Some(&finance)).await;
+    assert_eq!(verify.2["ok"], true, "{verify:?}");
     assert_eq!(api.get("/v1/admin/projections", Some(&admin)).await.0, 200);
     // The clock starts where the history ends; an hour later the two running servers are charged.
     let advanced = api.post("/v1/dev/clock", None, json!({"advance_seconds": 3600})).await;
@@ -668,6 +682,26 @@ async fn the_authorization_matrix() {
         .await;
     assert_eq!(setup.0, 200, "{setup:?}");
 
+    // A paid top-up and a charge, for the admin refund routes.
+    let topup = api
+        .post(&format!("/v1/accounts/{account}/topups"), Some(&owner), json!({"amount": "3.00"}))
+        .await;
+    let topup_id = topup.2["topup_id"].as_str().unwrap().to_string();
+    let paid = api
+        .call(reqwest::Method::POST, &format!("/dev/checkout/{topup_id}/pay"), None, None)
+        .await;
+    assert_eq!(paid.0, 200, "{paid:?}");
+    let statement = api.get(&format!("/v1/accounts/{account}/transactions"), Some(&owner)).await.2;
+    let charge_id = statement["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|item| item["kind"] == "charge")
+        .and_then(|item| item["reference"].as_str())
+        .expect("the first hour's charge")
+        .to_string();
+    let invoice_id = uuid::Uuid::new_v4();
+
     use reqwest::Method as M;
     // (method, path, body, who may: owner, finance, admin). Another customer's token always gets
     // a 404 for an account's objects; a role that may not is a 403; no token is a 401.
@@ -716,6 +750,38 @@ async fn the_authorization_matrix() {
         (M::GET, "/v1/ledger/events".to_string(), None, [false, true, true]),
         (M::GET, "/v1/ledger/trial-balance".to_string(), None, [false, true, true]),
         (M::GET, "/v1/admin/projections".to_string(), None, [false, false, true]),
+        (M::GET, "/v1/ledger/verify?chain_only=true".to_string(), None, [false, true, true]),
+        (M::GET, format!("/v1/accounts/{account}/invoices"), None, [true, true, true]),
+        (
+            M::POST,
+            format!("/v1/admin/charges/{charge_id}/refunds"),
+            Some(json!({"amount": "0.001", "reason": "matrix"})),
+            [false, false, true],
+        ),
+        (
+            M::POST,
+            format!("/v1/admin/topups/{topup_id}/refunds"),
+            Some(json!({"amount": "0.01", "reason": "matrix"})),
+            [false, false, true],
+        ),
+        (
+            M::POST,
+            format!("/v1/servers/{server_id}/cancellation"),
+            Some(json!({"mode": "grace"})),
+            [true, false, false],
+        ),
+        (
+            M::DELETE,
+            format!("/v1/servers/{server_id}/cancellation"),
+            None,
+            [true, false, false],
+        ),
+        (
+            M::POST,
+            "/v1/admin/projections/metrics/rebuild".to_string(),
+            None,
+            [false, false, true],
+        ),
     ];
     for (method, path, body, allowed) in routes {
         let anonymous = api.call(method.clone(), &path, None, body.clone()).await;
@@ -737,6 +803,19 @@ async fn the_authorization_matrix() {
             }
         }
     }
+    // The catalogue is public; an unknown invoice is a 404 to everyone with a token, and a
+    // 401 without one.
+    assert_eq!(api.get("/v1/plans", None).await.0, 200);
+    assert_eq!(api.get(&format!("/v1/invoices/{invoice_id}"), None).await.0, 401);
+    for token in [&owner, &stranger, &finance, &ADMIN.to_string()] {
+        assert_eq!(api.get(&format!("/v1/invoices/{invoice_id}"), Some(token)).await.0, 404);
+    }
+    assert_eq!(
+        api.call(M::POST, "/v1/admin/projections/nonesuch/rebuild", Some(&ADMIN.to_string()), None)
+            .await
+            .0,
+        404
+    );
 }
 
 #[tokio::test]
@@ -991,6 +1070,8 @@ async fn the_openapi_document_covers_every_route() {
         ("get", "/v1/ledger/events"),
         ("get", "/v1/ledger/trial-balance"),
         ("get", "/v1/admin/projections"),
+        ("post", "/v1/admin/projections/{name}/rebuild"),
+        ("get", "/v1/ledger/verify"),
         ("post", "/v1/dev/clock"),
         ("get", "/healthz"),
         ("get", "/readyz"),

@@ -211,3 +211,146 @@ async fn unavailable_then_created_captures_once() {
     assert_eq!(settle(&server.base, &token, &server_id).await, "needs_setup");
     assert_eq!(hold_events(&db).await, (1, 0));
 }
+
+/// Polls what VirtFusion received until `done` holds (bounded).
+async fn received_until(virtfusion: &MockServer, done: impl Fn(&[wiremock::Request]) -> bool) -> Vec<wiremock::Request> {
+    for _ in 0..200 {
+        let requests = virtfusion.received_requests().await.unwrap();
+        if done(&requests) {
+            return requests;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "VirtFusion never received what was expected: {:?}",
+        virtfusion.received_requests().await
+    );
+}
+
+#[tokio::test]
+async fn setup_power_and_deletion_reach_the_provider_once_each_in_order() {
+    let virtfusion = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/servers"))
+        .respond_with(created(9001))
+        .expect(1)
+        .mount(&virtfusion)
+        .await;
+    // The build is refused once as locked (a task is running on the server), then accepted.
+    Mock::given(method("POST"))
+        .and(path("/api/v1/servers/9001/build"))
+        .respond_with(ResponseTemplate::new(423).set_body_json(json!({"errors": ["server is locked"]})))
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&virtfusion)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/servers/9001/build"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"data": {"id": 9001, "name": "web1", "hostname": "web1.example.com", "commissionStatus": 1, "state": "queued"}}),
+        ))
+        .expect(1)
+        .mount(&virtfusion)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/servers/9001/power/shutdown"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"data": {"queueId": 318, "action": "shutdown"}})))
+        .expect(1)
+        .mount(&virtfusion)
+        .await;
+    Mock::given(method("DELETE"))
+        .and(path("/api/v1/servers/9001"))
+        .respond_with(ResponseTemplate::new(204))
+        .expect(1)
+        .mount(&virtfusion)
+        .await;
+    let (db, server, _, token, server_id) = order_against(&virtfusion).await;
+    let base = server.base.clone();
+    assert_eq!(settle(&base, &token, &server_id).await, "needs_setup");
+    let client = reqwest::Client::new();
+    let setup = client
+        .post(format!("{base}/v1/servers/{server_id}/setup"))
+        .bearer_auth(&token)
+        .json(&json!({"os_image": "ubuntu-24.04", "hostname": "web1.example.com"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(setup.status().as_u16(), 200, "{:?}", setup.text().await);
+    // The power action waits for the build: a server's actions reach the provider in order.
+    let power = client
+        .post(format!("{base}/v1/servers/{server_id}/power"))
+        .bearer_auth(&token)
+        .json(&json!({"action": "shutdown"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(power.status().as_u16(), 200, "{:?}", power.text().await);
+    let cancel = client
+        .post(format!("{base}/v1/servers/{server_id}/cancellation"))
+        .bearer_auth(&token)
+        .json(&json!({"mode": "immediate"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(cancel.status().is_success(), "{:?}", cancel.text().await);
+    // An immediate cancellation deletes within five minutes: the due-work run deletes it, and
+    // the outbox tells VirtFusion.
+    let advanced: Value = client
+        .post(format!("{base}/v1/dev/clock"))
+        .json(&json!({"advance_seconds": 300}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let row: (String, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as("SELECT status, cancellation_effective_at FROM rm.servers")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let events: Vec<(String, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT event_type, occurred_at FROM events ORDER BY position")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        advanced["due"]["servers_deleted"].as_u64(),
+        Some(1),
+        "{advanced} {row:?} {events:?}"
+    );
+    let requests = received_until(&virtfusion, |requests| requests.iter().any(|r| r.method.as_str() == "DELETE")).await;
+    let calls: Vec<String> = requests
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}{}",
+                r.method,
+                r.url.path(),
+                r.url.query().map(|q| format!("?{q}")).unwrap_or_default()
+            )
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "POST /api/v1/servers",
+            "POST /api/v1/servers/9001/build",
+            "POST /api/v1/servers/9001/build",
+            "POST /api/v1/servers/9001/power/shutdown",
+            "DELETE /api/v1/servers/9001?delay=0",
+        ]
+    );
+    let build: Value = serde_json::from_slice(&requests[2].body).unwrap();
+    assert_eq!(
+        (build["operatingSystemId"].as_u64(), build["hostname"].as_str()),
+        (Some(1), Some("web1.example.com"))
+    );
+    let outbox: Vec<(String, i32)> = sqlx::query_as("SELECT status, attempts FROM outbox WHERE target = 'provider' ORDER BY position")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(outbox, [("done".to_string(), 2), ("done".to_string(), 1), ("done".to_string(), 1)]);
+    // Nothing more is sent later.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(virtfusion.received_requests().await.unwrap().len(), 5);
+}

@@ -6,6 +6,8 @@ use support::Server;
 
 use ledger::testing::TestDatabase;
 use serde_json::{json, Value};
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const ADMIN: &str = "bootstrap-admin-token-for-tests";
 const SECRET: &str = "whsec_test_secret";
@@ -18,6 +20,87 @@ fn serve(db: &TestDatabase, secret: Option<&str>) -> Server {
         &[("BILLING_BOOTSTRAP_ADMIN_TOKEN", Some(ADMIN)), ("STRIPE_WEBHOOK_SECRET", secret)],
     )
     .0
+}
+
+/// The server against a Stripe double (wiremock at Stripe's HTTP boundary): Checkout Sessions
+/// and refunds go there. `dev` keeps the dev clock and routes.
+fn serve_with_stripe(db: &TestDatabase, stripe: &MockServer, dev: bool) -> Server {
+    let uri = stripe.uri();
+    let mut args = vec!["serve", "--bind", "127.0.0.1:0"];
+    if dev {
+        args.push("--dev");
+    }
+    support::start(
+        db,
+        &args,
+        &[
+            ("BILLING_BOOTSTRAP_ADMIN_TOKEN", Some(ADMIN)),
+            ("STRIPE_WEBHOOK_SECRET", Some(SECRET)),
+            ("STRIPE_SECRET_KEY", Some("sk_test_51BillingLedgerTests")),
+            ("STRIPE_API_BASE", Some(&uri)),
+            ("BILLING_PROVIDER_BACKOFF_MS", Some("20")),
+        ],
+    )
+    .0
+}
+
+/// Stripe's answer to a created Checkout Session: the fixture, with the session's own fields.
+fn created_session(topup_id_from: &wiremock::Request) -> Value {
+    let form = form(topup_id_from);
+    let mut session = fixture("checkout_session");
+    session["client_reference_id"] = json!(form["client_reference_id"]);
+    session["metadata"] = json!({"topup_id": form["metadata[topup_id]"], "account_id": form["metadata[account_id]"]});
+    session["amount_total"] = json!(form["line_items[0][price_data][unit_amount]"].parse::<i64>().unwrap());
+    session["currency"] = json!(form["line_items[0][price_data][currency]"]);
+    session
+}
+
+/// A form-encoded request body as a map.
+fn form(request: &wiremock::Request) -> std::collections::HashMap<String, String> {
+    form_urlencoded::parse(&request.body).into_owned().collect()
+}
+
+/// Mounts Stripe's Checkout Session and refund endpoints on `stripe`, answering as Stripe does.
+async fn stripe_answers(stripe: &MockServer) {
+    Mock::given(method("POST"))
+        .and(path("/v1/checkout/sessions"))
+        .and(header("authorization", "Bearer sk_test_51BillingLedgerTests"))
+        .respond_with(|request: &wiremock::Request| ResponseTemplate::new(200).set_body_json(created_session(request)))
+        .mount(stripe)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/refunds"))
+        .and(header("authorization", "Bearer sk_test_51BillingLedgerTests"))
+        .respond_with(|request: &wiremock::Request| {
+            let form = form(request);
+            let mut refund = fixture("refund");
+            refund["id"] = json!(format!("re_{}", &form["metadata[refund_id]"].replace('-', "")[..24]));
+            refund["amount"] = json!(form["amount"].parse::<i64>().unwrap());
+            refund["payment_intent"] = json!(form["payment_intent"]);
+            refund["metadata"] = json!({"refund_id": form["metadata[refund_id]"], "topup_id": form["metadata[topup_id]"]});
+            refund["status"] = json!("pending");
+            ResponseTemplate::new(200).set_body_json(refund)
+        })
+        .mount(stripe)
+        .await;
+}
+
+/// What Stripe received at `path`, once `count` requests have arrived (bounded wait).
+async fn received_at(stripe: &MockServer, at: &str, count: usize) -> Vec<wiremock::Request> {
+    for _ in 0..200 {
+        let requests: Vec<wiremock::Request> = stripe
+            .received_requests()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|request| request.url.path() == at)
+            .collect();
+        if requests.len() >= count {
+            return requests;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("Stripe did not receive {count} requests at {at}");
 }
 
 fn fixture(name: &str) -> Value {
@@ -57,7 +140,8 @@ async fn deliver(client: &reqwest::Client, base: &str, body: Vec<u8>, signature:
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn customer_with_topup(client: &reqwest::Client, base: &str, amount: &str) -> (String, String, String) {
+/// An AUD account and its customer token.
+async fn customer(client: &reqwest::Client, base: &str) -> (String, String) {
     let account: Value = client
         .post(format!("{base}/v1/accounts"))
         .bearer_auth(ADMIN)
@@ -80,6 +164,11 @@ async fn customer_with_topup(client: &reqwest::Client, base: &str, amount: &str)
         .await
         .unwrap();
     let token = key["token"].as_str().unwrap().to_string();
+    (account, token)
+}
+
+async fn customer_with_topup(client: &reqwest::Client, base: &str, amount: &str) -> (String, String, String) {
+    let (account, token) = customer(client, base).await;
     let response = client
         .post(format!("{base}/v1/accounts/{account}/topups"))
         .bearer_auth(&token)
@@ -93,10 +182,11 @@ async fn customer_with_topup(client: &reqwest::Client, base: &str, amount: &str)
         (topup["amount"].as_str(), topup["status"].as_str()),
         (Some(amount), Some("pending"))
     );
-    assert!(topup["checkout_url"]
-        .as_str()
-        .unwrap()
-        .starts_with(&format!("{base}/dev/checkout/")));
+    let checkout_url = topup["checkout_url"].as_str().unwrap();
+    assert!(
+        checkout_url.starts_with(&format!("{base}/dev/checkout/")) || checkout_url.starts_with("https://checkout.stripe.com/"),
+        "{checkout_url}"
+    );
     (account, token, topup["topup_id"].as_str().unwrap().to_string())
 }
 
@@ -265,6 +355,29 @@ async fn the_dev_checkout_page_pays_through_a_signed_webhook() {
         "12.34",
         "the same payment again credits nothing"
     );
+    // A card refund in dev mode: debited when asked, then completed by dev mode's own signed
+    // `refund.updated`, as Stripe would; the wallet stays debited, once.
+    let refunded = client
+        .post(format!("{}/v1/admin/topups/{topup_id}/refunds", server.base))
+        .bearer_auth(ADMIN)
+        .json(&json!({"amount": "2.34", "reason": "duplicate order"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refunded.status().as_u16(), 201);
+    let mut completed = 0i64;
+    for _ in 0..100 {
+        completed = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'CardRefundCompleted'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if completed > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(completed, 1);
+    assert_eq!(balance(&client, &server.base, &account, &token).await, "10.00");
 }
 
 #[tokio::test]
@@ -534,7 +647,9 @@ fn refund_event(event_id: &str, refund_id: &str, topup_id: &str, amount_minor: i
 #[tokio::test]
 async fn card_refunds_are_bounded_debited_when_asked_and_given_back_if_they_fail() {
     let db = TestDatabase::new().await;
-    let server = serve(&db, Some(SECRET));
+    let stripe = MockServer::start().await;
+    stripe_answers(&stripe).await;
+    let server = serve_with_stripe(&db, &stripe, true);
     let client = reqwest::Client::new();
     let base = server.base.clone();
     let (account, token, topup_id) = customer_with_topup(&client, &base, "25.00").await;
@@ -574,6 +689,25 @@ async fn card_refunds_are_bounded_debited_when_asked_and_given_back_if_they_fail
         "{requested}"
     );
     let first_refund = requested["refund_id"].as_str().unwrap().to_string();
+    // The outbox asks Stripe for it, once, with our ids and an idempotency key of its own.
+    let asked = received_at(&stripe, "/v1/refunds", 1).await;
+    let body = form(&asked[0]);
+    assert_eq!(
+        (
+            body["amount"].as_str(),
+            body["payment_intent"].as_str(),
+            body["metadata[refund_id]"].as_str(),
+            body["metadata[topup_id]"].as_str(),
+            asked[0].headers.get("idempotency-key").and_then(|v| v.to_str().ok()),
+        ),
+        (
+            "1000",
+            "pi_1PgafyB7WZ01zgkWSjxsAJo3",
+            first_refund.as_str(),
+            topup_id.as_str(),
+            Some(format!("refund-{first_refund}").as_str())
+        )
+    );
     assert_eq!(
         refund("15.01", ADMIN).await.0,
         422,
@@ -597,6 +731,8 @@ async fn card_refunds_are_bounded_debited_when_asked_and_given_back_if_they_fail
     // Another refund succeeds: the wallet stays debited.
     let (_, second) = refund("6.50", ADMIN).await;
     let second_refund = second["refund_id"].as_str().unwrap().to_string();
+    let asked = received_at(&stripe, "/v1/refunds", 2).await;
+    assert_eq!(form(&asked[1])["amount"], "650");
     assert_eq!(
         send(refund_event("evt_1RefundPending", &second_refund, &topup_id, 650, "pending"))
             .await
@@ -626,4 +762,112 @@ async fn card_refunds_are_bounded_debited_when_asked_and_given_back_if_they_fail
         .map(|item| item["kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["topup", "card_refund", "card_refund_failed", "card_refund"]);
+}
+
+#[tokio::test]
+async fn outside_dev_mode_a_top_up_opens_a_stripe_checkout_session_keyed_by_the_top_up() {
+    let db = TestDatabase::new().await;
+    let stripe = MockServer::start().await;
+    stripe_answers(&stripe).await;
+    let server = serve_with_stripe(&db, &stripe, false);
+    let client = reqwest::Client::new();
+    let base = server.base.clone();
+    let (account, token, topup_id) = customer_with_topup(&client, &base, "25.00").await;
+    let sessions = received_at(&stripe, "/v1/checkout/sessions", 1).await;
+    assert_eq!(sessions.len(), 1);
+    let body = form(&sessions[0]);
+    let field = |name: &str| body.get(name).map(String::as_str);
+    assert_eq!(
+        (
+            field("mode"),
+            field("client_reference_id"),
+            field("metadata[topup_id]"),
+            field("metadata[account_id]"),
+            field("line_items[0][price_data][unit_amount]"),
+            field("line_items[0][price_data][currency]"),
+            field("line_items[0][quantity]"),
+            field("payment_intent_data[metadata][topup_id]"),
+        ),
+        (
+            Some("payment"),
+            Some(topup_id.as_str()),
+            Some(topup_id.as_str()),
+            Some(account.as_str()),
+            Some("2500"),
+            Some("aud"),
+            Some("1"),
+            Some(topup_id.as_str())
+        )
+    );
+    assert_eq!(
+        sessions[0].headers.get("idempotency-key").and_then(|v| v.to_str().ok()),
+        Some(format!("topup-{topup_id}").as_str())
+    );
+    let checkout_url: String = sqlx::query_scalar("SELECT payload->>'checkout_url' FROM events WHERE event_type = 'TopUpRequested'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(checkout_url, fixture("checkout_session")["url"].as_str().unwrap());
+    // Stripe's webhook pays it.
+    let paid = completed_checkout("evt_1LivePaid", &topup_id, 2_500, "aud");
+    assert_eq!(deliver(&client, &base, paid.clone(), Some(sign(&paid, SECRET, 0))).await.0, 200);
+    assert_eq!(balance(&client, &base, &account, &token).await, "25.00");
+    // No dev routes outside dev mode.
+    assert_eq!(
+        client
+            .get(format!("{base}/dev/checkout/{topup_id}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn stripe_unavailable_or_refusing_a_checkout_records_nothing() {
+    let db = TestDatabase::new().await;
+    let stripe = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/checkout/sessions"))
+        .respond_with(
+            ResponseTemplate::new(500).set_body_json(json!({"error": {"type": "api_error", "message": "An unknown error occurred"}})),
+        )
+        .up_to_n_times(1)
+        .mount(&stripe)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/checkout/sessions"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {"type": "invalid_request_error", "code": "parameter_invalid_integer", "param": "line_items[0][price_data][unit_amount]", "message": "Invalid integer: 99999999999"}})))
+        .mount(&stripe)
+        .await;
+    let server = serve_with_stripe(&db, &stripe, false);
+    let client = reqwest::Client::new();
+    let base = server.base.clone();
+    let (account, token) = customer(&client, &base).await;
+    let top_up = || {
+        client
+            .post(format!("{base}/v1/accounts/{account}/topups"))
+            .bearer_auth(&token)
+            .json(&json!({"amount": "10.00"}))
+            .send()
+    };
+    let unavailable = top_up().await.unwrap();
+    assert_eq!(unavailable.status().as_u16(), 503);
+    assert_eq!(
+        unavailable.json::<Value>().await.unwrap()["type"]
+            .as_str()
+            .map(|t| t.ends_with("payments-unavailable")),
+        Some(true)
+    );
+    let refused = top_up().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 502);
+    let problem: Value = refused.json().await.unwrap();
+    assert!(problem["detail"].as_str().unwrap().contains("Invalid integer"), "{problem}");
+    let requested: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'TopUpRequested'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(requested, 0, "a top-up without a checkout is not recorded");
 }

@@ -1,5 +1,7 @@
-//! Provider adapters behind `domain::provider::ServerProvider`. Only this crate speaks to a VPS
-//! provider.
+//! Adapters behind the domain's ports: VPS providers (`domain::provider::ServerProvider`: a
+//! simulated provider, VirtFusion) and the card processor (`domain::payments::PaymentGateway`:
+//! Stripe). Only this crate speaks to them.
 
 pub mod simulated;
+pub mod stripe;
 pub mod virtfusion;

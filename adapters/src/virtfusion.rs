@@ -1,12 +1,16 @@
 //! VirtFusion over its REST API (`/api/v1`, bearer token). Creating a server is
 //! `POST /api/v1/servers` with the package (plan), user and hypervisor group (location); the
-//! answer's `data.id` is the provider's id. A 423 (the resource is locked), 429, any 5xx and a
-//! timeout are worth retrying; other refusals are not.
+//! answer's `data.id` is the provider's id. Then, on that id: `POST .../build` (operating system
+//! template, name, hostname), `POST .../power/{boot|shutdown|restart}`, `POST .../suspend`,
+//! `POST .../unsuspend` and `DELETE /api/v1/servers/{id}?delay=0`. A 423 (the resource is
+//! locked), 429, any 5xx and a timeout are worth retrying; other refusals are not, except that a
+//! 404 on a delete means the server is already gone.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use domain::provider::{ProviderError, ProviderFuture, ProvisionRequest, ServerProvider};
+use domain::provider::{ProviderError, ProviderFuture, ProvisionRequest, ServerAction, ServerProvider};
+use domain::server::PowerAction;
 use serde_json::{json, Value};
 
 #[derive(Clone, Debug)]
@@ -19,6 +23,8 @@ pub struct VirtFusionConfig {
     pub hypervisor_groups: HashMap<String, u64>,
     /// The VirtFusion user servers are created for.
     pub user_id: u64,
+    /// Operating system template id per OS image name (`ubuntu-24.04`, ...).
+    pub os_templates: HashMap<String, u64>,
     pub timeout: Duration,
 }
 
@@ -34,6 +40,36 @@ impl VirtFusion {
             .build()
             .expect("a reqwest client");
         VirtFusion { config, client }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1/{path}", self.config.base_url.trim_end_matches('/'))
+    }
+
+    /// Sends a request and reads the answer; an unsuccessful status is classified.
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<(reqwest::StatusCode, String), ProviderError> {
+        let response = request
+            .bearer_auth(&self.config.token)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .map_err(|error| {
+                if error.is_timeout() || error.is_connect() {
+                    ProviderError::Retryable(format!("VirtFusion unreachable: {error}"))
+                } else {
+                    ProviderError::Retryable(error.to_string())
+                }
+            })?;
+        let status = response.status();
+        let text = response.text().await.map_err(|error| ProviderError::Retryable(error.to_string()))?;
+        Ok((status, text))
+    }
+
+    fn server_number(provider_server_id: &str) -> Result<u64, ProviderError> {
+        provider_server_id
+            .strip_prefix("vf-")
+            .and_then(|id| id.parse().ok())
+            .ok_or_else(|| ProviderError::Permanent(format!("{provider_server_id:?} is not a VirtFusion server id")))
     }
 
     fn classify(status: reqwest::StatusCode, body: &str) -> ProviderError {
@@ -66,23 +102,7 @@ impl ServerProvider for VirtFusion {
                 "name": request.server_id.to_string(),
                 "additional": {"order_id": request.order_id.to_string()},
             });
-            let response = self
-                .client
-                .post(format!("{}/api/v1/servers", self.config.base_url.trim_end_matches('/')))
-                .bearer_auth(&self.config.token)
-                .header("accept", "application/json")
-                .json(&body)
-                .send()
-                .await
-                .map_err(|error| {
-                    if error.is_timeout() || error.is_connect() {
-                        ProviderError::Retryable(format!("VirtFusion unreachable: {error}"))
-                    } else {
-                        ProviderError::Retryable(error.to_string())
-                    }
-                })?;
-            let status = response.status();
-            let text = response.text().await.map_err(|error| ProviderError::Retryable(error.to_string()))?;
+            let (status, text) = self.send(self.client.post(self.url("servers")).json(&body)).await?;
             if !status.is_success() {
                 return Err(VirtFusion::classify(status, &text));
             }
@@ -92,6 +112,44 @@ impl ServerProvider for VirtFusion {
                 .as_u64()
                 .ok_or_else(|| ProviderError::Permanent(format!("VirtFusion's answer has no data.id: {text}")))?;
             Ok(format!("vf-{id}"))
+        })
+    }
+
+    fn act(&self, provider_server_id: &str, action: ServerAction) -> ProviderFuture<'_, ()> {
+        let provider_server_id = provider_server_id.to_string();
+        Box::pin(async move {
+            let id = VirtFusion::server_number(&provider_server_id)?;
+            let request = match &action {
+                ServerAction::Build { os_image, hostname } => {
+                    let template = self
+                        .config
+                        .os_templates
+                        .get(os_image)
+                        .ok_or_else(|| ProviderError::Permanent(format!("no VirtFusion operating system template for {os_image}")))?;
+                    let mut body = json!({"operatingSystemId": template, "email": false});
+                    if let Some(hostname) = hostname {
+                        body["name"] = json!(hostname);
+                        body["hostname"] = json!(hostname);
+                    }
+                    self.client.post(self.url(&format!("servers/{id}/build"))).json(&body)
+                }
+                ServerAction::Power { action } => {
+                    let verb = match action {
+                        PowerAction::Boot => "boot",
+                        PowerAction::Shutdown => "shutdown",
+                        PowerAction::Reboot => "restart",
+                    };
+                    self.client.post(self.url(&format!("servers/{id}/power/{verb}")))
+                }
+                ServerAction::Suspend => self.client.post(self.url(&format!("servers/{id}/suspend"))),
+                ServerAction::Unsuspend => self.client.post(self.url(&format!("servers/{id}/unsuspend"))),
+                ServerAction::Delete => self.client.delete(self.url(&format!("servers/{id}?delay=0"))),
+            };
+            let (status, text) = self.send(request).await?;
+            if status.is_success() || (action == ServerAction::Delete && status == reqwest::StatusCode::NOT_FOUND) {
+                return Ok(());
+            }
+            Err(VirtFusion::classify(status, &text))
         })
     }
 }

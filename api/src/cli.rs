@@ -156,6 +156,8 @@ pub async fn import(file: std::path::PathBuf) -> anyhow::Result<ExitCode> {
     let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
     let input = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
     let imported = crate::audit::import(&log, std::io::BufReader::new(input)).await?;
+    // Imported history was acted on when it happened: the provider is not told again.
+    crate::outbox::skip_to_head(&pool).await?;
     projections::runner::catch_up_all(&pool).await?;
     println!("imported {imported} events from {}; read models are up to date", file.display());
     Ok(ExitCode::SUCCESS)
@@ -184,6 +186,40 @@ pub async fn serve(dev: bool, bind: String) -> anyhow::Result<ExitCode> {
     run_server(pool, dev, bind, chrono::Utc::now(), None).await
 }
 
+pub async fn bill(until: Option<chrono::DateTime<chrono::Utc>>) -> anyhow::Result<ExitCode> {
+    let now = chrono::Utc::now();
+    let until = until.unwrap_or(now);
+    if until > now {
+        eprintln!("error: --until {until} is in the future; hours are billed once they have begun");
+        return Ok(ExitCode::from(2));
+    }
+    let pool = connect().await?;
+    ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
+    let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
+    let flows = crate::flows::Flows::new(crate::handler::CommandHandler::new(
+        log,
+        std::sync::Arc::new(crate::handler::SystemClock),
+    ));
+    let spinner = progress_bar("billing");
+    spinner.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("a valid template"));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let started = std::time::Instant::now();
+    let report = crate::workers::bill_due(&flows, domain::HourSlot::containing(until)).await?;
+    spinner.finish_and_clear();
+    println!(
+        "billed up to the hour starting {}: {} slots charged, {} declined (servers suspended), {} skipped, in {:.2} s",
+        domain::HourSlot::containing(until).start(),
+        report.charged,
+        report.declined,
+        report.skipped,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Accounts `billing demo` adds beside the three of the shipped history (`BILLING_DEMO_ACCOUNTS`).
+const DEMO_FLEET_ACCOUNTS: usize = 240;
+
 /// The month of history shipped with the binary, for `billing demo`.
 const DEMO_HISTORY: &str = include_str!("../../fixtures/histories/march-2026.jsonl");
 
@@ -195,7 +231,34 @@ pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
     ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
     let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
     let imported = crate::audit::import(&log, DEMO_HISTORY.as_bytes()).await?;
+    let history_end: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT max(occurred_at) FROM events").fetch_one(&pool).await?;
+    // The fleet: hundreds more customers through the same month, made once per database.
+    let fleet_account = domain::AccountId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, b"fleet-000"));
+    let fleet_size = match std::env::var("BILLING_DEMO_ACCOUNTS") {
+        Ok(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n <= 2_000)
+            .ok_or_else(|| anyhow::anyhow!("BILLING_DEMO_ACCOUNTS is a number of accounts up to 2000, not {text:?}"))?,
+        Err(_) => DEMO_FLEET_ACCOUNTS,
+    };
+    if fleet_size > 0 && log.stream_version(&fleet_account.stream_id()).await? == 0 {
+        eprintln!("demo: making a month of history for {fleet_size} more accounts through the command path (once per database)...");
+        let started = std::time::Instant::now();
+        let clock = std::sync::Arc::new(domain::ManualClock::new(history_end - chrono::Duration::days(60)));
+        let flows = crate::flows::Flows::new(crate::handler::CommandHandler::new(log.clone(), clock.clone()));
+        let accounts = crate::history::fleet(&flows, &clock, fleet_size, history_end).await?;
+        eprintln!(
+            "demo: {accounts} accounts made in {:.1} s; bringing the read models up to date...",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    crate::outbox::skip_to_head(&pool).await?;
     projections::runner::catch_up_all(&pool).await?;
+    let (accounts, servers, events): (i64, i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM rm.balances), (SELECT count(*) FROM rm.servers), (SELECT position FROM ledger_head)")
+            .fetch_one(&pool)
+            .await?;
     let customer_account: uuid::Uuid =
         sqlx::query_scalar("SELECT account_id FROM rm.balances WHERE name LIKE 'Acme%' ORDER BY account_id LIMIT 1")
             .fetch_one(&pool)
@@ -206,11 +269,10 @@ pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
     };
     let finance = create_key(&pool, Role::Finance, None, "demo").await?;
     let customer = create_key(&pool, Role::Customer, Some(domain::AccountId(customer_account)), "demo").await?;
-    let last_event: Option<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT max(occurred_at) FROM events").fetch_one(&pool).await?;
-    let clock_start = last_event.unwrap_or_else(chrono::Utc::now);
+    let clock_start = history_end;
     let banner = format!(
-        "demo: {imported} new events loaded (3 accounts, a month of billing); the dev clock starts at {clock_start}\n\
+        "demo: {accounts} accounts, {servers} servers, {events} events ({imported} new from the March 2026 history); \
+         the dev clock starts at {clock_start}\n\
          admin token:    {admin}\n\
          finance token:  {finance}\n\
          customer token: {customer} (account {customer_account})\n\
@@ -278,13 +340,33 @@ async fn run_server(
         .ok()
         .filter(|secret| !secret.is_empty())
         .or_else(|| dev.then(|| crate::stripe::DEV_WEBHOOK_SECRET.to_string()));
+    let public_url = format!("http://{address}");
+    let payments = payments_from_env(dev, &public_url, webhook_secret.as_deref())?;
+    // The outbox: server changes reach the provider, and card refunds Stripe, within about a second.
+    let outbox_flows = flows.clone();
+    let outbox_provider = provider.clone();
+    let outbox_payments = payments.clone();
+    let mut outbox_head = log.head_watch();
+    tokio::spawn(async move {
+        loop {
+            let parties = crate::outbox::Parties {
+                provider: outbox_provider.as_ref(),
+                payments: outbox_payments.as_deref(),
+            };
+            if let Err(error) = crate::outbox::dispatch(&outbox_flows, parties, provider_retry).await {
+                tracing::error!(%error, "the outbox failed; retrying");
+            }
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), outbox_head.changed()).await;
+        }
+    });
     let state = crate::http::AppState {
         pool,
         flows,
         clock,
         dev_clock,
         webhook_secret,
-        public_url: format!("http://{address}"),
+        public_url,
+        payments,
         rate_limiter: std::sync::Arc::new(crate::http::operations::RateLimiter::from_env()),
         provider,
         provider_retry,
@@ -331,9 +413,40 @@ pub async fn create_key(role: &str, account: Option<String>) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
+/// The card processor: Stripe when `STRIPE_SECRET_KEY` is set (at `STRIPE_API_BASE` if given;
+/// customers return to `STRIPE_SUCCESS_URL` / `STRIPE_CANCEL_URL`), else in dev mode the local
+/// checkout page, else none (top-ups and card refunds answer 503).
+fn payments_from_env(
+    dev: bool,
+    public_url: &str,
+    webhook_secret: Option<&str>,
+) -> anyhow::Result<Option<std::sync::Arc<dyn domain::payments::PaymentGateway>>> {
+    let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    if let Some(secret_key) = env("STRIPE_SECRET_KEY") {
+        let gateway = adapters::stripe::StripeGateway::new(adapters::stripe::StripeConfig {
+            secret_key,
+            api_base: env("STRIPE_API_BASE"),
+            success_url: env("STRIPE_SUCCESS_URL")
+                .unwrap_or_else(|| format!("{public_url}/?checkout=done&session={{CHECKOUT_SESSION_ID}}")),
+            cancel_url: env("STRIPE_CANCEL_URL").unwrap_or_else(|| format!("{public_url}/?checkout=cancelled")),
+            timeout: std::time::Duration::from_secs(20),
+        })
+        .map_err(|error| anyhow::anyhow!("configuring Stripe: {error}"))?;
+        return Ok(Some(std::sync::Arc::new(gateway)));
+    }
+    match (dev, webhook_secret) {
+        (true, Some(secret)) => Ok(Some(std::sync::Arc::new(crate::stripe::DevGateway {
+            public_url: public_url.to_string(),
+            webhook_secret: secret.to_string(),
+            client: reqwest::Client::new(),
+        }))),
+        _ => Ok(None),
+    }
+}
+
 /// `PROVIDER=simulated` (the default) or `virtfusion` (with `VIRTFUSION_URL`, `VIRTFUSION_TOKEN`,
 /// and optionally `VIRTFUSION_PACKAGES=vps-1g=1,...`, `VIRTFUSION_HYPERVISOR_GROUPS=syd=1,...`,
-/// `VIRTFUSION_USER_ID`, `VIRTFUSION_TIMEOUT_MS`).
+/// `VIRTFUSION_OS_TEMPLATES=ubuntu-24.04=1,...`, `VIRTFUSION_USER_ID`, `VIRTFUSION_TIMEOUT_MS`).
 fn provider_from_env() -> anyhow::Result<std::sync::Arc<dyn domain::provider::ServerProvider>> {
     let pairs = |name: &str, default: &str| -> anyhow::Result<std::collections::HashMap<String, u64>> {
         let text = std::env::var(name).unwrap_or_else(|_| default.to_string());
@@ -375,6 +488,10 @@ fn provider_from_env() -> anyhow::Result<std::sync::Arc<dyn domain::provider::Se
                     packages: pairs("VIRTFUSION_PACKAGES", "vps-1g=1,vps-2g=2,vps-4g=3,vps-8g=4")?,
                     hypervisor_groups: pairs("VIRTFUSION_HYPERVISOR_GROUPS", "syd=1,mel=2,sgp=3,fra=4,nyc=5")?,
                     user_id: std::env::var("VIRTFUSION_USER_ID").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
+                    os_templates: pairs(
+                        "VIRTFUSION_OS_TEMPLATES",
+                        "ubuntu-24.04=1,ubuntu-22.04=2,debian-12=3,debian-11=4,rocky-9=5,almalinux-9=6",
+                    )?,
                     timeout: std::time::Duration::from_millis(
                         std::env::var("VIRTFUSION_TIMEOUT_MS")
                             .ok()

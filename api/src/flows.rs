@@ -86,6 +86,15 @@ pub enum SlotOutcome {
     NotBillable,
 }
 
+/// What one batch of the billing run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchCharges {
+    pub charged: u64,
+    pub declined: u64,
+    /// Listed servers the log does not know as the account's (a stale read model): not charged.
+    pub skipped: u64,
+}
+
 #[derive(Clone)]
 pub struct Flows {
     pub handler: CommandHandler,
@@ -371,19 +380,7 @@ impl Flows {
             }
             let opened = account.state.opened().cloned().ok_or(FlowError::NotFound("account"))?;
             let catalog = unit_load::<Catalog>(&unit, CATALOG_STREAM).await?;
-            let price = catalog
-                .state
-                .monthly_price(&ordered.plan_id, opened.currency, slot.start())
-                .ok_or(FlowError::NotFound("price for the slot"))?;
-            let tax_rate = catalog.state.tax_rate(opened.country, slot.start());
-            let command = AccountCommand::ChargeSlot {
-                charge_id,
-                server_id,
-                plan_id: ordered.plan_id.clone(),
-                slot,
-                monthly_price: price.amount,
-                tax_rate,
-            };
+            let command = slot_charge(&catalog.state, &ordered, &opened, charge_id, slot)?;
             let events = unit.handle(&mut account, command).await?;
             match events.as_slice() {
                 [AccountEvent::HourCharged { capped, .. }] => SlotOutcome::Charged {
@@ -391,18 +388,74 @@ impl Flows {
                     capped: *capped,
                 },
                 [AccountEvent::ChargeDeclined { .. }] => {
-                    unit.handle(
-                        &mut server,
-                        ServerCommand::Suspend {
-                            reason: SuspensionReason::NonPayment,
-                            at,
-                        },
-                    )
-                    .await?;
+                    unit.handle(&mut server, suspend_for_non_payment(at)).await?;
                     SlotOutcome::DeclinedAndSuspended
                 }
                 other => unreachable!("a slot charge decides one event, got {other:?}"),
             }
+        });
+        Ok(outcome)
+    }
+
+    /// Charges, in one atomic append, every due slot of a batch of accounts' servers: for each
+    /// account the servers listed with the first slot each may owe, up to and including `until`
+    /// (at most `slots_max` slots a server). The wallets, servers and the catalogue are read in
+    /// one round trip each, every decision is the domain's (`ChargeSlot`, and `Suspend` on a
+    /// decline, after which that server is not charged further), and the append carries every
+    /// stream's expected version: a batch that races another billing run is decided again from
+    /// fresh state, where the other run's slots are already charged.
+    pub async fn charge_due_batch(
+        &self,
+        due: &[(AccountId, Vec<(ServerId, HourSlot)>)],
+        until: HourSlot,
+        slots_max: usize,
+        metadata: &Metadata,
+    ) -> Result<BatchCharges> {
+        let at = self.now();
+        let account_streams: Vec<String> = due.iter().map(|(account_id, _)| account_id.stream_id()).collect();
+        let server_streams: Vec<String> = due
+            .iter()
+            .flat_map(|(_, servers)| servers.iter().map(|(server_id, _)| server_id.stream_id()))
+            .collect();
+        let outcome = atomically!(self, metadata, |unit| {
+            let mut outcome = BatchCharges::default();
+            let catalog = unit_load::<Catalog>(&unit, CATALOG_STREAM).await?;
+            let mut accounts = unit.load_many::<Account>(&account_streams).await?;
+            let mut servers = unit.load_many::<Server>(&server_streams).await?.into_iter();
+            for ((_, due_servers), account) in due.iter().zip(accounts.iter_mut()) {
+                let Some(opened) = account.state.opened().cloned() else {
+                    outcome.skipped += due_servers.len() as u64;
+                    servers.by_ref().take(due_servers.len()).for_each(drop);
+                    continue;
+                };
+                for ((server_id, first), mut server) in due_servers.iter().zip(servers.by_ref()) {
+                    let Some(ordered) = server.state.ordered.clone() else {
+                        outcome.skipped += 1;
+                        continue;
+                    };
+                    if ordered.account_id != opened.account_id {
+                        outcome.skipped += 1;
+                        continue;
+                    }
+                    let mut slot = *first;
+                    let mut slots = 0;
+                    while slot <= until && slots < slots_max && server.state.is_billable() {
+                        if !account.state.is_charged(*server_id, slot) {
+                            let command = slot_charge(&catalog.state, &ordered, &opened, ChargeId::new(), slot)?;
+                            let events = unit.handle(account, command).await?;
+                            if let [AccountEvent::ChargeDeclined { .. }] = events.as_slice() {
+                                unit.handle(&mut server, suspend_for_non_payment(at)).await?;
+                                outcome.declined += 1;
+                                break;
+                            }
+                            outcome.charged += 1;
+                        }
+                        slot = slot.next();
+                        slots += 1;
+                    }
+                }
+            }
+            outcome
         });
         Ok(outcome)
     }
@@ -599,12 +652,11 @@ impl Flows {
     pub async fn request_topup(
         &self,
         account_id: AccountId,
+        topup_id: TopUpId,
         amount: Decimal,
-        checkout_url: impl Fn(TopUpId) -> String,
+        url: String,
         metadata: &Metadata,
     ) -> Result<(TopUpId, String)> {
-        let topup_id = TopUpId::new();
-        let url = checkout_url(topup_id);
         let at = self.now();
         atomically!(self, metadata, |unit| {
             let account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
@@ -809,6 +861,35 @@ impl Flows {
             Some(invoice_id)
         });
         Ok(issued)
+    }
+}
+
+/// The charge of one (server, slot) at the plan's price and the country's tax in force at the slot.
+fn slot_charge(
+    catalog: &Catalog,
+    ordered: &domain::server::Ordered,
+    opened: &domain::account::Opened,
+    charge_id: ChargeId,
+    slot: HourSlot,
+) -> Result<AccountCommand> {
+    let price = catalog
+        .monthly_price(&ordered.plan_id, opened.currency, slot.start())
+        .ok_or(FlowError::NotFound("price for the slot"))?;
+    Ok(AccountCommand::ChargeSlot {
+        charge_id,
+        server_id: ordered.server_id,
+        plan_id: ordered.plan_id.clone(),
+        slot,
+        monthly_price: price.amount,
+        tax_rate: catalog.tax_rate(opened.country, slot.start()),
+    })
+}
+
+/// A declined slot suspends its server.
+fn suspend_for_non_payment(at: DateTime<Utc>) -> ServerCommand {
+    ServerCommand::Suspend {
+        reason: SuspensionReason::NonPayment,
+        at,
     }
 }
 

@@ -106,6 +106,8 @@ pub struct Unit {
     log: EventLog,
     cache: Arc<StateCache>,
     appends: Vec<(String, i64, Vec<(String, i32, Value)>)>,
+    /// Where each stream's entry is in `appends`.
+    indexes: std::collections::HashMap<String, usize>,
 }
 
 /// What `commit` did.
@@ -123,6 +125,12 @@ impl Unit {
         load(&self.log, &self.cache, stream_id).await
     }
 
+    /// Loads many aggregates of one kind in one read of the log (cached states are read on from
+    /// their version). The result is in the order of `stream_ids`.
+    pub async fn load_many<A: StreamAggregate + 'static>(&self, stream_ids: &[String]) -> Result<Vec<Loaded<A>>, StorageError> {
+        load_many(&self.log, &self.cache, stream_ids).await
+    }
+
     /// Records a receipt once: opens `stream_id` with one event unless it already has events.
     /// Returns false when it had (a redelivery). If another command opens the stream meanwhile,
     /// the commit conflicts and the retry sees it. Receipts of external events (a webhook's event
@@ -131,6 +139,7 @@ impl Unit {
         if self.log.stream_version(stream_id).await? > 0 {
             return Ok(false);
         }
+        self.indexes.insert(stream_id.to_string(), self.appends.len());
         self.appends
             .push((stream_id.to_string(), 0, vec![(event_type.to_string(), 1, payload)]));
         Ok(true)
@@ -145,13 +154,12 @@ impl Unit {
     /// for the commit. A refusal leaves nothing to commit for this aggregate.
     pub async fn handle<A: StreamAggregate>(&mut self, loaded: &mut Loaded<A>, command: A::Command) -> Result<Vec<A::Event>, A::Error> {
         let sink = EventSink::<A>::default();
-        // `handle` applies events as it writes them: decide on a copy, keep it only on success.
-        let mut scratch = loaded.state.clone();
-        let result = scratch.handle(command, &(), &sink).await;
+        // Every aggregate of the domain decides its events before applying any (`decide`, then
+        // `apply` each), so a refusal leaves the state as it was and no copy is needed.
+        let result = loaded.state.handle(command, &(), &sink).await;
         let events = sink.collect().await;
         match result {
             Ok(()) => {
-                loaded.state = scratch;
                 let serialized = events
                     .iter()
                     .map(|event| {
@@ -167,9 +175,12 @@ impl Unit {
                     })
                     .collect::<Vec<_>>();
                 if !serialized.is_empty() {
-                    match self.appends.iter_mut().find(|(stream, _, _)| *stream == loaded.stream_id) {
-                        Some((_, _, pending)) => pending.extend(serialized),
-                        None => self.appends.push((loaded.stream_id.clone(), loaded.version, serialized)),
+                    match self.indexes.get(&loaded.stream_id) {
+                        Some(&index) => self.appends[index].2.extend(serialized),
+                        None => {
+                            self.indexes.insert(loaded.stream_id.clone(), self.appends.len());
+                            self.appends.push((loaded.stream_id.clone(), loaded.version, serialized));
+                        }
                     }
                 }
                 Ok(events)
@@ -195,7 +206,7 @@ struct StateCache {
 }
 
 /// Streams kept in the cache before it starts afresh.
-const CACHE_STREAMS_MAX: usize = 20_000;
+const CACHE_STREAMS_MAX: usize = 250_000;
 
 impl StateCache {
     fn get<A: StreamAggregate + 'static>(&self, stream_id: &str) -> Option<(i64, A)> {
@@ -259,6 +270,7 @@ impl CommandHandler {
             log: self.log.clone(),
             cache: self.cache.clone(),
             appends: Vec::new(),
+            indexes: std::collections::HashMap::new(),
         }
     }
 
@@ -371,11 +383,49 @@ async fn load<A: StreamAggregate + 'static>(log: &EventLog, cache: &StateCache, 
     })
 }
 
+async fn load_many<A: StreamAggregate + 'static>(
+    log: &EventLog,
+    cache: &StateCache,
+    stream_ids: &[String],
+) -> Result<Vec<Loaded<A>>, StorageError> {
+    let mut loaded: Vec<Loaded<A>> = stream_ids
+        .iter()
+        .map(|stream_id| {
+            let (version, state) = cache.get::<A>(stream_id).unwrap_or_default();
+            Loaded {
+                stream_id: stream_id.clone(),
+                version,
+                state,
+            }
+        })
+        .collect();
+    let cached: Vec<i64> = loaded.iter().map(|entry| entry.version).collect();
+    let wanted: Vec<(String, i64)> = loaded.iter().map(|entry| (entry.stream_id.clone(), entry.version)).collect();
+    let index: std::collections::HashMap<&str, usize> = stream_ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+    for recorded in log.read_streams(&wanted).await? {
+        let entry = &mut loaded[index[recorded.stream_id.as_str()]];
+        let payload = A::upcast(&recorded.event_type, recorded.schema_version, recorded.payload);
+        let event: A::Event = serde_json::from_value(payload).map_err(|error| StorageError::Corrupt {
+            stream_id: recorded.stream_id.clone(),
+            position: recorded.position,
+            reason: error.to_string(),
+        })?;
+        entry.state.apply(event);
+        entry.version = recorded.stream_version;
+    }
+    for (entry, cached_version) in loaded.iter().zip(cached) {
+        if entry.version > cached_version {
+            cache.put(&entry.stream_id, entry.version, &entry.state);
+        }
+    }
+    Ok(loaded)
+}
+
 /// The system's clock: the one place that reads the time of day.
 pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
-        Utc::now()
+        domain::clock::stored_precision(Utc::now())
     }
 }

@@ -485,3 +485,154 @@ pub async fn march_2026(flows: &Flows, clock: &ManualClock, fixtures: Fixtures) 
         servers: servers.into_iter().map(|(name, id)| (name.to_string(), id)).collect(),
     })
 }
+
+/// A fleet of customers beside the three of `march_2026`, for `billing demo`: `count` accounts in
+/// three currencies opening through March 2026, each topping up and ordering one to three
+/// servers that are provisioned and set up, some topping up again mid-month, some cancelling,
+/// and every server billed hour by hour by the billing run (`Flows::charge_due_batch`, the same
+/// decisions as `billing serve`), so small wallets run dry and their servers are suspended.
+/// Then March's invoices. Everything goes through the command path with `clock` moving forward
+/// from 2026-03-01 to `until`; ids derive from names, so the fleet is the same every time.
+pub async fn fleet(flows: &Flows, clock: &ManualClock, count: usize, until: DateTime<Utc>) -> Result<usize, FlowError> {
+    const NAMES: [&str; 12] = [
+        "Northwind",
+        "Bluebird",
+        "Kestrel",
+        "Ironbark",
+        "Lumen",
+        "Quokka",
+        "Harbour",
+        "Saltbush",
+        "Meridian",
+        "Wattle",
+        "Granite",
+        "Tidepool",
+    ];
+    const KINDS: [&str; 8] = ["Labs", "Hosting", "Studio", "Analytics", "Games", "Media", "Systems", "Co-op"];
+    const REGIONS: [(&str, &str); 3] = [("AUD", "AU"), ("USD", "US"), ("EUR", "DE")];
+    const PLANS: [&str; 4] = ["vps-1g", "vps-1g", "vps-2g", "vps-4g"];
+    const LOCATIONS: [&str; 5] = ["syd", "mel", "sgp", "fra", "nyc"];
+    const IMAGES: [&str; 3] = ["ubuntu-24.04", "debian-12", "rocky-9"];
+    let admin = Metadata::actor("admin", "demo");
+    let customer = Metadata::actor("customer", "demo");
+    let system = Metadata::actor("system", "billing-scheduler");
+    // Several customers may act in one hour: the clock moves to each action's minute or stays.
+    let set = |instant: DateTime<Utc>| {
+        use domain::Clock;
+        clock.set(instant.max(clock.now())).expect("the fleet only moves forward")
+    };
+    let start = at("2026-03-01T00:00:00Z");
+    let invoices_at = at("2026-04-01T00:05:00Z");
+    let mut invoiced = false;
+    // Billable servers by account, each with the next slot it owes.
+    let mut fleet: Vec<(AccountId, Vec<(ServerId, HourSlot)>)> = Vec::new();
+    let mut slot = HourSlot::containing(start);
+    while slot.start() <= until {
+        set(slot.start());
+        // The billing run charges the slot.
+        let due: Vec<(AccountId, Vec<(ServerId, HourSlot)>)> = fleet
+            .iter()
+            .map(|(account_id, servers)| {
+                (
+                    *account_id,
+                    servers.iter().filter(|(_, next)| *next <= slot).copied().collect::<Vec<_>>(),
+                )
+            })
+            .filter(|(_, servers)| !servers.is_empty())
+            .collect();
+        for batch in due.chunks(500) {
+            flows.charge_due_batch(batch, slot, 1, &system).await?;
+        }
+        for (_, servers) in fleet.iter_mut() {
+            for (_, next) in servers.iter_mut() {
+                if *next <= slot {
+                    *next = slot.next();
+                }
+            }
+        }
+        // Then what customers did during the hour.
+        let hour = (slot.start() - start).num_hours() as usize;
+        for index in 0..count {
+            let opens_at_hour = (index * 37) % (24 * 20);
+            let key = format!("fleet-{index:03}");
+            let account_id = AccountId(id(&key));
+            let at_minute = |minute: i64| slot.start() + chrono::Duration::minutes(minute);
+            if hour == opens_at_hour {
+                let (currency, country) = REGIONS[index % REGIONS.len()];
+                set(at_minute(5));
+                flows
+                    .open_account(
+                        account_id,
+                        &format!("{} {}", NAMES[index % NAMES.len()], KINDS[(index / NAMES.len()) % KINDS.len()]),
+                        &format!("billing@{key}.example"),
+                        Currency::parse(currency).expect("known"),
+                        Country::parse(country).expect("valid"),
+                        &admin,
+                    )
+                    .await?;
+                set(at_minute(10));
+                let amount = Decimal::from(5 + (index * 13) % 60);
+                let payment = format!("pi_{key}_1");
+                flows
+                    .settle_topup(account_id, TopUpId(id(&payment)), &payment, amount, &system)
+                    .await?;
+                let mut servers = Vec::new();
+                for n in 0..1 + index % 3 {
+                    let name = format!("{key}-{n}");
+                    let (server_id, order_id) = (ServerId(id(&name)), OrderId(id(&format!("order-{name}"))));
+                    set(at_minute(15 + n as i64));
+                    let placed = flows
+                        .place_order(
+                            account_id,
+                            PlanId::parse(PLANS[(index + n) % PLANS.len()]).expect("valid"),
+                            Location::parse(LOCATIONS[(index + 2 * n) % LOCATIONS.len()]).expect("valid"),
+                            order_id,
+                            server_id,
+                            &customer,
+                        )
+                        .await;
+                    if let Err(FlowError::Account(_)) = placed {
+                        // The wallet cannot hold the first hour: the order is refused, as over HTTP.
+                        continue;
+                    }
+                    placed?;
+                    set(at_minute(20 + n as i64));
+                    flows.complete_provisioning(order_id, &format!("sim-{name}"), &system).await?;
+                    set(at_minute(40 + n as i64));
+                    let hostname = Hostname::parse(&format!("srv{n}.{key}.example")).expect("valid");
+                    flows
+                        .setup(server_id, IMAGES[(index + n) % IMAGES.len()], hostname, &customer)
+                        .await?;
+                    servers.push((server_id, slot.next()));
+                }
+                fleet.push((account_id, servers));
+            }
+            if index % 5 == 0 && hour == opens_at_hour + 24 * 9 && hour < 24 * 31 {
+                set(at_minute(30));
+                let payment = format!("pi_{key}_2");
+                flows
+                    .settle_topup(account_id, TopUpId(id(&payment)), &payment, Decimal::from(40), &system)
+                    .await?;
+            }
+            if index % 11 == 0 && hour == opens_at_hour + 24 * 6 {
+                set(at_minute(50));
+                if let Some((server_id, _)) = fleet.iter().find(|(id, _)| *id == account_id).and_then(|(_, s)| s.first().copied()) {
+                    match flows.cancel(server_id, CancellationMode::Grace, &customer).await {
+                        Ok(()) | Err(FlowError::Server(_)) => {}
+                        Err(error) => return Err(error),
+                    }
+                }
+            }
+        }
+        if !invoiced && slot.end() > invoices_at {
+            set(invoices_at.max(slot.start()));
+            let march = YearMonth { year: 2026, month: 3 };
+            for (account_id, _) in &fleet {
+                flows.issue_invoice(*account_id, march, &system).await?;
+            }
+            invoiced = true;
+        }
+        slot = slot.next();
+    }
+    Ok(fleet.len())
+}

@@ -8,5 +8,6 @@ pub mod flows;
 pub mod handler;
 pub mod history;
 pub mod http;
+pub mod outbox;
 pub mod stripe;
 pub mod workers;

@@ -62,6 +62,13 @@ enum Command {
         #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
         bind: String,
     },
+    /// Charge every due (server, hour) up to the hour containing INSTANT (default: now), exactly
+    /// once whatever else is billing, then print what was charged and declined.
+    Bill {
+        /// An RFC 3339 instant, not in the future.
+        #[arg(long, value_name = "INSTANT")]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+    },
     /// Load a month of demo history, make a key of each role, and serve in dev mode.
     Demo {
         #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
@@ -105,6 +112,7 @@ fn main() -> ExitCode {
             Command::Import { file } => cli::import(file).await,
             Command::Serve { dev, bind } => cli::serve(dev, bind).await,
             Command::Demo { bind } => cli::demo(bind).await,
+            Command::Bill { until } => cli::bill(until).await,
             Command::Keys {
                 command: KeysCommand::Create { role, account },
             } => cli::create_key(&role, account).await,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use domain::{HourSlot, OrderId, ServerId};
 
-use crate::flows::{FlowError, Flows, SlotOutcome};
+use crate::flows::{FlowError, Flows};
 use crate::handler::Metadata;
 
 /// Slots one server is caught up by in one run, at most (a bound on a run's work).
@@ -73,31 +73,9 @@ pub async fn run_due(
     }
     let current = HourSlot::containing(now);
     report.servers_resumed += resume_affordable(flows, None).await?;
-    let due: Vec<(uuid::Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT server_id, next_charge_at FROM rm.servers WHERE status IN ('needs_setup', 'running', 'stopped') AND next_charge_at <= $1 ORDER BY server_id",
-    )
-    .bind(current.start())
-    .fetch_all(&pool)
-    .await
-    .map_err(crate::handler::StorageError::Read)?;
-    for (server_id, next_charge_at) in due {
-        let Some(first) = next_charge_at else { continue };
-        let mut slot = HourSlot::containing(first);
-        let mut slots = 0;
-        while slot <= current && slots < CATCH_UP_SLOTS_MAX {
-            match flows.charge_slot(ServerId(server_id), slot, &system()).await? {
-                SlotOutcome::Charged { .. } => report.slots_charged += 1,
-                SlotOutcome::DeclinedAndSuspended => {
-                    report.slots_declined += 1;
-                    break;
-                }
-                SlotOutcome::AlreadyCharged => {}
-                SlotOutcome::NotBillable => break,
-            }
-            slot = slot.next();
-            slots += 1;
-        }
-    }
+    let billed = bill_due(flows, current).await?;
+    report.slots_charged += billed.charged;
+    report.slots_declined += billed.declined;
     let deletions: Vec<(uuid::Uuid,)> = sqlx::query_as(
         "SELECT server_id FROM rm.servers WHERE status IN ('pending_cancellation', 'deleting') AND cancellation_effective_at <= $1",
     )
@@ -185,6 +163,72 @@ pub async fn run_due(
     Ok(report)
 }
 
+/// Servers charged in one append of the billing run, at most (an account is never split).
+pub const BILL_BATCH_SERVERS: usize = 2_000;
+/// Batches of the billing run decided and appended at once.
+const BILL_BATCHES_IN_FLIGHT: usize = 3;
+
+/// The hourly billing, set-based: one query finds every billable server with a slot due up to
+/// `until` (from the servers read model, brought up to date first), grouped by account; each
+/// batch of accounts is then decided and appended at once (`Flows::charge_due_batch`). A server
+/// is caught up slot by slot after downtime, at most `CATCH_UP_SLOTS_MAX` slots a run.
+pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::BatchCharges, FlowError> {
+    let started = std::time::Instant::now();
+    let pool = flows.handler.log().pool().clone();
+    catch_up(&pool).await?;
+    let due: Vec<(uuid::Uuid, uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT account_id, server_id, next_charge_at FROM rm.servers \
+         WHERE status IN ('needs_setup', 'running', 'stopped') AND next_charge_at <= $1 ORDER BY account_id, server_id",
+    )
+    .bind(until.start())
+    .fetch_all(&pool)
+    .await
+    .map_err(crate::handler::StorageError::Read)?;
+    let mut accounts: Vec<(domain::AccountId, Vec<(ServerId, HourSlot)>)> = Vec::new();
+    for (account_id, server_id, next_charge_at) in due {
+        let entry = (ServerId(server_id), HourSlot::containing(next_charge_at));
+        match accounts.last_mut() {
+            Some((last, servers)) if last.0 == account_id => servers.push(entry),
+            _ => accounts.push((domain::AccountId(account_id), vec![entry])),
+        }
+    }
+    // Batches touch disjoint streams, so several are decided and appended at once: while one
+    // waits for its append, another is read and decided (and the log's writer groups appends).
+    let mut total = crate::flows::BatchCharges::default();
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut accounts = accounts.into_iter().peekable();
+    loop {
+        while in_flight.len() < BILL_BATCHES_IN_FLIGHT {
+            let mut batch = Vec::new();
+            let mut servers = 0;
+            while let Some((_, due)) = accounts.peek() {
+                if servers > 0 && servers + due.len() > BILL_BATCH_SERVERS {
+                    break;
+                }
+                servers += due.len();
+                batch.push(accounts.next().expect("peeked"));
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let flows = flows.clone();
+            in_flight.spawn(async move { flows.charge_due_batch(&batch, until, CATCH_UP_SLOTS_MAX as usize, &system()).await });
+        }
+        let Some(done) = in_flight.join_next().await else {
+            break;
+        };
+        let batch = done.map_err(|error| FlowError::Invalid {
+            field: "billing run",
+            reason: error.to_string(),
+        })??;
+        total.charged += batch.charged;
+        total.declined += batch.declined;
+        total.skipped += batch.skipped;
+    }
+    crate::http::operations::record_billing_run(started.elapsed(), total.charged);
+    Ok(total)
+}
+
 /// Resumes servers suspended for non-payment whose account can now pay for the slot in progress
 /// (of one account, or of all), charging that slot. Returns how many were resumed.
 pub async fn resume_affordable(flows: &Flows, account_id: Option<domain::AccountId>) -> Result<u64, FlowError> {
@@ -247,7 +291,7 @@ impl RetryPolicy {
         }
     }
 
-    fn backoff(&self, attempt: u32) -> Duration {
+    pub fn backoff(&self, attempt: u32) -> Duration {
         (self.backoff_base * 2u32.saturating_pow(attempt.saturating_sub(1).min(16))).min(self.backoff_max)
     }
 }

@@ -13,12 +13,12 @@ use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
-const SCENARIOS: &[&str] = &["append", "append_concurrent", "rebuild"];
+const SCENARIOS: &[&str] = &["append", "append_concurrent", "billing_run", "rebuild"];
 
 #[derive(Parser)]
 #[command(about = "Benchmarks of the billing ledger")]
 struct Args {
-    /// A scenario name (append, append_concurrent, rebuild) or `all`.
+    /// A scenario name (append, append_concurrent, billing_run, rebuild) or `all`.
     scenario: String,
     /// Small sizes, to keep the benchmarks compiling and correct in CI.
     #[arg(long)]
@@ -98,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
                 "append" => append(&pool, args.quick).await?,
                 "append_concurrent" => append_concurrent(&pool, args.quick).await?,
                 "rebuild" => rebuild(&pool, args.quick).await?,
+                "billing_run" => billing_run(&pool, args.quick).await?,
                 _ => unreachable!("checked above"),
             });
             pool.close().await;
@@ -405,6 +406,187 @@ async fn rebuild(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
         p50_ms: None,
         p99_ms: None,
         events,
+        repetitions: 1,
+    })
+}
+
+/// One hourly billing run (`api::workers::bill_due`, as `billing serve` and `billing bill` run
+/// it) over servers that each owe exactly one slot, against a per-server loop doing the least a
+/// wallet charge can do in SQL (read the wallet, insert the charge, update the wallet, one
+/// transaction per server) on the same database.
+async fn billing_run(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
+    use domain::account::{AccountEvent, Figures};
+    use domain::server::ServerEvent;
+    use domain::{AccountId, Country, Currency, HourSlot, Location, OrderId, PlanId, ServerId, TopUpId};
+    use rust_decimal::Decimal;
+
+    let servers_total = if quick { 2_000 } else { 100_000 };
+    let servers_per_account = 2;
+    let accounts = servers_total / servers_per_account;
+    let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")?.to_utc();
+    let clock = std::sync::Arc::new(domain::ManualClock::new(start - chrono::Duration::days(1)));
+    let log = EventLog::open(pool.clone(), LogConfig::default()).await?;
+    let flows = api::flows::Flows::new(api::handler::CommandHandler::new(log.clone(), clock.clone()));
+    let catalog = domain::catalog::Fixtures::parse(include_str!("../../fixtures/plans.toml"), include_str!("../../fixtures/tax.toml"))?;
+    flows
+        .sync_catalog(catalog, &api::handler::Metadata::actor("system", "bench"))
+        .await?;
+
+    let plan = PlanId::parse("vps-1g")?;
+    let top_up = Decimal::new(1_000, 0);
+    let mut batch: Vec<StreamAppend> = Vec::new();
+    let mut appends = Vec::new();
+    for index in 0..accounts {
+        let account_id = AccountId::new();
+        let opened = AccountEvent::AccountOpened {
+            account_id,
+            name: format!("Bench {index}"),
+            email: "bench@example.com".into(),
+            currency: Currency::AUD,
+            country: Country::parse("AU")?,
+            opened_at: start,
+        };
+        let settled = AccountEvent::TopUpSettled {
+            topup_id: TopUpId::new(),
+            payment_id: format!("pi_{index}"),
+            amount: top_up,
+            figures: Figures {
+                balance: top_up,
+                reserved: Decimal::ZERO,
+                available: top_up,
+            },
+        };
+        let events = vec![
+            NewEvent::new(cqrs_es_event_type(&opened), serde_json::to_value(&opened)?)
+                .with_schema_version(2)
+                .occurred_at(start),
+            NewEvent::new(cqrs_es_event_type(&settled), serde_json::to_value(&settled)?).occurred_at(start),
+        ];
+        batch.push(StreamAppend::new(account_id.stream_id(), ExpectedVersion::NoStream, events));
+        for _ in 0..servers_per_account {
+            let server_id = ServerId::new();
+            let ordered = ServerEvent::ServerOrdered {
+                server_id,
+                account_id,
+                order_id: OrderId::new(),
+                plan_id: plan.clone(),
+                location: Location::parse("syd")?,
+                at: start,
+            };
+            let provisioned = ServerEvent::ServerProvisioned {
+                provider_server_id: format!("sim-{server_id}"),
+                at: start,
+            };
+            let events = [ordered, provisioned]
+                .into_iter()
+                .map(|event| NewEvent::new(server_event_type(&event), serde_json::to_value(&event).unwrap()).occurred_at(start))
+                .collect();
+            batch.push(StreamAppend::new(server_id.stream_id(), ExpectedVersion::NoStream, events));
+        }
+        if batch.len() >= 1_500 {
+            let log = log.clone();
+            let streams = std::mem::take(&mut batch);
+            appends.push(tokio::spawn(async move { log.append(AppendRequest { streams }).await }));
+        }
+    }
+    if !batch.is_empty() {
+        log.append(AppendRequest { streams: batch }).await?;
+    }
+    for append in appends {
+        append.await??;
+    }
+    projections::runner::catch_up_all(pool).await?;
+    let due_slot = HourSlot::containing(start).next();
+    clock.set(due_slot.start() + chrono::Duration::minutes(5))?;
+
+    // The run, from a process that has not seen these streams (nothing cached).
+    let started = Instant::now();
+    let report = api::workers::bill_due(&flows, due_slot).await?;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(
+        report.charged as usize == servers_total && report.declined == 0,
+        "the run charged {} of {servers_total} servers ({} declined)",
+        report.charged,
+        report.declined
+    );
+    let charged: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'HourCharged'")
+        .fetch_one(pool)
+        .await?;
+    anyhow::ensure!(
+        charged as usize == servers_total,
+        "{charged} charges stored for {servers_total} servers"
+    );
+    let again = api::workers::bill_due(&flows, due_slot).await?;
+    anyhow::ensure!(again.charged == 0, "a second run of the same hour charged {} slots", again.charged);
+
+    // The next hour, from the same process (wallets and servers cached, as in `billing serve`).
+    let next_slot = due_slot.next();
+    clock.set(next_slot.start() + chrono::Duration::minutes(5))?;
+    projections::runner::catch_up_all(pool).await?;
+    let started_warm = Instant::now();
+    let warm = api::workers::bill_due(&flows, next_slot).await?;
+    let elapsed_warm = started_warm.elapsed();
+    anyhow::ensure!(
+        warm.charged as usize == servers_total,
+        "the second hour charged {} of {servers_total}",
+        warm.charged
+    );
+    eprintln!(
+        "billing_run: {servers_total} servers, first run (nothing cached) {:.3} s, next hour (cached) {:.3} s",
+        elapsed.as_secs_f64(),
+        elapsed_warm.as_secs_f64()
+    );
+
+    // Baseline: the per-server loop, on a sample of the same servers' wallets.
+    let baseline_servers = if quick { 500 } else { 10_000 };
+    sqlx::query("CREATE TABLE bench_wallets (account_id uuid PRIMARY KEY, balance numeric NOT NULL)")
+        .execute(pool)
+        .await?;
+    sqlx::query("CREATE TABLE bench_charges (server_id uuid NOT NULL, slot timestamptz NOT NULL, account_id uuid NOT NULL, amount numeric NOT NULL, PRIMARY KEY (server_id, slot))")
+        .execute(pool)
+        .await?;
+    sqlx::query("INSERT INTO bench_wallets SELECT account_id, available FROM rm.balances")
+        .execute(pool)
+        .await?;
+    let sample: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as("SELECT server_id, account_id FROM rm.servers ORDER BY server_id LIMIT $1")
+        .bind(baseline_servers as i64)
+        .fetch_all(pool)
+        .await?;
+    let rate = domain::billing::rate_per_hour(Decimal::new(800, 2));
+    let started_baseline = Instant::now();
+    for (server_id, account_id) in &sample {
+        let mut tx = pool.begin().await?;
+        let balance: Decimal = sqlx::query_scalar("SELECT balance FROM bench_wallets WHERE account_id = $1 FOR UPDATE")
+            .bind(account_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        anyhow::ensure!(balance >= rate, "the sample wallet cannot pay");
+        sqlx::query("INSERT INTO bench_charges VALUES ($1, $2, $3, $4)")
+            .bind(server_id)
+            .bind(due_slot.start())
+            .bind(account_id)
+            .bind(rate)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE bench_wallets SET balance = balance - $2 WHERE account_id = $1")
+            .bind(account_id)
+            .bind(rate)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    let baseline_rate = sample.len() as f64 / started_baseline.elapsed().as_secs_f64();
+    let value = servers_total as f64 / elapsed.as_secs_f64();
+    Ok(Measurement {
+        scenario: "billing_run",
+        value,
+        unit: "servers/s",
+        baseline: Some("per-server loop: read wallet, insert charge, update wallet, a transaction each"),
+        baseline_value: Some(baseline_rate),
+        ratio: Some(value / baseline_rate),
+        p50_ms: None,
+        p99_ms: None,
+        events: servers_total,
         repetitions: 1,
     })
 }

@@ -8,6 +8,13 @@ pub trait Clock: Send + Sync {
     fn now(&self) -> DateTime<Utc>;
 }
 
+/// An instant at the precision PostgreSQL keeps (microseconds, truncated), so a time decided in
+/// memory compares with its stored copy as it did before it was stored.
+pub fn stored_precision(instant: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    instant.trunc_subsecs(6)
+}
+
 /// A clock that moves only when told, and never backwards.
 #[derive(Debug)]
 pub struct ManualClock {
@@ -23,10 +30,13 @@ pub struct BackwardsError {
 
 impl ManualClock {
     pub fn new(start: DateTime<Utc>) -> ManualClock {
-        ManualClock { now: Mutex::new(start) }
+        ManualClock {
+            now: Mutex::new(stored_precision(start)),
+        }
     }
 
     pub fn set(&self, instant: DateTime<Utc>) -> Result<DateTime<Utc>, BackwardsError> {
+        let instant = stored_precision(instant);
         let mut now = self.now.lock().expect("clock lock");
         if instant < *now {
             return Err(BackwardsError {

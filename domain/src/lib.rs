@@ -9,6 +9,7 @@ pub mod clock;
 pub mod invoice;
 pub mod money;
 pub mod order;
+pub mod payments;
 pub mod postings;
 pub mod provider;
 pub mod server;

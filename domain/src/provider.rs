@@ -4,6 +4,9 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use serde::{Deserialize, Serialize};
+
+use crate::server::PowerAction;
 use crate::types::{Location, OrderId, PlanId, ServerId};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,7 +29,50 @@ pub enum ProviderError {
 
 pub type ProviderFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ProviderError>> + Send + 'a>>;
 
+/// What the provider is told to do to a server it created, after the log records the change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ServerAction {
+    /// Install an operating system: the first setup (with its hostname) or a reinstall.
+    Build {
+        os_image: String,
+        hostname: Option<String>,
+    },
+    Power {
+        action: PowerAction,
+    },
+    Suspend,
+    Unsuspend,
+    Delete,
+}
+
+impl ServerAction {
+    /// The provider action a server event asks for, if any.
+    pub fn for_event(event: &crate::server::ServerEvent) -> Option<ServerAction> {
+        use crate::server::ServerEvent;
+        match event {
+            ServerEvent::SetupCompleted { os_image, hostname, .. } => Some(ServerAction::Build {
+                os_image: os_image.clone(),
+                hostname: Some(hostname.as_str().to_string()),
+            }),
+            ServerEvent::Reinstalled { os_image, .. } => Some(ServerAction::Build {
+                os_image: os_image.clone(),
+                hostname: None,
+            }),
+            ServerEvent::PowerChanged { action, .. } => Some(ServerAction::Power { action: *action }),
+            ServerEvent::ServerSuspended { .. } => Some(ServerAction::Suspend),
+            ServerEvent::ServerResumed { .. } => Some(ServerAction::Unsuspend),
+            ServerEvent::ServerDeleted { .. } | ServerEvent::TerminatedForNonPayment { .. } => Some(ServerAction::Delete),
+            _ => None,
+        }
+    }
+}
+
 pub trait ServerProvider: Send + Sync {
     /// Creates the server; returns the provider's id for it.
     fn provision(&self, request: ProvisionRequest) -> ProviderFuture<'_, String>;
+
+    /// Tells the provider about a change to a server it created (`provider_server_id`). Sending
+    /// the same action again must be harmless (the dispatcher retries after a lost answer).
+    fn act(&self, provider_server_id: &str, action: ServerAction) -> ProviderFuture<'_, ()>;
 }

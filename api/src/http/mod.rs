@@ -29,6 +29,8 @@ pub struct AppState {
     pub public_url: String,
     pub rate_limiter: Arc<operations::RateLimiter>,
     pub provider: Arc<dyn domain::provider::ServerProvider>,
+    /// The card processor (Stripe, or dev mode's local one); None when neither is configured.
+    pub payments: Option<Arc<dyn domain::payments::PaymentGateway>>,
     pub provider_retry: crate::workers::RetryPolicy,
 }
 

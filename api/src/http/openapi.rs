@@ -205,6 +205,8 @@ pub struct DevClock {
         super::routes::credit_charge,
         super::routes::refund_topup,
         super::routes::projection_status,
+        super::routes::rebuild_projection,
+        super::routes::verify_ledger,
         super::routes::trial_balance,
         super::routes::ledger_events,
         super::routes::dev_clock,

@@ -41,6 +41,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/charges/{id}/refunds", post(credit_charge))
         .route("/v1/admin/topups/{id}/refunds", post(refund_topup))
         .route("/v1/admin/projections", get(projection_status))
+        .route("/v1/admin/projections/{name}/rebuild", post(rebuild_projection))
+        .route("/v1/ledger/verify", get(verify_ledger))
         .route("/v1/ledger/trial-balance", get(trial_balance))
         .route("/v1/ledger/events", get(ledger_events));
     if state.dev_clock.is_some() {
@@ -504,6 +506,73 @@ pub(crate) async fn projection_status(State(state): State<AppState>, caller: Cal
     Ok(Json(json!({"items": projections::queries::status(&state.pool).await?})))
 }
 
+/// Read models being rebuilt by this process (a second rebuild of one would share its side schema).
+static REBUILDING: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
+    std::sync::LazyLock::new(Default::default);
+
+#[utoipa::path(post, path = "/v1/admin/projections/{name}/rebuild", params(("name" = String, Path)), security(("bearer" = [])), responses((status = 202, description = "rebuilding from position 0 beside the live read model; swapped in when caught up (follow it at /v1/admin/projections)"), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "no read model of that name", body = super::openapi::Problem), (status = 409, description = "already being rebuilt", body = super::openapi::Problem)))]
+pub(crate) async fn rebuild_projection(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require(&[Role::Admin])?;
+    let projection = projections::projection::by_name(&name).ok_or_else(|| ApiError::not_found("read model"))?;
+    let key = projection.name();
+    if !REBUILDING.lock().expect("rebuild lock").insert(key) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already-rebuilding",
+            "Already rebuilding",
+            format!("{key} is being rebuilt already"),
+        ));
+    }
+    let pool = state.pool.clone();
+    tokio::spawn(async move {
+        match projections::rebuild::rebuild(&pool, projection.as_ref(), |_, _| {}).await {
+            Ok(report) => tracing::info!(
+                name = report.name,
+                events = report.events,
+                elapsed_ms = report.elapsed_ms,
+                "read model rebuilt and swapped in"
+            ),
+            Err(error) => tracing::error!(name = key, %error, "rebuilding a read model failed; the live one is untouched"),
+        }
+        REBUILDING.lock().expect("rebuild lock").remove(key);
+    });
+    Ok((StatusCode::ACCEPTED, Json(json!({"name": key, "status": "rebuilding"}))))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct VerifyQuery {
+    chain_only: Option<bool>,
+}
+
+#[utoipa::path(get, path = "/v1/ledger/verify", params(("chain_only" = Option<bool>, Query)), security(("bearer" = [])), responses((status = 200, description = "`{ok, events_checked, head_position, head_hash, first_bad_position?, read_models?}`: the hash chain recomputed, and every read model compared with a replay"), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem)))]
+pub(crate) async fn verify_ledger(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<VerifyQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Role::Admin, Role::Finance])?;
+    let report = ledger::verify::verify_chain(&state.pool, None, |_, _| {}).await?;
+    let mut value = serde_json::to_value(&report).map_err(ApiError::internal)?;
+    let mut ok = report.ok;
+    if report.ok && !query.chain_only.unwrap_or(false) {
+        let mut checks = Vec::new();
+        for projection in projections::projection::all() {
+            let check = projections::verify::verify(&state.pool, projection.as_ref())
+                .await
+                .map_err(ApiError::internal)?;
+            ok &= check.differences.is_empty();
+            checks.push(check);
+        }
+        value["read_models"] = serde_json::to_value(&checks).map_err(ApiError::internal)?;
+    }
+    value["ok"] = Value::Bool(ok);
+    Ok(Json(value))
+}
+
 #[utoipa::path(get, path = "/v1/ledger/trial-balance", params(("as_of" = Option<String>, Query)), security(("bearer" = [])), responses((status = 200, description = "journal totals per ledger account", body = super::openapi::TrialBalance), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem)))]
 pub(crate) async fn trial_balance(
     State(state): State<AppState>,
@@ -751,7 +820,7 @@ pub(crate) async fn revoke_cancellation(
     server_response(&state, row.server_id).await
 }
 
-#[utoipa::path(post, path = "/v1/accounts/{id}/topups", params(("id" = String, Path)), request_body = super::openapi::AmountRequest, security(("bearer" = [])), responses((status = 201, description = "pending, with its checkout URL", body = super::openapi::TopUp), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem), (status = 429, description = "too many top-ups", body = super::openapi::Problem)))]
+#[utoipa::path(post, path = "/v1/accounts/{id}/topups", params(("id" = String, Path)), request_body = super::openapi::AmountRequest, security(("bearer" = [])), responses((status = 201, description = "pending, with its checkout URL", body = super::openapi::TopUp), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "a role that may not do this", body = super::openapi::Problem), (status = 404, description = "unknown, or another account's", body = super::openapi::Problem), (status = 422, description = "an invalid field, named in `field`", body = super::openapi::Problem), (status = 429, description = "too many top-ups", body = super::openapi::Problem), (status = 502, description = "Stripe refused the checkout", body = super::openapi::Problem), (status = 503, description = "no card processor configured, or Stripe unavailable", body = super::openapi::Problem)))]
 pub(crate) async fn request_topup(
     State(state): State<AppState>,
     caller: Caller,
@@ -767,22 +836,34 @@ pub(crate) async fn request_topup(
     if amount > Decimal::from(10_000) {
         return Err(ApiError::invalid("amount", "a top-up is at most 10000"));
     }
-    if state.dev_clock.is_none() {
-        // Real Checkout Sessions come with the Stripe adapter; until then only dev mode pays.
-        return Err(ApiError::new(
+    let payments = state.payments.clone().ok_or_else(|| {
+        ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "payments-unavailable",
             "Payments unavailable",
-            "card payments are not configured on this server",
-        ));
-    }
-    let base = state.public_url.clone();
+            "card payments are not configured on this server (STRIPE_SECRET_KEY)",
+        )
+    })?;
+    let amount_minor = Money::new(amount, currency)
+        .and_then(|money| money.to_minor_units())
+        .map_err(|error| ApiError::invalid("amount", format!("amount: {error}")))?;
+    let topup_id = domain::TopUpId::new();
+    let checkout = payments
+        .create_checkout(domain::payments::CheckoutRequest {
+            topup_id,
+            account_id,
+            amount_minor,
+            currency,
+        })
+        .await
+        .map_err(payment_error)?;
     let (topup_id, checkout_url) = state
         .flows
         .request_topup(
             account_id,
+            topup_id,
             amount,
-            |topup_id| format!("{base}/dev/checkout/{topup_id}"),
+            checkout.url,
             &caller.metadata(request_id(&headers), None),
         )
         .await?;
@@ -792,6 +873,30 @@ pub(crate) async fn request_topup(
             json!({"topup_id": topup_id, "checkout_url": checkout_url, "amount": money_text(amount, &account.currency), "status": "pending"}),
         ),
     ))
+}
+
+/// The card processor could not open a checkout: 503 when trying again may pass, 502 when it refused.
+fn payment_error(error: domain::payments::PaymentError) -> ApiError {
+    match error {
+        domain::provider::ProviderError::Retryable(reason) => {
+            tracing::warn!(%reason, "the card processor is unavailable");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "payments-unavailable",
+                "Payments unavailable",
+                "the card processor did not answer; try again shortly",
+            )
+        }
+        domain::provider::ProviderError::Permanent(reason) => {
+            tracing::error!(%reason, "the card processor refused a checkout");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "payment-processor-refused",
+                "Payment processor refused",
+                reason,
+            )
+        }
+    }
 }
 
 #[utoipa::path(post, path = "/v1/webhooks/stripe", responses((status = 200, description = "received (duplicate: already acted on)"), (status = 400, description = "bad signature, stale timestamp or malformed event", body = super::openapi::Problem), (status = 409, description = "the payment is not known yet; deliver again later", body = super::openapi::Problem)))]
@@ -854,10 +959,7 @@ pub(crate) async fn stripe_webhook(
             .map(|r| r.account_id),
         None => None,
     };
-    let fresh = state
-        .flows
-        .receive_payment_event(&receipt_stream, receipt, paid, &metadata)
-        .await?;
+    let fresh = state.flows.receive_payment_event(&receipt_stream, receipt, paid, &metadata).await?;
     // A top-up that makes a suspended server affordable resumes it now.
     if let (true, Some(account_id)) = (fresh, credited_account) {
         crate::workers::resume_affordable(&state.flows, Some(account_id)).await?;
@@ -901,41 +1003,27 @@ async fn dev_checkout_pay(State(state): State<AppState>, Path(topup_id): Path<St
     let minor = Money::new(topup.amount, topup.currency)
         .and_then(|m| m.to_minor_units())
         .map_err(ApiError::internal)?;
-    let now = Utc::now().timestamp();
-    let event = json!({
-        "id": format!("evt_dev_{}", uuid::Uuid::new_v4().simple()),
-        "object": "event",
-        "api_version": "2024-06-20",
-        "created": now,
-        "livemode": false,
-        "pending_webhooks": 1,
-        "request": {"id": null, "idempotency_key": null},
-        "type": "checkout.session.completed",
-        "data": {"object": {
-            "id": format!("cs_dev_{}", topup.topup_id.0.simple()),
-            "object": "checkout.session",
-            "amount_total": minor,
-            "currency": topup.currency.code().to_ascii_lowercase(),
-            "client_reference_id": topup.topup_id.to_string(),
-            "metadata": {"topup_id": topup.topup_id.to_string()},
-            "mode": "payment",
-            "payment_intent": format!("pi_dev_{}", topup.topup_id.0.simple()),
-            "payment_status": "paid",
-            "status": "complete"
-        }}
+    let session = json!({
+        "id": format!("cs_dev_{}", topup.topup_id.0.simple()),
+        "object": "checkout.session",
+        "amount_total": minor,
+        "currency": topup.currency.code().to_ascii_lowercase(),
+        "client_reference_id": topup.topup_id.to_string(),
+        "metadata": {"topup_id": topup.topup_id.to_string()},
+        "mode": "payment",
+        "payment_intent": format!("pi_dev_{}", topup.topup_id.0.simple()),
+        "payment_status": "paid",
+        "status": "complete"
     });
-    let body = serde_json::to_vec(&event).expect("an event serialises");
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/webhooks/stripe", state.public_url))
-        .header("content-type", "application/json")
-        .header("stripe-signature", crate::stripe::sign(&secret, &body, now))
-        .body(body)
-        .send()
-        .await
-        .map_err(ApiError::internal)?;
-    if !response.status().is_success() {
-        return Err(ApiError::internal(format!("the webhook answered {}", response.status())));
-    }
+    crate::stripe::post_dev_event(
+        &reqwest::Client::new(),
+        &state.public_url,
+        &secret,
+        "checkout.session.completed",
+        session,
+    )
+    .await
+    .map_err(ApiError::internal)?;
     Ok(axum::response::Html(format!("<!doctype html><html lang=\"en\"><body style=\"font-family: sans-serif; max-width: 28rem; margin: 4rem auto\"><h1>Paid</h1><p>{} {} was added to your wallet.</p></body></html>", topup.currency, money_text(topup.amount, topup.currency.code()))))
 }
 
@@ -1246,7 +1334,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 /// refunds, and at most what is available); Stripe's `refund.updated` completes it or gives the
 /// money back.
 #[utoipa::path(post, path = "/v1/admin/topups/{id}/refunds", params(("id" = String, Path)), request_body = super::openapi::Adjustment, security(("bearer" = [])),
-    responses((status = 201, description = "requested; the wallet is debited until Stripe answers"), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "not an admin", body = super::openapi::Problem), (status = 404, description = "no such top-up", body = super::openapi::Problem), (status = 402, description = "more than is available", body = super::openapi::Problem), (status = 409, description = "the top-up is not paid", body = super::openapi::Problem), (status = 422, description = "an invalid field", body = super::openapi::Problem), (status = 503, description = "card refunds need the Stripe adapter (outside dev mode)", body = super::openapi::Problem)))]
+    responses((status = 201, description = "requested; the wallet is debited until Stripe answers"), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "not an admin", body = super::openapi::Problem), (status = 404, description = "no such top-up", body = super::openapi::Problem), (status = 402, description = "more than is available", body = super::openapi::Problem), (status = 409, description = "the top-up is not paid", body = super::openapi::Problem), (status = 422, description = "an invalid field", body = super::openapi::Problem), (status = 503, description = "no card processor configured (STRIPE_SECRET_KEY)", body = super::openapi::Problem)))]
 pub(crate) async fn refund_topup(
     State(state): State<AppState>,
     caller: Caller,
@@ -1276,12 +1364,12 @@ pub(crate) async fn refund_topup(
         .and_then(|money| money.to_minor_units())
         .map_err(|error| ApiError::invalid("amount", format!("amount: {error}")))?;
     let reason = body.string("reason")?;
-    if state.dev_clock.is_none() {
+    if state.payments.is_none() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "refunds-unavailable",
             "Card refunds unavailable",
-            "card refunds are not configured on this server",
+            "card refunds are not configured on this server (STRIPE_SECRET_KEY)",
         ));
     }
     let refund_id = state
