@@ -108,3 +108,40 @@ async fn import_verify_tamper_rebuild_and_export() {
     let mut reader = csv::Reader::from_reader(output.stdout.as_slice());
     assert_eq!(reader.records().count(), 2123);
 }
+
+#[tokio::test]
+async fn bill_charges_what_is_due_once_and_refuses_the_future() {
+    let db = TestDatabase::new().await;
+    assert!(billing(&db, &["import", HISTORY]).status.success());
+    // The history billed March; the first six hours of April are due at 05:30.
+    let output = billing(&db, &["bill", "--until", "2026-04-01T05:30:00Z"]);
+    assert!(output.status.success(), "{output:?}");
+    let stdout = text(&output.stdout);
+    let charged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = 'HourCharged' AND (payload->>'slot')::timestamptz >= '2026-04-01T00:00:00Z'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let running: i64 = sqlx::query_scalar("SELECT count(*) FROM rm.servers WHERE status IN ('running', 'stopped', 'needs_setup')")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(running > 0);
+    assert_eq!(charged, running * 6, "six hours of every billable server");
+    assert!(
+        stdout.starts_with(&format!(
+            "billed up to the hour starting 2026-04-01 05:00:00 UTC: {charged} slots charged, 0 declined"
+        )),
+        "{stdout}"
+    );
+    // Again: nothing more is due for those hours.
+    let again = text(&billing(&db, &["bill", "--until", "2026-04-01T05:59:59Z"]).stdout);
+    assert!(again.contains(": 0 slots charged"), "{again}");
+    // The hours of the future are not billed.
+    let future = billing(&db, &["bill", "--until", "2999-01-01T00:00:00Z"]);
+    assert_eq!(future.status.code(), Some(2));
+    assert!(text(&future.stderr).contains("is in the future"), "{}", text(&future.stderr));
+    let verify = billing(&db, &["verify"]);
+    assert!(verify.status.success(), "{}", text(&verify.stdout));
+}
