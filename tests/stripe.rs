@@ -762,6 +762,50 @@ async fn card_refunds_are_bounded_debited_when_asked_and_given_back_if_they_fail
         .map(|item| item["kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["topup", "card_refund", "card_refund_failed", "card_refund"]);
+
+    // `charge.refunded` reports the payment's total refunded. 6.50 is ours and known: nothing moves.
+    let charge_refunded = |event_id: &str, payment: &str, refunded_minor: i64| {
+        let mut charge = fixture("charge");
+        charge["payment_intent"] = json!(payment);
+        charge["amount"] = json!(2_500);
+        charge["amount_refunded"] = json!(refunded_minor);
+        charge["currency"] = json!("aud");
+        charge["refunded"] = json!(refunded_minor == 2_500);
+        let mut event = fixture("event");
+        event["id"] = json!(event_id);
+        event["type"] = json!("charge.refunded");
+        event["data"]["object"] = charge;
+        serde_json::to_vec(&event).unwrap()
+    };
+    let payment = "pi_1PgafyB7WZ01zgkWSjxsAJo3";
+    assert_eq!(send(charge_refunded("evt_1ChargeRefundedOurs", payment, 650)).await.0, 200);
+    assert_eq!(balance(&client, &base, &account, &token).await, "18.50");
+    // 10.00 in all: 3.50 was refunded from Stripe's dashboard. The wallet is debited for it, once,
+    // and Stripe is not asked for it again.
+    let dashboard = charge_refunded("evt_1ChargeRefundedDashboard", payment, 1_000);
+    assert_eq!(send(dashboard.clone()).await.1["duplicate"], false);
+    assert_eq!(balance(&client, &base, &account, &token).await, "15.00");
+    assert_eq!(send(dashboard).await.1["duplicate"], true);
+    assert_eq!(balance(&client, &base, &account, &token).await, "15.00");
+    // An earlier report arriving late knows less than the ledger: nothing moves.
+    assert_eq!(send(charge_refunded("evt_1ChargeRefundedLate", payment, 650)).await.0, 200);
+    assert_eq!(balance(&client, &base, &account, &token).await, "15.00");
+    // A payment no top-up was paid by: delivered again later.
+    assert_eq!(send(charge_refunded("evt_1ChargeRefundedUnknown", "pi_unknown", 100)).await.0, 409);
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let asked: Vec<_> = received_at(&stripe, "/v1/refunds", 2).await.iter().map(form).collect();
+    assert_eq!(asked.len(), 2, "only the two refunds asked for: {asked:?}");
+    // The read models agree with a replay of it all.
+    let verify: Value = client
+        .get(format!("{base}/v1/ledger/verify"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(verify["ok"], true, "{verify}");
 }
 
 #[tokio::test]

@@ -833,6 +833,37 @@ impl Flows {
         Ok(fresh)
     }
 
+    /// Acts once on a processor's report that a top-up's payment has `total_refunded` refunded in
+    /// all: what the ledger does not know of is recorded as a completed card refund.
+    pub async fn receive_charge_refunded_event(
+        &self,
+        receipt_stream: &str,
+        receipt: serde_json::Value,
+        account_id: AccountId,
+        topup_id: TopUpId,
+        total_refunded: Decimal,
+        metadata: &Metadata,
+    ) -> Result<bool> {
+        let refund_id = RefundId::new();
+        let fresh = atomically!(self, metadata, |unit| {
+            if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
+                break false;
+            }
+            let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            unit.handle(
+                &mut account,
+                AccountCommand::RecordProcessorRefund {
+                    refund_id,
+                    topup_id,
+                    total_refunded,
+                },
+            )
+            .await?;
+            true
+        });
+        Ok(fresh)
+    }
+
     /// Issues the month's invoice for an account (none when the month had no charge).
     pub async fn issue_invoice(&self, account_id: AccountId, period: YearMonth, metadata: &Metadata) -> Result<Option<InvoiceId>> {
         let at = self.now();

@@ -62,6 +62,7 @@ fn row_for(event: &ledger::RecordedEvent) -> Option<(&'static str, uuid::Uuid, s
             refund_id,
             topup_id,
             amount,
+            at_processor,
             ..
         }) = serde_json::from_value::<AccountEvent>(payload)
         else {
@@ -71,6 +72,10 @@ fn row_for(event: &ledger::RecordedEvent) -> Option<(&'static str, uuid::Uuid, s
             );
             return None;
         };
+        if at_processor {
+            // Made at Stripe already (from its dashboard): nothing to ask for.
+            return None;
+        }
         let refund = CardRefund {
             refund_id,
             topup_id,

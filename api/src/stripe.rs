@@ -185,6 +185,30 @@ impl Event {
     }
 }
 
+/// What `charge.refunded` tells the ledger: the payment (PaymentIntent) and how much of it has
+/// been refunded in all, in minor units.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChargeRefundedFacts {
+    pub payment_id: Option<String>,
+    pub amount_refunded_minor: Option<i64>,
+    pub currency: Option<String>,
+}
+
+impl Event {
+    /// `charge.refunded`: a charge whose `amount_refunded` grew (by our refunds, or from the dashboard).
+    pub fn charge_refunded(&self) -> Option<ChargeRefundedFacts> {
+        if self.kind != "charge.refunded" {
+            return None;
+        }
+        let charge = &self.data.object;
+        Some(ChargeRefundedFacts {
+            payment_id: charge.get("payment_intent").and_then(Value::as_str).map(str::to_string),
+            amount_refunded_minor: charge.get("amount_refunded").and_then(Value::as_i64),
+            currency: charge.get("currency").and_then(Value::as_str).map(str::to_string),
+        })
+    }
+}
+
 /// Dev mode's card processor: the checkout is the local page (`/dev/checkout/{topup_id}`, whose
 /// button posts a signed `checkout.session.completed`), and a refund succeeds at once by a signed
 /// `refund.updated` posted to this server's own webhook, as Stripe would send it.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use api::flows::Flows;
 use api::handler::{CommandHandler, Metadata};
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use domain::catalog::Fixtures;
 use domain::{AccountId, Clock, Country, Currency, HourSlot, Location, ManualClock, OrderId, PlanId, ServerId};
 use ledger::testing::TestDatabase;

@@ -106,6 +106,9 @@ pub enum AccountEvent {
         amount: Decimal,
         reason: String,
         figures: Figures,
+        /// Made at the card processor already (from its dashboard): learned of, not asked for.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        at_processor: bool,
     },
     CardRefundCompleted {
         refund_id: RefundId,
@@ -263,6 +266,15 @@ pub enum AccountCommand {
     },
     CompleteCardRefund {
         refund_id: RefundId,
+    },
+    /// The processor reports `total_refunded` of a top-up's payment refunded in all. What exceeds
+    /// the refunds this ledger knows of was refunded outside it (from the processor's dashboard):
+    /// it is recorded as a completed card refund, debiting the wallet even below zero, since the
+    /// money has already gone back to the card. Nothing beyond what is known: no events.
+    RecordProcessorRefund {
+        refund_id: RefundId,
+        topup_id: TopUpId,
+        total_refunded: Decimal,
     },
     FailCardRefund {
         refund_id: RefundId,
@@ -714,7 +726,37 @@ impl Account {
                     amount,
                     reason,
                     figures: self.figures_after(-amount, Decimal::ZERO),
+                    at_processor: false,
                 }])
+            }
+            AccountCommand::RecordProcessorRefund {
+                refund_id,
+                topup_id,
+                total_refunded,
+            } => {
+                check_positive("total_refunded", total_refunded, currency)?;
+                let topup = self.topups.get(&topup_id).ok_or(AccountError::UnknownTopUp(topup_id))?;
+                // The processor never refunds more than was paid.
+                let outside = total_refunded.min(topup.amount) - topup.refunded;
+                if outside <= Decimal::ZERO {
+                    return Ok(Vec::new());
+                }
+                self.fresh_id(refund_id.0, "refund")?;
+                Ok(vec![
+                    AccountEvent::CardRefundRequested {
+                        refund_id,
+                        topup_id,
+                        amount: outside,
+                        reason: "refunded at the card processor (dashboard)".into(),
+                        figures: self.figures_after(-outside, Decimal::ZERO),
+                        at_processor: true,
+                    },
+                    AccountEvent::CardRefundCompleted {
+                        refund_id,
+                        topup_id,
+                        amount: outside,
+                    },
+                ])
             }
             AccountCommand::CompleteCardRefund { refund_id } => {
                 let refund = self.card_refunds.get(&refund_id).ok_or(AccountError::UnknownRefund(refund_id))?;

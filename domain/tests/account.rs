@@ -536,7 +536,8 @@ fn card_refunds_are_bounded_by_the_top_up_and_the_available_balance() {
             topup_id: TopUpId(id(10)),
             amount: dec!(10),
             reason: "customer asked".into(),
-            figures: figures(dec!(15.00), dec!(0))
+            figures: figures(dec!(15.00), dec!(0)),
+            at_processor: false,
         }]
     );
     let mut given = with_funds();
@@ -774,4 +775,77 @@ fn an_opened_v1_event_upcasts_to_v2() {
         panic!()
     };
     assert_eq!((country.as_str(), currency.code()), ("NZ", "NZD"));
+}
+
+#[test]
+fn refunds_made_at_the_processor_are_learned_of_once_even_below_zero() {
+    let learn = |refund: u128, total| C::RecordProcessorRefund {
+        refund_id: RefundId(id(refund)),
+        topup_id: TopUpId(id(10)),
+        total_refunded: total,
+    };
+    // 10.00 asked for through the ledger; the processor later reports 14.00 refunded in all.
+    let mut given = with_funds();
+    given.push(Ev::CardRefundRequested {
+        refund_id: RefundId(id(50)),
+        topup_id: TopUpId(id(10)),
+        amount: dec!(10),
+        reason: "customer asked".into(),
+        figures: figures(dec!(15.00), dec!(0)),
+        at_processor: false,
+    });
+    Fixture::with(())
+        .given(given.clone())
+        .when(learn(60, dec!(14.00)))
+        .then_expect_events(vec![
+            Ev::CardRefundRequested {
+                refund_id: RefundId(id(60)),
+                topup_id: TopUpId(id(10)),
+                amount: dec!(4.00),
+                reason: "refunded at the card processor (dashboard)".into(),
+                figures: figures(dec!(11.00), dec!(0)),
+                at_processor: true,
+            },
+            Ev::CardRefundCompleted {
+                refund_id: RefundId(id(60)),
+                topup_id: TopUpId(id(10)),
+                amount: dec!(4.00),
+            },
+        ]);
+    // What the ledger already knows of changes nothing (its own refund, or an earlier report).
+    Fixture::with(())
+        .given(given.clone())
+        .when(learn(61, dec!(10.00)))
+        .then_expect_events(vec![]);
+    // A report of everything refunded after the wallet was spent goes below zero: the money is gone.
+    let mut spent = given.clone();
+    spent.push(Ev::Adjusted {
+        adjustment_id: AdjustmentId(id(70)),
+        amount: dec!(-15.00),
+        reason: "spent".into(),
+        figures: figures(dec!(0.00), dec!(0)),
+    });
+    Fixture::with(()).given(spent).when(learn(62, dec!(99.00))).then_expect_events(vec![
+        Ev::CardRefundRequested {
+            refund_id: RefundId(id(62)),
+            topup_id: TopUpId(id(10)),
+            amount: dec!(15.00),
+            reason: "refunded at the card processor (dashboard)".into(),
+            figures: figures(dec!(-15.00), dec!(0)),
+            at_processor: true,
+        },
+        Ev::CardRefundCompleted {
+            refund_id: RefundId(id(62)),
+            topup_id: TopUpId(id(10)),
+            amount: dec!(15.00),
+        },
+    ]);
+    Fixture::with(())
+        .given(given)
+        .when(C::RecordProcessorRefund {
+            refund_id: RefundId(id(63)),
+            topup_id: TopUpId(id(99)),
+            total_refunded: dec!(1),
+        })
+        .then_expect_error(E::UnknownTopUp(TopUpId(id(99))));
 }

@@ -933,6 +933,9 @@ pub(crate) async fn stripe_webhook(
     if let Some(refund) = event.refund() {
         return refund_webhook(&state, &headers, &event, refund).await;
     }
+    if let Some(refunded) = event.charge_refunded() {
+        return charge_refunded_webhook(&state, &headers, &event, refunded).await;
+    }
     let paid = match event.paid_checkout() {
         None => None,
         Some(checkout) => {
@@ -1219,12 +1222,69 @@ pub(crate) async fn credit_charge(
 
 /// The account whose top-up was paid by `payment_id`, from the log.
 async fn account_of_payment(state: &AppState, payment_id: &str) -> Result<Option<AccountId>, ApiError> {
-    let stream: Option<String> =
-        sqlx::query_scalar("SELECT stream_id FROM events WHERE event_type = 'TopUpSettled' AND payload->>'payment_id' = $1 LIMIT 1")
-            .bind(payment_id)
-            .fetch_optional(&state.pool)
-            .await?;
-    Ok(stream.and_then(|stream| stream.strip_prefix("account-").and_then(|id| AccountId::parse(id).ok())))
+    Ok(topup_of_payment(state, payment_id).await?.map(|(account_id, _)| account_id))
+}
+
+/// The account and top-up paid by `payment_id`, from the log.
+async fn topup_of_payment(state: &AppState, payment_id: &str) -> Result<Option<(AccountId, domain::TopUpId)>, ApiError> {
+    let row: Option<(String, String)> = sqlx::query_as(
+        "SELECT stream_id, payload->>'topup_id' FROM events WHERE event_type = 'TopUpSettled' AND payload->>'payment_id' = $1 LIMIT 1",
+    )
+    .bind(payment_id)
+    .fetch_optional(&state.pool)
+    .await?;
+    Ok(row.and_then(|(stream, topup)| {
+        let account_id = stream.strip_prefix("account-").and_then(|id| AccountId::parse(id).ok())?;
+        Some((account_id, domain::TopUpId::parse(&topup).ok()?))
+    }))
+}
+
+/// `charge.refunded`: Stripe's total refunded for a top-up's payment. Refunds this ledger asked
+/// for are known already (their `refund.updated` settles them); any excess was refunded from
+/// Stripe's dashboard and is recorded as a completed card refund. An unknown payment is a 409, so
+/// Stripe delivers it again once its top-up is known.
+async fn charge_refunded_webhook(
+    state: &AppState,
+    headers: &HeaderMap,
+    event: &crate::stripe::Event,
+    refunded: crate::stripe::ChargeRefundedFacts,
+) -> Result<Json<Value>, ApiError> {
+    let (receipt_stream, metadata, receipt) = stripe_receipt(event, headers, json!({"payment_id": refunded.payment_id}));
+    let (Some(payment_id), Some(minor)) = (refunded.payment_id.as_deref(), refunded.amount_refunded_minor) else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed-event",
+            "Malformed event",
+            "a charge.refunded event needs the charge's payment_intent and amount_refunded",
+        ));
+    };
+    let Some((account_id, topup_id)) = topup_of_payment(state, payment_id).await? else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "unknown-payment",
+            "Unknown payment",
+            format!("no top-up was paid by {payment_id} yet; deliver again later"),
+        ));
+    };
+    let account = load_account(state, account_id).await?;
+    let currency = Currency::parse(&account.currency).map_err(ApiError::internal)?;
+    if let Some(code) = &refunded.currency {
+        if !code.eq_ignore_ascii_case(currency.code()) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed-event",
+                "Malformed event",
+                format!("the charge is in {code}, the account in {}", currency.code()),
+            ));
+        }
+    }
+    let total = Money::from_minor_units(minor, currency);
+    let fresh = state
+        .flows
+        .receive_charge_refunded_event(&receipt_stream, receipt, account_id, topup_id, total.amount, &metadata)
+        .await?;
+    read_your_writes(state).await?;
+    Ok(Json(json!({"received": true, "duplicate": !fresh})))
 }
 
 async fn dispute_webhook(
