@@ -172,3 +172,33 @@ async fn migrate_is_idempotent_and_verify_on_an_unmigrated_database_says_what_to
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
+
+#[tokio::test]
+async fn verify_of_a_log_that_grows_meanwhile_checks_one_snapshot() {
+    let db = TestDatabase::new().await;
+    let log = log_with_events(&db, 300).await;
+    // A writer keeps appending while the chain is recomputed, as on a serving system.
+    let writer = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            for index in 0..300 {
+                log.append(AppendRequest::single(
+                    format!("growing-{index}"),
+                    ExpectedVersion::NoStream,
+                    vec![NewEvent::new("Grown", json!({"index": index}))],
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let mut checked = Vec::new();
+    while !writer.is_finished() {
+        let report = ledger::verify::verify_chain(&db.pool, None, |_, _| {}).await.unwrap();
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.events_checked as i64, report.head_position);
+        checked.push(report.head_position);
+    }
+    writer.await.unwrap();
+    assert!(checked.len() > 1, "verified while the log grew: {checked:?}");
+}

@@ -50,10 +50,16 @@ pub struct VerifyReport {
 
 /// Recomputes the chain over the whole log. `progress(done, total)` is called after each page.
 pub async fn verify_chain(pool: &PgPool, anchor: Option<Anchor>, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport, sqlx::Error> {
-    let (head_position, head_hash): (i64, Vec<u8>) = sqlx::query_as("SELECT position, hash FROM ledger_head WHERE singleton")
-        .fetch_one(pool)
+    // One snapshot for the head and every page of the log: appends committed meanwhile (the log
+    // of a serving system grows) are neither half seen nor mistaken for a broken head.
+    let mut snapshot = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *snapshot)
         .await?;
-    let (stored_max,): (Option<i64>,) = sqlx::query_as("SELECT max(position) FROM events").fetch_one(pool).await?;
+    let (head_position, head_hash): (i64, Vec<u8>) = sqlx::query_as("SELECT position, hash FROM ledger_head WHERE singleton")
+        .fetch_one(&mut *snapshot)
+        .await?;
+    let (stored_max,): (Option<i64>,) = sqlx::query_as("SELECT max(position) FROM events").fetch_one(&mut *snapshot).await?;
     let total = head_position.max(stored_max.unwrap_or(0)) as u64;
 
     let mut previous_position = 0i64;
@@ -70,7 +76,7 @@ pub async fn verify_chain(pool: &PgPool, anchor: Option<Anchor>, mut progress: i
         problem: Some(problem),
     };
     loop {
-        let page = crate::log::read_after(pool, previous_position, PAGE_SIZE).await?;
+        let page = crate::log::read_after(&mut *snapshot, previous_position, PAGE_SIZE).await?;
         for event in &page {
             let expected_position = previous_position + 1;
             if event.position != expected_position {
