@@ -790,8 +790,25 @@ async fn card_refunds_are_bounded_debited_when_asked_and_given_back_if_they_fail
     // An earlier report arriving late knows less than the ledger: nothing moves.
     assert_eq!(send(charge_refunded("evt_1ChargeRefundedLate", payment, 650)).await.0, 200);
     assert_eq!(balance(&client, &base, &account, &token).await, "15.00");
-    // A payment no top-up was paid by: delivered again later.
-    assert_eq!(send(charge_refunded("evt_1ChargeRefundedUnknown", "pi_unknown", 100)).await.0, 409);
+    // Out of order: the refund of a payment arrives before the payment itself. It is refused (409)
+    // so Stripe delivers it again, and acts once the top-up is paid.
+    let response = client
+        .post(format!("{base}/v1/accounts/{account}/topups"))
+        .bearer_auth(&token)
+        .json(&json!({"amount": "5.00"}))
+        .send()
+        .await
+        .unwrap();
+    let second_topup = response.json::<Value>().await.unwrap()["topup_id"].as_str().unwrap().to_string();
+    let early_refund = charge_refunded("evt_1ChargeRefundedEarly", "pi_1SecondTopUp", 200);
+    assert_eq!(send(early_refund.clone()).await.0, 409);
+    assert_eq!(balance(&client, &base, &account, &token).await, "15.00");
+    let mut paid: Value = serde_json::from_slice(&completed_checkout("evt_1SecondPaid", &second_topup, 500, "aud")).unwrap();
+    paid["data"]["object"]["payment_intent"] = json!("pi_1SecondTopUp");
+    assert_eq!(send(serde_json::to_vec(&paid).unwrap()).await.0, 200);
+    assert_eq!(balance(&client, &base, &account, &token).await, "20.00");
+    assert_eq!(send(early_refund).await.1["duplicate"], false);
+    assert_eq!(balance(&client, &base, &account, &token).await, "18.00");
     tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
     let asked: Vec<_> = received_at(&stripe, "/v1/refunds", 2).await.iter().map(form).collect();
     assert_eq!(asked.len(), 2, "only the two refunds asked for: {asked:?}");
