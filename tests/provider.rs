@@ -349,7 +349,16 @@ async fn setup_power_and_deletion_reach_the_provider_once_each_in_order() {
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    assert_eq!(outbox, [("done".to_string(), 2), ("done".to_string(), 1), ("done".to_string(), 1)]);
+    // The order's provisioning, the build (twice asked), the shutdown and the deletion.
+    assert_eq!(
+        outbox,
+        [
+            ("done".to_string(), 1),
+            ("done".to_string(), 2),
+            ("done".to_string(), 1),
+            ("done".to_string(), 1)
+        ]
+    );
     // Nothing more is sent later.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(virtfusion.received_requests().await.unwrap().len(), 5);

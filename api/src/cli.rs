@@ -322,12 +322,11 @@ async fn run_server(
     let provider_retry = crate::workers::RetryPolicy::from_env();
     let worker_flows = flows.clone();
     let worker_clock = clock.clone();
-    let worker_provider = provider.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
         loop {
             tick.tick().await;
-            if let Err(error) = crate::workers::run_due(&worker_flows, &worker_provider, provider_retry, worker_clock.now()).await {
+            if let Err(error) = crate::workers::run_due(&worker_flows, worker_clock.now()).await {
                 tracing::error!(%error, "due work failed; retrying at the next tick");
             }
         }
@@ -368,8 +367,6 @@ async fn run_server(
         public_url,
         payments,
         rate_limiter: std::sync::Arc::new(crate::http::operations::RateLimiter::from_env()),
-        provider,
-        provider_retry,
     };
     println!(
         "listening on http://{address}{}",

@@ -1,12 +1,13 @@
-//! Background work: provisioning of placed orders (the simulated provider for now), the hourly
-//! billing of every due (server, slot), and the deletion of servers whose cancellation is due.
-//! `run_due` is what the dev clock and the serve loop call; every step is idempotent, so two
-//! instances may run it at once.
+//! Background work due at an instant: the hourly billing of every due (server, slot), resumption
+//! once affordable, termination when unpaid, deletion of servers whose cancellation is due,
+//! low-balance warnings and last month's invoices. `run_due` is what the dev clock and the serve
+//! loop call; every step is idempotent, so two instances may run it at once. (Provisioning, and
+//! whatever else the outside must hear of, goes through the outbox: `crate::outbox`.)
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use domain::{HourSlot, OrderId, ServerId};
+use domain::{HourSlot, ServerId};
 
 use crate::flows::{FlowError, Flows};
 use crate::handler::Metadata;
@@ -19,16 +20,11 @@ pub struct DueReport {
     pub slots_charged: u64,
     pub slots_declined: u64,
     pub servers_resumed: u64,
-    pub orders_resumed: u64,
     pub servers_terminated: u64,
     pub servers_deleted: u64,
     pub invoices_issued: u64,
     pub low_balance_warnings: u64,
 }
-
-/// An order still placed this long after it was placed lost its saga (the process that ran it
-/// stopped); the due-work run takes it up again.
-pub const ORDER_RESUME_AFTER_MINUTES: i64 = 2;
 
 /// Days a server may stay suspended for non-payment before it is terminated.
 pub const UNPAID_DAYS: i64 = 7;
@@ -49,28 +45,10 @@ async fn catch_up(pool: &sqlx::PgPool) -> Result<(), FlowError> {
 /// Charges every due slot of every billable server up to the slot containing `now`, deletes
 /// servers whose cancellation is due, and issues last month's invoices once its last slot is
 /// billed. Reads the read models, brought up to date first.
-pub async fn run_due(
-    flows: &Flows,
-    provider: &std::sync::Arc<dyn domain::provider::ServerProvider>,
-    policy: RetryPolicy,
-    now: DateTime<Utc>,
-) -> Result<DueReport, FlowError> {
+pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, FlowError> {
     let pool = flows.handler.log().pool().clone();
     catch_up(&pool).await?;
     let mut report = DueReport::default();
-    // Orders whose saga was interrupted: the log holds them as placed; provision them now.
-    let stale: Vec<(uuid::Uuid,)> =
-        sqlx::query_as("SELECT order_id FROM rm.orders WHERE status = 'placed' AND placed_at <= $1 ORDER BY placed_at LIMIT 100")
-            .bind(now - chrono::Duration::minutes(ORDER_RESUME_AFTER_MINUTES))
-            .fetch_all(&pool)
-            .await
-            .map_err(crate::handler::StorageError::Read)?;
-    for (order_id,) in stale {
-        match provision(flows.clone(), provider.clone(), OrderId(order_id), policy).await {
-            Ok(()) => report.orders_resumed += 1,
-            Err(error) => tracing::error!(%error, %order_id, "resuming an interrupted order failed; trying again next run"),
-        }
-    }
     let current = HourSlot::containing(now);
     report.servers_resumed += resume_affordable(flows, None).await?;
     let billed = bill_due(flows, current).await?;
@@ -263,7 +241,7 @@ pub async fn resume_affordable(flows: &Flows, account_id: Option<domain::Account
     Ok(resumed)
 }
 
-/// How the deploy saga retries a provider that is busy, locked or slow.
+/// How the outbox retries a provider (or Stripe) that is busy, locked or slow.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
     pub attempts_max: u32,
@@ -293,58 +271,5 @@ impl RetryPolicy {
 
     pub fn backoff(&self, attempt: u32) -> Duration {
         (self.backoff_base * 2u32.saturating_pow(attempt.saturating_sub(1).min(16))).min(self.backoff_max)
-    }
-}
-
-/// The deploy saga for one order: ask the provider, retrying what may pass; then capture the hold
-/// as the first hour (provisioned) or release it (refused, or given up). The order, the server and
-/// the hold each change state at most once, whoever else runs this for the same order.
-pub async fn provision(
-    flows: Flows,
-    provider: std::sync::Arc<dyn domain::provider::ServerProvider>,
-    order_id: OrderId,
-    policy: RetryPolicy,
-) -> Result<(), FlowError> {
-    let order = flows.handler.load::<domain::Order>(&order_id.stream_id()).await?;
-    let Some(placed) = order.state.placed.clone() else {
-        return Err(FlowError::NotFound("order"));
-    };
-    if order.state.status != Some(domain::order::OrderStatus::Placed) {
-        return Ok(());
-    }
-    let server = flows.handler.load::<domain::Server>(&placed.server_id.stream_id()).await?;
-    let location = server
-        .state
-        .ordered
-        .as_ref()
-        .map(|ordered| ordered.location.clone())
-        .ok_or(FlowError::NotFound("server"))?;
-    let request = domain::provider::ProvisionRequest {
-        order_id,
-        server_id: placed.server_id,
-        plan_id: placed.plan_id.clone(),
-        location,
-    };
-    let mut attempt = 0;
-    let outcome = loop {
-        attempt += 1;
-        match provider.provision(request.clone()).await {
-            Ok(provider_id) => break Ok(provider_id),
-            Err(domain::provider::ProviderError::Permanent(reason)) => break Err(reason),
-            Err(domain::provider::ProviderError::Retryable(reason)) if attempt < policy.attempts_max => {
-                tracing::warn!(%order_id, attempt, %reason, "provider busy; retrying");
-                tokio::time::sleep(policy.backoff(attempt)).await;
-            }
-            Err(domain::provider::ProviderError::Retryable(reason)) => break Err(format!("gave up after {attempt} attempts: {reason}")),
-        }
-    };
-    let result = match outcome {
-        Ok(provider_id) => flows.complete_provisioning(order_id, &provider_id, &system()).await.map(|_| ()),
-        Err(reason) => flows.fail_provisioning(order_id, &reason, &system()).await,
-    };
-    match result {
-        // Someone finished the saga first: the order says how it ended.
-        Err(FlowError::Order(domain::OrderError::AlreadyCompleted | domain::OrderError::AlreadyFailed)) => Ok(()),
-        other => other,
     }
 }

@@ -1,5 +1,5 @@
-//! An order whose saga was interrupted (the process stopped after placing it) is taken up again
-//! by the due-work run, and its hold captured once.
+//! An order whose process stopped after placing it is provisioned through the outbox by another
+//! process, once, even when two processes dispatch at once; its hold is captured once.
 
 use std::sync::Arc;
 
@@ -7,7 +7,7 @@ use api::flows::Flows;
 use api::handler::{CommandHandler, Metadata};
 use chrono::{DateTime, Duration, Utc};
 use domain::catalog::Fixtures;
-use domain::{AccountId, Clock, Country, Currency, Location, ManualClock, OrderId, PlanId, ServerId};
+use domain::{AccountId, Country, Currency, Location, ManualClock, OrderId, PlanId, ServerId};
 use ledger::testing::TestDatabase;
 use ledger::{EventLog, LogConfig};
 use rust_decimal_macros::dec;
@@ -17,7 +17,7 @@ fn at(text: &str) -> DateTime<Utc> {
 }
 
 #[tokio::test]
-async fn an_interrupted_order_is_resumed_after_two_minutes_and_captured_once() {
+async fn an_order_left_by_a_stopped_process_is_provisioned_once_by_two_racing_dispatchers() {
     let db = TestDatabase::new().await;
     let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
     let clock = Arc::new(ManualClock::new(at("2027-03-01T09:10:00Z")));
@@ -52,19 +52,37 @@ async fn an_interrupted_order_is_resumed_after_two_minutes_and_captured_once() {
         .await
         .unwrap();
 
-    let provider: Arc<dyn domain::provider::ServerProvider> = Arc::new(adapters::simulated::SimulatedProvider::default());
+    // Two other processes dispatch the outbox at once; the provider is slow, so both are at it
+    // while the first call is in flight.
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let provider = CountingProvider {
+        inner: adapters::simulated::SimulatedProvider {
+            latency: std::time::Duration::from_millis(200),
+            ..Default::default()
+        },
+        calls: calls.clone(),
+    };
     let policy = api::workers::RetryPolicy {
         attempts_max: 3,
         backoff_base: std::time::Duration::from_millis(5),
         backoff_max: std::time::Duration::from_millis(50),
     };
     clock.advance(Duration::seconds(60)).unwrap();
-    let early = api::workers::run_due(&flows, &provider, policy, clock.now()).await.unwrap();
-    assert_eq!(early.orders_resumed, 0, "a saga may still be running after one minute");
-
-    clock.advance(Duration::seconds(90)).unwrap();
-    let report = api::workers::run_due(&flows, &provider, policy, clock.now()).await.unwrap();
-    assert_eq!(report.orders_resumed, 1);
+    let parties = api::outbox::Parties {
+        provider: &provider,
+        payments: None,
+    };
+    let other = Flows::new(CommandHandler::new(
+        EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap(),
+        clock.clone(),
+    ));
+    let (a, b) = tokio::join!(
+        api::outbox::dispatch(&flows, parties, policy),
+        api::outbox::dispatch(&other, parties, policy)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.sent + b.sent, a.failed + b.failed), (1, 0), "{a:?} {b:?}");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "the provider is asked once");
     let order = flows.handler.load::<domain::Order>(&order_id.stream_id()).await.unwrap();
     assert_eq!(order.state.status, Some(domain::order::OrderStatus::Completed));
     let account = flows.handler.load::<domain::Account>(&account_id.stream_id()).await.unwrap();
@@ -72,16 +90,30 @@ async fn an_interrupted_order_is_resumed_after_two_minutes_and_captured_once() {
         (account.state.balance(), account.state.reserved()),
         (dec!(1.00) - dec!(0.006849), dec!(0))
     );
-    assert_eq!(
-        api::workers::run_due(&flows, &provider, policy, clock.now())
-            .await
-            .unwrap()
-            .orders_resumed,
-        0
-    );
+    // Nothing is left to send.
+    let again = api::outbox::dispatch(&other, parties, policy).await.unwrap();
+    assert_eq!((again.sent, again.deferred), (0, 0));
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     let captured: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'HoldCaptured'")
         .fetch_one(&db.pool)
         .await
         .unwrap();
     assert_eq!(captured, 1);
+}
+
+/// The simulated provider, counting the servers it is asked to create.
+struct CountingProvider {
+    inner: adapters::simulated::SimulatedProvider,
+    calls: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl domain::provider::ServerProvider for CountingProvider {
+    fn provision(&self, request: domain::provider::ProvisionRequest) -> domain::provider::ProviderFuture<'_, String> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.provision(request)
+    }
+
+    fn act(&self, provider_server_id: &str, action: domain::provider::ServerAction) -> domain::provider::ProviderFuture<'_, ()> {
+        self.inner.act(provider_server_id, action)
+    }
 }

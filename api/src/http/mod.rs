@@ -28,10 +28,8 @@ pub struct AppState {
     /// This server's own base URL (for checkout links and the dev checkout's webhook).
     pub public_url: String,
     pub rate_limiter: Arc<operations::RateLimiter>,
-    pub provider: Arc<dyn domain::provider::ServerProvider>,
     /// The card processor (Stripe, or dev mode's local one); None when neither is configured.
     pub payments: Option<Arc<dyn domain::payments::PaymentGateway>>,
-    pub provider_retry: crate::workers::RetryPolicy,
 }
 
 /// Largest request body accepted; larger is a 413.

@@ -664,7 +664,7 @@ pub(crate) async fn dev_clock(State(state): State<AppState>, body: Body) -> Resu
             ))
         }
     };
-    let report = crate::workers::run_due(&state.flows, &state.provider, state.provider_retry, now).await?;
+    let report = crate::workers::run_due(&state.flows, now).await?;
     Ok(Json(json!({"now": now, "due": report})))
 }
 
@@ -693,12 +693,7 @@ pub(crate) async fn place_order(
             &caller.metadata(request_id(&headers), None),
         )
         .await?;
-    tokio::spawn(crate::workers::provision(
-        state.flows.clone(),
-        state.provider.clone(),
-        order_id,
-        state.provider_retry,
-    ));
+    // The outbox provisions it (woken by this append): the deploy saga.
     read_your_writes(&state).await?;
     Ok((
         StatusCode::ACCEPTED,
