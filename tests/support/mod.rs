@@ -70,9 +70,24 @@ pub async fn wait_for(base: &str, token: &str, server_id: &str, done: impl Fn(&s
     for _ in 0..400 {
         let status = server_status(base, token, server_id).await;
         if done(&status) {
+            settled(base).await;
             return status;
         }
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     panic!("server {server_id} never reached the awaited status");
+}
+
+/// Waits (at most 5 s) until every read model has caught up with the log, as `/readyz` reports:
+/// each follows the log on its own, so one (servers) may show a change a moment before another
+/// (balances) does.
+pub async fn settled(base: &str) {
+    for _ in 0..200 {
+        let ready: serde_json::Value = reqwest::get(format!("{base}/readyz")).await.unwrap().json().await.unwrap();
+        if ready["projector_lag"] == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the read models did not catch up with the log");
 }
