@@ -13,6 +13,10 @@ use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
+/// The same allocator as the `billing` binary, so the figures are the product's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SCENARIOS: &[&str] = &["append", "append_concurrent", "billing_run", "rebuild"];
 
 #[derive(Parser)]
