@@ -17,12 +17,12 @@ use sqlx::{Connection, PgConnection, PgPool};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const SCENARIOS: &[&str] = &["append", "append_concurrent", "billing_run", "rebuild"];
+const SCENARIOS: &[&str] = &["append", "append_concurrent", "billing_run", "http_balance", "rebuild"];
 
 #[derive(Parser)]
 #[command(about = "Benchmarks of the billing ledger")]
 struct Args {
-    /// A scenario name (append, append_concurrent, billing_run, rebuild) or `all`.
+    /// A scenario name (append, append_concurrent, billing_run, http_balance, rebuild) or `all`.
     scenario: String,
     /// Small sizes, to keep the benchmarks compiling and correct in CI.
     #[arg(long)]
@@ -103,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
                 "append_concurrent" => append_concurrent(&pool, args.quick).await?,
                 "rebuild" => rebuild(&pool, args.quick).await?,
                 "billing_run" => billing_run(&pool, args.quick).await?,
+                "http_balance" => http_balance(&pool, args.quick).await?,
                 _ => unreachable!("checked above"),
             });
             pool.close().await;
@@ -221,14 +222,10 @@ async fn append_concurrent(pool: &PgPool, quick: bool) -> anyhow::Result<Measure
             anyhow::Ok(latencies)
         }));
     }
-    let mut latencies: Vec<Duration> = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await??);
-    }
+    let latencies = sorted_latencies(tasks).await?;
     let elapsed = started.elapsed();
-    latencies.sort();
     let events_total = CLIENTS * per_client;
-    let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1_000.0;
+    let percentile = |p: f64| percentile_ms(&latencies, p);
     Ok(Measurement {
         scenario: "append_concurrent",
         value: events_total as f64 / elapsed.as_secs_f64(),
@@ -593,6 +590,101 @@ async fn billing_run(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> 
         events: servers_total,
         repetitions: 1,
     })
+}
+
+/// `GET /v1/accounts/{id}` over HTTP from 64 keep-alive connections, each its own customer with
+/// its own token, for a fixed time, against the real router (`api::http::router`) on a local port.
+async fn http_balance(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
+    use std::sync::Arc;
+    const CONNECTIONS: usize = 64;
+    let duration = Duration::from_secs(if quick { 2 } else { 20 });
+    let log = EventLog::open(pool.clone(), LogConfig::default()).await?;
+    let clock: Arc<dyn domain::Clock> = Arc::new(api::handler::SystemClock);
+    let flows = api::flows::Flows::new(api::handler::CommandHandler::new(log, clock.clone()));
+    let admin = api::handler::Metadata::actor("admin", "bench");
+    let mut customers = Vec::new();
+    for index in 0..CONNECTIONS {
+        let account_id = domain::AccountId::new();
+        flows
+            .open_account(
+                account_id,
+                &format!("Reader {index}"),
+                "reader@example.com",
+                domain::Currency::USD,
+                domain::Country::parse("US")?,
+                &admin,
+            )
+            .await?;
+        flows
+            .adjust(account_id, rust_decimal::Decimal::new(2_500, 2), "credit", &admin)
+            .await?;
+        let token = api::http::auth::create_key(pool, api::http::auth::Role::Customer, Some(account_id), "bench").await?;
+        customers.push((account_id, token));
+    }
+    projections::runner::catch_up_all(pool).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let state = api::http::AppState {
+        pool: pool.clone(),
+        flows,
+        clock,
+        dev_clock: None,
+        webhook_secret: None,
+        public_url: base.clone(),
+        payments: None,
+        rate_limiter: Arc::new(api::http::operations::RateLimiter::from_env()),
+    };
+    let server = tokio::spawn(async move { axum::serve(listener, api::http::router(state)).await });
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (account_id, token) in customers {
+        let base = base.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
+            let url = format!("{base}/v1/accounts/{account_id}");
+            let mut latencies = Vec::new();
+            while started.elapsed() < duration {
+                let sent = Instant::now();
+                let response = client.get(&url).bearer_auth(&token).send().await?;
+                anyhow::ensure!(response.status().is_success(), "GET balance answered {}", response.status());
+                let body: serde_json::Value = response.json().await?;
+                anyhow::ensure!(body["balance"] == "25.00", "unexpected balance {body}");
+                latencies.push(sent.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let latencies = sorted_latencies(tasks).await?;
+    let elapsed = started.elapsed();
+    server.abort();
+    let percentile = |p: f64| percentile_ms(&latencies, p);
+    Ok(Measurement {
+        scenario: "http_balance",
+        value: latencies.len() as f64 / elapsed.as_secs_f64(),
+        unit: "requests/s",
+        baseline: None,
+        baseline_value: None,
+        ratio: None,
+        p50_ms: Some(percentile(0.50)),
+        p99_ms: Some(percentile(0.99)),
+        events: latencies.len(),
+        repetitions: 1,
+    })
+}
+
+/// Every client's latencies, sorted.
+async fn sorted_latencies(tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Vec<Duration>>>>) -> anyhow::Result<Vec<Duration>> {
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    latencies.sort();
+    Ok(latencies)
+}
+
+/// The `p` quantile of sorted latencies, in milliseconds.
+fn percentile_ms(latencies: &[Duration], p: f64) -> f64 {
+    latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1_000.0
 }
 
 fn print_table(results: &[Measurement]) {

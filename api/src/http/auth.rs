@@ -122,6 +122,36 @@ pub async fn store_key(pool: &PgPool, token: &str, role: Role, account_id: Optio
     Ok(())
 }
 
+/// Keys recently found in `api_keys`, by token hash, so a busy caller is not looked up per request.
+/// Keys are never changed or removed once stored, so an entry cannot go stale; it is still dropped
+/// after `KEY_CACHE_SECONDS`, and the whole cache when it holds `KEY_CACHE_MAX` keys.
+struct KeyCache {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], ((Role, Option<AccountId>), std::time::Instant)>>,
+}
+
+const KEY_CACHE_SECONDS: u64 = 60;
+const KEY_CACHE_MAX: usize = 100_000;
+
+static KNOWN_KEYS: std::sync::LazyLock<KeyCache> = std::sync::LazyLock::new(|| KeyCache {
+    entries: std::sync::Mutex::new(std::collections::HashMap::new()),
+});
+
+impl KeyCache {
+    fn get(&self, hash: &[u8; 32]) -> Option<(Role, Option<AccountId>)> {
+        let entries = self.entries.lock().expect("key cache lock");
+        let (known, at) = entries.get(hash)?;
+        (at.elapsed().as_secs() < KEY_CACHE_SECONDS).then_some(*known)
+    }
+
+    fn put(&self, hash: [u8; 32], known: (Role, Option<AccountId>)) {
+        let mut entries = self.entries.lock().expect("key cache lock");
+        if entries.len() >= KEY_CACHE_MAX {
+            entries.clear();
+        }
+        entries.insert(hash, (known, std::time::Instant::now()));
+    }
+}
+
 /// Creates a key with a fresh token; the token is returned once and never stored.
 pub async fn create_key(pool: &PgPool, role: Role, account_id: Option<AccountId>, label: &str) -> Result<String, sqlx::Error> {
     let token = new_token();
@@ -145,15 +175,23 @@ impl FromRequestParts<AppState> for Caller {
             .filter(|token| !token.is_empty() && token.len() <= 200)
             .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?;
         let hash = token_hash(token);
-        let row: Option<(String, Option<Uuid>)> = sqlx::query_as("SELECT role, account_id FROM api_keys WHERE token_sha256 = $1")
-            .bind(hash.to_vec())
-            .fetch_optional(&state.pool)
-            .await?;
-        let (role, account_id) = row.ok_or_else(|| ApiError::unauthorized("unknown token"))?;
-        let role = Role::parse(&role).ok_or_else(|| ApiError::internal(format!("api_keys holds an unknown role {role:?}")))?;
+        let (role, account_id) = match KNOWN_KEYS.get(&hash) {
+            Some(known) => known,
+            None => {
+                let row: Option<(String, Option<Uuid>)> = sqlx::query_as("SELECT role, account_id FROM api_keys WHERE token_sha256 = $1")
+                    .bind(hash.to_vec())
+                    .fetch_optional(&state.pool)
+                    .await?;
+                let (role, account_id) = row.ok_or_else(|| ApiError::unauthorized("unknown token"))?;
+                let role = Role::parse(&role).ok_or_else(|| ApiError::internal(format!("api_keys holds an unknown role {role:?}")))?;
+                let known = (role, account_id.map(AccountId));
+                KNOWN_KEYS.put(hash, known);
+                known
+            }
+        };
         Ok(Caller {
             role,
-            account_id: account_id.map(AccountId),
+            account_id,
             id: hash.iter().map(|b| format!("{b:02x}")).collect(),
         })
     }
