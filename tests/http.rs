@@ -803,6 +803,15 @@ async fn the_authorization_matrix() {
             }
         }
     }
+    // A malformed query string is a problem naming it, not plain text.
+    for path in ["/v1/ledger/verify?chain_only=perhaps", "/v1/ledger/events?limit=many"] {
+        let malformed = api.get(path, Some(&finance)).await;
+        assert_eq!(
+            (malformed.0, malformed.2["field"].as_str()),
+            (422, Some("query")),
+            "{path}: {malformed:?}"
+        );
+    }
     // The catalogue is public; an unknown invoice is a 404 to everyone with a token, and a
     // 401 without one.
     assert_eq!(api.get("/v1/plans", None).await.0, 200);

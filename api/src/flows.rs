@@ -814,23 +814,15 @@ impl Flows {
         succeeded: bool,
         metadata: &Metadata,
     ) -> Result<bool> {
-        let fresh = atomically!(self, metadata, |unit| {
-            if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
-                break false;
-            }
-            let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
-            let command = if succeeded {
-                AccountCommand::CompleteCardRefund { refund_id }
-            } else {
-                AccountCommand::FailCardRefund { refund_id }
-            };
-            match unit.handle(&mut account, command).await {
-                Ok(_) | Err(AccountError::RefundSettled(_)) => {}
-                Err(error) => return Err(error.into()),
-            }
-            true
-        });
-        Ok(fresh)
+        let command = if succeeded {
+            AccountCommand::CompleteCardRefund { refund_id }
+        } else {
+            AccountCommand::FailCardRefund { refund_id }
+        };
+        // A refund already settled (a late or contrary report) is received and changes nothing.
+        let settled = |error: &AccountError| matches!(error, AccountError::RefundSettled(_));
+        self.receive_for_account(receipt_stream, receipt, account_id, command, settled, metadata)
+            .await
     }
 
     /// Acts once on a processor's report that a top-up's payment has `total_refunded` refunded in
@@ -844,21 +836,36 @@ impl Flows {
         total_refunded: Decimal,
         metadata: &Metadata,
     ) -> Result<bool> {
-        let refund_id = RefundId::new();
+        let command = AccountCommand::RecordProcessorRefund {
+            refund_id: RefundId::new(),
+            topup_id,
+            total_refunded,
+        };
+        self.receive_for_account(receipt_stream, receipt, account_id, command, |_| false, metadata)
+            .await
+    }
+
+    /// A provider event's receipt and its effect on an account, in one append; false for a
+    /// redelivery. Refusals for which `received_anyway` holds are recorded with no effect.
+    async fn receive_for_account(
+        &self,
+        receipt_stream: &str,
+        receipt: serde_json::Value,
+        account_id: AccountId,
+        command: AccountCommand,
+        received_anyway: fn(&AccountError) -> bool,
+        metadata: &Metadata,
+    ) -> Result<bool> {
         let fresh = atomically!(self, metadata, |unit| {
             if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
                 break false;
             }
             let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
-            unit.handle(
-                &mut account,
-                AccountCommand::RecordProcessorRefund {
-                    refund_id,
-                    topup_id,
-                    total_refunded,
-                },
-            )
-            .await?;
+            match unit.handle(&mut account, command.clone()).await {
+                Ok(_) => {}
+                Err(error) if received_anyway(&error) => {}
+                Err(error) => return Err(error.into()),
+            }
             true
         });
         Ok(fresh)

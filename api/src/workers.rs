@@ -47,7 +47,7 @@ async fn catch_up(pool: &sqlx::PgPool) -> Result<(), FlowError> {
 /// billed. Reads the read models, brought up to date first.
 pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, FlowError> {
     let pool = flows.handler.log().pool().clone();
-    catch_up(&pool).await?;
+    // `resume_affordable` and `bill_due` bring the read models up to date before reading them.
     let mut report = DueReport::default();
     let current = HourSlot::containing(now);
     report.servers_resumed += resume_affordable(flows, None).await?;

@@ -148,3 +148,18 @@ impl From<FlowError> for ApiError {
         }
     }
 }
+
+/// `axum`'s `Query`, refusing a malformed query string as a problem (422, `field` "query")
+/// rather than as plain text: `?limit=abc` or `?chain_only=perhaps`.
+pub struct Query<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Query<T>, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| Query(value))
+            .map_err(|rejection| ApiError::invalid("query", rejection.body_text()))
+    }
+}

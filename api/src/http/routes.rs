@@ -1,7 +1,7 @@
 //! The routes of API v1.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::auth::{create_key, Caller, Role};
-use super::error::ApiError;
+use super::error::{ApiError, Query};
 use super::{AppState, BODY_BYTES_MAX};
 
 pub fn router(state: AppState) -> Router {
