@@ -263,18 +263,7 @@ async fn outside_dev_mode_the_dev_routes_do_not_exist() {
 }
 
 async fn funded_customer(api: &Api, currency: &str, country: &str, amount: &str) -> (String, String) {
-    let account = api
-        .post(
-            "/v1/accounts",
-            Some(ADMIN),
-            json!({"name": "Journey", "email": "journey@example.com", "currency": currency, "country": country}),
-        )
-        .await
-        .2["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let token = key(api, "customer", &account).await;
+    let (account, token) = support::customer(&api.base, ADMIN, currency, country).await;
     let credited = api
         .post(
             &format!("/v1/admin/accounts/{account}/adjustments"),

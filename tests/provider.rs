@@ -36,28 +36,7 @@ async fn order_against(virtfusion: &MockServer) -> (TestDatabase, support::Serve
     );
     let client = reqwest::Client::new();
     let base = server.base.clone();
-    let account: Value = client
-        .post(format!("{base}/v1/accounts"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "Saga", "email": "saga@example.com", "currency": "USD", "country": "US"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let account = account["id"].as_str().unwrap().to_string();
-    let key: Value = client
-        .post(format!("{base}/v1/accounts/{account}/api-keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"role": "customer"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = key["token"].as_str().unwrap().to_string();
+    let (account, token) = support::customer(&base, ADMIN, "USD", "US").await;
     client
         .post(format!("{base}/v1/admin/accounts/{account}/adjustments"))
         .bearer_auth(ADMIN)

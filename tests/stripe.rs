@@ -140,35 +140,8 @@ async fn deliver(client: &reqwest::Client, base: &str, body: Vec<u8>, signature:
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-/// An AUD account and its customer token.
-async fn customer(client: &reqwest::Client, base: &str) -> (String, String) {
-    let account: Value = client
-        .post(format!("{base}/v1/accounts"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "Payer", "email": "payer@example.com", "currency": "AUD", "country": "AU"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let account = account["id"].as_str().unwrap().to_string();
-    let key: Value = client
-        .post(format!("{base}/v1/accounts/{account}/api-keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"role": "customer"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = key["token"].as_str().unwrap().to_string();
-    (account, token)
-}
-
 async fn customer_with_topup(client: &reqwest::Client, base: &str, amount: &str) -> (String, String, String) {
-    let (account, token) = customer(client, base).await;
+    let (account, token) = support::customer(base, ADMIN, "AUD", "AU").await;
     let response = client
         .post(format!("{base}/v1/accounts/{account}/topups"))
         .bearer_auth(&token)
@@ -906,7 +879,7 @@ async fn stripe_unavailable_or_refusing_a_checkout_records_nothing() {
     let server = serve_with_stripe(&db, &stripe, false);
     let client = reqwest::Client::new();
     let base = server.base.clone();
-    let (account, token) = customer(&client, &base).await;
+    let (account, token) = support::customer(&base, ADMIN, "AUD", "AU").await;
     let top_up = || {
         client
             .post(format!("{base}/v1/accounts/{account}/topups"))

@@ -91,3 +91,30 @@ pub async fn settled(base: &str) {
     }
     panic!("the read models did not catch up with the log");
 }
+
+/// Opens an account as `admin` and makes a customer key for it; returns the account id and token.
+pub async fn customer(base: &str, admin: &str, currency: &str, country: &str) -> (String, String) {
+    let client = reqwest::Client::new();
+    let account: serde_json::Value = client
+        .post(format!("{base}/v1/accounts"))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({"name": "Customer", "email": "customer@example.com", "currency": currency, "country": country}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let account = account["id"].as_str().unwrap().to_string();
+    let key: serde_json::Value = client
+        .post(format!("{base}/v1/accounts/{account}/api-keys"))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({"role": "customer"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (account, key["token"].as_str().unwrap().to_string())
+}
