@@ -84,6 +84,8 @@ pub enum SlotOutcome {
     DeclinedAndSuspended,
     AlreadyCharged,
     NotBillable,
+    /// A resumption the wallet cannot pay for: nothing was done.
+    NotAffordable,
 }
 
 /// What one batch of the billing run did.
@@ -93,6 +95,8 @@ pub struct BatchCharges {
     pub declined: u64,
     /// Listed servers the log does not know as the account's (a stale read model): not charged.
     pub skipped: u64,
+    /// Accounts set aside by the run because charging them failed (the others were billed).
+    pub failed_accounts: u64,
 }
 
 #[derive(Clone)]
@@ -101,7 +105,7 @@ pub struct Flows {
 }
 
 async fn unit_load<A: crate::handler::StreamAggregate + 'static>(
-    unit: &crate::handler::Unit,
+    unit: &mut crate::handler::Unit,
     stream_id: &str,
 ) -> Result<crate::handler::Loaded<A>> {
     Ok(unit.load::<A>(stream_id).await?)
@@ -182,7 +186,7 @@ impl Flows {
     /// The net and tax of a server's first hour for an account, at the current price.
     async fn first_hour(
         &self,
-        unit: &crate::handler::Unit,
+        unit: &mut crate::handler::Unit,
         account: &Account,
         plan_id: &PlanId,
         at: DateTime<Utc>,
@@ -214,17 +218,17 @@ impl Flows {
     ) -> Result<()> {
         let at = self.now();
         atomically!(self, metadata, |unit| {
-            let catalog = unit_load::<Catalog>(&unit, CATALOG_STREAM).await?;
+            let catalog = unit_load::<Catalog>(&mut unit, CATALOG_STREAM).await?;
             if !catalog.state.has_location(&location) {
                 return Err(FlowError::Invalid {
                     field: "location",
                     reason: format!("unknown location {:?}", location.as_str()),
                 });
             }
-            let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
-            let (net, tax, _) = self.first_hour(&unit, &account.state, &plan_id, at).await?;
-            let mut order = unit_load::<Order>(&unit, &order_id.stream_id()).await?;
-            let mut server = unit_load::<Server>(&unit, &server_id.stream_id()).await?;
+            let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
+            let (net, tax, _) = self.first_hour(&mut unit, &account.state, &plan_id, at).await?;
+            let mut order = unit_load::<Order>(&mut unit, &order_id.stream_id()).await?;
+            let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
             unit.handle(
                 &mut account,
                 AccountCommand::PlaceHold {
@@ -270,12 +274,12 @@ impl Flows {
         let at = self.now();
         let charge_id = ChargeId::new();
         atomically!(self, metadata, |unit| {
-            let mut order = unit_load::<Order>(&unit, &order_id.stream_id()).await?;
+            let mut order = unit_load::<Order>(&mut unit, &order_id.stream_id()).await?;
             let placed = order.state.placed.clone().ok_or(FlowError::NotFound("order"))?;
-            let mut server = unit_load::<Server>(&unit, &placed.server_id.stream_id()).await?;
-            let mut account = unit_load::<Account>(&unit, &placed.account_id.stream_id()).await?;
+            let mut server = unit_load::<Server>(&mut unit, &placed.server_id.stream_id()).await?;
+            let mut account = unit_load::<Account>(&mut unit, &placed.account_id.stream_id()).await?;
             let country = account.state.opened().ok_or(FlowError::NotFound("account"))?.country;
-            let catalog = unit_load::<Catalog>(&unit, CATALOG_STREAM).await?;
+            let catalog = unit_load::<Catalog>(&mut unit, CATALOG_STREAM).await?;
             let tax_rate = catalog.state.tax_rate(country, at);
             unit.handle(&mut order, OrderCommand::Complete { charge_id, at }).await?;
             unit.handle(
@@ -305,10 +309,10 @@ impl Flows {
     pub async fn fail_provisioning(&self, order_id: OrderId, reason: &str, metadata: &Metadata) -> Result<()> {
         let at = self.now();
         atomically!(self, metadata, |unit| {
-            let mut order = unit_load::<Order>(&unit, &order_id.stream_id()).await?;
+            let mut order = unit_load::<Order>(&mut unit, &order_id.stream_id()).await?;
             let placed = order.state.placed.clone().ok_or(FlowError::NotFound("order"))?;
-            let mut server = unit_load::<Server>(&unit, &placed.server_id.stream_id()).await?;
-            let mut account = unit_load::<Account>(&unit, &placed.account_id.stream_id()).await?;
+            let mut server = unit_load::<Server>(&mut unit, &placed.server_id.stream_id()).await?;
+            let mut account = unit_load::<Account>(&mut unit, &placed.account_id.stream_id()).await?;
             unit.handle(
                 &mut order,
                 OrderCommand::Fail {
@@ -369,17 +373,17 @@ impl Flows {
         let at = self.now();
         let charge_id = ChargeId::new();
         let outcome = atomically!(self, metadata, |unit| {
-            let mut server = unit_load::<Server>(&unit, &server_id.stream_id()).await?;
+            let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
             let ordered = server.state.ordered.clone().ok_or(FlowError::NotFound("server"))?;
-            if !server.state.is_billable() {
+            if !server.state.may_bill(slot) {
                 break SlotOutcome::NotBillable;
             }
-            let mut account = unit_load::<Account>(&unit, &ordered.account_id.stream_id()).await?;
+            let mut account = unit_load::<Account>(&mut unit, &ordered.account_id.stream_id()).await?;
             if account.state.is_charged(server_id, slot) {
                 break SlotOutcome::AlreadyCharged;
             }
             let opened = account.state.opened().cloned().ok_or(FlowError::NotFound("account"))?;
-            let catalog = unit_load::<Catalog>(&unit, CATALOG_STREAM).await?;
+            let catalog = unit_load::<Catalog>(&mut unit, CATALOG_STREAM).await?;
             let command = slot_charge(&catalog.state, &ordered, &opened, charge_id, slot)?;
             let events = unit.handle(&mut account, command).await?;
             match events.as_slice() {
@@ -406,23 +410,22 @@ impl Flows {
     /// fresh state, where the other run's slots are already charged.
     pub async fn charge_due_batch(
         &self,
-        due: &[(AccountId, Vec<(ServerId, HourSlot)>)],
+        due: &[(AccountId, Vec<(ServerId, HourSlot)>, usize)],
         until: HourSlot,
-        slots_max: usize,
         metadata: &Metadata,
     ) -> Result<BatchCharges> {
         let at = self.now();
-        let account_streams: Vec<String> = due.iter().map(|(account_id, _)| account_id.stream_id()).collect();
+        let account_streams: Vec<String> = due.iter().map(|(account_id, _, _)| account_id.stream_id()).collect();
         let server_streams: Vec<String> = due
             .iter()
-            .flat_map(|(_, servers)| servers.iter().map(|(server_id, _)| server_id.stream_id()))
+            .flat_map(|(_, servers, _)| servers.iter().map(|(server_id, _)| server_id.stream_id()))
             .collect();
         let outcome = atomically!(self, metadata, |unit| {
             let mut outcome = BatchCharges::default();
-            let catalog = unit_load::<Catalog>(&unit, CATALOG_STREAM).await?;
+            let catalog = unit_load::<Catalog>(&mut unit, CATALOG_STREAM).await?;
             let mut accounts = unit.load_many::<Account>(&account_streams).await?;
             let mut servers = unit.load_many::<Server>(&server_streams).await?.into_iter();
-            for ((_, due_servers), account) in due.iter().zip(accounts.iter_mut()) {
+            for ((_, due_servers, slots_max), account) in due.iter().zip(accounts.iter_mut()) {
                 let Some(opened) = account.state.opened().cloned() else {
                     outcome.skipped += due_servers.len() as u64;
                     servers.by_ref().take(due_servers.len()).for_each(drop);
@@ -437,9 +440,14 @@ impl Flows {
                         outcome.skipped += 1;
                         continue;
                     }
-                    let mut slot = *first;
+                    // The read model's next slot may predate a resumption it has not seen yet;
+                    // the server itself says from which slot it may be billed.
+                    let Some(billable_from) = server.state.first_billable_slot() else {
+                        continue;
+                    };
+                    let mut slot = (*first).max(billable_from);
                     let mut slots = 0;
-                    while slot <= until && slots < slots_max && server.state.is_billable() {
+                    while slot <= until && slots < *slots_max && server.state.is_billable() {
                         if !account.state.is_charged(*server_id, slot) {
                             let command = slot_charge(&catalog.state, &ordered, &opened, ChargeId::new(), slot)?;
                             let events = unit.handle(account, command).await?;
@@ -464,10 +472,10 @@ impl Flows {
     pub async fn cancel(&self, server_id: ServerId, mode: CancellationMode, metadata: &Metadata) -> Result<()> {
         let at = self.now();
         atomically!(self, metadata, |unit| {
-            let mut server = unit_load::<Server>(&unit, &server_id.stream_id()).await?;
+            let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
             let ordered = server.state.ordered.clone().ok_or(FlowError::NotFound("server"))?;
             unit.handle(&mut server, ServerCommand::RequestCancellation { mode, at }).await?;
-            let mut account = unit_load::<Account>(&unit, &ordered.account_id.stream_id()).await?;
+            let mut account = unit_load::<Account>(&mut unit, &ordered.account_id.stream_id()).await?;
             if let Some(charge_id) = account.state.charge_for(server_id, HourSlot::containing(at)) {
                 match unit
                     .handle(
@@ -487,18 +495,94 @@ impl Flows {
         Ok(())
     }
 
-    /// Revokes a grace cancellation: the server is powered on and the slot in progress charged.
+    /// Revokes a grace cancellation and bills the slot in progress, in one append: the server is
+    /// powered on as it was, and the slot is paid at least from the revocation on (charged, or
+    /// what its cancellation gave back charged again). Declined, the server is suspended.
     pub async fn revoke_cancellation(&self, server_id: ServerId, metadata: &Metadata) -> Result<SlotOutcome> {
-        self.server_command(server_id, ServerCommand::RevokeCancellation { at: self.now() }, metadata)
-            .await?;
-        self.charge_slot(server_id, HourSlot::containing(self.now()), metadata).await
+        let at = self.now();
+        let outcome = atomically!(self, metadata, |unit| {
+            let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
+            // (No `break` once events are decided: it would leave them uncommitted.)
+            unit.handle(&mut server, ServerCommand::RevokeCancellation { at }).await?;
+            if server.state.is_billable() {
+                let (mut account, command) = self.resume_billing(&mut unit, &server.state, at).await?;
+                let events = unit.handle(&mut account, command).await?;
+                if let [AccountEvent::ChargeDeclined { .. }] = events.as_slice() {
+                    unit.handle(&mut server, suspend_for_non_payment(at)).await?;
+                }
+                billed(&events)
+            } else {
+                SlotOutcome::NotBillable
+            }
+        });
+        Ok(outcome)
     }
 
-    /// Resumes a server suspended for non-payment and charges the slot in progress.
+    /// Resumes a suspended server and bills the slot in progress, in one append, if its wallet
+    /// can pay for it; otherwise nothing happens (`NotAffordable`). A server suspended for a
+    /// dispute that cannot pay stays suspended, now for non-payment.
     pub async fn resume(&self, server_id: ServerId, metadata: &Metadata) -> Result<SlotOutcome> {
-        self.server_command(server_id, ServerCommand::Resume { at: self.now() }, metadata)
-            .await?;
-        self.charge_slot(server_id, HourSlot::containing(self.now()), metadata).await
+        let at = self.now();
+        let outcome = atomically!(self, metadata, |unit| {
+            let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
+            let reason = server.state.suspension().map(|(reason, _)| reason);
+            let (mut account, command) = self.resume_billing(&mut unit, &server.state, at).await?;
+            let declined = matches!(
+                account.state.decide(command.clone())?.as_slice(),
+                [AccountEvent::ChargeDeclined { .. }]
+            );
+            if declined && reason != Some(SuspensionReason::Dispute) {
+                break SlotOutcome::NotAffordable;
+            }
+            // (No `break` from here on: decided events would be left uncommitted.)
+            unit.handle(&mut server, ServerCommand::Resume { at }).await?;
+            if !server.state.is_billable() {
+                SlotOutcome::NotBillable
+            } else if declined {
+                unit.handle(&mut server, suspend_for_non_payment(at)).await?;
+                SlotOutcome::DeclinedAndSuspended
+            } else {
+                billed(&unit.handle(&mut account, command).await?)
+            }
+        });
+        Ok(outcome)
+    }
+
+    /// The account of a server that becomes billable at `at`, and the command that bills the slot
+    /// in progress from `at` on, at the price and tax in force at the slot.
+    async fn resume_billing(
+        &self,
+        unit: &mut crate::handler::Unit,
+        server: &Server,
+        at: DateTime<Utc>,
+    ) -> Result<(crate::handler::Loaded<Account>, AccountCommand)> {
+        let ordered = server.ordered.clone().ok_or(FlowError::NotFound("server"))?;
+        let account = unit_load::<Account>(unit, &ordered.account_id.stream_id()).await?;
+        let opened = account.state.opened().cloned().ok_or(FlowError::NotFound("account"))?;
+        let catalog = unit_load::<Catalog>(unit, CATALOG_STREAM).await?;
+        let slot = HourSlot::containing(at);
+        // The price and tax in force at the slot; in the hour the catalogue was first published
+        // there is none at its start, and those in force now apply.
+        let priced_at = match catalog.state.monthly_price(&ordered.plan_id, opened.currency, slot.start()) {
+            Some(_) => slot.start(),
+            None => at,
+        };
+        let price = catalog
+            .state
+            .monthly_price(&ordered.plan_id, opened.currency, priced_at)
+            .ok_or(FlowError::NotFound("price for the slot"))?;
+        Ok((
+            account,
+            AccountCommand::ResumeBilling {
+                charge_id: ChargeId::new(),
+                server_id: ordered.server_id,
+                plan_id: ordered.plan_id.clone(),
+                slot,
+                from: at,
+                monthly_price: price.amount,
+                tax_rate: catalog.state.tax_rate(opened.country, priced_at),
+            },
+        ))
     }
 
     pub async fn delete_due(&self, server_id: ServerId, metadata: &Metadata) -> Result<()> {
@@ -528,7 +612,7 @@ impl Flows {
         let refund_id = RefundId::new();
         let at = self.now();
         atomically!(self, metadata, |unit| {
-            let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
             let events = unit
                 .handle(
                     &mut account,
@@ -543,7 +627,7 @@ impl Flows {
             let (slot, tax_rate) = charge_facts(&unit, account_id, charge_id).await?;
             let currency = account.state.opened().ok_or(FlowError::NotFound("account"))?.currency;
             let year = slot.month().year;
-            let mut series = unit_load::<InvoiceSeries>(&unit, &series_stream(year)).await?;
+            let mut series = unit_load::<InvoiceSeries>(&mut unit, &series_stream(year)).await?;
             if let (Some(invoice_id), false) = (series.state.invoice_of(charge_id), events.is_empty()) {
                 let split = BilledRefund::service_credit(charge_id, domain::ServerId::default(), amount, tax_rate);
                 let credit_note = CreditNoteDraft {
@@ -621,7 +705,7 @@ impl Flows {
     ) -> Result<()> {
         let at = self.now();
         atomically!(self, metadata, |unit| {
-            let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
             unit.handle(
                 &mut account,
                 AccountCommand::OpenDispute {
@@ -632,7 +716,7 @@ impl Flows {
             )
             .await?;
             for server_id in servers {
-                let mut server = unit_load::<Server>(&unit, &server_id.stream_id()).await?;
+                let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
                 if server.state.is_billable() {
                     unit.handle(
                         &mut server,
@@ -659,7 +743,7 @@ impl Flows {
     ) -> Result<(TopUpId, String)> {
         let at = self.now();
         atomically!(self, metadata, |unit| {
-            let account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            let account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
             let currency = account.state.opened().ok_or(FlowError::NotFound("account"))?.currency;
             domain::Money::new(amount, currency)
                 .and_then(|money| money.to_minor_units())
@@ -667,7 +751,7 @@ impl Flows {
                     field: "amount",
                     reason: format!("amount: {error}"),
                 })?;
-            let mut topup = unit_load::<domain::topup::TopUp>(&unit, &topup_id.stream_id()).await?;
+            let mut topup = unit_load::<domain::topup::TopUp>(&mut unit, &topup_id.stream_id()).await?;
             unit.handle(
                 &mut topup,
                 domain::topup::TopUpCommand::Request {
@@ -699,7 +783,7 @@ impl Flows {
                 break false;
             }
             if let Some((topup_id, payment_id, paid_amount)) = &paid {
-                let mut topup = unit_load::<domain::topup::TopUp>(&unit, &topup_id.stream_id()).await?;
+                let mut topup = unit_load::<domain::topup::TopUp>(&mut unit, &topup_id.stream_id()).await?;
                 match topup.state.requested.clone() {
                     // An unknown top-up is recorded as received, and nothing is credited.
                     None => tracing::warn!(%topup_id, "payment for an unknown top-up"),
@@ -727,7 +811,7 @@ impl Flows {
                             Err(error) => return Err(error.into()),
                         };
                         if !newly_paid.is_empty() {
-                            let mut account = unit_load::<Account>(&unit, &requested.account_id.stream_id()).await?;
+                            let mut account = unit_load::<Account>(&mut unit, &requested.account_id.stream_id()).await?;
                             unit.handle(
                                 &mut account,
                                 AccountCommand::SettleTopUp {
@@ -766,7 +850,7 @@ impl Flows {
             if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
                 break false;
             }
-            let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
             match opened {
                 None => {
                     unit.handle(
@@ -779,7 +863,7 @@ impl Flows {
                     )
                     .await?;
                     for server_id in servers {
-                        let mut server = unit_load::<Server>(&unit, &server_id.stream_id()).await?;
+                        let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
                         if server.state.is_billable() {
                             unit.handle(
                                 &mut server,
@@ -860,7 +944,7 @@ impl Flows {
             if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
                 break false;
             }
-            let mut account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
             match unit.handle(&mut account, command.clone()).await {
                 Ok(_) => {}
                 Err(error) if received_anyway(&error) => {}
@@ -876,9 +960,9 @@ impl Flows {
         let at = self.now();
         let invoice_id = InvoiceId::new();
         let issued = atomically!(self, metadata, |unit| {
-            let account = unit_load::<Account>(&unit, &account_id.stream_id()).await?;
+            let account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
             let currency = account.state.opened().ok_or(FlowError::NotFound("account"))?.currency;
-            let mut series = unit_load::<InvoiceSeries>(&unit, &series_stream(period.year)).await?;
+            let mut series = unit_load::<InvoiceSeries>(&mut unit, &series_stream(period.year)).await?;
             if series.state.is_invoiced(account_id, period) {
                 break None;
             }
@@ -921,6 +1005,24 @@ fn slot_charge(
         monthly_price: price.amount,
         tax_rate: catalog.tax_rate(opened.country, slot.start()),
     })
+}
+
+/// What billing a slot decided: charged (in full, or its unused time charged again), declined, or
+/// nothing (it was paid).
+fn billed(events: &[AccountEvent]) -> SlotOutcome {
+    match events {
+        [] => SlotOutcome::AlreadyCharged,
+        [AccountEvent::ChargeDeclined { .. }] => SlotOutcome::DeclinedAndSuspended,
+        [AccountEvent::HourCharged { charge_id, capped, .. }] => SlotOutcome::Charged {
+            charge_id: *charge_id,
+            capped: *capped,
+        },
+        [AccountEvent::UnusedTimeRecharged { charge_id, .. }] => SlotOutcome::Charged {
+            charge_id: *charge_id,
+            capped: false,
+        },
+        other => unreachable!("billing a slot decides at most one event, got {other:?}"),
+    }
 }
 
 /// A declined slot suspends its server.
@@ -1027,6 +1129,8 @@ async fn month_activity(
     for (_, event) in &events {
         let (kind, charge_id, net, tax, gross) = match event {
             AccountEvent::CancellationRefunded { charge_id, net, tax, .. } => (RefundKind::Cancellation, charge_id, *net, *tax, None),
+            // A revocation in the cancellation's hour takes back (part of) its refund.
+            AccountEvent::UnusedTimeRecharged { charge_id, net, tax, .. } => (RefundKind::Cancellation, charge_id, -*net, -*tax, None),
             AccountEvent::ServiceCredited { charge_id, amount, .. } => {
                 (RefundKind::ServiceCredit, charge_id, Decimal::ZERO, Decimal::ZERO, Some(*amount))
             }
@@ -1035,17 +1139,29 @@ async fn month_activity(
         let Some(charge) = charges.iter().find(|charge| charge.charge_id == *charge_id) else {
             continue;
         };
-        refunds.push(match gross {
-            Some(amount) => BilledRefund::service_credit(*charge_id, charge.server_id, amount, charge.tax_rate),
-            None => BilledRefund {
+        if let Some(amount) = gross {
+            refunds.push(BilledRefund::service_credit(*charge_id, charge.server_id, amount, charge.tax_rate));
+            continue;
+        }
+        // One line per charge for its unused time, net of what revocations charged again.
+        match refunds
+            .iter_mut()
+            .find(|refund| refund.kind == RefundKind::Cancellation && refund.charge_id == *charge_id)
+        {
+            Some(refund) => {
+                refund.net += net;
+                refund.tax += tax;
+            }
+            None => refunds.push(BilledRefund {
                 kind,
                 charge_id: *charge_id,
                 server_id: charge.server_id,
                 net,
                 tax,
                 tax_rate: charge.tax_rate,
-            },
-        });
+            }),
+        }
     }
+    refunds.retain(|refund| refund.kind != RefundKind::Cancellation || !(refund.net.is_zero() && refund.tax.is_zero()));
     Ok((charges, refunds))
 }

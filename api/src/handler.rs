@@ -121,14 +121,38 @@ pub enum Commit {
 
 impl Unit {
     /// Loads an aggregate by folding its stream (events upcast, then decoded).
-    pub async fn load<A: StreamAggregate + 'static>(&self, stream_id: &str) -> Result<Loaded<A>, StorageError> {
-        load(&self.log, &self.cache, stream_id).await
+    /// The unit's decision depends on what it loads, so every loaded stream is guarded at the
+    /// version read: the commit goes ahead only if none of them has moved on since, whether or not
+    /// the unit appends to it. (A cancellation that reads an account and writes only its server
+    /// conflicts with a billing run that charged the account meanwhile, and the other way round.)
+    pub async fn load<A: StreamAggregate + 'static>(&mut self, stream_id: &str) -> Result<Loaded<A>, StorageError> {
+        let loaded = load(&self.log, &self.cache, stream_id).await?;
+        self.guard(&loaded.stream_id, loaded.version);
+        Ok(loaded)
     }
 
     /// Loads many aggregates of one kind in one read of the log (cached states are read on from
-    /// their version). The result is in the order of `stream_ids`.
-    pub async fn load_many<A: StreamAggregate + 'static>(&self, stream_ids: &[String]) -> Result<Vec<Loaded<A>>, StorageError> {
-        load_many(&self.log, &self.cache, stream_ids).await
+    /// their version), each guarded as by `load`. The result is in the order of `stream_ids`.
+    pub async fn load_many<A: StreamAggregate + 'static>(&mut self, stream_ids: &[String]) -> Result<Vec<Loaded<A>>, StorageError> {
+        let loaded = load_many(&self.log, &self.cache, stream_ids).await?;
+        for entry in &loaded {
+            self.guard(&entry.stream_id, entry.version);
+        }
+        Ok(loaded)
+    }
+
+    /// Makes the commit depend on `stream_id` being still at `version`. A stream read twice keeps
+    /// the first version read: if it moved in between, the commit conflicts and the command reruns.
+    fn guard(&mut self, stream_id: &str, version: i64) {
+        if !self.indexes.contains_key(stream_id) {
+            self.indexes.insert(stream_id.to_string(), self.appends.len());
+            self.appends.push((stream_id.to_string(), version, Vec::new()));
+        }
+    }
+
+    /// Whether the unit has events to append (guards alone are nothing to commit).
+    fn has_events(&self) -> bool {
+        self.appends.iter().any(|(_, _, events)| !events.is_empty())
     }
 
     /// Records a receipt once: opens `stream_id` with one event unless it already has events.
@@ -139,9 +163,9 @@ impl Unit {
         if self.log.stream_version(stream_id).await? > 0 {
             return Ok(false);
         }
-        self.indexes.insert(stream_id.to_string(), self.appends.len());
-        self.appends
-            .push((stream_id.to_string(), 0, vec![(event_type.to_string(), 1, payload)]));
+        self.guard(stream_id, 0);
+        let index = self.indexes[stream_id];
+        self.appends[index].2.push((event_type.to_string(), 1, payload));
         Ok(true)
     }
 
@@ -277,7 +301,7 @@ impl CommandHandler {
     /// Appends what `unit` decided, atomically over its streams. A version conflict on attempt
     /// `attempt` is a `Retry` (after a short jittered pause) until the bound, then `Contended`.
     pub async fn commit<E>(&self, unit: Unit, metadata: &Metadata, attempt: u32) -> Result<Commit, HandlerError<E>> {
-        if unit.appends.is_empty() {
+        if !unit.has_events() {
             return Ok(Commit::Done(None));
         }
         match self.log.append(self.request(unit, metadata)).await {

@@ -343,7 +343,8 @@ pub async fn march_2026(flows: &Flows, clock: &ManualClock, fixtures: Fixtures) 
                 SlotOutcome::Charged { .. }
                 | SlotOutcome::DeclinedAndSuspended
                 | SlotOutcome::AlreadyCharged
-                | SlotOutcome::NotBillable => {}
+                | SlotOutcome::NotBillable
+                | SlotOutcome::NotAffordable => {}
             }
         }
         // Then whatever people did during the hour.
@@ -530,18 +531,19 @@ pub async fn fleet(flows: &Flows, clock: &ManualClock, count: usize, until: Date
     while slot.start() <= until {
         set(slot.start());
         // The billing run charges the slot.
-        let due: Vec<(AccountId, Vec<(ServerId, HourSlot)>)> = fleet
+        let due: Vec<(AccountId, Vec<(ServerId, HourSlot)>, usize)> = fleet
             .iter()
             .map(|(account_id, servers)| {
                 (
                     *account_id,
                     servers.iter().filter(|(_, next)| *next <= slot).copied().collect::<Vec<_>>(),
+                    1,
                 )
             })
-            .filter(|(_, servers)| !servers.is_empty())
+            .filter(|(_, servers, _)| !servers.is_empty())
             .collect();
         for batch in due.chunks(500) {
-            flows.charge_due_batch(batch, slot, 1, &system).await?;
+            flows.charge_due_batch(batch, slot, &system).await?;
         }
         for (_, servers) in fleet.iter_mut() {
             for (_, next) in servers.iter_mut() {

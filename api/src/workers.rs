@@ -141,27 +141,30 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
     Ok(report)
 }
 
-/// Servers charged in one append of the billing run, at most (an account is never split).
-pub const BILL_BATCH_SERVERS: usize = 2_000;
+/// Events one append of the billing run carries, at most (the log takes up to
+/// `ledger::APPEND_EVENTS_MAX`; a batch's estimate counts every slot it may charge and a
+/// suspension per server).
+pub const BILL_BATCH_EVENTS: usize = 5_000;
 /// Batches of the billing run decided and appended at once.
 const BILL_BATCHES_IN_FLIGHT: usize = 3;
+/// Passes of one run, at most: each catches every server up by as many slots as its batch allows.
+const BILL_PASSES_MAX: usize = 10_000;
 
-/// The hourly billing, set-based: one query finds every billable server with a slot due up to
-/// `until` (from the servers read model, brought up to date first), grouped by account; each
-/// batch of accounts is then decided and appended at once (`Flows::charge_due_batch`). A server
-/// is caught up slot by slot after downtime, at most `CATCH_UP_SLOTS_MAX` slots a run.
-pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::BatchCharges, FlowError> {
-    let started = std::time::Instant::now();
-    let pool = flows.handler.log().pool().clone();
-    catch_up(&pool).await?;
-    let due: Vec<(uuid::Uuid, uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT account_id, server_id, next_charge_at FROM rm.servers \
-         WHERE status IN ('needs_setup', 'running', 'stopped') AND next_charge_at <= $1 ORDER BY account_id, server_id",
-    )
-    .bind(until.start())
-    .fetch_all(&pool)
-    .await
-    .map_err(crate::handler::StorageError::Read)?;
+/// One account's share of a batch: its servers (or some of them) with their first due slot, and
+/// how many slots each may be charged in this pass.
+struct Work {
+    account_id: domain::AccountId,
+    servers: Vec<(ServerId, HourSlot)>,
+    slots_max: usize,
+    /// The events this work may append, at most.
+    events: usize,
+    /// Some server has more slots due than this pass charges.
+    truncated: bool,
+}
+
+/// Splits what is due into work of at most `BILL_BATCH_EVENTS` events each: an account with many
+/// servers or many missed slots is caught up over several passes, never in one oversized append.
+fn plan(due: Vec<(uuid::Uuid, uuid::Uuid, DateTime<Utc>)>, until: HourSlot) -> Vec<Work> {
     let mut accounts: Vec<(domain::AccountId, Vec<(ServerId, HourSlot)>)> = Vec::new();
     for (account_id, server_id, next_charge_at) in due {
         let entry = (ServerId(server_id), HourSlot::containing(next_charge_at));
@@ -170,41 +173,155 @@ pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::Ba
             _ => accounts.push((domain::AccountId(account_id), vec![entry])),
         }
     }
-    // Batches touch disjoint streams, so several are decided and appended at once: while one
-    // waits for its append, another is read and decided (and the log's writer groups appends).
+    let slots_due = |first: HourSlot| (((until.start() - first.start()).num_hours() + 1).max(1) as usize).min(CATCH_UP_SLOTS_MAX as usize);
+    let mut work = Vec::new();
+    for (account_id, servers) in accounts {
+        // Each server costs its slots plus one suspension, so a chunk of servers and a cap on
+        // slots per server keep the work under the bound.
+        let servers_max = BILL_BATCH_EVENTS / 2;
+        for chunk in servers.chunks(servers_max) {
+            let slots_max = (BILL_BATCH_EVENTS / chunk.len() - 1).clamp(1, CATCH_UP_SLOTS_MAX as usize);
+            let events = chunk.iter().map(|(_, first)| slots_due(*first).min(slots_max) + 1).sum();
+            let truncated = chunk.iter().any(|(_, first)| slots_due(*first) > slots_max);
+            work.push(Work {
+                account_id,
+                servers: chunk.to_vec(),
+                slots_max,
+                events,
+                truncated,
+            });
+        }
+    }
+    work
+}
+
+/// The hourly billing, set-based: one query finds every billable server with a slot due up to
+/// `until` (from the servers read model, brought up to date first), grouped by account; batches
+/// of accounts bounded by the events they may append are decided and appended at once
+/// (`Flows::charge_due_batch`), and passes repeat until every server is caught up. A batch that
+/// fails is retried account by account; an account that fails alone is set aside (logged and
+/// counted in `/metrics`) and the run goes on with the rest of the fleet.
+pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::BatchCharges, FlowError> {
+    let started = std::time::Instant::now();
+    let pool = flows.handler.log().pool().clone();
     let mut total = crate::flows::BatchCharges::default();
+    let mut failed: std::collections::HashSet<domain::AccountId> = std::collections::HashSet::new();
+    for _ in 0..BILL_PASSES_MAX {
+        catch_up(&pool).await?;
+        let due: Vec<(uuid::Uuid, uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT account_id, server_id, next_charge_at FROM rm.servers \
+             WHERE status IN ('needs_setup', 'running', 'stopped') AND next_charge_at <= $1 ORDER BY account_id, server_id",
+        )
+        .bind(until.start())
+        .fetch_all(&pool)
+        .await
+        .map_err(crate::handler::StorageError::Read)?;
+        let work: Vec<Work> = plan(due, until)
+            .into_iter()
+            .filter(|work| !failed.contains(&work.account_id))
+            .collect();
+        let more = work.iter().any(|work| work.truncated);
+        let pass = bill_pass(flows, work, until).await;
+        total.charged += pass.charges.charged;
+        total.declined += pass.charges.declined;
+        total.skipped += pass.charges.skipped;
+        failed.extend(pass.failed);
+        if !more || pass.charges.charged + pass.charges.declined == 0 {
+            break;
+        }
+    }
+    total.failed_accounts = failed.len() as u64;
+    crate::http::operations::record_billing_run(started.elapsed(), total.charged);
+    crate::http::operations::record_billing_failures(total.failed_accounts);
+    Ok(total)
+}
+
+struct Pass {
+    charges: crate::flows::BatchCharges,
+    failed: Vec<domain::AccountId>,
+}
+
+/// One pass: the work packed into batches of at most `BILL_BATCH_EVENTS` events, a few in flight.
+async fn bill_pass(flows: &Flows, work: Vec<Work>, until: HourSlot) -> Pass {
+    let mut pass = Pass {
+        charges: crate::flows::BatchCharges::default(),
+        failed: Vec::new(),
+    };
+    // Batches touch disjoint accounts (but for a huge account's chunks, which then conflict and
+    // retry), so several are decided and appended at once: while one waits for its append,
+    // another is read and decided (and the log's writer groups appends).
     let mut in_flight = tokio::task::JoinSet::new();
-    let mut accounts = accounts.into_iter().peekable();
+    let mut work = work.into_iter().peekable();
     loop {
         while in_flight.len() < BILL_BATCHES_IN_FLIGHT {
             let mut batch = Vec::new();
-            let mut servers = 0;
-            while let Some((_, due)) = accounts.peek() {
-                if servers > 0 && servers + due.len() > BILL_BATCH_SERVERS {
+            let mut events = 0;
+            while let Some(next) = work.peek() {
+                if events > 0 && events + next.events > BILL_BATCH_EVENTS {
                     break;
                 }
-                servers += due.len();
-                batch.push(accounts.next().expect("peeked"));
+                events += next.events;
+                batch.push(work.next().expect("peeked"));
             }
             if batch.is_empty() {
                 break;
             }
             let flows = flows.clone();
-            in_flight.spawn(async move { flows.charge_due_batch(&batch, until, CATCH_UP_SLOTS_MAX as usize, &system()).await });
+            in_flight.spawn(async move { bill_batch(&flows, batch, until).await });
         }
         let Some(done) = in_flight.join_next().await else {
             break;
         };
-        let batch = done.map_err(|error| FlowError::Invalid {
-            field: "billing run",
-            reason: error.to_string(),
-        })??;
-        total.charged += batch.charged;
-        total.declined += batch.declined;
-        total.skipped += batch.skipped;
+        match done {
+            Ok(done) => {
+                pass.charges.charged += done.charges.charged;
+                pass.charges.declined += done.charges.declined;
+                pass.charges.skipped += done.charges.skipped;
+                pass.failed.extend(done.failed);
+            }
+            Err(error) => {
+                // A panic in a batch: its accounts are simply not billed this pass.
+                tracing::error!(%error, "a billing batch panicked; its accounts are left for the next run");
+                crate::http::operations::record_due_work_failure();
+            }
+        }
     }
-    crate::http::operations::record_billing_run(started.elapsed(), total.charged);
-    Ok(total)
+    pass
+}
+
+/// Charges a batch in one append; if that fails, each account alone, setting aside those that fail.
+async fn bill_batch(flows: &Flows, batch: Vec<Work>, until: HourSlot) -> Pass {
+    let appendable = |work: &[Work]| -> Vec<(domain::AccountId, Vec<(ServerId, HourSlot)>, usize)> {
+        work.iter()
+            .map(|work| (work.account_id, work.servers.clone(), work.slots_max))
+            .collect()
+    };
+    let mut pass = Pass {
+        charges: crate::flows::BatchCharges::default(),
+        failed: Vec::new(),
+    };
+    match flows.charge_due_batch(&appendable(&batch), until, &system()).await {
+        Ok(charges) => pass.charges = charges,
+        Err(error) if batch.len() > 1 => {
+            tracing::warn!(%error, accounts = batch.len(), "a billing batch failed; billing its accounts one by one");
+            for work in batch {
+                let account_id = work.account_id;
+                let alone = Box::pin(bill_batch(flows, vec![work], until)).await;
+                pass.charges.charged += alone.charges.charged;
+                pass.charges.declined += alone.charges.declined;
+                pass.charges.skipped += alone.charges.skipped;
+                if !alone.failed.is_empty() {
+                    pass.failed.push(account_id);
+                }
+            }
+        }
+        Err(error) => {
+            let account_id = batch.first().map(|work| work.account_id);
+            tracing::error!(%error, account_id = ?account_id, "billing an account failed; it is set aside and the run goes on");
+            pass.failed.extend(account_id);
+        }
+    }
+    pass
 }
 
 /// Resumes servers suspended for non-payment whose account can now pay for the slot in progress
@@ -232,8 +349,7 @@ pub async fn resume_affordable(flows: &Flows, account_id: Option<domain::Account
         .fetch_optional(&pool)
         .await
         .map_err(crate::handler::StorageError::Read)?;
-        if affordable == Some(true) {
-            flows.resume(ServerId(server_id), &system()).await?;
+        if affordable == Some(true) && flows.resume(ServerId(server_id), &system()).await? != crate::flows::SlotOutcome::NotAffordable {
             resumed += 1;
             catch_up(&pool).await?;
         }

@@ -93,6 +93,17 @@ pub enum AccountEvent {
         gross: Decimal,
         figures: Figures,
     },
+    /// A cancellation revoked in the hour it was made: the part of the slot from the revocation
+    /// on is charged again (at most what the cancellation gave back).
+    UnusedTimeRecharged {
+        charge_id: ChargeId,
+        server_id: ServerId,
+        seconds: i64,
+        net: Decimal,
+        tax: Decimal,
+        gross: Decimal,
+        figures: Figures,
+    },
     ServiceCredited {
         refund_id: RefundId,
         charge_id: ChargeId,
@@ -160,6 +171,7 @@ impl AccountEvent {
             | AccountEvent::HourCharged { figures, .. }
             | AccountEvent::ChargeDeclined { figures, .. }
             | AccountEvent::CancellationRefunded { figures, .. }
+            | AccountEvent::UnusedTimeRecharged { figures, .. }
             | AccountEvent::ServiceCredited { figures, .. }
             | AccountEvent::CardRefundRequested { figures, .. }
             | AccountEvent::CardRefundFailed { figures, .. }
@@ -185,6 +197,7 @@ impl DomainEvent for AccountEvent {
             AccountEvent::HourCharged { .. } => "HourCharged",
             AccountEvent::ChargeDeclined { .. } => "ChargeDeclined",
             AccountEvent::CancellationRefunded { .. } => "CancellationRefunded",
+            AccountEvent::UnusedTimeRecharged { .. } => "UnusedTimeRecharged",
             AccountEvent::ServiceCredited { .. } => "ServiceCredited",
             AccountEvent::CardRefundRequested { .. } => "CardRefundRequested",
             AccountEvent::CardRefundCompleted { .. } => "CardRefundCompleted",
@@ -251,6 +264,19 @@ pub enum AccountCommand {
     RefundUnusedTime {
         charge_id: ChargeId,
         cancelled_at: DateTime<Utc>,
+    },
+    /// Billing starts again at `from` (a resumption or a revoked cancellation): the slot in
+    /// progress is paid at least from `from` on. Not charged yet: charged in full (or declined).
+    /// Charged and its unused time given back by a cancellation: that part from `from` on is
+    /// charged again (or declined). Charged and kept: nothing.
+    ResumeBilling {
+        charge_id: ChargeId,
+        server_id: ServerId,
+        plan_id: PlanId,
+        slot: HourSlot,
+        from: DateTime<Utc>,
+        monthly_price: Decimal,
+        tax_rate: TaxRate,
     },
     CreditService {
         refund_id: RefundId,
@@ -373,7 +399,9 @@ struct ChargeRecord {
     tax: Decimal,
     /// Refunded so far (unused time and service credits), gross.
     refunded: Decimal,
-    unused_time_refunded: bool,
+    /// The net and tax of the unused time given back at a cancellation, until a revocation in
+    /// the same slot charges it again.
+    unused_refund: Option<(Decimal, Decimal)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -655,7 +683,7 @@ impl Account {
             }
             AccountCommand::RefundUnusedTime { charge_id, cancelled_at } => {
                 let charge = self.charges.get(&charge_id).ok_or(AccountError::UnknownCharge(charge_id))?;
-                if charge.unused_time_refunded {
+                if charge.unused_refund.is_some() {
                     return Err(AccountError::AlreadyRefunded(charge_id));
                 }
                 let unused_seconds = charge.slot.seconds_after(cancelled_at);
@@ -676,6 +704,51 @@ impl Account {
                     tax,
                     gross: net + tax,
                     figures: self.figures_after(net + tax, Decimal::ZERO),
+                }])
+            }
+            AccountCommand::ResumeBilling {
+                charge_id,
+                server_id,
+                plan_id,
+                slot,
+                from,
+                monthly_price,
+                tax_rate,
+            } => {
+                let Some(charged) = self.charge_for(server_id, slot) else {
+                    return self.decide(AccountCommand::ChargeSlot {
+                        charge_id,
+                        server_id,
+                        plan_id,
+                        slot,
+                        monthly_price,
+                        tax_rate,
+                    });
+                };
+                let charge = &self.charges[&charged];
+                let Some((refunded_net, refunded_tax)) = charge.unused_refund else {
+                    return Ok(vec![]);
+                };
+                let seconds = slot.seconds_after(from);
+                let net = pro_rata(charge.net, seconds).min(refunded_net);
+                let tax = pro_rata(charge.tax, seconds).min(refunded_tax);
+                let gross = net + tax;
+                if self.available() < gross {
+                    return Ok(vec![AccountEvent::ChargeDeclined {
+                        server_id,
+                        slot,
+                        gross,
+                        figures: self.figures_after(Decimal::ZERO, Decimal::ZERO),
+                    }]);
+                }
+                Ok(vec![AccountEvent::UnusedTimeRecharged {
+                    charge_id: charged,
+                    server_id,
+                    seconds,
+                    net,
+                    tax,
+                    gross,
+                    figures: self.figures_after(-gross, Decimal::ZERO),
                 }])
             }
             AccountCommand::CreditService {
@@ -989,10 +1062,22 @@ impl Aggregate for Account {
                 self.record_charge(charge_id, server_id, slot, net, tax);
             }
             AccountEvent::ChargeDeclined { .. } => {}
-            AccountEvent::CancellationRefunded { charge_id, gross, .. } => {
+            AccountEvent::CancellationRefunded {
+                charge_id,
+                net,
+                tax,
+                gross,
+                ..
+            } => {
                 if let Some(charge) = self.charges.get_mut(&charge_id) {
-                    charge.unused_time_refunded = true;
+                    charge.unused_refund = Some((net, tax));
                     charge.refunded += gross;
+                }
+            }
+            AccountEvent::UnusedTimeRecharged { charge_id, gross, .. } => {
+                if let Some(charge) = self.charges.get_mut(&charge_id) {
+                    charge.unused_refund = None;
+                    charge.refunded -= gross;
                 }
             }
             AccountEvent::ServiceCredited {
@@ -1078,7 +1163,7 @@ impl Account {
                 net,
                 tax,
                 refunded: Decimal::ZERO,
-                unused_time_refunded: false,
+                unused_refund: None,
             },
         );
     }

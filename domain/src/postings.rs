@@ -66,6 +66,12 @@ pub fn postings(account_id: AccountId, country: Country, event: &AccountEvent) -
             tax: tax_amount,
             gross,
             ..
+        }
+        | AccountEvent::UnusedTimeRecharged {
+            net,
+            tax: tax_amount,
+            gross,
+            ..
         } => {
             vec![debit(wallet, *gross), credit(HOSTING_INCOME, *net), credit(tax, *tax_amount)]
         }

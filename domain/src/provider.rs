@@ -62,6 +62,12 @@ impl ServerAction {
             ServerEvent::PowerChanged { action, .. } => Some(ServerAction::Power { action: *action }),
             ServerEvent::ServerSuspended { .. } => Some(ServerAction::Suspend),
             ServerEvent::ServerResumed { .. } => Some(ServerAction::Unsuspend),
+            ServerEvent::CancellationRequested { power_off: true, .. } => Some(ServerAction::Power {
+                action: crate::server::PowerAction::Shutdown,
+            }),
+            ServerEvent::CancellationRevoked { boot: true, .. } => Some(ServerAction::Power {
+                action: crate::server::PowerAction::Boot,
+            }),
             ServerEvent::ServerDeleted { .. } | ServerEvent::TerminatedForNonPayment { .. } => Some(ServerAction::Delete),
             _ => None,
         }

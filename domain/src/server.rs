@@ -4,7 +4,7 @@ use chrono::{DateTime, Duration, Utc};
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{AccountId, Hostname, Location, OrderId, PlanId, ServerId};
+use crate::types::{AccountId, Hostname, HourSlot, Location, OrderId, PlanId, ServerId};
 
 pub const GRACE_CANCELLATION_DAYS: i64 = 30;
 pub const IMMEDIATE_CANCELLATION_MINUTES: i64 = 5;
@@ -105,9 +105,19 @@ pub enum ServerEvent {
         mode: CancellationMode,
         requested_at: DateTime<Utc>,
         effective_at: DateTime<Utc>,
+        /// A grace cancellation of a running server powers it off at the provider.
+        #[serde(default)]
+        power_off: bool,
     },
     CancellationRevoked {
         at: DateTime<Utc>,
+        /// Whether the server is on again (as it was before its cancellation); absent in events
+        /// recorded before this was kept, which meant "on if set up".
+        #[serde(default)]
+        powered_on: Option<bool>,
+        /// Power it on at the provider (it is on again and not suspended).
+        #[serde(default)]
+        boot: bool,
     },
     ServerDeleted {
         at: DateTime<Utc>,
@@ -235,6 +245,9 @@ pub struct Cancellation {
     pub mode: CancellationMode,
     pub requested_at: DateTime<Utc>,
     pub effective_at: DateTime<Utc>,
+    /// Whether the server was on when cancelled: a revocation puts it back as it was.
+    #[serde(default)]
+    pub powered_on_before: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -249,6 +262,10 @@ pub struct Server {
     pub suspended: Option<(SuspensionReason, DateTime<Utc>)>,
     pub cancellation: Option<Cancellation>,
     pub deleted_at: Option<DateTime<Utc>>,
+    /// When the server last became billable (provisioned, resumed or its cancellation revoked):
+    /// no slot that ended before it is ever charged, whatever a read model says is due.
+    #[serde(default)]
+    pub billable_since: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -289,6 +306,25 @@ impl Server {
     /// Billed from provisioning until cancellation, suspension or deletion (a stopped server is billed).
     pub fn is_billable(&self) -> bool {
         matches!(self.status(), Some(Status::NeedsSetup | Status::Running | Status::Stopped))
+    }
+
+    /// The first slot billing may charge since the server last became billable: the slot in which
+    /// it was provisioned, resumed or revoked. None while it is not billable.
+    pub fn first_billable_slot(&self) -> Option<HourSlot> {
+        if !self.is_billable() {
+            return None;
+        }
+        self.billable_since.or(self.provisioned_at).map(HourSlot::containing)
+    }
+
+    /// Whether `slot` may be charged now: the server is billable and has been since the slot.
+    pub fn may_bill(&self, slot: HourSlot) -> bool {
+        self.first_billable_slot().is_some_and(|first| slot >= first)
+    }
+
+    /// Why the server is suspended, and since when.
+    pub fn suspension(&self) -> Option<(SuspensionReason, DateTime<Utc>)> {
+        self.suspended
     }
 
     fn decide(&self, command: ServerCommand) -> Result<Vec<ServerEvent>, ServerError> {
@@ -374,6 +410,7 @@ impl Server {
                         mode,
                         requested_at: at,
                         effective_at,
+                        power_off: mode == CancellationMode::Grace && self.powered_on && self.suspended.is_none(),
                     }])
                 }
                 Status::PendingCancellation | Status::Deleting => Err(ServerError::AlreadyCancelled),
@@ -390,7 +427,12 @@ impl Server {
                 if at >= cancellation.effective_at {
                     return Err(ServerError::DeletionDue(cancellation.effective_at));
                 }
-                Ok(vec![ServerEvent::CancellationRevoked { at }])
+                let powered_on = cancellation.powered_on_before && self.os_image.is_some();
+                Ok(vec![ServerEvent::CancellationRevoked {
+                    at,
+                    powered_on: Some(powered_on),
+                    boot: powered_on && self.suspended.is_none(),
+                }])
             }
             ServerCommand::Delete { at } => {
                 let cancellation = self.cancellation.as_ref().ok_or(ServerError::NotCancelled)?;
@@ -469,6 +511,7 @@ impl Aggregate for Server {
             ServerEvent::ProvisioningFailed { .. } => self.failed = true,
             ServerEvent::ServerProvisioned { provider_server_id, at } => {
                 self.provisioned_at = Some(at);
+                self.billable_since = Some(at);
                 self.provider_server_id = Some(provider_server_id);
             }
             ServerEvent::SetupCompleted { os_image, hostname, .. } => {
@@ -482,23 +525,29 @@ impl Aggregate for Server {
             }
             ServerEvent::PowerChanged { powered_on, .. } => self.powered_on = powered_on,
             ServerEvent::ServerSuspended { reason, at } => self.suspended = Some((reason, at)),
-            ServerEvent::ServerResumed { .. } => self.suspended = None,
+            ServerEvent::ServerResumed { at } => {
+                self.suspended = None;
+                self.billable_since = Some(at);
+            }
             ServerEvent::CancellationRequested {
                 mode,
                 requested_at,
                 effective_at,
+                ..
             } => {
                 self.cancellation = Some(Cancellation {
                     mode,
                     requested_at,
                     effective_at,
+                    powered_on_before: self.powered_on,
                 });
                 // Powered off while it waits (grace) or is being deleted (immediate).
                 self.powered_on = false;
             }
-            ServerEvent::CancellationRevoked { .. } => {
+            ServerEvent::CancellationRevoked { at, powered_on, .. } => {
                 self.cancellation = None;
-                self.powered_on = self.os_image.is_some();
+                self.powered_on = powered_on.unwrap_or(self.os_image.is_some());
+                self.billable_since = Some(at);
             }
             ServerEvent::ServerDeleted { at } | ServerEvent::TerminatedForNonPayment { at, .. } => {
                 self.deleted_at = Some(at);

@@ -318,6 +318,7 @@ fn cancellation_in_both_modes() {
         mode: CancellationMode::Grace,
         requested_at: t0(),
         effective_at: t0() + Duration::days(30),
+        power_off: true,
     };
     TestFramework::<Server>::with(())
         .given(running())
@@ -330,6 +331,7 @@ fn cancellation_in_both_modes() {
         mode: CancellationMode::Immediate,
         requested_at: t0(),
         effective_at: t0() + Duration::minutes(5),
+        power_off: false,
     };
     TestFramework::<Server>::with(())
         .given(running())
@@ -360,9 +362,17 @@ fn cancellation_in_both_modes() {
     TestFramework::<Server>::with(())
         .given(in_grace.clone())
         .when(S::RevokeCancellation { at: later })
-        .then_expect_events(vec![SEv::CancellationRevoked { at: later }]);
+        .then_expect_events(vec![SEv::CancellationRevoked {
+            at: later,
+            powered_on: Some(true),
+            boot: true,
+        }]);
     let mut revoked = in_grace.clone();
-    revoked.push(SEv::CancellationRevoked { at: later });
+    revoked.push(SEv::CancellationRevoked {
+        at: later,
+        powered_on: Some(true),
+        boot: true,
+    });
     assert_eq!(
         status_after(revoked.clone()),
         Some(Status::Running),

@@ -78,7 +78,8 @@ impl ExpectedVersion {
     }
 }
 
-/// Events for one stream, appended after the stream's current version.
+/// Events for one stream, appended after the stream's current version. With no events, a guard:
+/// the append goes ahead only if the stream is still at its expected version.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StreamAppend {
     pub stream_id: String,
@@ -144,8 +145,13 @@ impl AppendRequest {
             if !stream_ids.insert(stream.stream_id.as_str()) {
                 return invalid(format!("stream {} appears twice in one append", stream.stream_id));
             }
-            if stream.events.is_empty() {
-                return invalid(format!("stream {} has no events in this append", stream.stream_id));
+            // A stream without events is a guard: its expected version is checked, nothing is
+            // written to it (the append depended on what the stream said). Unchecked, it says nothing.
+            if stream.events.is_empty() && stream.expected == ExpectedVersion::Any {
+                return invalid(format!(
+                    "stream {} has no events and no expected version in this append",
+                    stream.stream_id
+                ));
             }
             if let ExpectedVersion::Exact(version) = stream.expected {
                 if version < 0 {

@@ -336,3 +336,48 @@ async fn the_events_table_refuses_update_delete_and_truncate_even_for_a_superuse
         .expect_err("not the owner");
     assert!(error.to_string().contains("must be owner"), "{error}");
 }
+
+#[tokio::test]
+async fn a_stream_without_events_guards_an_append_by_its_version() {
+    let db = TestDatabase::new().await;
+    let log = open(&db).await;
+    let event = |kind: &str| NewEvent::new(kind, json!({}));
+    log.append(AppendRequest::single("server-1", ExpectedVersion::NoStream, vec![event("Ordered")]))
+        .await
+        .unwrap();
+    // Decided while server-1 was at version 1: stored, and server-1 gains nothing.
+    let guarded = AppendRequest::single("account-1", ExpectedVersion::NoStream, vec![event("Charged")]).stream(
+        "server-1",
+        ExpectedVersion::Exact(1),
+        vec![],
+    );
+    log.append(guarded).await.unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM events WHERE stream_id = 'server-1'").await, 1);
+    // server-1 moves on; an append that read it at version 1 is refused whole.
+    log.append(AppendRequest::single(
+        "server-1",
+        ExpectedVersion::Exact(1),
+        vec![event("Cancelled")],
+    ))
+    .await
+    .unwrap();
+    let stale = AppendRequest::single("account-1", ExpectedVersion::Exact(1), vec![event("Charged")]).stream(
+        "server-1",
+        ExpectedVersion::Exact(1),
+        vec![],
+    );
+    match log.append(stale).await {
+        Err(AppendError::Conflict(conflict)) => assert_eq!((conflict.stream_id.as_str(), conflict.actual), ("server-1", 2)),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM events WHERE stream_id = 'account-1'").await, 1);
+    // A guard that checks nothing, or an append of guards alone, is refused as malformed.
+    let unchecked = AppendRequest::single("account-1", ExpectedVersion::Exact(1), vec![event("Charged")]).stream(
+        "server-1",
+        ExpectedVersion::Any,
+        vec![],
+    );
+    assert!(matches!(log.append(unchecked).await, Err(AppendError::Invalid(_))));
+    let guards_only = AppendRequest::single("server-1", ExpectedVersion::Exact(2), vec![]);
+    assert!(matches!(log.append(guards_only).await, Err(AppendError::Invalid(_))));
+}

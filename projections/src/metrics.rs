@@ -77,6 +77,7 @@ impl Projection for Metrics {
                         (slot.start().date_naive(), *net, *tax)
                     }
                     AccountEvent::CancellationRefunded { net, tax, .. } => (record.occurred_at.date_naive(), -*net, -*tax),
+                    AccountEvent::UnusedTimeRecharged { net, tax, .. } => (record.occurred_at.date_naive(), *net, *tax),
                     _ => continue,
                 };
                 let entry = revenue.entry((day, currency.clone())).or_default();

@@ -74,11 +74,12 @@ impl ServerRow {
         });
         self.cancellation_effective_at = server.cancellation.as_ref().map(|c| c.effective_at);
         // Billed in advance per slot: the next charge is at the start of the slot after the last
-        // one charged, while the server is billable.
-        self.next_charge_at = match (server.is_billable(), self.last_charged_slot, server.provisioned_at) {
-            (true, Some(last), _) => Some(last + Duration::hours(1)),
-            (true, None, Some(provisioned)) => Some(domain::HourSlot::containing(provisioned).end()),
-            _ => None,
+        // one charged, while the server is billable, and never before the slot in which it last
+        // became billable (a resumption or revocation charges that slot in its own append).
+        self.next_charge_at = match (server.first_billable_slot(), self.last_charged_slot) {
+            (Some(first), Some(last)) => Some((last + Duration::hours(1)).max(first.start())),
+            (Some(first), None) => Some(first.end()),
+            (None, _) => None,
         };
     }
 }

@@ -61,6 +61,12 @@ pub fn movement(event: &AccountEvent) -> Option<(&'static str, Decimal, Option<U
             gross,
             ..
         } => ("cancellation_refund", *gross, Some(server_id.0), Some(charge_id.to_string())),
+        AccountEvent::UnusedTimeRecharged {
+            charge_id,
+            server_id,
+            gross,
+            ..
+        } => ("revocation_charge", -*gross, Some(server_id.0), Some(charge_id.to_string())),
         AccountEvent::ServiceCredited { charge_id, amount, .. } => ("service_credit", *amount, None, Some(charge_id.to_string())),
         AccountEvent::CardRefundRequested { refund_id, amount, .. } => ("card_refund", -*amount, None, Some(refund_id.to_string())),
         AccountEvent::CardRefundFailed { refund_id, amount, .. } => ("card_refund_failed", *amount, None, Some(refund_id.to_string())),

@@ -141,6 +141,8 @@ pub struct Metrics {
     billing_run_last_us: AtomicU64,
     billing_run_sum_us: AtomicU64,
     billing_slots_charged: AtomicU64,
+    billing_failed_accounts: AtomicU64,
+    due_work_failures: AtomicU64,
 }
 
 const LATENCY_BOUNDS_S: [f64; 7] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5];
@@ -154,7 +156,19 @@ pub static METRICS: std::sync::LazyLock<Metrics> = std::sync::LazyLock::new(|| M
     billing_run_last_us: AtomicU64::new(0),
     billing_run_sum_us: AtomicU64::new(0),
     billing_slots_charged: AtomicU64::new(0),
+    billing_failed_accounts: AtomicU64::new(0),
+    due_work_failures: AtomicU64::new(0),
 });
+
+/// Counts accounts a billing run set aside because charging them failed (the rest were billed).
+pub fn record_billing_failures(accounts: u64) {
+    METRICS.billing_failed_accounts.fetch_add(accounts, Ordering::Relaxed);
+}
+
+/// Counts a step of due work (a run, a deletion, an invoice...) that failed or panicked.
+pub fn record_due_work_failure() {
+    METRICS.due_work_failures.fetch_add(1, Ordering::Relaxed);
+}
 
 /// Counts one hourly billing run of this process: how long it took and the slots it charged.
 pub fn record_billing_run(elapsed: Duration, slots_charged: u64) {
@@ -167,6 +181,11 @@ pub fn record_billing_run(elapsed: Duration, slots_charged: u64) {
 
 impl Metrics {
     fn record(&self, method: &Method, status: StatusCode, elapsed: Duration) {
+        // Labels are bounded: any method a client invents counts as "other".
+        let method = match *method {
+            Method::GET | Method::POST | Method::PUT | Method::PATCH | Method::DELETE | Method::HEAD | Method::OPTIONS => method.as_str(),
+            _ => "other",
+        };
         *self
             .requests
             .lock()
@@ -231,6 +250,14 @@ impl Metrics {
         out.push_str(&format!(
             "# TYPE billing_slots_charged_total counter\nbilling_slots_charged_total {}\n",
             self.billing_slots_charged.load(Ordering::Relaxed)
+        ));
+        out.push_str(&format!(
+            "# TYPE billing_failed_accounts_total counter\nbilling_failed_accounts_total {}\n",
+            self.billing_failed_accounts.load(Ordering::Relaxed)
+        ));
+        out.push_str(&format!(
+            "# TYPE billing_due_work_failures_total counter\nbilling_due_work_failures_total {}\n",
+            self.due_work_failures.load(Ordering::Relaxed)
         ));
         out.push_str(extra);
         out
