@@ -230,6 +230,71 @@ async fn a_paid_checkout_delivered_five_times_at_once_is_credited_once() {
     assert_eq!(balance(&client, &server.base, &account, &token).await, "25.00");
 }
 
+/// A paid `checkout.session.completed` for `topup_id`, paid by `payment_intent` in
+/// `amount_minor` of `currency`, with Stripe's currency conversion when it is given.
+fn paid_checkout(event_id: &str, topup_id: &str, payment_intent: &str, amount_minor: i64, currency: &str, conversion: Value) -> Vec<u8> {
+    let body = completed_checkout(event_id, topup_id, amount_minor, currency);
+    let mut event: Value = serde_json::from_slice(&body).unwrap();
+    event["data"]["object"]["payment_intent"] = json!(payment_intent);
+    event["data"]["object"]["currency_conversion"] = conversion;
+    serde_json::to_vec(&event).unwrap()
+}
+
+async fn topup_events(client: &reqwest::Client, base: &str, topup_id: &str) -> Vec<String> {
+    let events: Value = client
+        .get(format!("{base}/v1/ledger/events?stream=topup-{topup_id}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|event| event["event_type"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_payment_in_another_currency_or_of_another_amount_is_held_for_review_and_credits_nothing() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, Some(SECRET));
+    let client = reqwest::Client::new();
+    let base = &server.base;
+    // AUD 10.00 asked, 150,000 JPY paid: not 150,000 AUD, and not anything until a person looks.
+    let (account, token, topup_id) = customer_with_topup(&client, base, "10.00").await;
+    let body = paid_checkout("evt_1PaidInYen", &topup_id, "pi_yen", 150_000, "jpy", Value::Null);
+    let (status, answer) = deliver(&client, base, body.clone(), Some(sign(&body, SECRET, 0))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(balance(&client, base, &account, &token).await, "0.00");
+    assert_eq!(topup_events(&client, base, &topup_id).await, ["TopUpRequested", "PaymentHeldForReview"]);
+    // Redelivered, it is still held once.
+    deliver(&client, base, body.clone(), Some(sign(&body, SECRET, 0))).await;
+    let again = paid_checkout("evt_1PaidInYenAgain", &topup_id, "pi_yen", 150_000, "jpy", Value::Null);
+    deliver(&client, base, again.clone(), Some(sign(&again, SECRET, 0))).await;
+    assert_eq!(topup_events(&client, base, &topup_id).await.len(), 2);
+    assert_eq!(balance(&client, base, &account, &token).await, "0.00");
+
+    // More, or less, than was asked in the right currency: held too.
+    for (event_id, payment, minor) in [("evt_1PaidMore", "pi_more", 100_000), ("evt_1PaidLess", "pi_less", 500)] {
+        let (account, token, topup_id) = customer_with_topup(&client, base, "10.00").await;
+        let body = paid_checkout(event_id, &topup_id, payment, minor, "aud", Value::Null);
+        assert_eq!(deliver(&client, base, body.clone(), Some(sign(&body, SECRET, 0))).await.0, 200);
+        assert_eq!(balance(&client, base, &account, &token).await, "0.00");
+        assert_eq!(topup_events(&client, base, &topup_id).await[1], "PaymentHeldForReview");
+    }
+
+    // Presented in yen, settled in the Australian dollars asked (Adaptive Pricing): credited.
+    let (account, token, topup_id) = customer_with_topup(&client, base, "10.00").await;
+    let conversion = json!({"amount_subtotal": 1000, "amount_total": 1000, "fx_rate": "97.5", "source_currency": "aud"});
+    let body = paid_checkout("evt_1PaidConverted", &topup_id, "pi_converted", 975, "jpy", conversion);
+    assert_eq!(deliver(&client, base, body.clone(), Some(sign(&body, SECRET, 0))).await.0, 200);
+    assert_eq!(balance(&client, base, &account, &token).await, "10.00");
+}
+
 #[tokio::test]
 async fn bad_signatures_stale_timestamps_and_unknown_events() {
     let db = TestDatabase::new().await;

@@ -769,12 +769,14 @@ impl Flows {
     }
 
     /// Acts on a provider event once: its receipt (stream `receipt_stream`) is appended with its
-    /// effect. A paid checkout credits the wallet. Returns false for a redelivery.
+    /// effect. A paid checkout (top-up, payment id, the amounts the payment states) credits the
+    /// wallet with the amount asked if the payment states it in the account's currency; any other
+    /// payment is held for review and credits nothing. Returns false for a redelivery.
     pub async fn receive_payment_event(
         &self,
         receipt_stream: &str,
         receipt: serde_json::Value,
-        paid: Option<(TopUpId, String, Option<Decimal>)>,
+        paid: Option<(TopUpId, String, Vec<domain::Money>)>,
         metadata: &Metadata,
     ) -> Result<bool> {
         let at = self.now();
@@ -782,21 +784,18 @@ impl Flows {
             if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
                 break false;
             }
-            if let Some((topup_id, payment_id, paid_amount)) = &paid {
+            if let Some((topup_id, payment_id, stated)) = &paid {
                 let mut topup = unit_load::<domain::topup::TopUp>(&mut unit, &topup_id.stream_id()).await?;
                 match topup.state.requested.clone() {
                     // An unknown top-up is recorded as received, and nothing is credited.
                     None => tracing::warn!(%topup_id, "payment for an unknown top-up"),
                     Some(requested) => {
-                        let amount = paid_amount.unwrap_or(requested.amount);
-                        if amount != requested.amount {
-                            tracing::warn!(%topup_id, %amount, requested = %requested.amount, "paid amount differs from the requested one; crediting what was paid");
-                        }
                         let newly_paid = match unit
                             .handle(
                                 &mut topup,
                                 domain::topup::TopUpCommand::MarkPaid {
                                     payment_id: payment_id.clone(),
+                                    stated: stated.clone(),
                                     at,
                                 },
                             )
@@ -810,14 +809,17 @@ impl Flows {
                             }
                             Err(error) => return Err(error.into()),
                         };
-                        if !newly_paid.is_empty() {
+                        if let [domain::topup::TopUpEvent::PaymentHeldForReview { stated, .. }] = newly_paid.as_slice() {
+                            tracing::warn!(%topup_id, ?stated, asked = %requested.amount, currency = %requested.currency, "a payment of another amount or currency is held for review; nothing credited");
+                        }
+                        if let [domain::topup::TopUpEvent::TopUpPaid { .. }] = newly_paid.as_slice() {
                             let mut account = unit_load::<Account>(&mut unit, &requested.account_id.stream_id()).await?;
                             unit.handle(
                                 &mut account,
                                 AccountCommand::SettleTopUp {
                                     topup_id: *topup_id,
                                     payment_id: payment_id.clone(),
-                                    amount,
+                                    amount: requested.amount,
                                 },
                             )
                             .await?;

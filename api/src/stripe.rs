@@ -84,8 +84,23 @@ pub struct EventData {
 pub struct PaidCheckout {
     pub topup_reference: String,
     pub payment_id: String,
-    pub amount_minor: Option<i64>,
-    pub currency: Option<String>,
+    /// The amounts the session states, in minor units with their currency: what the customer was
+    /// presented (`amount_total`, `currency`) and, with Adaptive Pricing, what that settles in
+    /// the currency the session was created in (`currency_conversion`).
+    pub stated_minor: Vec<(i64, String)>,
+}
+
+impl PaidCheckout {
+    /// The stated amounts as money; amounts in currencies this ledger does not know are left out.
+    pub fn stated(&self) -> Vec<domain::Money> {
+        self.stated_minor
+            .iter()
+            .filter_map(|(minor, code)| {
+                let currency = domain::Currency::parse(code).ok()?;
+                Some(domain::Money::from_minor_units(*minor, currency))
+            })
+            .collect()
+    }
 }
 
 impl Event {
@@ -113,11 +128,25 @@ impl Event {
                     .or_else(|| intent.get("id").and_then(Value::as_str).map(str::to_string))
             })
             .or_else(|| session.get("id").and_then(Value::as_str).map(str::to_string))?;
+        let stated = |object: &Value, currency: &str| {
+            Some((
+                object.get("amount_total")?.as_i64()?,
+                object.get(currency)?.as_str()?.to_ascii_uppercase(),
+            ))
+        };
+        let stated_minor = [
+            stated(session, "currency"),
+            session
+                .get("currency_conversion")
+                .and_then(|conversion| stated(conversion, "source_currency")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         Some(PaidCheckout {
             topup_reference,
             payment_id,
-            amount_minor: session.get("amount_total").and_then(Value::as_i64),
-            currency: session.get("currency").and_then(Value::as_str).map(str::to_ascii_uppercase),
+            stated_minor,
         })
     }
 }

@@ -6,7 +6,7 @@ use cqrs_es::{Aggregate, DomainEvent};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::money::Currency;
+use crate::money::{Currency, Money};
 use crate::types::{AccountId, TopUpId};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -24,6 +24,14 @@ pub enum TopUpEvent {
         payment_id: String,
         at: DateTime<Utc>,
     },
+    /// Paid, but not the amount asked in the account's currency: recorded for a person to
+    /// review, and nothing is credited.
+    PaymentHeldForReview {
+        payment_id: String,
+        /// The amounts the payment states (in what it was presented and what it settled), if any.
+        stated: Vec<Money>,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for TopUpEvent {
@@ -31,6 +39,7 @@ impl DomainEvent for TopUpEvent {
         match self {
             TopUpEvent::TopUpRequested { .. } => "TopUpRequested",
             TopUpEvent::TopUpPaid { .. } => "TopUpPaid",
+            TopUpEvent::PaymentHeldForReview { .. } => "PaymentHeldForReview",
         }
         .to_string()
     }
@@ -50,8 +59,15 @@ pub enum TopUpCommand {
         checkout_url: String,
         at: DateTime<Utc>,
     },
-    /// Idempotent for the same payment; another payment of a paid top-up is refused.
-    MarkPaid { payment_id: String, at: DateTime<Utc> },
+    /// A payment of the top-up, stating the amounts it was made in. It pays the top-up only if
+    /// one of them is exactly the amount asked, in the currency asked: the wallet is never
+    /// credited more than was asked, nor in another currency. Any other payment is held for
+    /// review. Idempotent for the same payment; another payment of a paid top-up is refused.
+    MarkPaid {
+        payment_id: String,
+        stated: Vec<Money>,
+        at: DateTime<Utc>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +84,9 @@ pub enum TopUpError {
 pub struct TopUp {
     pub requested: Option<Requested>,
     pub paid_by: Option<String>,
+    /// A payment held for review (another amount or currency).
+    #[serde(default)]
+    pub held: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,12 +121,24 @@ impl TopUp {
                     at,
                 }])
             }
-            TopUpCommand::MarkPaid { payment_id, at } => {
-                self.requested.as_ref().ok_or(TopUpError::NotFound)?;
+            TopUpCommand::MarkPaid { payment_id, stated, at } => {
+                let requested = self.requested.as_ref().ok_or(TopUpError::NotFound)?;
                 match &self.paid_by {
-                    Some(paid_by) if *paid_by == payment_id => Ok(vec![]),
-                    Some(paid_by) => Err(TopUpError::PaidElsewhere(paid_by.clone())),
-                    None => Ok(vec![TopUpEvent::TopUpPaid { payment_id, at }]),
+                    Some(paid_by) if *paid_by == payment_id => return Ok(vec![]),
+                    Some(paid_by) => return Err(TopUpError::PaidElsewhere(paid_by.clone())),
+                    None => {}
+                }
+                if self.held.as_deref() == Some(payment_id.as_str()) {
+                    return Ok(vec![]);
+                }
+                let asked = Money {
+                    amount: requested.amount,
+                    currency: requested.currency,
+                };
+                if stated.iter().any(|money| money.currency == asked.currency && money.amount == asked.amount) {
+                    Ok(vec![TopUpEvent::TopUpPaid { payment_id, at }])
+                } else {
+                    Ok(vec![TopUpEvent::PaymentHeldForReview { payment_id, stated, at }])
                 }
             }
         }
@@ -147,6 +178,7 @@ impl Aggregate for TopUp {
                 });
             }
             TopUpEvent::TopUpPaid { payment_id, .. } => self.paid_by = Some(payment_id),
+            TopUpEvent::PaymentHeldForReview { payment_id, .. } => self.held = Some(payment_id),
         }
     }
 }

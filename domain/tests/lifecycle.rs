@@ -964,6 +964,57 @@ fn a_top_up_is_paid_once() {
         .given(vec![requested.clone()])
         .when(request)
         .then_expect_error(TopUpError::AlreadyRequested);
+    let asked = domain::Money {
+        amount: dec!(25.00),
+        currency: Currency::AUD,
+    };
+    // Paid in another currency, or another amount: held for review, nothing paid.
+    for stated in [
+        vec![domain::Money {
+            amount: dec!(375000),
+            currency: Currency::JPY,
+        }],
+        vec![domain::Money {
+            amount: dec!(250.00),
+            currency: Currency::AUD,
+        }],
+        vec![domain::Money {
+            amount: dec!(25.00),
+            currency: Currency::USD,
+        }],
+        vec![],
+    ] {
+        TestFramework::<TopUp>::with(())
+            .given(vec![requested.clone()])
+            .when(TopUpCommand::MarkPaid {
+                payment_id: "pi_x".into(),
+                stated: stated.clone(),
+                at: t0(),
+            })
+            .then_expect_events(vec![TopUpEvent::PaymentHeldForReview {
+                payment_id: "pi_x".into(),
+                stated,
+                at: t0(),
+            }]);
+    }
+    // Presented in yen, settled as the Australian dollars asked (Stripe's currency conversion).
+    TestFramework::<TopUp>::with(())
+        .given(vec![requested.clone()])
+        .when(TopUpCommand::MarkPaid {
+            payment_id: "pi_1".into(),
+            stated: vec![
+                domain::Money {
+                    amount: dec!(2500),
+                    currency: Currency::JPY,
+                },
+                asked,
+            ],
+            at: t0(),
+        })
+        .then_expect_events(vec![TopUpEvent::TopUpPaid {
+            payment_id: "pi_1".into(),
+            at: t0(),
+        }]);
     let paid = TopUpEvent::TopUpPaid {
         payment_id: "pi_1".into(),
         at: t0(),
@@ -972,6 +1023,7 @@ fn a_top_up_is_paid_once() {
         .given(vec![requested.clone()])
         .when(TopUpCommand::MarkPaid {
             payment_id: "pi_1".into(),
+            stated: vec![asked],
             at: t0(),
         })
         .then_expect_events(vec![paid.clone()]);
@@ -979,6 +1031,7 @@ fn a_top_up_is_paid_once() {
         .given(vec![requested.clone(), paid.clone()])
         .when(TopUpCommand::MarkPaid {
             payment_id: "pi_1".into(),
+            stated: vec![asked],
             at: t0(),
         })
         .then_expect_events(vec![]);
@@ -986,6 +1039,7 @@ fn a_top_up_is_paid_once() {
         .given(vec![requested, paid])
         .when(TopUpCommand::MarkPaid {
             payment_id: "pi_2".into(),
+            stated: vec![asked],
             at: t0(),
         })
         .then_expect_error(TopUpError::PaidElsewhere("pi_1".into()));
@@ -993,6 +1047,7 @@ fn a_top_up_is_paid_once() {
         .given_no_previous_events()
         .when(TopUpCommand::MarkPaid {
             payment_id: "pi_1".into(),
+            stated: vec![asked],
             at: t0(),
         })
         .then_expect_error(TopUpError::NotFound);

@@ -935,14 +935,8 @@ pub(crate) async fn stripe_webhook(
         None => None,
         Some(checkout) => {
             let topup_id = domain::TopUpId::parse(&checkout.topup_reference).ok();
-            let amount = match (
-                checkout.amount_minor,
-                checkout.currency.as_deref().and_then(|code| Currency::parse(code).ok()),
-            ) {
-                (Some(minor), Some(currency)) => Some(Money::from_minor_units(minor, currency).amount),
-                _ => None,
-            };
-            topup_id.map(|topup_id| (topup_id, checkout.payment_id, amount))
+            let stated = checkout.stated();
+            topup_id.map(|topup_id| (topup_id, checkout.payment_id, stated))
         }
     };
     let (receipt_stream, metadata, receipt) = stripe_receipt(&event, &headers, json!({"acted_on": paid.is_some()}));
