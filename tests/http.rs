@@ -219,7 +219,11 @@ async fn accounts_keys_adjustments_and_statements_over_http() {
     // The books, for finance.
     let books = api.get("/v1/ledger/trial-balance", Some(&finance)).await;
     assert_eq!(books.0, 200);
-    assert_eq!(books.2["total_debit"], books.2["total_credit"]);
+    let currencies = books.2["currencies"].as_array().expect("the books per currency");
+    assert!(!currencies.is_empty());
+    for currency in currencies {
+        assert_eq!(currency["total_debit"], currency["total_credit"], "{currency}");
+    }
     problem(&api.get("/v1/ledger/trial-balance", Some(&customer)).await, 403);
     problem(&api.get("/v1/ledger/trial-balance?as_of=yesterday", Some(&finance)).await, 422);
 
@@ -1090,4 +1094,49 @@ async fn the_openapi_document_covers_every_route() {
         order["402"]["content"]["application/json"]["schema"]["$ref"],
         "#/components/schemas/Problem"
     );
+}
+
+#[tokio::test]
+async fn the_books_are_kept_per_currency_and_never_add_currencies_together() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, true);
+    let api = Api {
+        client: reqwest::Client::new(),
+        base: server.base.clone(),
+    };
+    let mut wallets = Vec::new();
+    for (currency, country, amount) in [("AUD", "AU", "10.00"), ("USD", "US", "20.00"), ("EUR", "DE", "30.00")] {
+        let body = json!({"name": currency, "email": "books@example.com", "currency": currency, "country": country});
+        let opened = api.post("/v1/accounts", Some(ADMIN), body).await;
+        let account = opened.2["id"].as_str().unwrap().to_string();
+        let adjusted = api
+            .post(
+                &format!("/v1/admin/accounts/{account}/adjustments"),
+                Some(ADMIN),
+                json!({"amount": amount, "reason": "opening credit"}),
+            )
+            .await;
+        assert_eq!(adjusted.0, 201, "{adjusted:?}");
+        wallets.push((currency, format!("liabilities:wallets:{account}"), amount));
+    }
+    let books = api.get("/v1/ledger/trial-balance", Some(ADMIN)).await;
+    assert_eq!(books.0, 200, "{books:?}");
+    let currencies = books.2["currencies"].as_array().expect("books per currency");
+    assert_eq!(
+        currencies.iter().map(|c| c["currency"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["AUD", "EUR", "USD"]
+    );
+    for (currency, wallet, amount) in &wallets {
+        let books = currencies.iter().find(|c| c["currency"] == *currency).unwrap();
+        let accounts = books["accounts"].as_array().unwrap();
+        let line = |name: &str| accounts.iter().find(|line| line["account"] == name).cloned();
+        // Each currency's books hold its own wallet and its own adjustment expense, nothing else's.
+        assert_eq!(line(wallet).unwrap()["credit"], *amount, "{currency}");
+        assert_eq!(line("expenses:adjustments").unwrap()["debit"], *amount, "{currency}");
+        assert_eq!(accounts.len(), 2, "{currency}: {accounts:?}");
+        assert_eq!(
+            (books["total_debit"].as_str(), books["total_credit"].as_str()),
+            (Some(*amount), Some(*amount))
+        );
+    }
 }

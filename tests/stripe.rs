@@ -270,7 +270,10 @@ async fn a_payment_in_another_currency_or_of_another_amount_is_held_for_review_a
     let (status, answer) = deliver(&client, base, body.clone(), Some(sign(&body, SECRET, 0))).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(balance(&client, base, &account, &token).await, "0.00");
-    assert_eq!(topup_events(&client, base, &topup_id).await, ["TopUpRequested", "PaymentHeldForReview"]);
+    assert_eq!(
+        topup_events(&client, base, &topup_id).await,
+        ["TopUpRequested", "PaymentHeldForReview"]
+    );
     // Redelivered, it is still held once.
     deliver(&client, base, body.clone(), Some(sign(&body, SECRET, 0))).await;
     let again = paid_checkout("evt_1PaidInYenAgain", &topup_id, "pi_yen", 150_000, "jpy", Value::Null);

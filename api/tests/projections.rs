@@ -140,25 +140,50 @@ async fn the_books_balance_and_wallets_equal_balances() {
         Some(at("2026-03-31T23:59:59Z")),
     ] {
         let books = trial_balance(&db.pool, as_of).await.unwrap();
-        assert!(!books.accounts.is_empty());
-        assert_eq!(books.total_debit, books.total_credit, "trial balance as of {as_of:?}");
+        assert!(!books.currencies.is_empty());
+        for currency in &books.currencies {
+            assert_eq!(
+                currency.total_debit, currency.total_credit,
+                "{} trial balance as of {as_of:?}",
+                currency.currency
+            );
+        }
     }
+    // The history has accounts in three currencies, each with its own books.
     let books = trial_balance(&db.pool, None).await.unwrap();
-    let balances: Vec<(uuid::Uuid, Decimal)> = sqlx::query_as("SELECT account_id, balance FROM rm.balances ORDER BY account_id")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
-    let mut wallets_total = Decimal::ZERO;
-    for (account_id, balance) in &balances {
-        let wallet = books
+    let codes: Vec<&str> = books.currencies.iter().map(|books| books.currency.as_str()).collect();
+    assert_eq!(codes, ["AUD", "EUR", "USD"]);
+    let balances: Vec<(uuid::Uuid, String, Decimal)> =
+        sqlx::query_as("SELECT account_id, currency, balance FROM rm.balances ORDER BY account_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    for currency in &books.currencies {
+        let mut wallets_total = Decimal::ZERO;
+        for (account_id, _, balance) in balances.iter().filter(|(_, code, _)| *code == currency.currency) {
+            let wallet = currency
+                .accounts
+                .iter()
+                .find(|line| line.account == format!("liabilities:wallets:{account_id}"))
+                .expect("a wallet account");
+            assert_eq!(wallet.credit - wallet.debit, *balance, "wallet of {account_id}");
+            wallets_total += wallet.credit - wallet.debit;
+        }
+        // Only this currency's wallets are in its books, and they add up to its balances.
+        let wallets_in_books: Decimal = currency
             .accounts
             .iter()
-            .find(|line| line.account == format!("liabilities:wallets:{account_id}"))
-            .expect("a wallet account");
-        assert_eq!(wallet.credit - wallet.debit, *balance, "wallet of {account_id}");
-        wallets_total += wallet.credit - wallet.debit;
+            .filter(|line| line.account.starts_with("liabilities:wallets:"))
+            .map(|line| line.credit - line.debit)
+            .sum();
+        assert_eq!(wallets_in_books, wallets_total, "{}", currency.currency);
+        let in_balances: Decimal = balances
+            .iter()
+            .filter(|(_, code, _)| *code == currency.currency)
+            .map(|(_, _, balance)| *balance)
+            .sum();
+        assert_eq!(wallets_total, in_balances, "{}", currency.currency);
     }
-    assert_eq!(wallets_total, balances.iter().map(|(_, balance)| *balance).sum::<Decimal>());
 }
 
 #[tokio::test]

@@ -1,11 +1,14 @@
-//! Double entry: every money event of an account as balanced postings over ledger accounts.
-//! Wallets are liabilities (what the business owes its customers), so a wallet's credits minus
-//! debits is its balance; the trial balance of all postings nets to zero.
+//! Double entry: every money event of an account as balanced postings over ledger accounts, in
+//! the account's currency. Wallets are liabilities (what the business owes its customers), so a
+//! wallet's credits minus debits is its balance; the trial balance of all postings nets to zero
+//! in every currency. Amounts of different currencies are never added: every ledger account is
+//! kept per currency.
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::account::AccountEvent;
+use crate::money::Currency;
 use crate::types::{AccountId, Country};
 
 pub const STRIPE_CLEARING: &str = "assets:stripe_clearing";
@@ -26,29 +29,38 @@ pub fn tax_account(country: Country) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Posting {
     pub account: String,
+    pub currency: Currency,
     pub debit: Decimal,
     pub credit: Decimal,
 }
 
-fn debit(account: impl Into<String>, amount: Decimal) -> Posting {
-    Posting {
+/// A posting before its currency is known (every posting of an event has the account's).
+struct Line {
+    account: String,
+    debit: Decimal,
+    credit: Decimal,
+}
+
+fn debit(account: impl Into<String>, amount: Decimal) -> Line {
+    Line {
         account: account.into(),
         debit: amount,
         credit: Decimal::ZERO,
     }
 }
 
-fn credit(account: impl Into<String>, amount: Decimal) -> Posting {
-    Posting {
+fn credit(account: impl Into<String>, amount: Decimal) -> Line {
+    Line {
         account: account.into(),
         debit: Decimal::ZERO,
         credit: amount,
     }
 }
 
-/// The postings of one account event. Events that move no money (holds, warnings) post nothing.
-/// Panics if the postings do not balance: that is a bug, never an expected failure.
-pub fn postings(account_id: AccountId, country: Country, event: &AccountEvent) -> Vec<Posting> {
+/// The postings of one account event, in the account's currency. Events that move no money
+/// (holds, warnings) post nothing. Panics if the postings do not balance: that is a bug, never an
+/// expected failure.
+pub fn postings(account_id: AccountId, country: Country, currency: Currency, event: &AccountEvent) -> Vec<Posting> {
     let wallet = wallet_account(account_id);
     let tax = tax_account(country);
     let entries = match event {
@@ -109,7 +121,16 @@ pub fn postings(account_id: AccountId, country: Country, event: &AccountEvent) -
         | AccountEvent::LowBalanceWarned { .. }
         | AccountEvent::LowBalanceCleared { .. } => vec![],
     };
-    let entries: Vec<Posting> = entries.into_iter().filter(|p| !(p.debit.is_zero() && p.credit.is_zero())).collect();
+    let entries: Vec<Posting> = entries
+        .into_iter()
+        .filter(|p| !(p.debit.is_zero() && p.credit.is_zero()))
+        .map(|line| Posting {
+            account: line.account,
+            currency,
+            debit: line.debit,
+            credit: line.credit,
+        })
+        .collect();
     let debits: Decimal = entries.iter().map(|p| p.debit).sum();
     let credits: Decimal = entries.iter().map(|p| p.credit).sum();
     assert_eq!(debits, credits, "postings of {event:?} do not balance");

@@ -135,7 +135,10 @@ impl TopUp {
                     amount: requested.amount,
                     currency: requested.currency,
                 };
-                if stated.iter().any(|money| money.currency == asked.currency && money.amount == asked.amount) {
+                if stated
+                    .iter()
+                    .any(|money| money.currency == asked.currency && money.amount == asked.amount)
+                {
                     Ok(vec![TopUpEvent::TopUpPaid { payment_id, at }])
                 } else {
                     Ok(vec![TopUpEvent::PaymentHeldForReview { payment_id, stated, at }])

@@ -293,7 +293,7 @@ proptest! {
                 let balance_before = account.balance();
                 account.apply(event.clone());
                 history.push(event.clone());
-                let entries = postings(world.account_id, country, &event);
+                let entries = postings(world.account_id, country, Currency::USD, &event);
                 let change = wallet_change(world.account_id, &entries);
                 wallet_total += change;
                 prop_assert_eq!(account.balance() - balance_before, change, "the figures move as the postings say: {:?}", event);

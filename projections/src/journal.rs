@@ -1,13 +1,13 @@
 //! `journal`: the double-entry postings of every money event (`journal_entries`) and their totals
-//! per ledger account and day (`journal_totals`), from which the trial balance is read as of any
-//! instant.
+//! per ledger account, currency and day (`journal_totals`), from which the trial balance is read
+//! per currency as of any instant.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use domain::account::AccountEvent;
 use domain::postings::{postings, Posting};
-use domain::{AccountId, Country};
+use domain::{AccountId, Country, Currency};
 use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,7 @@ pub struct EntryRow {
 #[derive(Clone, Debug, Serialize, Deserialize, sqlx::FromRow)]
 pub struct TotalRow {
     pub ledger_account: String,
+    pub currency: String,
     pub day: NaiveDate,
     pub debit: Decimal,
     pub credit: Decimal,
@@ -42,6 +43,7 @@ pub struct TotalRow {
 struct AccountRow {
     account_id: Uuid,
     country: String,
+    currency: String,
 }
 
 impl Projection for Journal {
@@ -61,38 +63,44 @@ impl Projection for Journal {
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let mut countries: BTreeMap<Uuid, Country> =
+            let mut opened: BTreeMap<Uuid, (Country, Currency)> =
                 sqlx::query_as::<_, AccountRow>("SELECT * FROM journal_accounts WHERE account_id = ANY($1)")
                     .bind(&ids)
                     .fetch_all(&mut *tx)
                     .await?
                     .into_iter()
-                    .filter_map(|row| Country::parse(&row.country).ok().map(|country| (row.account_id, country)))
+                    .filter_map(|row| {
+                        Some((
+                            row.account_id,
+                            (Country::parse(&row.country).ok()?, Currency::parse(&row.currency).ok()?),
+                        ))
+                    })
                     .collect();
             let mut new_accounts = Vec::new();
             let mut entries = Vec::new();
-            let mut totals: BTreeMap<(String, NaiveDate), (Decimal, Decimal)> = BTreeMap::new();
+            let mut totals: BTreeMap<(String, Currency, NaiveDate), (Decimal, Decimal)> = BTreeMap::new();
             for record in records {
                 let Decoded::Account(account_id, event) = &record.event else {
                     continue;
                 };
-                if let AccountEvent::AccountOpened { country, .. } = event {
-                    countries.insert(account_id.0, *country);
+                if let AccountEvent::AccountOpened { country, currency, .. } = event {
+                    opened.insert(account_id.0, (*country, *currency));
                     new_accounts.push(AccountRow {
                         account_id: account_id.0,
                         country: country.as_str().to_string(),
+                        currency: currency.code().to_string(),
                     });
                 }
-                let Some(country) = countries.get(&account_id.0) else {
+                let Some((country, currency)) = opened.get(&account_id.0) else {
                     continue;
                 };
-                let lines = postings(AccountId(account_id.0), *country, event);
+                let lines = postings(AccountId(account_id.0), *country, *currency, event);
                 if lines.is_empty() {
                     continue;
                 }
                 let day = record.occurred_at.date_naive();
                 for line in &lines {
-                    let total = totals.entry((line.account.clone(), day)).or_default();
+                    let total = totals.entry((line.account.clone(), line.currency, day)).or_default();
                     total.0 += line.debit;
                     total.1 += line.credit;
                 }
@@ -104,7 +112,14 @@ impl Projection for Journal {
                     postings: Json(lines),
                 });
             }
-            upsert(tx, "journal_accounts", &["account_id"], &["account_id", "country"], &new_accounts).await?;
+            upsert(
+                tx,
+                "journal_accounts",
+                &["account_id"],
+                &["account_id", "country", "currency"],
+                &new_accounts,
+            )
+            .await?;
             insert_new(
                 tx,
                 "journal_entries",
@@ -115,8 +130,9 @@ impl Projection for Journal {
             .await?;
             let rows: Vec<TotalRow> = totals
                 .into_iter()
-                .map(|((ledger_account, day), (debit, credit))| TotalRow {
+                .map(|((ledger_account, currency, day), (debit, credit))| TotalRow {
                     ledger_account,
+                    currency: currency.code().to_string(),
                     day,
                     debit,
                     credit,
@@ -124,9 +140,9 @@ impl Projection for Journal {
                 .collect();
             if !rows.is_empty() {
                 sqlx::query(
-                    "INSERT INTO journal_totals (ledger_account, day, debit, credit) \
-                     SELECT ledger_account, day, debit, credit FROM jsonb_populate_recordset(NULL::journal_totals, $1) \
-                     ON CONFLICT (ledger_account, day) DO UPDATE \
+                    "INSERT INTO journal_totals (ledger_account, currency, day, debit, credit) \
+                     SELECT ledger_account, currency, day, debit, credit FROM jsonb_populate_recordset(NULL::journal_totals, $1) \
+                     ON CONFLICT (ledger_account, currency, day) DO UPDATE \
                      SET debit = journal_totals.debit + EXCLUDED.debit, credit = journal_totals.credit + EXCLUDED.credit",
                 )
                 .bind(serde_json::to_value(&rows).expect("rows serialise"))

@@ -46,56 +46,80 @@ pub struct TrialBalanceLine {
     pub credit: Decimal,
 }
 
+/// The trial balance of one currency: its ledger accounts and their totals, which net to zero.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct TrialBalance {
-    pub as_of: Option<DateTime<Utc>>,
+pub struct CurrencyBooks {
+    pub currency: String,
     pub accounts: Vec<TrialBalanceLine>,
     pub total_debit: Decimal,
     pub total_credit: Decimal,
 }
 
+/// Journal totals per currency: amounts of different currencies are never added.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TrialBalance {
+    pub as_of: Option<DateTime<Utc>>,
+    pub currencies: Vec<CurrencyBooks>,
+}
+
+impl TrialBalance {
+    /// The books of one currency, if it has any.
+    pub fn currency(&self, code: &str) -> Option<&CurrencyBooks> {
+        self.currencies.iter().find(|books| books.currency == code)
+    }
+}
+
 /// Journal totals per ledger account, over everything or up to `as_of` (inclusive): whole days
 /// from the daily totals, the last day from its entries.
 pub async fn trial_balance(pool: &PgPool, as_of: Option<DateTime<Utc>>) -> Result<TrialBalance, ProjectionError> {
-    let rows: Vec<(String, Decimal, Decimal)> = match as_of {
+    let rows: Vec<(String, String, Decimal, Decimal)> = match as_of {
         None => {
             sqlx::query_as(
-                "SELECT ledger_account, sum(debit), sum(credit) FROM rm.journal_totals GROUP BY ledger_account ORDER BY ledger_account",
+                "SELECT currency, ledger_account, sum(debit), sum(credit) FROM rm.journal_totals \
+                 GROUP BY currency, ledger_account ORDER BY currency, ledger_account",
             )
             .fetch_all(pool)
             .await?
         }
         Some(at) => {
             sqlx::query_as(
-                "SELECT account, sum(debit), sum(credit) FROM ( \
-                    SELECT ledger_account AS account, debit, credit FROM rm.journal_totals WHERE day < ($1 AT TIME ZONE 'UTC')::date \
+                "SELECT currency, account, sum(debit), sum(credit) FROM ( \
+                    SELECT currency, ledger_account AS account, debit, credit FROM rm.journal_totals WHERE day < ($1 AT TIME ZONE 'UTC')::date \
                     UNION ALL \
-                    SELECT p.account, p.debit, p.credit FROM rm.journal_entries e \
-                    CROSS JOIN LATERAL jsonb_to_recordset(e.postings) AS p(account text, debit numeric, credit numeric) \
+                    SELECT p.currency, p.account, p.debit, p.credit FROM rm.journal_entries e \
+                    CROSS JOIN LATERAL jsonb_to_recordset(e.postings) AS p(account text, currency text, debit numeric, credit numeric) \
                     WHERE e.occurred_at >= date_trunc('day', $1 AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AND e.occurred_at <= $1 \
-                 ) lines GROUP BY account ORDER BY account",
+                 ) lines GROUP BY currency, account ORDER BY currency, account",
             )
             .bind(at)
             .fetch_all(pool)
             .await?
         }
     };
-    let accounts: Vec<TrialBalanceLine> = rows
-        .into_iter()
-        .map(|(account, debit, credit)| TrialBalanceLine {
+    let mut currencies: Vec<CurrencyBooks> = Vec::new();
+    for (currency, account, debit, credit) in rows {
+        if currencies.last().is_none_or(|books| books.currency != currency) {
+            currencies.push(CurrencyBooks {
+                currency: currency.clone(),
+                accounts: Vec::new(),
+                total_debit: Decimal::ZERO,
+                total_credit: Decimal::ZERO,
+            });
+        }
+        let books = currencies.last_mut().expect("pushed");
+        books.total_debit += debit;
+        books.total_credit += credit;
+        books.accounts.push(TrialBalanceLine {
             account,
             debit: debit.normalize(),
             credit: credit.normalize(),
-        })
-        .collect();
-    let total_debit = accounts.iter().map(|line| line.debit).sum();
-    let total_credit = accounts.iter().map(|line| line.credit).sum();
-    Ok(TrialBalance {
-        as_of,
-        accounts,
-        total_debit,
-        total_credit,
-    })
+        });
+    }
+    for books in &mut currencies {
+        books.total_debit = books.total_debit.normalize();
+        books.total_credit = books.total_credit.normalize();
+    }
+    Ok(TrialBalance { as_of, currencies })
 }
 
 /// A digest of a table's content (every row as text, sorted), to compare two builds byte for byte.

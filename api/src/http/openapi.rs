@@ -163,11 +163,28 @@ pub struct Invoice {
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct TrialBalance {
-    pub as_of: Option<String>,
-    pub accounts: Vec<serde_json::Value>,
+pub struct TrialBalanceLine {
+    #[schema(example = "income:hosting")]
+    pub account: String,
+    pub debit: Amount,
+    pub credit: Amount,
+}
+
+/// The books of one currency; its total debit equals its total credit.
+#[derive(Serialize, ToSchema)]
+pub struct CurrencyBooks {
+    #[schema(example = "AUD")]
+    pub currency: String,
+    pub accounts: Vec<TrialBalanceLine>,
     pub total_debit: Amount,
     pub total_credit: Amount,
+}
+
+/// Journal totals per currency (amounts of different currencies are never added).
+#[derive(Serialize, ToSchema)]
+pub struct TrialBalance {
+    pub as_of: Option<String>,
+    pub currencies: Vec<CurrencyBooks>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -211,7 +228,7 @@ pub struct DevClock {
         super::routes::ledger_events,
         super::routes::dev_clock,
     ),
-    components(schemas(Problem, Amount, OpenAccount, Account, NewKey, AmountRequest, Adjustment, TopUp, PlaceOrder, OrderAccepted, Server, Setup, Power, Cancellation, Transaction, Page, InvoiceLine, Invoice, TrialBalance, DevClock)),
+    components(schemas(Problem, Amount, OpenAccount, Account, NewKey, AmountRequest, Adjustment, TopUp, PlaceOrder, OrderAccepted, Server, Setup, Power, Cancellation, Transaction, Page, InvoiceLine, Invoice, TrialBalanceLine, CurrencyBooks, TrialBalance, DevClock)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

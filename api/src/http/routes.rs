@@ -589,14 +589,19 @@ pub(crate) async fn trial_balance(
         ),
     };
     let books = projections::queries::trial_balance(&state.pool, as_of).await?;
-    let accounts: Vec<Value> = books
-        .accounts
+    let currencies: Vec<Value> = books
+        .currencies
         .iter()
-        .map(|line| json!({"account": line.account, "debit": line.debit.to_string(), "credit": line.credit.to_string()}))
+        .map(|books| {
+            let accounts: Vec<Value> = books
+                .accounts
+                .iter()
+                .map(|line| json!({"account": line.account, "debit": money_text(line.debit, &books.currency), "credit": money_text(line.credit, &books.currency)}))
+                .collect();
+            json!({"currency": books.currency, "accounts": accounts, "total_debit": money_text(books.total_debit, &books.currency), "total_credit": money_text(books.total_credit, &books.currency)})
+        })
         .collect();
-    Ok(Json(
-        json!({"as_of": books.as_of, "accounts": accounts, "total_debit": books.total_debit.to_string(), "total_credit": books.total_credit.to_string()}),
-    ))
+    Ok(Json(json!({"as_of": books.as_of, "currencies": currencies})))
 }
 
 #[derive(Deserialize)]
