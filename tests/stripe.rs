@@ -596,6 +596,99 @@ fn dispute_event(event_id: &str, kind: &str, dispute_id: &str, payment_intent: &
     serde_json::to_vec(&event).unwrap()
 }
 
+/// A dispute event whose dispute lists its balance transactions: `movements` are their amounts
+/// (negative: funds withdrawn; positive: funds given back).
+fn dispute_with_movements(event_id: &str, kind: &str, dispute_id: &str, status: &str, movements: &[i64]) -> Vec<u8> {
+    let body = dispute_event(event_id, kind, dispute_id, "pi_1PgafyB7WZ01zgkWSjxsAJo3", 1_000, status);
+    let mut event: Value = serde_json::from_slice(&body).unwrap();
+    let transaction = fixture("balance_transaction");
+    event["data"]["object"]["balance_transactions"] = movements
+        .iter()
+        .map(|amount| {
+            let mut transaction = transaction.clone();
+            transaction["amount"] = json!(amount);
+            transaction["reporting_category"] = json!(if *amount < 0 { "dispute" } else { "dispute_reversal" });
+            transaction
+        })
+        .collect();
+    serde_json::to_vec(&event).unwrap()
+}
+
+#[tokio::test]
+async fn an_inquiry_withdraws_nothing_and_funds_given_back_return_whatever_the_closing_status() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, Some(SECRET));
+    let client = reqwest::Client::new();
+    let base = server.base.clone();
+    let (account, token, topup_id) = customer_with_topup(&client, &base, "10.00").await;
+    let send = |body: Vec<u8>| {
+        let (client, base) = (client.clone(), base.clone());
+        async move { deliver(&client, &base, body.clone(), Some(sign(&body, SECRET, 0))).await }
+    };
+    assert_eq!(send(completed_checkout("evt_1PaidInquiry", &topup_id, 1_000, "aud")).await.0, 200);
+
+    // An inquiry (Stripe's `warning_*` statuses) takes no money: nothing is debited.
+    let inquiry = dispute_event(
+        "evt_1Inquiry",
+        "charge.dispute.created",
+        "dp_1Inquiry",
+        "pi_1PgafyB7WZ01zgkWSjxsAJo3",
+        1_000,
+        "warning_needs_response",
+    );
+    assert_eq!(send(inquiry).await.0, 200);
+    assert_eq!(balance(&client, &base, &account, &token).await, "10.00");
+    let closed = dispute_event(
+        "evt_1InquiryClosed",
+        "charge.dispute.closed",
+        "dp_1Inquiry",
+        "pi_1PgafyB7WZ01zgkWSjxsAJo3",
+        1_000,
+        "warning_closed",
+    );
+    assert_eq!(send(closed).await.0, 200);
+    assert_eq!(balance(&client, &base, &account, &token).await, "10.00");
+
+    // A chargeback: its funds are withdrawn (the balance transaction says so) ...
+    let created = dispute_with_movements(
+        "evt_1Chargeback",
+        "charge.dispute.created",
+        "dp_1Chargeback",
+        "needs_response",
+        &[-1_000],
+    );
+    assert_eq!(send(created).await.0, 200);
+    assert_eq!(balance(&client, &base, &account, &token).await, "0.00");
+    // ... given back before it closes (funds_reinstated) ...
+    let back = dispute_with_movements(
+        "evt_1Reinstated",
+        "charge.dispute.funds_reinstated",
+        "dp_1Chargeback",
+        "under_review",
+        &[-1_000, 1_000],
+    );
+    assert_eq!(send(back).await.0, 200);
+    assert_eq!(balance(&client, &base, &account, &token).await, "10.00");
+    // ... and closed under a status that is not called "won": nothing moves again.
+    let closed = dispute_with_movements(
+        "evt_1ChargebackClosed",
+        "charge.dispute.closed",
+        "dp_1Chargeback",
+        "prevented",
+        &[-1_000, 1_000],
+    );
+    assert_eq!(send(closed).await.0, 200);
+    assert_eq!(balance(&client, &base, &account, &token).await, "10.00");
+
+    // Another, given back only at its close, whatever the status says.
+    let created = dispute_with_movements("evt_1Second", "charge.dispute.created", "dp_1Second", "needs_response", &[-1_000]);
+    assert_eq!(send(created).await.0, 200);
+    assert_eq!(balance(&client, &base, &account, &token).await, "0.00");
+    let closed = dispute_with_movements("evt_1SecondClosed", "charge.dispute.closed", "dp_1Second", "lost", &[-1_000, 1_000]);
+    assert_eq!(send(closed).await.0, 200);
+    assert_eq!(balance(&client, &base, &account, &token).await, "10.00");
+}
+
 #[tokio::test]
 async fn disputes_debit_below_zero_suspend_and_settle_and_wait_for_their_payment() {
     let db = TestDatabase::new().await;

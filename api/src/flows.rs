@@ -832,18 +832,16 @@ impl Flows {
         Ok(fresh)
     }
 
-    /// Acts once on a dispute event (its receipt opens `receipt_stream` in the same append): opened,
-    /// the wallet is debited (below zero if need be) and `servers` suspended; closed, it is
-    /// settled (won: the amount comes back). Returns false for a redelivery.
+    /// Acts once on a dispute event (its receipt opens `receipt_stream` in the same append): the
+    /// dispute's totals as the processor reports them (`AccountCommand::SyncDispute`). Funds
+    /// withdrawn are debited (below zero if need be) and suspend the account's `servers`; funds
+    /// given back are credited. Returns false for a redelivery.
     pub async fn receive_dispute_event(
         &self,
         receipt_stream: &str,
         receipt: serde_json::Value,
         account_id: AccountId,
-        dispute_id: DisputeId,
-        payment_id: &str,
-        amount: Decimal,
-        opened: Option<bool>,
+        report: AccountCommand,
         servers: &[ServerId],
         metadata: &Metadata,
     ) -> Result<bool> {
@@ -853,35 +851,25 @@ impl Flows {
                 break false;
             }
             let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
-            match opened {
-                None => {
-                    unit.handle(
-                        &mut account,
-                        AccountCommand::OpenDispute {
-                            dispute_id,
-                            payment_id: payment_id.to_string(),
-                            amount,
-                        },
-                    )
-                    .await?;
-                    for server_id in servers {
-                        let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
-                        if server.state.is_billable() {
-                            unit.handle(
-                                &mut server,
-                                ServerCommand::Suspend {
-                                    reason: SuspensionReason::Dispute,
-                                    at,
-                                },
-                            )
-                            .await?;
-                        }
+            let events = unit.handle(&mut account, report.clone()).await?;
+            let withdrawn = events.iter().any(|event| match event {
+                AccountEvent::DisputeOpened { amount, .. } | AccountEvent::DisputeFundsWithdrawn { amount, .. } => !amount.is_zero(),
+                _ => false,
+            });
+            if withdrawn {
+                for server_id in servers {
+                    let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
+                    if server.state.is_billable() {
+                        unit.handle(
+                            &mut server,
+                            ServerCommand::Suspend {
+                                reason: SuspensionReason::Dispute,
+                                at,
+                            },
+                        )
+                        .await?;
                     }
                 }
-                Some(won) => match unit.handle(&mut account, AccountCommand::CloseDispute { dispute_id, won }).await {
-                    Ok(_) | Err(AccountError::DisputeClosed(_)) => {}
-                    Err(error) => return Err(error.into()),
-                },
             }
             true
         });

@@ -159,14 +159,44 @@ pub struct DisputeFacts {
     pub amount_minor: i64,
     pub currency: String,
     pub status: String,
+    /// Whether the dispute's balance transactions show its funds withdrawn, and given back;
+    /// None when it lists none (then the status says: an inquiry, `warning_*`, withdraws nothing).
+    pub withdrawn: Option<bool>,
+    pub reinstated: Option<bool>,
+}
+
+impl DisputeFacts {
+    /// The dispute's totals in minor units as of this event: (withdrawn, reinstated). Stripe
+    /// withdraws and gives back the disputed amount whole; the balance transactions say which
+    /// happened (their amounts are in the business's settlement currency, so only their signs
+    /// are read).
+    pub fn totals_minor(&self, kind: &str) -> (i64, i64) {
+        let inquiry = self.status.starts_with("warning_");
+        let withdrawn = match (kind, self.withdrawn) {
+            ("charge.dispute.funds_withdrawn" | "charge.dispute.funds_reinstated", _) => true,
+            (_, Some(withdrawn)) => withdrawn,
+            (_, None) => !inquiry,
+        };
+        let reinstated = match (kind, self.reinstated) {
+            ("charge.dispute.funds_reinstated", _) => true,
+            (_, Some(reinstated)) => reinstated,
+            ("charge.dispute.closed", None) => self.status == "won",
+            _ => false,
+        };
+        let amount = |yes: bool| if yes { self.amount_minor } else { 0 };
+        (amount(withdrawn), amount(reinstated && withdrawn))
+    }
 }
 
 impl Event {
-    /// `charge.dispute.created` or `charge.dispute.closed`: the dispute, its payment and amount.
+    /// A dispute event (`charge.dispute.created`, `.updated`, `.funds_withdrawn`,
+    /// `.funds_reinstated`, `.closed`): whether it closes the dispute, and the dispute's facts.
     pub fn dispute(&self) -> Option<(bool, DisputeFacts)> {
-        let created = match self.kind.as_str() {
-            "charge.dispute.created" => true,
-            "charge.dispute.closed" => false,
+        let closed = match self.kind.as_str() {
+            "charge.dispute.created" | "charge.dispute.updated" | "charge.dispute.funds_withdrawn" | "charge.dispute.funds_reinstated" => {
+                false
+            }
+            "charge.dispute.closed" => true,
             _ => return None,
         };
         let dispute = &self.data.object;
@@ -176,14 +206,27 @@ impl Event {
                 .map(str::to_string)
                 .or_else(|| intent.get("id").and_then(Value::as_str).map(str::to_string))
         });
+        let movements: Vec<i64> = dispute
+            .get("balance_transactions")
+            .and_then(Value::as_array)
+            .map(|transactions| {
+                transactions
+                    .iter()
+                    .filter_map(|t| t.get("amount").and_then(Value::as_i64))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let known = !movements.is_empty();
         Some((
-            created,
+            closed,
             DisputeFacts {
                 dispute_reference: dispute.get("id")?.as_str()?.to_string(),
                 payment_id,
                 amount_minor: dispute.get("amount")?.as_i64()?,
                 currency: dispute.get("currency")?.as_str()?.to_ascii_uppercase(),
                 status: dispute.get("status").and_then(Value::as_str).unwrap_or_default().to_string(),
+                withdrawn: known.then(|| movements.iter().any(|amount| *amount < 0)),
+                reinstated: known.then(|| movements.iter().any(|amount| *amount > 0)),
             },
         ))
     }

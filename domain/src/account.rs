@@ -144,6 +144,18 @@ pub enum AccountEvent {
         amount: Decimal,
         figures: Figures,
     },
+    /// Funds of an open dispute withdrawn after it was opened (an inquiry escalated).
+    DisputeFundsWithdrawn {
+        dispute_id: DisputeId,
+        amount: Decimal,
+        figures: Figures,
+    },
+    /// Withdrawn funds of a dispute given back before it closed.
+    DisputeFundsReinstated {
+        dispute_id: DisputeId,
+        amount: Decimal,
+        figures: Figures,
+    },
     DisputeClosed {
         dispute_id: DisputeId,
         won: bool,
@@ -177,6 +189,8 @@ impl AccountEvent {
             | AccountEvent::CardRefundFailed { figures, .. }
             | AccountEvent::Adjusted { figures, .. }
             | AccountEvent::DisputeOpened { figures, .. }
+            | AccountEvent::DisputeFundsWithdrawn { figures, .. }
+            | AccountEvent::DisputeFundsReinstated { figures, .. }
             | AccountEvent::DisputeClosed { figures, .. } => Some(*figures),
             AccountEvent::AccountOpened { .. }
             | AccountEvent::CardRefundCompleted { .. }
@@ -204,6 +218,8 @@ impl DomainEvent for AccountEvent {
             AccountEvent::CardRefundFailed { .. } => "CardRefundFailed",
             AccountEvent::Adjusted { .. } => "Adjusted",
             AccountEvent::DisputeOpened { .. } => "DisputeOpened",
+            AccountEvent::DisputeFundsWithdrawn { .. } => "DisputeFundsWithdrawn",
+            AccountEvent::DisputeFundsReinstated { .. } => "DisputeFundsReinstated",
             AccountEvent::DisputeClosed { .. } => "DisputeClosed",
             AccountEvent::LowBalanceWarned { .. } => "LowBalanceWarned",
             AccountEvent::LowBalanceCleared { .. } => "LowBalanceCleared",
@@ -319,6 +335,18 @@ pub enum AccountCommand {
         dispute_id: DisputeId,
         won: bool,
     },
+    /// What the card processor says of a dispute, in totals: the funds withdrawn from the
+    /// business for it so far, those given back, and whether it is closed (and won). Only funds
+    /// actually withdrawn are debited (an inquiry withdraws nothing); funds given back are
+    /// credited whatever the closing status is called. Idempotent: totals already recorded change
+    /// nothing, and a dispute not known yet is opened with what was withdrawn.
+    SyncDispute {
+        dispute_id: DisputeId,
+        payment_id: String,
+        withdrawn_total: Decimal,
+        reinstated_total: Decimal,
+        closed: Option<bool>,
+    },
     CheckRunway {
         hourly_burn_gross: Decimal,
         threshold_hours: Decimal,
@@ -427,7 +455,10 @@ struct CardRefund {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Dispute {
+    /// Withdrawn from the wallet for it, and given back.
     amount: Decimal,
+    #[serde(default)]
+    reinstated: Decimal,
     open: bool,
 }
 
@@ -883,7 +914,7 @@ impl Account {
                 payment_id,
                 amount,
             } => {
-                check_positive("amount", amount, currency)?;
+                check_non_negative("amount", amount)?;
                 if self.disputes.contains_key(&dispute_id) {
                     return Ok(vec![]);
                 }
@@ -900,13 +931,75 @@ impl Account {
                 if !dispute.open {
                     return Err(AccountError::DisputeClosed(dispute_id));
                 }
-                let amount_returned = if won { dispute.amount } else { Decimal::ZERO };
+                let amount_returned = if won { dispute.amount - dispute.reinstated } else { Decimal::ZERO };
                 Ok(vec![AccountEvent::DisputeClosed {
                     dispute_id,
                     won,
                     amount_returned,
                     figures: self.figures_after(amount_returned, Decimal::ZERO),
                 }])
+            }
+            AccountCommand::SyncDispute {
+                dispute_id,
+                payment_id,
+                withdrawn_total,
+                reinstated_total,
+                closed,
+            } => {
+                check_non_negative("withdrawn_total", withdrawn_total)?;
+                check_non_negative("reinstated_total", reinstated_total)?;
+                let mut events = Vec::new();
+                let mut balance = self.balance;
+                let mut figures = |change: Decimal| {
+                    balance += change;
+                    Figures {
+                        balance,
+                        reserved: self.reserved,
+                        available: balance - self.reserved,
+                    }
+                };
+                let (withdrawn, reinstated) = match self.disputes.get(&dispute_id) {
+                    Some(dispute) if !dispute.open => return Ok(vec![]),
+                    Some(dispute) => {
+                        let more = withdrawn_total - dispute.amount;
+                        if more > Decimal::ZERO {
+                            events.push(AccountEvent::DisputeFundsWithdrawn {
+                                dispute_id,
+                                amount: more,
+                                figures: figures(-more),
+                            });
+                        }
+                        (dispute.amount.max(withdrawn_total), dispute.reinstated)
+                    }
+                    None => {
+                        // The bank takes the money whatever the balance: the one way below zero.
+                        events.push(AccountEvent::DisputeOpened {
+                            dispute_id,
+                            payment_id,
+                            amount: withdrawn_total,
+                            figures: figures(-withdrawn_total),
+                        });
+                        (withdrawn_total, Decimal::ZERO)
+                    }
+                };
+                // Never more given back than was taken.
+                let back = reinstated_total.min(withdrawn) - reinstated;
+                let back = back.max(Decimal::ZERO);
+                match closed {
+                    Some(won) => events.push(AccountEvent::DisputeClosed {
+                        dispute_id,
+                        won,
+                        amount_returned: back,
+                        figures: figures(back),
+                    }),
+                    None if back > Decimal::ZERO => events.push(AccountEvent::DisputeFundsReinstated {
+                        dispute_id,
+                        amount: back,
+                        figures: figures(back),
+                    }),
+                    None => {}
+                }
+                Ok(events)
             }
             AccountCommand::CheckRunway {
                 hourly_burn_gross,
@@ -1132,11 +1225,33 @@ impl Aggregate for Account {
                 self.used_ids.insert(adjustment_id.0);
             }
             AccountEvent::DisputeOpened { dispute_id, amount, .. } => {
-                self.disputes.insert(dispute_id, Dispute { amount, open: true });
+                self.disputes.insert(
+                    dispute_id,
+                    Dispute {
+                        amount,
+                        reinstated: Decimal::ZERO,
+                        open: true,
+                    },
+                );
             }
-            AccountEvent::DisputeClosed { dispute_id, .. } => {
+            AccountEvent::DisputeFundsWithdrawn { dispute_id, amount, .. } => {
+                if let Some(dispute) = self.disputes.get_mut(&dispute_id) {
+                    dispute.amount += amount;
+                }
+            }
+            AccountEvent::DisputeFundsReinstated { dispute_id, amount, .. } => {
+                if let Some(dispute) = self.disputes.get_mut(&dispute_id) {
+                    dispute.reinstated += amount;
+                }
+            }
+            AccountEvent::DisputeClosed {
+                dispute_id,
+                amount_returned,
+                ..
+            } => {
                 if let Some(dispute) = self.disputes.get_mut(&dispute_id) {
                     dispute.open = false;
+                    dispute.reinstated += amount_returned;
                 }
             }
             AccountEvent::LowBalanceWarned { .. } => self.low_balance_warned = true,

@@ -108,10 +108,13 @@ pub fn postings(account_id: AccountId, country: Country, currency: Currency, eve
             vec![debit(wallet, -*amount), credit(ADJUSTMENT_DEBITS, -*amount)]
         }
         // The bank takes the disputed payment back out of the clearing account.
-        AccountEvent::DisputeOpened { amount, .. } => {
+        AccountEvent::DisputeOpened { amount, .. } | AccountEvent::DisputeFundsWithdrawn { amount, .. } => {
             vec![debit(wallet, *amount), credit(STRIPE_CLEARING, *amount)]
         }
-        AccountEvent::DisputeClosed { amount_returned, .. } => {
+        AccountEvent::DisputeClosed { amount_returned, .. }
+        | AccountEvent::DisputeFundsReinstated {
+            amount: amount_returned, ..
+        } => {
             vec![debit(STRIPE_CLEARING, *amount_returned), credit(wallet, *amount_returned)]
         }
         AccountEvent::AccountOpened { .. }

@@ -71,7 +71,14 @@ pub fn movement(event: &AccountEvent) -> Option<(&'static str, Decimal, Option<U
         AccountEvent::CardRefundRequested { refund_id, amount, .. } => ("card_refund", -*amount, None, Some(refund_id.to_string())),
         AccountEvent::CardRefundFailed { refund_id, amount, .. } => ("card_refund_failed", *amount, None, Some(refund_id.to_string())),
         AccountEvent::Adjusted { adjustment_id, amount, .. } => ("adjustment", *amount, None, Some(adjustment_id.to_string())),
-        AccountEvent::DisputeOpened { dispute_id, amount, .. } => ("dispute", -*amount, None, Some(dispute_id.to_string())),
+        AccountEvent::DisputeOpened { dispute_id, amount, .. } | AccountEvent::DisputeFundsWithdrawn { dispute_id, amount, .. }
+            if !amount.is_zero() =>
+        {
+            ("dispute", -*amount, None, Some(dispute_id.to_string()))
+        }
+        AccountEvent::DisputeFundsReinstated { dispute_id, amount, .. } => {
+            ("dispute_reinstated", *amount, None, Some(dispute_id.to_string()))
+        }
         AccountEvent::DisputeClosed {
             dispute_id,
             amount_returned,

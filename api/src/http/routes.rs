@@ -1214,11 +1214,6 @@ pub(crate) async fn credit_charge(
     ))
 }
 
-/// The account whose top-up was paid by `payment_id`, from the log.
-async fn account_of_payment(state: &AppState, payment_id: &str) -> Result<Option<AccountId>, ApiError> {
-    Ok(topup_of_payment(state, payment_id).await?.map(|(account_id, _)| account_id))
-}
-
 /// The account and top-up paid by `payment_id`, from the log.
 async fn topup_of_payment(state: &AppState, payment_id: &str) -> Result<Option<(AccountId, domain::TopUpId)>, ApiError> {
     let row: Option<(String, String)> = sqlx::query_as(
@@ -1285,15 +1280,15 @@ async fn dispute_webhook(
     state: &AppState,
     headers: &HeaderMap,
     event: &crate::stripe::Event,
-    created: bool,
+    closed: bool,
     dispute: crate::stripe::DisputeFacts,
 ) -> Result<Json<Value>, ApiError> {
     let (receipt_stream, metadata, receipt) = stripe_receipt(event, headers, json!({"dispute": dispute.dispute_reference}));
-    let account_id = match &dispute.payment_id {
-        Some(payment_id) => account_of_payment(state, payment_id).await?,
+    let paid = match &dispute.payment_id {
+        Some(payment_id) => topup_of_payment(state, payment_id).await?,
         None => None,
     };
-    let (Some(account_id), Some(payment_id)) = (account_id, dispute.payment_id.clone()) else {
+    let (Some((account_id, topup_id)), Some(payment_id)) = (paid, dispute.payment_id.clone()) else {
         if dispute.payment_id.is_some() {
             // Its payment is not settled here yet (events arrive out of order): refuse, so
             // Stripe delivers it again later, and nothing is lost.
@@ -1310,7 +1305,28 @@ async fn dispute_webhook(
     };
     let currency = Currency::parse(&dispute.currency)
         .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, "malformed", "Malformed event", error.to_string()))?;
-    let amount = Money::from_minor_units(dispute.amount_minor, currency).amount;
+    let topup = state
+        .flows
+        .handler
+        .load::<domain::topup::TopUp>(&topup_id.stream_id())
+        .await
+        .map_err(|e| ApiError::from(crate::flows::FlowError::from(e)))?;
+    let requested = topup
+        .state
+        .requested
+        .ok_or_else(|| ApiError::internal("a paid top-up without its request"))?;
+    let (withdrawn_minor, reinstated_minor) = dispute.totals_minor(&event.kind);
+    // Amounts are in the disputed charge's currency. Presented in another one (Adaptive Pricing),
+    // the whole charge is disputed as a rule: its top-up's amount, in the account's currency.
+    let in_account_currency = |minor: i64| {
+        if currency == requested.currency {
+            Money::from_minor_units(minor, currency).amount
+        } else if minor > 0 {
+            requested.amount
+        } else {
+            Decimal::ZERO
+        }
+    };
     let dispute_id = domain::DisputeId(uuid::Uuid::new_v5(
         &uuid::Uuid::NAMESPACE_URL,
         format!("stripe:{}", dispute.dispute_reference).as_bytes(),
@@ -1322,22 +1338,18 @@ async fn dispute_webhook(
     .fetch_all(&state.pool)
     .await?;
     let servers: Vec<ServerId> = servers.into_iter().map(|(id,)| ServerId(id)).collect();
-    let opened = if created { None } else { Some(dispute.status == "won") };
+    let report = domain::AccountCommand::SyncDispute {
+        dispute_id,
+        payment_id,
+        withdrawn_total: in_account_currency(withdrawn_minor),
+        reinstated_total: in_account_currency(reinstated_minor),
+        closed: closed.then_some(dispute.status == "won"),
+    };
     let fresh = state
         .flows
-        .receive_dispute_event(
-            &receipt_stream,
-            receipt,
-            account_id,
-            dispute_id,
-            &payment_id,
-            amount,
-            opened,
-            &servers,
-            &metadata,
-        )
+        .receive_dispute_event(&receipt_stream, receipt, account_id, report, &servers, &metadata)
         .await?;
-    if fresh && !created {
+    if fresh && closed {
         // Settled: servers suspended for the dispute come back (and are billed again).
         read_your_writes(state).await?;
         let suspended: Vec<(uuid::Uuid,)> = sqlx::query_as(
