@@ -1140,3 +1140,143 @@ async fn the_books_are_kept_per_currency_and_never_add_currencies_together() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_request_whose_answer_was_lost_acts_once_on_retry_and_a_dead_claim_never_jams_its_key() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, true);
+    let api = std::sync::Arc::new(Api {
+        client: reqwest::Client::new(),
+        base: server.base.clone(),
+    });
+    let (account, customer) = funded_customer(&api, "USD", "US", "1.00").await;
+    let post = |path: String, token: String, key: &str, body: Value| {
+        let (api, key) = (api.clone(), key.to_string());
+        async move {
+            let response = api
+                .client
+                .post(format!("{}{path}", api.base))
+                .bearer_auth(token)
+                .header("idempotency-key", key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let count = |sql: String| {
+        let pool = db.pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(&sql).fetch_one(&pool).await.unwrap() }
+    };
+    let adjust = || {
+        post(
+            format!("/v1/admin/accounts/{account}/adjustments"),
+            ADMIN.to_string(),
+            "adjust-1",
+            json!({"amount": "5.00", "reason": "goodwill"}),
+        )
+    };
+    let first = adjust().await;
+    assert_eq!(first.0, 201, "{first:?}");
+    // The answer is lost after the command committed (a 5xx, or a crash before it was stored):
+    // the retry must find the effect, not make a second one.
+    sqlx::query("DELETE FROM idempotency_keys WHERE key = 'adjust-1'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let retry = adjust().await;
+    assert_eq!(retry.0, 201, "{retry:?}");
+    assert_eq!(retry.1["adjustment_id"], first.1["adjustment_id"]);
+    assert_eq!(retry.1["account"]["balance"], "6.00", "credited once");
+    // A claim whose request died without answering is taken over once its lease has run out.
+    sqlx::query(
+        "UPDATE idempotency_keys SET status = NULL, body = NULL, claimed_until = now() - interval '1 second' WHERE key = 'adjust-1'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let taken_over = adjust().await;
+    assert_eq!(taken_over.0, 201, "{taken_over:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(taken_over.1["account"]["balance"], "6.00");
+    assert_eq!(count("SELECT count(*) FROM events WHERE event_type = 'Adjusted'".into()).await, 2);
+
+    // An order whose answer was lost: one hold, one server, the same ids.
+    let order = || {
+        post(
+            format!("/v1/accounts/{account}/orders"),
+            customer.clone(),
+            "order-1",
+            json!({"plan_id": "vps-1g", "location": "nyc"}),
+        )
+    };
+    let placed = order().await;
+    assert_eq!(placed.0, 202, "{placed:?}");
+    sqlx::query("DELETE FROM idempotency_keys WHERE key = 'order-1'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let again = order().await;
+    assert_eq!(again.0, 202, "{again:?}");
+    assert_eq!(
+        (&again.1["order_id"], &again.1["server_id"]),
+        (&placed.1["order_id"], &placed.1["server_id"])
+    );
+    assert_eq!(count("SELECT count(*) FROM events WHERE event_type = 'HoldPlaced'".into()).await, 1);
+    let server_id = placed.1["server_id"].as_str().unwrap().to_string();
+    support::wait_for(&api.base, &customer, &server_id, |status| status == "needs_setup").await;
+
+    // A cancellation whose answer was lost: the retry answers as the first did, once.
+    let cancel = || {
+        post(
+            format!("/v1/servers/{server_id}/cancellation"),
+            customer.clone(),
+            "cancel-1",
+            json!({"mode": "grace"}),
+        )
+    };
+    assert_eq!(cancel().await.0, 200);
+    sqlx::query("DELETE FROM idempotency_keys WHERE key = 'cancel-1'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let again = cancel().await;
+    assert_eq!(
+        (again.0, again.1["status"].as_str()),
+        (200, Some("pending_cancellation")),
+        "{again:?}"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM events WHERE event_type = 'CancellationRequested'".into()).await,
+        1
+    );
+
+    // Keys are written for authenticated callers only.
+    let anonymous = post(
+        format!("/v1/admin/accounts/{account}/adjustments"),
+        "not-a-token".into(),
+        "anonymous-1",
+        json!({"amount": "5.00", "reason": "x"}),
+    )
+    .await;
+    assert_eq!(anonymous.0, 401);
+    assert_eq!(
+        count("SELECT count(*) FROM idempotency_keys WHERE key = 'anonymous-1'".into()).await,
+        0
+    );
+
+    // Stored keys expire after their retention (24 h), with the due work.
+    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'adjust-1'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let clock = api.post("/v1/dev/clock", None, json!({"advance_seconds": 1})).await;
+    assert_eq!(clock.0, 200, "{clock:?}");
+    assert_eq!(
+        count("SELECT count(*) FROM idempotency_keys WHERE key = 'adjust-1'".into()).await,
+        0
+    );
+    assert_eq!(count("SELECT count(*) FROM idempotency_keys WHERE key = 'order-1'".into()).await, 1);
+}

@@ -120,6 +120,23 @@ impl Flows {
         self.handler.now()
     }
 
+    /// Whether a request with `metadata`'s idempotency key already has its effect in the log (a
+    /// retry of a request whose answer was lost): then the command is not run again, and answers
+    /// as the first run did (the ids it made are derived from the key).
+    pub async fn replayed(&self, metadata: &Metadata) -> Result<bool> {
+        let Some(key) = &metadata.idempotency_key else {
+            return Ok(false);
+        };
+        let found: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE metadata ? 'idempotency_key' AND metadata->>'idempotency_key' = $1)",
+        )
+        .bind(key)
+        .fetch_one(self.handler.log().pool())
+        .await
+        .map_err(StorageError::Read)?;
+        Ok(found)
+    }
+
     pub async fn sync_catalog(&self, fixtures: Fixtures, metadata: &Metadata) -> Result<usize> {
         let at = self.now();
         let committed = self
@@ -146,6 +163,9 @@ impl Flows {
         country: Country,
         metadata: &Metadata,
     ) -> Result<()> {
+        if self.replayed(metadata).await? {
+            return Ok(());
+        }
         let command = AccountCommand::Open {
             account_id,
             name: name.to_string(),
@@ -216,6 +236,9 @@ impl Flows {
         server_id: ServerId,
         metadata: &Metadata,
     ) -> Result<()> {
+        if self.replayed(metadata).await? {
+            return Ok(());
+        }
         let at = self.now();
         atomically!(self, metadata, |unit| {
             let catalog = unit_load::<Catalog>(&mut unit, CATALOG_STREAM).await?;
@@ -350,6 +373,9 @@ impl Flows {
     }
 
     pub async fn setup(&self, server_id: ServerId, os_image: &str, hostname: Hostname, metadata: &Metadata) -> Result<()> {
+        if self.replayed(metadata).await? {
+            return Ok(());
+        }
         self.server_command(
             server_id,
             ServerCommand::Setup {
@@ -363,6 +389,9 @@ impl Flows {
     }
 
     pub async fn power(&self, server_id: ServerId, action: PowerAction, metadata: &Metadata) -> Result<()> {
+        if self.replayed(metadata).await? {
+            return Ok(());
+        }
         self.server_command(server_id, ServerCommand::Power { action, at: self.now() }, metadata)
             .await
     }
@@ -470,6 +499,9 @@ impl Flows {
 
     /// Cancels a server: billing stops now and the unused part of the slot in progress is refunded.
     pub async fn cancel(&self, server_id: ServerId, mode: CancellationMode, metadata: &Metadata) -> Result<()> {
+        if self.replayed(metadata).await? {
+            return Ok(());
+        }
         let at = self.now();
         atomically!(self, metadata, |unit| {
             let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
@@ -499,6 +531,9 @@ impl Flows {
     /// powered on as it was, and the slot is paid at least from the revocation on (charged, or
     /// what its cancellation gave back charged again). Declined, the server is suspended.
     pub async fn revoke_cancellation(&self, server_id: ServerId, metadata: &Metadata) -> Result<SlotOutcome> {
+        if self.replayed(metadata).await? {
+            return Ok(SlotOutcome::AlreadyCharged);
+        }
         let at = self.now();
         let outcome = atomically!(self, metadata, |unit| {
             let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
@@ -609,7 +644,10 @@ impl Flows {
         reason: &str,
         metadata: &Metadata,
     ) -> Result<RefundId> {
-        let refund_id = RefundId::new();
+        let refund_id = RefundId(metadata.id_for("refund"));
+        if self.replayed(metadata).await? {
+            return Ok(refund_id);
+        }
         let at = self.now();
         atomically!(self, metadata, |unit| {
             let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
@@ -655,7 +693,10 @@ impl Flows {
     }
 
     pub async fn adjust(&self, account_id: AccountId, amount: Decimal, reason: &str, metadata: &Metadata) -> Result<AdjustmentId> {
-        let adjustment_id = AdjustmentId::new();
+        let adjustment_id = AdjustmentId(metadata.id_for("adjustment"));
+        if self.replayed(metadata).await? {
+            return Ok(adjustment_id);
+        }
         self.account_command(
             account_id,
             AccountCommand::Adjust {
@@ -677,7 +718,10 @@ impl Flows {
         reason: &str,
         metadata: &Metadata,
     ) -> Result<RefundId> {
-        let refund_id = RefundId::new();
+        let refund_id = RefundId(metadata.id_for("refund"));
+        if self.replayed(metadata).await? {
+            return Ok(refund_id);
+        }
         self.account_command(
             account_id,
             AccountCommand::RequestCardRefund {
@@ -741,6 +785,11 @@ impl Flows {
         url: String,
         metadata: &Metadata,
     ) -> Result<(TopUpId, String)> {
+        if self.replayed(metadata).await? {
+            let topup = self.handler.load::<domain::topup::TopUp>(&topup_id.stream_id()).await?;
+            let requested = topup.state.requested.ok_or(FlowError::NotFound("top-up"))?;
+            return Ok((topup_id, requested.checkout_url));
+        }
         let at = self.now();
         atomically!(self, metadata, |unit| {
             let account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;

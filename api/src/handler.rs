@@ -71,6 +71,16 @@ impl Metadata {
             ..Metadata::default()
         }
     }
+
+    /// A new id for an object the command creates (`label` names which): random, or, for a
+    /// request with an idempotency key, derived from the key, so the same request run again
+    /// names the same objects and the domain refuses to make them twice.
+    pub fn id_for(&self, label: &str) -> Uuid {
+        match &self.idempotency_key {
+            Some(key) => Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("billing:{label}:{key}").as_bytes()),
+            None => Uuid::now_v7(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -137,6 +137,10 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
             report.invoices_issued += 1;
         }
     }
+    // Stored idempotency keys past their retention.
+    crate::http::expire_idempotency_keys(&pool)
+        .await
+        .map_err(crate::handler::StorageError::Read)?;
     catch_up(&pool).await?;
     Ok(report)
 }

@@ -45,7 +45,15 @@ pub struct Caller {
     pub account_id: Option<AccountId>,
     /// The token's hash, hex: identifies the caller (for idempotency keys) without the secret.
     pub id: String,
+    /// The request's `Idempotency-Key`, scoped to this caller, once the idempotency layer has
+    /// claimed it: recorded in the metadata of every event the request causes.
+    pub idempotency_key: Option<String>,
 }
+
+/// A claimed `Idempotency-Key`, scoped to its caller; put in the request's extensions by the
+/// idempotency layer.
+#[derive(Clone, Debug)]
+pub struct ClaimedKey(pub String);
 
 impl Caller {
     /// Finance and admin read everything; a customer reads its own account only.
@@ -84,6 +92,7 @@ impl Caller {
     }
 
     pub fn metadata(&self, request_id: Option<String>, idempotency_key: Option<String>) -> crate::handler::Metadata {
+        let idempotency_key = idempotency_key.or_else(|| self.idempotency_key.clone());
         crate::handler::Metadata {
             actor_kind: self.role.as_str().to_string(),
             actor_id: self
@@ -159,21 +168,25 @@ pub async fn create_key(pool: &PgPool, role: Role, account_id: Option<AccountId>
     Ok(token)
 }
 
+/// The bearer token of a request, trimmed (`Bearer  tok ` is the token `tok`).
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Result<&str, ApiError> {
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("an Authorization: Bearer token is required"))?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty() && token.len() <= 200)
+        .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::unauthorized("an Authorization: Bearer token is required"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|token| !token.is_empty() && token.len() <= 200)
-            .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?;
+        let token = bearer_token(&parts.headers)?;
         let hash = token_hash(token);
         let (role, account_id) = match KNOWN_KEYS.get(&hash) {
             Some(known) => known,
@@ -193,6 +206,7 @@ impl FromRequestParts<AppState> for Caller {
             role,
             account_id,
             id: hash.iter().map(|b| format!("{b:02x}")).collect(),
+            idempotency_key: parts.extensions.get::<ClaimedKey>().map(|claimed| claimed.0.clone()),
         })
     }
 }

@@ -38,3 +38,8 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 pub fn router(state: AppState) -> Router {
     routes::router(state)
 }
+
+/// Deletes stored `Idempotency-Key` answers past their retention (at least 24 h).
+pub async fn expire_idempotency_keys(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    idempotency::expire(pool).await
+}

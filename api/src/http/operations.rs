@@ -111,10 +111,11 @@ pub async fn rate_limit(State(state): State<AppState>, request: Request, next: N
     if !limited {
         return next.run(request).await;
     }
-    let Some(authorization) = request.headers().get(axum::http::header::AUTHORIZATION) else {
+    // Keyed on the token itself, however the header spells it (extra spaces get no fresh bucket).
+    let Ok(token) = super::auth::bearer_token(request.headers()) else {
         return next.run(request).await;
     };
-    let caller = hex::encode(Sha256::digest(authorization.as_bytes()));
+    let caller = hex::encode(Sha256::digest(token.as_bytes()));
     match state.rate_limiter.take(&caller) {
         Ok(()) => next.run(request).await,
         Err(retry_after) => {

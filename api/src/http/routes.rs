@@ -221,17 +221,11 @@ pub(crate) async fn open_account(
     let email = body.string("email")?;
     let currency = Currency::parse(body.string("currency")?).map_err(|error| ApiError::invalid("currency", error.to_string()))?;
     let country = Country::parse(body.string("country")?).map_err(|error| ApiError::invalid("country", error.reason))?;
-    let account_id = AccountId::new();
+    let metadata = caller.metadata(request_id(&headers), None);
+    let account_id = AccountId(metadata.id_for("account"));
     state
         .flows
-        .open_account(
-            account_id,
-            name,
-            email,
-            currency,
-            country,
-            &caller.metadata(request_id(&headers), None),
-        )
+        .open_account(account_id, name, email, currency, country, &metadata)
         .await?;
     read_your_writes(&state).await?;
     Ok((StatusCode::CREATED, Json(json!({"id": account_id}))))
@@ -686,17 +680,11 @@ pub(crate) async fn place_order(
     load_account(&state, account_id).await?;
     let plan_id = domain::PlanId::parse(body.string("plan_id")?).map_err(|error| ApiError::invalid("plan_id", error.reason))?;
     let location = domain::Location::parse(body.string("location")?).map_err(|error| ApiError::invalid("location", error.reason))?;
-    let (order_id, server_id) = (domain::OrderId::new(), ServerId::new());
+    let metadata = caller.metadata(request_id(&headers), None);
+    let (order_id, server_id) = (domain::OrderId(metadata.id_for("order")), ServerId(metadata.id_for("server")));
     state
         .flows
-        .place_order(
-            account_id,
-            plan_id,
-            location,
-            order_id,
-            server_id,
-            &caller.metadata(request_id(&headers), None),
-        )
+        .place_order(account_id, plan_id, location, order_id, server_id, &metadata)
         .await?;
     // The outbox provisions it (woken by this append): the deploy saga.
     read_your_writes(&state).await?;
@@ -847,7 +835,8 @@ pub(crate) async fn request_topup(
     let amount_minor = Money::new(amount, currency)
         .and_then(|money| money.to_minor_units())
         .map_err(|error| ApiError::invalid("amount", format!("amount: {error}")))?;
-    let topup_id = domain::TopUpId::new();
+    let metadata = caller.metadata(request_id(&headers), None);
+    let topup_id = domain::TopUpId(metadata.id_for("topup"));
     let checkout = payments
         .create_checkout(domain::payments::CheckoutRequest {
             topup_id,
@@ -859,13 +848,7 @@ pub(crate) async fn request_topup(
         .map_err(payment_error)?;
     let (topup_id, checkout_url) = state
         .flows
-        .request_topup(
-            account_id,
-            topup_id,
-            amount,
-            checkout.url,
-            &caller.metadata(request_id(&headers), None),
-        )
+        .request_topup(account_id, topup_id, amount, checkout.url, &metadata)
         .await?;
     Ok((
         StatusCode::CREATED,
