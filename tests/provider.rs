@@ -32,6 +32,7 @@ async fn order_against(virtfusion: &MockServer) -> (TestDatabase, support::Serve
             ("VIRTFUSION_TIMEOUT_MS", Some("300")),
             ("BILLING_PROVIDER_ATTEMPTS", Some("4")),
             ("BILLING_PROVIDER_BACKOFF_MS", Some("20")),
+            ("BILLING_ORPHAN_SCAN_SECONDS", Some("1")),
         ],
     );
     let client = reqwest::Client::new();
@@ -116,7 +117,14 @@ async fn locked_twice_then_created_captures_the_hold_once() {
             .await
             .unwrap();
     assert_eq!(provider_id, "vf-4242");
-    let request: Value = serde_json::from_slice(&virtfusion.received_requests().await.unwrap()[0].body).unwrap();
+    let first_create = virtfusion
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|request| request.method.as_str() == "POST")
+        .unwrap();
+    let request: Value = serde_json::from_slice(&first_create.body).unwrap();
     assert_eq!(
         (
             request["packageId"].as_u64(),
@@ -298,6 +306,11 @@ async fn setup_power_and_deletion_reach_the_provider_once_each_in_order() {
         "{advanced} {row:?} {events:?}"
     );
     let requests = received_until(&virtfusion, |requests| requests.iter().any(|r| r.method.as_str() == "DELETE")).await;
+    // (Lists of the user's servers, read before creating and when looking for orphans, aside.)
+    let requests: Vec<wiremock::Request> = requests
+        .into_iter()
+        .filter(|r| !r.url.path().starts_with("/api/v1/servers/user/"))
+        .collect();
     let calls: Vec<String> = requests
         .iter()
         .map(|r| {
@@ -340,5 +353,111 @@ async fn setup_power_and_deletion_reach_the_provider_once_each_in_order() {
     );
     // Nothing more is sent later.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(virtfusion.received_requests().await.unwrap().len(), 5);
+    let acted = virtfusion
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| !r.url.path().starts_with("/api/v1/servers/user/"))
+        .count();
+    assert_eq!(acted, 5);
+}
+
+/// VirtFusion's list of the user's servers, as `GET /servers/user/{id}` answers it: the servers
+/// made so far (their names are the names sent when they were made).
+fn listed(made: &std::sync::Mutex<Vec<(u64, String)>>) -> ResponseTemplate {
+    let data: Vec<Value> = made
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, name)| json!({"id": id, "ownerId": 1, "hypervisorId": 5, "name": name, "hostname": null, "state": "complete"}))
+        .collect();
+    ResponseTemplate::new(200).set_body_json(json!({"current_page": 1, "last_page": 1, "data": data}))
+}
+
+#[tokio::test]
+async fn a_server_made_by_an_attempt_whose_answer_was_lost_is_found_not_made_twice() {
+    let virtfusion = MockServer::start().await;
+    let made = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u64, String)>::new()));
+    // VirtFusion makes the server but answers after the adapter has given up waiting (300 ms).
+    let making = made.clone();
+    Mock::given(method("POST"))
+        .and(path("/api/v1/servers"))
+        .respond_with(move |request: &wiremock::Request| {
+            let body: Value = serde_json::from_slice(&request.body).unwrap();
+            making.lock().unwrap().push((4242, body["name"].as_str().unwrap().to_string()));
+            created(4242).set_delay(Duration::from_secs(2))
+        })
+        .mount(&virtfusion)
+        .await;
+    let listing = made.clone();
+    Mock::given(method("GET"))
+        .and(path("/api/v1/servers/user/1"))
+        .respond_with(move |_: &wiremock::Request| listed(&listing))
+        .mount(&virtfusion)
+        .await;
+    let (db, server, _, token, server_id) = order_against(&virtfusion).await;
+    assert_eq!(settle(&server.base, &token, &server_id).await, "needs_setup");
+    let creates = virtfusion
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|request| request.method == wiremock::http::Method::POST && request.url.path() == "/api/v1/servers")
+        .count();
+    assert_eq!(creates, 1, "the retry found the server instead of making a second one");
+    let provider_id: String =
+        sqlx::query_scalar("SELECT payload->>'provider_server_id' FROM events WHERE event_type = 'ServerProvisioned'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(provider_id, "vf-4242");
+    assert_eq!(hold_events(&db).await, (1, 0));
+}
+
+#[tokio::test]
+async fn a_server_the_provider_holds_for_a_failed_order_is_deleted_as_an_orphan() {
+    let virtfusion = MockServer::start().await;
+    let made = std::sync::Arc::new(std::sync::Mutex::new(vec![(6_u64, "someone-elses-server".to_string())]));
+    // VirtFusion refuses the order's server, yet made it (or an earlier attempt did).
+    let making = made.clone();
+    Mock::given(method("POST"))
+        .and(path("/api/v1/servers"))
+        .respond_with(move |request: &wiremock::Request| {
+            let body: Value = serde_json::from_slice(&request.body).unwrap();
+            making.lock().unwrap().push((5151, body["name"].as_str().unwrap().to_string()));
+            ResponseTemplate::new(422).set_body_json(json!({"errors": ["the hypervisor group is full"]}))
+        })
+        .mount(&virtfusion)
+        .await;
+    let listing = made.clone();
+    Mock::given(method("GET"))
+        .and(path("/api/v1/servers/user/1"))
+        .respond_with(move |_: &wiremock::Request| listed(&listing))
+        .mount(&virtfusion)
+        .await;
+    Mock::given(method("DELETE"))
+        .and(path("/api/v1/servers/5151"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&virtfusion)
+        .await;
+    let (db, server, _, token, server_id) = order_against(&virtfusion).await;
+    assert_eq!(settle(&server.base, &token, &server_id).await, "failed");
+    assert_eq!(hold_events(&db).await, (0, 1));
+    let mut deletes = Vec::new();
+    for _ in 0..200 {
+        deletes = virtfusion
+            .received_requests()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|request| request.method == wiremock::http::Method::DELETE)
+            .map(|request| request.url.path().to_string())
+            .collect();
+        if !deletes.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(deletes, ["/api/v1/servers/5151"], "only the orphan is deleted");
 }

@@ -1066,3 +1066,94 @@ async fn stripe_unavailable_or_refusing_a_checkout_records_nothing() {
         .unwrap();
     assert_eq!(requested, 0, "a top-up without a checkout is not recorded");
 }
+
+#[tokio::test]
+async fn a_card_refund_stripe_refuses_fails_with_the_money_back_and_one_made_at_once_completes() {
+    let db = TestDatabase::new().await;
+    let stripe = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/checkout/sessions"))
+        .respond_with(|request: &wiremock::Request| ResponseTemplate::new(200).set_body_json(created_session(request)))
+        .mount(&stripe)
+        .await;
+    // 5.00 is refused for good (Stripe's 400); 7.00 is made at once (`succeeded` in the answer).
+    Mock::given(method("POST"))
+        .and(path("/v1/refunds"))
+        .respond_with(|request: &wiremock::Request| {
+            let form = form(request);
+            if form["amount"] == "500" {
+                return ResponseTemplate::new(400).set_body_json(json!({"error": {
+                    "type": "invalid_request_error", "code": "charge_already_refunded",
+                    "message": "Charge ch_1PgafuB7WZ01zgkWXYmPNZs8 has already been refunded."}}));
+            }
+            let mut refund = fixture("refund");
+            refund["id"] = json!(format!("re_{}", &form["metadata[refund_id]"].replace('-', "")[..24]));
+            refund["amount"] = json!(form["amount"].parse::<i64>().unwrap());
+            refund["payment_intent"] = json!(form["payment_intent"]);
+            refund["metadata"] = json!({"refund_id": form["metadata[refund_id]"], "topup_id": form["metadata[topup_id]"]});
+            refund["status"] = json!("succeeded");
+            ResponseTemplate::new(200).set_body_json(refund)
+        })
+        .mount(&stripe)
+        .await;
+    let server = serve_with_stripe(&db, &stripe, true);
+    let client = reqwest::Client::new();
+    let base = server.base.clone();
+    let (account, token, topup_id) = customer_with_topup(&client, &base, "25.00").await;
+    let paid = completed_checkout("evt_1RefusedRefundPaid", &topup_id, 2_500, "aud");
+    assert_eq!(deliver(&client, &base, paid.clone(), Some(sign(&paid, SECRET, 0))).await.0, 200);
+    let refund = |amount: &str| {
+        let (client, base, topup_id, amount) = (client.clone(), base.clone(), topup_id.clone(), amount.to_string());
+        async move {
+            let response = client
+                .post(format!("{base}/v1/admin/topups/{topup_id}/refunds"))
+                .bearer_auth(ADMIN)
+                .json(&json!({"amount": amount, "reason": "customer asked"}))
+                .send()
+                .await
+                .unwrap();
+            response.status().as_u16()
+        }
+    };
+    let events = |kind: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE event_type = $1")
+                .bind(kind)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let wait_for = |kind: &'static str| {
+        let events = events.clone();
+        async move {
+            for _ in 0..200 {
+                if events(kind).await > 0 {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            panic!("no {kind} was recorded");
+        }
+    };
+    assert_eq!(refund("5.00").await, 201);
+    wait_for("CardRefundFailed").await;
+    support::settled(&base).await;
+    assert_eq!(
+        balance(&client, &base, &account, &token).await,
+        "25.00",
+        "a refused refund gives the money back"
+    );
+
+    assert_eq!(refund("7.00").await, 201);
+    wait_for("CardRefundCompleted").await;
+    support::settled(&base).await;
+    assert_eq!(balance(&client, &base, &account, &token).await, "18.00");
+    assert_eq!(events("CardRefundFailed").await, 1);
+    assert_eq!(
+        events("CardRefundCompleted").await,
+        1,
+        "completed from Stripe's answer, with no refund.updated"
+    );
+}

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use domain::payments::{Checkout, CheckoutRequest, PaymentError, PaymentFuture, PaymentGateway, RefundRequest};
+use domain::payments::{Checkout, CheckoutRequest, MadeRefund, PaymentError, PaymentFuture, PaymentGateway, RefundRequest, RefundStatus};
 use stripe::{IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
 use stripe_checkout::checkout_session::{
     CreateCheckoutSession, CreateCheckoutSessionLineItems, CreateCheckoutSessionLineItemsPriceData, CreateCheckoutSessionPaymentIntentData,
@@ -110,7 +110,7 @@ impl PaymentGateway for StripeGateway {
         })
     }
 
-    fn refund(&self, request: RefundRequest) -> PaymentFuture<'_, String> {
+    fn refund(&self, request: RefundRequest) -> PaymentFuture<'_, MadeRefund> {
         Box::pin(async move {
             let metadata = HashMap::from([
                 ("refund_id".to_string(), request.refund_id.to_string()),
@@ -125,7 +125,10 @@ impl PaymentGateway for StripeGateway {
                 .send(&self.client)
                 .await
                 .map_err(classify)?;
-            Ok(refund.id.to_string())
+            Ok(MadeRefund {
+                id: refund.id.to_string(),
+                status: RefundStatus::parse(refund.status.as_deref()),
+            })
         })
     }
 }

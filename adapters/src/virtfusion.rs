@@ -4,7 +4,8 @@
 //! template, name, hostname), `POST .../power/{boot|shutdown|restart}`, `POST .../suspend`,
 //! `POST .../unsuspend` and `DELETE /api/v1/servers/{id}?delay=0`. A 423 (the resource is
 //! locked), 429, any 5xx and a timeout are worth retrying; other refusals are not, except that a
-//! 404 on a delete means the server is already gone.
+//! 404 on a delete means the server is already gone. Creating is made safe to repeat by looking
+//! the server up by our id (its name) among the user's servers first.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -82,7 +83,51 @@ impl VirtFusion {
     }
 }
 
+impl VirtFusion {
+    /// The user's servers (`GET /api/v1/servers/user/{userId}`, every page): our provider id for
+    /// each, and our server id where its name is one. A user with no servers may answer 404.
+    async fn list(&self) -> Result<Vec<(String, Option<domain::ServerId>)>, ProviderError> {
+        let mut servers = Vec::new();
+        for page in 1..=PAGES_MAX {
+            let url = self.url(&format!("servers/user/{}?page={page}", self.config.user_id));
+            let (status, text) = self.send(self.client.get(url)).await?;
+            if status == reqwest::StatusCode::NOT_FOUND {
+                break;
+            }
+            if !status.is_success() {
+                // Not knowing what exists, nothing may be created: try again later.
+                return Err(ProviderError::Retryable(format!(
+                    "listing VirtFusion servers: {}",
+                    VirtFusion::classify(status, &text)
+                )));
+            }
+            let value: Value = serde_json::from_str(&text)
+                .map_err(|error| ProviderError::Retryable(format!("VirtFusion listed servers in invalid JSON: {error}")))?;
+            let items = value["data"].as_array().cloned().unwrap_or_default();
+            for item in &items {
+                let Some(id) = item["id"].as_u64() else {
+                    continue;
+                };
+                let ours = item["name"].as_str().and_then(|name| domain::ServerId::parse(name).ok());
+                servers.push((format!("vf-{id}"), ours));
+            }
+            let last_page = value["last_page"].as_u64().unwrap_or(1);
+            if items.is_empty() || page >= last_page {
+                break;
+            }
+        }
+        Ok(servers)
+    }
+}
+
+/// Pages of a server list read at most.
+const PAGES_MAX: u64 = 1_000;
+
 impl ServerProvider for VirtFusion {
+    fn servers(&self) -> ProviderFuture<'_, Vec<(String, Option<domain::ServerId>)>> {
+        Box::pin(self.list())
+    }
+
     fn provision(&self, request: ProvisionRequest) -> ProviderFuture<'_, String> {
         Box::pin(async move {
             let package = self
@@ -93,6 +138,16 @@ impl ServerProvider for VirtFusion {
             let group = self.config.hypervisor_groups.get(request.location.as_str()).ok_or_else(|| {
                 ProviderError::Permanent(format!("no VirtFusion hypervisor group for location {}", request.location.as_str()))
             })?;
+            // Creating is not idempotent at VirtFusion: a server made by an earlier attempt whose
+            // answer was lost carries our server id as its name, and is used as it is.
+            if let Some(existing) = self
+                .list()
+                .await?
+                .into_iter()
+                .find(|(_, server_id)| *server_id == Some(request.server_id))
+            {
+                return Ok(existing.0);
+            }
             let body = json!({
                 "packageId": package,
                 "userId": self.config.user_id,

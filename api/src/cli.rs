@@ -357,6 +357,16 @@ async fn run_server(
     let outbox_payments = payments.clone();
     let mut outbox_head = log.head_watch();
     tokio::spawn(async move {
+        // Orphans (servers the provider holds that the log says should not exist) are looked for
+        // at start and then every `BILLING_ORPHAN_SCAN_SECONDS` (default 600).
+        let scan_every = std::time::Duration::from_secs(
+            std::env::var("BILLING_ORPHAN_SCAN_SECONDS")
+                .ok()
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(600u64)
+                .max(1),
+        );
+        let mut last_scan: Option<std::time::Instant> = None;
         loop {
             let parties = crate::outbox::Parties {
                 provider: outbox_provider.as_ref(),
@@ -364,6 +374,12 @@ async fn run_server(
             };
             if let Err(error) = crate::outbox::dispatch(&outbox_flows, parties, provider_retry).await {
                 tracing::error!(%error, "the outbox failed; retrying");
+            }
+            if last_scan.is_none_or(|at| at.elapsed() >= scan_every) {
+                last_scan = Some(std::time::Instant::now());
+                if let Err(error) = crate::outbox::reconcile_orphans(&outbox_flows, outbox_provider.as_ref()).await {
+                    tracing::error!(%error, "looking for orphaned servers failed; trying again later");
+                }
             }
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), outbox_head.changed()).await;
         }

@@ -6,16 +6,20 @@
 //!
 //! `fill` turns the log's events into outbox rows, in the transaction that moves the outbox's own
 //! position (`outbox_head`), so each event gets exactly one row whoever runs it. `dispatch`
-//! claims the oldest pending row of each subject with `FOR UPDATE SKIP LOCKED`, holds the claim
-//! while it calls out, and marks the row done, due again later (a busy, locked or slow party,
-//! with backoff) or failed. Two instances never send one row at once, and a subject's later
-//! action waits for its earlier ones. A call whose answer was lost is sent again; the provider's
-//! actions are safe to repeat and Stripe's refunds carry an idempotency key.
+//! claims the oldest pending row of each subject with a lease (`FOR UPDATE SKIP LOCKED`, then
+//! committed, so no transaction or connection is held while the outside answers), calls out, and
+//! marks the row done, due again later (a busy, locked, slow or absent party, with capped
+//! backoff) or failed. Two instances never send one row at once (the lease), a dispatcher that
+//! dies mid-call leaves a lease that runs out, and a subject's later action waits for its earlier
+//! ones. A call whose answer was lost is sent again; the provider's actions are safe to repeat,
+//! creating a server finds one already made for the same server id, and Stripe's refunds carry an
+//! idempotency key. `reconcile_orphans` deletes servers the provider holds that the log says
+//! should not exist.
 
 use chrono::{DateTime, Utc};
-use domain::account::AccountEvent;
+use domain::account::{AccountCommand, AccountEvent};
 use domain::order::OrderEvent;
-use domain::payments::{PaymentGateway, RefundRequest};
+use domain::payments::{PaymentGateway, RefundRequest, RefundStatus};
 use domain::provider::{ProviderError, ServerAction, ServerProvider};
 use domain::server::ServerEvent;
 use domain::{OrderId, RefundId, ServerId, TopUpId};
@@ -216,60 +220,128 @@ enum Sent {
     Failed,
 }
 
-/// Claims the oldest row that may go now, calls out, and records how it went; None when no row
-/// may go now.
+/// How long a claim lasts: longer than any call to the outside (the provider's and Stripe's
+/// timeouts), so only a dispatcher that died leaves one to run out.
+const LEASE_SECONDS: f64 = 300.0;
+/// Attempts after which a row still pending is overdue (logged, and counted in `/metrics`).
+pub const OVERDUE_ATTEMPTS: i32 = 5;
+
+/// Claims the oldest row that may go now with a lease (committed at once: no transaction is held
+/// across the call), calls out, and records how it went; None when no row may go now.
+///
+/// The provider's actions (build, power, suspend, unsuspend, delete) are retried with capped
+/// backoff until they succeed: a server must not run unbilled because the provider was down for
+/// a while. A refusal is marked failed and logged. The deploy saga gives up after
+/// `policy.attempts_max` (the hold is released). A card refund is retried while Stripe is
+/// unavailable; refused, the refund fails and the money goes back to the wallet.
 async fn dispatch_one(flows: &Flows, parties: Parties<'_>, policy: RetryPolicy, targets: &[&str]) -> Result<Option<Sent>, FlowError> {
     let pool = flows.handler.log().pool();
-    let mut tx = pool.begin().await.map_err(StorageError::Read)?;
     let claimed: Option<(i64, String, uuid::Uuid, serde_json::Value, i32)> = sqlx::query_as(
-        "SELECT o.position, o.target, o.subject, o.action, o.attempts FROM outbox o \
-         WHERE o.status = 'pending' AND o.next_attempt_at <= now() AND o.target = ANY($1) \
-           AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.subject = o.subject AND p.status = 'pending' AND p.position < o.position) \
-         ORDER BY o.position LIMIT 1 FOR UPDATE SKIP LOCKED",
+        "WITH next AS ( \
+             SELECT o.position FROM outbox o \
+             WHERE o.status = 'pending' AND o.next_attempt_at <= now() AND o.claimed_until < now() AND o.target = ANY($1) \
+               AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.subject = o.subject AND p.status = 'pending' AND p.position < o.position) \
+             ORDER BY o.position LIMIT 1 FOR UPDATE SKIP LOCKED) \
+         UPDATE outbox SET claimed_until = now() + make_interval(secs => $2), attempts = outbox.attempts + 1, updated_at = now() \
+         FROM next WHERE outbox.position = next.position \
+         RETURNING outbox.position, outbox.target, outbox.subject, outbox.action, outbox.attempts",
     )
     .bind(targets)
-    .fetch_optional(&mut *tx)
+    .bind(LEASE_SECONDS)
+    .fetch_optional(pool)
     .await
     .map_err(StorageError::Read)?;
     let Some((position, target, subject, action, attempts)) = claimed else {
         return Ok(None);
     };
+    let provisioning = matches!(
+        serde_json::from_value::<ProviderCall>(action.clone()),
+        Ok(ProviderCall::Provision { .. })
+    );
     let outcome = match target.as_str() {
         "provider" => {
-            let last_attempt = (attempts + 1) as u32 >= policy.attempts_max;
-            tell_provider(flows, parties.provider, subject, action, attempts + 1, last_attempt).await?
+            let last_attempt = attempts as u32 >= policy.attempts_max;
+            tell_provider(flows, parties.provider, subject, action, attempts, last_attempt).await?
         }
         _ => match parties.payments {
             Some(payments) => ask_for_refund(flows, payments, action).await?,
             None => Err(ProviderError::Retryable("no card processor is configured".into())),
         },
     };
-    let attempts = attempts + 1;
     let (sent, status, next_attempt_at, error): (Sent, &str, Option<DateTime<Utc>>, Option<String>) = match outcome {
         Ok(()) => (Sent::Done, "done", None, None),
-        Err(ProviderError::Retryable(reason)) if (attempts as u32) < policy.attempts_max => {
+        // The saga's retries are bounded (`provision` gave up and released the hold on the last).
+        Err(ProviderError::Retryable(reason)) if !provisioning || (attempts as u32) < policy.attempts_max => {
+            if attempts >= OVERDUE_ATTEMPTS {
+                tracing::warn!(position, %target, %subject, attempts, %reason, "the outside has not been told for a while; still trying");
+            }
             let wait = chrono::Duration::from_std(policy.backoff(attempts as u32)).unwrap_or(chrono::Duration::seconds(60));
             (Sent::Deferred, "pending", Some(Utc::now() + wait), Some(reason))
         }
         Err(error) => {
-            tracing::error!(position, %target, %subject, %error, "the outside was not told; giving up on this action");
+            tracing::error!(position, %target, %subject, %error, "the outside refused; this action is given up and needs a person");
             (Sent::Failed, "failed", None, Some(error.to_string()))
         }
     };
     sqlx::query(
-        "UPDATE outbox SET status = $2, attempts = $3, next_attempt_at = COALESCE($4, next_attempt_at), \
-         last_error = $5, updated_at = now() WHERE position = $1",
+        "UPDATE outbox SET status = $2, next_attempt_at = COALESCE($3, next_attempt_at), claimed_until = '-infinity', \
+         last_error = $4, updated_at = now() WHERE position = $1",
     )
     .bind(position)
     .bind(status)
-    .bind(attempts)
     .bind(next_attempt_at)
     .bind(error)
-    .execute(&mut *tx)
+    .execute(pool)
     .await
     .map_err(StorageError::Read)?;
-    tx.commit().await.map_err(StorageError::Read)?;
     Ok(Some(sent))
+}
+
+/// Rows still pending after `OVERDUE_ATTEMPTS` attempts, or for more than five minutes.
+pub async fn overdue(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE status = 'pending' AND (attempts >= $1 OR created_at < now() - interval '5 minutes')",
+    )
+    .bind(OVERDUE_ATTEMPTS)
+    .fetch_one(pool)
+    .await
+}
+
+/// Servers the provider holds that should not exist: made for an order whose provisioning
+/// failed (its hold released), duplicates of a server the log knows under another provider id,
+/// and servers the log has deleted. Each is deleted at the provider; returns how many. Servers
+/// that carry no id of ours, or an id the log does not know, are left alone.
+pub async fn reconcile_orphans(flows: &Flows, provider: &dyn ServerProvider) -> Result<u64, FlowError> {
+    let listed = match provider.servers().await {
+        Ok(listed) => listed,
+        Err(error) => {
+            tracing::warn!(%error, "could not list the provider's servers; orphans are looked for later");
+            return Ok(0);
+        }
+    };
+    let mut deleted = 0;
+    for (provider_server_id, server_id) in listed {
+        let Some(server_id) = server_id else {
+            continue;
+        };
+        let server = flows.handler.load::<domain::Server>(&server_id.stream_id()).await?;
+        let orphan = match server.state.status() {
+            None | Some(domain::server::Status::Provisioning) => false,
+            Some(domain::server::Status::Failed | domain::server::Status::Deleted) => true,
+            Some(_) => server.state.provider_server_id.as_deref() != Some(provider_server_id.as_str()),
+        };
+        if !orphan {
+            continue;
+        }
+        match provider.act(&provider_server_id, ServerAction::Delete).await {
+            Ok(()) => {
+                tracing::warn!(%server_id, %provider_server_id, "deleted an orphaned server at the provider");
+                deleted += 1;
+            }
+            Err(error) => tracing::warn!(%server_id, %provider_server_id, %error, "an orphaned server could not be deleted yet"),
+        }
+    }
+    Ok(deleted)
 }
 
 async fn tell_provider(
@@ -377,7 +449,44 @@ async fn ask_for_refund(
         amount_minor,
         currency: requested.currency,
     };
-    Ok(payments.refund(request).await.map(|stripe_refund_id| {
-        tracing::info!(refund_id = %refund.refund_id, %stripe_refund_id, "card refund asked of Stripe");
-    }))
+    let system = crate::handler::Metadata::actor("system", "outbox");
+    let settle = |command: AccountCommand| async move {
+        match flows.account_command(requested.account_id, command, &system).await {
+            // Settled already (by Stripe's `refund.updated`, which may come first).
+            Ok(_) | Err(FlowError::Account(domain::AccountError::RefundSettled(_))) => Ok(()),
+            Err(error) => Err(error),
+        }
+    };
+    match payments.refund(request).await {
+        Ok(made) => {
+            tracing::info!(refund_id = %refund.refund_id, stripe_refund_id = %made.id, status = ?made.status, "card refund asked of Stripe");
+            match made.status {
+                // Made at once (as most card refunds are): completed now, not on a webhook.
+                RefundStatus::Succeeded => {
+                    settle(AccountCommand::CompleteCardRefund {
+                        refund_id: refund.refund_id,
+                    })
+                    .await?
+                }
+                RefundStatus::Failed => {
+                    settle(AccountCommand::FailCardRefund {
+                        refund_id: refund.refund_id,
+                    })
+                    .await?
+                }
+                RefundStatus::Pending => {}
+            }
+            Ok(Ok(()))
+        }
+        Err(ProviderError::Permanent(reason)) => {
+            // Refused for good: the refund fails and the wallet gets the money back.
+            tracing::error!(refund_id = %refund.refund_id, %reason, "Stripe refused a card refund; the wallet is credited back");
+            settle(AccountCommand::FailCardRefund {
+                refund_id: refund.refund_id,
+            })
+            .await?;
+            Ok(Err(ProviderError::Permanent(reason)))
+        }
+        Err(retryable) => Ok(Err(retryable)),
+    }
 }

@@ -303,7 +303,7 @@ impl domain::payments::PaymentGateway for DevGateway {
         })
     }
 
-    fn refund(&self, request: domain::payments::RefundRequest) -> domain::payments::PaymentFuture<'_, String> {
+    fn refund(&self, request: domain::payments::RefundRequest) -> domain::payments::PaymentFuture<'_, domain::payments::MadeRefund> {
         Box::pin(async move {
             let stripe_refund_id = format!("re_dev_{}", request.refund_id.0.simple());
             let refund = serde_json::json!({
@@ -318,7 +318,11 @@ impl domain::payments::PaymentGateway for DevGateway {
             post_dev_event(&self.client, &self.public_url, &self.webhook_secret, "refund.updated", refund)
                 .await
                 .map_err(domain::provider::ProviderError::Retryable)?;
-            Ok(stripe_refund_id)
+            // Its outcome is the webhook just delivered.
+            Ok(domain::payments::MadeRefund {
+                id: stripe_refund_id,
+                status: domain::payments::RefundStatus::Pending,
+            })
         })
     }
 }

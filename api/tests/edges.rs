@@ -426,3 +426,92 @@ async fn billing_resumes_after_ten_days_of_downtime_and_one_broken_account_stops
         assert_eq!(world.balance(account).await, dec!(100) - dec!(0.006849) * Decimal::from(10 * 241));
     }
 }
+
+/// A provider that is down for its first `outage` calls to `act`, and that looks, during each call,
+/// at how many of the database's sessions sit idle in a transaction (a dispatcher holding one
+/// across the call would starve the pool).
+struct FlakyProvider {
+    inner: adapters::simulated::SimulatedProvider,
+    outage: std::sync::atomic::AtomicU32,
+    pool: sqlx::PgPool,
+    acted: Mutex<Vec<ServerAction>>,
+    idle_in_transaction: std::sync::atomic::AtomicI64,
+}
+
+impl domain::provider::ServerProvider for FlakyProvider {
+    fn provision(&self, request: domain::provider::ProvisionRequest) -> domain::provider::ProviderFuture<'_, String> {
+        self.inner.provision(request)
+    }
+
+    fn act(&self, provider_server_id: &str, action: ServerAction) -> domain::provider::ProviderFuture<'_, ()> {
+        let provider_server_id = provider_server_id.to_string();
+        Box::pin(async move {
+            let idle: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle in transaction'",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            self.idle_in_transaction.fetch_max(idle, std::sync::atomic::Ordering::SeqCst);
+            let down = self
+                .outage
+                .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |left| {
+                    left.checked_sub(1)
+                })
+                .is_ok();
+            if down {
+                return Err(domain::provider::ProviderError::Retryable("503 Service Unavailable".into()));
+            }
+            self.acted.lock().unwrap().push(action.clone());
+            self.inner.act(&provider_server_id, action).await
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_provider_down_for_a_while_is_told_of_a_deletion_when_it_is_back_and_no_transaction_waits_on_it() {
+    let world = World::new("2027-03-01T09:10:00Z").await;
+    let account = world.customer(Currency::USD, "US", dec!(5)).await;
+    let server = world.server(account, "vps-1g").await;
+    let provider = FlakyProvider {
+        inner: adapters::simulated::SimulatedProvider::default(),
+        outage: std::sync::atomic::AtomicU32::new(0),
+        pool: world.db.pool.clone(),
+        acted: Mutex::new(Vec::new()),
+        idle_in_transaction: std::sync::atomic::AtomicI64::new(0),
+    };
+    let policy = api::workers::RetryPolicy {
+        attempts_max: 3,
+        backoff_base: std::time::Duration::from_millis(1),
+        backoff_max: std::time::Duration::from_millis(5),
+    };
+    let parties = api::outbox::Parties {
+        provider: &provider,
+        payments: None,
+    };
+    api::outbox::dispatch(&world.flows, parties, policy).await.unwrap();
+    // Cancelled at once; due five minutes later, deleted: the provider is down for ten calls,
+    // more than the saga's three attempts.
+    world.flows.cancel(server, CancellationMode::Immediate, &admin()).await.unwrap();
+    world.set("2027-03-01T09:16:00Z");
+    world.flows.delete_due(server, &admin()).await.unwrap();
+    provider.outage.store(10, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..40 {
+        api::outbox::dispatch(&world.flows, parties, policy).await.unwrap();
+        if !provider.acted.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        *provider.acted.lock().unwrap(),
+        vec![ServerAction::Delete],
+        "the deletion reached the provider once it was back"
+    );
+    assert_eq!(world.count("SELECT count(*) FROM outbox WHERE status <> 'done'").await, 0);
+    assert_eq!(
+        provider.idle_in_transaction.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a transaction was held open while the provider answered"
+    );
+}

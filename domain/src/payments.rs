@@ -43,7 +43,35 @@ pub trait PaymentGateway: Send + Sync {
     /// Opens a checkout for a top-up. Asking twice for the same top-up gives the same session.
     fn create_checkout(&self, request: CheckoutRequest) -> PaymentFuture<'_, Checkout>;
 
-    /// Asks for a refund; its outcome arrives later as a `refund.updated` webhook. Asking twice
-    /// for the same refund id makes one refund. Returns the processor's refund id.
-    fn refund(&self, request: RefundRequest) -> PaymentFuture<'_, String>;
+    /// Asks for a refund. Asking twice for the same refund id makes one refund. Returns the
+    /// processor's refund and its status: most card refunds succeed at once; a pending one's
+    /// outcome arrives later as a `refund.updated` webhook.
+    fn refund(&self, request: RefundRequest) -> PaymentFuture<'_, MadeRefund>;
+}
+
+/// A refund the processor made (or is making).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MadeRefund {
+    /// The processor's id for it.
+    pub id: String,
+    pub status: RefundStatus,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefundStatus {
+    Succeeded,
+    /// Pending, or requiring action: its outcome comes later.
+    Pending,
+    Failed,
+}
+
+impl RefundStatus {
+    /// Stripe's refund status (`succeeded`, `pending`, `requires_action`, `failed`, `canceled`).
+    pub fn parse(status: Option<&str>) -> RefundStatus {
+        match status {
+            Some("succeeded") => RefundStatus::Succeeded,
+            Some("failed" | "canceled") => RefundStatus::Failed,
+            _ => RefundStatus::Pending,
+        }
+    }
 }

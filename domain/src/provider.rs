@@ -75,8 +75,16 @@ impl ServerAction {
 }
 
 pub trait ServerProvider: Send + Sync {
-    /// Creates the server; returns the provider's id for it.
+    /// Creates the server; returns the provider's id for it. Safe to repeat: a server already
+    /// made for the same `server_id` (an earlier attempt whose answer was lost) is found and
+    /// returned, not made again.
     fn provision(&self, request: ProvisionRequest) -> ProviderFuture<'_, String>;
+
+    /// The servers the provider holds for this business: its id for each, and ours where the
+    /// server carries it. For finding orphans.
+    fn servers(&self) -> ProviderFuture<'_, Vec<(String, Option<ServerId>)>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 
     /// Tells the provider about a change to a server it created (`provider_server_id`). Sending
     /// the same action again must be harmless (the dispatcher retries after a lost answer).

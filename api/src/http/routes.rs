@@ -1368,6 +1368,8 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Result<([(axum::ht
         .fetch_one(&state.pool)
         .await?;
     extra.push_str(&format!("# TYPE billing_active_servers gauge\nbilling_active_servers {billable}\n"));
+    let overdue = crate::outbox::overdue(&state.pool).await?;
+    extra.push_str(&format!("# TYPE billing_outbox_overdue gauge\nbilling_outbox_overdue {overdue}\n"));
     Ok((
         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         super::operations::METRICS.render(&extra),
