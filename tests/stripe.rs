@@ -1157,3 +1157,77 @@ async fn a_card_refund_stripe_refuses_fails_with_the_money_back_and_one_made_at_
         "completed from Stripe's answer, with no refund.updated"
     );
 }
+
+#[tokio::test]
+async fn a_refund_event_whose_top_up_cannot_be_read_is_refused_so_stripe_delivers_it_again() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, Some(SECRET));
+    let client = reqwest::Client::new();
+    let (_, _, topup_id) = customer_with_topup(&client, &server.base, "10.00").await;
+    // The top-up's stream now holds an event nothing can read: reading it fails.
+    let log = ledger::EventLog::open(db.pool.clone(), ledger::LogConfig::default()).await.unwrap();
+    let stream = format!("topup-{topup_id}");
+    let version = log.stream_version(&stream).await.unwrap();
+    log.append(ledger::AppendRequest::single(
+        stream,
+        ledger::ExpectedVersion::Exact(version),
+        vec![ledger::NewEvent::new("Unreadable", json!({"type": "Unreadable"}))],
+    ))
+    .await
+    .unwrap();
+    let refund_id = uuid::Uuid::now_v7().to_string();
+    let body = refund_event("evt_1RefundUnreadable", &refund_id, &topup_id, 500, "succeeded");
+    let (status, answer) = deliver(&client, &server.base, body.clone(), Some(sign(&body, SECRET, 0))).await;
+    assert!(status >= 500, "a failed read must not be acknowledged: {status} {answer}");
+    let received: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE stream_id = 'stripe-event-evt_1RefundUnreadable'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(received, 0, "nothing recorded, so the redelivery acts");
+}
+
+#[tokio::test]
+async fn a_refund_from_stripes_dashboard_below_zero_suspends_the_servers_as_a_dispute_does() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, Some(SECRET));
+    let client = reqwest::Client::new();
+    let base = server.base.clone();
+    let (account, token, topup_id) = customer_with_topup(&client, &base, "10.00").await;
+    let send = |body: Vec<u8>| {
+        let (client, base) = (client.clone(), base.clone());
+        async move { deliver(&client, &base, body.clone(), Some(sign(&body, SECRET, 0))).await }
+    };
+    assert_eq!(send(completed_checkout("evt_1DashboardPaid", &topup_id, 1_000, "aud")).await.0, 200);
+    let order: Value = client
+        .post(format!("{base}/v1/accounts/{account}/orders"))
+        .bearer_auth(&token)
+        .json(&json!({"plan_id": "vps-1g", "location": "syd"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let server_id = order["server_id"].as_str().unwrap().to_string();
+    support::wait_for(&base, &token, &server_id, |status| status == "needs_setup").await;
+    // The whole payment is refunded from Stripe's dashboard after an hour was spent of it.
+    let mut charge = fixture("charge");
+    charge["payment_intent"] = json!("pi_1PgafyB7WZ01zgkWSjxsAJo3");
+    charge["amount"] = json!(1_000);
+    charge["amount_refunded"] = json!(1_000);
+    charge["currency"] = json!("aud");
+    charge["refunded"] = json!(true);
+    let mut event = fixture("event");
+    event["id"] = json!("evt_1DashboardRefundAll");
+    event["type"] = json!("charge.refunded");
+    event["data"]["object"] = charge;
+    let (status, answer) = send(serde_json::to_vec(&event).unwrap()).await;
+    assert_eq!(status, 200, "{answer}");
+    let left = balance(&client, &base, &account, &token).await;
+    assert!(left.starts_with('-'), "the wallet is below zero: {left}");
+    assert_eq!(
+        support::server_status(&base, &token, &server_id).await,
+        "suspended",
+        "a wallet below zero bills nothing more until it is paid"
+    );
+}

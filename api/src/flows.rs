@@ -42,6 +42,8 @@ pub enum FlowError {
     Contended { attempts: u32 },
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error("the read models: {0}")]
+    Projections(#[from] projections::ProjectionError),
 }
 
 impl From<HandlerError<FlowError>> for FlowError {
@@ -957,6 +959,7 @@ impl Flows {
         account_id: AccountId,
         topup_id: TopUpId,
         total_refunded: Decimal,
+        servers: &[ServerId],
         metadata: &Metadata,
     ) -> Result<bool> {
         let command = AccountCommand::RecordProcessorRefund {
@@ -964,8 +967,26 @@ impl Flows {
             topup_id,
             total_refunded,
         };
-        self.receive_for_account(receipt_stream, receipt, account_id, command, |_| false, metadata)
-            .await
+        let at = self.now();
+        let fresh = atomically!(self, metadata, |unit| {
+            if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
+                break false;
+            }
+            let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
+            unit.handle(&mut account, command.clone()).await?;
+            // The money went back to the card whatever the balance: below zero, the account's
+            // servers are suspended until it is paid, as after a dispute.
+            if account.state.balance() < Decimal::ZERO {
+                for server_id in servers {
+                    let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
+                    if server.state.is_billable() {
+                        unit.handle(&mut server, suspend_for_non_payment(at)).await?;
+                    }
+                }
+            }
+            true
+        });
+        Ok(fresh)
     }
 
     /// A provider event's receipt and its effect on an account, in one append; false for a

@@ -36,10 +36,8 @@ fn system() -> Metadata {
 }
 
 async fn catch_up(pool: &sqlx::PgPool) -> Result<(), FlowError> {
-    projections::runner::catch_up_all(pool).await.map_err(|error| FlowError::Invalid {
-        field: "projections",
-        reason: error.to_string(),
-    })
+    projections::runner::catch_up_all(pool).await?;
+    Ok(())
 }
 
 /// Charges every due slot of every billable server up to the slot containing `now`, deletes

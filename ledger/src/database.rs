@@ -409,3 +409,21 @@ mod tests {
         );
     }
 }
+
+/// Whether an error means the database cannot be reached or is not serving now (so trying again
+/// shortly may pass), rather than that a statement is wrong: the network, the pool, a server
+/// shutting down or restarting (SQLSTATE classes 08 and 57P, 53 for exhausted resources), or a
+/// database closed to connections.
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(database) => {
+            let code = database.code().unwrap_or_default();
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("53")
+                || (code == "55000" && database.message().contains("not currently accepting connections"))
+        }
+        _ => false,
+    }
+}

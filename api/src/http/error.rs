@@ -99,9 +99,10 @@ impl IntoResponse for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> ApiError {
-        match error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => ApiError::unavailable(error),
-            other => ApiError::internal(other),
+        if ledger::database::is_unavailable(&error) {
+            ApiError::unavailable(error)
+        } else {
+            ApiError::internal(error)
         }
     }
 }
@@ -144,7 +145,16 @@ impl From<FlowError> for ApiError {
             FlowError::Invalid { field, .. } => ApiError::invalid(field, detail),
             FlowError::Contended { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "contended", "Busy", detail),
             FlowError::Storage(crate::handler::StorageError::Read(error)) => error.into(),
+            FlowError::Storage(crate::handler::StorageError::Append(ledger::AppendError::Database(error)))
+                if ledger::database::is_unavailable(&error) =>
+            {
+                ApiError::unavailable(error)
+            }
+            FlowError::Storage(crate::handler::StorageError::Append(ledger::AppendError::WriterStopped)) => {
+                ApiError::unavailable("the log's writer has stopped")
+            }
             FlowError::Storage(other) => ApiError::internal(other),
+            FlowError::Projections(error) => error.into(),
         }
     }
 }

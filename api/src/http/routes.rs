@@ -928,15 +928,9 @@ pub(crate) async fn stripe_webhook(
         }
     };
     let (receipt_stream, metadata, receipt) = stripe_receipt(&event, &headers, json!({"acted_on": paid.is_some()}));
+    // A failure to read is a 5xx, so Stripe delivers the event again: never swallowed.
     let credited_account = match &paid {
-        Some((topup_id, _, _)) => state
-            .flows
-            .handler
-            .load::<domain::topup::TopUp>(&topup_id.stream_id())
-            .await
-            .ok()
-            .and_then(|t| t.state.requested)
-            .map(|r| r.account_id),
+        Some((topup_id, _, _)) => account_of_topup(&state, *topup_id).await?,
         None => None,
     };
     let fresh = state.flows.receive_payment_event(&receipt_stream, receipt, paid, &metadata).await?;
@@ -1197,6 +1191,30 @@ pub(crate) async fn credit_charge(
     ))
 }
 
+/// The account's servers the read model shows as billable (each is checked again by its own
+/// aggregate before anything is done to it).
+async fn billable_servers(state: &AppState, account_id: AccountId) -> Result<Vec<ServerId>, ApiError> {
+    let servers: Vec<(uuid::Uuid,)> = sqlx::query_as(
+        "SELECT server_id FROM rm.servers WHERE account_id = $1 AND status IN ('needs_setup', 'running', 'stopped') ORDER BY server_id",
+    )
+    .bind(account_id.0)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(servers.into_iter().map(|(id,)| ServerId(id)).collect())
+}
+
+/// The account a top-up is for, if it is known. A failure to read is an error (a 5xx, so the
+/// processor delivers its event again), never taken for an unknown top-up.
+async fn account_of_topup(state: &AppState, topup_id: domain::TopUpId) -> Result<Option<AccountId>, ApiError> {
+    let topup = state
+        .flows
+        .handler
+        .load::<domain::topup::TopUp>(&topup_id.stream_id())
+        .await
+        .map_err(|error| ApiError::from(crate::flows::FlowError::from(error)))?;
+    Ok(topup.state.requested.map(|requested| requested.account_id))
+}
+
 /// The account and top-up paid by `payment_id`, from the log.
 async fn topup_of_payment(state: &AppState, payment_id: &str) -> Result<Option<(AccountId, domain::TopUpId)>, ApiError> {
     let row: Option<(String, String)> = sqlx::query_as(
@@ -1251,9 +1269,10 @@ async fn charge_refunded_webhook(
         }
     }
     let total = Money::from_minor_units(minor, currency);
+    let servers = billable_servers(state, account_id).await?;
     let fresh = state
         .flows
-        .receive_charge_refunded_event(&receipt_stream, receipt, account_id, topup_id, total.amount, &metadata)
+        .receive_charge_refunded_event(&receipt_stream, receipt, account_id, topup_id, total.amount, &servers, &metadata)
         .await?;
     read_your_writes(state).await?;
     Ok(Json(json!({"received": true, "duplicate": !fresh})))
@@ -1314,13 +1333,7 @@ async fn dispute_webhook(
         &uuid::Uuid::NAMESPACE_URL,
         format!("stripe:{}", dispute.dispute_reference).as_bytes(),
     ));
-    let servers: Vec<(uuid::Uuid,)> = sqlx::query_as(
-        "SELECT server_id FROM rm.servers WHERE account_id = $1 AND status IN ('needs_setup', 'running', 'stopped') ORDER BY server_id",
-    )
-    .bind(account_id.0)
-    .fetch_all(&state.pool)
-    .await?;
-    let servers: Vec<ServerId> = servers.into_iter().map(|(id,)| ServerId(id)).collect();
+    let servers = billable_servers(state, account_id).await?;
     let report = domain::AccountCommand::SyncDispute {
         dispute_id,
         payment_id,
@@ -1461,14 +1474,7 @@ async fn refund_webhook(
         .and_then(|text| domain::RefundId::parse(text).ok());
     let topup_id = refund.topup_reference.as_deref().and_then(|text| domain::TopUpId::parse(text).ok());
     let account_id = match topup_id {
-        Some(topup_id) => state
-            .flows
-            .handler
-            .load::<domain::topup::TopUp>(&topup_id.stream_id())
-            .await
-            .ok()
-            .and_then(|t| t.state.requested)
-            .map(|r| r.account_id),
+        Some(topup_id) => account_of_topup(state, topup_id).await?,
         None => None,
     };
     let (Some(settled), Some(refund_id), Some(account_id)) = (settled, refund_id, account_id) else {
