@@ -24,6 +24,16 @@ pub struct DueReport {
     pub servers_deleted: u64,
     pub invoices_issued: u64,
     pub low_balance_warnings: u64,
+    /// Steps that failed (each logged and counted in `/metrics`); the others went on.
+    pub failures: u64,
+}
+
+/// One step of due work failed for `subject`: logged and counted, and the run goes on with the
+/// others (the step is tried again at the next run).
+fn failed(report: &mut DueReport, step: &str, subject: uuid::Uuid, error: FlowError) {
+    report.failures += 1;
+    crate::http::operations::record_due_work_failure();
+    tracing::error!(%subject, %error, "{step} failed; the run goes on and tries it again next time");
 }
 
 /// Days a server may stay suspended for non-payment before it is terminated.
@@ -64,7 +74,7 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
             Ok(()) => report.servers_deleted += 1,
             // Another instance deleted it first.
             Err(FlowError::Server(domain::ServerError::WrongStatus("deleted"))) => {}
-            Err(error) => return Err(error),
+            Err(error) => failed(&mut report, "deleting a server", server_id, error),
         }
     }
     // Unpaid for too long: terminated.
@@ -77,17 +87,14 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
     .await
     .map_err(crate::handler::StorageError::Read)?;
     for (server_id,) in overdue {
-        flows
-            .server_command(
-                ServerId(server_id),
-                domain::ServerCommand::TerminateForNonPayment {
-                    unpaid_days: UNPAID_DAYS,
-                    at: now,
-                },
-                &system(),
-            )
-            .await?;
-        report.servers_terminated += 1;
+        let command = domain::ServerCommand::TerminateForNonPayment {
+            unpaid_days: UNPAID_DAYS,
+            at: now,
+        };
+        match flows.server_command(ServerId(server_id), command, &system()).await {
+            Ok(()) => report.servers_terminated += 1,
+            Err(error) => failed(&mut report, "terminating an unpaid server", server_id, error),
+        }
     }
     // Low balance: one warning per crossing below the runway threshold, cleared when restored.
     // With nothing billable (all suspended, say) the runway says nothing, and nothing changes.
@@ -105,34 +112,56 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
             hourly_burn_gross: burn,
             threshold_hours: rust_decimal::Decimal::from(LOW_BALANCE_HOURS),
         };
-        let events = flows.account_command(domain::AccountId(account_id), command, &system()).await?;
-        report.low_balance_warnings += events
-            .iter()
-            .filter(|event| matches!(event, domain::AccountEvent::LowBalanceWarned { .. }))
-            .count() as u64;
+        match flows.account_command(domain::AccountId(account_id), command, &system()).await {
+            Ok(events) => {
+                report.low_balance_warnings += events
+                    .iter()
+                    .filter(|event| matches!(event, domain::AccountEvent::LowBalanceWarned { .. }))
+                    .count() as u64
+            }
+            Err(error) => failed(&mut report, "checking a runway", account_id, error),
+        }
     }
-    // Last month's invoices: the charges above came first, so its last slot is billed.
-    catch_up(&pool).await?;
+    // Last month's invoices, once its last slot is billed (the billing above came first, and
+    // caught up every missed slot). Which accounts had charges is read by the hour billed, not by
+    // when the charge was recorded: a month caught up after downtime is invoiced too. A month is
+    // looked at until every invoice of it is issued, then never again.
     let this_month = domain::YearMonth::of(now);
     let last_month = domain::YearMonth::of(this_month.start() - chrono::Duration::hours(1));
-    let uninvoiced: Vec<(uuid::Uuid,)> = sqlx::query_as(
-        "SELECT DISTINCT s.account_id FROM rm.statement s \
-         WHERE s.kind = 'charge' AND s.occurred_at >= $1 AND s.occurred_at < $2 \
-           AND NOT EXISTS (SELECT 1 FROM rm.invoices i WHERE i.account_id = s.account_id AND i.period_start = $1) \
-         ORDER BY s.account_id",
-    )
-    .bind(last_month.start())
-    .bind(last_month.end())
-    .fetch_all(&pool)
-    .await
-    .map_err(crate::handler::StorageError::Read)?;
-    for (account_id,) in uninvoiced {
-        if flows
-            .issue_invoice(domain::AccountId(account_id), last_month, &system())
-            .await?
-            .is_some()
-        {
-            report.invoices_issued += 1;
+    let invoiced: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM invoiced_periods WHERE period = $1)")
+        .bind(last_month.to_string())
+        .fetch_one(&pool)
+        .await
+        .map_err(crate::handler::StorageError::Read)?;
+    if !invoiced {
+        catch_up(&pool).await?;
+        // Every account with a server charged for a slot of the month or later (a superset of
+        // those with charges in the month; an account without any gets no invoice).
+        let candidates: Vec<(uuid::Uuid,)> = sqlx::query_as(
+            "SELECT DISTINCT account_id FROM rm.servers WHERE last_charged_slot >= $1 AND created_at < $2 ORDER BY account_id",
+        )
+        .bind(last_month.start())
+        .bind(last_month.end())
+        .fetch_all(&pool)
+        .await
+        .map_err(crate::handler::StorageError::Read)?;
+        let mut complete = billed.failed_accounts == 0;
+        for (account_id,) in candidates {
+            match flows.issue_invoice(domain::AccountId(account_id), last_month, &system()).await {
+                Ok(Some(_)) => report.invoices_issued += 1,
+                Ok(None) => {}
+                Err(error) => {
+                    complete = false;
+                    failed(&mut report, "issuing an invoice", account_id, error);
+                }
+            }
+        }
+        if complete {
+            sqlx::query("INSERT INTO invoiced_periods (period) VALUES ($1) ON CONFLICT DO NOTHING")
+                .bind(last_month.to_string())
+                .execute(&pool)
+                .await
+                .map_err(crate::handler::StorageError::Read)?;
         }
     }
     // Stored idempotency keys past their retention.
@@ -351,9 +380,20 @@ pub async fn resume_affordable(flows: &Flows, account_id: Option<domain::Account
         .fetch_optional(&pool)
         .await
         .map_err(crate::handler::StorageError::Read)?;
-        if affordable == Some(true) && flows.resume(ServerId(server_id), &system()).await? != crate::flows::SlotOutcome::NotAffordable {
-            resumed += 1;
-            catch_up(&pool).await?;
+        if affordable != Some(true) {
+            continue;
+        }
+        match flows.resume(ServerId(server_id), &system()).await {
+            Ok(crate::flows::SlotOutcome::NotAffordable) => {}
+            Ok(_) => {
+                resumed += 1;
+                catch_up(&pool).await?;
+            }
+            // One server that cannot be resumed now does not keep the others suspended.
+            Err(error) => {
+                crate::http::operations::record_due_work_failure();
+                tracing::error!(%server_id, %error, "resuming a server failed; tried again at the next run");
+            }
         }
     }
     Ok(resumed)

@@ -515,3 +515,103 @@ async fn a_provider_down_for_a_while_is_told_of_a_deletion_when_it_is_back_and_n
         "a transaction was held open while the provider answered"
     );
 }
+
+#[tokio::test]
+async fn a_month_billed_only_after_it_ended_is_invoiced() {
+    // Provisioned on the last evening of February; nothing runs again until April.
+    let world = World::new("2027-02-28T23:10:00Z").await;
+    let account = world.customer(Currency::USD, "US", dec!(20)).await;
+    world.server(account, "vps-1g").await;
+    world.set("2027-04-01T00:30:00Z");
+    let report = api::workers::run_due(&world.flows, world.clock.now()).await.unwrap();
+    assert_eq!(report.slots_charged, 31 * 24 + 1, "March and the first hour of April, caught up");
+    // Every March charge was recorded in April; March is invoiced all the same.
+    assert_eq!(report.invoices_issued, 1, "{report:?}");
+    let (number, period): (String, String) =
+        sqlx::query_as("SELECT payload->>'number', payload->'invoice'->'period'->>'month' FROM events WHERE event_type = 'InvoiceIssued'")
+            .fetch_one(&world.db.pool)
+            .await
+            .unwrap();
+    assert!(number.starts_with("INV-2027-"), "{number}");
+    assert_eq!(period, "3", "March's invoice");
+    // Once a month is invoiced, later runs leave it alone.
+    world.set("2027-04-01T01:00:00Z");
+    assert_eq!(
+        api::workers::run_due(&world.flows, world.clock.now())
+            .await
+            .unwrap()
+            .invoices_issued,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_service_credit_racing_its_invoice_lands_on_the_invoice_or_on_a_credit_note() {
+    let world = World::new("2027-03-31T22:10:00Z").await;
+    let mut accounts = Vec::new();
+    for _ in 0..24 {
+        let account = world.customer(Currency::AUD, "AU", dec!(10)).await;
+        world.server(account, "vps-1g").await;
+        accounts.push(account);
+    }
+    world.set("2027-04-01T00:05:00Z");
+    api::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
+        .await
+        .unwrap();
+    let march = domain::YearMonth::of(domain::HourSlot::containing(at("2027-03-31T22:00:00Z")).start());
+    let mut races = Vec::new();
+    for account in &accounts {
+        let charge: String =
+            sqlx::query_scalar("SELECT payload->>'charge_id' FROM events WHERE event_type = 'HoldCaptured' AND stream_id = $1")
+                .bind(account.stream_id())
+                .fetch_one(&world.db.pool)
+                .await
+                .unwrap();
+        let charge = domain::ChargeId::parse(&charge).unwrap();
+        let flows = world.flows.clone();
+        let account = *account;
+        races.push(async move {
+            let metadata = admin();
+            let (invoice, credit) = tokio::join!(
+                flows.issue_invoice(account, march, &metadata),
+                flows.service_credit(account, charge, dec!(0.005), "outage", &metadata)
+            );
+            invoice.unwrap().expect("an invoice for March");
+            credit.unwrap();
+        });
+    }
+    futures::future::join_all(races).await;
+    // For every account, March as invoiced less its credit notes is March's charges less the
+    // credits given against them.
+    for account in &accounts {
+        let invoiced: String = sqlx::query_scalar(
+            "SELECT payload->'invoice'->>'total' FROM events WHERE event_type = 'InvoiceIssued' AND payload->'invoice'->>'account_id' = $1",
+        )
+        .bind(account.to_string())
+        .fetch_one(&world.db.pool)
+        .await
+        .unwrap();
+        let noted: Vec<String> = sqlx::query_scalar(
+            "SELECT payload->>'total' FROM events WHERE event_type = 'CreditNoteIssued' AND payload->'credit_note'->>'account_id' = $1",
+        )
+        .bind(account.to_string())
+        .fetch_all(&world.db.pool)
+        .await
+        .unwrap();
+        let noted: Decimal = noted.iter().map(|total| total.parse::<Decimal>().unwrap()).sum();
+        let charged: Vec<String> = sqlx::query_scalar(
+            "SELECT payload->>'gross' FROM events WHERE stream_id = $1 AND event_type IN ('HourCharged', 'HoldCaptured') \
+             AND payload->>'slot' LIKE '2027-03%'",
+        )
+        .bind(account.stream_id())
+        .fetch_all(&world.db.pool)
+        .await
+        .unwrap();
+        let charged: Decimal = charged.iter().map(|gross| gross.parse::<Decimal>().unwrap()).sum();
+        assert_eq!(
+            invoiced.parse::<Decimal>().unwrap() - noted,
+            charged - dec!(0.005),
+            "account {account}: the credit is on neither its invoice nor a credit note"
+        );
+    }
+}

@@ -234,6 +234,52 @@ async fn verify_passes_then_names_a_row_changed_behind_its_back() {
     );
 }
 
+#[tokio::test]
+async fn two_verifications_at_once_each_finish_and_hold_no_writer_up() {
+    let db = load_history().await;
+    let statement = projections::projection::by_name("statement").unwrap();
+    let journal = projections::projection::by_name("journal").unwrap();
+    // Each run replays into scratch tables of its own: neither drops the other's.
+    let (a, b, c) = tokio::join!(
+        projections::verify::verify(&db.pool, statement.as_ref()),
+        projections::verify::verify(&db.pool, statement.as_ref()),
+        projections::verify::verify(&db.pool, journal.as_ref()),
+    );
+    for check in [a.unwrap(), b.unwrap(), c.unwrap()] {
+        assert!(check.differences.is_empty(), "{}: {:?}", check.name, check.differences);
+    }
+    // No scratch schema is left behind.
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'rm_verify%'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    // While a verification compares, the live projector's checkpoint is not locked: a writer
+    // that takes it (as the projector does) does not wait.
+    let pool = db.pool.clone();
+    let verifying = tokio::spawn(async move {
+        let journal = projections::projection::by_name("journal").unwrap();
+        projections::verify::verify(&pool, journal.as_ref()).await.unwrap()
+    });
+    let mut waited_longest = std::time::Duration::ZERO;
+    while !verifying.is_finished() {
+        let started = std::time::Instant::now();
+        let mut tx = db.pool.begin().await.unwrap();
+        sqlx::query("SET LOCAL lock_timeout = '2s'").execute(&mut *tx).await.unwrap();
+        ledger::checkpoint::lock(&mut tx, "journal")
+            .await
+            .expect("the checkpoint lock is free");
+        tx.rollback().await.unwrap();
+        waited_longest = waited_longest.max(started.elapsed());
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(verifying.await.unwrap().differences.is_empty());
+    assert!(
+        waited_longest < std::time::Duration::from_millis(500),
+        "a writer waited {waited_longest:?}"
+    );
+}
+
 async fn digests(db: &TestDatabase) -> Vec<(String, String)> {
     let mut digests = Vec::new();
     for projection in projections::projection::all() {

@@ -29,18 +29,75 @@ pub struct ProjectionCheck {
     pub differences: Vec<Difference>,
 }
 
+/// Rounds of catching the replay up with a live projector that keeps moving before the
+/// comparison holds it still instead (only under a sustained stream of writes).
+const SNAPSHOT_ROUNDS_MAX: usize = 20;
+
+/// Replays the log into scratch tables of this run's own (two verifications at once never touch
+/// each other's) up to the live checkpoint, and compares them with the live tables in one
+/// snapshot that shows the live tables at exactly the replay's position. Writers are not held up:
+/// the live projector is only held still if it moved on in every one of `SNAPSHOT_ROUNDS_MAX`
+/// rounds.
 pub async fn verify(pool: &PgPool, projection: &dyn Projection) -> Result<ProjectionCheck, ProjectionError> {
     let name = projection.name();
-    let schema = format!("rm_verify_{name}");
-    let checkpoint = format!("{name}@verify");
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let schema = format!("rm_verify_{name}_{}", &run[..12]);
+    let checkpoint = format!("{name}@verify-{}", &run[..12]);
     prepare_side_schema(pool, projection, &schema, &checkpoint).await?;
-    let target = ledger::checkpoint::load(pool, name).await?;
-    while run_batch(pool, projection, &schema, &checkpoint, BATCH_EVENTS, Some(target)).await? > 0 {}
+    let result = compare_when_caught_up(pool, projection, &schema, &checkpoint).await;
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM checkpoints WHERE name = $1")
+        .bind(&checkpoint)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let (position, differences) = result?;
+    Ok(ProjectionCheck {
+        name,
+        position,
+        differences,
+    })
+}
 
-    // Hold the live checkpoint still while the last events are replayed and the tables compared.
+async fn compare_when_caught_up(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    schema: &str,
+    checkpoint: &str,
+) -> Result<(i64, Vec<Difference>), ProjectionError> {
+    let name = projection.name();
+    let mut target = ledger::checkpoint::load(pool, name).await?;
+    for _ in 0..SNAPSHOT_ROUNDS_MAX {
+        while run_batch(pool, projection, schema, checkpoint, BATCH_EVENTS, Some(target)).await? > 0 {}
+        // One snapshot for the live checkpoint and the live tables: the projector writes both in
+        // one transaction, so they agree; the replay committed before it, so it is seen whole.
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let live = ledger::checkpoint::load(&mut *tx, name).await?;
+        if live == target {
+            let differences = compare(&mut tx, projection, schema).await?;
+            tx.commit().await?;
+            return Ok((target, differences));
+        }
+        tx.rollback().await?;
+        target = live;
+    }
+    // The projector kept moving: hold it still for the last events and the comparison.
     let mut tx = pool.begin().await?;
     let position = ledger::checkpoint::lock(&mut tx, name).await?;
-    while apply_batch(&mut tx, projection, &schema, &checkpoint, BATCH_EVENTS, Some(position)).await? > 0 {}
+    while apply_batch(&mut tx, projection, schema, checkpoint, BATCH_EVENTS, Some(position)).await? > 0 {}
+    let differences = compare(&mut tx, projection, schema).await?;
+    tx.commit().await?;
+    Ok((position, differences))
+}
+
+/// Every row that differs between the live tables and the replay's, by primary key.
+async fn compare(tx: &mut sqlx::PgConnection, projection: &dyn Projection, schema: &str) -> Result<Vec<Difference>, ProjectionError> {
     let mut differences = Vec::new();
     for table in projection.tables() {
         let key: Vec<String> = sqlx::query_scalar(
@@ -69,15 +126,5 @@ pub async fn verify(pool: &PgPool, projection: &dyn Projection) -> Result<Projec
             replayed,
         }));
     }
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut *tx).await?;
-    sqlx::query("DELETE FROM checkpoints WHERE name = $1")
-        .bind(&checkpoint)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(ProjectionCheck {
-        name,
-        position,
-        differences,
-    })
+    Ok(differences)
 }

@@ -549,6 +549,9 @@ pub(crate) async fn verify_ledger(
     Query(query): Query<VerifyQuery>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::Admin, Role::Finance])?;
+    // One verification at a time in this process (each is a full replay); others wait their turn.
+    static VERIFYING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = VERIFYING.lock().await;
     let report = ledger::verify::verify_chain(&state.pool, None, |_, _| {}).await?;
     let mut value = serde_json::to_value(&report).map_err(ApiError::internal)?;
     let mut ok = report.ok;
