@@ -220,9 +220,6 @@ enum Sent {
     Failed,
 }
 
-/// How long a claim lasts: longer than any call to the outside (the provider's and Stripe's
-/// timeouts), so only a dispatcher that died leaves one to run out.
-const LEASE_SECONDS: f64 = 300.0;
 /// Attempts after which a row still pending is overdue (logged, and counted in `/metrics`).
 pub const OVERDUE_ATTEMPTS: i32 = 5;
 
@@ -247,7 +244,7 @@ async fn dispatch_one(flows: &Flows, parties: Parties<'_>, policy: RetryPolicy, 
          RETURNING outbox.position, outbox.target, outbox.subject, outbox.action, outbox.attempts",
     )
     .bind(targets)
-    .bind(LEASE_SECONDS)
+    .bind(policy.lease.as_secs_f64())
     .fetch_optional(pool)
     .await
     .map_err(StorageError::Read)?;

@@ -405,10 +405,14 @@ pub struct RetryPolicy {
     pub attempts_max: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// How long an outbox claim lasts: longer than any call to the outside, so only a dispatcher
+    /// that died leaves one to run out (and another takes its row up).
+    pub lease: Duration,
 }
 
 impl RetryPolicy {
-    /// `BILLING_PROVIDER_ATTEMPTS` (default 6) and `BILLING_PROVIDER_BACKOFF_MS` (default 500).
+    /// `BILLING_PROVIDER_ATTEMPTS` (default 6), `BILLING_PROVIDER_BACKOFF_MS` (default 500) and
+    /// `BILLING_OUTBOX_LEASE_SECONDS` (default 300).
     pub fn from_env() -> RetryPolicy {
         let attempts_max = std::env::var("BILLING_PROVIDER_ATTEMPTS")
             .ok()
@@ -420,10 +424,16 @@ impl RetryPolicy {
             .and_then(|v| v.parse().ok())
             .unwrap_or(500u64)
             .clamp(1, 60_000);
+        let lease_seconds = std::env::var("BILLING_OUTBOX_LEASE_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300u64)
+            .clamp(1, 3600);
         RetryPolicy {
             attempts_max,
             backoff_base: Duration::from_millis(base_ms),
             backoff_max: Duration::from_secs(60),
+            lease: Duration::from_secs(lease_seconds),
         }
     }
 

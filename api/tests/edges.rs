@@ -127,6 +127,7 @@ async fn dispatch(world: &World, provider: &RecordingProvider) -> Vec<ServerActi
         attempts_max: 3,
         backoff_base: std::time::Duration::from_millis(5),
         backoff_max: std::time::Duration::from_millis(50),
+        lease: std::time::Duration::from_secs(60),
     };
     let parties = api::outbox::Parties { provider, payments: None };
     api::outbox::dispatch(&world.flows, parties, policy).await.unwrap();
@@ -484,6 +485,7 @@ async fn a_provider_down_for_a_while_is_told_of_a_deletion_when_it_is_back_and_n
         attempts_max: 3,
         backoff_base: std::time::Duration::from_millis(1),
         backoff_max: std::time::Duration::from_millis(5),
+        lease: std::time::Duration::from_secs(60),
     };
     let parties = api::outbox::Parties {
         provider: &provider,

@@ -66,6 +66,7 @@ async fn an_order_left_by_a_stopped_process_is_provisioned_once_by_two_racing_di
         attempts_max: 3,
         backoff_base: std::time::Duration::from_millis(5),
         backoff_max: std::time::Duration::from_millis(50),
+        lease: std::time::Duration::from_secs(60),
     };
     clock.advance(Duration::seconds(60)).unwrap();
     let parties = api::outbox::Parties {

@@ -11,31 +11,26 @@ use sqlx::PgPool;
 use crate::decode::{decode, Decoded};
 use crate::runner::ProjectionError;
 
-/// An account's figures as of `at` (domain time), from its stream in the log. `None` before the
-/// account's first money event.
+/// An account's figures as of `at` (domain time), from its stream in the log: those carried by
+/// its last event up to `at` that carries any (one event read and decoded, found from the
+/// stream's end). `None` before the account's first money event.
 pub async fn balance_as_of(pool: &PgPool, account_id: AccountId, at: DateTime<Utc>) -> Result<Option<Figures>, ProjectionError> {
-    let mut figures = None;
-    let mut after = 0i64;
-    loop {
-        let events: Vec<ledger::RecordedEvent> = sqlx::query_as(
-            "SELECT position, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, \
-                    recorded_at, occurred_at, prev_hash, hash \
-             FROM events WHERE stream_id = $1 AND stream_version > $2 AND occurred_at <= $3 ORDER BY stream_version LIMIT 5000",
-        )
-        .bind(account_id.stream_id())
-        .bind(after)
-        .bind(at)
-        .fetch_all(pool)
-        .await?;
-        let Some(last) = events.last() else {
-            return Ok(figures);
-        };
-        after = last.stream_version;
-        for event in &events {
-            if let Decoded::Account(_, event) = decode(event)?.event {
-                figures = event.figures().or(figures);
-            }
-        }
+    let event: Option<ledger::RecordedEvent> = sqlx::query_as(
+        "SELECT position, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, \
+                recorded_at, occurred_at, prev_hash, hash \
+         FROM events WHERE stream_id = $1 AND occurred_at <= $2 AND payload ? 'figures' \
+         ORDER BY stream_version DESC LIMIT 1",
+    )
+    .bind(account_id.stream_id())
+    .bind(at)
+    .fetch_optional(pool)
+    .await?;
+    let Some(event) = event else {
+        return Ok(None);
+    };
+    match decode(&event)?.event {
+        Decoded::Account(_, event) => Ok(event.figures()),
+        _ => Ok(None),
     }
 }
 
