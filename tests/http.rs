@@ -1034,6 +1034,37 @@ async fn rate_limits_request_ids_and_metrics() {
         "{metrics}"
     );
     assert!(metrics.contains("billing_active_servers"), "{metrics}");
+    // The same token spelled with extra spaces is the same caller, with the same bucket.
+    for spelling in [format!("Bearer  {customer}"), format!("Bearer {customer}  ")] {
+        let respelled = api
+            .client
+            .post(format!("{}/v1/accounts/{account}/orders", api.base))
+            .header("authorization", spelling)
+            .json(&json!({"plan_id": "vps-1g", "location": "nyc"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(respelled.status().as_u16(), 429);
+    }
+    // Metrics label at most the methods HTTP defines: an invented one counts as "other".
+    let invented = api
+        .client
+        .request(reqwest::Method::from_bytes(b"BREW").unwrap(), format!("{}/v1/plans", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert!(invented.status().is_client_error());
+    let metrics = api
+        .client
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!metrics.contains("BREW"), "{metrics}");
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
 }
 
 #[tokio::test]
