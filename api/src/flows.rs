@@ -761,19 +761,7 @@ impl Flows {
                 },
             )
             .await?;
-            for server_id in servers {
-                let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
-                if server.state.is_billable() {
-                    unit.handle(
-                        &mut server,
-                        ServerCommand::Suspend {
-                            reason: SuspensionReason::Dispute,
-                            at,
-                        },
-                    )
-                    .await?;
-                }
-            }
+            suspend_billable(&mut unit, servers, SuspensionReason::Dispute, at).await?;
         });
         Ok(())
     }
@@ -908,19 +896,7 @@ impl Flows {
                 _ => false,
             });
             if withdrawn {
-                for server_id in servers {
-                    let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
-                    if server.state.is_billable() {
-                        unit.handle(
-                            &mut server,
-                            ServerCommand::Suspend {
-                                reason: SuspensionReason::Dispute,
-                                at,
-                            },
-                        )
-                        .await?;
-                    }
-                }
+                suspend_billable(&mut unit, servers, SuspensionReason::Dispute, at).await?;
             }
             true
         });
@@ -977,12 +953,7 @@ impl Flows {
             // The money went back to the card whatever the balance: below zero, the account's
             // servers are suspended until it is paid, as after a dispute.
             if account.state.balance() < Decimal::ZERO {
-                for server_id in servers {
-                    let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
-                    if server.state.is_billable() {
-                        unit.handle(&mut server, suspend_for_non_payment(at)).await?;
-                    }
-                }
+                suspend_billable(&mut unit, servers, SuspensionReason::NonPayment, at).await?;
             }
             true
         });
@@ -1083,6 +1054,22 @@ fn billed(events: &[AccountEvent]) -> SlotOutcome {
         },
         other => unreachable!("billing a slot decides at most one event, got {other:?}"),
     }
+}
+
+/// Suspends those of `servers` that are billable (each asked of its own aggregate), in the unit.
+async fn suspend_billable(
+    unit: &mut crate::handler::Unit,
+    servers: &[ServerId],
+    reason: SuspensionReason,
+    at: DateTime<Utc>,
+) -> Result<()> {
+    for server_id in servers {
+        let mut server = unit_load::<Server>(unit, &server_id.stream_id()).await?;
+        if server.state.is_billable() {
+            unit.handle(&mut server, ServerCommand::Suspend { reason, at }).await?;
+        }
+    }
+    Ok(())
 }
 
 /// A declined slot suspends its server.

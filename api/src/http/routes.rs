@@ -947,13 +947,8 @@ pub(crate) async fn stripe_webhook(
 
 async fn dev_topup(state: &AppState, topup_id: &str) -> Result<domain::topup::Requested, ApiError> {
     let topup_id = domain::TopUpId::parse(topup_id).map_err(|_| ApiError::not_found("top-up"))?;
-    let topup = state
-        .flows
-        .handler
-        .load::<domain::topup::TopUp>(&topup_id.stream_id())
-        .await
-        .map_err(|e| ApiError::from(crate::flows::FlowError::from(e)))?;
-    topup.state.requested.ok_or_else(|| ApiError::not_found("top-up"))
+    let topup = load_topup(state, topup_id).await?;
+    topup.requested.ok_or_else(|| ApiError::not_found("top-up"))
 }
 
 /// The local stand-in for Stripe Checkout: a page with a button that pays.
@@ -1206,16 +1201,22 @@ async fn billable_servers(state: &AppState, account_id: AccountId) -> Result<Vec
     Ok(servers.into_iter().map(|(id,)| ServerId(id)).collect())
 }
 
-/// The account a top-up is for, if it is known. A failure to read is an error (a 5xx, so the
-/// processor delivers its event again), never taken for an unknown top-up.
-async fn account_of_topup(state: &AppState, topup_id: domain::TopUpId) -> Result<Option<AccountId>, ApiError> {
+/// A top-up as its stream in the log has it (an unknown one is empty); a failure to read is an error.
+async fn load_topup(state: &AppState, topup_id: domain::TopUpId) -> Result<domain::topup::TopUp, ApiError> {
     let topup = state
         .flows
         .handler
         .load::<domain::topup::TopUp>(&topup_id.stream_id())
         .await
         .map_err(|error| ApiError::from(crate::flows::FlowError::from(error)))?;
-    Ok(topup.state.requested.map(|requested| requested.account_id))
+    Ok(topup.state)
+}
+
+/// The account a top-up is for, if it is known. A failure to read is an error (a 5xx, so the
+/// processor delivers its event again), never taken for an unknown top-up.
+async fn account_of_topup(state: &AppState, topup_id: domain::TopUpId) -> Result<Option<AccountId>, ApiError> {
+    let topup = load_topup(state, topup_id).await?;
+    Ok(topup.requested.map(|requested| requested.account_id))
 }
 
 /// The account and top-up paid by `payment_id`, from the log.
@@ -1310,14 +1311,8 @@ async fn dispute_webhook(
     };
     let currency = Currency::parse(&dispute.currency)
         .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, "malformed", "Malformed event", error.to_string()))?;
-    let topup = state
-        .flows
-        .handler
-        .load::<domain::topup::TopUp>(&topup_id.stream_id())
-        .await
-        .map_err(|e| ApiError::from(crate::flows::FlowError::from(e)))?;
+    let topup = load_topup(state, topup_id).await?;
     let requested = topup
-        .state
         .requested
         .ok_or_else(|| ApiError::internal("a paid top-up without its request"))?;
     let (withdrawn_minor, reinstated_minor) = dispute.totals_minor(&event.kind);
@@ -1411,14 +1406,9 @@ pub(crate) async fn refund_topup(
 ) -> Result<impl IntoResponse, ApiError> {
     caller.require(&[Role::Admin])?;
     let topup_id = domain::TopUpId::parse(&id).map_err(|_| ApiError::not_found("top-up"))?;
-    let topup = state
-        .flows
-        .handler
-        .load::<domain::topup::TopUp>(&topup_id.stream_id())
-        .await
-        .map_err(|e| ApiError::from(crate::flows::FlowError::from(e)))?;
-    let requested = topup.state.requested.clone().ok_or_else(|| ApiError::not_found("top-up"))?;
-    if topup.state.paid_by.is_none() {
+    let topup = load_topup(&state, topup_id).await?;
+    let requested = topup.requested.clone().ok_or_else(|| ApiError::not_found("top-up"))?;
+    if topup.paid_by.is_none() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "not-paid",
