@@ -5,9 +5,10 @@
 //! immediate cancellations and revocations at random seconds, service credits, adjustments, card
 //! refunds completed or refused, disputes opened and closed, clock advances from seconds to days
 //! (with the due work), and crashes (every in-memory state dropped; the process goes on from the
-//! log). After every step the system is compared with the reference model (`model`), and the
-//! books are checked; every `DEEP_CHECK_EVERY` steps and at the end the read models too, and the
-//! replay check. The same seed and steps replay the same run.
+//! log). After every step the system is compared with the reference model (`model`): wallets,
+//! servers and every charge; every `deep_check_every` steps and at the end also the holds, the read
+//! models, the books per currency, the hash chain and a replay of every read model. The same seed
+//! and steps replay the same run.
 
 pub mod model;
 
@@ -26,8 +27,8 @@ use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use uuid::Uuid;
 
-/// Steps between checks of the read models and replays (each is a full replay).
-const DEEP_CHECK_EVERY: u64 = 100;
+/// Steps between checks of the read models and replays (each is a full replay), by default.
+pub const DEEP_CHECK_EVERY: u64 = 100;
 /// Accounts the simulation opens at most.
 const ACCOUNTS_MAX: usize = 6;
 
@@ -35,6 +36,8 @@ const ACCOUNTS_MAX: usize = 6;
 pub struct Options {
     pub seed: u64,
     pub steps: u64,
+    /// Steps between deep checks (read models, books, chain, replays); always at the end.
+    pub deep_check_every: u64,
 }
 
 /// What a run did.
@@ -133,6 +136,10 @@ struct Sim {
     events_sent: u64,
     step: u64,
     operation: &'static str,
+    /// The charges already compared with the model: the log's position up to which they were read,
+    /// and each (server, slot) seen.
+    charges_checked_to: i64,
+    charges_seen: std::collections::HashSet<(usize, DateTime<Utc>)>,
 }
 
 fn system() -> Metadata {
@@ -176,6 +183,8 @@ pub async fn run(options: Options) -> Result<Report, Violation> {
         events_sent: 0,
         step: 0,
         operation: "start",
+        charges_checked_to: 0,
+        charges_seen: Default::default(),
     };
     let mut report = Report::default();
     for step in 0..options.steps {
@@ -185,7 +194,7 @@ pub async fn run(options: Options) -> Result<Report, Violation> {
         *report.operations.entry(operation).or_default() += 1;
         sim.perform(operation).await.map_err(|what| sim.violation(what))?;
         sim.check().await.map_err(|what| sim.violation(what))?;
-        if (step + 1) % DEEP_CHECK_EVERY == 0 {
+        if (step + 1) % options.deep_check_every.max(1) == 0 {
             sim.deep_check().await.map_err(|what| sim.violation(what))?;
         }
     }
@@ -960,24 +969,26 @@ impl Sim {
                 return Err(format!("server {index}: {status}, the model says {expected}"));
             }
         }
-        // Every (server, slot) charged once, exactly the slots the model charged, at its figures.
-        let charged: Vec<(String, DateTime<Utc>, Decimal, Decimal, i64)> = sqlx::query_as(
-            "SELECT payload->>'server_id', (payload->>'slot')::timestamptz, min((payload->>'net')::numeric), \
-                    min((payload->>'tax')::numeric), count(*) \
-             FROM events WHERE event_type IN ('HourCharged', 'HoldCaptured') GROUP BY 1, 2",
+        // Every (server, slot) charged once, exactly the slots the model charged, at its figures
+        // (the charges appended since the last step are read; those before were compared then).
+        let charged: Vec<(i64, String, DateTime<Utc>, Decimal, Decimal)> = sqlx::query_as(
+            "SELECT position, payload->>'server_id', (payload->>'slot')::timestamptz, (payload->>'net')::numeric, \
+                    (payload->>'tax')::numeric \
+             FROM events WHERE position > $1 AND event_type IN ('HourCharged', 'HoldCaptured') ORDER BY position",
         )
+        .bind(self.charges_checked_to)
         .fetch_all(&self.db.pool)
         .await
         .map_err(|error| error.to_string())?;
         let index_of: HashMap<String, usize> = self.servers.iter().enumerate().map(|(i, (id, _))| (id.to_string(), i)).collect();
-        let mut seen = 0;
-        for (server_id, slot, net, tax, count) in charged {
+        for (position, server_id, slot, net, tax) in charged {
+            self.charges_checked_to = position;
             let server = index_of[&server_id];
-            if count != 1 {
-                return Err(format!("server {server} charged {count} times for {slot}"));
+            if !self.charges_seen.insert((server, slot)) {
+                return Err(format!("server {server} charged twice for {slot}"));
             }
             match self.model.servers[server].charges.get(&slot) {
-                Some(charge) if (charge.net, charge.tax) == (net, tax) => seen += 1,
+                Some(charge) if (charge.net, charge.tax) == (net, tax) => {}
                 Some(charge) => {
                     return Err(format!(
                         "server {server} charged {net} + {tax} for {slot}, the model {} + {}",
@@ -988,9 +999,14 @@ impl Sim {
             }
         }
         let modelled: usize = self.model.servers.iter().map(|server| server.charges.len()).sum();
-        if seen != modelled {
-            return Err(format!("{seen} slots charged, the model billed {modelled}"));
+        if self.charges_seen.len() != modelled {
+            return Err(format!("{} slots charged, the model billed {modelled}", self.charges_seen.len()));
         }
+        Ok(())
+    }
+
+    /// The read models caught up and equal to the model; the books per currency; the replay.
+    async fn deep_check(&mut self) -> Step {
         // Every hold ended at most once.
         let twice: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM (SELECT payload->>'order_id' FROM events WHERE event_type IN ('HoldCaptured', 'HoldReleased') \
@@ -1002,11 +1018,15 @@ impl Sim {
         if twice > 0 {
             return Err(format!("{twice} holds ended twice"));
         }
-        Ok(())
-    }
-
-    /// The read models caught up and equal to the model; the books per currency; the replay.
-    async fn deep_check(&mut self) -> Step {
+        // And every order the model knows ended, ended one way.
+        let ended: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type IN ('HoldCaptured', 'HoldReleased')")
+            .fetch_one(&self.db.pool)
+            .await
+            .map_err(|error| error.to_string())?;
+        let modelled = self.model.servers.iter().filter(|server| server.hold_ended).count() as i64;
+        if ended != modelled {
+            return Err(format!("{ended} holds ended, the model ended {modelled}"));
+        }
         projections::runner::catch_up_all(&self.db.pool)
             .await
             .map_err(|error| format!("catching up: {error}"))?;

@@ -16,6 +16,9 @@ struct Args {
     /// How many seeds, from `--seed` on.
     #[arg(long, default_value_t = 1)]
     seeds: u64,
+    /// Steps between deep checks (read models, books, hash chain, replays of every read model).
+    #[arg(long, default_value_t = sim::DEEP_CHECK_EVERY)]
+    deep_every: u64,
 }
 
 #[tokio::main]
@@ -25,7 +28,12 @@ async fn main() -> std::process::ExitCode {
     let mut steps = 0;
     let mut events = 0;
     for seed in args.seed..args.seed + args.seeds {
-        match sim::run(sim::Options { seed, steps: args.steps }).await {
+        let options = sim::Options {
+            seed,
+            steps: args.steps,
+            deep_check_every: args.deep_every,
+        };
+        match sim::run(options).await {
             Ok(report) => {
                 steps += report.steps;
                 events += report.events;

@@ -4,7 +4,11 @@
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_seeds_run_without_a_violation() {
     for seed in [1, 2, 3] {
-        let report = sim::run(sim::Options { seed, steps: 150 })
+        let report = sim::run(sim::Options {
+            seed,
+            steps: 150,
+            deep_check_every: 50,
+        })
             .await
             .unwrap_or_else(|violation| panic!("seed {seed}: {violation}"));
         assert_eq!(report.steps, 150);
