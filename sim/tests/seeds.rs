@@ -9,8 +9,8 @@ async fn fixed_seeds_run_without_a_violation() {
             steps: 150,
             deep_check_every: 50,
         })
-            .await
-            .unwrap_or_else(|violation| panic!("seed {seed}: {violation}"));
+        .await
+        .unwrap_or_else(|violation| panic!("seed {seed}: {violation}"));
         assert_eq!(report.steps, 150);
         // The run did more than open accounts: money moved and time passed.
         assert!(report.events > 150, "seed {seed}: {report:?}");
