@@ -1099,6 +1099,7 @@ async fn the_openapi_document_covers_every_route() {
         ("post", "/v1/webhooks/stripe"),
         ("post", "/v1/admin/accounts/{id}/adjustments"),
         ("post", "/v1/admin/charges/{id}/refunds"),
+        ("post", "/v1/admin/topups/{id}/resolution"),
         ("post", "/v1/admin/topups/{id}/refunds"),
         ("get", "/v1/ledger/events"),
         ("get", "/v1/ledger/trial-balance"),

@@ -280,6 +280,36 @@ async fn a_payment_in_another_currency_or_of_another_amount_is_held_for_review_a
     deliver(&client, base, again.clone(), Some(sign(&again, SECRET, 0))).await;
     assert_eq!(topup_events(&client, base, &topup_id).await.len(), 2);
     assert_eq!(balance(&client, base, &account, &token).await, "0.00");
+    // Resolved by an admin: accepted for at most what was asked, in the account's currency.
+    let resolve = |amount: &str, token: &str| {
+        let (client, base, topup_id, amount, token) = (
+            client.clone(),
+            base.to_string(),
+            topup_id.clone(),
+            amount.to_string(),
+            token.to_string(),
+        );
+        async move {
+            let response = client
+                .post(format!("{base}/v1/admin/topups/{topup_id}/resolution"))
+                .bearer_auth(token)
+                .json(&json!({"amount": amount, "reason": "settled 10.00 AUD after review"}))
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(resolve("10.00", &token).await.0, 403, "customers do not resolve their own payments");
+    assert_eq!(resolve("150000.00", ADMIN).await.0, 422, "never more than was asked");
+    let (status, resolved) = resolve("10.00", ADMIN).await;
+    assert_eq!(
+        (status, resolved["account"]["balance"].as_str()),
+        (201, Some("10.00")),
+        "{resolved}"
+    );
+    assert_eq!(resolve("10.00", ADMIN).await.0, 409, "resolved once");
+    assert_eq!(balance(&client, base, &account, &token).await, "10.00");
 
     // More, or less, than was asked in the right currency: held too.
     for (event_id, payment, minor) in [("evt_1PaidMore", "pi_more", 100_000), ("evt_1PaidLess", "pi_less", 500)] {

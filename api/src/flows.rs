@@ -871,6 +871,41 @@ impl Flows {
         Ok(fresh)
     }
 
+    /// A person accepts a payment held for review for `amount` (at most what was asked, in the
+    /// account's currency): the top-up is paid by it and the wallet credited, in one append.
+    pub async fn accept_held_payment(&self, topup_id: TopUpId, amount: Decimal, reason: &str, metadata: &Metadata) -> Result<AccountId> {
+        let at = self.now();
+        let account_id = atomically!(self, metadata, |unit| {
+            let mut topup = unit_load::<domain::topup::TopUp>(&mut unit, &topup_id.stream_id()).await?;
+            let requested = topup.state.requested.clone().ok_or(FlowError::NotFound("top-up"))?;
+            let events = unit
+                .handle(
+                    &mut topup,
+                    domain::topup::TopUpCommand::AcceptHeld {
+                        amount,
+                        reason: reason.to_string(),
+                        at,
+                    },
+                )
+                .await?;
+            let [domain::topup::TopUpEvent::HeldPaymentAccepted { payment_id, .. }] = events.as_slice() else {
+                unreachable!("accepting a held payment decides one event")
+            };
+            let mut account = unit_load::<Account>(&mut unit, &requested.account_id.stream_id()).await?;
+            unit.handle(
+                &mut account,
+                AccountCommand::SettleTopUp {
+                    topup_id,
+                    payment_id: payment_id.clone(),
+                    amount,
+                },
+            )
+            .await?;
+            requested.account_id
+        });
+        Ok(account_id)
+    }
+
     /// Acts once on a dispute event (its receipt opens `receipt_stream` in the same append): the
     /// dispute's totals as the processor reports them (`AccountCommand::SyncDispute`). Funds
     /// withdrawn are debited (below zero if need be) and suspend the account's `servers`; funds

@@ -32,6 +32,14 @@ pub enum TopUpEvent {
         stated: Vec<Money>,
         at: DateTime<Utc>,
     },
+    /// A person reviewed a held payment and accepted it for `amount` in the account's currency
+    /// (never more than was asked): the top-up is paid by it, and the wallet credited that.
+    HeldPaymentAccepted {
+        payment_id: String,
+        amount: Decimal,
+        reason: String,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for TopUpEvent {
@@ -40,6 +48,7 @@ impl DomainEvent for TopUpEvent {
             TopUpEvent::TopUpRequested { .. } => "TopUpRequested",
             TopUpEvent::TopUpPaid { .. } => "TopUpPaid",
             TopUpEvent::PaymentHeldForReview { .. } => "PaymentHeldForReview",
+            TopUpEvent::HeldPaymentAccepted { .. } => "HeldPaymentAccepted",
         }
         .to_string()
     }
@@ -68,6 +77,12 @@ pub enum TopUpCommand {
         stated: Vec<Money>,
         at: DateTime<Utc>,
     },
+    /// Accepts the held payment for `amount` (at most the amount asked).
+    AcceptHeld {
+        amount: Decimal,
+        reason: String,
+        at: DateTime<Utc>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +93,12 @@ pub enum TopUpError {
     NotFound,
     #[error("the top-up was already paid by {0}")]
     PaidElsewhere(String),
+    #[error("the top-up has no payment held for review")]
+    NothingHeld,
+    #[error("amount: {amount} is not more than zero and at most the {asked} asked")]
+    AmountNotAsked { amount: Decimal, asked: Decimal },
+    #[error("reason: is required (1 to 500 characters)")]
+    NoReason,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -144,6 +165,29 @@ impl TopUp {
                     Ok(vec![TopUpEvent::PaymentHeldForReview { payment_id, stated, at }])
                 }
             }
+            TopUpCommand::AcceptHeld { amount, reason, at } => {
+                let requested = self.requested.as_ref().ok_or(TopUpError::NotFound)?;
+                let payment_id = match (&self.paid_by, &self.held) {
+                    (None, Some(held)) => held.clone(),
+                    _ => return Err(TopUpError::NothingHeld),
+                };
+                if amount <= Decimal::ZERO || amount > requested.amount || amount.normalize().scale() > 6 {
+                    return Err(TopUpError::AmountNotAsked {
+                        amount,
+                        asked: requested.amount,
+                    });
+                }
+                let reason = reason.trim().to_string();
+                if reason.is_empty() || reason.len() > 500 {
+                    return Err(TopUpError::NoReason);
+                }
+                Ok(vec![TopUpEvent::HeldPaymentAccepted {
+                    payment_id,
+                    amount,
+                    reason,
+                    at,
+                }])
+            }
         }
     }
 }
@@ -182,6 +226,7 @@ impl Aggregate for TopUp {
             }
             TopUpEvent::TopUpPaid { payment_id, .. } => self.paid_by = Some(payment_id),
             TopUpEvent::PaymentHeldForReview { payment_id, .. } => self.held = Some(payment_id),
+            TopUpEvent::HeldPaymentAccepted { payment_id, .. } => self.paid_by = Some(payment_id),
         }
     }
 }

@@ -140,6 +140,8 @@ impl From<FlowError> for ApiError {
             }
             FlowError::Catalog(_) => conflict(detail),
             FlowError::TopUp(domain::topup::TopUpError::NotFound) => ApiError::not_found("top-up"),
+            FlowError::TopUp(domain::topup::TopUpError::AmountNotAsked { .. }) => ApiError::invalid("amount", detail),
+            FlowError::TopUp(domain::topup::TopUpError::NoReason) => ApiError::invalid("reason", detail),
             FlowError::TopUp(_) => conflict(detail),
             FlowError::NotFound(what) => ApiError::not_found(what),
             FlowError::Invalid { field, .. } => ApiError::invalid(field, detail),

@@ -227,6 +227,7 @@ pub struct DevClock {
         super::routes::trial_balance,
         super::routes::ledger_events,
         super::routes::dev_clock,
+        super::routes::resolve_held_payment,
     ),
     components(schemas(Problem, Amount, OpenAccount, Account, NewKey, AmountRequest, Adjustment, TopUp, PlaceOrder, OrderAccepted, Server, Setup, Power, Cancellation, Transaction, Page, InvoiceLine, Invoice, TrialBalanceLine, CurrencyBooks, TrialBalance, DevClock)),
     modifiers(&BearerAuth)

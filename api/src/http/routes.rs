@@ -40,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/accounts/{id}/adjustments", post(adjust))
         .route("/v1/admin/charges/{id}/refunds", post(credit_charge))
         .route("/v1/admin/topups/{id}/refunds", post(refund_topup))
+        .route("/v1/admin/topups/{id}/resolution", post(resolve_held_payment))
         .route("/v1/admin/projections", get(projection_status))
         .route("/v1/admin/projections/{name}/rebuild", post(rebuild_projection))
         .route("/v1/ledger/verify", get(verify_ledger))
@@ -1390,6 +1391,40 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Result<([(axum::ht
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     use utoipa::OpenApi;
     Json(super::openapi::ApiDoc::openapi())
+}
+
+/// A payment held for review (another currency or amount than asked) accepted by an admin for an
+/// amount in the account's currency, at most the amount asked: the wallet is credited that.
+#[utoipa::path(post, path = "/v1/admin/topups/{id}/resolution", params(("id" = String, Path)), request_body = super::openapi::Adjustment, security(("bearer" = [])),
+    responses((status = 201, description = "accepted: the top-up is paid and the wallet credited"), (status = 401, description = "no or bad token", body = super::openapi::Problem), (status = 403, description = "not an admin", body = super::openapi::Problem), (status = 404, description = "no such top-up", body = super::openapi::Problem), (status = 409, description = "no payment of the top-up is held for review", body = super::openapi::Problem), (status = 422, description = "an invalid field (an amount above the one asked)", body = super::openapi::Problem)))]
+pub(crate) async fn resolve_held_payment(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require(&[Role::Admin])?;
+    let topup_id = domain::TopUpId::parse(&id).map_err(|_| ApiError::not_found("top-up"))?;
+    let requested = load_topup(&state, topup_id)
+        .await?
+        .requested
+        .ok_or_else(|| ApiError::not_found("top-up"))?;
+    let amount = body.amount("amount", requested.currency, false)?;
+    let reason = body.string("reason")?;
+    let account_id = state
+        .flows
+        .accept_held_payment(topup_id, amount, reason, &caller.metadata(request_id(&headers), None))
+        .await?;
+    crate::workers::resume_affordable(&state.flows, Some(account_id)).await?;
+    read_your_writes(&state).await?;
+    let account = load_account(&state, account_id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({"topup_id": topup_id, "amount": money_text(amount, &account.currency), "status": "paid", "account": account_json(&account)}),
+        ),
+    ))
 }
 
 /// A card refund of a paid top-up: the wallet is debited now (at most the top-up less earlier
