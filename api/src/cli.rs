@@ -326,19 +326,8 @@ async fn run_server(
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
         loop {
             tick.tick().await;
-            // Each run in a task of its own, so a panic in one is logged and the loop goes on.
             let (flows, now) = (worker_flows.clone(), worker_clock.now());
-            match tokio::spawn(async move { crate::workers::run_due(&flows, now).await }).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => {
-                    crate::http::operations::record_due_work_failure();
-                    tracing::error!(%error, "due work failed; retrying at the next tick");
-                }
-                Err(panic) => {
-                    crate::http::operations::record_due_work_failure();
-                    tracing::error!(error = %panic, "due work panicked; retrying at the next tick");
-                }
-            }
+            crate::workers::guarded("due work", async move { crate::workers::run_due(&flows, now).await }).await;
         }
     });
     let listener = tokio::net::TcpListener::bind(&bind)

@@ -36,6 +36,29 @@ fn failed(report: &mut DueReport, step: &str, subject: uuid::Uuid, error: FlowEr
     tracing::error!(%subject, %error, "{step} failed; the run goes on and tries it again next time");
 }
 
+/// Runs one round of background work in a task of its own, so that a panic in it is logged and
+/// counted in `/metrics` instead of ending the loop that runs it (the scheduler goes on at its
+/// next tick). None when the work failed or panicked.
+pub async fn guarded<T, F>(what: &'static str, work: F) -> Option<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, FlowError>> + Send + 'static,
+{
+    match tokio::spawn(work).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(error)) => {
+            crate::http::operations::record_due_work_failure();
+            tracing::error!(%error, "{what} failed; trying again at the next tick");
+            None
+        }
+        Err(panic) => {
+            crate::http::operations::record_due_work_failure();
+            tracing::error!(error = %panic, "{what} panicked; trying again at the next tick");
+            None
+        }
+    }
+}
+
 /// Days a server may stay suspended for non-payment before it is terminated.
 pub const UNPAID_DAYS: i64 = 7;
 /// A runway below this many hours records a low-balance warning.

@@ -617,3 +617,29 @@ async fn a_service_credit_racing_its_invoice_lands_on_the_invoice_or_on_a_credit
         );
     }
 }
+
+#[tokio::test]
+async fn a_panic_in_a_round_of_due_work_is_contained_and_the_next_round_runs() {
+    let world = World::new("2027-03-01T09:10:00Z").await;
+    let account = world.customer(Currency::USD, "US", dec!(5)).await;
+    world.server(account, "vps-1g").await;
+    let panicked = api::workers::guarded("due work", async {
+        if world_is_broken() {
+            panic!("a bug in a run");
+        }
+        Ok::<_, api::flows::FlowError>(())
+    })
+    .await;
+    assert_eq!(panicked, None, "the panic is contained and reported as a failed round");
+    // The next round runs as usual.
+    world.set("2027-03-01T10:00:00Z");
+    let flows = world.flows.clone();
+    let now = world.clock.now();
+    let report = api::workers::guarded("due work", async move { api::workers::run_due(&flows, now).await }).await;
+    assert_eq!(report.map(|report| report.slots_charged), Some(1));
+}
+
+/// Stands for whatever bug makes a round panic.
+fn world_is_broken() -> bool {
+    true
+}
