@@ -91,7 +91,7 @@ pub enum SlotOutcome {
 }
 
 /// What one batch of the billing run did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BatchCharges {
     pub charged: u64,
     pub declined: u64,
@@ -99,6 +99,8 @@ pub struct BatchCharges {
     pub skipped: u64,
     /// Accounts set aside by the run because charging them failed (the others were billed).
     pub failed_accounts: u64,
+    /// Which: they are not invoiced until they are billed.
+    pub failed: Vec<AccountId>,
 }
 
 #[derive(Clone)]
@@ -129,10 +131,14 @@ impl Flows {
         let Some(key) = &metadata.idempotency_key else {
             return Ok(false);
         };
+        // Within the keys' retention: a key reused after it is a new request (whose ids, derived
+        // from the key, the domain then refuses to make again, as a conflict).
         let found: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM events WHERE metadata ? 'idempotency_key' AND metadata->>'idempotency_key' = $1)",
+            "SELECT EXISTS (SELECT 1 FROM events WHERE metadata ? 'idempotency_key' AND metadata->>'idempotency_key' = $1 \
+             AND recorded_at > $2)",
         )
         .bind(key)
+        .bind(chrono::Utc::now() - crate::http::idempotency_retention())
         .fetch_one(self.handler.log().pool())
         .await
         .map_err(StorageError::Read)?;
@@ -508,8 +514,12 @@ impl Flows {
         atomically!(self, metadata, |unit| {
             let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
             let ordered = server.state.ordered.clone().ok_or(FlowError::NotFound("server"))?;
-            unit.handle(&mut server, ServerCommand::RequestCancellation { mode, at }).await?;
             let mut account = unit_load::<Account>(&mut unit, &ordered.account_id.stream_id()).await?;
+            // The hours owed up to now are charged before billing stops (after downtime, the
+            // billing run may not have charged them yet).
+            let catalog = unit_load::<Catalog>(&mut unit, CATALOG_STREAM).await?;
+            catch_up(&mut unit, &mut server, &mut account, &catalog.state, at).await?;
+            unit.handle(&mut server, ServerCommand::RequestCancellation { mode, at }).await?;
             if let Some(charge_id) = account.state.charge_for(server_id, HourSlot::containing(at)) {
                 match unit
                     .handle(
@@ -595,31 +605,9 @@ impl Flows {
     ) -> Result<(crate::handler::Loaded<Account>, AccountCommand)> {
         let ordered = server.ordered.clone().ok_or(FlowError::NotFound("server"))?;
         let account = unit_load::<Account>(unit, &ordered.account_id.stream_id()).await?;
-        let opened = account.state.opened().cloned().ok_or(FlowError::NotFound("account"))?;
         let catalog = unit_load::<Catalog>(unit, CATALOG_STREAM).await?;
-        let slot = HourSlot::containing(at);
-        // The price and tax in force at the slot; in the hour the catalogue was first published
-        // there is none at its start, and those in force now apply.
-        let priced_at = match catalog.state.monthly_price(&ordered.plan_id, opened.currency, slot.start()) {
-            Some(_) => slot.start(),
-            None => at,
-        };
-        let price = catalog
-            .state
-            .monthly_price(&ordered.plan_id, opened.currency, priced_at)
-            .ok_or(FlowError::NotFound("price for the slot"))?;
-        Ok((
-            account,
-            AccountCommand::ResumeBilling {
-                charge_id: ChargeId::new(),
-                server_id: ordered.server_id,
-                plan_id: ordered.plan_id.clone(),
-                slot,
-                from: at,
-                monthly_price: price.amount,
-                tax_rate: catalog.state.tax_rate(opened.country, priced_at),
-            },
-        ))
+        let command = resume_billing_command(&catalog.state, server, &account.state, at)?;
+        Ok((account, command))
     }
 
     pub async fn delete_due(&self, server_id: ServerId, metadata: &Metadata) -> Result<()> {
@@ -907,9 +895,12 @@ impl Flows {
     }
 
     /// Acts once on a dispute event (its receipt opens `receipt_stream` in the same append): the
-    /// dispute's totals as the processor reports them (`AccountCommand::SyncDispute`). Funds
-    /// withdrawn are debited (below zero if need be) and suspend the account's `servers`; funds
-    /// given back are credited. Returns false for a redelivery.
+    /// dispute's totals as the processor reports them (`AccountCommand::SyncDispute`). What the
+    /// account's billable `servers` owe until now is charged first; funds withdrawn are then
+    /// debited (below zero if need be) and suspend them; funds given back are credited. When the
+    /// dispute closes and the account has no other dispute holding funds, the servers suspended
+    /// for disputes (`suspended`) come back in the same append (or, unable to pay their hour,
+    /// stay suspended for non-payment). Returns false for a redelivery.
     pub async fn receive_dispute_event(
         &self,
         receipt_stream: &str,
@@ -917,6 +908,7 @@ impl Flows {
         account_id: AccountId,
         report: AccountCommand,
         servers: &[ServerId],
+        suspended: &[ServerId],
         metadata: &Metadata,
     ) -> Result<bool> {
         let at = self.now();
@@ -925,6 +917,7 @@ impl Flows {
                 break false;
             }
             let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
+            catch_up_all(&mut unit, &mut account, servers, at).await?;
             let events = unit.handle(&mut account, report.clone()).await?;
             let withdrawn = events.iter().any(|event| match event {
                 AccountEvent::DisputeOpened { amount, .. } | AccountEvent::DisputeFundsWithdrawn { amount, .. } => !amount.is_zero(),
@@ -932,6 +925,27 @@ impl Flows {
             });
             if withdrawn {
                 suspend_billable(&mut unit, servers, SuspensionReason::Dispute, at).await?;
+            }
+            let closed = events.iter().any(|event| matches!(event, AccountEvent::DisputeClosed { .. }));
+            if closed && !account.state.holds_disputed_funds() {
+                let catalog = unit_load::<Catalog>(&mut unit, CATALOG_STREAM).await?;
+                for server_id in suspended {
+                    let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
+                    if !matches!(server.state.suspension(), Some((SuspensionReason::Dispute, _))) || server.state.cancellation.is_some() {
+                        continue;
+                    }
+                    let command = resume_billing_command(&catalog.state, &server.state, &account.state, at)?;
+                    let declined = matches!(
+                        account.state.decide(command.clone())?.as_slice(),
+                        [AccountEvent::ChargeDeclined { .. }]
+                    );
+                    unit.handle(&mut server, ServerCommand::Resume { at }).await?;
+                    if declined {
+                        unit.handle(&mut server, suspend_for_non_payment(at)).await?;
+                    } else {
+                        unit.handle(&mut account, command).await?;
+                    }
+                }
             }
             true
         });
@@ -984,6 +998,7 @@ impl Flows {
                 break false;
             }
             let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
+            catch_up_all(&mut unit, &mut account, servers, at).await?;
             unit.handle(&mut account, command.clone()).await?;
             // The money went back to the card whatever the balance: below zero, the account's
             // servers are suspended until it is paid, as after a dispute.
@@ -1091,6 +1106,74 @@ fn billed(events: &[AccountEvent]) -> SlotOutcome {
     }
 }
 
+/// The command that bills a server's slot in progress from `at` on (it becomes billable again),
+/// at the price and tax in force at the slot.
+fn resume_billing_command(catalog: &Catalog, server: &Server, account: &Account, at: DateTime<Utc>) -> Result<AccountCommand> {
+    let ordered = server.ordered.clone().ok_or(FlowError::NotFound("server"))?;
+    let opened = account.opened().cloned().ok_or(FlowError::NotFound("account"))?;
+    let slot = HourSlot::containing(at);
+    // The price and tax in force at the slot; in the hour the catalogue was first published
+    // there is none at its start, and those in force now apply.
+    let priced_at = match catalog.monthly_price(&ordered.plan_id, opened.currency, slot.start()) {
+        Some(_) => slot.start(),
+        None => at,
+    };
+    let price = catalog
+        .monthly_price(&ordered.plan_id, opened.currency, priced_at)
+        .ok_or(FlowError::NotFound("price for the slot"))?;
+    Ok(AccountCommand::ResumeBilling {
+        charge_id: ChargeId::new(),
+        server_id: ordered.server_id,
+        plan_id: ordered.plan_id.clone(),
+        slot,
+        from: at,
+        monthly_price: price.amount,
+        tax_rate: catalog.tax_rate(opened.country, priced_at),
+    })
+}
+
+/// Charges every slot of a billable server that is due by `at` and not charged yet (the billing
+/// run charges them too; after downtime it may not have yet), as the run decides them: from the
+/// slot after the last charged (or the slot it became billable in), each at the price in force at
+/// it. Declined, the server is suspended and nothing more is charged. Called before billing
+/// stops (a cancellation, a suspension), so the hours owed until then are never lost.
+async fn catch_up(
+    unit: &mut crate::handler::Unit,
+    server: &mut crate::handler::Loaded<Server>,
+    account: &mut crate::handler::Loaded<Account>,
+    catalog: &Catalog,
+    at: DateTime<Utc>,
+) -> Result<()> {
+    let (Some(first), Some(ordered), Some(opened)) = (
+        server.state.first_billable_slot(),
+        server.state.ordered.clone(),
+        account.state.opened().cloned(),
+    ) else {
+        return Ok(());
+    };
+    let mut slot = account
+        .state
+        .last_charged_slot(ordered.server_id)
+        .map_or(first, |last| last.next().max(first));
+    let until = HourSlot::containing(at);
+    let mut slots = 0;
+    while slot <= until && slots < CATCH_UP_SLOTS_MAX {
+        if !account.state.is_charged(ordered.server_id, slot) {
+            let command = slot_charge(catalog, &ordered, &opened, ChargeId::new(), slot)?;
+            if let [AccountEvent::ChargeDeclined { .. }] = unit.handle(account, command).await?.as_slice() {
+                unit.handle(server, suspend_for_non_payment(at)).await?;
+                break;
+            }
+        }
+        slot = slot.next();
+        slots += 1;
+    }
+    Ok(())
+}
+
+/// Slots one server is caught up by at once, at most (a bound on one append).
+const CATCH_UP_SLOTS_MAX: usize = 24 * 62;
+
 /// Suspends those of `servers` that are billable (each asked of its own aggregate), in the unit.
 async fn suspend_billable(
     unit: &mut crate::handler::Unit,
@@ -1103,6 +1186,24 @@ async fn suspend_billable(
         if server.state.is_billable() {
             unit.handle(&mut server, ServerCommand::Suspend { reason, at }).await?;
         }
+    }
+    Ok(())
+}
+
+/// Charges what `servers` owe up to `at` (`catch_up`), before something stops their billing.
+async fn catch_up_all(
+    unit: &mut crate::handler::Unit,
+    account: &mut crate::handler::Loaded<Account>,
+    servers: &[ServerId],
+    at: DateTime<Utc>,
+) -> Result<()> {
+    if servers.is_empty() {
+        return Ok(());
+    }
+    let catalog = unit_load::<Catalog>(unit, CATALOG_STREAM).await?;
+    for server_id in servers {
+        let mut server = unit_load::<Server>(unit, &server_id.stream_id()).await?;
+        catch_up(unit, &mut server, account, &catalog.state, at).await?;
     }
     Ok(())
 }

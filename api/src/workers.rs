@@ -170,6 +170,10 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
         .map_err(crate::handler::StorageError::Read)?;
         let mut complete = billed.failed_accounts == 0;
         for (account_id,) in candidates {
+            // An account the billing set aside may owe hours of the month: not invoiced until billed.
+            if billed.failed.contains(&domain::AccountId(account_id)) {
+                continue;
+            }
             match flows.issue_invoice(domain::AccountId(account_id), last_month, &system()).await {
                 Ok(Some(_)) => report.invoices_issued += 1,
                 Ok(None) => {}
@@ -285,6 +289,7 @@ pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::Ba
         }
     }
     total.failed_accounts = failed.len() as u64;
+    total.failed = failed.into_iter().collect();
     crate::http::operations::record_billing_run(started.elapsed(), total.charged);
     crate::http::operations::record_billing_failures(total.failed_accounts);
     Ok(total)

@@ -346,10 +346,18 @@ async fn a_charge_decided_before_a_cancellation_committed_is_decided_again() {
     // ... while the customer cancels (nothing of 11:00 is charged yet, so nothing is refunded) ...
     world.set("2027-03-01T11:00:05Z");
     world.flows.cancel(server, CancellationMode::Grace, &admin()).await.unwrap();
-    // ... so the run's append, decided on a server that has moved on, must not go through.
+    // ... so the run's append, decided on a server that has moved on, must not go through. (The
+    // cancellation itself charged the hours it owed, 10:00 and 11:00, and gave 11:00's unused
+    // 3,595 s back.)
     let commit = handler.commit::<domain::AccountError>(unit, &admin(), 1).await.unwrap();
     assert!(matches!(commit, Commit::Retry), "a stale charge was committed: {commit:?}");
-    assert_eq!(world.count("SELECT count(*) FROM events WHERE event_type = 'HourCharged'").await, 0);
+    assert_eq!(world.count("SELECT count(*) FROM events WHERE event_type = 'HourCharged'").await, 2);
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM events WHERE event_type = 'CancellationRefunded' AND payload->>'unused_seconds' = '3595'")
+            .await,
+        1
+    );
 
     // Racing for real: many cancellations at the start of an hour while the run bills it. Every
     // charge of that hour is refunded in full (cancelled at its first second), or never made.
@@ -642,4 +650,89 @@ async fn a_panic_in_a_round_of_due_work_is_contained_and_the_next_round_runs() {
 /// Stands for whatever bug makes a round panic.
 fn world_is_broken() -> bool {
     true
+}
+
+#[tokio::test]
+async fn a_cancellation_after_downtime_charges_the_hours_owed_before_billing_stops() {
+    let world = World::new("2027-03-01T09:10:00Z").await;
+    let account = world.customer(Currency::USD, "US", dec!(5)).await;
+    let server = world.server(account, "vps-1g").await;
+    // No billing run for a day; the customer cancels at 08:30 the next morning.
+    world.set("2027-03-02T08:30:00Z");
+    world.flows.cancel(server, CancellationMode::Grace, &admin()).await.unwrap();
+    // The 23 hours from 10:00 to 08:00 were billable and are charged, once; 08:00's unused half
+    // hour is given back. Nothing is left for the billing run.
+    assert_eq!(
+        world.count("SELECT count(*) FROM events WHERE event_type = 'HourCharged'").await,
+        23
+    );
+    let rate = dec!(0.006849);
+    assert_eq!(
+        world.balance(account).await,
+        dec!(5) - rate * Decimal::from(24) + domain::billing::pro_rata(rate, 1800)
+    );
+    assert_eq!(
+        api::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
+            .await
+            .unwrap()
+            .charged,
+        0
+    );
+}
+
+#[tokio::test]
+async fn servers_stay_suspended_until_the_last_dispute_holding_funds_is_closed() {
+    let world = World::new("2027-03-01T09:10:00Z").await;
+    let account = world.customer(Currency::USD, "US", dec!(50)).await;
+    let server = world.server(account, "vps-1g").await;
+    let dispute = |id: &str, withdrawn: Decimal, reinstated: Decimal, closed: Option<bool>| AccountCommand::SyncDispute {
+        dispute_id: domain::DisputeId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, id.as_bytes())),
+        payment_id: format!("pi_{id}"),
+        withdrawn_total: withdrawn,
+        reinstated_total: reinstated,
+        closed,
+    };
+    let receive = |event: &'static str, report: AccountCommand, suspended: Vec<ServerId>| {
+        let flows = world.flows.clone();
+        async move {
+            flows
+                .receive_dispute_event(
+                    &format!("stripe-event-{event}"),
+                    serde_json::json!({"event_id": event}),
+                    account,
+                    report,
+                    &[server],
+                    &suspended,
+                    &admin(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let status = || async {
+        world
+            .flows
+            .handler
+            .load::<domain::Server>(&server.stream_id())
+            .await
+            .unwrap()
+            .state
+            .status()
+    };
+    assert!(receive("evt_a_open", dispute("a", dec!(10), dec!(0), None), vec![]).await);
+    assert!(receive("evt_b_open", dispute("b", dec!(10), dec!(0), None), vec![]).await);
+    assert_eq!(status().await, Some(domain::server::Status::Suspended));
+    // A is won; B still holds funds: the server stays suspended.
+    assert!(receive("evt_a_closed", dispute("a", dec!(10), dec!(10), Some(true)), vec![server]).await);
+    assert_eq!(status().await, Some(domain::server::Status::Suspended));
+    // B is lost: nothing is held any more, and the server comes back in the append of the close.
+    assert!(receive("evt_b_closed", dispute("b", dec!(10), dec!(0), Some(false)), vec![server]).await);
+    assert_eq!(status().await, Some(domain::server::Status::NeedsSetup));
+    let together = world
+        .count(
+            "SELECT count(*) FROM events c JOIN events r ON r.metadata->>'command_id' = c.metadata->>'command_id' \
+             WHERE c.event_type = 'DisputeClosed' AND r.event_type = 'ServerResumed'",
+        )
+        .await;
+    assert_eq!(together, 1, "resumed with the close that released it, once");
 }

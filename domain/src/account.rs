@@ -512,6 +512,22 @@ impl Account {
         self.charged_slots.contains(&(server_id, slot))
     }
 
+    /// Whether an open dispute still holds funds withdrawn from the wallet.
+    pub fn holds_disputed_funds(&self) -> bool {
+        self.disputes
+            .values()
+            .any(|dispute| dispute.open && dispute.amount > dispute.reinstated)
+    }
+
+    /// The last slot charged for `server`, if any.
+    pub fn last_charged_slot(&self, server_id: ServerId) -> Option<HourSlot> {
+        self.charged_slots
+            .iter()
+            .filter(|(charged, _)| *charged == server_id)
+            .map(|(_, slot)| *slot)
+            .max()
+    }
+
     pub fn low_balance_warned(&self) -> bool {
         self.low_balance_warned
     }

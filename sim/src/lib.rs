@@ -811,7 +811,14 @@ impl Sim {
         let amount = self.model_topup(topup).unwrap().amount;
         let withdrawn = if inquiry { Decimal::ZERO } else { amount };
         let servers = self.billable_servers(account);
-        self.sync_dispute(account, topup, withdrawn, Decimal::ZERO, None, &servers).await?;
+        self.sync_dispute(account, topup, withdrawn, Decimal::ZERO, None, &servers, &[])
+            .await?;
+        // What the servers owe until now is charged before the dispute moves money.
+        let now = self.now();
+        for server in &servers {
+            self.model.catch_up(*server, now);
+        }
+        let servers = self.billable_servers(account);
         self.model.accounts[account].balance -= withdrawn;
         self.model.accounts[account].disputes.push(model::Dispute {
             topup,
@@ -846,6 +853,7 @@ impl Sim {
         reinstated: Decimal,
         closed: Option<bool>,
         servers: &[usize],
+        suspended: &[usize],
     ) -> Step {
         self.events_sent += 1;
         let event_id = format!("evt_sim_{}", self.events_sent);
@@ -859,6 +867,7 @@ impl Sim {
             closed,
         };
         let servers: Vec<ServerId> = servers.iter().map(|server| self.servers[*server].0).collect();
+        let suspended: Vec<ServerId> = suspended.iter().map(|server| self.servers[*server].0).collect();
         self.flows
             .receive_dispute_event(
                 &format!("stripe-event-{event_id}"),
@@ -866,6 +875,7 @@ impl Sim {
                 self.accounts[account],
                 report,
                 &servers,
+                &suspended,
                 &system(),
             )
             .await
@@ -895,20 +905,28 @@ impl Sim {
         let dispute = self.model.accounts[account].disputes[index].clone();
         let won = self.rng.gen_bool(0.5);
         let reinstated = if won { dispute.withdrawn } else { Decimal::ZERO };
-        self.sync_dispute(account, dispute.topup, dispute.withdrawn, reinstated, Some(won), &[])
+        let suspended: Vec<usize> = self
+            .model
+            .servers
+            .iter()
+            .filter(|server| server.account == account && server.status() == Status::Suspended)
+            .filter(|server| matches!(server.suspended, Some((Reason::Dispute, _))))
+            .map(|server| server.index)
+            .collect();
+        self.sync_dispute(account, dispute.topup, dispute.withdrawn, reinstated, Some(won), &[], &suspended)
             .await?;
         self.model.accounts[account].balance += reinstated;
         self.model.accounts[account].disputes[index].closed = true;
         self.model.accounts[account].disputes[index].reinstated = reinstated;
-        // As the webhook route does: servers suspended for the dispute come back.
-        let now = self.now();
-        for server in 0..self.model.servers.len() {
-            let record = &self.model.servers[server];
-            if record.account == account && record.status() == Status::Suspended && matches!(record.suspended, Some((Reason::Dispute, _))) {
-                self.flows
-                    .resume(self.servers[server].0, &system())
-                    .await
-                    .map_err(|error| format!("resuming after a dispute: {error}"))?;
+        // Settled, and no other dispute of the account holding funds: the servers suspended for
+        // disputes come back, in the same append.
+        let holding = self.model.accounts[account]
+            .disputes
+            .iter()
+            .any(|dispute| !dispute.closed && dispute.withdrawn > dispute.reinstated);
+        if !holding {
+            let now = self.now();
+            for server in suspended {
                 self.model.resume(server, now);
             }
         }

@@ -350,28 +350,33 @@ impl Model {
         }
     }
 
+    /// Every hour a billable server owes up to the slot of `at` and has not paid, charged slot by
+    /// slot; declined, it is suspended at `at` and charged no more.
+    pub fn catch_up(&mut self, server: usize, at: DateTime<Utc>) {
+        if !self.servers[server].billable() {
+            return;
+        }
+        let next = match self.servers[server].charges.keys().next_back() {
+            Some(last) => *last + Duration::hours(1),
+            None => self.servers[server].billable_from,
+        };
+        let mut slot = next.max(self.servers[server].billable_from);
+        while slot <= slot_of(at) {
+            if !self.servers[server].charges.contains_key(&slot) && !self.charge_slot(server, slot) {
+                self.suspend(server, Reason::NonPayment, at);
+                break;
+            }
+            slot += Duration::hours(1);
+        }
+    }
+
     /// The due work at `now`: resumptions, the billing of every due slot, deletions, terminations.
     pub fn run_due(&mut self, now: DateTime<Utc>) {
         for account in 0..self.accounts.len() {
             self.resume_affordable(account, now);
         }
-        let until = slot_of(now);
         for server in 0..self.servers.len() {
-            if !self.servers[server].billable() {
-                continue;
-            }
-            let next = match self.servers[server].charges.keys().next_back() {
-                Some(last) => *last + Duration::hours(1),
-                None => self.servers[server].billable_from,
-            };
-            let mut slot = next.max(self.servers[server].billable_from);
-            while slot <= until {
-                if !self.servers[server].charges.contains_key(&slot) && !self.charge_slot(server, slot) {
-                    self.suspend(server, Reason::NonPayment, now);
-                    break;
-                }
-                slot += Duration::hours(1);
-            }
+            self.catch_up(server, now);
         }
         for server in &mut self.servers {
             if let Some((_, effective_at, _)) = server.cancellation {
@@ -421,6 +426,8 @@ impl Model {
         ) {
             return false;
         }
+        // What it owes until now is charged before billing stops.
+        self.catch_up(server, at);
         let effective_at = if grace {
             at + Duration::days(30)
         } else {

@@ -39,6 +39,11 @@ pub fn router(state: AppState) -> Router {
     routes::router(state)
 }
 
+/// How long `Idempotency-Key`s are kept (at least 24 h).
+pub fn idempotency_retention() -> chrono::Duration {
+    idempotency::retention()
+}
+
 /// Deletes stored `Idempotency-Key` answers past their retention (at least 24 h).
 pub async fn expire_idempotency_keys(pool: &PgPool) -> Result<u64, sqlx::Error> {
     idempotency::expire(pool).await

@@ -1340,23 +1340,23 @@ async fn dispute_webhook(
         reinstated_total: in_account_currency(reinstated_minor),
         closed: closed.then_some(dispute.status == "won"),
     };
-    let fresh = state
-        .flows
-        .receive_dispute_event(&receipt_stream, receipt, account_id, report, &servers, &metadata)
-        .await?;
-    if fresh && closed {
-        // Settled: servers suspended for the dispute come back (and are billed again).
-        read_your_writes(state).await?;
-        let suspended: Vec<(uuid::Uuid,)> = sqlx::query_as(
+    // Settled, the servers suspended for disputes come back in the same append (each checked by
+    // its own aggregate), unless another dispute still holds funds.
+    let suspended: Vec<ServerId> = if closed {
+        let rows: Vec<(uuid::Uuid,)> = sqlx::query_as(
             "SELECT server_id FROM rm.servers WHERE account_id = $1 AND status = 'suspended' AND state->'suspended'->>0 = 'dispute'",
         )
         .bind(account_id.0)
         .fetch_all(&state.pool)
         .await?;
-        for (server_id,) in suspended {
-            state.flows.resume(ServerId(server_id), &metadata).await?;
-        }
-    }
+        rows.into_iter().map(|(id,)| ServerId(id)).collect()
+    } else {
+        Vec::new()
+    };
+    let fresh = state
+        .flows
+        .receive_dispute_event(&receipt_stream, receipt, account_id, report, &servers, &suspended, &metadata)
+        .await?;
     read_your_writes(state).await?;
     Ok(Json(json!({"received": true, "duplicate": !fresh})))
 }
