@@ -300,6 +300,45 @@ async fn a_payment_in_another_currency_or_of_another_amount_is_held_for_review_a
             (response.status().as_u16(), response.json::<Value>().await.unwrap())
         }
     };
+    // Another held payment, refunded at Stripe instead: recorded (not refused until Stripe gives
+    // up), nothing moves, and it can no longer be accepted.
+    let (other_account, other_token, other_topup) = customer_with_topup(&client, base, "10.00").await;
+    let body = paid_checkout(
+        "evt_1HeldThenRefunded",
+        &other_topup,
+        "pi_held_refunded",
+        150_000,
+        "jpy",
+        Value::Null,
+    );
+    assert_eq!(deliver(&client, base, body.clone(), Some(sign(&body, SECRET, 0))).await.0, 200);
+    let mut charge = fixture("charge");
+    charge["payment_intent"] = json!("pi_held_refunded");
+    charge["amount"] = json!(150_000);
+    charge["amount_refunded"] = json!(150_000);
+    charge["currency"] = json!("jpy");
+    charge["refunded"] = json!(true);
+    let mut event = fixture("event");
+    event["id"] = json!("evt_1HeldRefundedAtStripe");
+    event["type"] = json!("charge.refunded");
+    event["data"]["object"] = charge;
+    let body = serde_json::to_vec(&event).unwrap();
+    let (status, answer) = deliver(&client, base, body.clone(), Some(sign(&body, SECRET, 0))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        topup_events(&client, base, &other_topup).await,
+        ["TopUpRequested", "PaymentHeldForReview", "HeldPaymentReturned"]
+    );
+    let refused = client
+        .post(format!("{base}/v1/admin/topups/{other_topup}/resolution"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"amount": "10.00", "reason": "too late"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 409, "a payment gone back to the card is not accepted");
+    assert_eq!(balance(&client, base, &other_account, &other_token).await, "0.00");
+
     assert_eq!(resolve("10.00", &token).await.0, 403, "customers do not resolve their own payments");
     assert_eq!(resolve("150000.00", ADMIN).await.0, 422, "never more than was asked");
     let (status, resolved) = resolve("10.00", ADMIN).await;

@@ -859,6 +859,36 @@ impl Flows {
         Ok(fresh)
     }
 
+    /// Acts once on the processor's report that a payment held for review was refunded (its
+    /// receipt opens `receipt_stream` in the same append): nothing was credited, so nothing moves;
+    /// the top-up can no longer be accepted. Returns false for a redelivery.
+    pub async fn receive_held_payment_returned(
+        &self,
+        receipt_stream: &str,
+        receipt: serde_json::Value,
+        topup_id: TopUpId,
+        payment_id: &str,
+        metadata: &Metadata,
+    ) -> Result<bool> {
+        let at = self.now();
+        let fresh = atomically!(self, metadata, |unit| {
+            if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
+                break false;
+            }
+            let mut topup = unit_load::<domain::topup::TopUp>(&mut unit, &topup_id.stream_id()).await?;
+            unit.handle(
+                &mut topup,
+                domain::topup::TopUpCommand::ReturnHeld {
+                    payment_id: payment_id.to_string(),
+                    at,
+                },
+            )
+            .await?;
+            true
+        });
+        Ok(fresh)
+    }
+
     /// A person accepts a payment held for review for `amount` (at most what was asked, in the
     /// account's currency): the top-up is paid by it and the wallet credited, in one append.
     pub async fn accept_held_payment(&self, topup_id: TopUpId, amount: Decimal, reason: &str, metadata: &Metadata) -> Result<AccountId> {

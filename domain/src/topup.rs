@@ -32,6 +32,12 @@ pub enum TopUpEvent {
         stated: Vec<Money>,
         at: DateTime<Utc>,
     },
+    /// A held payment was refunded at the card processor: nothing was credited, and it can no
+    /// longer be accepted.
+    HeldPaymentReturned {
+        payment_id: String,
+        at: DateTime<Utc>,
+    },
     /// A person reviewed a held payment and accepted it for `amount` in the account's currency
     /// (never more than was asked): the top-up is paid by it, and the wallet credited that.
     HeldPaymentAccepted {
@@ -49,6 +55,7 @@ impl DomainEvent for TopUpEvent {
             TopUpEvent::TopUpPaid { .. } => "TopUpPaid",
             TopUpEvent::PaymentHeldForReview { .. } => "PaymentHeldForReview",
             TopUpEvent::HeldPaymentAccepted { .. } => "HeldPaymentAccepted",
+            TopUpEvent::HeldPaymentReturned { .. } => "HeldPaymentReturned",
         }
         .to_string()
     }
@@ -77,6 +84,8 @@ pub enum TopUpCommand {
         stated: Vec<Money>,
         at: DateTime<Utc>,
     },
+    /// The held payment `payment_id` was refunded at the processor. Idempotent.
+    ReturnHeld { payment_id: String, at: DateTime<Utc> },
     /// Accepts the held payment for `amount` (at most the amount asked).
     AcceptHeld {
         amount: Decimal,
@@ -108,6 +117,9 @@ pub struct TopUp {
     /// A payment held for review (another amount or currency).
     #[serde(default)]
     pub held: Option<String>,
+    /// A held payment refunded at the processor.
+    #[serde(default)]
+    pub returned: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -149,7 +161,7 @@ impl TopUp {
                     Some(paid_by) => return Err(TopUpError::PaidElsewhere(paid_by.clone())),
                     None => {}
                 }
-                if self.held.as_deref() == Some(payment_id.as_str()) {
+                if self.held.as_deref() == Some(payment_id.as_str()) || self.returned.as_deref() == Some(payment_id.as_str()) {
                     return Ok(vec![]);
                 }
                 let asked = Money {
@@ -164,6 +176,16 @@ impl TopUp {
                 } else {
                     Ok(vec![TopUpEvent::PaymentHeldForReview { payment_id, stated, at }])
                 }
+            }
+            TopUpCommand::ReturnHeld { payment_id, at } => {
+                self.requested.as_ref().ok_or(TopUpError::NotFound)?;
+                if self.returned.as_deref() == Some(payment_id.as_str()) {
+                    return Ok(vec![]);
+                }
+                if self.paid_by.is_some() || self.held.as_deref() != Some(payment_id.as_str()) {
+                    return Err(TopUpError::NothingHeld);
+                }
+                Ok(vec![TopUpEvent::HeldPaymentReturned { payment_id, at }])
             }
             TopUpCommand::AcceptHeld { amount, reason, at } => {
                 let requested = self.requested.as_ref().ok_or(TopUpError::NotFound)?;
@@ -227,6 +249,10 @@ impl Aggregate for TopUp {
             TopUpEvent::TopUpPaid { payment_id, .. } => self.paid_by = Some(payment_id),
             TopUpEvent::PaymentHeldForReview { payment_id, .. } => self.held = Some(payment_id),
             TopUpEvent::HeldPaymentAccepted { payment_id, .. } => self.paid_by = Some(payment_id),
+            TopUpEvent::HeldPaymentReturned { payment_id, .. } => {
+                self.held = None;
+                self.returned = Some(payment_id);
+            }
         }
     }
 }

@@ -1220,6 +1220,17 @@ async fn account_of_topup(state: &AppState, topup_id: domain::TopUpId) -> Result
     Ok(topup.requested.map(|requested| requested.account_id))
 }
 
+/// The top-up whose payment `payment_id` is held for review, from the log.
+async fn held_topup_of_payment(state: &AppState, payment_id: &str) -> Result<Option<domain::TopUpId>, ApiError> {
+    let stream: Option<String> = sqlx::query_scalar(
+        "SELECT stream_id FROM events WHERE event_type = 'PaymentHeldForReview' AND payload->>'payment_id' = $1 LIMIT 1",
+    )
+    .bind(payment_id)
+    .fetch_optional(&state.pool)
+    .await?;
+    Ok(stream.and_then(|stream| domain::TopUpId::parse(stream.strip_prefix("topup-")?).ok()))
+}
+
 /// The account and top-up paid by `payment_id`, from the log.
 async fn topup_of_payment(state: &AppState, payment_id: &str) -> Result<Option<(AccountId, domain::TopUpId)>, ApiError> {
     let row: Option<(String, String)> = sqlx::query_as(
@@ -1254,6 +1265,15 @@ async fn charge_refunded_webhook(
         ));
     };
     let Some((account_id, topup_id)) = topup_of_payment(state, payment_id).await? else {
+        // A payment held for review (nothing credited) refunded at Stripe: recorded, so it can no
+        // longer be accepted; nothing moves.
+        if let Some(topup_id) = held_topup_of_payment(state, payment_id).await? {
+            let fresh = state
+                .flows
+                .receive_held_payment_returned(&receipt_stream, receipt, topup_id, payment_id, &metadata)
+                .await?;
+            return Ok(Json(json!({"received": true, "duplicate": !fresh})));
+        }
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "unknown-payment",
