@@ -1225,6 +1225,18 @@ async fn a_card_refund_stripe_refuses_fails_with_the_money_back_and_one_made_at_
         1,
         "completed from Stripe's answer, with no refund.updated"
     );
+
+    // Days later Stripe reports that refund failed after all: the money goes back to the wallet, once.
+    let refund_id: String = sqlx::query_scalar("SELECT payload->>'refund_id' FROM events WHERE event_type = 'CardRefundCompleted'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let failed = refund_event("evt_1RefundFailedLater", &refund_id, &topup_id, 700, "failed");
+    for _ in 0..2 {
+        assert_eq!(deliver(&client, &base, failed.clone(), Some(sign(&failed, SECRET, 0))).await.0, 200);
+    }
+    assert_eq!(balance(&client, &base, &account, &token).await, "25.00");
+    assert_eq!(events("CardRefundReversed").await, 1);
 }
 
 #[tokio::test]

@@ -132,6 +132,14 @@ pub enum AccountEvent {
         amount: Decimal,
         figures: Figures,
     },
+    /// A completed card refund the processor later reports failed: the money came back from the
+    /// card, and goes back to the wallet.
+    CardRefundReversed {
+        refund_id: RefundId,
+        topup_id: TopUpId,
+        amount: Decimal,
+        figures: Figures,
+    },
     Adjusted {
         adjustment_id: AdjustmentId,
         amount: Decimal,
@@ -187,6 +195,7 @@ impl AccountEvent {
             | AccountEvent::ServiceCredited { figures, .. }
             | AccountEvent::CardRefundRequested { figures, .. }
             | AccountEvent::CardRefundFailed { figures, .. }
+            | AccountEvent::CardRefundReversed { figures, .. }
             | AccountEvent::Adjusted { figures, .. }
             | AccountEvent::DisputeOpened { figures, .. }
             | AccountEvent::DisputeFundsWithdrawn { figures, .. }
@@ -216,6 +225,7 @@ impl DomainEvent for AccountEvent {
             AccountEvent::CardRefundRequested { .. } => "CardRefundRequested",
             AccountEvent::CardRefundCompleted { .. } => "CardRefundCompleted",
             AccountEvent::CardRefundFailed { .. } => "CardRefundFailed",
+            AccountEvent::CardRefundReversed { .. } => "CardRefundReversed",
             AccountEvent::Adjusted { .. } => "Adjusted",
             AccountEvent::DisputeOpened { .. } => "DisputeOpened",
             AccountEvent::DisputeFundsWithdrawn { .. } => "DisputeFundsWithdrawn",
@@ -891,8 +901,18 @@ impl Account {
             }
             AccountCommand::FailCardRefund { refund_id } => {
                 let refund = self.card_refunds.get(&refund_id).ok_or(AccountError::UnknownRefund(refund_id))?;
-                if refund.state != CardRefundState::Requested {
-                    return Err(AccountError::RefundSettled(refund_id));
+                match refund.state {
+                    CardRefundState::Requested => {}
+                    // Reported failed after it succeeded: the card never got it.
+                    CardRefundState::Completed => {
+                        return Ok(vec![AccountEvent::CardRefundReversed {
+                            refund_id,
+                            topup_id: refund.topup_id,
+                            amount: refund.amount,
+                            figures: self.figures_after(refund.amount, Decimal::ZERO),
+                        }])
+                    }
+                    CardRefundState::Failed => return Err(AccountError::RefundSettled(refund_id)),
                 }
                 Ok(vec![AccountEvent::CardRefundFailed {
                     refund_id,
@@ -1225,6 +1245,12 @@ impl Aggregate for Account {
                 }
             }
             AccountEvent::CardRefundFailed {
+                refund_id,
+                topup_id,
+                amount,
+                ..
+            }
+            | AccountEvent::CardRefundReversed {
                 refund_id,
                 topup_id,
                 amount,

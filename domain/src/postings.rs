@@ -101,6 +101,8 @@ pub fn postings(account_id: AccountId, country: Country, currency: Currency, eve
         AccountEvent::CardRefundRequested { amount, .. } => vec![debit(wallet, *amount), credit(CARD_REFUNDS_PENDING, *amount)],
         AccountEvent::CardRefundCompleted { amount, .. } => vec![debit(CARD_REFUNDS_PENDING, *amount), credit(STRIPE_CLEARING, *amount)],
         AccountEvent::CardRefundFailed { amount, .. } => vec![debit(CARD_REFUNDS_PENDING, *amount), credit(wallet, *amount)],
+        // The processor took the money back from the card after all.
+        AccountEvent::CardRefundReversed { amount, .. } => vec![debit(STRIPE_CLEARING, *amount), credit(wallet, *amount)],
         AccountEvent::Adjusted { amount, .. } if amount.is_sign_positive() => {
             vec![debit(ADJUSTMENT_CREDITS, *amount), credit(wallet, *amount)]
         }

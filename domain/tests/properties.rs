@@ -315,7 +315,7 @@ proptest! {
                         *topup_refunded.entry(*topup_id).or_default() += *amount;
                         world.refunds.push(*refund_id);
                     }
-                    Ev::CardRefundFailed { topup_id, amount, .. } => *topup_refunded.entry(*topup_id).or_default() -= *amount,
+                    Ev::CardRefundFailed { topup_id, amount, .. } | Ev::CardRefundReversed { topup_id, amount, .. } => *topup_refunded.entry(*topup_id).or_default() -= *amount,
                     Ev::DisputeOpened { dispute_id, amount, .. } => {
                         disputed_outstanding += *amount;
                         dispute_amounts.insert(*dispute_id, *amount);

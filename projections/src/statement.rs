@@ -70,6 +70,7 @@ pub fn movement(event: &AccountEvent) -> Option<(&'static str, Decimal, Option<U
         AccountEvent::ServiceCredited { charge_id, amount, .. } => ("service_credit", *amount, None, Some(charge_id.to_string())),
         AccountEvent::CardRefundRequested { refund_id, amount, .. } => ("card_refund", -*amount, None, Some(refund_id.to_string())),
         AccountEvent::CardRefundFailed { refund_id, amount, .. } => ("card_refund_failed", *amount, None, Some(refund_id.to_string())),
+        AccountEvent::CardRefundReversed { refund_id, amount, .. } => ("card_refund_reversed", *amount, None, Some(refund_id.to_string())),
         AccountEvent::Adjusted { adjustment_id, amount, .. } => ("adjustment", *amount, None, Some(adjustment_id.to_string())),
         AccountEvent::DisputeOpened { dispute_id, amount, .. } | AccountEvent::DisputeFundsWithdrawn { dispute_id, amount, .. }
             if !amount.is_zero() =>
