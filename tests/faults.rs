@@ -293,7 +293,7 @@ fn paid(event_id: &str, topup_id: &str, payment: &str, amount_minor: i64) -> (Ve
             "payment_intent": payment, "payment_status": "paid", "status": "complete"}}
     });
     let body = serde_json::to_vec(&event).unwrap();
-    let signature = api::stripe::sign(SECRET, &body, chrono::Utc::now().timestamp());
+    let signature = adapters::stripe::webhook::sign(SECRET, &body, chrono::Utc::now().timestamp());
     (body, signature)
 }
 
@@ -392,8 +392,8 @@ async fn killed_while_webhooks_are_processed_every_acknowledged_payment_is_credi
 
 #[tokio::test]
 async fn a_billing_run_killed_at_random_moments_and_rerun_charges_each_slot_once() {
-    use api::flows::Flows;
-    use api::handler::{CommandHandler, Metadata};
+    use app::flows::Flows;
+    use app::handler::{CommandHandler, Metadata};
     use domain::{AccountId, Country, Currency, Location, ManualClock, OrderId, PlanId, ServerId};
     let db = TestDatabase::new().await;
     let start = chrono::DateTime::parse_from_rfc3339("2026-05-01T09:10:00Z").unwrap().to_utc();

@@ -124,7 +124,7 @@ fn completed_checkout(event_id: &str, topup_id: &str, amount_minor: i64, currenc
 }
 
 fn sign(body: &[u8], secret: &str, offset_seconds: i64) -> String {
-    api::stripe::sign(secret, body, chrono::Utc::now().timestamp() + offset_seconds)
+    adapters::stripe::webhook::sign(secret, body, chrono::Utc::now().timestamp() + offset_seconds)
 }
 
 async fn deliver(client: &reqwest::Client, base: &str, body: Vec<u8>, signature: Option<String>) -> (u16, Value) {
@@ -454,7 +454,7 @@ async fn the_dev_checkout_page_pays_through_a_signed_webhook() {
             &client,
             &server.base,
             body.clone(),
-            Some(api::stripe::sign("whsec_dev", &body, chrono::Utc::now().timestamp()))
+            Some(adapters::stripe::webhook::sign("whsec_dev", &body, chrono::Utc::now().timestamp()))
         )
         .await
         .0,

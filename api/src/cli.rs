@@ -133,18 +133,18 @@ pub async fn rebuild(name: Option<String>) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn export(
-    from: Option<crate::audit::Bound>,
-    to: Option<crate::audit::Bound>,
-    format: crate::audit::Format,
+    from: Option<app::audit::Bound>,
+    to: Option<app::audit::Bound>,
+    format: app::audit::Format,
     output: Option<std::path::PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let pool = connect().await?;
     let written = match output {
         Some(path) => {
             let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-            crate::audit::export(&pool, from, to, format, file).await?
+            app::audit::export(&pool, from, to, format, file).await?
         }
-        None => crate::audit::export(&pool, from, to, format, std::io::stdout().lock()).await?,
+        None => app::audit::export(&pool, from, to, format, std::io::stdout().lock()).await?,
     };
     eprintln!("exported {written} events");
     Ok(ExitCode::SUCCESS)
@@ -155,9 +155,9 @@ pub async fn import(file: std::path::PathBuf) -> anyhow::Result<ExitCode> {
     ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
     let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
     let input = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
-    let imported = crate::audit::import(&log, std::io::BufReader::new(input)).await?;
+    let imported = app::audit::import(&log, std::io::BufReader::new(input)).await?;
     // Imported history was acted on when it happened: the provider is not told again.
-    crate::outbox::skip_to_head(&pool).await?;
+    app::outbox::skip_to_head(&pool).await?;
     projections::runner::catch_up_all(&pool).await?;
     println!("imported {imported} events from {}; read models are up to date", file.display());
     Ok(ExitCode::SUCCESS)
@@ -196,15 +196,15 @@ pub async fn bill(until: Option<chrono::DateTime<chrono::Utc>>) -> anyhow::Resul
     let pool = connect().await?;
     ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
     let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
-    let flows = crate::flows::Flows::new(crate::handler::CommandHandler::new(
+    let flows = app::flows::Flows::new(app::handler::CommandHandler::new(
         log,
-        std::sync::Arc::new(crate::handler::SystemClock),
+        std::sync::Arc::new(app::handler::SystemClock),
     ));
     let spinner = progress_bar("billing");
     spinner.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("a valid template"));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let started = std::time::Instant::now();
-    let report = crate::workers::bill_due(&flows, domain::HourSlot::containing(until)).await?;
+    let report = app::workers::bill_due(&flows, domain::HourSlot::containing(until)).await?;
     spinner.finish_and_clear();
     println!(
         "billed up to the hour starting {}: {} slots charged, {} declined (servers suspended), {} skipped, in {:.2} s",
@@ -230,7 +230,7 @@ pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
     let pool = connect().await?;
     ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
     let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
-    let imported = crate::audit::import(&log, DEMO_HISTORY.as_bytes()).await?;
+    let imported = app::audit::import(&log, DEMO_HISTORY.as_bytes()).await?;
     let history_end: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT max(occurred_at) FROM events").fetch_one(&pool).await?;
     // The fleet: hundreds more customers through the same month, made once per database.
     let fleet_account = domain::AccountId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, b"fleet-000"));
@@ -246,14 +246,14 @@ pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
         eprintln!("demo: making a month of history for {fleet_size} more accounts through the command path (once per database)...");
         let started = std::time::Instant::now();
         let clock = std::sync::Arc::new(domain::ManualClock::new(history_end - chrono::Duration::days(60)));
-        let flows = crate::flows::Flows::new(crate::handler::CommandHandler::new(log.clone(), clock.clone()));
-        let accounts = crate::history::fleet(&flows, &clock, fleet_size, history_end).await?;
+        let flows = app::flows::Flows::new(app::handler::CommandHandler::new(log.clone(), clock.clone()));
+        let accounts = app::history::fleet(&flows, &clock, fleet_size, history_end).await?;
         eprintln!(
             "demo: {accounts} accounts made in {:.1} s; bringing the read models up to date...",
             started.elapsed().as_secs_f64()
         );
     }
-    crate::outbox::skip_to_head(&pool).await?;
+    app::outbox::skip_to_head(&pool).await?;
     projections::runner::catch_up_all(&pool).await?;
     let (accounts, servers, events): (i64, i64, i64) =
         sqlx::query_as("SELECT (SELECT count(*) FROM rm.balances), (SELECT count(*) FROM rm.servers), (SELECT position FROM ledger_head)")
@@ -294,11 +294,11 @@ async fn run_server(
     let dev_clock = dev.then(|| Arc::new(domain::ManualClock::new(clock_start)));
     let clock: Arc<dyn domain::Clock> = match &dev_clock {
         Some(clock) => clock.clone(),
-        None => Arc::new(crate::handler::SystemClock),
+        None => Arc::new(app::handler::SystemClock),
     };
-    let flows = crate::flows::Flows::new(crate::handler::CommandHandler::new(log.clone(), clock.clone()));
+    let flows = app::flows::Flows::new(app::handler::CommandHandler::new(log.clone(), clock.clone()));
     flows
-        .sync_catalog(embedded_catalog(), &crate::handler::Metadata::actor("system", "startup"))
+        .sync_catalog(embedded_catalog(), &app::handler::Metadata::actor("system", "startup"))
         .await?;
     if let Ok(token) = std::env::var("BILLING_BOOTSTRAP_ADMIN_TOKEN") {
         anyhow::ensure!(token.len() >= 16, "BILLING_BOOTSTRAP_ADMIN_TOKEN must be at least 16 characters");
@@ -319,7 +319,7 @@ async fn run_server(
     });
     // Due work (hourly slots, deletions) every 30 s; in dev mode it also runs when the clock moves.
     let provider = provider_from_env()?;
-    let provider_retry = crate::workers::RetryPolicy::from_env();
+    let provider_retry = app::workers::RetryPolicy::from_env();
     let worker_flows = flows.clone();
     let worker_clock = clock.clone();
     tokio::spawn(async move {
@@ -327,7 +327,7 @@ async fn run_server(
         loop {
             tick.tick().await;
             let (flows, now) = (worker_flows.clone(), worker_clock.now());
-            crate::workers::guarded("due work", async move { crate::workers::run_due(&flows, now).await }).await;
+            app::workers::guarded("due work", async move { app::workers::run_due(&flows, now).await }).await;
         }
     });
     let listener = tokio::net::TcpListener::bind(&bind)
@@ -337,7 +337,7 @@ async fn run_server(
     let webhook_secret = std::env::var("STRIPE_WEBHOOK_SECRET")
         .ok()
         .filter(|secret| !secret.is_empty())
-        .or_else(|| dev.then(|| crate::stripe::DEV_WEBHOOK_SECRET.to_string()));
+        .or_else(|| dev.then(|| adapters::stripe::webhook::DEV_WEBHOOK_SECRET.to_string()));
     let public_url = format!("http://{address}");
     let payments = payments_from_env(dev, &public_url, webhook_secret.as_deref())?;
     // The outbox: server changes reach the provider, and card refunds Stripe, within about a second.
@@ -357,16 +357,16 @@ async fn run_server(
         );
         let mut last_scan: Option<std::time::Instant> = None;
         loop {
-            let parties = crate::outbox::Parties {
+            let parties = app::outbox::Parties {
                 provider: outbox_provider.as_ref(),
                 payments: outbox_payments.as_deref(),
             };
-            if let Err(error) = crate::outbox::dispatch(&outbox_flows, parties, provider_retry).await {
+            if let Err(error) = app::outbox::dispatch(&outbox_flows, parties, provider_retry).await {
                 tracing::error!(%error, "the outbox failed; retrying");
             }
             if last_scan.is_none_or(|at| at.elapsed() >= scan_every) {
                 last_scan = Some(std::time::Instant::now());
-                if let Err(error) = crate::outbox::reconcile_orphans(&outbox_flows, outbox_provider.as_ref()).await {
+                if let Err(error) = app::outbox::reconcile_orphans(&outbox_flows, outbox_provider.as_ref()).await {
                     tracing::error!(%error, "looking for orphaned servers failed; trying again later");
                 }
             }
@@ -447,7 +447,7 @@ fn payments_from_env(
         return Ok(Some(std::sync::Arc::new(gateway)));
     }
     match (dev, webhook_secret) {
-        (true, Some(secret)) => Ok(Some(std::sync::Arc::new(crate::stripe::DevGateway {
+        (true, Some(secret)) => Ok(Some(std::sync::Arc::new(adapters::stripe::dev::DevGateway {
             public_url: public_url.to_string(),
             webhook_secret: secret.to_string(),
             client: reqwest::Client::new(),

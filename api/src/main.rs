@@ -43,12 +43,12 @@ enum Command {
     Export {
         /// First position, or first instant of recording (RFC 3339), included.
         #[arg(long)]
-        from: Option<api::audit::Bound>,
+        from: Option<app::audit::Bound>,
         /// Last position, or last instant of recording (RFC 3339), included.
         #[arg(long)]
-        to: Option<api::audit::Bound>,
-        #[arg(long, value_enum, default_value = "jsonl")]
-        format: api::audit::Format,
+        to: Option<app::audit::Bound>,
+        #[arg(long, default_value = "jsonl")]
+        format: app::audit::Format,
         /// Write to this file instead of standard output.
         #[arg(long)]
         output: Option<std::path::PathBuf>,

@@ -414,7 +414,7 @@ async fn rebuild(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
     })
 }
 
-/// One hourly billing run (`api::workers::bill_due`, as `billing serve` and `billing bill` run
+/// One hourly billing run (`app::workers::bill_due`, as `billing serve` and `billing bill` run
 /// it) over servers that each owe exactly one slot, against a per-server loop doing the least a
 /// wallet charge can do in SQL (read the wallet, insert the charge, update the wallet, one
 /// transaction per server) on the same database.
@@ -430,10 +430,10 @@ async fn billing_run(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> 
     let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")?.to_utc();
     let clock = std::sync::Arc::new(domain::ManualClock::new(start - chrono::Duration::days(1)));
     let log = EventLog::open(pool.clone(), LogConfig::default()).await?;
-    let flows = api::flows::Flows::new(api::handler::CommandHandler::new(log.clone(), clock.clone()));
+    let flows = app::flows::Flows::new(app::handler::CommandHandler::new(log.clone(), clock.clone()));
     let catalog = domain::catalog::Fixtures::parse(include_str!("../../fixtures/plans.toml"), include_str!("../../fixtures/tax.toml"))?;
     flows
-        .sync_catalog(catalog, &api::handler::Metadata::actor("system", "bench"))
+        .sync_catalog(catalog, &app::handler::Metadata::actor("system", "bench"))
         .await?;
 
     let plan = PlanId::parse("vps-1g")?;
@@ -505,7 +505,7 @@ async fn billing_run(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> 
 
     // The run, from a process that has not seen these streams (nothing cached).
     let started = Instant::now();
-    let report = api::workers::bill_due(&flows, due_slot).await?;
+    let report = app::workers::bill_due(&flows, due_slot).await?;
     let elapsed = started.elapsed();
     anyhow::ensure!(
         report.charged as usize == servers_total && report.declined == 0,
@@ -520,7 +520,7 @@ async fn billing_run(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> 
         charged as usize == servers_total,
         "{charged} charges stored for {servers_total} servers"
     );
-    let again = api::workers::bill_due(&flows, due_slot).await?;
+    let again = app::workers::bill_due(&flows, due_slot).await?;
     anyhow::ensure!(again.charged == 0, "a second run of the same hour charged {} slots", again.charged);
 
     // The next hour, from the same process (wallets and servers cached, as in `billing serve`).
@@ -528,7 +528,7 @@ async fn billing_run(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> 
     clock.set(next_slot.start() + chrono::Duration::minutes(5))?;
     projections::runner::catch_up_all(pool).await?;
     let started_warm = Instant::now();
-    let warm = api::workers::bill_due(&flows, next_slot).await?;
+    let warm = app::workers::bill_due(&flows, next_slot).await?;
     let elapsed_warm = started_warm.elapsed();
     anyhow::ensure!(
         warm.charged as usize == servers_total,
@@ -602,9 +602,9 @@ async fn http_balance(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement>
     const CONNECTIONS: usize = 64;
     let duration = Duration::from_secs(if quick { 2 } else { 20 });
     let log = EventLog::open(pool.clone(), LogConfig::default()).await?;
-    let clock: Arc<dyn domain::Clock> = Arc::new(api::handler::SystemClock);
-    let flows = api::flows::Flows::new(api::handler::CommandHandler::new(log, clock.clone()));
-    let admin = api::handler::Metadata::actor("admin", "bench");
+    let clock: Arc<dyn domain::Clock> = Arc::new(app::handler::SystemClock);
+    let flows = app::flows::Flows::new(app::handler::CommandHandler::new(log, clock.clone()));
+    let admin = app::handler::Metadata::actor("admin", "bench");
     let mut customers = Vec::new();
     for index in 0..CONNECTIONS {
         let account_id = domain::AccountId::new();

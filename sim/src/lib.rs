@@ -15,8 +15,8 @@ pub mod model;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use api::flows::{FlowError, Flows};
-use api::handler::{CommandHandler, Metadata};
+use app::flows::{FlowError, Flows};
+use app::handler::{CommandHandler, Metadata};
 use chrono::{DateTime, Duration, Utc};
 use domain::provider::{ProviderError, ProviderFuture, ProvisionRequest, ServerAction, ServerProvider};
 use domain::{AccountCommand, AccountId, Clock, Country, Currency, Hostname, ManualClock, Money, OrderId, PlanId, ServerId, TopUpId};
@@ -415,7 +415,7 @@ impl Sim {
             }
         }
         // As the webhook route does: a paid checkout may resume the account's servers.
-        api::workers::resume_affordable(&self.flows, Some(self.accounts[account]))
+        app::workers::resume_affordable(&self.flows, Some(self.accounts[account]))
             .await
             .map_err(|error| format!("resuming after a top-up: {error}"))?;
         self.model.resume_affordable(account, self.now());
@@ -493,19 +493,19 @@ impl Sim {
     }
 
     async fn dispatch(&mut self) -> Step {
-        let policy = api::workers::RetryPolicy {
+        let policy = app::workers::RetryPolicy {
             attempts_max: 3,
             backoff_base: std::time::Duration::from_millis(1),
             backoff_max: std::time::Duration::from_millis(1),
             lease: std::time::Duration::from_secs(60),
         };
-        let parties = api::outbox::Parties {
+        let parties = app::outbox::Parties {
             provider: &self.provider,
             payments: None,
         };
         // Until nothing is left to send (a retried row is due again a millisecond later).
         for _ in 0..50 {
-            api::outbox::dispatch(&self.flows, parties, policy)
+            app::outbox::dispatch(&self.flows, parties, policy)
                 .await
                 .map_err(|error| format!("dispatching: {error}"))?;
             let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'pending'")
@@ -941,7 +941,7 @@ impl Sim {
         };
         self.clock.advance(Duration::seconds(seconds)).expect("forwards");
         let now = self.now();
-        api::workers::run_due(&self.flows, now)
+        app::workers::run_due(&self.flows, now)
             .await
             .map_err(|error| format!("the due work: {error}"))?;
         self.model.run_due(now);

@@ -91,9 +91,9 @@ impl Caller {
         }
     }
 
-    pub fn metadata(&self, request_id: Option<String>, idempotency_key: Option<String>) -> crate::handler::Metadata {
+    pub fn metadata(&self, request_id: Option<String>, idempotency_key: Option<String>) -> app::handler::Metadata {
         let idempotency_key = idempotency_key.or_else(|| self.idempotency_key.clone());
-        crate::handler::Metadata {
+        app::handler::Metadata {
             actor_kind: self.role.as_str().to_string(),
             actor_id: self
                 .account_id

@@ -5,7 +5,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::flows::FlowError;
+use app::flows::FlowError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -146,13 +146,13 @@ impl From<FlowError> for ApiError {
             FlowError::NotFound(what) => ApiError::not_found(what),
             FlowError::Invalid { field, .. } => ApiError::invalid(field, detail),
             FlowError::Contended { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "contended", "Busy", detail),
-            FlowError::Storage(crate::handler::StorageError::Read(error)) => error.into(),
-            FlowError::Storage(crate::handler::StorageError::Append(ledger::AppendError::Database(error)))
+            FlowError::Storage(app::handler::StorageError::Read(error)) => error.into(),
+            FlowError::Storage(app::handler::StorageError::Append(ledger::AppendError::Database(error)))
                 if ledger::database::is_unavailable(&error) =>
             {
                 ApiError::unavailable(error)
             }
-            FlowError::Storage(crate::handler::StorageError::Append(ledger::AppendError::WriterStopped)) => {
+            FlowError::Storage(app::handler::StorageError::Append(ledger::AppendError::WriterStopped)) => {
                 ApiError::unavailable("the log's writer has stopped")
             }
             FlowError::Storage(other) => ApiError::internal(other),

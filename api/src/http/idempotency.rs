@@ -12,7 +12,7 @@
 //! - A claim is a lease (`LEASE`): if its request crashed or timed out without answering, a
 //!   retry after the lease takes the key over.
 //!
-//! Stored keys are deleted after `retention()` (`BILLING_IDEMPOTENCY_RETENTION_HOURS`, at least
+//! Stored keys are deleted after `app::idempotency::retention()` (`BILLING_IDEMPOTENCY_RETENTION_HOURS`, at least
 //! 24 h) by the due work.
 
 use std::time::Duration;
@@ -33,26 +33,6 @@ const WAIT_FOR_FIRST_MAX: Duration = Duration::from_secs(10);
 /// How long a claim holds a key: longer than the request timeout, so only a request that died
 /// (a crash, a lost connection to the database) leaves a claim that can be taken over.
 const LEASE_SECONDS: i64 = 60;
-
-/// How long stored keys are kept: `BILLING_IDEMPOTENCY_RETENTION_HOURS` (default 24, at least 24).
-pub fn retention() -> chrono::Duration {
-    let hours = std::env::var("BILLING_IDEMPOTENCY_RETENTION_HOURS")
-        .ok()
-        .and_then(|value| value.parse::<i64>().ok())
-        .unwrap_or(24)
-        .clamp(24, 24 * 365);
-    chrono::Duration::hours(hours)
-}
-
-/// Deletes keys older than the retention; returns how many.
-pub async fn expire(pool: &sqlx::PgPool) -> Result<u64, sqlx::Error> {
-    let cutoff = chrono::Utc::now() - retention();
-    Ok(sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
-        .bind(cutoff)
-        .execute(pool)
-        .await?
-        .rows_affected())
-}
 
 /// Paths whose POSTs are not creations (webhooks carry their own ids; the dev routes are tools).
 fn exempt(path: &str) -> bool {

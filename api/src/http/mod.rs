@@ -14,7 +14,7 @@ use axum::Router;
 use domain::{Clock, ManualClock};
 use sqlx::PgPool;
 
-use crate::flows::Flows;
+use app::flows::Flows;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -37,14 +37,4 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 
 pub fn router(state: AppState) -> Router {
     routes::router(state)
-}
-
-/// How long `Idempotency-Key`s are kept (at least 24 h).
-pub fn idempotency_retention() -> chrono::Duration {
-    idempotency::retention()
-}
-
-/// Deletes stored `Idempotency-Key` answers past their retention (at least 24 h).
-pub async fn expire_idempotency_keys(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    idempotency::expire(pool).await
 }

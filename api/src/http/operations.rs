@@ -132,18 +132,12 @@ pub async fn rate_limit(State(state): State<AppState>, request: Request, next: N
     }
 }
 
-/// Request counters and latency buckets since start.
+/// Request counters and latency buckets since start; the application's own counters follow them.
 pub struct Metrics {
     requests: Mutex<HashMap<(String, u16), u64>>,
     latency_buckets: [AtomicU64; 8],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
-    billing_runs: AtomicU64,
-    billing_run_last_us: AtomicU64,
-    billing_run_sum_us: AtomicU64,
-    billing_slots_charged: AtomicU64,
-    billing_failed_accounts: AtomicU64,
-    due_work_failures: AtomicU64,
 }
 
 const LATENCY_BOUNDS_S: [f64; 7] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5];
@@ -153,32 +147,7 @@ pub static METRICS: std::sync::LazyLock<Metrics> = std::sync::LazyLock::new(|| M
     latency_buckets: Default::default(),
     latency_count: AtomicU64::new(0),
     latency_sum_us: AtomicU64::new(0),
-    billing_runs: AtomicU64::new(0),
-    billing_run_last_us: AtomicU64::new(0),
-    billing_run_sum_us: AtomicU64::new(0),
-    billing_slots_charged: AtomicU64::new(0),
-    billing_failed_accounts: AtomicU64::new(0),
-    due_work_failures: AtomicU64::new(0),
 });
-
-/// Counts accounts a billing run set aside because charging them failed (the rest were billed).
-pub fn record_billing_failures(accounts: u64) {
-    METRICS.billing_failed_accounts.fetch_add(accounts, Ordering::Relaxed);
-}
-
-/// Counts a step of due work (a run, a deletion, an invoice...) that failed or panicked.
-pub fn record_due_work_failure() {
-    METRICS.due_work_failures.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Counts one hourly billing run of this process: how long it took and the slots it charged.
-pub fn record_billing_run(elapsed: Duration, slots_charged: u64) {
-    let us = elapsed.as_micros() as u64;
-    METRICS.billing_runs.fetch_add(1, Ordering::Relaxed);
-    METRICS.billing_run_last_us.store(us, Ordering::Relaxed);
-    METRICS.billing_run_sum_us.fetch_add(us, Ordering::Relaxed);
-    METRICS.billing_slots_charged.fetch_add(slots_charged, Ordering::Relaxed);
-}
 
 impl Metrics {
     fn record(&self, method: &Method, status: StatusCode, elapsed: Duration) {
@@ -239,27 +208,7 @@ impl Metrics {
             "billing_http_request_duration_seconds_count {}\n",
             self.latency_count.load(Ordering::Relaxed)
         ));
-        out.push_str(&format!(
-            "# TYPE billing_run_duration_seconds summary\nbilling_run_duration_seconds_sum {}\nbilling_run_duration_seconds_count {}\n",
-            self.billing_run_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
-            self.billing_runs.load(Ordering::Relaxed)
-        ));
-        out.push_str(&format!(
-            "# TYPE billing_run_last_duration_seconds gauge\nbilling_run_last_duration_seconds {}\n",
-            self.billing_run_last_us.load(Ordering::Relaxed) as f64 / 1e6
-        ));
-        out.push_str(&format!(
-            "# TYPE billing_slots_charged_total counter\nbilling_slots_charged_total {}\n",
-            self.billing_slots_charged.load(Ordering::Relaxed)
-        ));
-        out.push_str(&format!(
-            "# TYPE billing_failed_accounts_total counter\nbilling_failed_accounts_total {}\n",
-            self.billing_failed_accounts.load(Ordering::Relaxed)
-        ));
-        out.push_str(&format!(
-            "# TYPE billing_due_work_failures_total counter\nbilling_due_work_failures_total {}\n",
-            self.due_work_failures.load(Ordering::Relaxed)
-        ));
+        out.push_str(&app::metrics::render());
         out.push_str(extra);
         out
     }

@@ -187,7 +187,7 @@ pub(crate) async fn plans(State(state): State<AppState>) -> Result<Json<Value>, 
         .handler
         .load::<domain::Catalog>(domain::catalog::CATALOG_STREAM)
         .await
-        .map_err(|e| ApiError::from(crate::flows::FlowError::from(e)))?;
+        .map_err(|e| ApiError::from(app::flows::FlowError::from(e)))?;
     let now = state.clock.now();
     let plans: Vec<Value> = catalog
         .state
@@ -667,7 +667,7 @@ pub(crate) async fn dev_clock(State(state): State<AppState>, body: Body) -> Resu
             ))
         }
     };
-    let report = crate::workers::run_due(&state.flows, now).await?;
+    let report = app::workers::run_due(&state.flows, now).await?;
     Ok(Json(json!({"now": now, "due": report})))
 }
 
@@ -902,11 +902,11 @@ pub(crate) async fn stripe_webhook(
     })?;
     let signature = headers.get("stripe-signature").and_then(|value| value.to_str().ok());
     // Signatures are checked against real time, whatever the dev clock says.
-    crate::stripe::verify(secret, signature, &body, Utc::now())
+    adapters::stripe::webhook::verify(secret, signature, &body, Utc::now())
         .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, "bad-signature", "Bad webhook signature", error.to_string()))?;
-    let event: crate::stripe::Event = serde_json::from_slice(&body)
+    let event: adapters::stripe::webhook::Event = serde_json::from_slice(&body)
         .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, "malformed", "Malformed event", error.to_string()))?;
-    if !crate::stripe::valid_event_id(&event.id) {
+    if !adapters::stripe::webhook::valid_event_id(&event.id) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed",
@@ -940,7 +940,7 @@ pub(crate) async fn stripe_webhook(
     let fresh = state.flows.receive_payment_event(&receipt_stream, receipt, paid, &metadata).await?;
     // A top-up that makes a suspended server affordable resumes it now.
     if let (true, Some(account_id)) = (fresh, credited_account) {
-        crate::workers::resume_affordable(&state.flows, Some(account_id)).await?;
+        app::workers::resume_affordable(&state.flows, Some(account_id)).await?;
     }
     read_your_writes(&state).await?;
     Ok(Json(json!({"received": true, "duplicate": !fresh})))
@@ -988,7 +988,7 @@ async fn dev_checkout_pay(State(state): State<AppState>, Path(topup_id): Path<St
         "payment_status": "paid",
         "status": "complete"
     });
-    crate::stripe::post_dev_event(
+    adapters::stripe::dev::post_dev_event(
         &reqwest::Client::new(),
         &state.public_url,
         &secret,
@@ -1209,7 +1209,7 @@ async fn load_topup(state: &AppState, topup_id: domain::TopUpId) -> Result<domai
         .handler
         .load::<domain::topup::TopUp>(&topup_id.stream_id())
         .await
-        .map_err(|error| ApiError::from(crate::flows::FlowError::from(error)))?;
+        .map_err(|error| ApiError::from(app::flows::FlowError::from(error)))?;
     Ok(topup.state)
 }
 
@@ -1252,8 +1252,8 @@ async fn topup_of_payment(state: &AppState, payment_id: &str) -> Result<Option<(
 async fn charge_refunded_webhook(
     state: &AppState,
     headers: &HeaderMap,
-    event: &crate::stripe::Event,
-    refunded: crate::stripe::ChargeRefundedFacts,
+    event: &adapters::stripe::webhook::Event,
+    refunded: adapters::stripe::webhook::ChargeRefundedFacts,
 ) -> Result<Json<Value>, ApiError> {
     let (receipt_stream, metadata, receipt) = stripe_receipt(event, headers, json!({"payment_id": refunded.payment_id}));
     let (Some(payment_id), Some(minor)) = (refunded.payment_id.as_deref(), refunded.amount_refunded_minor) else {
@@ -1306,9 +1306,9 @@ async fn charge_refunded_webhook(
 async fn dispute_webhook(
     state: &AppState,
     headers: &HeaderMap,
-    event: &crate::stripe::Event,
+    event: &adapters::stripe::webhook::Event,
     closed: bool,
-    dispute: crate::stripe::DisputeFacts,
+    dispute: adapters::stripe::webhook::DisputeFacts,
 ) -> Result<Json<Value>, ApiError> {
     let (receipt_stream, metadata, receipt) = stripe_receipt(event, headers, json!({"dispute": dispute.dispute_reference}));
     let paid = match &dispute.payment_id {
@@ -1400,7 +1400,7 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Result<([(axum::ht
         .fetch_one(&state.pool)
         .await?;
     extra.push_str(&format!("# TYPE billing_active_servers gauge\nbilling_active_servers {billable}\n"));
-    let overdue = crate::outbox::overdue(&state.pool).await?;
+    let overdue = app::outbox::overdue(&state.pool).await?;
     extra.push_str(&format!("# TYPE billing_outbox_overdue gauge\nbilling_outbox_overdue {overdue}\n"));
     Ok((
         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -1436,7 +1436,7 @@ pub(crate) async fn resolve_held_payment(
         .flows
         .accept_held_payment(topup_id, amount, reason, &caller.metadata(request_id(&headers), None))
         .await?;
-    crate::workers::resume_affordable(&state.flows, Some(account_id)).await?;
+    app::workers::resume_affordable(&state.flows, Some(account_id)).await?;
     read_your_writes(&state).await?;
     let account = load_account(&state, account_id).await?;
     Ok((
@@ -1507,8 +1507,8 @@ pub(crate) async fn refund_topup(
 async fn refund_webhook(
     state: &AppState,
     headers: &HeaderMap,
-    event: &crate::stripe::Event,
-    refund: crate::stripe::RefundFacts,
+    event: &adapters::stripe::webhook::Event,
+    refund: adapters::stripe::webhook::RefundFacts,
 ) -> Result<Json<Value>, ApiError> {
     let (receipt_stream, metadata, receipt) = stripe_receipt(event, headers, json!({"refund_status": refund.status}));
     let settled = match refund.status.as_str() {
@@ -1540,8 +1540,8 @@ async fn refund_webhook(
 
 /// A Stripe event's receipt: the stream it opens (once per event id), the metadata of what it
 /// causes, and its payload (`detail`'s fields beside the event's own).
-fn stripe_receipt(event: &crate::stripe::Event, headers: &HeaderMap, detail: Value) -> (String, crate::handler::Metadata, Value) {
-    let metadata = crate::handler::Metadata {
+fn stripe_receipt(event: &adapters::stripe::webhook::Event, headers: &HeaderMap, detail: Value) -> (String, app::handler::Metadata, Value) {
+    let metadata = app::handler::Metadata {
         actor_kind: "stripe".into(),
         actor_id: event.id.clone(),
         request_id: request_id(headers),

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use api::flows::Flows;
-use api::handler::CommandHandler;
+use app::flows::Flows;
+use app::handler::CommandHandler;
 use chrono::{DateTime, Utc};
 use domain::catalog::Fixtures;
 use domain::{AccountId, ManualClock};
@@ -37,9 +37,9 @@ async fn regenerate_march_history() {
     let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
     let clock = Arc::new(ManualClock::new(at("2026-02-01T00:00:00Z")));
     let flows = Flows::new(CommandHandler::new(log, clock.clone()));
-    api::history::march_2026(&flows, &clock, fixtures()).await.unwrap();
+    app::history::march_2026(&flows, &clock, fixtures()).await.unwrap();
     let file = std::fs::File::create(HISTORY).unwrap();
-    let written = api::audit::export(&db.pool, None, None, api::audit::Format::Jsonl, file)
+    let written = app::audit::export(&db.pool, None, None, app::audit::Format::Jsonl, file)
         .await
         .unwrap();
     assert!(written > 1_000, "a month of history, got {written} events");
@@ -49,7 +49,7 @@ async fn load_history() -> TestDatabase {
     let db = TestDatabase::new().await;
     let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
     let file = std::io::BufReader::new(std::fs::File::open(HISTORY).expect("the history fixture"));
-    api::audit::import(&log, file).await.unwrap();
+    app::audit::import(&log, file).await.unwrap();
     projections::runner::catch_up_all(&db.pool).await.unwrap();
     db
 }
@@ -349,7 +349,7 @@ impl projections::Projection for FailsAfterWriting {
 async fn a_projector_that_dies_mid_batch_resumes_without_loss_or_duplication() {
     let db = TestDatabase::new().await;
     let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
-    api::audit::import(&log, std::io::BufReader::new(std::fs::File::open(HISTORY).unwrap()))
+    app::audit::import(&log, std::io::BufReader::new(std::fs::File::open(HISTORY).unwrap()))
         .await
         .unwrap();
     for projection in projections::projection::all() {
@@ -395,7 +395,7 @@ async fn a_rebuild_under_load_keeps_serving_and_misses_nothing() {
         let flows = flows.clone();
         let stop = stop.clone();
         writers.push(tokio::spawn(async move {
-            let metadata = api::handler::Metadata::actor("system", "load");
+            let metadata = app::handler::Metadata::actor("system", "load");
             let mut opened = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) && opened < 60 {
                 let account_id = AccountId::new();

@@ -4,8 +4,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use api::flows::{Flows, SlotOutcome};
-use api::handler::{CommandHandler, Commit, Metadata};
+use app::flows::{Flows, SlotOutcome};
+use app::handler::{CommandHandler, Commit, Metadata};
 use chrono::{DateTime, Utc};
 use domain::account::{AccountCommand, AccountEvent};
 use domain::catalog::Fixtures;
@@ -123,14 +123,14 @@ impl domain::provider::ServerProvider for RecordingProvider {
 }
 
 async fn dispatch(world: &World, provider: &RecordingProvider) -> Vec<ServerAction> {
-    let policy = api::workers::RetryPolicy {
+    let policy = app::workers::RetryPolicy {
         attempts_max: 3,
         backoff_base: std::time::Duration::from_millis(5),
         backoff_max: std::time::Duration::from_millis(50),
         lease: std::time::Duration::from_secs(60),
     };
-    let parties = api::outbox::Parties { provider, payments: None };
-    api::outbox::dispatch(&world.flows, parties, policy).await.unwrap();
+    let parties = app::outbox::Parties { provider, payments: None };
+    app::outbox::dispatch(&world.flows, parties, policy).await.unwrap();
     std::mem::take(&mut *provider.actions.lock().unwrap())
 }
 
@@ -187,7 +187,7 @@ async fn a_revocation_in_the_hour_of_its_cancellation_leaves_the_hour_paid_from_
     let server = world.server(account, "vps-2g").await;
     world.set("2027-03-01T10:00:00Z");
     assert_eq!(
-        api::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
+        app::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
             .await
             .unwrap()
             .charged,
@@ -235,7 +235,7 @@ async fn a_revocation_in_the_hour_of_its_cancellation_leaves_the_hour_paid_from_
     );
     // 11:00 was not billable, and is never charged.
     assert_eq!(
-        api::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
+        app::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
             .await
             .unwrap()
             .charged,
@@ -257,7 +257,7 @@ async fn hours_before_a_resumption_are_never_charged_even_if_its_charge_was_lost
     let account = world.customer(Currency::USD, "US", dec!(0.006849)).await;
     let server = world.server(account, "vps-1g").await;
     world.set("2027-03-01T10:00:00Z");
-    let run = api::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
+    let run = app::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
         .await
         .unwrap();
     assert_eq!((run.charged, run.declined), (0, 1));
@@ -272,7 +272,7 @@ async fn hours_before_a_resumption_are_never_charged_even_if_its_charge_was_lost
         .server_command(server, domain::ServerCommand::Resume { at: world.clock.now() }, &admin())
         .await
         .unwrap();
-    let run = api::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
+    let run = app::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
         .await
         .unwrap();
     assert_eq!(run.charged, 1, "only the slot of the resumption is billable");
@@ -282,7 +282,7 @@ async fn hours_before_a_resumption_are_never_charged_even_if_its_charge_was_lost
     let suspended_again = world.customer(Currency::USD, "US", dec!(0.006849)).await;
     let other = world.server(suspended_again, "vps-1g").await;
     world.set("2027-03-04T11:00:00Z");
-    api::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
+    app::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
         .await
         .unwrap();
     world.flows.adjust(suspended_again, dec!(1), "top-up", &admin()).await.unwrap();
@@ -302,7 +302,7 @@ async fn hours_before_a_resumption_are_never_charged_even_if_its_charge_was_lost
     let poor = world.customer(Currency::USD, "US", dec!(0.006849)).await;
     let poor_server = world.server(poor, "vps-1g").await;
     world.set("2027-03-04T14:00:00Z");
-    api::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
+    app::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
         .await
         .unwrap();
     assert_eq!(world.flows.resume(poor_server, &admin()).await.unwrap(), SlotOutcome::NotAffordable);
@@ -380,7 +380,7 @@ async fn a_charge_decided_before_a_cancellation_committed_is_decided_again() {
             .map(|server| world.flows.cancel(*server, CancellationMode::Grace, &metadata)),
     );
     let (run, cancelled) = tokio::join!(
-        api::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now())),
+        app::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now())),
         cancellations
     );
     run.unwrap();
@@ -420,7 +420,7 @@ async fn billing_resumes_after_ten_days_of_downtime_and_one_broken_account_stops
     // Ten days without a run: 240 slots for each of 50 servers, 12,000 charges, more than one
     // append may carry.
     world.set("2027-03-11T09:10:00Z");
-    let run = api::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
+    let run = app::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
         .await
         .unwrap();
     assert_eq!(run.charged, 50 * 240);
@@ -432,7 +432,7 @@ async fn billing_resumes_after_ten_days_of_downtime_and_one_broken_account_stops
         50
     );
     // Nothing is charged twice when the run is repeated.
-    let again = api::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
+    let again = app::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
         .await
         .unwrap();
     assert_eq!(again.charged, 0);
@@ -494,17 +494,17 @@ async fn a_provider_down_for_a_while_is_told_of_a_deletion_when_it_is_back_and_n
         acted: Mutex::new(Vec::new()),
         idle_in_transaction: std::sync::atomic::AtomicI64::new(0),
     };
-    let policy = api::workers::RetryPolicy {
+    let policy = app::workers::RetryPolicy {
         attempts_max: 3,
         backoff_base: std::time::Duration::from_millis(1),
         backoff_max: std::time::Duration::from_millis(5),
         lease: std::time::Duration::from_secs(60),
     };
-    let parties = api::outbox::Parties {
+    let parties = app::outbox::Parties {
         provider: &provider,
         payments: None,
     };
-    api::outbox::dispatch(&world.flows, parties, policy).await.unwrap();
+    app::outbox::dispatch(&world.flows, parties, policy).await.unwrap();
     // Cancelled at once; due five minutes later, deleted: the provider is down for ten calls,
     // more than the saga's three attempts.
     world.flows.cancel(server, CancellationMode::Immediate, &admin()).await.unwrap();
@@ -512,7 +512,7 @@ async fn a_provider_down_for_a_while_is_told_of_a_deletion_when_it_is_back_and_n
     world.flows.delete_due(server, &admin()).await.unwrap();
     provider.outage.store(10, std::sync::atomic::Ordering::SeqCst);
     for _ in 0..40 {
-        api::outbox::dispatch(&world.flows, parties, policy).await.unwrap();
+        app::outbox::dispatch(&world.flows, parties, policy).await.unwrap();
         if !provider.acted.lock().unwrap().is_empty() {
             break;
         }
@@ -538,7 +538,7 @@ async fn a_month_billed_only_after_it_ended_is_invoiced() {
     let account = world.customer(Currency::USD, "US", dec!(20)).await;
     world.server(account, "vps-1g").await;
     world.set("2027-04-01T00:30:00Z");
-    let report = api::workers::run_due(&world.flows, world.clock.now()).await.unwrap();
+    let report = app::workers::run_due(&world.flows, world.clock.now()).await.unwrap();
     assert_eq!(report.slots_charged, 31 * 24 + 1, "March and the first hour of April, caught up");
     // Every March charge was recorded in April; March is invoiced all the same.
     assert_eq!(report.invoices_issued, 1, "{report:?}");
@@ -552,7 +552,7 @@ async fn a_month_billed_only_after_it_ended_is_invoiced() {
     // Once a month is invoiced, later runs leave it alone.
     world.set("2027-04-01T01:00:00Z");
     assert_eq!(
-        api::workers::run_due(&world.flows, world.clock.now())
+        app::workers::run_due(&world.flows, world.clock.now())
             .await
             .unwrap()
             .invoices_issued,
@@ -570,7 +570,7 @@ async fn a_service_credit_racing_its_invoice_lands_on_the_invoice_or_on_a_credit
         accounts.push(account);
     }
     world.set("2027-04-01T00:05:00Z");
-    api::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
+    app::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
         .await
         .unwrap();
     let march = domain::YearMonth::of(domain::HourSlot::containing(at("2027-03-31T22:00:00Z")).start());
@@ -636,11 +636,11 @@ async fn a_panic_in_a_round_of_due_work_is_contained_and_the_next_round_runs() {
     let world = World::new("2027-03-01T09:10:00Z").await;
     let account = world.customer(Currency::USD, "US", dec!(5)).await;
     world.server(account, "vps-1g").await;
-    let panicked = api::workers::guarded("due work", async {
+    let panicked = app::workers::guarded("due work", async {
         if world_is_broken() {
             panic!("a bug in a run");
         }
-        Ok::<_, api::flows::FlowError>(())
+        Ok::<_, app::flows::FlowError>(())
     })
     .await;
     assert_eq!(panicked, None, "the panic is contained and reported as a failed round");
@@ -648,7 +648,7 @@ async fn a_panic_in_a_round_of_due_work_is_contained_and_the_next_round_runs() {
     world.set("2027-03-01T10:00:00Z");
     let flows = world.flows.clone();
     let now = world.clock.now();
-    let report = api::workers::guarded("due work", async move { api::workers::run_due(&flows, now).await }).await;
+    let report = app::workers::guarded("due work", async move { app::workers::run_due(&flows, now).await }).await;
     assert_eq!(report.map(|report| report.slots_charged), Some(1));
 }
 
@@ -677,7 +677,7 @@ async fn a_cancellation_after_downtime_charges_the_hours_owed_before_billing_sto
         dec!(5) - rate * Decimal::from(24) + domain::billing::pro_rata(rate, 1800)
     );
     assert_eq!(
-        api::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
+        app::workers::bill_due(&world.flows, HourSlot::containing(world.clock.now()))
             .await
             .unwrap()
             .charged,

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use api::flows::Flows;
-use api::handler::{CommandHandler, Metadata};
+use app::flows::Flows;
+use app::handler::{CommandHandler, Metadata};
 use chrono::{DateTime, Duration, Utc};
 use domain::catalog::Fixtures;
 use domain::{AccountId, Country, Currency, Location, ManualClock, OrderId, PlanId, ServerId};
@@ -62,14 +62,14 @@ async fn an_order_left_by_a_stopped_process_is_provisioned_once_by_two_racing_di
         },
         calls: calls.clone(),
     };
-    let policy = api::workers::RetryPolicy {
+    let policy = app::workers::RetryPolicy {
         attempts_max: 3,
         backoff_base: std::time::Duration::from_millis(5),
         backoff_max: std::time::Duration::from_millis(50),
         lease: std::time::Duration::from_secs(60),
     };
     clock.advance(Duration::seconds(60)).unwrap();
-    let parties = api::outbox::Parties {
+    let parties = app::outbox::Parties {
         provider: &provider,
         payments: None,
     };
@@ -78,8 +78,8 @@ async fn an_order_left_by_a_stopped_process_is_provisioned_once_by_two_racing_di
         clock.clone(),
     ));
     let (a, b) = tokio::join!(
-        api::outbox::dispatch(&flows, parties, policy),
-        api::outbox::dispatch(&other, parties, policy)
+        app::outbox::dispatch(&flows, parties, policy),
+        app::outbox::dispatch(&other, parties, policy)
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!((a.sent + b.sent, a.failed + b.failed), (1, 0), "{a:?} {b:?}");
@@ -92,7 +92,7 @@ async fn an_order_left_by_a_stopped_process_is_provisioned_once_by_two_racing_di
         (dec!(1.00) - dec!(0.006849), dec!(0))
     );
     // Nothing is left to send.
-    let again = api::outbox::dispatch(&other, parties, policy).await.unwrap();
+    let again = app::outbox::dispatch(&other, parties, policy).await.unwrap();
     assert_eq!((again.sent, again.deferred), (0, 0));
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     let captured: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'HoldCaptured'")

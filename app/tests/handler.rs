@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use api::handler::{CommandHandler, Commit, HandlerError, Metadata, StorageError};
+use app::handler::{CommandHandler, Commit, HandlerError, Metadata, StorageError};
 use chrono::{DateTime, Utc};
 use domain::account::{Account, AccountCommand, AccountError, AccountEvent};
 use domain::order::{Order, OrderCommand};

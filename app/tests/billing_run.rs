@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use api::flows::Flows;
-use api::handler::{CommandHandler, Metadata};
+use app::flows::Flows;
+use app::handler::{CommandHandler, Metadata};
 use chrono::{DateTime, Utc};
 use domain::catalog::Fixtures;
 use domain::{AccountId, Clock, Country, Currency, HourSlot, Location, ManualClock, OrderId, PlanId, ServerId};
@@ -79,7 +79,7 @@ async fn two_racing_runs_charge_each_slot_once_and_suspend_who_cannot_pay_once()
     clock.set(at("2027-03-01T12:10:00Z")).unwrap();
     let other = process(clock.clone()).await;
     let until = HourSlot::containing(clock.now());
-    let (a, b) = tokio::join!(api::workers::bill_due(&flows, until), api::workers::bill_due(&other, until));
+    let (a, b) = tokio::join!(app::workers::bill_due(&flows, until), app::workers::bill_due(&other, until));
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(
         a.charged + b.charged,
@@ -114,8 +114,8 @@ async fn two_racing_runs_charge_each_slot_once_and_suspend_who_cannot_pay_once()
         assert_eq!(account.state.balance(), expected, "{account_id}");
     }
     // Nothing is due again for these hours; the next hour is.
-    assert_eq!(api::workers::bill_due(&flows, until).await.unwrap().charged, 0);
+    assert_eq!(app::workers::bill_due(&flows, until).await.unwrap().charged, 0);
     clock.set(at("2027-03-01T13:00:00Z")).unwrap();
-    let next = api::workers::bill_due(&other, HourSlot::containing(clock.now())).await.unwrap();
+    let next = app::workers::bill_due(&other, HourSlot::containing(clock.now())).await.unwrap();
     assert_eq!((next.charged, next.declined), (80, 0), "suspended servers are not billed");
 }

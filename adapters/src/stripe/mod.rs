@@ -4,6 +4,9 @@
 //! metadata, an idempotency key derived from the refund id). `STRIPE_API_BASE` points the client
 //! elsewhere (a test double at Stripe's HTTP boundary).
 
+pub mod dev;
+pub mod webhook;
+
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -138,7 +138,7 @@ impl Flows {
              AND recorded_at > $2)",
         )
         .bind(key)
-        .bind(chrono::Utc::now() - crate::http::idempotency_retention())
+        .bind(chrono::Utc::now() - crate::idempotency::retention())
         .fetch_one(self.handler.log().pool())
         .await
         .map_err(StorageError::Read)?;

@@ -32,7 +32,7 @@ pub struct DueReport {
 /// others (the step is tried again at the next run).
 fn failed(report: &mut DueReport, step: &str, subject: uuid::Uuid, error: FlowError) {
     report.failures += 1;
-    crate::http::operations::record_due_work_failure();
+    crate::metrics::record_due_work_failure();
     tracing::error!(%subject, %error, "{step} failed; the run goes on and tries it again next time");
 }
 
@@ -47,12 +47,12 @@ where
     match tokio::spawn(work).await {
         Ok(Ok(value)) => Some(value),
         Ok(Err(error)) => {
-            crate::http::operations::record_due_work_failure();
+            crate::metrics::record_due_work_failure();
             tracing::error!(%error, "{what} failed; trying again at the next tick");
             None
         }
         Err(panic) => {
-            crate::http::operations::record_due_work_failure();
+            crate::metrics::record_due_work_failure();
             tracing::error!(error = %panic, "{what} panicked; trying again at the next tick");
             None
         }
@@ -192,7 +192,7 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
         }
     }
     // Stored idempotency keys past their retention.
-    crate::http::expire_idempotency_keys(&pool)
+    crate::idempotency::expire(&pool)
         .await
         .map_err(crate::handler::StorageError::Read)?;
     catch_up(&pool).await?;
@@ -290,8 +290,8 @@ pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::Ba
     }
     total.failed_accounts = failed.len() as u64;
     total.failed = failed.into_iter().collect();
-    crate::http::operations::record_billing_run(started.elapsed(), total.charged);
-    crate::http::operations::record_billing_failures(total.failed_accounts);
+    crate::metrics::record_billing_run(started.elapsed(), total.charged);
+    crate::metrics::record_billing_failures(total.failed_accounts);
     Ok(total)
 }
 
@@ -341,7 +341,7 @@ async fn bill_pass(flows: &Flows, work: Vec<Work>, until: HourSlot) -> Pass {
             Err(error) => {
                 // A panic in a batch: its accounts are simply not billed this pass.
                 tracing::error!(%error, "a billing batch panicked; its accounts are left for the next run");
-                crate::http::operations::record_due_work_failure();
+                crate::metrics::record_due_work_failure();
             }
         }
     }
@@ -419,7 +419,7 @@ pub async fn resume_affordable(flows: &Flows, account_id: Option<domain::Account
             }
             // One server that cannot be resumed now does not keep the others suspended.
             Err(error) => {
-                crate::http::operations::record_due_work_failure();
+                crate::metrics::record_due_work_failure();
                 tracing::error!(%server_id, %error, "resuming a server failed; tried again at the next run");
             }
         }
