@@ -1122,8 +1122,9 @@ async fn the_openapi_document_covers_every_route() {
     for status in ["202", "401", "402", "403", "404", "422", "429"] {
         assert!(order.get(status).is_some(), "orders: {status} is not documented");
     }
+    // Problems are documented as what they are served as.
     assert_eq!(
-        order["402"]["content"]["application/json"]["schema"]["$ref"],
+        order["402"]["content"]["application/problem+json"]["schema"]["$ref"],
         "#/components/schemas/Problem"
     );
 }

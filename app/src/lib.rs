@@ -11,4 +11,6 @@ pub mod history;
 pub mod idempotency;
 pub mod metrics;
 pub mod outbox;
+pub mod payments;
+pub mod reads;
 pub mod workers;

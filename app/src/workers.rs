@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use domain::server::SuspensionReason;
 use domain::{HourSlot, ServerId};
 
 use crate::flows::{FlowError, Flows};
@@ -85,64 +86,50 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
     let billed = bill_due(flows, current).await?;
     report.slots_charged += billed.charged;
     report.slots_declined += billed.declined;
-    let deletions: Vec<(uuid::Uuid,)> = sqlx::query_as(
-        "SELECT server_id FROM rm.servers WHERE status IN ('pending_cancellation', 'deleting') AND cancellation_effective_at <= $1",
-    )
-    .bind(now)
-    .fetch_all(&pool)
-    .await
-    .map_err(crate::handler::StorageError::Read)?;
-    for (server_id,) in deletions {
-        match flows.delete_due(ServerId(server_id), &system()).await {
+    let deletions = crate::reads::deletions_due(&pool, now)
+        .await
+        .map_err(crate::handler::StorageError::Read)?;
+    for server_id in deletions {
+        match flows.delete_due(server_id, &system()).await {
             Ok(()) => report.servers_deleted += 1,
             // Another instance deleted it first.
             Err(FlowError::Server(domain::ServerError::WrongStatus("deleted"))) => {}
-            Err(error) => failed(&mut report, "deleting a server", server_id, error),
+            Err(error) => failed(&mut report, "deleting a server", server_id.0, error),
         }
     }
     // Unpaid for too long: terminated.
-    let overdue: Vec<(uuid::Uuid,)> = sqlx::query_as(
-        "SELECT server_id FROM rm.servers WHERE status = 'suspended' AND state->'suspended'->>0 = 'non_payment' \
-           AND (state->'suspended'->>1)::timestamptz <= $1",
-    )
-    .bind(now - chrono::Duration::days(UNPAID_DAYS))
-    .fetch_all(&pool)
-    .await
-    .map_err(crate::handler::StorageError::Read)?;
-    for (server_id,) in overdue {
+    let overdue = crate::reads::unpaid_since(&pool, now - chrono::Duration::days(UNPAID_DAYS))
+        .await
+        .map_err(crate::handler::StorageError::Read)?;
+    for server_id in overdue {
         let command = domain::ServerCommand::TerminateForNonPayment {
             unpaid_days: UNPAID_DAYS,
             at: now,
         };
-        match flows.server_command(ServerId(server_id), command, &system()).await {
+        match flows.server_command(server_id, command, &system()).await {
             Ok(()) => report.servers_terminated += 1,
-            Err(error) => failed(&mut report, "terminating an unpaid server", server_id, error),
+            Err(error) => failed(&mut report, "terminating an unpaid server", server_id.0, error),
         }
     }
     // Low balance: one warning per crossing below the runway threshold, cleared when restored.
     // With nothing billable (all suspended, say) the runway says nothing, and nothing changes.
     catch_up(&pool).await?;
-    let crossings: Vec<(uuid::Uuid, rust_decimal::Decimal)> = sqlx::query_as(
-        "SELECT account_id, hourly_burn FROM rm.balances \
-         WHERE hourly_burn > 0 AND (available < hourly_burn * $1) <> low_balance_warned",
-    )
-    .bind(rust_decimal::Decimal::from(LOW_BALANCE_HOURS))
-    .fetch_all(&pool)
-    .await
-    .map_err(crate::handler::StorageError::Read)?;
+    let crossings = crate::reads::runway_crossings(&pool, LOW_BALANCE_HOURS)
+        .await
+        .map_err(crate::handler::StorageError::Read)?;
     for (account_id, burn) in crossings {
         let command = domain::AccountCommand::CheckRunway {
             hourly_burn_gross: burn,
             threshold_hours: rust_decimal::Decimal::from(LOW_BALANCE_HOURS),
         };
-        match flows.account_command(domain::AccountId(account_id), command, &system()).await {
+        match flows.account_command(account_id, command, &system()).await {
             Ok(events) => {
                 report.low_balance_warnings += events
                     .iter()
                     .filter(|event| matches!(event, domain::AccountEvent::LowBalanceWarned { .. }))
                     .count() as u64
             }
-            Err(error) => failed(&mut report, "checking a runway", account_id, error),
+            Err(error) => failed(&mut report, "checking a runway", account_id.0, error),
         }
     }
     // Last month's invoices, once its last slot is billed (the billing above came first, and
@@ -160,26 +147,21 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
         catch_up(&pool).await?;
         // Every account with a server charged for a slot of the month or later (a superset of
         // those with charges in the month; an account without any gets no invoice).
-        let candidates: Vec<(uuid::Uuid,)> = sqlx::query_as(
-            "SELECT DISTINCT account_id FROM rm.servers WHERE last_charged_slot >= $1 AND created_at < $2 ORDER BY account_id",
-        )
-        .bind(last_month.start())
-        .bind(last_month.end())
-        .fetch_all(&pool)
-        .await
+        let candidates = crate::reads::accounts_billed_between(&pool, last_month.start(), last_month.end())
+            .await
         .map_err(crate::handler::StorageError::Read)?;
         let mut complete = billed.failed_accounts == 0;
-        for (account_id,) in candidates {
+        for account_id in candidates {
             // An account the billing set aside may owe hours of the month: not invoiced until billed.
-            if billed.failed.contains(&domain::AccountId(account_id)) {
+            if billed.failed.contains(&account_id) {
                 continue;
             }
-            match flows.issue_invoice(domain::AccountId(account_id), last_month, &system()).await {
+            match flows.issue_invoice(account_id, last_month, &system()).await {
                 Ok(Some(_)) => report.invoices_issued += 1,
                 Ok(None) => {}
                 Err(error) => {
                     complete = false;
-                    failed(&mut report, "issuing an invoice", account_id, error);
+                    failed(&mut report, "issuing an invoice", account_id.0, error);
                 }
             }
         }
@@ -222,13 +204,13 @@ struct Work {
 
 /// Splits what is due into work of at most `BILL_BATCH_EVENTS` events each: an account with many
 /// servers or many missed slots is caught up over several passes, never in one oversized append.
-fn plan(due: Vec<(uuid::Uuid, uuid::Uuid, DateTime<Utc>)>, until: HourSlot) -> Vec<Work> {
+fn plan(due: Vec<(domain::AccountId, ServerId, DateTime<Utc>)>, until: HourSlot) -> Vec<Work> {
     let mut accounts: Vec<(domain::AccountId, Vec<(ServerId, HourSlot)>)> = Vec::new();
     for (account_id, server_id, next_charge_at) in due {
-        let entry = (ServerId(server_id), HourSlot::containing(next_charge_at));
+        let entry = (server_id, HourSlot::containing(next_charge_at));
         match accounts.last_mut() {
-            Some((last, servers)) if last.0 == account_id => servers.push(entry),
-            _ => accounts.push((domain::AccountId(account_id), vec![entry])),
+            Some((last, servers)) if *last == account_id => servers.push(entry),
+            _ => accounts.push((account_id, vec![entry])),
         }
     }
     let slots_due = |first: HourSlot| (((until.start() - first.start()).num_hours() + 1).max(1) as usize).min(CATCH_UP_SLOTS_MAX as usize);
@@ -266,13 +248,8 @@ pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::Ba
     let mut failed: std::collections::HashSet<domain::AccountId> = std::collections::HashSet::new();
     for _ in 0..BILL_PASSES_MAX {
         catch_up(&pool).await?;
-        let due: Vec<(uuid::Uuid, uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT account_id, server_id, next_charge_at FROM rm.servers \
-             WHERE status IN ('needs_setup', 'running', 'stopped') AND next_charge_at <= $1 ORDER BY account_id, server_id",
-        )
-        .bind(until.start())
-        .fetch_all(&pool)
-        .await
+        let due = crate::reads::charges_due(&pool, until.start())
+            .await
         .map_err(crate::handler::StorageError::Read)?;
         let work: Vec<Work> = plan(due, until)
             .into_iter()
@@ -388,30 +365,18 @@ async fn bill_batch(flows: &Flows, batch: Vec<Work>, until: HourSlot) -> Pass {
 pub async fn resume_affordable(flows: &Flows, account_id: Option<domain::AccountId>) -> Result<u64, FlowError> {
     let pool = flows.handler.log().pool().clone();
     catch_up(&pool).await?;
-    let suspended: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
-        "SELECT s.server_id, s.account_id FROM rm.servers s \
-         WHERE s.status = 'suspended' AND s.state->'suspended'->>0 = 'non_payment' AND ($1::uuid IS NULL OR s.account_id = $1) \
-         ORDER BY s.server_id",
-    )
-    .bind(account_id.map(|id| id.0))
-    .fetch_all(&pool)
-    .await
-    .map_err(crate::handler::StorageError::Read)?;
-    let mut resumed = 0;
-    for (server_id, account) in suspended {
-        let affordable: Option<bool> = sqlx::query_scalar(
-            "SELECT b.available >= s.hourly_gross FROM rm.balances b JOIN rm.balance_servers s ON s.account_id = b.account_id \
-             WHERE b.account_id = $1 AND s.server_id = $2",
-        )
-        .bind(account)
-        .bind(server_id)
-        .fetch_optional(&pool)
+    let suspended = crate::reads::suspended_servers(&pool, account_id, SuspensionReason::NonPayment.as_str())
         .await
         .map_err(crate::handler::StorageError::Read)?;
-        if affordable != Some(true) {
+    let mut resumed = 0;
+    for (server_id, account) in suspended {
+        let affordable = crate::reads::affords_an_hour(&pool, account, server_id)
+            .await
+            .map_err(crate::handler::StorageError::Read)?;
+        if !affordable {
             continue;
         }
-        match flows.resume(ServerId(server_id), &system()).await {
+        match flows.resume(server_id, &system()).await {
             Ok(crate::flows::SlotOutcome::NotAffordable) => {}
             Ok(_) => {
                 resumed += 1;

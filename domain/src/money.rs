@@ -76,6 +76,11 @@ impl Currency {
         minor_unit_digits: 0,
     };
 
+    /// Every currency this ledger knows, by code.
+    pub fn codes() -> impl Iterator<Item = &'static str> {
+        CURRENCIES.iter().map(|(code, _)| *code)
+    }
+
     pub fn parse(code: &str) -> Result<Currency, MoneyError> {
         CURRENCIES
             .iter()

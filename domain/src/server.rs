@@ -61,6 +61,15 @@ pub enum SuspensionReason {
     Dispute,
 }
 
+impl SuspensionReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SuspensionReason::NonPayment => "non_payment",
+            SuspensionReason::Dispute => "dispute",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum ServerEvent {
@@ -325,6 +334,12 @@ impl Server {
     /// Why the server is suspended, and since when.
     pub fn suspension(&self) -> Option<(SuspensionReason, DateTime<Utc>)> {
         self.suspended
+    }
+
+    /// The suspension that holds the server now: none once it is cancelled, deleted or failed
+    /// (it is shown as that, and no longer waits for a payment or a dispute).
+    pub fn suspension_in_force(&self) -> Option<(SuspensionReason, DateTime<Utc>)> {
+        self.suspended.filter(|_| self.status() == Some(Status::Suspended))
     }
 
     fn decide(&self, command: ServerCommand) -> Result<Vec<ServerEvent>, ServerError> {

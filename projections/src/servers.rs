@@ -38,6 +38,11 @@ pub struct ServerRow {
     pub last_charged_slot: Option<DateTime<Utc>>,
     pub next_charge_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// Charged hour by hour now (`Server::is_billable`).
+    pub billable: bool,
+    /// Why it is suspended (`non_payment`, `dispute`) and since when, while it is.
+    pub suspension_reason: Option<String>,
+    pub suspended_at: Option<DateTime<Utc>>,
     pub state: Json<Server>,
 }
 
@@ -58,6 +63,9 @@ const COLUMNS: &[&str] = &[
     "last_charged_slot",
     "next_charge_at",
     "created_at",
+    "billable",
+    "suspension_reason",
+    "suspended_at",
     "state",
 ];
 
@@ -73,6 +81,9 @@ impl ServerRow {
             CancellationMode::Immediate => "immediate".to_string(),
         });
         self.cancellation_effective_at = server.cancellation.as_ref().map(|c| c.effective_at);
+        self.billable = server.is_billable();
+        self.suspension_reason = server.suspension_in_force().map(|(reason, _)| reason.as_str().to_string());
+        self.suspended_at = server.suspension_in_force().map(|(_, since)| since);
         // Billed in advance per slot: the next charge is at the start of the slot after the last
         // one charged, while the server is billable, and never before the slot in which it last
         // became billable (a resumption or revocation charges that slot in its own append).
@@ -146,6 +157,9 @@ impl Projection for Servers {
                                     last_charged_slot: None,
                                     next_charge_at: None,
                                     created_at: *at,
+                                    billable: false,
+                                    suspension_reason: None,
+                                    suspended_at: None,
                                     state: Json(Server::default()),
                                 },
                             );

@@ -12,31 +12,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::AppState;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Customer,
-    Finance,
-    Admin,
-}
-
-impl Role {
-    pub fn parse(text: &str) -> Option<Role> {
-        match text {
-            "customer" => Some(Role::Customer),
-            "finance" => Some(Role::Finance),
-            "admin" => Some(Role::Admin),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Role::Customer => "customer",
-            Role::Finance => "finance",
-            Role::Admin => "admin",
-        }
-    }
-}
+pub use super::types::Role;
 
 /// Who is calling.
 #[derive(Clone, Debug)]

@@ -13,18 +13,21 @@ pub struct ApiError {
     pub slug: &'static str,
     pub title: &'static str,
     pub detail: String,
-    pub field: Option<&'static str>,
+    pub field: Option<String>,
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
+/// An error (RFC 9457 problem details), served as `application/problem+json`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem.
     #[serde(rename = "type")]
-    kind: String,
-    title: &'a str,
-    status: u16,
-    detail: &'a str,
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// The field at fault, for a 422.
     #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
+    pub field: Option<String>,
 }
 
 impl ApiError {
@@ -38,9 +41,9 @@ impl ApiError {
         }
     }
 
-    pub fn invalid(field: &'static str, detail: impl Into<String>) -> ApiError {
+    pub fn invalid(field: impl Into<String>, detail: impl Into<String>) -> ApiError {
         ApiError {
-            field: Some(field),
+            field: Some(field.into()),
             ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-field", "A field is invalid", detail)
         }
     }
@@ -87,9 +90,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = Problem {
             kind: format!("https://billing.invalid/problems/{}", self.slug),
-            title: self.title,
+            title: self.title.to_string(),
             status: self.status.as_u16(),
-            detail: &self.detail,
+            detail: self.detail,
             field: self.field,
         };
         let body = serde_json::to_vec(&problem).expect("a problem serialises");
@@ -161,17 +164,13 @@ impl From<FlowError> for ApiError {
     }
 }
 
-/// `axum`'s `Query`, refusing a malformed query string as a problem (422, `field` "query")
-/// rather than as plain text: `?limit=abc` or `?chain_only=perhaps`.
-pub struct Query<T>(pub T);
-
-impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for Query<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Query<T>, ApiError> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|axum::extract::Query(value)| Query(value))
-            .map_err(|rejection| ApiError::invalid("query", rejection.body_text()))
+impl From<app::payments::StripeEventError> for ApiError {
+    fn from(error: app::payments::StripeEventError) -> ApiError {
+        use app::payments::StripeEventError as E;
+        match error {
+            E::Malformed(detail) => ApiError::new(StatusCode::BAD_REQUEST, "malformed-event", "Malformed event", detail),
+            E::NotYetKnown(detail) => ApiError::new(StatusCode::CONFLICT, "payment-unknown", "Payment not known yet", detail),
+            E::Flow(error) => error.into(),
+        }
     }
 }

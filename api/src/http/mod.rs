@@ -1,20 +1,34 @@
-//! The HTTP API (v1): thin handlers that parse, authorize, call the flows or read the read models,
-//! and map errors to problem details. Money crosses as strings.
+//! The HTTP API (v1): a module per resource (`accounts`, `servers`, `payments`, `invoices`,
+//! `admin`, `ledger`, `system`, `dev`), each handler four steps: parse (the wire types of
+//! `types`), authorize (`auth`), call the application (`app`), render. Errors are problem details
+//! (`error`); the OpenAPI document is derived from the same types (`openapi`).
 
+pub mod accounts;
+pub mod admin;
 pub mod auth;
+pub mod dev;
 pub mod error;
+pub mod extract;
 mod idempotency;
+pub mod invoices;
+pub mod ledger;
 pub mod openapi;
 pub mod operations;
-mod routes;
+pub mod payments;
+pub mod servers;
+pub mod system;
+pub mod types;
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
 use axum::Router;
 use domain::{Clock, ManualClock};
 use sqlx::PgPool;
 
 use app::flows::Flows;
+use error::ApiError;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -35,6 +49,35 @@ pub struct AppState {
 /// Largest request body accepted; larger is a 413.
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
 
+/// What a handler answers: a status and a JSON body, or a problem.
+pub type Reply<T> = Result<(StatusCode, axum::Json<T>), ApiError>;
+
 pub fn router(state: AppState) -> Router {
-    routes::router(state)
+    let mut router = Router::new()
+        .merge(system::routes())
+        .merge(accounts::routes())
+        .merge(servers::routes())
+        .merge(payments::routes())
+        .merge(invoices::routes())
+        .merge(admin::routes())
+        .merge(ledger::routes());
+    if state.dev_clock.is_some() {
+        router = router.merge(dev::routes());
+    }
+    router
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::layer))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), operations::rate_limit))
+        .layer(axum::middleware::from_fn(operations::request_id))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("route")
+}
+
+/// Waits until the read models have passed the command's writes, so a response reflects them.
+pub(crate) async fn read_your_writes(state: &AppState) -> Result<(), ApiError> {
+    projections::runner::catch_up_all(&state.pool).await.map_err(ApiError::from)
 }

@@ -1,0 +1,280 @@
+//! The read side: every query of the read models (schema `rm`) and of the log by value, typed, in
+//! one place. The HTTP layer renders these rows; the workers pick their due work from them. A read
+//! model may lag the log: whatever is decided from a row is checked again by its aggregate.
+
+use chrono::{DateTime, Utc};
+use domain::{AccountId, ChargeId, InvoiceId, ServerId, TopUpId};
+use ledger::RecordedEvent;
+use projections::balances::BalanceRow;
+use projections::invoices::{CreditNoteRow, InvoiceRow};
+use projections::servers::ServerRow;
+use projections::statement::StatementRow;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub type Result<T> = std::result::Result<T, sqlx::Error>;
+
+/// A page of a list: at most `limit` items after a cursor, and the cursor of the next page when
+/// there is more.
+#[derive(Clone, Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// From rows fetched with `limit + 1`: the extra row only says there is a next page.
+    fn of(mut rows: Vec<T>, limit: u32, cursor: impl Fn(&T) -> String) -> Page<T> {
+        let more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        let next_cursor = if more { rows.last().map(cursor) } else { None };
+        Page { items: rows, next_cursor }
+    }
+}
+
+/// The largest page any list serves.
+pub const PAGE_MAX: u32 = 200;
+
+pub async fn account(pool: &PgPool, account_id: AccountId) -> Result<Option<BalanceRow>> {
+    sqlx::query_as("SELECT * FROM rm.balances WHERE account_id = $1")
+        .bind(account_id.0)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Accounts whose name or email contains `text` (case-insensitive), by name.
+pub async fn search_accounts(pool: &PgPool, text: &str, after: Option<AccountId>, limit: u32) -> Result<Page<BalanceRow>> {
+    let pattern = format!(
+        "%{}%",
+        text.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+    );
+    // Ordered by id so that the cursor (the last id) is exact under concurrent openings.
+    let rows: Vec<BalanceRow> = sqlx::query_as(
+        "SELECT * FROM rm.balances WHERE (lower(name) LIKE $1 OR lower(email) LIKE $1) AND ($2::uuid IS NULL OR account_id > $2) \
+         ORDER BY account_id LIMIT $3",
+    )
+    .bind(pattern)
+    .bind(after.map(|id| id.0))
+    .bind(i64::from(limit) + 1)
+    .fetch_all(pool)
+    .await?;
+    Ok(Page::of(rows, limit, |row| row.account_id.to_string()))
+}
+
+/// An account's money movements after log position `after`, oldest first.
+pub async fn statement(pool: &PgPool, account_id: AccountId, after: i64, limit: u32) -> Result<Page<StatementRow>> {
+    let rows: Vec<StatementRow> =
+        sqlx::query_as("SELECT * FROM rm.statement WHERE account_id = $1 AND position > $2 ORDER BY position LIMIT $3")
+            .bind(account_id.0)
+            .bind(after)
+            .bind(i64::from(limit) + 1)
+            .fetch_all(pool)
+            .await?;
+    Ok(Page::of(rows, limit, |row| row.position.to_string()))
+}
+
+/// The account a charge was made to.
+pub async fn account_of_charge(pool: &PgPool, charge_id: ChargeId) -> Result<Option<AccountId>> {
+    let owner: Option<Uuid> = sqlx::query_scalar("SELECT account_id FROM rm.statement WHERE kind = 'charge' AND reference = $1")
+        .bind(charge_id.to_string())
+        .fetch_optional(pool)
+        .await?;
+    Ok(owner.map(AccountId))
+}
+
+pub async fn server(pool: &PgPool, server_id: ServerId) -> Result<Option<ServerRow>> {
+    sqlx::query_as("SELECT * FROM rm.servers WHERE server_id = $1")
+        .bind(server_id.0)
+        .fetch_optional(pool)
+        .await
+}
+
+/// An account's servers in the order they were ordered; the cursor is the last server's id.
+pub async fn servers_of_account(pool: &PgPool, account_id: AccountId, after: Option<ServerId>, limit: u32) -> Result<Page<ServerRow>> {
+    let rows: Vec<ServerRow> = sqlx::query_as(
+        "SELECT * FROM rm.servers WHERE account_id = $1 \
+           AND ($2::uuid IS NULL OR (created_at, server_id) > (SELECT created_at, server_id FROM rm.servers WHERE server_id = $2)) \
+         ORDER BY created_at, server_id LIMIT $3",
+    )
+    .bind(account_id.0)
+    .bind(after.map(|id| id.0))
+    .bind(i64::from(limit) + 1)
+    .fetch_all(pool)
+    .await?;
+    Ok(Page::of(rows, limit, |row| row.server_id.to_string()))
+}
+
+/// The account's servers that are billable now, as the read model has them.
+pub async fn billable_servers(pool: &PgPool, account_id: AccountId) -> Result<Vec<ServerId>> {
+    let servers: Vec<Uuid> =
+        sqlx::query_scalar("SELECT server_id FROM rm.servers WHERE account_id = $1 AND billable ORDER BY server_id")
+            .bind(account_id.0)
+            .fetch_all(pool)
+            .await?;
+    Ok(servers.into_iter().map(ServerId).collect())
+}
+
+/// The account's servers suspended for `reason` (`dispute`, `non_payment`), or of every account.
+pub async fn suspended_servers(pool: &PgPool, account_id: Option<AccountId>, reason: &str) -> Result<Vec<(ServerId, AccountId)>> {
+    let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT server_id, account_id FROM rm.servers WHERE suspension_reason = $1 AND ($2::uuid IS NULL OR account_id = $2) \
+         ORDER BY server_id",
+    )
+    .bind(reason)
+    .bind(account_id.map(|id| id.0))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(server, account)| (ServerId(server), AccountId(account))).collect())
+}
+
+/// Servers suspended for non-payment since `before` or earlier.
+pub async fn unpaid_since(pool: &PgPool, before: DateTime<Utc>) -> Result<Vec<ServerId>> {
+    let rows: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT server_id FROM rm.servers WHERE suspension_reason = 'non_payment' AND suspended_at <= $1 ORDER BY server_id",
+    )
+    .bind(before)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(ServerId).collect())
+}
+
+/// Whether the account's available balance pays one hour of the server.
+pub async fn affords_an_hour(pool: &PgPool, account_id: AccountId, server_id: ServerId) -> Result<bool> {
+    let affordable: Option<bool> = sqlx::query_scalar(
+        "SELECT b.available >= s.hourly_gross FROM rm.balances b JOIN rm.balance_servers s ON s.account_id = b.account_id \
+         WHERE b.account_id = $1 AND s.server_id = $2",
+    )
+    .bind(account_id.0)
+    .bind(server_id.0)
+    .fetch_optional(pool)
+    .await?;
+    Ok(affordable == Some(true))
+}
+
+/// Cancelled servers whose deletion is due at `now`.
+pub async fn deletions_due(pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<ServerId>> {
+    let rows: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT server_id FROM rm.servers WHERE status IN ('pending_cancellation', 'deleting') AND cancellation_effective_at <= $1 \
+         ORDER BY server_id",
+    )
+    .bind(now)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(ServerId).collect())
+}
+
+/// Billable servers with a slot due before `until`: (account, server, next slot), by account.
+pub async fn charges_due(pool: &PgPool, until: DateTime<Utc>) -> Result<Vec<(AccountId, ServerId, DateTime<Utc>)>> {
+    let rows: Vec<(Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT account_id, server_id, next_charge_at FROM rm.servers WHERE billable AND next_charge_at <= $1 \
+         ORDER BY account_id, server_id",
+    )
+    .bind(until)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(account, server, next)| (AccountId(account), ServerId(server), next))
+        .collect())
+}
+
+/// Accounts whose runway crossed `hours` (either way) since their last low-balance event: with
+/// their hourly burn.
+pub async fn runway_crossings(pool: &PgPool, hours: i64) -> Result<Vec<(AccountId, rust_decimal::Decimal)>> {
+    let rows: Vec<(Uuid, rust_decimal::Decimal)> = sqlx::query_as(
+        "SELECT account_id, hourly_burn FROM rm.balances WHERE hourly_burn > 0 AND (available < hourly_burn * $1) <> low_balance_warned",
+    )
+    .bind(rust_decimal::Decimal::from(hours))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(account, burn)| (AccountId(account), burn)).collect())
+}
+
+/// Accounts with a server billed in `[start, end)`, by id.
+pub async fn accounts_billed_between(pool: &PgPool, start: DateTime<Utc>, end: DateTime<Utc>) -> Result<Vec<AccountId>> {
+    let rows: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT DISTINCT account_id FROM rm.servers WHERE last_charged_slot >= $1 AND created_at < $2 ORDER BY account_id",
+    )
+    .bind(start)
+    .bind(end)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(AccountId).collect())
+}
+
+/// Servers billable now, across every account.
+pub async fn billable_server_count(pool: &PgPool) -> Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM rm.servers WHERE billable").fetch_one(pool).await
+}
+
+pub async fn invoice(pool: &PgPool, invoice_id: InvoiceId) -> Result<Option<InvoiceRow>> {
+    sqlx::query_as("SELECT * FROM rm.invoices WHERE invoice_id = $1")
+        .bind(invoice_id.0)
+        .fetch_optional(pool)
+        .await
+}
+
+/// An account's invoices, newest first; the cursor is the last invoice's number.
+pub async fn invoices_of_account(pool: &PgPool, account_id: AccountId, before: Option<&str>, limit: u32) -> Result<Page<InvoiceRow>> {
+    let rows: Vec<InvoiceRow> = sqlx::query_as(
+        "SELECT * FROM rm.invoices WHERE account_id = $1 AND ($2::text IS NULL OR number < $2) ORDER BY number DESC LIMIT $3",
+    )
+    .bind(account_id.0)
+    .bind(before)
+    .bind(i64::from(limit) + 1)
+    .fetch_all(pool)
+    .await?;
+    Ok(Page::of(rows, limit, |row| row.number.clone()))
+}
+
+/// The credit notes of invoices, by number.
+pub async fn credit_notes(pool: &PgPool, invoice_ids: &[Uuid]) -> Result<Vec<CreditNoteRow>> {
+    sqlx::query_as("SELECT * FROM rm.credit_notes WHERE invoice_id = ANY($1) ORDER BY number")
+        .bind(invoice_ids)
+        .fetch_all(pool)
+        .await
+}
+
+/// The log after position `after`, of one stream or of all.
+pub async fn events(pool: &PgPool, stream: Option<&str>, after: i64, limit: u32) -> Result<Page<RecordedEvent>> {
+    let rows = match stream {
+        Some(stream) => {
+            sqlx::query_as(
+                "SELECT position, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, recorded_at, occurred_at, prev_hash, hash \
+                 FROM events WHERE stream_id = $1 AND position > $2 ORDER BY position LIMIT $3",
+            )
+            .bind(stream)
+            .bind(after)
+            .bind(i64::from(limit) + 1)
+            .fetch_all(pool)
+            .await?
+        }
+        None => ledger::log::read_after(pool, after, limit as usize + 1).await?,
+    };
+    Ok(Page::of(rows, limit, |event: &RecordedEvent| event.position.to_string()))
+}
+
+/// The top-up (and its account) that payment `payment_id` settled, from the log.
+pub async fn topup_settled_by(pool: &PgPool, payment_id: &str) -> Result<Option<(AccountId, TopUpId)>> {
+    let row: Option<(String, String)> = sqlx::query_as(
+        "SELECT stream_id, payload->>'topup_id' FROM events WHERE event_type = 'TopUpSettled' AND payload->>'payment_id' = $1 LIMIT 1",
+    )
+    .bind(payment_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.and_then(|(stream, topup)| {
+        let account_id = stream.strip_prefix("account-").and_then(|id| AccountId::parse(id).ok())?;
+        Some((account_id, TopUpId::parse(&topup).ok()?))
+    }))
+}
+
+/// The top-up whose payment `payment_id` is held for review, from the log.
+pub async fn topup_held_for(pool: &PgPool, payment_id: &str) -> Result<Option<TopUpId>> {
+    let stream: Option<String> = sqlx::query_scalar(
+        "SELECT stream_id FROM events WHERE event_type = 'PaymentHeldForReview' AND payload->>'payment_id' = $1 LIMIT 1",
+    )
+    .bind(payment_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(stream.and_then(|stream| TopUpId::parse(stream.strip_prefix("topup-")?).ok()))
+}
