@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[allow(dead_code)] // shared helpers; this file only starts the server
 mod support;
 
 use ledger::testing::TestDatabase;

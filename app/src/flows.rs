@@ -250,12 +250,7 @@ impl Flows {
         let at = self.now();
         atomically!(self, metadata, |unit| {
             let catalog = unit_load::<Catalog>(&mut unit, CATALOG_STREAM).await?;
-            if !catalog.state.has_location(&location) {
-                return Err(FlowError::Invalid {
-                    field: "location",
-                    reason: format!("unknown location {:?}", location.as_str()),
-                });
-            }
+            catalog.state.serves(&location)?;
             let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
             let (net, tax, _) = self.first_hour(&mut unit, &account.state, &plan_id, at).await?;
             let mut order = unit_load::<Order>(&mut unit, &order_id.stream_id()).await?;
@@ -1259,8 +1254,7 @@ async fn account_events(unit: &crate::handler::Unit, account_id: AccountId) -> R
     events
         .into_iter()
         .map(|recorded| {
-            let payload = domain::account::upcast(&recorded.event_type, recorded.schema_version, recorded.payload);
-            serde_json::from_value(payload)
+            domain::decode_event(&recorded.event_type, recorded.schema_version, recorded.payload)
                 .map(|event| (recorded.occurred_at, event))
                 .map_err(|error| {
                     StorageError::Corrupt {

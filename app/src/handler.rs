@@ -34,18 +34,9 @@ use uuid::Uuid;
 pub const ATTEMPTS_MAX: u32 = 50;
 
 /// An aggregate that lives in one stream of the log.
-pub trait StreamAggregate: Aggregate<Services = ()> + Clone {
-    /// Brings a stored payload of an older schema version to the current one.
-    fn upcast(_event_type: &str, _schema_version: i32, payload: Value) -> Value {
-        payload
-    }
-}
+pub trait StreamAggregate: Aggregate<Services = ()> + Clone {}
 
-impl StreamAggregate for domain::Account {
-    fn upcast(event_type: &str, schema_version: i32, payload: Value) -> Value {
-        domain::account::upcast(event_type, schema_version, payload)
-    }
-}
+impl StreamAggregate for domain::Account {}
 impl StreamAggregate for domain::Server {}
 impl StreamAggregate for domain::Order {}
 impl StreamAggregate for domain::Catalog {}
@@ -397,8 +388,8 @@ async fn load<A: StreamAggregate + 'static>(log: &EventLog, cache: &StateCache, 
             break;
         };
         for recorded in events {
-            let payload = A::upcast(&recorded.event_type, recorded.schema_version, recorded.payload);
-            let event: A::Event = serde_json::from_value(payload).map_err(|error| StorageError::Corrupt {
+            let event: A::Event =
+                domain::decode_event(&recorded.event_type, recorded.schema_version, recorded.payload).map_err(|error| StorageError::Corrupt {
                 stream_id: stream_id.to_string(),
                 position: recorded.position,
                 reason: error.to_string(),
@@ -438,8 +429,8 @@ async fn load_many<A: StreamAggregate + 'static>(
     let index: std::collections::HashMap<&str, usize> = stream_ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
     for recorded in log.read_streams(&wanted).await? {
         let entry = &mut loaded[index[recorded.stream_id.as_str()]];
-        let payload = A::upcast(&recorded.event_type, recorded.schema_version, recorded.payload);
-        let event: A::Event = serde_json::from_value(payload).map_err(|error| StorageError::Corrupt {
+        let event: A::Event =
+            domain::decode_event(&recorded.event_type, recorded.schema_version, recorded.payload).map_err(|error| StorageError::Corrupt {
             stream_id: recorded.stream_id.clone(),
             position: recorded.position,
             reason: error.to_string(),

@@ -65,14 +65,14 @@ pub struct DispatchReport {
 fn row_for(event: &ledger::RecordedEvent) -> Option<(&'static str, uuid::Uuid, serde_json::Value)> {
     if let Some(server_id) = event.stream_id.strip_prefix("server-") {
         let server_id = uuid::Uuid::parse_str(server_id).ok()?;
-        let decoded: ServerEvent = serde_json::from_value(event.payload.clone())
+        let decoded: ServerEvent = domain::decode_event(&event.event_type, event.schema_version, event.payload.clone())
             .map_err(|error| tracing::error!(position = event.position, %error, "a server event does not decode; the provider is not told"))
             .ok()?;
         let call = ProviderCall::Act(ServerAction::for_event(&decoded)?);
         return Some(("provider", server_id, serde_json::to_value(call).expect("calls serialise")));
     }
     if event.stream_id.starts_with("order-") && event.event_type == "OrderPlaced" {
-        let Ok(OrderEvent::OrderPlaced { order_id, server_id, .. }) = serde_json::from_value::<OrderEvent>(event.payload.clone()) else {
+        let Ok(OrderEvent::OrderPlaced { order_id, server_id, .. }) = domain::decode_event::<OrderEvent>(&event.event_type, event.schema_version, event.payload.clone()) else {
             tracing::error!(position = event.position, "a placed order does not decode; it is not provisioned");
             return None;
         };
@@ -80,14 +80,13 @@ fn row_for(event: &ledger::RecordedEvent) -> Option<(&'static str, uuid::Uuid, s
         return Some(("provider", server_id.0, serde_json::to_value(call).expect("calls serialise")));
     }
     if event.stream_id.starts_with("account-") && event.event_type == "CardRefundRequested" {
-        let payload = domain::account::upcast(&event.event_type, event.schema_version, event.payload.clone());
         let Ok(AccountEvent::CardRefundRequested {
             refund_id,
             topup_id,
             amount,
             at_processor,
             ..
-        }) = serde_json::from_value::<AccountEvent>(payload)
+        }) = domain::decode_event::<AccountEvent>(&event.event_type, event.schema_version, event.payload.clone())
         else {
             tracing::error!(
                 position = event.position,

@@ -79,6 +79,8 @@ pub enum CatalogError {
     UnknownPlan(PlanId),
     #[error("plan {0} is retired")]
     PlanRetired(PlanId),
+    #[error("no servers are made in {0:?}")]
+    UnknownLocation(String),
     #[error("a change effective {effective_at} would precede the last one ({last}): history is not rewritten")]
     BackDated { effective_at: DateTime<Utc>, last: DateTime<Utc> },
     #[error("a plan needs at least one price, each more than zero with at most 6 decimals")]
@@ -159,6 +161,15 @@ impl Catalog {
 
     pub fn has_location(&self, location: &Location) -> bool {
         self.locations.contains(location)
+    }
+
+    /// Servers are made in `location`.
+    pub fn serves(&self, location: &Location) -> Result<(), CatalogError> {
+        if self.has_location(location) {
+            Ok(())
+        } else {
+            Err(CatalogError::UnknownLocation(location.as_str().to_string()))
+        }
     }
 
     /// Plans orderable at `at`, with the prices in force.

@@ -11,6 +11,8 @@ pub mod database;
 mod event;
 pub mod log;
 pub mod subscription;
+/// Fresh migrated databases for tests; not in production builds.
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod verify;
 mod writer;

@@ -49,18 +49,19 @@ pub fn decode(event: &RecordedEvent) -> Result<Record, DecodeError> {
         event_type: event.event_type.clone(),
         reason,
     };
-    let payload = event.payload.clone();
+    fn decode_as<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, String> {
+        domain::decode_event(&event.event_type, event.schema_version, event.payload.clone()).map_err(|error| error.to_string())
+    }
     let decoded = if let Some(id) = id_after(&event.stream_id, "account-") {
-        let payload = domain::account::upcast(&event.event_type, event.schema_version, payload);
-        Decoded::Account(AccountId(id), serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?)
+        Decoded::Account(AccountId(id), decode_as(event).map_err(fail)?)
     } else if let Some(id) = id_after(&event.stream_id, "server-") {
-        Decoded::Server(ServerId(id), serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?)
+        Decoded::Server(ServerId(id), decode_as(event).map_err(fail)?)
     } else if let Some(id) = id_after(&event.stream_id, "order-") {
-        Decoded::Order(OrderId(id), serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?)
+        Decoded::Order(OrderId(id), decode_as(event).map_err(fail)?)
     } else if event.stream_id == domain::catalog::CATALOG_STREAM {
-        Decoded::Catalog(serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?)
+        Decoded::Catalog(decode_as(event).map_err(fail)?)
     } else if event.stream_id.starts_with("invoice-series-") {
-        Decoded::Invoice(serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?)
+        Decoded::Invoice(decode_as(event).map_err(fail)?)
     } else {
         Decoded::Other
     };

@@ -141,6 +141,7 @@ impl From<FlowError> for ApiError {
             FlowError::Catalog(domain::CatalogError::UnknownPlan(_) | domain::CatalogError::PlanRetired(_)) => {
                 ApiError::invalid("plan_id", detail)
             }
+            FlowError::Catalog(domain::CatalogError::UnknownLocation(_)) => ApiError::invalid("location", detail),
             FlowError::Catalog(_) => conflict(detail),
             FlowError::TopUp(domain::topup::TopUpError::NotFound) => ApiError::not_found("top-up"),
             FlowError::TopUp(domain::topup::TopUpError::AmountNotAsked { .. }) => ApiError::invalid("amount", detail),
