@@ -11,6 +11,8 @@ use sqlx::PgPool;
 /// The product's database on a located server (DATABASE_URL names its own).
 const DATABASE_NAME: &str = "billing";
 
+/// Logs to standard error, as text or, with `LOG_FORMAT=json`, as JSON lines (set up before any
+/// command reads its configuration).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -181,9 +183,10 @@ pub fn embedded_catalog() -> domain::catalog::Fixtures {
 }
 
 pub async fn serve(dev: bool, bind: String) -> anyhow::Result<ExitCode> {
+    let config = app::config::Config::from_env(dev, bind)?;
     let pool = connect().await?;
     ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
-    run_server(pool, dev, bind, chrono::Utc::now(), None).await
+    run_server(pool, config, chrono::Utc::now(), None).await
 }
 
 pub async fn bill(until: Option<chrono::DateTime<chrono::Utc>>) -> anyhow::Result<ExitCode> {
@@ -217,9 +220,6 @@ pub async fn bill(until: Option<chrono::DateTime<chrono::Utc>>) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
-/// Accounts `billing demo` adds beside the three of the shipped history (`BILLING_DEMO_ACCOUNTS`).
-const DEMO_FLEET_ACCOUNTS: usize = 240;
-
 /// The month of history shipped with the binary, for `billing demo`.
 const DEMO_HISTORY: &str = include_str!("../../fixtures/histories/march-2026.jsonl");
 
@@ -227,6 +227,7 @@ const DEMO_HISTORY: &str = include_str!("../../fixtures/histories/march-2026.jso
 /// the history ends.
 pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
     use crate::http::auth::{create_key, Role};
+    let config = app::config::Config::from_env(true, bind)?;
     let pool = connect().await?;
     ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
     let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
@@ -234,14 +235,7 @@ pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
     let history_end: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT max(occurred_at) FROM events").fetch_one(&pool).await?;
     // The fleet: hundreds more customers through the same month, made once per database.
     let fleet_account = domain::AccountId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, b"fleet-000"));
-    let fleet_size = match std::env::var("BILLING_DEMO_ACCOUNTS") {
-        Ok(text) => text
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n <= 2_000)
-            .ok_or_else(|| anyhow::anyhow!("BILLING_DEMO_ACCOUNTS is a number of accounts up to 2000, not {text:?}"))?,
-        Err(_) => DEMO_FLEET_ACCOUNTS,
-    };
+    let fleet_size = config.demo_accounts;
     if fleet_size > 0 && log.stream_version(&fleet_account.stream_id()).await? == 0 {
         eprintln!("demo: making a month of history for {fleet_size} more accounts through the command path (once per database)...");
         let started = std::time::Instant::now();
@@ -263,9 +257,9 @@ pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
         sqlx::query_scalar("SELECT account_id FROM rm.balances WHERE name LIKE 'Acme%' ORDER BY account_id LIMIT 1")
             .fetch_one(&pool)
             .await?;
-    let admin = match std::env::var("BILLING_BOOTSTRAP_ADMIN_TOKEN") {
-        Ok(token) if token.len() >= 16 => token,
-        _ => create_key(&pool, Role::Admin, None, "demo").await?,
+    let admin = match &config.bootstrap_admin_token {
+        Some(token) => token.clone(),
+        None => create_key(&pool, Role::Admin, None, "demo").await?,
     };
     let finance = create_key(&pool, Role::Finance, None, "demo").await?;
     let customer = create_key(&pool, Role::Customer, Some(domain::AccountId(customer_account)), "demo").await?;
@@ -279,30 +273,30 @@ pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
          try:          curl -H 'Authorization: Bearer {customer}' URL/v1/accounts/{customer_account}\n\
          advance time: curl -X POST -H 'content-type: application/json' -d '{{\"advance_seconds\": 3600}}' URL/v1/dev/clock"
     );
-    run_server(pool, true, bind, clock_start, Some(banner)).await
+    run_server(pool, config, clock_start, Some(banner)).await
 }
 
 async fn run_server(
     pool: sqlx::PgPool,
-    dev: bool,
-    bind: String,
+    config: app::config::Config,
     clock_start: chrono::DateTime<chrono::Utc>,
     banner: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     use std::sync::Arc;
+    let dev = config.dev;
     let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
     let dev_clock = dev.then(|| Arc::new(domain::ManualClock::new(clock_start)));
     let clock: Arc<dyn domain::Clock> = match &dev_clock {
         Some(clock) => clock.clone(),
         None => Arc::new(app::handler::SystemClock),
     };
-    let flows = app::flows::Flows::new(app::handler::CommandHandler::new(log.clone(), clock.clone()));
+    let mut flows = app::flows::Flows::new(app::handler::CommandHandler::new(log.clone(), clock.clone()));
+    flows.idempotency_retention = config.idempotency_retention;
     flows
         .sync_catalog(embedded_catalog(), &app::handler::Metadata::actor("system", "startup"))
         .await?;
-    if let Ok(token) = std::env::var("BILLING_BOOTSTRAP_ADMIN_TOKEN") {
-        anyhow::ensure!(token.len() >= 16, "BILLING_BOOTSTRAP_ADMIN_TOKEN must be at least 16 characters");
-        crate::http::auth::store_key(&pool, &token, crate::http::auth::Role::Admin, None, "bootstrap").await?;
+    if let Some(token) = &config.bootstrap_admin_token {
+        crate::http::auth::store_key(&pool, token, crate::http::auth::Role::Admin, None, "bootstrap").await?;
     }
     projections::runner::catch_up_all(&pool).await?;
     // The projectors follow the log for as long as the server runs: woken by appends (this
@@ -318,8 +312,8 @@ async fn run_server(
         }
     });
     // Due work (hourly slots, deletions) every 30 s; in dev mode it also runs when the clock moves.
-    let provider = provider_from_env()?;
-    let provider_retry = app::workers::RetryPolicy::from_env();
+    let provider = config.provider();
+    let provider_retry = config.retry;
     let worker_flows = flows.clone();
     let worker_clock = clock.clone();
     tokio::spawn(async move {
@@ -330,31 +324,21 @@ async fn run_server(
             app::workers::guarded("due work", async move { app::workers::run_due(&flows, now).await }).await;
         }
     });
-    let listener = tokio::net::TcpListener::bind(&bind)
+    let listener = tokio::net::TcpListener::bind(&config.bind)
         .await
-        .with_context(|| format!("binding {bind}"))?;
+        .with_context(|| format!("binding {}", config.bind))?;
     let address = listener.local_addr()?;
-    let webhook_secret = std::env::var("STRIPE_WEBHOOK_SECRET")
-        .ok()
-        .filter(|secret| !secret.is_empty())
-        .or_else(|| dev.then(|| adapters::stripe::webhook::DEV_WEBHOOK_SECRET.to_string()));
     let public_url = format!("http://{address}");
-    let payments = payments_from_env(dev, &public_url, webhook_secret.as_deref())?;
+    let payments = config.payments(&public_url)?;
     // The outbox: server changes reach the provider, and card refunds Stripe, within about a second.
     let outbox_flows = flows.clone();
     let outbox_provider = provider.clone();
     let outbox_payments = payments.clone();
     let mut outbox_head = log.head_watch();
+    let scan_every = config.orphan_scan;
     tokio::spawn(async move {
         // Orphans (servers the provider holds that the log says should not exist) are looked for
         // at start and then every `BILLING_ORPHAN_SCAN_SECONDS` (default 600).
-        let scan_every = std::time::Duration::from_secs(
-            std::env::var("BILLING_ORPHAN_SCAN_SECONDS")
-                .ok()
-                .and_then(|value| value.parse().ok())
-                .unwrap_or(600u64)
-                .max(1),
-        );
         let mut last_scan: Option<std::time::Instant> = None;
         loop {
             let parties = app::outbox::Parties {
@@ -378,10 +362,10 @@ async fn run_server(
         flows,
         clock,
         dev_clock,
-        webhook_secret,
+        webhook_secret: config.webhook_secret.clone(),
         public_url,
         payments,
-        rate_limiter: std::sync::Arc::new(crate::http::operations::RateLimiter::from_env()),
+        rate_limiter: std::sync::Arc::new(crate::http::operations::RateLimiter::of(&config)),
     };
     println!(
         "listening on http://{address}{}",
@@ -423,96 +407,4 @@ pub async fn create_key(role: &str, account: Option<String>) -> anyhow::Result<E
     let token = crate::http::auth::create_key(&pool, role, account_id, "created with billing keys create").await?;
     println!("{token}");
     Ok(ExitCode::SUCCESS)
-}
-
-/// The card processor: Stripe when `STRIPE_SECRET_KEY` is set (at `STRIPE_API_BASE` if given;
-/// customers return to `STRIPE_SUCCESS_URL` / `STRIPE_CANCEL_URL`), else in dev mode the local
-/// checkout page, else none (top-ups and card refunds answer 503).
-fn payments_from_env(
-    dev: bool,
-    public_url: &str,
-    webhook_secret: Option<&str>,
-) -> anyhow::Result<Option<std::sync::Arc<dyn domain::payments::PaymentGateway>>> {
-    let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
-    if let Some(secret_key) = env("STRIPE_SECRET_KEY") {
-        let gateway = adapters::stripe::StripeGateway::new(adapters::stripe::StripeConfig {
-            secret_key,
-            api_base: env("STRIPE_API_BASE"),
-            success_url: env("STRIPE_SUCCESS_URL")
-                .unwrap_or_else(|| format!("{public_url}/?checkout=done&session={{CHECKOUT_SESSION_ID}}")),
-            cancel_url: env("STRIPE_CANCEL_URL").unwrap_or_else(|| format!("{public_url}/?checkout=cancelled")),
-            timeout: std::time::Duration::from_secs(20),
-        })
-        .map_err(|error| anyhow::anyhow!("configuring Stripe: {error}"))?;
-        return Ok(Some(std::sync::Arc::new(gateway)));
-    }
-    match (dev, webhook_secret) {
-        (true, Some(secret)) => Ok(Some(std::sync::Arc::new(adapters::stripe::dev::DevGateway {
-            public_url: public_url.to_string(),
-            webhook_secret: secret.to_string(),
-            client: reqwest::Client::new(),
-        }))),
-        _ => Ok(None),
-    }
-}
-
-/// `PROVIDER=simulated` (the default) or `virtfusion` (with `VIRTFUSION_URL`, `VIRTFUSION_TOKEN`,
-/// and optionally `VIRTFUSION_PACKAGES=vps-1g=1,...`, `VIRTFUSION_HYPERVISOR_GROUPS=syd=1,...`,
-/// `VIRTFUSION_OS_TEMPLATES=ubuntu-24.04=1,...`, `VIRTFUSION_USER_ID`, `VIRTFUSION_TIMEOUT_MS`).
-fn provider_from_env() -> anyhow::Result<std::sync::Arc<dyn domain::provider::ServerProvider>> {
-    let pairs = |name: &str, default: &str| -> anyhow::Result<std::collections::HashMap<String, u64>> {
-        let text = std::env::var(name).unwrap_or_else(|_| default.to_string());
-        text.split(',')
-            .filter(|pair| !pair.trim().is_empty())
-            .map(|pair| {
-                let (key, value) = pair
-                    .split_once('=')
-                    .ok_or_else(|| anyhow::anyhow!("{name}: {pair:?} is not KEY=ID"))?;
-                Ok((
-                    key.trim().to_string(),
-                    value
-                        .trim()
-                        .parse()
-                        .map_err(|_| anyhow::anyhow!("{name}: {value:?} is not a number"))?,
-                ))
-            })
-            .collect()
-    };
-    match std::env::var("PROVIDER").unwrap_or_else(|_| "simulated".into()).as_str() {
-        "simulated" => {
-            let latency_ms = std::env::var("BILLING_SIMULATED_LATENCY_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(300);
-            let failing = std::env::var("BILLING_SIMULATED_FAILING_LOCATIONS").unwrap_or_default();
-            Ok(std::sync::Arc::new(adapters::simulated::SimulatedProvider {
-                latency: std::time::Duration::from_millis(latency_ms),
-                failing_locations: failing.split(',').filter(|l| !l.is_empty()).map(str::to_string).collect(),
-            }))
-        }
-        "virtfusion" => {
-            let base_url = std::env::var("VIRTFUSION_URL").context("PROVIDER=virtfusion needs VIRTFUSION_URL")?;
-            let token = std::env::var("VIRTFUSION_TOKEN").context("PROVIDER=virtfusion needs VIRTFUSION_TOKEN")?;
-            Ok(std::sync::Arc::new(adapters::virtfusion::VirtFusion::new(
-                adapters::virtfusion::VirtFusionConfig {
-                    base_url,
-                    token,
-                    packages: pairs("VIRTFUSION_PACKAGES", "vps-1g=1,vps-2g=2,vps-4g=3,vps-8g=4")?,
-                    hypervisor_groups: pairs("VIRTFUSION_HYPERVISOR_GROUPS", "syd=1,mel=2,sgp=3,fra=4,nyc=5")?,
-                    user_id: std::env::var("VIRTFUSION_USER_ID").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
-                    os_templates: pairs(
-                        "VIRTFUSION_OS_TEMPLATES",
-                        "ubuntu-24.04=1,ubuntu-22.04=2,debian-12=3,debian-11=4,rocky-9=5,almalinux-9=6",
-                    )?,
-                    timeout: std::time::Duration::from_millis(
-                        std::env::var("VIRTFUSION_TIMEOUT_MS")
-                            .ok()
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(10_000),
-                    ),
-                },
-            )))
-        }
-        other => anyhow::bail!("PROVIDER is simulated or virtfusion, not {other:?}"),
-    }
 }

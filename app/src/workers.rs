@@ -174,7 +174,7 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
         }
     }
     // Stored idempotency keys past their retention.
-    crate::idempotency::expire(&pool)
+    crate::idempotency::expire(&pool, flows.idempotency_retention)
         .await
         .map_err(crate::handler::StorageError::Read)?;
     catch_up(&pool).await?;
@@ -404,32 +404,6 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// `BILLING_PROVIDER_ATTEMPTS` (default 6), `BILLING_PROVIDER_BACKOFF_MS` (default 500) and
-    /// `BILLING_OUTBOX_LEASE_SECONDS` (default 300).
-    pub fn from_env() -> RetryPolicy {
-        let attempts_max = std::env::var("BILLING_PROVIDER_ATTEMPTS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(6u32)
-            .clamp(1, 20);
-        let base_ms = std::env::var("BILLING_PROVIDER_BACKOFF_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(500u64)
-            .clamp(1, 60_000);
-        let lease_seconds = std::env::var("BILLING_OUTBOX_LEASE_SECONDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(300u64)
-            .clamp(1, 3600);
-        RetryPolicy {
-            attempts_max,
-            backoff_base: Duration::from_millis(base_ms),
-            backoff_max: Duration::from_secs(60),
-            lease: Duration::from_secs(lease_seconds),
-        }
-    }
-
     pub fn backoff(&self, attempt: u32) -> Duration {
         (self.backoff_base * 2u32.saturating_pow(attempt.saturating_sub(1).min(16))).min(self.backoff_max)
     }

@@ -635,7 +635,7 @@ async fn http_balance(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement>
         webhook_secret: None,
         public_url: base.clone(),
         payments: None,
-        rate_limiter: Arc::new(api::http::operations::RateLimiter::from_env()),
+        rate_limiter: Arc::new(api::http::operations::RateLimiter::new(1_000_000, 1_000_000.0)),
     };
     let server = tokio::spawn(async move { axum::serve(listener, api::http::router(state)).await });
     let started = Instant::now();

@@ -12,7 +12,7 @@
 //! - A claim is a lease (`LEASE`): if its request crashed or timed out without answering, a
 //!   retry after the lease takes the key over.
 //!
-//! Stored keys are deleted after `app::idempotency::retention()` (`BILLING_IDEMPOTENCY_RETENTION_HOURS`, at least
+//! Stored keys are deleted after the retention (`BILLING_IDEMPOTENCY_RETENTION_HOURS`, at least
 //! 24 h) by the due work.
 
 use std::time::Duration;

@@ -73,17 +73,9 @@ impl RateLimiter {
         }
     }
 
-    /// From `BILLING_RATE_LIMIT_BURST` (default 120) and `BILLING_RATE_LIMIT_PER_SECOND` (default 2).
-    pub fn from_env() -> RateLimiter {
-        let burst = std::env::var("BILLING_RATE_LIMIT_BURST")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(120);
-        let per_second = std::env::var("BILLING_RATE_LIMIT_PER_SECOND")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2.0);
-        RateLimiter::new(burst, per_second)
+    /// As configured (`Config::rate_limit_burst`, `Config::rate_limit_per_second`).
+    pub fn of(config: &app::config::Config) -> RateLimiter {
+        RateLimiter::new(config.rate_limit_burst, config.rate_limit_per_second)
     }
 
     /// Takes a token for `caller`; `Err(seconds)` says how long until one is free.

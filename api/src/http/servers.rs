@@ -17,6 +17,7 @@ use super::types::{
     ServerPage, ServersQuery, ServerStatus, Setup,
 };
 use super::{accounts, read_your_writes, AppState, Reply};
+use app::flows::ServerRequest;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -194,8 +195,14 @@ async fn owned(state: &AppState, caller: &Caller, id: &str) -> Result<ServerRow,
     Ok(row)
 }
 
-/// The server after a command, once the read models show it.
-async fn after_command(state: &AppState, server_id: ServerId) -> Reply<Server> {
+/// Does what the owner asked of its server; answers with the server once the read models show it.
+async fn act(state: &AppState, caller: &Caller, headers: &HeaderMap, id: &str, request: ServerRequest) -> Reply<Server> {
+    let row = owned(state, caller, id).await?;
+    let server_id = ServerId(row.server_id);
+    state
+        .flows
+        .act_on_server(server_id, request, &caller.metadata(request_id(headers), None))
+        .await?;
     read_your_writes(state).await?;
     let row = app::reads::server(&state.pool, server_id)
         .await?
@@ -213,14 +220,8 @@ pub(crate) async fn setup_server(
     Path(id): Path<String>,
     Json(body): Json<Setup>,
 ) -> Reply<Server> {
-    let row = owned(&state, &caller, &id).await?;
     let hostname = domain::Hostname::parse(&body.hostname.0).map_err(|error| ApiError::invalid("hostname", error.reason))?;
-    let server_id = ServerId(row.server_id);
-    state
-        .flows
-        .setup(server_id, &body.os_image.0, hostname, &caller.metadata(request_id(&headers), None))
-        .await?;
-    after_command(&state, server_id).await
+    act(&state, &caller, &headers, &id, ServerRequest::Setup { os_image: body.os_image.0, hostname }).await
 }
 
 /// Boots, shuts down or reboots the server (a stopped server is still billed).
@@ -233,18 +234,12 @@ pub(crate) async fn power_server(
     Path(id): Path<String>,
     Json(body): Json<Power>,
 ) -> Reply<Server> {
-    let row = owned(&state, &caller, &id).await?;
     let action = match body.action {
         PowerAction::Boot => domain::server::PowerAction::Boot,
         PowerAction::Shutdown => domain::server::PowerAction::Shutdown,
         PowerAction::Reboot => domain::server::PowerAction::Reboot,
     };
-    let server_id = ServerId(row.server_id);
-    state
-        .flows
-        .power(server_id, action, &caller.metadata(request_id(&headers), None))
-        .await?;
-    after_command(&state, server_id).await
+    act(&state, &caller, &headers, &id, ServerRequest::Power(action)).await
 }
 
 /// Cancels the server: billing stops now and the unused part of the paid hour goes back to the
@@ -258,17 +253,11 @@ pub(crate) async fn cancel_server(
     Path(id): Path<String>,
     Json(body): Json<Cancellation>,
 ) -> Reply<Server> {
-    let row = owned(&state, &caller, &id).await?;
     let mode = match body.mode {
         CancellationMode::Grace => domain::server::CancellationMode::Grace,
         CancellationMode::Immediate => domain::server::CancellationMode::Immediate,
     };
-    let server_id = ServerId(row.server_id);
-    state
-        .flows
-        .cancel(server_id, mode, &caller.metadata(request_id(&headers), None))
-        .await?;
-    after_command(&state, server_id).await
+    act(&state, &caller, &headers, &id, ServerRequest::Cancel(mode)).await
 }
 
 /// Revokes a grace cancellation: the server is powered on and the hour in progress charged.
@@ -280,11 +269,5 @@ pub(crate) async fn revoke_cancellation(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Reply<Server> {
-    let row = owned(&state, &caller, &id).await?;
-    let server_id = ServerId(row.server_id);
-    state
-        .flows
-        .revoke_cancellation(server_id, &caller.metadata(request_id(&headers), None))
-        .await?;
-    after_command(&state, server_id).await
+    act(&state, &caller, &headers, &id, ServerRequest::RevokeCancellation).await
 }
