@@ -29,7 +29,7 @@ fn account(name: &str) -> AccountId {
 }
 
 /// Makes the March history through the command path and writes it to the fixture file.
-/// Run with `cargo nextest run -p api --run-ignored only regenerate` after changing the domain.
+/// Run with `cargo nextest run -p app --run-ignored only regenerate` after changing the domain.
 #[tokio::test]
 #[ignore = "regenerates fixtures/histories/march-2026.jsonl"]
 async fn regenerate_march_history() {

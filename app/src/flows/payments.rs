@@ -269,11 +269,9 @@ impl Flows {
     ) -> Result<bool> {
         let at = self.now();
         let fresh = atomically!(self, metadata, |unit| {
-            if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
+            let Some(mut account) = received(&mut unit, receipt_stream, &receipt, account_id, servers, at).await? else {
                 break false;
-            }
-            let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
-            catch_up_all(&mut unit, &mut account, servers, at).await?;
+            };
             let events = unit.handle(&mut account, report.clone()).await?;
             let withdrawn = events.iter().any(|event| match event {
                 AccountEvent::DisputeOpened { amount, .. } | AccountEvent::DisputeFundsWithdrawn { amount, .. } => !amount.is_zero(),
@@ -350,11 +348,9 @@ impl Flows {
         };
         let at = self.now();
         let fresh = atomically!(self, metadata, |unit| {
-            if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
+            let Some(mut account) = received(&mut unit, receipt_stream, &receipt, account_id, servers, at).await? else {
                 break false;
-            }
-            let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
-            catch_up_all(&mut unit, &mut account, servers, at).await?;
+            };
             unit.handle(&mut account, command.clone()).await?;
             // The money went back to the card whatever the balance: below zero, the account's
             // servers are suspended until it is paid, as after a dispute.
@@ -377,11 +373,11 @@ impl Flows {
         received_anyway: fn(&AccountError) -> bool,
         metadata: &Metadata,
     ) -> Result<bool> {
+        let at = self.now();
         let fresh = atomically!(self, metadata, |unit| {
-            if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
+            let Some(mut account) = received(&mut unit, receipt_stream, &receipt, account_id, &[], at).await? else {
                 break false;
-            }
-            let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
+            };
             match unit.handle(&mut account, command.clone()).await {
                 Ok(_) => {}
                 Err(error) if received_anyway(&error) => {}
@@ -391,4 +387,23 @@ impl Flows {
         });
         Ok(fresh)
     }
+}
+
+/// A processor event's receipt, recorded in the unit once per event id, and the account it acts
+/// on, with the hours its billable `servers` owe until `at` charged first (their billing may stop
+/// or their wallet change). None for a redelivery: nothing more is done.
+async fn received(
+    unit: &mut crate::handler::Unit,
+    receipt_stream: &str,
+    receipt: &serde_json::Value,
+    account_id: AccountId,
+    servers: &[ServerId],
+    at: DateTime<Utc>,
+) -> Result<Option<crate::handler::Loaded<Account>>> {
+    if !unit.record_once(receipt_stream, "ProviderEventReceived", receipt.clone()).await? {
+        return Ok(None);
+    }
+    let mut account = unit_load::<Account>(unit, &account_id.stream_id()).await?;
+    catch_up_all(unit, &mut account, servers, at).await?;
+    Ok(Some(account))
 }
