@@ -145,3 +145,24 @@ async fn bill_charges_what_is_due_once_and_refuses_the_future() {
     let verify = billing(&db, &["verify"]);
     assert!(verify.status.success(), "{}", text(&verify.stdout));
 }
+
+#[tokio::test]
+async fn a_setting_that_is_set_wrong_stops_the_server_with_its_name() {
+    let db = TestDatabase::new().await;
+    for (name, value, says) in [
+        ("PROVIDER", "", "PROVIDER is simulated or virtfusion"),
+        ("BILLING_PROVIDER_ATTEMPTS", "many", "BILLING_PROVIDER_ATTEMPTS is a number"),
+        ("BILLING_UNPAID_DAYS", "a week", "BILLING_UNPAID_DAYS is a number"),
+        ("BILLING_BOOTSTRAP_ADMIN_TOKEN", "", "at least 16 characters"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_billing"))
+            .args(["serve", "--bind", "127.0.0.1:0"])
+            .env("DATABASE_URL", db.url())
+            .env(name, value)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{name}={value:?}: {output:?}");
+        assert!(text(&output.stderr).contains(says), "{name}={value:?}: {}", text(&output.stderr));
+    }
+}

@@ -34,7 +34,12 @@ fn python_tools() -> Option<PathBuf> {
     }
     let venv = bin.parent()?.to_path_buf();
     eprintln!("making the Python tools' virtualenv at {}", venv.display());
-    let made = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().is_ok_and(|s| s.success())
+    let made = Command::new("python3")
+        .arg("-m")
+        .arg("venv")
+        .arg(&venv)
+        .status()
+        .is_ok_and(|s| s.success())
         && Command::new(bin.join("pip"))
             .args(["install", "--quiet", "-r"])
             .arg(workspace().join("tests/python-tools.txt"))
@@ -154,6 +159,10 @@ fn schemathesis(tools: &Path, base: &str, token: &str, account: Option<&str>) {
             .unwrap_or_else(|| panic!("no {name:?} in the report:\n{report}"))
     };
     let total = field("Selected: ").rsplit('/').next().unwrap_or_default().to_string();
-    assert_eq!(field("Tested: "), total, "schemathesis as {who} did not reach every operation:\n{report}");
+    assert_eq!(
+        field("Tested: "),
+        total,
+        "schemathesis as {who} did not reach every operation:\n{report}"
+    );
     println!("as {who}:\n{report}");
 }

@@ -1313,3 +1313,59 @@ async fn a_request_whose_answer_was_lost_acts_once_on_retry_and_a_dead_claim_nev
     );
     assert_eq!(count("SELECT count(*) FROM idempotency_keys WHERE key = 'order-1'".into()).await, 1);
 }
+
+#[tokio::test]
+async fn every_list_pages_by_its_cursor_and_a_cursor_of_another_account_names_nothing() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, true);
+    let api = Api {
+        client: reqwest::Client::new(),
+        base: server.base.clone(),
+    };
+    let (account, customer) = funded_customer(&api, "AUD", "AU", "50.00").await;
+    let (other, other_customer) = funded_customer(&api, "AUD", "AU", "50.00").await;
+    let order = |account: String, token: String| {
+        let api = &api;
+        async move {
+            let placed = api
+                .post(
+                    &format!("/v1/accounts/{account}/orders"),
+                    Some(&token),
+                    json!({"plan_id": "vps-1g", "location": "nyc"}),
+                )
+                .await;
+            assert_eq!(placed.0, 202, "{placed:?}");
+            placed.2["server_id"].as_str().unwrap().to_string()
+        }
+    };
+    let first = order(account.clone(), customer.clone()).await;
+    let second = order(account.clone(), customer.clone()).await;
+    let theirs = order(other.clone(), other_customer.clone()).await;
+
+    // Page by page, each server once, in the order they were ordered.
+    let servers = format!("/v1/accounts/{account}/servers");
+    let page = api.get(&format!("{servers}?limit=1"), Some(&customer)).await;
+    assert_eq!(page.0, 200, "{page:?}");
+    assert_eq!(page.2["items"][0]["id"], first.as_str());
+    let cursor = page.2["next_cursor"].as_str().unwrap().to_string();
+    let next = api.get(&format!("{servers}?limit=1&cursor={cursor}"), Some(&customer)).await;
+    assert_eq!(next.2["items"][0]["id"], second.as_str());
+    // The last page says so: no cursor, rather than a cursor to an empty page.
+    assert_eq!(
+        (next.2["items"].as_array().map(Vec::len), &next.2["next_cursor"]),
+        (Some(1), &Value::Null)
+    );
+
+    // Another account's server as a cursor is as unknown as a server that does not exist: the
+    // answer tells nothing of whether it exists.
+    let foreign = api.get(&format!("{servers}?cursor={theirs}"), Some(&customer)).await;
+    let unknown = api
+        .get(&format!("{servers}?cursor={}", uuid::Uuid::new_v4()), Some(&customer))
+        .await;
+    problem(&foreign, 404);
+    problem(&unknown, 404);
+    assert_eq!(foreign.2["detail"], unknown.2["detail"]);
+    // A limit outside 1..=200 is refused, not silently capped.
+    problem(&api.get(&format!("{servers}?limit=201"), Some(&customer)).await, 422);
+    problem(&api.get(&format!("{servers}?limit=0"), Some(&customer)).await, 422);
+}

@@ -220,9 +220,6 @@ pub async fn bill(until: Option<chrono::DateTime<chrono::Utc>>) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
-/// The month of history shipped with the binary, for `billing demo`.
-const DEMO_HISTORY: &str = include_str!("../../fixtures/histories/march-2026.jsonl");
-
 /// Loads the demo history, makes a key of each role, and serves in dev mode with the clock where
 /// the history ends.
 pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
@@ -231,38 +228,20 @@ pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
     let pool = connect().await?;
     ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
     let log = ledger::EventLog::open(pool.clone(), ledger::LogConfig::default()).await?;
-    let imported = app::audit::import(&log, DEMO_HISTORY.as_bytes()).await?;
-    let history_end: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT max(occurred_at) FROM events").fetch_one(&pool).await?;
-    // The fleet: hundreds more customers through the same month, made once per database.
-    let fleet_account = domain::AccountId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, b"fleet-000"));
-    let fleet_size = config.demo_accounts;
-    if fleet_size > 0 && log.stream_version(&fleet_account.stream_id()).await? == 0 {
-        eprintln!("demo: making a month of history for {fleet_size} more accounts through the command path (once per database)...");
-        let started = std::time::Instant::now();
-        let clock = std::sync::Arc::new(domain::ManualClock::new(history_end - chrono::Duration::days(60)));
-        let flows = app::flows::Flows::new(app::handler::CommandHandler::new(log.clone(), clock.clone()));
-        let accounts = app::history::fleet(&flows, &clock, fleet_size, history_end).await?;
-        eprintln!(
-            "demo: {accounts} accounts made in {:.1} s; bringing the read models up to date...",
-            started.elapsed().as_secs_f64()
-        );
-    }
-    app::outbox::skip_to_head(&pool).await?;
-    projections::runner::catch_up_all(&pool).await?;
-    let (accounts, servers, events): (i64, i64, i64) =
-        sqlx::query_as("SELECT (SELECT count(*) FROM rm.balances), (SELECT count(*) FROM rm.servers), (SELECT position FROM ledger_head)")
-            .fetch_one(&pool)
-            .await?;
-    let customer_account: uuid::Uuid =
-        sqlx::query_scalar("SELECT account_id FROM rm.balances WHERE name LIKE 'Acme%' ORDER BY account_id LIMIT 1")
-            .fetch_one(&pool)
-            .await?;
+    let app::history::Demo {
+        imported,
+        history_end,
+        accounts,
+        servers,
+        events,
+        customer_account,
+    } = app::history::demo(&log, config.demo_accounts, |progress| eprintln!("demo: {progress}")).await?;
     let admin = match &config.bootstrap_admin_token {
         Some(token) => token.clone(),
         None => create_key(&pool, Role::Admin, None, "demo").await?,
     };
     let finance = create_key(&pool, Role::Finance, None, "demo").await?;
-    let customer = create_key(&pool, Role::Customer, Some(domain::AccountId(customer_account)), "demo").await?;
+    let customer = create_key(&pool, Role::Customer, Some(customer_account), "demo").await?;
     let clock_start = history_end;
     let banner = format!(
         "demo: {accounts} accounts, {servers} servers, {events} events ({imported} new from the March 2026 history); \
@@ -291,7 +270,7 @@ async fn run_server(
         None => Arc::new(app::handler::SystemClock),
     };
     let mut flows = app::flows::Flows::new(app::handler::CommandHandler::new(log.clone(), clock.clone()));
-    flows.idempotency_retention = config.idempotency_retention;
+    flows.settings = config.rules;
     flows
         .sync_catalog(embedded_catalog(), &app::handler::Metadata::actor("system", "startup"))
         .await?;
@@ -398,11 +377,8 @@ pub async fn create_key(role: &str, account: Option<String>) -> anyhow::Result<E
     let pool = connect().await?;
     ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
     if let Some(account_id) = account_id {
-        let exists: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM rm.balances WHERE account_id = $1")
-            .bind(account_id.0)
-            .fetch_optional(&pool)
-            .await?;
-        anyhow::ensure!(exists.is_some(), "no account {account_id}");
+        projections::runner::catch_up_all(&pool).await?;
+        anyhow::ensure!(app::reads::account(&pool, account_id).await?.is_some(), "no account {account_id}");
     }
     let token = crate::http::auth::create_key(&pool, role, account_id, "created with billing keys create").await?;
     println!("{token}");

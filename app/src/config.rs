@@ -34,8 +34,9 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// `BILLING_ORPHAN_SCAN_SECONDS` (default 600).
     pub orphan_scan: Duration,
-    /// `BILLING_IDEMPOTENCY_RETENTION_HOURS` (default 24, at least 24).
-    pub idempotency_retention: chrono::Duration,
+    /// `BILLING_IDEMPOTENCY_RETENTION_HOURS` (default 24, at least 24), `BILLING_UNPAID_DAYS`
+    /// (default 7) and `BILLING_LOW_BALANCE_HOURS` (default 24).
+    pub rules: crate::flows::Settings,
     /// `BILLING_RATE_LIMIT_BURST` (default 120) creating requests per token at once, refilled at
     /// `BILLING_RATE_LIMIT_PER_SECOND` (default 2).
     pub rate_limit_burst: u32,
@@ -58,7 +59,10 @@ pub struct StripeSettings {
 pub enum ProviderSettings {
     /// `PROVIDER=simulated` (the default): `BILLING_SIMULATED_LATENCY_MS` (default 300) and
     /// `BILLING_SIMULATED_FAILING_LOCATIONS` (comma-separated).
-    Simulated { latency: Duration, failing_locations: std::collections::HashSet<String> },
+    Simulated {
+        latency: Duration,
+        failing_locations: std::collections::HashSet<String>,
+    },
     /// `PROVIDER=virtfusion`: `VIRTFUSION_URL`, `VIRTFUSION_TOKEN`, and optionally
     /// `VIRTFUSION_PACKAGES=vps-1g=1,...`, `VIRTFUSION_HYPERVISOR_GROUPS=syd=1,...`,
     /// `VIRTFUSION_OS_TEMPLATES=ubuntu-24.04=1,...`, `VIRTFUSION_USER_ID`, `VIRTFUSION_TIMEOUT_MS`.
@@ -69,8 +73,14 @@ pub enum ProviderSettings {
 struct Env;
 
 impl Env {
+    /// A value, when set and not empty.
     fn text(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|value| !value.is_empty())
+        self.raw(name).filter(|value| !value.is_empty())
+    }
+
+    /// A value as set, empty included (for settings where an empty value is a mistake to name).
+    fn raw(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
     }
 
     /// A number, `default` when unset, brought into `range`; set but not a number is an error.
@@ -93,7 +103,7 @@ impl Env {
 
     /// `KEY=ID,KEY=ID`.
     fn pairs(&self, name: &str, default: &str) -> anyhow::Result<HashMap<String, u64>> {
-        let text = self.text(name).unwrap_or_else(|| default.to_string());
+        let text = self.raw(name).unwrap_or_else(|| default.to_string());
         text.split(',')
             .filter(|pair| !pair.trim().is_empty())
             .map(|pair| {
@@ -109,7 +119,7 @@ impl Config {
     /// The settings of a command run with `--dev` (or not) and `--bind`.
     pub fn from_env(dev: bool, bind: String) -> anyhow::Result<Config> {
         let env = Env;
-        let bootstrap_admin_token = env.text("BILLING_BOOTSTRAP_ADMIN_TOKEN");
+        let bootstrap_admin_token = env.raw("BILLING_BOOTSTRAP_ADMIN_TOKEN");
         if let Some(token) = &bootstrap_admin_token {
             if token.len() < 16 {
                 bail!("BILLING_BOOTSTRAP_ADMIN_TOKEN must be at least 16 characters");
@@ -121,7 +131,8 @@ impl Config {
             success_url: env.text("STRIPE_SUCCESS_URL"),
             cancel_url: env.text("STRIPE_CANCEL_URL"),
         });
-        let provider = match env.text("PROVIDER").as_deref().unwrap_or("simulated") {
+        // Set but empty is a mistake, not a wish for the simulator.
+        let provider = match env.raw("PROVIDER").as_deref().unwrap_or("simulated") {
             "simulated" => ProviderSettings::Simulated {
                 latency: Duration::from_millis(env.number("BILLING_SIMULATED_LATENCY_MS", 300u64, 0, 60_000)?),
                 failing_locations: env
@@ -170,7 +181,11 @@ impl Config {
                 lease: Duration::from_secs(env.number("BILLING_OUTBOX_LEASE_SECONDS", 300u64, 1, 3600)?),
             },
             orphan_scan: Duration::from_secs(env.number("BILLING_ORPHAN_SCAN_SECONDS", 600u64, 1, 86_400)?),
-            idempotency_retention: chrono::Duration::hours(env.number("BILLING_IDEMPOTENCY_RETENTION_HOURS", 24i64, 24, 24 * 365)?),
+            rules: crate::flows::Settings {
+                idempotency_retention: chrono::Duration::hours(env.number("BILLING_IDEMPOTENCY_RETENTION_HOURS", 24i64, 24, 24 * 365)?),
+                unpaid_days: env.number("BILLING_UNPAID_DAYS", 7i64, 1, 365)?,
+                low_balance_hours: env.number("BILLING_LOW_BALANCE_HOURS", 24i64, 1, 24 * 365)?,
+            },
             rate_limit_burst: env.number("BILLING_RATE_LIMIT_BURST", 120u32, 1, 1_000_000)?,
             rate_limit_per_second: env.number("BILLING_RATE_LIMIT_PER_SECOND", 2.0f64, 0.001, 1_000_000.0)?,
             demo_accounts,
@@ -180,7 +195,10 @@ impl Config {
     /// The VPS provider the settings name.
     pub fn provider(&self) -> Arc<dyn domain::provider::ServerProvider> {
         match &self.provider {
-            ProviderSettings::Simulated { latency, failing_locations } => Arc::new(adapters::simulated::SimulatedProvider {
+            ProviderSettings::Simulated {
+                latency,
+                failing_locations,
+            } => Arc::new(adapters::simulated::SimulatedProvider {
                 latency: *latency,
                 failing_locations: failing_locations.clone(),
             }),
@@ -199,7 +217,10 @@ impl Config {
                     .success_url
                     .clone()
                     .unwrap_or_else(|| format!("{public_url}/?checkout=done&session={{CHECKOUT_SESSION_ID}}")),
-                cancel_url: stripe.cancel_url.clone().unwrap_or_else(|| format!("{public_url}/?checkout=cancelled")),
+                cancel_url: stripe
+                    .cancel_url
+                    .clone()
+                    .unwrap_or_else(|| format!("{public_url}/?checkout=cancelled")),
                 timeout: Duration::from_secs(20),
             })
             .map_err(|error| anyhow!("configuring Stripe: {error}"))?;

@@ -389,11 +389,13 @@ async fn load<A: StreamAggregate + 'static>(log: &EventLog, cache: &StateCache, 
         };
         for recorded in events {
             let event: A::Event =
-                domain::decode_event(&recorded.event_type, recorded.schema_version, recorded.payload).map_err(|error| StorageError::Corrupt {
-                stream_id: stream_id.to_string(),
-                position: recorded.position,
-                reason: error.to_string(),
-            })?;
+                domain::decode_event(&recorded.event_type, recorded.schema_version, recorded.payload).map_err(|error| {
+                    StorageError::Corrupt {
+                        stream_id: stream_id.to_string(),
+                        position: recorded.position,
+                        reason: error.to_string(),
+                    }
+                })?;
             state.apply(event);
         }
         version = last;
@@ -429,11 +431,12 @@ async fn load_many<A: StreamAggregate + 'static>(
     let index: std::collections::HashMap<&str, usize> = stream_ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
     for recorded in log.read_streams(&wanted).await? {
         let entry = &mut loaded[index[recorded.stream_id.as_str()]];
-        let event: A::Event =
-            domain::decode_event(&recorded.event_type, recorded.schema_version, recorded.payload).map_err(|error| StorageError::Corrupt {
-            stream_id: recorded.stream_id.clone(),
-            position: recorded.position,
-            reason: error.to_string(),
+        let event: A::Event = domain::decode_event(&recorded.event_type, recorded.schema_version, recorded.payload).map_err(|error| {
+            StorageError::Corrupt {
+                stream_id: recorded.stream_id.clone(),
+                position: recorded.position,
+                reason: error.to_string(),
+            }
         })?;
         entry.state.apply(event);
         entry.version = recorded.stream_version;

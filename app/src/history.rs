@@ -638,3 +638,59 @@ pub async fn fleet(flows: &Flows, clock: &ManualClock, count: usize, until: Date
     }
     Ok(fleet.len())
 }
+
+/// The month of history shipped with the binary, for `billing demo`.
+const DEMO_HISTORY: &str = include_str!("../../fixtures/histories/march-2026.jsonl");
+
+/// What `demo` made, and what there is.
+pub struct Demo {
+    /// Events of the shipped history new to this database.
+    pub imported: u64,
+    /// The last instant of the history: the dev clock starts there.
+    pub history_end: DateTime<Utc>,
+    pub accounts: i64,
+    pub servers: i64,
+    pub events: i64,
+    /// The shipped history's first customer (Acme), for a customer key.
+    pub customer_account: domain::AccountId,
+}
+
+/// The demo's data: the shipped month of history (imported, ids kept) and, once per database, a
+/// fleet of `fleet_size` more accounts through the same month; then the read models brought up to
+/// date. `progress` hears of the slow part.
+pub async fn demo(log: &ledger::EventLog, fleet_size: usize, progress: impl Fn(String)) -> anyhow::Result<Demo> {
+    let pool = log.pool().clone();
+    let imported = crate::audit::import(log, DEMO_HISTORY.as_bytes()).await?;
+    let history_end = crate::reads::last_occurred_at(&pool)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the demo history is empty"))?;
+    // The fleet: hundreds more customers through the same month, made once per database.
+    let fleet_account = domain::AccountId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, b"fleet-000"));
+    if fleet_size > 0 && log.stream_version(&fleet_account.stream_id()).await? == 0 {
+        progress(format!(
+            "making a month of history for {fleet_size} more accounts through the command path (once per database)..."
+        ));
+        let started = std::time::Instant::now();
+        let clock = std::sync::Arc::new(ManualClock::new(history_end - chrono::Duration::days(60)));
+        let flows = Flows::new(crate::handler::CommandHandler::new(log.clone(), clock.clone()));
+        let accounts = fleet(&flows, &clock, fleet_size, history_end).await?;
+        progress(format!(
+            "{accounts} accounts made in {:.1} s; bringing the read models up to date...",
+            started.elapsed().as_secs_f64()
+        ));
+    }
+    crate::outbox::skip_to_head(&pool).await?;
+    projections::runner::catch_up_all(&pool).await?;
+    let (accounts, servers, events) = crate::reads::counts(&pool).await?;
+    let customer_account = crate::reads::first_account_named(&pool, "Acme")
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the demo history has no Acme account"))?;
+    Ok(Demo {
+        imported,
+        history_end,
+        accounts,
+        servers,
+        events,
+        customer_account,
+    })
+}

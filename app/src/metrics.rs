@@ -45,25 +45,25 @@ pub fn record_billing_run(elapsed: Duration, slots_charged: u64) {
 pub fn render() -> String {
     let mut out = String::new();
     out.push_str(&format!(
-            "# TYPE billing_run_duration_seconds summary\nbilling_run_duration_seconds_sum {}\nbilling_run_duration_seconds_count {}\n",
-            COUNTERS.billing_run_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
-            COUNTERS.billing_runs.load(Ordering::Relaxed)
-        ));
-        out.push_str(&format!(
-            "# TYPE billing_run_last_duration_seconds gauge\nbilling_run_last_duration_seconds {}\n",
-            COUNTERS.billing_run_last_us.load(Ordering::Relaxed) as f64 / 1e6
-        ));
-        out.push_str(&format!(
-            "# TYPE billing_slots_charged_total counter\nbilling_slots_charged_total {}\n",
-            COUNTERS.billing_slots_charged.load(Ordering::Relaxed)
-        ));
-        out.push_str(&format!(
-            "# TYPE billing_failed_accounts_total counter\nbilling_failed_accounts_total {}\n",
-            COUNTERS.billing_failed_accounts.load(Ordering::Relaxed)
-        ));
-        out.push_str(&format!(
-            "# TYPE billing_due_work_failures_total counter\nbilling_due_work_failures_total {}\n",
-            COUNTERS.due_work_failures.load(Ordering::Relaxed)
-        ));
+        "# TYPE billing_run_duration_seconds summary\nbilling_run_duration_seconds_sum {}\nbilling_run_duration_seconds_count {}\n",
+        COUNTERS.billing_run_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+        COUNTERS.billing_runs.load(Ordering::Relaxed)
+    ));
+    out.push_str(&format!(
+        "# TYPE billing_run_last_duration_seconds gauge\nbilling_run_last_duration_seconds {}\n",
+        COUNTERS.billing_run_last_us.load(Ordering::Relaxed) as f64 / 1e6
+    ));
+    out.push_str(&format!(
+        "# TYPE billing_slots_charged_total counter\nbilling_slots_charged_total {}\n",
+        COUNTERS.billing_slots_charged.load(Ordering::Relaxed)
+    ));
+    out.push_str(&format!(
+        "# TYPE billing_failed_accounts_total counter\nbilling_failed_accounts_total {}\n",
+        COUNTERS.billing_failed_accounts.load(Ordering::Relaxed)
+    ));
+    out.push_str(&format!(
+        "# TYPE billing_due_work_failures_total counter\nbilling_due_work_failures_total {}\n",
+        COUNTERS.due_work_failures.load(Ordering::Relaxed)
+    ));
     out
 }

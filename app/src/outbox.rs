@@ -72,7 +72,9 @@ fn row_for(event: &ledger::RecordedEvent) -> Option<(&'static str, uuid::Uuid, s
         return Some(("provider", server_id, serde_json::to_value(call).expect("calls serialise")));
     }
     if event.stream_id.starts_with("order-") && event.event_type == "OrderPlaced" {
-        let Ok(OrderEvent::OrderPlaced { order_id, server_id, .. }) = domain::decode_event::<OrderEvent>(&event.event_type, event.schema_version, event.payload.clone()) else {
+        let Ok(OrderEvent::OrderPlaced { order_id, server_id, .. }) =
+            domain::decode_event::<OrderEvent>(&event.event_type, event.schema_version, event.payload.clone())
+        else {
             tracing::error!(position = event.position, "a placed order does not decode; it is not provisioned");
             return None;
         };

@@ -165,7 +165,14 @@ async fn refund_event(flows: &Flows, event: &Event, request_id: Option<String>, 
         });
     };
     let fresh = flows
-        .receive_refund_event(&delivery.stream, delivery.payload, account_id, refund_id, settled, &delivery.metadata)
+        .receive_refund_event(
+            &delivery.stream,
+            delivery.payload,
+            account_id,
+            refund_id,
+            settled,
+            &delivery.metadata,
+        )
         .await?;
     Ok(Receipt::new(fresh))
 }
@@ -250,10 +257,7 @@ async fn dispute_event(flows: &Flows, event: &Event, request_id: Option<String>,
         });
     };
     let currency = Currency::parse(&dispute.currency).map_err(|error| StripeEventError::Malformed(error.to_string()))?;
-    let requested = load_topup(flows, topup_id)
-        .await?
-        .requested
-        .ok_or(FlowError::NotFound("top-up"))?;
+    let requested = load_topup(flows, topup_id).await?.requested.ok_or(FlowError::NotFound("top-up"))?;
     let (withdrawn_minor, reinstated_minor) = dispute.totals_minor(&event.kind);
     // Amounts are in the disputed charge's currency. Presented in another one (Adaptive Pricing),
     // the whole charge is disputed as a rule: its top-up's amount, in the account's currency.
@@ -290,7 +294,15 @@ async fn dispute_event(flows: &Flows, event: &Event, request_id: Option<String>,
         Vec::new()
     };
     let fresh = flows
-        .receive_dispute_event(&delivery.stream, delivery.payload, account_id, report, &servers, &suspended, &delivery.metadata)
+        .receive_dispute_event(
+            &delivery.stream,
+            delivery.payload,
+            account_id,
+            report,
+            &servers,
+            &suspended,
+            &delivery.metadata,
+        )
         .await?;
     Ok(Receipt::new(fresh))
 }

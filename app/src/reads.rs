@@ -32,6 +32,11 @@ impl<T> Page<T> {
     }
 }
 
+/// `text` matched literally by `LIKE`.
+fn like_escaped(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+}
+
 /// The largest page any list serves.
 pub const PAGE_MAX: u32 = 200;
 
@@ -42,12 +47,9 @@ pub async fn account(pool: &PgPool, account_id: AccountId) -> Result<Option<Bala
         .await
 }
 
-/// Accounts whose name or email contains `text` (case-insensitive), by name.
+/// Accounts whose name or email contains `text` (case-insensitive), by id (the cursor).
 pub async fn search_accounts(pool: &PgPool, text: &str, after: Option<AccountId>, limit: u32) -> Result<Page<BalanceRow>> {
-    let pattern = format!(
-        "%{}%",
-        text.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
-    );
+    let pattern = format!("%{}%", like_escaped(&text.to_lowercase()));
     // Ordered by id so that the cursor (the last id) is exact under concurrent openings.
     let rows: Vec<BalanceRow> = sqlx::query_as(
         "SELECT * FROM rm.balances WHERE (lower(name) LIKE $1 OR lower(email) LIKE $1) AND ($2::uuid IS NULL OR account_id > $2) \
@@ -89,28 +91,47 @@ pub async fn server(pool: &PgPool, server_id: ServerId) -> Result<Option<ServerR
         .await
 }
 
-/// An account's servers in the order they were ordered; the cursor is the last server's id.
-pub async fn servers_of_account(pool: &PgPool, account_id: AccountId, after: Option<ServerId>, limit: u32) -> Result<Page<ServerRow>> {
+/// An account's servers in the order they were ordered, after the server `after` (the cursor is
+/// the last server's id). None when `after` is not a server of this account.
+pub async fn servers_of_account(
+    pool: &PgPool,
+    account_id: AccountId,
+    after: Option<ServerId>,
+    limit: u32,
+) -> Result<Option<Page<ServerRow>>> {
+    let start: Option<(DateTime<Utc>, Uuid)> = match after {
+        None => None,
+        Some(server_id) => {
+            let row = sqlx::query_as("SELECT created_at, server_id FROM rm.servers WHERE server_id = $1 AND account_id = $2")
+                .bind(server_id.0)
+                .bind(account_id.0)
+                .fetch_optional(pool)
+                .await?;
+            match row {
+                Some(row) => Some(row),
+                None => return Ok(None),
+            }
+        }
+    };
     let rows: Vec<ServerRow> = sqlx::query_as(
-        "SELECT * FROM rm.servers WHERE account_id = $1 \
-           AND ($2::uuid IS NULL OR (created_at, server_id) > (SELECT created_at, server_id FROM rm.servers WHERE server_id = $2)) \
-         ORDER BY created_at, server_id LIMIT $3",
+        "SELECT * FROM rm.servers WHERE account_id = $1 AND ($2::timestamptz IS NULL OR (created_at, server_id) > ($2, $3)) \
+         ORDER BY created_at, server_id LIMIT $4",
     )
     .bind(account_id.0)
-    .bind(after.map(|id| id.0))
+    .bind(start.map(|(created_at, _)| created_at))
+    .bind(start.map(|(_, server_id)| server_id))
     .bind(i64::from(limit) + 1)
     .fetch_all(pool)
     .await?;
-    Ok(Page::of(rows, limit, |row| row.server_id.to_string()))
+    Ok(Some(Page::of(rows, limit, |row| row.server_id.to_string())))
 }
 
 /// The account's servers that are billable now, as the read model has them.
 pub async fn billable_servers(pool: &PgPool, account_id: AccountId) -> Result<Vec<ServerId>> {
-    let servers: Vec<Uuid> =
-        sqlx::query_scalar("SELECT server_id FROM rm.servers WHERE account_id = $1 AND billable ORDER BY server_id")
-            .bind(account_id.0)
-            .fetch_all(pool)
-            .await?;
+    let servers: Vec<Uuid> = sqlx::query_scalar("SELECT server_id FROM rm.servers WHERE account_id = $1 AND billable ORDER BY server_id")
+        .bind(account_id.0)
+        .fetch_all(pool)
+        .await?;
     Ok(servers.into_iter().map(ServerId).collect())
 }
 
@@ -124,7 +145,10 @@ pub async fn suspended_servers(pool: &PgPool, account_id: Option<AccountId>, rea
     .bind(account_id.map(|id| id.0))
     .fetch_all(pool)
     .await?;
-    Ok(rows.into_iter().map(|(server, account)| (ServerId(server), AccountId(account))).collect())
+    Ok(rows
+        .into_iter()
+        .map(|(server, account)| (ServerId(server), AccountId(account)))
+        .collect())
 }
 
 /// Servers suspended for non-payment since `before` or earlier.
@@ -204,7 +228,9 @@ pub async fn accounts_billed_between(pool: &PgPool, start: DateTime<Utc>, end: D
 
 /// Servers billable now, across every account.
 pub async fn billable_server_count(pool: &PgPool) -> Result<i64> {
-    sqlx::query_scalar("SELECT count(*) FROM rm.servers WHERE billable").fetch_one(pool).await
+    sqlx::query_scalar("SELECT count(*) FROM rm.servers WHERE billable")
+        .fetch_one(pool)
+        .await
 }
 
 pub async fn invoice(pool: &PgPool, invoice_id: InvoiceId) -> Result<Option<InvoiceRow>> {
@@ -214,17 +240,38 @@ pub async fn invoice(pool: &PgPool, invoice_id: InvoiceId) -> Result<Option<Invo
         .await
 }
 
-/// An account's invoices, newest first; the cursor is the last invoice's number.
-pub async fn invoices_of_account(pool: &PgPool, account_id: AccountId, before: Option<&str>, limit: u32) -> Result<Page<InvoiceRow>> {
+/// An account's invoices, newest period first (one per month), after the invoice `after` (the
+/// cursor is the last invoice's id). None when `after` is not an invoice of this account.
+pub async fn invoices_of_account(
+    pool: &PgPool,
+    account_id: AccountId,
+    after: Option<InvoiceId>,
+    limit: u32,
+) -> Result<Option<Page<InvoiceRow>>> {
+    let before: Option<DateTime<Utc>> = match after {
+        None => None,
+        Some(invoice_id) => {
+            let start = sqlx::query_scalar("SELECT period_start FROM rm.invoices WHERE invoice_id = $1 AND account_id = $2")
+                .bind(invoice_id.0)
+                .bind(account_id.0)
+                .fetch_optional(pool)
+                .await?;
+            match start {
+                Some(start) => Some(start),
+                None => return Ok(None),
+            }
+        }
+    };
     let rows: Vec<InvoiceRow> = sqlx::query_as(
-        "SELECT * FROM rm.invoices WHERE account_id = $1 AND ($2::text IS NULL OR number < $2) ORDER BY number DESC LIMIT $3",
+        "SELECT * FROM rm.invoices WHERE account_id = $1 AND ($2::timestamptz IS NULL OR period_start < $2) \
+         ORDER BY period_start DESC LIMIT $3",
     )
     .bind(account_id.0)
     .bind(before)
     .bind(i64::from(limit) + 1)
     .fetch_all(pool)
     .await?;
-    Ok(Page::of(rows, limit, |row| row.number.clone()))
+    Ok(Some(Page::of(rows, limit, |row| row.invoice_id.to_string())))
 }
 
 /// The credit notes of invoices, by number.
@@ -277,4 +324,26 @@ pub async fn topup_held_for(pool: &PgPool, payment_id: &str) -> Result<Option<To
     .fetch_optional(pool)
     .await?;
     Ok(stream.and_then(|stream| TopUpId::parse(stream.strip_prefix("topup-")?).ok()))
+}
+
+/// Accounts, servers and events there are.
+pub async fn counts(pool: &PgPool) -> Result<(i64, i64, i64)> {
+    sqlx::query_as("SELECT (SELECT count(*) FROM rm.balances), (SELECT count(*) FROM rm.servers), (SELECT position FROM ledger_head)")
+        .fetch_one(pool)
+        .await
+}
+
+/// The first account (by id) whose name starts with `prefix`.
+pub async fn first_account_named(pool: &PgPool, prefix: &str) -> Result<Option<AccountId>> {
+    let pattern = format!("{}%", like_escaped(prefix));
+    let id: Option<Uuid> = sqlx::query_scalar("SELECT account_id FROM rm.balances WHERE name LIKE $1 ORDER BY account_id LIMIT 1")
+        .bind(pattern)
+        .fetch_optional(pool)
+        .await?;
+    Ok(id.map(AccountId))
+}
+
+/// The domain time of the latest event in the log.
+pub async fn last_occurred_at(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar("SELECT max(occurred_at) FROM events").fetch_one(pool).await
 }

@@ -60,11 +60,6 @@ where
     }
 }
 
-/// Days a server may stay suspended for non-payment before it is terminated.
-pub const UNPAID_DAYS: i64 = 7;
-/// A runway below this many hours records a low-balance warning.
-pub const LOW_BALANCE_HOURS: i64 = 24;
-
 fn system() -> Metadata {
     Metadata::actor("system", "scheduler")
 }
@@ -98,12 +93,12 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
         }
     }
     // Unpaid for too long: terminated.
-    let overdue = crate::reads::unpaid_since(&pool, now - chrono::Duration::days(UNPAID_DAYS))
+    let overdue = crate::reads::unpaid_since(&pool, now - chrono::Duration::days(flows.settings.unpaid_days))
         .await
         .map_err(crate::handler::StorageError::Read)?;
     for server_id in overdue {
         let command = domain::ServerCommand::TerminateForNonPayment {
-            unpaid_days: UNPAID_DAYS,
+            unpaid_days: flows.settings.unpaid_days,
             at: now,
         };
         match flows.server_command(server_id, command, &system()).await {
@@ -114,13 +109,13 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
     // Low balance: one warning per crossing below the runway threshold, cleared when restored.
     // With nothing billable (all suspended, say) the runway says nothing, and nothing changes.
     catch_up(&pool).await?;
-    let crossings = crate::reads::runway_crossings(&pool, LOW_BALANCE_HOURS)
+    let crossings = crate::reads::runway_crossings(&pool, flows.settings.low_balance_hours)
         .await
         .map_err(crate::handler::StorageError::Read)?;
     for (account_id, burn) in crossings {
         let command = domain::AccountCommand::CheckRunway {
             hourly_burn_gross: burn,
-            threshold_hours: rust_decimal::Decimal::from(LOW_BALANCE_HOURS),
+            threshold_hours: rust_decimal::Decimal::from(flows.settings.low_balance_hours),
         };
         match flows.account_command(account_id, command, &system()).await {
             Ok(events) => {
@@ -149,7 +144,7 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
         // those with charges in the month; an account without any gets no invoice).
         let candidates = crate::reads::accounts_billed_between(&pool, last_month.start(), last_month.end())
             .await
-        .map_err(crate::handler::StorageError::Read)?;
+            .map_err(crate::handler::StorageError::Read)?;
         let mut complete = billed.failed_accounts == 0;
         for account_id in candidates {
             // An account the billing set aside may owe hours of the month: not invoiced until billed.
@@ -174,7 +169,7 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
         }
     }
     // Stored idempotency keys past their retention.
-    crate::idempotency::expire(&pool, flows.idempotency_retention)
+    crate::idempotency::expire(&pool, flows.settings.idempotency_retention)
         .await
         .map_err(crate::handler::StorageError::Read)?;
     catch_up(&pool).await?;
@@ -250,7 +245,7 @@ pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::Ba
         catch_up(&pool).await?;
         let due = crate::reads::charges_due(&pool, until.start())
             .await
-        .map_err(crate::handler::StorageError::Read)?;
+            .map_err(crate::handler::StorageError::Read)?;
         let work: Vec<Work> = plan(due, until)
             .into_iter()
             .filter(|work| !failed.contains(&work.account_id))

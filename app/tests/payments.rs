@@ -95,7 +95,11 @@ async fn a_paid_checkout_credits_once_and_a_refund_of_an_unknown_payment_waits_u
         Err(StripeEventError::NotYetKnown(_))
     ));
 
-    let paid = event("evt_1Paid", "checkout.session.completed", paid_checkout(topup_id, "pi_1Paid", 2_500, "aud"));
+    let paid = event(
+        "evt_1Paid",
+        "checkout.session.completed",
+        paid_checkout(topup_id, "pi_1Paid", 2_500, "aud"),
+    );
     let receipt = handle_stripe_event(&flows, &paid, None).await.unwrap();
     assert!(!receipt.duplicate);
     assert_eq!(balance(&flows, account_id).await, dec!(25.00));
@@ -117,7 +121,11 @@ async fn a_paid_checkout_credits_once_and_a_refund_of_an_unknown_payment_waits_u
     assert_eq!(balance(&flows, account_id).await, dec!(20.00));
 
     // An event id that is not Stripe's never names a stream.
-    let forged = event("evt_1/../../account", "checkout.session.completed", paid_checkout(topup_id, "pi_1Paid", 2_500, "aud"));
+    let forged = event(
+        "evt_1/../../account",
+        "checkout.session.completed",
+        paid_checkout(topup_id, "pi_1Paid", 2_500, "aud"),
+    );
     assert!(matches!(
         handle_stripe_event(&flows, &forged, None).await,
         Err(StripeEventError::Malformed(_))

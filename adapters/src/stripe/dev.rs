@@ -80,4 +80,3 @@ pub async fn post_dev_event(client: &reqwest::Client, public_url: &str, secret: 
     }
     Ok(())
 }
-

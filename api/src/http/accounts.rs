@@ -10,8 +10,7 @@ use super::auth::{create_key, Caller, Role};
 use super::error::ApiError;
 use super::extract::{page_size, path_id, request_id, Json, Query};
 use super::types::{
-    Account, AccountPage, ApiKey, AsOfQuery, Created, Money, NewKey, OpenAccount, SearchQuery, StatementQuery, Transaction,
-    TransactionPage,
+    Account, AccountPage, ApiKey, AsOfQuery, Created, Money, NewKey, OpenAccount, SearchQuery, StatementQuery, Transaction, TransactionPage,
 };
 use super::{read_your_writes, AppState, Reply};
 
@@ -61,14 +60,16 @@ pub(crate) async fn open_account(
 /// Accounts whose name or email contains the query, in id order.
 #[utoipa::path(get, path = "/v1/accounts", tag = "accounts", params(SearchQuery), security(("bearer" = [])),
     responses((status = 200, description = "matching accounts", body = AccountPage)))]
-pub(crate) async fn search_accounts(
-    State(state): State<AppState>,
-    caller: Caller,
-    Query(query): Query<SearchQuery>,
-) -> Reply<AccountPage> {
+pub(crate) async fn search_accounts(State(state): State<AppState>, caller: Caller, Query(query): Query<SearchQuery>) -> Reply<AccountPage> {
     caller.require(&[Role::Admin, Role::Finance])?;
     let limit = page_size(query.limit, 50, app::reads::PAGE_MAX)?;
-    let page = app::reads::search_accounts(&state.pool, query.query.as_ref().map(|text| text.0.as_str()).unwrap_or_default(), query.cursor.map(AccountId), limit).await?;
+    let page = app::reads::search_accounts(
+        &state.pool,
+        query.query.as_ref().map(|text| text.0.as_str()).unwrap_or_default(),
+        query.cursor.map(AccountId),
+        limit,
+    )
+    .await?;
     Ok((StatusCode::OK, axum::Json(AccountPage::of(page, |row| Account::of(&row)))))
 }
 

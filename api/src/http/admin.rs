@@ -9,7 +9,9 @@ use domain::{AccountId, ChargeId};
 use super::auth::{Caller, Role};
 use super::error::ApiError;
 use super::extract::{path_id, request_id, Json};
-use super::types::{Account, Adjustment, AdjustmentMade, AmountWithReason, Money, ProjectionPage, ProjectionStatus, RebuildStarted, ServiceCredit};
+use super::types::{
+    Account, Adjustment, AdjustmentMade, AmountWithReason, Money, ProjectionPage, ProjectionStatus, RebuildStarted, ServiceCredit,
+};
 use super::{accounts, read_your_writes, AppState, Reply};
 
 pub fn routes() -> Router<AppState> {
@@ -70,7 +72,13 @@ pub(crate) async fn credit_charge(
     let amount = accounts::money_in(body.amount.0, accounts::currency_of(&account)?)?.amount;
     let refund_id = state
         .flows
-        .service_credit(account_id, charge_id, amount, &body.reason.0, &caller.metadata(request_id(&headers), None))
+        .service_credit(
+            account_id,
+            charge_id,
+            amount,
+            &body.reason.0,
+            &caller.metadata(request_id(&headers), None),
+        )
         .await?;
     read_your_writes(&state).await?;
     let account = accounts::load(&state, account_id).await?;
@@ -108,7 +116,8 @@ pub(crate) async fn projection_status(State(state): State<AppState>, caller: Cal
 }
 
 /// Read models being rebuilt by this process (a second rebuild of one would share its side schema).
-static REBUILDING: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> = std::sync::LazyLock::new(Default::default);
+static REBUILDING: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
+    std::sync::LazyLock::new(Default::default);
 
 /// Rebuilds a read model from position 0 beside the live one, swapped in when caught up.
 #[utoipa::path(post, path = "/v1/admin/projections/{name}/rebuild", tag = "admin",

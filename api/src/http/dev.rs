@@ -103,9 +103,15 @@ async fn checkout_pay(State(state): State<AppState>, Path(topup_id): Path<String
         "payment_status": "paid",
         "status": "complete"
     });
-    adapters::stripe::dev::post_dev_event(&reqwest::Client::new(), &state.public_url, &secret, "checkout.session.completed", session)
-        .await
-        .map_err(ApiError::internal)?;
+    adapters::stripe::dev::post_dev_event(
+        &reqwest::Client::new(),
+        &state.public_url,
+        &secret,
+        "checkout.session.completed",
+        session,
+    )
+    .await
+    .map_err(ApiError::internal)?;
     Ok(Html(format!(
         "<!doctype html><html lang=\"en\"><body style=\"font-family: sans-serif; max-width: 28rem; margin: 4rem auto\"><h1>Paid</h1><p>{} {} was added to your wallet.</p></body></html>",
         topup.currency,

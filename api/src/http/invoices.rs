@@ -25,7 +25,12 @@ pub fn routes() -> Router<AppState> {
 /// An invoice with its credit notes, from the read model's rows.
 fn view(row: InvoiceRow, notes: &[CreditNoteRow]) -> Invoice {
     let currency = row.currency.clone();
-    let money = |value: &Value| Money::of(value.as_str().and_then(|t| t.parse::<Decimal>().ok()).unwrap_or_default(), &currency);
+    let money = |value: &Value| {
+        Money::of(
+            value.as_str().and_then(|t| t.parse::<Decimal>().ok()).unwrap_or_default(),
+            &currency,
+        )
+    };
     let lines = row
         .lines
         .0
@@ -103,7 +108,9 @@ pub(crate) async fn account_invoices(
     let account_id = accounts::readable(&caller, &id)?;
     accounts::load(&state, account_id).await?;
     let limit = page_size(page.limit, 50, app::reads::PAGE_MAX)?;
-    let rows = app::reads::invoices_of_account(&state.pool, account_id, page.cursor.as_ref().map(|cursor| cursor.0.as_str()), limit).await?;
+    let rows = app::reads::invoices_of_account(&state.pool, account_id, page.cursor.map(InvoiceId), limit)
+        .await?
+        .ok_or_else(|| ApiError::not_found("invoice (the cursor)"))?;
     let ids: Vec<uuid::Uuid> = rows.items.iter().map(|row| row.invoice_id).collect();
     let notes = app::reads::credit_notes(&state.pool, &ids).await?;
     Ok((StatusCode::OK, axum::Json(InvoicePage::of(rows, |row| view(row, &notes)))))
@@ -112,7 +119,12 @@ pub(crate) async fn account_invoices(
 /// An invoice; with `Accept: text/html`, the page to print.
 #[utoipa::path(get, path = "/v1/invoices/{id}", tag = "invoices", params(("id" = Uuid, Path)), security(("bearer" = [])),
     responses((status = 200, description = "the invoice", content((Invoice = "application/json"), (String = "text/html")))))]
-pub(crate) async fn get_invoice(State(state): State<AppState>, caller: Caller, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub(crate) async fn get_invoice(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let invoice_id = path_id(InvoiceId::parse(&id), "invoice")?;
     let row = app::reads::invoice(&state.pool, invoice_id)
         .await?

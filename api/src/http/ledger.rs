@@ -9,8 +9,8 @@ use super::auth::{Caller, Role};
 use super::error::ApiError;
 use super::extract::{page_size, Query};
 use super::types::{
-    AsOfQuery, CurrencyBooks, Difference, EventPage, EventsQuery, LedgerEvent, Money, ReadModelCheck, TrialBalance, TrialBalanceLine, Verification,
-    VerifyQuery,
+    AsOfQuery, CurrencyBooks, Difference, EventPage, EventsQuery, LedgerEvent, Money, ReadModelCheck, TrialBalance, TrialBalanceLine,
+    Verification, VerifyQuery,
 };
 use super::{AppState, Reply};
 

@@ -22,7 +22,12 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/admin/topups/{id}/resolution", post(resolve_held_payment))
 }
 
-fn processor(state: &AppState, slug: &'static str, title: &'static str, what: &str) -> Result<std::sync::Arc<dyn domain::payments::PaymentGateway>, ApiError> {
+fn processor(
+    state: &AppState,
+    slug: &'static str,
+    title: &'static str,
+    what: &str,
+) -> Result<std::sync::Arc<dyn domain::payments::PaymentGateway>, ApiError> {
     state.payments.clone().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -94,7 +99,12 @@ fn payment_error(error: domain::payments::PaymentError) -> ApiError {
         }
         domain::provider::ProviderError::Permanent(reason) => {
             tracing::error!(%reason, "the card processor refused a checkout");
-            ApiError::new(StatusCode::BAD_GATEWAY, "payment-processor-refused", "Payment processor refused", reason)
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "payment-processor-refused",
+                "Payment processor refused",
+                reason,
+            )
         }
     }
 }

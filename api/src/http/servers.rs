@@ -13,8 +13,8 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{page_size, path_id, request_id, Json, Query};
 use super::types::{
-    Cancellation, CancellationMode, Money, OrderAccepted, PlaceOrder, Plan, PlanPage, PlanPrice, Power, PowerAction, Server,
-    ServerPage, ServersQuery, ServerStatus, Setup,
+    Cancellation, CancellationMode, Money, OrderAccepted, PlaceOrder, Plan, PlanPage, PlanPrice, Power, PowerAction, Server, ServerPage,
+    ServerStatus, ServersQuery, Setup,
 };
 use super::{accounts, read_your_writes, AppState, Reply};
 use app::flows::ServerRequest;
@@ -123,9 +123,14 @@ pub(crate) async fn account_servers(
     let account_id = accounts::readable(&caller, &id)?;
     let account = accounts::load(&state, account_id).await?;
     let limit = page_size(page.limit, 50, app::reads::PAGE_MAX)?;
-    let rows = app::reads::servers_of_account(&state.pool, account_id, page.cursor.map(ServerId), limit).await?;
+    let rows = app::reads::servers_of_account(&state.pool, account_id, page.cursor.map(ServerId), limit)
+        .await?
+        .ok_or_else(|| ApiError::not_found("server (the cursor)"))?;
     let now = state.clock.now();
-    Ok((StatusCode::OK, axum::Json(ServerPage::of(rows, |row| view(row, now, &account.currency)))))
+    Ok((
+        StatusCode::OK,
+        axum::Json(ServerPage::of(rows, |row| view(row, now, &account.currency))),
+    ))
 }
 
 /// A server, as its owner, finance or an admin sees it.
@@ -221,7 +226,17 @@ pub(crate) async fn setup_server(
     Json(body): Json<Setup>,
 ) -> Reply<Server> {
     let hostname = domain::Hostname::parse(&body.hostname.0).map_err(|error| ApiError::invalid("hostname", error.reason))?;
-    act(&state, &caller, &headers, &id, ServerRequest::Setup { os_image: body.os_image.0, hostname }).await
+    act(
+        &state,
+        &caller,
+        &headers,
+        &id,
+        ServerRequest::Setup {
+            os_image: body.os_image.0,
+            hostname,
+        },
+    )
+    .await
 }
 
 /// Boots, shuts down or reboots the server (a stopped server is still billed).

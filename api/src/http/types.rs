@@ -44,23 +44,33 @@ pub const NAME_PATTERN: &str = text_pattern!("198");
 pub const REASON_PATTERN: &str = text_pattern!("498");
 /// The domain's rule for an email address: something, `@`, then a domain with a dot inside it;
 /// no white space anywhere.
-pub const EMAIL_PATTERN: &str = concat!(r"^[^@", ws!(), r"]+@[^.", ws!(), r"][^", ws!(), r"]*\.[^", ws!(), r"]*[^.", ws!(), r"]$");
+pub const EMAIL_PATTERN: &str = concat!(
+    r"^[^@",
+    ws!(),
+    r"]+@[^.",
+    ws!(),
+    r"][^",
+    ws!(),
+    r"]*\.[^",
+    ws!(),
+    r"]*[^.",
+    ws!(),
+    r"]$"
+);
 pub const COUNTRY_PATTERN: &str = r"^[A-Z]{2}$";
 pub const OS_IMAGE_PATTERN: &str = r"^[A-Za-z0-9._-]{1,64}$";
 /// RFC 1123: dot-separated labels of 1 to 63 letters, digits and inner hyphens (253 at most).
 pub const HOSTNAME_PATTERN: &str = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$";
 /// A positive amount with at most 6 decimals (no leading zeros, no sign, no exponent).
-pub const POSITIVE_AMOUNT_PATTERN: &str =
-    r"^([1-9][0-9]{0,11}(\.[0-9]{1,6})?|0\.([1-9][0-9]{0,5}|0[1-9][0-9]{0,4}|00[1-9][0-9]{0,3}|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$";
+pub const POSITIVE_AMOUNT_PATTERN: &str = r"^([1-9][0-9]{0,11}(\.[0-9]{1,6})?|0\.([1-9][0-9]{0,5}|0[1-9][0-9]{0,4}|00[1-9][0-9]{0,3}|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$";
 /// A non-zero amount with at most 6 decimals, negative for a debit.
-pub const SIGNED_AMOUNT_PATTERN: &str =
-    r"^-?([1-9][0-9]{0,11}(\.[0-9]{1,6})?|0\.([1-9][0-9]{0,5}|0[1-9][0-9]{0,4}|00[1-9][0-9]{0,3}|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$";
-/// A top-up: more than 0 and at most 10000, in whole minor units of a two-decimal currency.
-pub const TOPUP_AMOUNT_PATTERN: &str = r"^(10000(\.0{1,2})?|[1-9][0-9]{0,3}(\.[0-9]{1,2})?|0\.([1-9][0-9]?|0[1-9]))$";
+pub const SIGNED_AMOUNT_PATTERN: &str = r"^-?([1-9][0-9]{0,11}(\.[0-9]{1,6})?|0\.([1-9][0-9]{0,5}|0[1-9][0-9]{0,4}|00[1-9][0-9]{0,3}|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$";
+/// A top-up: more than 0 and at most 10000, at most 6 decimals (and, as the account's currency
+/// has it, in whole minor units: a rule of the account, checked by the server).
+pub const TOPUP_AMOUNT_PATTERN: &str = r"^(10000(\.0{1,6})?|[1-9][0-9]{0,3}(\.[0-9]{1,6})?|0\.([1-9][0-9]{0,5}|0[1-9][0-9]{0,4}|00[1-9][0-9]{0,3}|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$";
 /// An amount as the server writes it.
 const AMOUNT_OUT_PATTERN: &str = r"^-?[0-9]+(\.[0-9]+)?$";
 pub const POSITION_CURSOR_PATTERN: &str = r"^[0-9]{1,18}$";
-pub const INVOICE_CURSOR_PATTERN: &str = r"^INV-[0-9]{4}-[0-9]{6}$";
 
 fn string_schema(pattern: Option<&str>, max_length: Option<usize>, description: &str, example: &str) -> RefOr<Schema> {
     ObjectBuilder::new()
@@ -125,19 +135,48 @@ checked_text!(
     "1 to 500 characters, no control characters, no white space at either end", "goodwill for the outage of 3 May"
 );
 checked_text!(
-    Email, EMAIL_PATTERN, Some(254),
-    "an email address: no white space, an @, then a domain with a dot inside it (254 characters at most)", "ada@example.com"
+    Email,
+    EMAIL_PATTERN,
+    Some(254),
+    "an email address: no white space, an @, then a domain with a dot inside it (254 characters at most)",
+    "ada@example.com"
 );
-checked_text!(CountryCode, COUNTRY_PATTERN, None, "an ISO 3166-1 alpha-2 country code in capitals", "AU");
-checked_text!(OsImage, OS_IMAGE_PATTERN, None, "1 to 64 letters, digits, dots, hyphens and underscores", "debian-12");
 checked_text!(
-    Hostname, HOSTNAME_PATTERN, Some(253),
-    "an RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens (253 characters at most)", "web1.example.com"
+    CountryCode,
+    COUNTRY_PATTERN,
+    None,
+    "an ISO 3166-1 alpha-2 country code in capitals",
+    "AU"
+);
+checked_text!(
+    OsImage,
+    OS_IMAGE_PATTERN,
+    None,
+    "1 to 64 letters, digits, dots, hyphens and underscores",
+    "debian-12"
+);
+checked_text!(
+    Hostname,
+    HOSTNAME_PATTERN,
+    Some(253),
+    "an RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens (253 characters at most)",
+    "web1.example.com"
 );
 checked_text!(SearchText, r"^[\s\S]{0,200}$", Some(200), "at most 200 characters", "ada");
-checked_text!(StreamName, r"^[\x21-\x7e]{1,200}$", Some(200), "a stream id: 1 to 200 visible ASCII characters", "catalog");
-checked_text!(PositionCursor, POSITION_CURSOR_PATTERN, None, "the next_cursor of an earlier page", "1042");
-checked_text!(InvoiceCursor, INVOICE_CURSOR_PATTERN, None, "the next_cursor of an earlier page (an invoice number)", "INV-2026-000042");
+checked_text!(
+    StreamName,
+    r"^[\x21-\x7e]{1,200}$",
+    Some(200),
+    "a stream id: 1 to 200 visible ASCII characters",
+    "catalog"
+);
+checked_text!(
+    PositionCursor,
+    POSITION_CURSOR_PATTERN,
+    None,
+    "the next_cursor of an earlier page",
+    "1042"
+);
 
 /// An amount in a request: a JSON string, checked against its pattern, then exact as a decimal.
 macro_rules! amount {
@@ -192,7 +231,7 @@ amount!(
 amount!(
     /// What a card pays: more than 0, at most 10000, in whole minor units.
     TopUpAmount, TOPUP_AMOUNT_PATTERN,
-    "an amount as a string, more than 0 and at most 10000, at most 2 decimals (\"25.00\")", "25.00"
+    "an amount as a string, more than 0 and at most 10000, in whole minor units of the account's currency (\"25.00\"; JPY has none, KWD three)", "25.00"
 );
 
 /// An amount as the server writes it: exact, with at least the currency's minor digits
@@ -249,8 +288,11 @@ impl ToSchema for CurrencyCode {
 
 /// The plans and locations on sale: the catalogue the binary embeds and publishes at start.
 pub static CATALOG: LazyLock<domain::catalog::Fixtures> = LazyLock::new(|| {
-    domain::catalog::Fixtures::parse(include_str!("../../../fixtures/plans.toml"), include_str!("../../../fixtures/tax.toml"))
-        .expect("the embedded fixtures parse")
+    domain::catalog::Fixtures::parse(
+        include_str!("../../../fixtures/plans.toml"),
+        include_str!("../../../fixtures/tax.toml"),
+    )
+    .expect("the embedded fixtures parse")
 });
 
 /// A plan of the catalogue.
@@ -262,7 +304,9 @@ impl<'de> Deserialize<'de> for PlanCode {
         let text = String::deserialize(deserializer)?;
         match CATALOG.plans.iter().find(|plan| plan.spec.id.as_str() == text) {
             Some(plan) => Ok(PlanCode(plan.spec.id.clone())),
-            None => Err(serde::de::Error::custom(format!("{text:?} is not a plan of the catalogue (GET /v1/plans)"))),
+            None => Err(serde::de::Error::custom(format!(
+                "{text:?} is not a plan of the catalogue (GET /v1/plans)"
+            ))),
         }
     }
 }
@@ -295,7 +339,10 @@ impl<'de> Deserialize<'de> for LocationCode {
 
 impl PartialSchema for LocationCode {
     fn schema() -> RefOr<Schema> {
-        enum_schema(CATALOG.locations.iter().map(|location| location.as_str().to_string()), "a location servers are made in")
+        enum_schema(
+            CATALOG.locations.iter().map(|location| location.as_str().to_string()),
+            "a location servers are made in",
+        )
     }
 }
 
@@ -425,7 +472,9 @@ impl PartialSchema for DevClock {
                 "now",
                 ObjectBuilder::new()
                     .schema_type(Type::String)
-                    .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(utoipa::openapi::KnownFormat::DateTime)))
+                    .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                        utoipa::openapi::KnownFormat::DateTime,
+                    )))
                     .description(Some("the new instant (RFC 3339), not before the clock's")),
             )
             .required("now")
@@ -474,7 +523,7 @@ macro_rules! page_query {
 page_query!(
     StatementQuery after PositionCursor,
     ServersQuery after Uuid,
-    InvoicesQuery after InvoiceCursor,
+    InvoicesQuery after Uuid,
 );
 
 #[derive(Deserialize, IntoParams)]

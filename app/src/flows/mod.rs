@@ -121,8 +121,28 @@ pub struct BatchCharges {
 #[derive(Clone)]
 pub struct Flows {
     pub handler: CommandHandler,
-    /// How long a request's `Idempotency-Key` makes a repeat a replay.
+    pub settings: Settings,
+}
+
+/// The product's configurable rules (`Config` sets them; these are the defaults).
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// How long a request's `Idempotency-Key` makes a repeat a replay (at least 24 h).
     pub idempotency_retention: chrono::Duration,
+    /// Days a server suspended for non-payment waits before it is terminated.
+    pub unpaid_days: i64,
+    /// A runway below this many hours records one low-balance warning.
+    pub low_balance_hours: i64,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            idempotency_retention: crate::idempotency::RETENTION_DEFAULT,
+            unpaid_days: 7,
+            low_balance_hours: 24,
+        }
+    }
 }
 
 async fn unit_load<A: crate::handler::StreamAggregate + 'static>(
@@ -136,7 +156,7 @@ impl Flows {
     pub fn new(handler: CommandHandler) -> Flows {
         Flows {
             handler,
-            idempotency_retention: crate::idempotency::RETENTION_DEFAULT,
+            settings: Settings::default(),
         }
     }
 
@@ -158,7 +178,7 @@ impl Flows {
              AND recorded_at > $2)",
         )
         .bind(key)
-        .bind(chrono::Utc::now() - self.idempotency_retention)
+        .bind(chrono::Utc::now() - self.settings.idempotency_retention)
         .fetch_one(self.handler.log().pool())
         .await
         .map_err(StorageError::Read)?;
