@@ -1,3 +1,6 @@
+-- Upgrade note: processes of the previous version must be stopped before this runs (an old
+-- projector would write servers without these columns); or rebuild the servers read model after
+-- (`billing rebuild servers`).
 -- The servers read model carries the domain's answers as columns, so that no query reads the
 -- aggregate's serialized state: billable now (`Server::is_billable`), and why and since when a
 -- suspended server is suspended (`Server::suspension`).
