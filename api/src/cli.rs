@@ -242,13 +242,27 @@ pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
     };
     let finance = create_key(&pool, Role::Finance, None, "demo").await?;
     let customer = create_key(&pool, Role::Customer, Some(customer_account), "demo").await?;
+    // A login of each role for the portal and the console, with a fresh password each run.
+    let mut logins = String::new();
+    for (email, role, account) in [
+        ("admin@demo.billing.test", app::people::Role::Admin, None),
+        ("finance@demo.billing.test", app::people::Role::Finance, None),
+        ("customer@demo.billing.test", app::people::Role::Customer, Some(customer_account)),
+    ] {
+        let now = chrono::Utc::now();
+        let link = app::people::invite(&pool, email, role, account, now).await?;
+        let password = app::people::random_token()[..20].to_string();
+        app::people::set_password(&pool, &link, &password, now).await?;
+        logins.push_str(&format!("\n{:<9} login:  {email} / {password}", role.as_str()));
+    }
     let clock_start = history_end;
     let banner = format!(
         "demo: {accounts} accounts, {servers} servers, {events} events ({imported} new from the March 2026 history); \
          the dev clock starts at {clock_start}\n\
          admin token:    {admin}\n\
          finance token:  {finance}\n\
-         customer token: {customer} (account {customer_account})\n\
+         customer token: {customer} (account {customer_account}){logins}\n\
+         portal:       URL/ (customers), URL/console (finance, admin)\n\
          try:          curl -H 'Authorization: Bearer {customer}' URL/v1/accounts/{customer_account}\n\
          advance time: curl -X POST -H 'content-type: application/json' -d '{{\"advance_seconds\": 3600}}' URL/v1/dev/clock"
     );
@@ -345,6 +359,8 @@ async fn run_server(
         public_url,
         payments,
         rate_limiter: std::sync::Arc::new(crate::http::operations::RateLimiter::of(&config)),
+        sessions: config.sessions,
+        signin_limiter: std::sync::Arc::new(crate::http::operations::RateLimiter::new(10, 0.2)),
     };
     println!(
         "listening on http://{address}{}",
@@ -382,5 +398,24 @@ pub async fn create_key(role: &str, account: Option<String>) -> anyhow::Result<E
     }
     let token = crate::http::auth::create_key(&pool, role, account_id, "created with billing keys create").await?;
     println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Invites a person to the portal or the console: prints the one-time link that sets their
+/// password (valid 7 days; open it at the server's address).
+pub async fn invite_person(email: &str, role: &str, account: Option<String>) -> anyhow::Result<ExitCode> {
+    let role = app::people::Role::parse(role).ok_or_else(|| anyhow::anyhow!("--role is one of customer, finance, admin"))?;
+    let account_id = match account {
+        Some(text) => Some(domain::AccountId::parse(&text).map_err(|_| anyhow::anyhow!("--account {text:?} is not an account id"))?),
+        None => None,
+    };
+    let pool = connect().await?;
+    ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
+    if let Some(account_id) = account_id {
+        projections::runner::catch_up_all(&pool).await?;
+        anyhow::ensure!(app::reads::account(&pool, account_id).await?.is_some(), "no account {account_id}");
+    }
+    let link = app::people::invite(&pool, email, role, account_id, chrono::Utc::now()).await?;
+    println!("/link/{link}");
     Ok(ExitCode::SUCCESS)
 }

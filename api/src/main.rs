@@ -74,6 +74,11 @@ enum Command {
         #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
         bind: String,
     },
+    /// People who sign in to the portal and the console.
+    People {
+        #[command(subcommand)]
+        command: PeopleCommand,
+    },
     /// API keys.
     Keys {
         #[command(subcommand)]
@@ -82,6 +87,21 @@ enum Command {
     /// Append the events of a JSONL export (such as fixtures/histories/march-2026.jsonl), keeping
     /// their ids and domain times, then bring the read models up to date.
     Import { file: std::path::PathBuf },
+}
+
+#[derive(Subcommand)]
+enum PeopleCommand {
+    /// Invite a person: prints the one-time link (valid 7 days) that sets their password.
+    Invite {
+        #[arg(long)]
+        email: String,
+        /// customer, finance or admin.
+        #[arg(long)]
+        role: String,
+        /// The account of a customer.
+        #[arg(long)]
+        account: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -118,6 +138,9 @@ fn main() -> ExitCode {
             Command::Serve { dev, bind } => cli::serve(dev, bind).await,
             Command::Demo { bind } => cli::demo(bind).await,
             Command::Bill { until } => cli::bill(until).await,
+            Command::People {
+                command: PeopleCommand::Invite { email, role, account },
+            } => cli::invite_person(&email, &role, account).await,
             Command::Keys {
                 command: KeysCommand::Create { role, account },
             } => cli::create_key(&role, account).await,

@@ -43,6 +43,9 @@ pub struct Config {
     pub rate_limit_per_second: f64,
     /// `BILLING_DEMO_ACCOUNTS` (default 240, at most 2000): the demo's fleet.
     pub demo_accounts: usize,
+    /// `BILLING_SESSION_IDLE_SECONDS` (default 1800) and `BILLING_SESSION_ABSOLUTE_SECONDS`
+    /// (default 43200): when a portal or console session ends by itself.
+    pub sessions: crate::people::SessionLimits,
 }
 
 #[derive(Clone, Debug)]
@@ -189,6 +192,10 @@ impl Config {
             rate_limit_burst: env.number("BILLING_RATE_LIMIT_BURST", 120u32, 1, 1_000_000)?,
             rate_limit_per_second: env.number("BILLING_RATE_LIMIT_PER_SECOND", 2.0f64, 0.001, 1_000_000.0)?,
             demo_accounts,
+            sessions: crate::people::SessionLimits {
+                idle: chrono::Duration::seconds(env.number("BILLING_SESSION_IDLE_SECONDS", 1800i64, 1, 7 * 86_400)?),
+                absolute: chrono::Duration::seconds(env.number("BILLING_SESSION_ABSOLUTE_SECONDS", 43_200i64, 1, 30 * 86_400)?),
+            },
         })
     }
 

@@ -13,5 +13,6 @@ pub mod idempotency;
 pub mod metrics;
 pub mod outbox;
 pub mod payments;
+pub mod people;
 pub mod reads;
 pub mod workers;

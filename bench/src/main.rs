@@ -636,6 +636,8 @@ async fn http_balance(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement>
         public_url: base.clone(),
         payments: None,
         rate_limiter: Arc::new(api::http::operations::RateLimiter::new(1_000_000, 1_000_000.0)),
+        sessions: app::people::SessionLimits::default(),
+        signin_limiter: Arc::new(api::http::operations::RateLimiter::new(10, 0.2)),
     };
     let server = tokio::spawn(async move { axum::serve(listener, api::http::router(state)).await });
     let started = Instant::now();

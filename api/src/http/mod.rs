@@ -44,6 +44,10 @@ pub struct AppState {
     pub rate_limiter: Arc<operations::RateLimiter>,
     /// The card processor (Stripe, or dev mode's local one); None when neither is configured.
     pub payments: Option<Arc<dyn domain::payments::PaymentGateway>>,
+    /// When portal and console sessions end by themselves.
+    pub sessions: app::people::SessionLimits,
+    /// Sign-in and reset attempts per email, in this process (the lockout is shared by all).
+    pub signin_limiter: Arc<operations::RateLimiter>,
 }
 
 /// Largest request body accepted; larger is a 413.
@@ -60,7 +64,8 @@ pub fn router(state: AppState) -> Router {
         .merge(payments::routes())
         .merge(invoices::routes())
         .merge(admin::routes())
-        .merge(ledger::routes());
+        .merge(ledger::routes())
+        .merge(crate::web::routes());
     if state.dev_clock.is_some() {
         router = router.merge(dev::routes());
     }

@@ -79,7 +79,7 @@ impl RateLimiter {
     }
 
     /// Takes a token for `caller`; `Err(seconds)` says how long until one is free.
-    fn take(&self, caller: &str) -> Result<(), u64> {
+    pub fn take(&self, caller: &str) -> Result<(), u64> {
         let mut buckets = self.buckets.lock().expect("rate limiter lock");
         if buckets.len() >= BUCKETS_MAX && !buckets.contains_key(caller) {
             buckets.clear();

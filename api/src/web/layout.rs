@@ -1,0 +1,92 @@
+//! The page shell (dark first, readable down to a 375 px phone, usable by keyboard) and the
+//! pieces every page shares.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use maud::{html, Markup, DOCTYPE};
+
+use app::people::Session;
+
+const STYLESHEET: &str = include_str!("app.css");
+
+pub async fn stylesheet() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=300"),
+        ],
+        STYLESHEET,
+    )
+}
+
+/// A whole page: `title`, the navigation for `session` (none before sign-in), and `body`.
+pub fn page(title: &str, session: Option<&Session>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                meta name="color-scheme" content="dark light";
+                title { (title) " · Billing" }
+                link rel="stylesheet" href="/assets/app.css";
+            }
+            body {
+                a class="skip" href="#main" { "Skip to content" }
+                header class="bar" {
+                    a class="brand" href="/" { "Billing" }
+                    @if let Some(session) = session {
+                        nav aria-label="Main" {
+                            @match session.role {
+                                app::people::Role::Customer => {
+                                    a href="/" { "Dashboard" }
+                                }
+                                _ => {
+                                    a href="/console" { "Console" }
+                                }
+                            }
+                        }
+                        form class="signout" method="post" action="/signout" {
+                            (csrf_field(&session.csrf_token))
+                            span class="who" { (session.email) }
+                            button type="submit" { "Sign out" }
+                        }
+                    }
+                }
+                main id="main" {
+                    h1 { (title) }
+                    (body)
+                }
+            }
+        }
+    }
+}
+
+/// The hidden field every form of a session carries.
+pub fn csrf_field(token: &str) -> Markup {
+    html! { input type="hidden" name="csrf" value=(token); }
+}
+
+/// A page with a status: 403, 404 and the like, as HTML.
+pub fn status_page(status: StatusCode, title: &str, detail: &str, session: Option<&Session>) -> Response {
+    (
+        status,
+        page(title, session, html! { p { (detail) } p { a href="/" { "Back to the start" } } }),
+    )
+        .into_response()
+}
+
+/// A labelled figure.
+pub fn figure(label: &str, value: &str) -> Markup {
+    html! {
+        div class="figure" {
+            div class="label" { (label) }
+            div class="value" { (value) }
+        }
+    }
+}
+
+/// An amount with its currency, as the API writes it (exact, at least the currency's minor digits).
+pub fn money(amount: rust_decimal::Decimal, currency: &str) -> String {
+    format!("{} {currency}", crate::http::types::Money::of(amount, currency).0)
+}

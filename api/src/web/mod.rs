@@ -1,0 +1,27 @@
+//! The web faces, served by the binary beside the API: the customer portal at `/` and the finance
+//! and admin console at `/console`, rendered on the server (maud) from the application layer and
+//! the read models, never by calling the API's routes.
+//!
+//! Sign-in is by email and password (`app::people`): the session cookie is httpOnly,
+//! SameSite=Strict (and Secure outside dev mode); every form carries a CSRF token (the session's,
+//! or before sign-in a double-submit cookie's), and a form without it is refused with a 403.
+
+mod auth;
+mod console;
+mod layout;
+mod portal;
+
+use axum::routing::get;
+use axum::Router;
+
+use crate::http::AppState;
+
+pub use auth::{Visitor, SESSION_COOKIE};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/assets/app.css", get(layout::stylesheet))
+        .merge(auth::routes())
+        .merge(portal::routes())
+        .merge(console::routes())
+}

@@ -1,0 +1,167 @@
+//! The customer portal: the dashboard of one account (its figures, its servers) and a server's
+//! page. A customer sees their own account only; anything else is a 404.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::Router;
+use domain::{AccountId, ServerId};
+use maud::html;
+use rust_decimal::Decimal;
+
+use app::people::{Role, Session};
+
+use super::auth::{unavailable, Visitor};
+use super::layout::{figure, money, page, status_page};
+use crate::http::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/", get(home)).route("/servers/{id}", get(server_page))
+}
+
+/// The signed-in customer's account; finance and admin go to the console.
+fn customer(session: &Session) -> Result<AccountId, Response> {
+    match (session.role, session.account_id) {
+        (Role::Customer, Some(account_id)) => Ok(account_id),
+        _ => Err(Redirect::to("/console").into_response()),
+    }
+}
+
+fn not_found(session: &Session) -> Response {
+    status_page(StatusCode::NOT_FOUND, "Not found", "There is no such page here.", Some(session))
+}
+
+async fn home(State(state): State<AppState>, visitor: Visitor) -> Response {
+    let session = match visitor.signed_in() {
+        Ok(session) => session,
+        Err(redirect) => return redirect,
+    };
+    let account_id = match customer(&session) {
+        Ok(account_id) => account_id,
+        Err(redirect) => return redirect,
+    };
+    let account = match app::reads::account(&state.pool, account_id).await {
+        Ok(Some(account)) => account,
+        Ok(None) => return not_found(&session),
+        Err(error) => return unavailable(error),
+    };
+    let servers = match app::reads::servers_of_account(&state.pool, account_id, None, app::reads::PAGE_MAX).await {
+        Ok(Some(page)) => page,
+        Ok(None) => return not_found(&session),
+        Err(error) => return unavailable(error),
+    };
+    let now = state.clock.now();
+    let currency = account.currency.as_str();
+    let views: Vec<_> = servers
+        .items
+        .into_iter()
+        .map(|row| crate::http::servers::view(row, now, currency))
+        .collect();
+    let month_to_date: Decimal = views
+        .iter()
+        .map(|server| server.month_to_date_net.0.parse::<Decimal>().unwrap_or_default())
+        .sum();
+    let runway = (account.hourly_burn > Decimal::ZERO)
+        .then(|| domain::billing::runway_hours(account.available, account.hourly_burn))
+        .flatten();
+    let body = html! {
+        @if account.low_balance_warned {
+            p class="banner" role="status" { "Your balance is running low: top up to keep your servers running." }
+        }
+        section class="figures" aria-label="Wallet" {
+            (figure("Balance", &money(account.balance, currency)))
+            (figure("Reserved", &money(account.reserved, currency)))
+            (figure("Available", &money(account.available, currency)))
+            (figure("Runway", &runway.map(|hours| format!("{hours} h")).unwrap_or_else(|| "nothing billed".into())))
+            (figure("This month (net)", &money(month_to_date, currency)))
+        }
+        h2 { "Servers" }
+        @if views.is_empty() {
+            p class="muted" { "No servers yet." }
+        } @else {
+            div class="table" {
+                table {
+                    thead { tr { th { "Server" } th { "Status" } th { "Plan" } th { "Location" } th class="n" { "This month" } } }
+                    tbody {
+                        @for server in &views {
+                            tr {
+                                td { a href={ "/servers/" (server.id) } { (server.hostname.clone().unwrap_or_else(|| server.id.to_string()[..8].to_string())) } }
+                                td { (badge(server)) }
+                                td { (server.plan_id) }
+                                td { (server.location) }
+                                td class="n" { (money(server.month_to_date_net.0.parse().unwrap_or_default(), currency)) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    page(&account.name, Some(&session), body).into_response()
+}
+
+fn status_text(server: &crate::http::types::Server) -> String {
+    serde_json::to_value(server.status)
+        .ok()
+        .and_then(|value| value.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn badge(server: &crate::http::types::Server) -> maud::Markup {
+    let status = status_text(server);
+    let label = match (status.as_str(), server.suspension_reason.as_deref()) {
+        ("suspended", Some("dispute")) => "SUSPENDED (DISPUTE)".to_string(),
+        ("suspended", Some("non_payment")) => "SUSPENDED (UNPAID)".to_string(),
+        (other, _) => other.replace('_', " ").to_uppercase(),
+    };
+    html! { span class={ "badge " (status) } { (label) } }
+}
+
+async fn server_page(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>) -> Response {
+    let session = match visitor.signed_in() {
+        Ok(session) => session,
+        Err(redirect) => return redirect,
+    };
+    let account_id = match customer(&session) {
+        Ok(account_id) => account_id,
+        Err(redirect) => return redirect,
+    };
+    let Ok(server_id) = ServerId::parse(&id) else {
+        return not_found(&session);
+    };
+    let row = match app::reads::server(&state.pool, server_id).await {
+        Ok(Some(row)) if row.account_id == account_id.0 => row,
+        Ok(_) => return not_found(&session),
+        Err(error) => return unavailable(error),
+    };
+    let account = match app::reads::account(&state.pool, account_id).await {
+        Ok(Some(account)) => account,
+        Ok(None) => return not_found(&session),
+        Err(error) => return unavailable(error),
+    };
+    let currency = account.currency.clone();
+    let server = crate::http::servers::view(row, state.clock.now(), &currency);
+    let body = html! {
+        p { (badge(&server)) }
+        section class="figures" aria-label="Server" {
+            (figure("Plan", &server.plan_id))
+            (figure("Location", &server.location))
+            (figure("Operating system", server.os_image.as_deref().unwrap_or("not set up yet")))
+            (figure("This month (net)", &money(server.month_to_date_net.0.parse().unwrap_or_default(), &currency)))
+            (figure("Next charge", &server.next_charge_at.map(|at| at.format("%Y-%m-%d %H:%M UTC").to_string()).unwrap_or_else(|| "none".into())))
+        }
+        @if let (Some(mode), Some(at)) = (server.cancellation_mode, server.cancellation_effective_at) {
+            p class="banner" {
+                "Cancelled ("
+                (serde_json::to_value(mode).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default())
+                "): deleted at " (at.format("%Y-%m-%d %H:%M UTC"))
+            }
+        }
+    };
+    let title = server
+        .hostname
+        .clone()
+        .unwrap_or_else(|| format!("Server {}", &server.id.to_string()[..8]));
+    page(&title, Some(&session), body).into_response()
+}

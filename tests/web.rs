@@ -1,0 +1,280 @@
+//! The portal and the console over the real binary, as a browser without scripts uses them:
+//! invitation links, sign-in and sign-out, CSRF tokens, lockout, timeouts, what a customer and
+//! finance may see, and figures that equal the API's.
+
+use std::process::Command;
+
+#[allow(dead_code)] // shared helpers; this file uses a few
+mod support;
+
+use ledger::testing::TestDatabase;
+use reqwest::redirect::Policy;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const ADMIN: &str = "web-admin-token-for-tests";
+
+fn serve(db: &TestDatabase, extra: &[(&str, Option<&str>)]) -> support::Server {
+    let mut envs = vec![("BILLING_BOOTSTRAP_ADMIN_TOKEN", Some(ADMIN))];
+    envs.extend_from_slice(extra);
+    support::start(db, &["serve", "--bind", "127.0.0.1:0", "--dev"], &envs).0
+}
+
+/// A browser: no redirects followed, cookies kept by hand.
+struct Browser {
+    client: reqwest::Client,
+    base: String,
+    cookies: Vec<(String, String)>,
+}
+
+struct Page {
+    status: StatusCode,
+    location: Option<String>,
+    html: String,
+}
+
+impl Page {
+    /// The hidden CSRF field of the page's (first) form.
+    fn csrf(&self) -> String {
+        let start = self.html.find("name=\"csrf\" value=\"").expect("a form with a CSRF field") + 19;
+        self.html[start..].split('"').next().unwrap().to_string()
+    }
+}
+
+impl Browser {
+    fn new(base: &str) -> Browser {
+        Browser {
+            client: reqwest::Client::builder().redirect(Policy::none()).build().unwrap(),
+            base: base.to_string(),
+            cookies: Vec::new(),
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ")
+    }
+
+    async fn keep(&mut self, response: reqwest::Response) -> Page {
+        for value in response.headers().get_all("set-cookie") {
+            let text = value.to_str().unwrap();
+            let pair = text.split(';').next().unwrap();
+            let (name, value) = pair.split_once('=').unwrap();
+            self.cookies.retain(|(k, _)| k != name);
+            if !value.is_empty() {
+                self.cookies.push((name.to_string(), value.to_string()));
+            }
+            assert!(text.contains("HttpOnly") && text.contains("SameSite=Strict"), "{text}");
+        }
+        Page {
+            status: response.status(),
+            location: response.headers().get("location").map(|l| l.to_str().unwrap().to_string()),
+            html: response.text().await.unwrap(),
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> Page {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .header("cookie", self.cookie_header())
+            .send()
+            .await
+            .unwrap();
+        self.keep(response).await
+    }
+
+    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Page {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("cookie", self.cookie_header())
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        self.keep(response).await
+    }
+
+    /// Sets a password through a link and signs in with it.
+    async fn accept_and_sign_in(&mut self, link: &str, email: &str, password: &str) {
+        let form = self.get(link).await;
+        assert_eq!(form.status, StatusCode::OK, "{}", form.html);
+        let set = self.post(link, &[("csrf", &form.csrf()), ("password", password)]).await;
+        assert_eq!(set.status, StatusCode::OK, "{}", set.html);
+        let signed_in = self.sign_in(email, password).await;
+        assert_eq!(
+            (signed_in.status, signed_in.location.as_deref()),
+            (StatusCode::SEE_OTHER, Some("/"))
+        );
+    }
+
+    async fn sign_in(&mut self, email: &str, password: &str) -> Page {
+        let form = self.get("/signin").await;
+        self.post("/signin", &[("csrf", &form.csrf()), ("email", email), ("password", password)])
+            .await
+    }
+}
+
+/// `billing people invite`: the one-time link.
+fn invite(db: &TestDatabase, email: &str, role: &str, account: Option<&str>) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_billing"));
+    command
+        .args(["people", "invite", "--email", email, "--role", role])
+        .env("DATABASE_URL", db.url());
+    if let Some(account) = account {
+        command.args(["--account", account]);
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+async fn api(base: &str, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> Value {
+    let mut request = reqwest::Client::new().request(method, format!("{base}{path}")).bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    assert!(response.status().is_success(), "{path}: {}", response.status());
+    response.json().await.unwrap()
+}
+
+/// An account funded with `amount`, and its customer API token.
+async fn account(base: &str, name: &str, amount: &str) -> (String, String) {
+    let id = api(
+        base,
+        reqwest::Method::POST,
+        "/v1/accounts",
+        ADMIN,
+        Some(json!({"name": name, "email": format!("{}@example.com", name.to_lowercase()), "currency": "AUD", "country": "AU"})),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api(
+        base,
+        reqwest::Method::POST,
+        &format!("/v1/admin/accounts/{id}/adjustments"),
+        ADMIN,
+        Some(json!({"amount": amount, "reason": "opening credit"})),
+    )
+    .await;
+    let token = api(
+        base,
+        reqwest::Method::POST,
+        &format!("/v1/accounts/{id}/api-keys"),
+        ADMIN,
+        Some(json!({"role": "customer"})),
+    )
+    .await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (id, token)
+}
+
+#[tokio::test]
+async fn a_customer_signs_in_through_an_invitation_and_sees_their_own_account_only() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, &[]);
+    let (mine, _) = account(&server.base, "Ada", "50.00").await;
+    let (theirs, their_token) = account(&server.base, "Bo", "50.00").await;
+    let their_server = api(
+        &server.base,
+        reqwest::Method::POST,
+        &format!("/v1/accounts/{theirs}/orders"),
+        &their_token,
+        Some(json!({"plan_id": "vps-1g", "location": "nyc"})),
+    )
+    .await["server_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let mut browser = Browser::new(&server.base);
+    // Before sign-in, every page leads to the sign-in form.
+    assert_eq!(browser.get("/").await.location.as_deref(), Some("/signin"));
+    let link = invite(&db, "ada@example.com", "customer", Some(&mine));
+    browser.accept_and_sign_in(&link, "ada@example.com", "correct horse battery").await;
+    // A link is used once.
+    assert_eq!(browser.get(&link).await.status, StatusCode::NOT_FOUND);
+
+    // The dashboard's figures are the API's.
+    let dashboard = browser.get("/").await;
+    assert_eq!(dashboard.status, StatusCode::OK);
+    let figures = api(&server.base, reqwest::Method::GET, &format!("/v1/accounts/{mine}"), ADMIN, None).await;
+    for field in ["balance", "reserved", "available"] {
+        let shown = format!("{} AUD", figures[field].as_str().unwrap());
+        assert!(dashboard.html.contains(&shown), "{field}: {shown} not on the dashboard");
+    }
+    // Another account's server does not exist to this customer, nor does the console.
+    assert_eq!(browser.get(&format!("/servers/{their_server}")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(browser.get("/console").await.status, StatusCode::NOT_FOUND);
+
+    // Signing out needs the session's CSRF token; after it, the session is gone.
+    let refused = browser.post("/signout", &[]).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let signed_out = browser.post("/signout", &[("csrf", &dashboard.csrf())]).await;
+    assert_eq!(signed_out.location.as_deref(), Some("/signin"));
+    assert_eq!(browser.get("/").await.location.as_deref(), Some("/signin"));
+}
+
+#[tokio::test]
+async fn forms_without_their_token_are_refused_and_failed_sign_ins_lock_the_email() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, &[]);
+    let (mine, _) = account(&server.base, "Cy", "10.00").await;
+    let mut browser = Browser::new(&server.base);
+    let link = invite(&db, "cy@example.com", "customer", Some(&mine));
+    // Setting a password without the form's token is refused, and the link stays usable.
+    browser.get(&link).await;
+    assert_eq!(
+        browser.post(&link, &[("password", "a good long password")]).await.status,
+        StatusCode::FORBIDDEN
+    );
+    browser.accept_and_sign_in(&link, "cy@example.com", "a good long password").await;
+    browser.cookies.clear();
+
+    // Five wrong passwords lock the email: the right one no longer opens it.
+    for _ in 0..5 {
+        assert_eq!(
+            browser.sign_in("cy@example.com", "not the password").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let locked = browser.sign_in("cy@example.com", "a good long password").await;
+    assert_eq!(locked.status, StatusCode::TOO_MANY_REQUESTS, "{}", locked.html);
+    assert!(locked.html.contains("locked"));
+    // A sign-in without the form's token is refused before the password is looked at.
+    assert_eq!(
+        browser
+            .post("/signin", &[("email", "cy@example.com"), ("password", "a good long password")])
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[tokio::test]
+async fn an_idle_session_is_signed_out_and_finance_finds_accounts_in_the_console() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, &[("BILLING_SESSION_IDLE_SECONDS", Some("2"))]);
+    let (mine, _) = account(&server.base, "Dee", "25.00").await;
+    let mut browser = Browser::new(&server.base);
+    let link = invite(&db, "finance@example.com", "finance", None);
+    browser
+        .accept_and_sign_in(&link, "finance@example.com", "finance reads everything")
+        .await;
+    // Finance lands in the console and finds the account, its figures the API's.
+    assert_eq!(browser.get("/").await.location.as_deref(), Some("/console"));
+    let found = browser.get("/console?query=dee").await;
+    assert!(found.html.contains(&format!("/console/accounts/{mine}")), "{}", found.html);
+    let page = browser.get(&format!("/console/accounts/{mine}")).await;
+    assert!(page.html.contains("25.00 AUD"), "{}", page.html);
+    let as_of = browser.get(&format!("/console/accounts/{mine}?as_of=2000-01-01T00:00:00Z")).await;
+    assert!(as_of.html.contains("0.00 AUD"), "{}", as_of.html);
+    // Idle past the limit: signed out.
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    assert_eq!(browser.get("/console").await.location.as_deref(), Some("/signin"));
+}
