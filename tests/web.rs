@@ -278,3 +278,125 @@ async fn an_idle_session_is_signed_out_and_finance_finds_accounts_in_the_console
     tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
     assert_eq!(browser.get("/console").await.location.as_deref(), Some("/signin"));
 }
+
+/// The `nonce` of the page's first form.
+fn nonce(page: &Page) -> String {
+    let start = page.html.find("name=\"nonce\" value=\"").expect("a form with a nonce") + 20;
+    page.html[start..].split('"').next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_customer_tops_up_orders_sets_up_cancels_and_revokes_from_the_portal() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, &[("BILLING_SIMULATED_LATENCY_MS", Some("10"))]);
+    let (mine, token) = account(&server.base, "Eve", "0.05").await;
+    let mut browser = Browser::new(&server.base);
+    let link = invite(&db, "eve@example.com", "customer", Some(&mine));
+    browser.accept_and_sign_in(&link, "eve@example.com", "eve orders servers").await;
+
+    // An order the wallet cannot hold is explained, with the way to top up.
+    let form = browser.get("/orders/new").await;
+    assert!(form.html.contains("first hour held now"), "{}", form.html);
+    let poor = browser
+        .post(
+            "/orders",
+            &[
+                ("csrf", &form.csrf()),
+                ("nonce", &nonce(&form)),
+                ("plan_id", "vps-8g"),
+                ("location", "syd"),
+            ],
+        )
+        .await;
+    assert_eq!(poor.status, StatusCode::PAYMENT_REQUIRED, "{}", poor.html);
+    assert!(poor.html.contains("href=\"/topup\""));
+
+    // Top up through the (dev) card checkout: the balance is the API's after the webhook lands.
+    let topup = browser.get("/topup").await;
+    let checkout = browser
+        .post("/topup", &[("csrf", &topup.csrf()), ("nonce", &nonce(&topup)), ("amount", "20.00")])
+        .await;
+    let checkout_url = checkout.location.expect("a redirect to the checkout");
+    let pay_path = format!("{}/pay", checkout_url.trim_start_matches(&server.base));
+    assert_eq!(browser.post(&pay_path, &[]).await.status, StatusCode::OK);
+    let figures = api(&server.base, reqwest::Method::GET, &format!("/v1/accounts/{mine}"), ADMIN, None).await;
+    assert_eq!(figures["balance"], "20.05");
+    assert!(browser.get("/").await.html.contains("20.05 AUD"));
+
+    // Order; the same form sent twice orders once.
+    let form = browser.get("/orders/new").await;
+    let fields = [
+        ("csrf", form.csrf()),
+        ("nonce", nonce(&form)),
+        ("plan_id", "vps-1g".into()),
+        ("location", "syd".into()),
+    ];
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let ordered = browser.post("/orders", &fields).await;
+    let again = browser.post("/orders", &fields).await;
+    assert_eq!(ordered.location, again.location);
+    let server_path = ordered.location.expect("the server's page");
+    let server_id = server_path.trim_start_matches("/servers/").to_string();
+    let servers = api(
+        &server.base,
+        reqwest::Method::GET,
+        &format!("/v1/accounts/{mine}/servers"),
+        ADMIN,
+        None,
+    )
+    .await;
+    assert_eq!(servers["items"].as_array().unwrap().len(), 1);
+
+    // Set up once provisioned; then cancel with grace, revoke, and cancel for good.
+    support::wait_for(&server.base, &token, &server_id, |status| status == "needs_setup").await;
+    let page = browser.get(&server_path).await;
+    assert!(page.html.contains("NEEDS SETUP"), "{}", page.html);
+    let set_up = browser
+        .post(
+            &format!("{server_path}/setup"),
+            &[
+                ("csrf", &page.csrf()),
+                ("nonce", &nonce(&page)),
+                ("os_image", "debian-12"),
+                ("hostname", "web1.example.com"),
+            ],
+        )
+        .await;
+    assert_eq!(set_up.location.as_deref(), Some(server_path.as_str()));
+    let page = browser.get(&server_path).await;
+    assert!(page.html.contains("RUNNING"), "{}", page.html);
+    let form_with = |page: &Page, extra: (&'static str, &'static str)| {
+        vec![("csrf", page.csrf()), ("nonce", nonce(page)), (extra.0, extra.1.to_string())]
+    };
+    let cancel = form_with(&page, ("mode", "grace"));
+    let cancel: Vec<(&str, &str)> = cancel.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    browser.post(&format!("{server_path}/cancellation"), &cancel).await;
+    let page = browser.get(&server_path).await;
+    assert!(page.html.contains("PENDING CANCELLATION"), "{}", page.html);
+    browser
+        .post(
+            &format!("{server_path}/revocation"),
+            &[("csrf", &page.csrf()), ("nonce", &nonce(&page))],
+        )
+        .await;
+    let page = browser.get(&server_path).await;
+    assert!(page.html.contains("RUNNING"), "{}", page.html);
+    let status = api(&server.base, reqwest::Method::GET, &format!("/v1/servers/{server_id}"), ADMIN, None).await;
+    assert_eq!(status["status"], "running");
+    // The statement lists what happened, in the API's figures.
+    let statement = browser.get("/transactions").await;
+    let rows = api(
+        &server.base,
+        reqwest::Method::GET,
+        &format!("/v1/accounts/{mine}/transactions"),
+        ADMIN,
+        None,
+    )
+    .await;
+    for row in rows["items"].as_array().unwrap() {
+        assert!(
+            statement.html.contains(&format!("{} AUD", row["balance_after"].as_str().unwrap())),
+            "{row}"
+        );
+    }
+}

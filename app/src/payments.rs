@@ -311,3 +311,59 @@ async fn dispute_event(flows: &Flows, event: &Event, request_id: Option<String>,
 pub async fn account_of_topup(flows: &Flows, topup_id: TopUpId) -> std::result::Result<Option<AccountId>, FlowError> {
     Ok(load_topup(flows, topup_id).await?.requested.map(|requested| requested.account_id))
 }
+
+/// Why a top-up could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum TopUpError {
+    /// No card processor is configured.
+    #[error("card payments are not configured on this server (STRIPE_SECRET_KEY)")]
+    Unconfigured,
+    /// The amount is not a whole number of the currency's minor units.
+    #[error("amount: {0}")]
+    Amount(String),
+    /// The processor did not answer; trying again may pass.
+    #[error("the card processor did not answer; try again shortly")]
+    Unavailable(String),
+    /// The processor refused the checkout.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Flow(#[from] FlowError),
+}
+
+/// Starts a top-up of `amount` (in the account's currency): a checkout at the card processor,
+/// recorded as requested; the wallet is credited when the processor reports the payment. Its id
+/// derives from the request's idempotency key, so a repeat opens the same checkout.
+pub async fn start_topup(
+    flows: &Flows,
+    gateway: Option<&dyn domain::payments::PaymentGateway>,
+    account_id: AccountId,
+    currency: Currency,
+    amount: Decimal,
+    metadata: &Metadata,
+) -> std::result::Result<(TopUpId, String), TopUpError> {
+    let amount_minor = Money::new(amount, currency)
+        .and_then(|money| money.to_minor_units())
+        .map_err(|error| TopUpError::Amount(error.to_string()))?;
+    let gateway = gateway.ok_or(TopUpError::Unconfigured)?;
+    let topup_id = TopUpId(metadata.id_for("topup"));
+    let checkout = gateway
+        .create_checkout(domain::payments::CheckoutRequest {
+            topup_id,
+            account_id,
+            amount_minor,
+            currency,
+        })
+        .await
+        .map_err(|error| match error {
+            domain::provider::ProviderError::Retryable(reason) => {
+                tracing::warn!(%reason, "the card processor is unavailable");
+                TopUpError::Unavailable(reason)
+            }
+            domain::provider::ProviderError::Permanent(reason) => {
+                tracing::error!(%reason, "the card processor refused a checkout");
+                TopUpError::Refused(reason)
+            }
+        })?;
+    Ok(flows.request_topup(account_id, topup_id, amount, checkout.url, metadata).await?)
+}

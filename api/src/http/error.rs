@@ -175,3 +175,32 @@ impl From<app::payments::StripeEventError> for ApiError {
         }
     }
 }
+
+impl From<app::payments::TopUpError> for ApiError {
+    fn from(error: app::payments::TopUpError) -> ApiError {
+        use app::payments::TopUpError as E;
+        let detail = error.to_string();
+        match error {
+            E::Unconfigured => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "payments-unavailable",
+                "Payments unavailable",
+                detail,
+            ),
+            E::Amount(_) => ApiError::invalid("amount", detail),
+            E::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "payments-unavailable",
+                "Payments unavailable",
+                detail,
+            ),
+            E::Refused(_) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "payment-processor-refused",
+                "Payment processor refused",
+                detail,
+            ),
+            E::Flow(error) => error.into(),
+        }
+    }
+}

@@ -131,17 +131,22 @@ pub(crate) async fn get_invoice(
         .ok_or_else(|| ApiError::not_found("invoice"))?;
     let account_id = AccountId(row.account_id);
     caller.may_read(account_id).map_err(|_| ApiError::not_found("invoice"))?;
-    let notes = app::reads::credit_notes(&state.pool, &[row.invoice_id]).await?;
-    let invoice = view(row, &notes);
     let wants_html = headers
         .get(axum::http::header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("text/html"));
     if !wants_html {
-        return Ok(axum::Json(invoice).into_response());
+        let notes = app::reads::credit_notes(&state.pool, &[row.invoice_id]).await?;
+        return Ok(axum::Json(view(row, &notes)).into_response());
     }
     let account = accounts::load(&state, account_id).await?;
-    Ok(axum::response::Html(html(&invoice, &account.name)).into_response())
+    Ok(axum::response::Html(printable(&state, row, &account.name).await?).into_response())
+}
+
+/// The invoice as a page to print, with its credit notes.
+pub async fn printable(state: &AppState, row: InvoiceRow, customer: &str) -> Result<String, ApiError> {
+    let notes = app::reads::credit_notes(&state.pool, &[row.invoice_id]).await?;
+    Ok(html(&view(row, &notes), customer))
 }
 
 fn escape(text: &str) -> String {

@@ -55,25 +55,9 @@ pub(crate) async fn request_topup(
     let account = accounts::load(&state, account_id).await?;
     let currency = accounts::currency_of(&account)?;
     let amount = body.amount.0;
-    let amount_minor = accounts::money_in(amount, currency)?
-        .to_minor_units()
-        .map_err(|error| ApiError::invalid("amount", format!("amount: {error}")))?;
-    let payments = processor(&state, "payments-unavailable", "Payments unavailable", "card payments")?;
     let metadata = caller.metadata(request_id(&headers), None);
-    let topup_id = TopUpId(metadata.id_for("topup"));
-    let checkout = payments
-        .create_checkout(domain::payments::CheckoutRequest {
-            topup_id,
-            account_id,
-            amount_minor,
-            currency,
-        })
-        .await
-        .map_err(payment_error)?;
-    let (topup_id, checkout_url) = state
-        .flows
-        .request_topup(account_id, topup_id, amount, checkout.url, &metadata)
-        .await?;
+    let (topup_id, checkout_url) =
+        app::payments::start_topup(&state.flows, state.payments.as_deref(), account_id, currency, amount, &metadata).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(TopUp {
@@ -83,30 +67,6 @@ pub(crate) async fn request_topup(
             status: "pending".into(),
         }),
     ))
-}
-
-/// The card processor could not open a checkout: 503 when trying again may pass, 502 when it refused.
-fn payment_error(error: domain::payments::PaymentError) -> ApiError {
-    match error {
-        domain::provider::ProviderError::Retryable(reason) => {
-            tracing::warn!(%reason, "the card processor is unavailable");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "payments-unavailable",
-                "Payments unavailable",
-                "the card processor did not answer; try again shortly",
-            )
-        }
-        domain::provider::ProviderError::Permanent(reason) => {
-            tracing::error!(%reason, "the card processor refused a checkout");
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "payment-processor-refused",
-                "Payment processor refused",
-                reason,
-            )
-        }
-    }
 }
 
 /// Stripe's events, signed with `Stripe-Signature` (300 s tolerance), each acted on once.

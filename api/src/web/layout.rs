@@ -40,6 +40,10 @@ pub fn page(title: &str, session: Option<&Session>, body: Markup) -> Markup {
                             @match session.role {
                                 app::people::Role::Customer => {
                                     a href="/" { "Dashboard" }
+                                    a href="/orders/new" { "Order" }
+                                    a href="/topup" { "Top up" }
+                                    a href="/transactions" { "Transactions" }
+                                    a href="/invoices" { "Invoices" }
                                 }
                                 _ => {
                                     a href="/console" { "Console" }

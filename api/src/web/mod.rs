@@ -6,6 +6,7 @@
 //! SameSite=Strict (and Secure outside dev mode); every form carries a CSRF token (the session's,
 //! or before sign-in a double-submit cookie's), and a form without it is refused with a 403.
 
+mod actions;
 mod auth;
 mod console;
 mod layout;
@@ -22,6 +23,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/assets/app.css", get(layout::stylesheet))
         .merge(auth::routes())
+        .merge(actions::routes())
         .merge(portal::routes())
         .merge(console::routes())
 }

@@ -151,6 +151,7 @@ async fn server_page(State(state): State<AppState>, visitor: Visitor, Path(id): 
             (figure("This month (net)", &money(server.month_to_date_net.0.parse().unwrap_or_default(), &currency)))
             (figure("Next charge", &server.next_charge_at.map(|at| at.format("%Y-%m-%d %H:%M UTC").to_string()).unwrap_or_else(|| "none".into())))
         }
+        (super::actions::server_actions(&session, &server, &status_text(&server)))
         @if let (Some(mode), Some(at)) = (server.cancellation_mode, server.cancellation_effective_at) {
             p class="banner" {
                 "Cancelled ("

@@ -1,0 +1,496 @@
+//! What a customer does from the portal: order a server (the first hour's hold shown before
+//! confirming), set it up, power it, cancel it either way or revoke a grace cancellation, top up,
+//! and read the statement and the invoices. Every action is the application's own flow, run with
+//! an idempotency key from its form, so a form sent twice acts once.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use domain::{AccountId, ServerId};
+use maud::{html, Markup};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+use app::flows::ServerRequest;
+use app::handler::Metadata;
+use app::people::{Role, Session};
+
+use super::auth::{check_csrf, unavailable, Visitor};
+use super::layout::{csrf_field, money, page, status_page};
+use crate::http::error::ApiError;
+use crate::http::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/orders/new", get(order_page))
+        .route("/orders", post(order))
+        .route("/servers/{id}/setup", post(setup))
+        .route("/servers/{id}/power", post(power))
+        .route("/servers/{id}/cancellation", post(cancel))
+        .route("/servers/{id}/revocation", post(revoke))
+        .route("/topup", get(topup_page).post(topup))
+        .route("/transactions", get(transactions))
+        .route("/invoices", get(invoices))
+        .route("/invoices/{id}", get(invoice))
+}
+
+/// The signed-in customer and their account, or where to go instead.
+fn customer(visitor: Visitor) -> Result<(Session, AccountId), Response> {
+    let session = visitor.signed_in()?;
+    match (session.role, session.account_id) {
+        (Role::Customer, Some(account_id)) => Ok((session, account_id)),
+        _ => Err(Redirect::to("/console").into_response()),
+    }
+}
+
+/// A form's fields every action shares: the session's CSRF token and the form's own nonce.
+#[derive(Deserialize)]
+struct Guard {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    nonce: String,
+}
+
+/// The hidden fields of an action's form.
+pub fn guard_fields(session: &Session) -> Markup {
+    html! {
+        (csrf_field(&session.csrf_token))
+        input type="hidden" name="nonce" value=(app::people::random_token());
+    }
+}
+
+/// Who did it, and the form's nonce as the idempotency key (a form sent twice acts once).
+fn metadata(session: &Session, nonce: &str) -> Metadata {
+    Metadata {
+        idempotency_key: (!nonce.is_empty()).then(|| format!("web:{}:{}", session.person_id, nonce.chars().take(64).collect::<String>())),
+        ..Metadata::actor("customer", session.account_id.map(|id| id.to_string()).unwrap_or_default())
+    }
+}
+
+/// A refusal of the application as a page: its status and its reason.
+fn refused(session: &Session, error: impl Into<ApiError>) -> Response {
+    let error: ApiError = error.into();
+    if error.status.is_server_error() {
+        return unavailable(&error.detail);
+    }
+    let hint = match error.status {
+        StatusCode::PAYMENT_REQUIRED => {
+            html! { p { "The available balance does not cover it. " a href="/topup" { "Top up" } " and try again." } }
+        }
+        _ => html! {},
+    };
+    (
+        error.status,
+        page(
+            error.title,
+            Some(session),
+            html! { p class="error" role="alert" { (error.detail) } (hint) p { a href="/" { "Back to the dashboard" } } },
+        ),
+    )
+        .into_response()
+}
+
+async fn account_row(state: &AppState, session: &Session, account_id: AccountId) -> Result<projections::balances::BalanceRow, Response> {
+    match app::reads::account(&state.pool, account_id).await {
+        Ok(Some(row)) => Ok(row),
+        Ok(None) => Err(status_page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "There is no such account.",
+            Some(session),
+        )),
+        Err(error) => Err(unavailable(error)),
+    }
+}
+
+async fn order_page(State(state): State<AppState>, visitor: Visitor) -> Response {
+    let (session, account_id) = match customer(visitor) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let account = match account_row(&state, &session, account_id).await {
+        Ok(row) => row,
+        Err(response) => return response,
+    };
+    let catalog = match state.flows.handler.load::<domain::Catalog>(domain::catalog::CATALOG_STREAM).await {
+        Ok(catalog) => catalog.state,
+        Err(error) => return unavailable(error),
+    };
+    let (Ok(currency), Ok(country)) = (domain::Currency::parse(&account.currency), domain::Country::parse(&account.country)) else {
+        return unavailable("an account with an unknown currency or country");
+    };
+    let now = state.clock.now();
+    let tax_rate = catalog.tax_rate(country, now);
+    let locations: Vec<String> = crate::http::types::CATALOG
+        .locations
+        .iter()
+        .map(|l| l.as_str().to_string())
+        .collect();
+    let body = html! {
+        form class="card" method="post" action="/orders" {
+            (guard_fields(&session))
+            fieldset {
+                legend { "Plan (prices exclude tax; the first hour is held when you order)" }
+                @for (spec, prices) in catalog.plans_at(now) {
+                    @if let Some(monthly) = prices.get(&currency) {
+                        @let first_hour = domain::billing::slot_charge(*monthly, Decimal::ZERO, tax_rate);
+                        label {
+                            span {
+                                input type="radio" name="plan_id" value=(spec.id.as_str()) required;
+                                " " strong { (spec.id.as_str()) } " · " (spec.vcpu) " vCPU, " (spec.ram_gb) " GB RAM, " (spec.disk_gb) " GB disk"
+                            }
+                            span class="muted" {
+                                (money(domain::billing::rate_per_hour(*monthly), &account.currency)) " an hour, "
+                                (money(*monthly, &account.currency)) " a month at most; first hour held now: "
+                                (money(first_hour.gross, &account.currency)) " incl. tax"
+                            }
+                        }
+                    }
+                }
+            }
+            label {
+                "Location"
+                select name="location" required {
+                    @for location in &locations { option value=(location) { (location) } }
+                }
+            }
+            p class="muted" { "Available now: " (money(account.available, &account.currency)) }
+            button type="submit" { "Order" }
+        }
+    };
+    page("Order a server", Some(&session), body).into_response()
+}
+
+#[derive(Deserialize)]
+struct OrderForm {
+    #[serde(flatten)]
+    guard: Guard,
+    plan_id: String,
+    location: String,
+}
+
+async fn order(State(state): State<AppState>, visitor: Visitor, Form(form): Form<OrderForm>) -> Response {
+    let (session, account_id) = match customer(visitor) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    if let Err(refused) = check_csrf(&session, &form.guard.csrf) {
+        return refused;
+    }
+    let (Ok(plan_id), Ok(location)) = (domain::PlanId::parse(&form.plan_id), domain::Location::parse(&form.location)) else {
+        return refused(
+            &session,
+            ApiError::invalid("plan_id", "choose a plan and a location from the lists"),
+        );
+    };
+    let metadata = metadata(&session, &form.guard.nonce);
+    let (order_id, server_id) = (domain::OrderId(metadata.id_for("order")), ServerId(metadata.id_for("server")));
+    if let Err(error) = state
+        .flows
+        .place_order(account_id, plan_id, location, order_id, server_id, &metadata)
+        .await
+    {
+        return refused(&session, error);
+    }
+    // The server's page shows it from the read models.
+    if let Err(error) = projections::runner::catch_up_all(&state.pool).await {
+        return unavailable(error);
+    }
+    Redirect::to(&format!("/servers/{server_id}")).into_response()
+}
+
+/// A server action on the customer's own server, then back to its page.
+async fn act(state: &AppState, session: &Session, account_id: AccountId, id: &str, guard: &Guard, request: ServerRequest) -> Response {
+    if let Err(refused) = check_csrf(session, &guard.csrf) {
+        return refused;
+    }
+    let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such page here.", Some(session));
+    let Ok(server_id) = ServerId::parse(id) else {
+        return not_found();
+    };
+    match app::reads::server(&state.pool, server_id).await {
+        Ok(Some(row)) if row.account_id == account_id.0 => {}
+        Ok(_) => return not_found(),
+        Err(error) => return unavailable(error),
+    }
+    if let Err(error) = state
+        .flows
+        .act_on_server(server_id, request, &metadata(session, &guard.nonce))
+        .await
+    {
+        return refused(session, error);
+    }
+    if let Err(error) = projections::runner::catch_up_all(&state.pool).await {
+        return unavailable(error);
+    }
+    Redirect::to(&format!("/servers/{server_id}")).into_response()
+}
+
+#[derive(Deserialize)]
+struct SetupForm {
+    #[serde(flatten)]
+    guard: Guard,
+    os_image: String,
+    hostname: String,
+}
+
+async fn setup(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>, Form(form): Form<SetupForm>) -> Response {
+    let (session, account_id) = match customer(visitor) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let hostname = match domain::Hostname::parse(form.hostname.trim()) {
+        Ok(hostname) => hostname,
+        Err(error) => return refused(&session, ApiError::invalid("hostname", error.reason)),
+    };
+    let request = ServerRequest::Setup {
+        os_image: form.os_image.trim().to_string(),
+        hostname,
+    };
+    act(&state, &session, account_id, &id, &form.guard, request).await
+}
+
+#[derive(Deserialize)]
+struct PowerForm {
+    #[serde(flatten)]
+    guard: Guard,
+    action: String,
+}
+
+async fn power(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>, Form(form): Form<PowerForm>) -> Response {
+    let (session, account_id) = match customer(visitor) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let action = match form.action.as_str() {
+        "boot" => domain::server::PowerAction::Boot,
+        "shutdown" => domain::server::PowerAction::Shutdown,
+        "reboot" => domain::server::PowerAction::Reboot,
+        _ => return refused(&session, ApiError::invalid("action", "boot, shutdown or reboot")),
+    };
+    act(&state, &session, account_id, &id, &form.guard, ServerRequest::Power(action)).await
+}
+
+#[derive(Deserialize)]
+struct CancelForm {
+    #[serde(flatten)]
+    guard: Guard,
+    mode: String,
+}
+
+async fn cancel(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>, Form(form): Form<CancelForm>) -> Response {
+    let (session, account_id) = match customer(visitor) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let mode = match form.mode.as_str() {
+        "grace" => domain::server::CancellationMode::Grace,
+        "immediate" => domain::server::CancellationMode::Immediate,
+        _ => return refused(&session, ApiError::invalid("mode", "grace or immediate")),
+    };
+    act(&state, &session, account_id, &id, &form.guard, ServerRequest::Cancel(mode)).await
+}
+
+async fn revoke(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>, Form(guard): Form<Guard>) -> Response {
+    let (session, account_id) = match customer(visitor) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    act(&state, &session, account_id, &id, &guard, ServerRequest::RevokeCancellation).await
+}
+
+/// The actions a server's page offers for its status.
+pub fn server_actions(session: &Session, server: &crate::http::types::Server, status: &str) -> Markup {
+    let id = server.id;
+    html! {
+        @if status == "needs_setup" {
+            h2 { "Set up" }
+            form class="card" method="post" action={ "/servers/" (id) "/setup" } {
+                (guard_fields(session))
+                label { "Operating system" select name="os_image" {
+                    @for image in ["debian-12", "ubuntu-24.04", "ubuntu-22.04", "rocky-9", "almalinux-9"] { option value=(image) { (image) } }
+                } }
+                label { "Host name (letters, digits, hyphens and dots)"
+                    input type="text" name="hostname" required maxlength="253"
+                        pattern="[A-Za-z0-9]([A-Za-z0-9\\-]{0,61}[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9\\-]{0,61}[A-Za-z0-9])?)*";
+                }
+                button type="submit" { "Install" }
+            }
+        }
+        @if matches!(status, "running" | "stopped" | "needs_setup") {
+            @if status != "needs_setup" {
+                h2 { "Power" }
+                form method="post" action={ "/servers/" (id) "/power" } {
+                    (guard_fields(session))
+                    @if status == "stopped" { button type="submit" name="action" value="boot" { "Boot" } }
+                    @else {
+                        button type="submit" name="action" value="shutdown" { "Shut down" } " "
+                        button type="submit" name="action" value="reboot" { "Reboot" }
+                    }
+                }
+            }
+            h2 { "Cancel" }
+            p class="muted" {
+                "Billing stops at once and the unused part of the hour you paid is refunded to your wallet, to the second. "
+                strong { "Grace" } ": the server is powered off and deleted in 30 days; you can change your mind until then. "
+                strong { "Immediate" } ": deleted in 5 minutes; this cannot be undone."
+            }
+            form method="post" action={ "/servers/" (id) "/cancellation" } {
+                (guard_fields(session))
+                button type="submit" name="mode" value="grace" { "Cancel with 30 days' grace" } " "
+                button type="submit" name="mode" value="immediate" { "Delete in 5 minutes" }
+            }
+        }
+        @if status == "pending_cancellation" {
+            form method="post" action={ "/servers/" (id) "/revocation" } {
+                (guard_fields(session))
+                p { "Keep this server: it is powered on again and billed from this hour." }
+                button type="submit" { "Revoke the cancellation" }
+            }
+        }
+    }
+}
+
+async fn topup_page(State(state): State<AppState>, visitor: Visitor) -> Response {
+    let (session, account_id) = match customer(visitor) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let account = match account_row(&state, &session, account_id).await {
+        Ok(row) => row,
+        Err(response) => return response,
+    };
+    let body = html! {
+        form class="card" method="post" action="/topup" {
+            (guard_fields(&session))
+            label { "Amount (" (account.currency) ")"
+                input type="text" inputmode="decimal" name="amount" required pattern="[0-9]{1,5}(\\.[0-9]{1,2})?" placeholder="25.00";
+            }
+            button type="submit" { "Pay by card" }
+            p class="muted" { "You are taken to the card payment page; your balance changes when the payment is confirmed." }
+        }
+    };
+    page("Top up", Some(&session), body).into_response()
+}
+
+#[derive(Deserialize)]
+struct TopUpForm {
+    #[serde(flatten)]
+    guard: Guard,
+    amount: String,
+}
+
+async fn topup(State(state): State<AppState>, visitor: Visitor, Form(form): Form<TopUpForm>) -> Response {
+    let (session, account_id) = match customer(visitor) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    if let Err(refused) = check_csrf(&session, &form.guard.csrf) {
+        return refused;
+    }
+    let account = match account_row(&state, &session, account_id).await {
+        Ok(row) => row,
+        Err(response) => return response,
+    };
+    let Ok(currency) = domain::Currency::parse(&account.currency) else {
+        return unavailable("an account with an unknown currency");
+    };
+    let amount = match domain::Money::parse_positive(form.amount.trim(), currency) {
+        Ok(money) if money.amount <= Decimal::from(10_000) => money.amount,
+        _ => {
+            return refused(
+                &session,
+                ApiError::invalid("amount", "an amount more than 0 and at most 10000, such as 25.00"),
+            )
+        }
+    };
+    let metadata = metadata(&session, &form.guard.nonce);
+    match app::payments::start_topup(&state.flows, state.payments.as_deref(), account_id, currency, amount, &metadata).await {
+        Ok((_, checkout_url)) => Redirect::to(&checkout_url).into_response(),
+        Err(error) => refused(&session, error),
+    }
+}
+
+#[derive(Deserialize)]
+struct StatementPage {
+    after: Option<i64>,
+}
+
+async fn transactions(State(state): State<AppState>, visitor: Visitor, Query(query): Query<StatementPage>) -> Response {
+    let (session, account_id) = match customer(visitor) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let account = match account_row(&state, &session, account_id).await {
+        Ok(row) => row,
+        Err(response) => return response,
+    };
+    let rows = match app::reads::statement(&state.pool, account_id, query.after.unwrap_or(0).max(0), 50).await {
+        Ok(rows) => rows,
+        Err(error) => return unavailable(error),
+    };
+    let body = html! {
+        div class="table" { table {
+            thead { tr { th { "When (UTC)" } th { "What" } th class="n" { "Amount" } th class="n" { "Balance after" } } }
+            tbody { @for row in &rows.items { tr {
+                td { (row.occurred_at.format("%Y-%m-%d %H:%M")) }
+                td { (row.kind.replace('_', " ")) }
+                td class="n" { (money(row.amount, &account.currency)) }
+                td class="n" { (money(row.balance_after, &account.currency)) }
+            } } }
+        } }
+        @if let Some(next) = &rows.next_cursor { p { a href={ "/transactions?after=" (next) } { "Older entries" } } }
+    };
+    page("Transactions", Some(&session), body).into_response()
+}
+
+async fn invoices(State(state): State<AppState>, visitor: Visitor) -> Response {
+    let (session, account_id) = match customer(visitor) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let rows = match app::reads::invoices_of_account(&state.pool, account_id, None, app::reads::PAGE_MAX).await {
+        Ok(Some(rows)) => rows.items,
+        Ok(None) => Vec::new(),
+        Err(error) => return unavailable(error),
+    };
+    let body = html! {
+        @if rows.is_empty() { p class="muted" { "No invoices yet: one is issued for each month with charges." } }
+        @else { div class="table" { table {
+            thead { tr { th { "Invoice" } th { "Month" } th class="n" { "Total" } } }
+            tbody { @for row in &rows { tr {
+                td { a href={ "/invoices/" (row.invoice_id) } { (row.number) } }
+                td { (row.period_start.format("%Y-%m")) }
+                td class="n" { (money(row.total, &row.currency)) }
+            } } }
+        } } }
+    };
+    page("Invoices", Some(&session), body).into_response()
+}
+
+async fn invoice(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>) -> Response {
+    let (session, account_id) = match customer(visitor) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such invoice.", Some(&session));
+    let Ok(invoice_id) = domain::InvoiceId::parse(&id) else {
+        return not_found();
+    };
+    let row = match app::reads::invoice(&state.pool, invoice_id).await {
+        Ok(Some(row)) if row.account_id == account_id.0 => row,
+        Ok(_) => return not_found(),
+        Err(error) => return unavailable(error),
+    };
+    let account = match account_row(&state, &session, account_id).await {
+        Ok(row) => row,
+        Err(response) => return response,
+    };
+    match crate::http::invoices::printable(&state, row, &account.name).await {
+        Ok(html) => axum::response::Html(html).into_response(),
+        Err(error) => refused(&session, error),
+    }
+}
