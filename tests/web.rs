@@ -400,3 +400,51 @@ async fn a_customer_tops_up_orders_sets_up_cancels_and_revokes_from_the_portal()
         );
     }
 }
+
+#[tokio::test]
+async fn the_dashboard_hears_of_a_payment_as_it_lands() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, &[]);
+    let (mine, _) = account(&server.base, "Fay", "1.00").await;
+    let mut browser = Browser::new(&server.base);
+    let link = invite(&db, "fay@example.com", "customer", Some(&mine));
+    browser
+        .accept_and_sign_in(&link, "fay@example.com", "fay watches her balance")
+        .await;
+    let dashboard = browser.get("/").await;
+    assert!(dashboard.html.contains("new EventSource(\"/live\")"));
+
+    let mut live = browser
+        .client
+        .get(format!("{}/live", server.base))
+        .header("cookie", browser.cookie_header())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.headers()["content-type"], "text/event-stream");
+    let mut received = String::new();
+    let mut read_until = async |text: &str, received: &mut String| {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !received.contains(text) {
+            let chunk = tokio::time::timeout_at(deadline, live.chunk())
+                .await
+                .expect("in time")
+                .unwrap()
+                .unwrap();
+            received.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    read_until("\"balance\":\"1.00 AUD\"", &mut received).await;
+
+    // Paid through the dev checkout: the open stream carries the new balance, unasked.
+    let topup = browser.get("/topup").await;
+    let checkout = browser
+        .post("/topup", &[("csrf", &topup.csrf()), ("nonce", &nonce(&topup)), ("amount", "5.00")])
+        .await;
+    let pay_path = format!("{}/pay", checkout.location.unwrap().trim_start_matches(&server.base));
+    browser.post(&pay_path, &[]).await;
+    read_until("\"balance\":\"6.00 AUD\"", &mut received).await;
+    // Without a session there is no stream.
+    let anonymous = reqwest::get(format!("{}/live", server.base)).await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::NOT_FOUND);
+}

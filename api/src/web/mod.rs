@@ -10,6 +10,7 @@ mod actions;
 mod auth;
 mod console;
 mod layout;
+mod live;
 mod portal;
 
 use axum::routing::get;
@@ -26,4 +27,5 @@ pub fn routes() -> Router<AppState> {
         .merge(actions::routes())
         .merge(portal::routes())
         .merge(console::routes())
+        .merge(live::routes())
 }

@@ -69,10 +69,10 @@ async fn home(State(state): State<AppState>, visitor: Visitor) -> Response {
         @if account.low_balance_warned {
             p class="banner" role="status" { "Your balance is running low: top up to keep your servers running." }
         }
-        section class="figures" aria-label="Wallet" {
-            (figure("Balance", &money(account.balance, currency)))
-            (figure("Reserved", &money(account.reserved, currency)))
-            (figure("Available", &money(account.available, currency)))
+        section class="figures" aria-label="Wallet" aria-live="polite" data-live="/live" {
+            (live_figure("Balance", "balance", &money(account.balance, currency)))
+            (live_figure("Reserved", "reserved", &money(account.reserved, currency)))
+            (live_figure("Available", "available", &money(account.available, currency)))
             (figure("Runway", &runway.map(|hours| format!("{hours} h")).unwrap_or_else(|| "nothing billed".into())))
             (figure("This month (net)", &money(month_to_date, currency)))
         }
@@ -87,7 +87,7 @@ async fn home(State(state): State<AppState>, visitor: Visitor) -> Response {
                         @for server in &views {
                             tr {
                                 td { a href={ "/servers/" (server.id) } { (server.hostname.clone().unwrap_or_else(|| server.id.to_string()[..8].to_string())) } }
-                                td { (badge(server)) }
+                                td data-server=(server.id) { (badge(server)) }
                                 td { (server.plan_id) }
                                 td { (server.location) }
                                 td class="n" { (money(server.month_to_date_net.0.parse().unwrap_or_default(), currency)) }
@@ -97,8 +97,40 @@ async fn home(State(state): State<AppState>, visitor: Visitor) -> Response {
                 }
             }
         }
+        script { (maud::PreEscaped(LIVE_SCRIPT)) }
     };
     page(&account.name, Some(&session), body).into_response()
+}
+
+/// Keeps the dashboard current: figures replaced in place, and a reload when a server's status
+/// changed (its row shows more than the status).
+const LIVE_SCRIPT: &str = r#"
+(function () {
+  if (!window.EventSource) return;
+  var source = new EventSource("/live");
+  source.addEventListener("account", function (message) {
+    var now = JSON.parse(message.data);
+    ["balance", "reserved", "available"].forEach(function (name) {
+      var cell = document.querySelector('[data-figure="' + name + '"]');
+      if (cell) cell.textContent = now[name];
+    });
+    var changed = now.servers.some(function (server) {
+      var cell = document.querySelector('[data-server="' + server.id + '"] .badge');
+      return !cell || !cell.classList.contains(server.status);
+    });
+    if (changed && now.servers.length) window.location.reload();
+  });
+})();
+"#;
+
+/// A figure the live stream updates.
+fn live_figure(label: &str, name: &str, value: &str) -> maud::Markup {
+    html! {
+        div class="figure" {
+            div class="label" { (label) }
+            div class="value" data-figure=(name) { (value) }
+        }
+    }
 }
 
 fn status_text(server: &crate::http::types::Server) -> String {
