@@ -448,3 +448,109 @@ async fn the_dashboard_hears_of_a_payment_as_it_lands() {
     let anonymous = reqwest::get(format!("{}/live", server.base)).await.unwrap();
     assert_eq!(anonymous.status(), StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn finance_explains_an_invoice_down_to_its_events_and_an_admin_adjusts_a_wallet() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, &[("BILLING_SIMULATED_LATENCY_MS", Some("10"))]);
+    let clock = |body: Value| api(&server.base, reqwest::Method::POST, "/v1/dev/clock", ADMIN, Some(body));
+    clock(json!({"now": "2027-05-31T21:30:00Z"})).await;
+    let (mine, token) = account(&server.base, "Gus", "50.00").await;
+    let ordered = api(
+        &server.base,
+        reqwest::Method::POST,
+        &format!("/v1/accounts/{mine}/orders"),
+        &token,
+        Some(json!({"plan_id": "vps-1g", "location": "syd"})),
+    )
+    .await;
+    support::wait_for(&server.base, &token, ordered["server_id"].as_str().unwrap(), |status| {
+        status == "needs_setup"
+    })
+    .await;
+    clock(json!({"now": "2027-06-01T00:30:00Z"})).await;
+    let invoices = api(
+        &server.base,
+        reqwest::Method::GET,
+        &format!("/v1/accounts/{mine}/invoices"),
+        ADMIN,
+        None,
+    )
+    .await;
+    let invoice_id = invoices["items"][0]["id"].as_str().expect("May's invoice").to_string();
+
+    let mut finance = Browser::new(&server.base);
+    let link = invite(&db, "audit@example.com", "finance", None);
+    finance
+        .accept_and_sign_in(&link, "audit@example.com", "finance explains it all")
+        .await;
+    let account_page = finance.get(&format!("/console/accounts/{mine}")).await;
+    assert!(
+        account_page.html.contains(&format!("/console/invoices/{invoice_id}")),
+        "{}",
+        account_page.html
+    );
+    let explained = finance.get(&format!("/console/invoices/{invoice_id}")).await;
+    let start = explained.html.find("/console/events/").expect("the events behind the invoice") + 16;
+    let position: String = explained.html[start..].chars().take_while(char::is_ascii_digit).collect();
+    let event = finance.get(&format!("/console/events/{position}")).await;
+    assert!(event.html.contains("CHAIN VERIFIED"), "{}", event.html);
+    assert!(
+        event.html.contains("HourCharged") || event.html.contains("HoldCaptured"),
+        "{}",
+        event.html
+    );
+    let books = api(&server.base, reqwest::Method::GET, "/v1/ledger/trial-balance", ADMIN, None).await;
+    let trial = finance.get("/console/trial-balance").await;
+    let aud = books["currencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["currency"] == "AUD")
+        .unwrap();
+    assert!(
+        trial.html.contains(&format!("{} AUD", aud["total_debit"].as_str().unwrap())),
+        "{}",
+        trial.html
+    );
+    // Finance reads; it does not adjust.
+    let refused = finance
+        .post(
+            &format!("/console/accounts/{mine}/adjustments"),
+            &[("csrf", &account_page.csrf()), ("amount", "1.00"), ("reason", "no")],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+
+    let mut admin = Browser::new(&server.base);
+    let link = invite(&db, "boss@example.com", "admin", None);
+    admin.accept_and_sign_in(&link, "boss@example.com", "the admin adjusts it").await;
+    let before = api(&server.base, reqwest::Method::GET, &format!("/v1/accounts/{mine}"), ADMIN, None).await["balance"].clone();
+    let page = admin.get(&format!("/console/accounts/{mine}")).await;
+    let fields = [
+        ("csrf", page.csrf()),
+        ("nonce", nonce(&page)),
+        ("amount", "-2.50".to_string()),
+        ("reason", "a duplicate credit".to_string()),
+    ];
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let review = admin.post(&format!("/console/accounts/{mine}/adjustments"), &fields).await;
+    assert!(review.html.contains("Confirm the adjustment"), "{}", review.html);
+    // Nothing moved before the confirmation.
+    assert_eq!(
+        api(&server.base, reqwest::Method::GET, &format!("/v1/accounts/{mine}"), ADMIN, None).await["balance"],
+        before
+    );
+    let mut confirmed = fields.clone();
+    confirmed.push(("confirm", "yes"));
+    let done = admin.post(&format!("/console/accounts/{mine}/adjustments"), &confirmed).await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.html);
+    admin.post(&format!("/console/accounts/{mine}/adjustments"), &confirmed).await;
+    let after = api(&server.base, reqwest::Method::GET, &format!("/v1/accounts/{mine}"), ADMIN, None).await["balance"].clone();
+    let amount = |value: &Value| value.as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap();
+    assert_eq!(
+        amount(&before) - amount(&after),
+        rust_decimal::Decimal::new(250, 2),
+        "made once: {before} -> {after}"
+    );
+}

@@ -347,3 +347,29 @@ pub async fn first_account_named(pool: &PgPool, prefix: &str) -> Result<Option<A
 pub async fn last_occurred_at(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
     sqlx::query_scalar("SELECT max(occurred_at) FROM events").fetch_one(pool).await
 }
+
+/// The event at `position`, and the one before it (for its hash), from the log.
+pub async fn event_with_previous(pool: &PgPool, position: i64) -> Result<(Option<RecordedEvent>, Option<RecordedEvent>)> {
+    let events = ledger::log::read_after(pool, (position - 2).max(0), 2).await?;
+    let event = events.iter().find(|event| event.position == position).cloned();
+    let previous = events.into_iter().find(|event| event.position == position - 1);
+    Ok((event, previous))
+}
+
+/// An account's statement rows that carry one of `references` (the charges an invoice bills).
+pub async fn statement_rows_of(pool: &PgPool, account_id: AccountId, references: &[String]) -> Result<Vec<StatementRow>> {
+    sqlx::query_as("SELECT * FROM rm.statement WHERE account_id = $1 AND reference = ANY($2) ORDER BY position")
+        .bind(account_id.0)
+        .bind(references)
+        .fetch_all(pool)
+        .await
+}
+
+/// An account's latest money movements, newest first.
+pub async fn statement_latest(pool: &PgPool, account_id: AccountId, limit: u32) -> Result<Vec<StatementRow>> {
+    sqlx::query_as("SELECT * FROM rm.statement WHERE account_id = $1 ORDER BY position DESC LIMIT $2")
+        .bind(account_id.0)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await
+}

@@ -5,7 +5,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Form, Router};
 use domain::AccountId;
 use maud::html;
 use serde::Deserialize;
@@ -20,6 +20,10 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/console", get(search))
         .route("/console/accounts/{id}", get(account_page))
+        .route("/console/accounts/{id}/adjustments", axum::routing::post(adjust))
+        .route("/console/invoices/{id}", get(invoice_page))
+        .route("/console/events/{position}", get(event_page))
+        .route("/console/trial-balance", get(trial_balance))
 }
 
 /// Finance or admin; anyone else finds nothing here.
@@ -111,6 +115,14 @@ async fn account_page(State(state): State<AppState>, visitor: Visitor, Path(id):
         },
     };
     let currency = account.currency.clone();
+    let statement = match app::reads::statement_latest(&state.pool, account_id, 20).await {
+        Ok(rows) => rows,
+        Err(error) => return unavailable(error),
+    };
+    let invoices = match app::reads::invoices_of_account(&state.pool, account_id, None, 24).await {
+        Ok(page) => page.map(|page| page.items).unwrap_or_default(),
+        Err(error) => return unavailable(error),
+    };
     let (balance, reserved, available) = match instant {
         None => (account.balance, account.reserved, account.available),
         Some(instant) => match projections::queries::balance_as_of(&state.pool, account_id, instant).await {
@@ -130,6 +142,249 @@ async fn account_page(State(state): State<AppState>, visitor: Visitor, Path(id):
             (figure("Reserved", &money(reserved, &currency)))
             (figure("Available", &money(available, &currency)))
         }
+        h2 { "Latest movements" }
+        div class="table" { table {
+            thead { tr { th { "Position" } th { "When (UTC)" } th { "What" } th class="n" { "Amount" } th class="n" { "Balance after" } } }
+            tbody { @for row in &statement { tr {
+                td { a href={ "/console/events/" (row.position) } { (row.position) } }
+                td { (row.occurred_at.format("%Y-%m-%d %H:%M")) }
+                td { (row.kind.replace('_', " ")) }
+                td class="n" { (money(row.amount, &currency)) }
+                td class="n" { (money(row.balance_after, &currency)) }
+            } } }
+        } }
+        h2 { "Invoices" }
+        @if invoices.is_empty() { p class="muted" { "None yet." } }
+        ul { @for invoice in &invoices { li {
+            a href={ "/console/invoices/" (invoice.invoice_id) } { (invoice.number) }
+            " · " (invoice.period_start.format("%Y-%m")) " · " (money(invoice.total, &currency))
+        } } }
+        @if session.role == Role::Admin {
+            h2 { "Adjust the wallet" }
+            form class="card" method="post" action={ "/console/accounts/" (account.account_id) "/adjustments" } {
+                (super::actions::guard_fields(&session))
+                label { "Amount (" (currency) "; negative for a debit)" input type="text" name="amount" required placeholder="-5.00"; }
+                label { "Reason (kept in the ledger)" input type="text" name="reason" required maxlength="500"; }
+                button type="submit" { "Review" }
+            }
+        }
     };
     page(&account.name, Some(&session), body).into_response()
+}
+
+#[derive(Deserialize)]
+struct AdjustForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    nonce: String,
+    amount: String,
+    reason: String,
+    /// Absent: show the effect first; `yes`: make it.
+    confirm: Option<String>,
+}
+
+/// An admin's adjustment: shown with its effect first, made on confirmation, with its reason.
+async fn adjust(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>, Form(form): Form<AdjustForm>) -> Response {
+    let session = match staff(visitor) {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    if session.role != Role::Admin {
+        return status_page(
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            "Only an admin adjusts a wallet.",
+            Some(&session),
+        );
+    }
+    if let Err(refused) = super::auth::check_csrf(&session, &form.csrf) {
+        return refused;
+    }
+    let Ok(account_id) = AccountId::parse(&id) else {
+        return status_page(StatusCode::NOT_FOUND, "Not found", "There is no such account.", Some(&session));
+    };
+    let account = match app::reads::account(&state.pool, account_id).await {
+        Ok(Some(account)) => account,
+        Ok(None) => return status_page(StatusCode::NOT_FOUND, "Not found", "There is no such account.", Some(&session)),
+        Err(error) => return unavailable(error),
+    };
+    let Ok(currency) = domain::Currency::parse(&account.currency) else {
+        return unavailable("an account with an unknown currency");
+    };
+    let invalid = |detail: &str| status_page(StatusCode::UNPROCESSABLE_ENTITY, "Not an adjustment", detail, Some(&session));
+    let amount = match domain::Money::parse_signed(form.amount.trim(), currency) {
+        Ok(money) if !money.amount.is_zero() => money.amount,
+        _ => return invalid("The amount is a non-zero number with at most 6 decimals, negative for a debit."),
+    };
+    let reason = form.reason.trim();
+    if reason.is_empty() {
+        return invalid("An adjustment needs its reason.");
+    }
+    if form.confirm.as_deref() != Some("yes") {
+        let body = html! {
+            p { "The balance of " strong { (account.name) } " goes from " (money(account.balance, &account.currency))
+                " to " strong { (money(account.balance + amount, &account.currency)) } "." }
+            p { "Reason: " (reason) }
+            form method="post" action={ "/console/accounts/" (account.account_id) "/adjustments" } {
+                input type="hidden" name="csrf" value=(session.csrf_token);
+                input type="hidden" name="nonce" value=(form.nonce);
+                input type="hidden" name="amount" value=(form.amount.trim());
+                input type="hidden" name="reason" value=(reason);
+                input type="hidden" name="confirm" value="yes";
+                button type="submit" { "Confirm the adjustment" }
+            }
+        };
+        return page("Confirm the adjustment", Some(&session), body).into_response();
+    }
+    let metadata = app::handler::Metadata {
+        idempotency_key: (!form.nonce.is_empty())
+            .then(|| format!("web:{}:{}", session.person_id, form.nonce.chars().take(64).collect::<String>())),
+        ..app::handler::Metadata::actor("admin", session.email.clone())
+    };
+    if let Err(error) = state.flows.adjust(account_id, amount, reason, &metadata).await {
+        let error = crate::http::error::ApiError::from(error);
+        return status_page(error.status, error.title, &error.detail, Some(&session));
+    }
+    if let Err(error) = projections::runner::catch_up_all(&state.pool).await {
+        return unavailable(error);
+    }
+    axum::response::Redirect::to(&format!("/console/accounts/{account_id}")).into_response()
+}
+
+/// An invoice explained: each line, and the charges behind it down to their events.
+async fn invoice_page(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>) -> Response {
+    let session = match staff(visitor) {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such invoice.", Some(&session));
+    let Ok(invoice_id) = domain::InvoiceId::parse(&id) else {
+        return not_found();
+    };
+    let row = match app::reads::invoice(&state.pool, invoice_id).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return not_found(),
+        Err(error) => return unavailable(error),
+    };
+    let charges: Vec<String> = row
+        .charge_ids
+        .0
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|id| id.as_str().map(str::to_string))
+        .collect();
+    let rows = match app::reads::statement_rows_of(&state.pool, AccountId(row.account_id), &charges).await {
+        Ok(rows) => rows,
+        Err(error) => return unavailable(error),
+    };
+    let currency = row.currency.clone();
+    let lines = row.lines.0.as_array().cloned().unwrap_or_default();
+    let body = html! {
+        p { "Period " (row.period_start.format("%Y-%m")) " · total " (money(row.total, &currency)) " (net " (money(row.net, &currency)) ", tax " (money(row.tax, &currency)) ")" }
+        @for line in &lines {
+            @let server = line["server_id"].as_str().unwrap_or_default();
+            h2 { (line["description"].as_str().unwrap_or_default()) }
+            p class="muted" { "Net " (line["net"].as_str().unwrap_or_default()) " · tax " (line["tax"].as_str().unwrap_or_default()) }
+            @if !server.is_empty() {
+                div class="table" { table {
+                    thead { tr { th { "Event" } th { "Hour" } th class="n" { "Charged (gross)" } } }
+                    tbody { @for charge in rows.iter().filter(|charge| charge.server_id.map(|id| id.to_string()).as_deref() == Some(server)) { tr {
+                        td { a href={ "/console/events/" (charge.position) } { "#" (charge.position) } }
+                        td { (charge.occurred_at.format("%Y-%m-%d %H:%M")) }
+                        td class="n" { (money(-charge.amount, &currency)) }
+                    } } }
+                } }
+            }
+        }
+    };
+    page(&format!("Invoice {}", row.number), Some(&session), body).into_response()
+}
+
+/// One event as the log holds it, with its hash recomputed from the event before it.
+async fn event_page(State(state): State<AppState>, visitor: Visitor, Path(position): Path<i64>) -> Response {
+    let session = match staff(visitor) {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    let (event, previous) = match app::reads::event_with_previous(&state.pool, position).await {
+        Ok(found) => found,
+        Err(error) => return unavailable(error),
+    };
+    let Some(event) = event else {
+        return status_page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "There is no event at that position.",
+            Some(&session),
+        );
+    };
+    let expected_prev = previous.as_ref().map(|previous| previous.hash).unwrap_or([0u8; 32]);
+    let links = event.prev_hash == expected_prev;
+    let recomputed = event.recompute_hash(&event.prev_hash, &mut Vec::new());
+    let holds = recomputed == event.hash;
+    let body = html! {
+        p { @if links && holds { span class="badge running" { "CHAIN VERIFIED" } } @else { span class="badge suspended" { "CHAIN BROKEN HERE" } } }
+        div class="table" { table { tbody {
+            tr { th { "Position" } td { (event.position) } }
+            tr { th { "Stream" } td { (event.stream_id) " v" (event.stream_version) } }
+            tr { th { "Type" } td { (event.event_type) " (schema " (event.schema_version) ")" } }
+            tr { th { "Occurred" } td { (event.occurred_at.to_rfc3339()) } }
+            tr { th { "Recorded" } td { (event.recorded_at.to_rfc3339()) } }
+            tr { th { "Previous hash" } td { code { (hex::encode(event.prev_hash)) } @if !links { " (the event before has another hash)" } } }
+            tr { th { "Hash" } td { code { (hex::encode(event.hash)) } @if !holds { " (recomputed: " (hex::encode(recomputed)) ")" } } }
+        } } }
+        h2 { "Payload" }
+        pre { code { (serde_json::to_string_pretty(&event.payload).unwrap_or_default()) } }
+        h2 { "Metadata" }
+        pre { code { (serde_json::to_string_pretty(&event.metadata).unwrap_or_default()) } }
+        p { @if position > 1 { a href={ "/console/events/" (position - 1) } { "Previous event" } " · " } a href={ "/console/events/" (position + 1) } { "Next event" } }
+    };
+    page(&format!("Event {position}"), Some(&session), body).into_response()
+}
+
+/// The trial balance per currency, now or as of an instant.
+async fn trial_balance(State(state): State<AppState>, visitor: Visitor, Query(as_of): Query<AsOf>) -> Response {
+    let session = match staff(visitor) {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    let instant = match as_of.as_of.as_deref().filter(|text| !text.is_empty()) {
+        None => None,
+        Some(text) => match chrono::DateTime::parse_from_rfc3339(text) {
+            Ok(instant) => Some(instant.to_utc()),
+            Err(_) => {
+                return status_page(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Not an instant",
+                    "Give the instant as RFC 3339.",
+                    Some(&session),
+                )
+            }
+        },
+    };
+    let books = match projections::queries::trial_balance(&state.pool, instant).await {
+        Ok(books) => books,
+        Err(error) => return unavailable(error),
+    };
+    let body = html! {
+        form method="get" action="/console/trial-balance" {
+            label { "As of (RFC 3339)" input type="text" name="as_of" placeholder="2026-03-31T23:59:59Z" value=(as_of.as_of.clone().unwrap_or_default()); }
+            button type="submit" { "Show" }
+        }
+        @for books in &books.currencies {
+            h2 { (books.currency) }
+            div class="table" { table {
+                thead { tr { th { "Ledger account" } th class="n" { "Debit" } th class="n" { "Credit" } } }
+                tbody { @for line in &books.accounts { tr {
+                    td { (line.account) }
+                    td class="n" { (money(line.debit, &books.currency)) }
+                    td class="n" { (money(line.credit, &books.currency)) }
+                } } }
+                tfoot { tr { th { "Total" } th class="n" { (money(books.total_debit, &books.currency)) } th class="n" { (money(books.total_credit, &books.currency)) } } }
+            } }
+        }
+    };
+    page("Trial balance", Some(&session), body).into_response()
 }

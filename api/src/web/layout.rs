@@ -46,7 +46,8 @@ pub fn page(title: &str, session: Option<&Session>, body: Markup) -> Markup {
                                     a href="/invoices" { "Invoices" }
                                 }
                                 _ => {
-                                    a href="/console" { "Console" }
+                                    a href="/console" { "Accounts" }
+                                    a href="/console/trial-balance" { "Trial balance" }
                                 }
                             }
                         }
