@@ -1,14 +1,14 @@
 //! Accounts: opening, search, balances (now or as of an instant), API keys and the statement.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 use domain::{AccountId, Money as DomainMoney};
 
 use super::auth::{create_key, Caller, Role};
 use super::error::ApiError;
-use super::extract::{page_size, path_id, request_id, Json, Query};
+use super::extract::{page_size, path_id, Json, Query};
 use super::types::{
     Account, AccountPage, ApiKey, AsOfQuery, Created, Money, NewKey, OpenAccount, SearchQuery, StatementQuery, Transaction, TransactionPage,
 };
@@ -39,14 +39,9 @@ pub fn readable(caller: &Caller, id: &str) -> Result<AccountId, ApiError> {
 /// Opens an account; its currency is fixed from now on.
 #[utoipa::path(post, path = "/v1/accounts", tag = "accounts", request_body = OpenAccount, security(("bearer" = [])),
     responses((status = 201, description = "opened", body = Created)))]
-pub(crate) async fn open_account(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    Json(body): Json<OpenAccount>,
-) -> Reply<Created> {
+pub(crate) async fn open_account(State(state): State<AppState>, caller: Caller, Json(body): Json<OpenAccount>) -> Reply<Created> {
     caller.require(&[Role::Admin])?;
-    let metadata = caller.metadata(request_id(&headers), None);
+    let metadata = caller.metadata();
     let account_id = AccountId(metadata.id_for("account"));
     let country = domain::Country::parse(&body.country.0).map_err(|error| ApiError::invalid("country", error.reason))?;
     state

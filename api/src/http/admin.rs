@@ -1,14 +1,14 @@
 //! Admin corrections (adjustments, service credits) and the read models' upkeep (status, rebuild).
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 use domain::{AccountId, ChargeId};
 
 use super::auth::{Caller, Role};
 use super::error::ApiError;
-use super::extract::{path_id, request_id, Json};
+use super::extract::{path_id, Json};
 use super::types::{
     Account, Adjustment, AdjustmentMade, AmountWithReason, Money, ProjectionPage, ProjectionStatus, RebuildStarted, ServiceCredit,
 };
@@ -29,7 +29,6 @@ pub fn routes() -> Router<AppState> {
 pub(crate) async fn adjust(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Json(body): Json<Adjustment>,
 ) -> Reply<AdjustmentMade> {
@@ -37,10 +36,7 @@ pub(crate) async fn adjust(
     caller.require_for_account(&[Role::Admin], account_id)?;
     let account = accounts::load(&state, account_id).await?;
     let amount = accounts::money_in(body.amount.0, accounts::currency_of(&account)?)?.amount;
-    let adjustment_id = state
-        .flows
-        .adjust(account_id, amount, &body.reason.0, &caller.metadata(request_id(&headers), None))
-        .await?;
+    let adjustment_id = state.flows.adjust(account_id, amount, &body.reason.0, &caller.metadata()).await?;
     read_your_writes(&state).await?;
     let account = accounts::load(&state, account_id).await?;
     Ok((
@@ -59,7 +55,6 @@ pub(crate) async fn adjust(
 pub(crate) async fn credit_charge(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Json(body): Json<AmountWithReason>,
 ) -> Reply<ServiceCredit> {
@@ -72,13 +67,7 @@ pub(crate) async fn credit_charge(
     let amount = accounts::money_in(body.amount.0, accounts::currency_of(&account)?)?.amount;
     let refund_id = state
         .flows
-        .service_credit(
-            account_id,
-            charge_id,
-            amount,
-            &body.reason.0,
-            &caller.metadata(request_id(&headers), None),
-        )
+        .service_credit(account_id, charge_id, amount, &body.reason.0, &caller.metadata())
         .await?;
     read_your_writes(&state).await?;
     let account = accounts::load(&state, account_id).await?;

@@ -24,6 +24,8 @@ pub struct Caller {
     /// The request's `Idempotency-Key`, scoped to this caller, once the idempotency layer has
     /// claimed it: recorded in the metadata of every event the request causes.
     pub idempotency_key: Option<String>,
+    /// The request's `x-request-id`, kept with the events it causes.
+    pub request_id: Option<String>,
 }
 
 /// A claimed `Idempotency-Key`, scoped to its caller; put in the request's extensions by the
@@ -67,8 +69,10 @@ impl Caller {
         }
     }
 
-    pub fn metadata(&self, request_id: Option<String>, idempotency_key: Option<String>) -> app::handler::Metadata {
-        let idempotency_key = idempotency_key.or_else(|| self.idempotency_key.clone());
+    /// Who did it, for the events a request causes: the caller, the request's id and its claimed
+    /// `Idempotency-Key`.
+    pub fn metadata(&self) -> app::handler::Metadata {
+        let (request_id, idempotency_key) = (self.request_id.clone(), self.idempotency_key.clone());
         app::handler::Metadata {
             actor_kind: self.role.as_str().to_string(),
             actor_id: self
@@ -183,6 +187,7 @@ impl FromRequestParts<AppState> for Caller {
             account_id,
             id: hash.iter().map(|b| format!("{b:02x}")).collect(),
             idempotency_key: parts.extensions.get::<ClaimedKey>().map(|claimed| claimed.0.clone()),
+            request_id: super::extract::request_id(&parts.headers),
         })
     }
 }

@@ -46,7 +46,6 @@ fn processor(
 pub(crate) async fn request_topup(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Json(body): Json<TopUpRequest>,
 ) -> Reply<TopUp> {
@@ -55,7 +54,7 @@ pub(crate) async fn request_topup(
     let account = accounts::load(&state, account_id).await?;
     let currency = accounts::currency_of(&account)?;
     let amount = body.amount.0;
-    let metadata = caller.metadata(request_id(&headers), None);
+    let metadata = caller.metadata();
     let (topup_id, checkout_url) =
         app::payments::start_topup(&state.flows, state.payments.as_deref(), account_id, currency, amount, &metadata).await?;
     Ok((
@@ -121,7 +120,6 @@ async fn asked(state: &AppState, id: &str) -> Result<(TopUpId, domain::topup::To
 pub(crate) async fn refund_topup(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Json(body): Json<AmountWithReason>,
 ) -> Reply<CardRefund> {
@@ -142,13 +140,7 @@ pub(crate) async fn refund_topup(
     processor(&state, "refunds-unavailable", "Card refunds unavailable", "card refunds")?;
     let refund_id = state
         .flows
-        .request_card_refund(
-            requested.account_id,
-            topup_id,
-            amount,
-            &body.reason.0,
-            &caller.metadata(request_id(&headers), None),
-        )
+        .request_card_refund(requested.account_id, topup_id, amount, &body.reason.0, &caller.metadata())
         .await?;
     read_your_writes(&state).await?;
     let account = accounts::load(&state, requested.account_id).await?;
@@ -172,7 +164,6 @@ pub(crate) async fn refund_topup(
 pub(crate) async fn resolve_held_payment(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Json(body): Json<AmountWithReason>,
 ) -> Reply<HeldPaymentAccepted> {
@@ -181,7 +172,7 @@ pub(crate) async fn resolve_held_payment(
     let amount = accounts::money_in(body.amount.0, requested.currency)?.amount;
     let account_id = state
         .flows
-        .accept_held_payment(topup_id, amount, &body.reason.0, &caller.metadata(request_id(&headers), None))
+        .accept_held_payment(topup_id, amount, &body.reason.0, &caller.metadata())
         .await?;
     app::workers::resume_affordable(&state.flows, Some(account_id)).await?;
     read_your_writes(&state).await?;

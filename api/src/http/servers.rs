@@ -1,7 +1,7 @@
 //! Servers: the plans on sale, deploy orders, and a server's life (setup, power, cancellation).
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::{DateTime, Utc};
@@ -11,7 +11,7 @@ use rust_decimal::Decimal;
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::extract::{page_size, path_id, request_id, Json, Query};
+use super::extract::{page_size, path_id, Json, Query};
 use super::types::{
     Cancellation, CancellationMode, Money, OrderAccepted, PlaceOrder, Plan, PlanPage, PlanPrice, Power, PowerAction, Server, ServerPage,
     ServerStatus, ServersQuery, Setup,
@@ -159,14 +159,13 @@ async fn render(state: &AppState, row: ServerRow) -> Reply<Server> {
 pub(crate) async fn place_order(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Json(body): Json<PlaceOrder>,
 ) -> Reply<OrderAccepted> {
     let account_id = path_id(AccountId::parse(&id), "account")?;
     caller.may_act_as_owner(account_id)?;
     accounts::load(&state, account_id).await?;
-    let metadata = caller.metadata(request_id(&headers), None);
+    let metadata = caller.metadata();
     let (order_id, server_id) = (domain::OrderId(metadata.id_for("order")), ServerId(metadata.id_for("server")));
     state
         .flows
@@ -201,13 +200,10 @@ async fn owned(state: &AppState, caller: &Caller, id: &str) -> Result<ServerRow,
 }
 
 /// Does what the owner asked of its server; answers with the server once the read models show it.
-async fn act(state: &AppState, caller: &Caller, headers: &HeaderMap, id: &str, request: ServerRequest) -> Reply<Server> {
+async fn act(state: &AppState, caller: &Caller, id: &str, request: ServerRequest) -> Reply<Server> {
     let row = owned(state, caller, id).await?;
     let server_id = ServerId(row.server_id);
-    state
-        .flows
-        .act_on_server(server_id, request, &caller.metadata(request_id(headers), None))
-        .await?;
+    state.flows.act_on_server(server_id, request, &caller.metadata()).await?;
     read_your_writes(state).await?;
     let row = app::reads::server(&state.pool, server_id)
         .await?
@@ -221,7 +217,6 @@ async fn act(state: &AppState, caller: &Caller, headers: &HeaderMap, id: &str, r
 pub(crate) async fn setup_server(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Json(body): Json<Setup>,
 ) -> Reply<Server> {
@@ -229,7 +224,6 @@ pub(crate) async fn setup_server(
     act(
         &state,
         &caller,
-        &headers,
         &id,
         ServerRequest::Setup {
             os_image: body.os_image.0,
@@ -245,7 +239,6 @@ pub(crate) async fn setup_server(
 pub(crate) async fn power_server(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Json(body): Json<Power>,
 ) -> Reply<Server> {
@@ -254,7 +247,7 @@ pub(crate) async fn power_server(
         PowerAction::Shutdown => domain::server::PowerAction::Shutdown,
         PowerAction::Reboot => domain::server::PowerAction::Reboot,
     };
-    act(&state, &caller, &headers, &id, ServerRequest::Power(action)).await
+    act(&state, &caller, &id, ServerRequest::Power(action)).await
 }
 
 /// Cancels the server: billing stops now and the unused part of the paid hour goes back to the
@@ -264,7 +257,6 @@ pub(crate) async fn power_server(
 pub(crate) async fn cancel_server(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Json(body): Json<Cancellation>,
 ) -> Reply<Server> {
@@ -272,17 +264,12 @@ pub(crate) async fn cancel_server(
         CancellationMode::Grace => domain::server::CancellationMode::Grace,
         CancellationMode::Immediate => domain::server::CancellationMode::Immediate,
     };
-    act(&state, &caller, &headers, &id, ServerRequest::Cancel(mode)).await
+    act(&state, &caller, &id, ServerRequest::Cancel(mode)).await
 }
 
 /// Revokes a grace cancellation: the server is powered on and the hour in progress charged.
 #[utoipa::path(delete, path = "/v1/servers/{id}/cancellation", tag = "servers", params(("id" = Uuid, Path)), security(("bearer" = [])),
     responses((status = 200, description = "revoked; the hour in progress charged", body = Server), (status = 402, description = "the hour in progress is not affordable", body = super::error::Problem, content_type = "application/problem+json"), (status = 409, description = "immediate, due, or not cancelled", body = super::error::Problem, content_type = "application/problem+json")))]
-pub(crate) async fn revoke_cancellation(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Reply<Server> {
-    act(&state, &caller, &headers, &id, ServerRequest::RevokeCancellation).await
+pub(crate) async fn revoke_cancellation(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Reply<Server> {
+    act(&state, &caller, &id, ServerRequest::RevokeCancellation).await
 }

@@ -62,11 +62,16 @@ pub fn guard_fields(session: &Session) -> Markup {
     }
 }
 
-/// Who did it, and the form's nonce as the idempotency key (a form sent twice acts once).
-fn metadata(session: &Session, nonce: &str) -> Metadata {
+/// Who did it (a customer as their account, staff by email), and the form's nonce as the
+/// idempotency key: a form sent twice acts once.
+pub fn metadata(session: &Session, nonce: &str) -> Metadata {
+    let actor = match session.account_id {
+        Some(account_id) => account_id.to_string(),
+        None => session.email.clone(),
+    };
     Metadata {
         idempotency_key: (!nonce.is_empty()).then(|| format!("web:{}:{}", session.person_id, nonce.chars().take(64).collect::<String>())),
-        ..Metadata::actor("customer", session.account_id.map(|id| id.to_string()).unwrap_or_default())
+        ..Metadata::actor(session.role.as_str(), actor)
     }
 }
 

@@ -237,11 +237,7 @@ async fn adjust(State(state): State<AppState>, visitor: Visitor, Path(id): Path<
         };
         return page("Confirm the adjustment", Some(&session), body).into_response();
     }
-    let metadata = app::handler::Metadata {
-        idempotency_key: (!form.nonce.is_empty())
-            .then(|| format!("web:{}:{}", session.person_id, form.nonce.chars().take(64).collect::<String>())),
-        ..app::handler::Metadata::actor("admin", session.email.clone())
-    };
+    let metadata = super::actions::metadata(&session, &form.nonce);
     if let Err(error) = state.flows.adjust(account_id, amount, reason, &metadata).await {
         let error = crate::http::error::ApiError::from(error);
         return status_page(error.status, error.title, &error.detail, Some(&session));
