@@ -33,6 +33,8 @@ pub enum Role {
 }
 
 impl Role {
+    pub const ALL: [Role; 3] = [Role::Customer, Role::Finance, Role::Admin];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Role::Customer => "customer",

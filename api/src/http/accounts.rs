@@ -106,7 +106,7 @@ pub(crate) async fn create_api_key(
     let account_id = path_id(AccountId::parse(&id), "account")?;
     caller.require_for_account(&[Role::Admin], account_id)?;
     load(&state, account_id).await?;
-    let role = body.role;
+    let role = body.role.0;
     let token = create_key(
         &state.pool,
         role,
@@ -118,7 +118,7 @@ pub(crate) async fn create_api_key(
         StatusCode::CREATED,
         axum::Json(ApiKey {
             token,
-            role,
+            role: crate::http::types::Role(role),
             account_id: account_id.0,
         }),
     ))

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::AppState;
 
-pub use super::types::Role;
+pub use app::people::Role;
 
 /// Who is calling.
 #[derive(Clone, Debug)]

@@ -362,34 +362,38 @@ pub struct OpenAccount {
     pub country: CountryCode,
 }
 
-/// Who a key acts as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// One account's owner.
-    Customer,
-    /// Reads everything.
-    Finance,
-    /// Does everything.
-    Admin,
+/// Who a key or a person acts as: `customer` (one account's owner), `finance` (reads
+/// everything) or `admin` (does everything). The roles are the application's (`app::people::Role`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Role(pub app::people::Role);
+
+impl Serialize for Role {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0.as_str())
+    }
 }
 
-impl Role {
-    pub fn parse(text: &str) -> Option<Role> {
-        match text {
-            "customer" => Some(Role::Customer),
-            "finance" => Some(Role::Finance),
-            "admin" => Some(Role::Admin),
-            _ => None,
-        }
+impl<'de> Deserialize<'de> for Role {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Role, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        app::people::Role::parse(&text)
+            .map(Role)
+            .ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not a role: customer, finance or admin")))
     }
+}
 
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Role::Customer => "customer",
-            Role::Finance => "finance",
-            Role::Admin => "admin",
-        }
+impl PartialSchema for Role {
+    fn schema() -> RefOr<Schema> {
+        enum_schema(
+            app::people::Role::ALL.iter().map(|role| role.as_str().to_string()),
+            "Who a key acts as.",
+        )
+    }
+}
+
+impl ToSchema for Role {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("Role")
     }
 }
 

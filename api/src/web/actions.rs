@@ -15,9 +15,9 @@ use serde::Deserialize;
 
 use app::flows::ServerRequest;
 use app::handler::Metadata;
-use app::people::{Role, Session};
+use app::people::Session;
 
-use super::auth::{check_csrf, unavailable, Visitor};
+use super::auth::{check_csrf, unavailable, Customer};
 use super::layout::{csrf_field, money, page, status_page};
 use crate::http::error::ApiError;
 use crate::http::AppState;
@@ -34,15 +34,6 @@ pub fn routes() -> Router<AppState> {
         .route("/transactions", get(transactions))
         .route("/invoices", get(invoices))
         .route("/invoices/{id}", get(invoice))
-}
-
-/// The signed-in customer and their account, or where to go instead.
-fn customer(visitor: Visitor) -> Result<(Session, AccountId), Response> {
-    let session = visitor.signed_in()?;
-    match (session.role, session.account_id) {
-        (Role::Customer, Some(account_id)) => Ok((session, account_id)),
-        _ => Err(Redirect::to("/console").into_response()),
-    }
 }
 
 /// A form's fields every action shares: the session's CSRF token and the form's own nonce.
@@ -111,11 +102,7 @@ async fn account_row(state: &AppState, session: &Session, account_id: AccountId)
     }
 }
 
-async fn order_page(State(state): State<AppState>, visitor: Visitor) -> Response {
-    let (session, account_id) = match customer(visitor) {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
+async fn order_page(State(state): State<AppState>, Customer { session, account_id }: Customer) -> Response {
     let account = match account_row(&state, &session, account_id).await {
         Ok(row) => row,
         Err(response) => return response,
@@ -177,11 +164,7 @@ struct OrderForm {
     location: String,
 }
 
-async fn order(State(state): State<AppState>, visitor: Visitor, Form(form): Form<OrderForm>) -> Response {
-    let (session, account_id) = match customer(visitor) {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
+async fn order(State(state): State<AppState>, Customer { session, account_id }: Customer, Form(form): Form<OrderForm>) -> Response {
     if let Err(refused) = check_csrf(&session, &form.guard.csrf) {
         return refused;
     }
@@ -242,11 +225,12 @@ struct SetupForm {
     hostname: String,
 }
 
-async fn setup(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>, Form(form): Form<SetupForm>) -> Response {
-    let (session, account_id) = match customer(visitor) {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
+async fn setup(
+    State(state): State<AppState>,
+    Customer { session, account_id }: Customer,
+    Path(id): Path<String>,
+    Form(form): Form<SetupForm>,
+) -> Response {
     let hostname = match domain::Hostname::parse(form.hostname.trim()) {
         Ok(hostname) => hostname,
         Err(error) => return refused(&session, ApiError::invalid("hostname", error.reason)),
@@ -265,11 +249,12 @@ struct PowerForm {
     action: String,
 }
 
-async fn power(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>, Form(form): Form<PowerForm>) -> Response {
-    let (session, account_id) = match customer(visitor) {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
+async fn power(
+    State(state): State<AppState>,
+    Customer { session, account_id }: Customer,
+    Path(id): Path<String>,
+    Form(form): Form<PowerForm>,
+) -> Response {
     let action = match form.action.as_str() {
         "boot" => domain::server::PowerAction::Boot,
         "shutdown" => domain::server::PowerAction::Shutdown,
@@ -286,11 +271,12 @@ struct CancelForm {
     mode: String,
 }
 
-async fn cancel(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>, Form(form): Form<CancelForm>) -> Response {
-    let (session, account_id) = match customer(visitor) {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
+async fn cancel(
+    State(state): State<AppState>,
+    Customer { session, account_id }: Customer,
+    Path(id): Path<String>,
+    Form(form): Form<CancelForm>,
+) -> Response {
     let mode = match form.mode.as_str() {
         "grace" => domain::server::CancellationMode::Grace,
         "immediate" => domain::server::CancellationMode::Immediate,
@@ -299,11 +285,12 @@ async fn cancel(State(state): State<AppState>, visitor: Visitor, Path(id): Path<
     act(&state, &session, account_id, &id, &form.guard, ServerRequest::Cancel(mode)).await
 }
 
-async fn revoke(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>, Form(guard): Form<Guard>) -> Response {
-    let (session, account_id) = match customer(visitor) {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
+async fn revoke(
+    State(state): State<AppState>,
+    Customer { session, account_id }: Customer,
+    Path(id): Path<String>,
+    Form(guard): Form<Guard>,
+) -> Response {
     act(&state, &session, account_id, &id, &guard, ServerRequest::RevokeCancellation).await
 }
 
@@ -359,11 +346,7 @@ pub fn server_actions(session: &Session, server: &crate::http::types::Server, st
     }
 }
 
-async fn topup_page(State(state): State<AppState>, visitor: Visitor) -> Response {
-    let (session, account_id) = match customer(visitor) {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
+async fn topup_page(State(state): State<AppState>, Customer { session, account_id }: Customer) -> Response {
     let account = match account_row(&state, &session, account_id).await {
         Ok(row) => row,
         Err(response) => return response,
@@ -388,11 +371,7 @@ struct TopUpForm {
     amount: String,
 }
 
-async fn topup(State(state): State<AppState>, visitor: Visitor, Form(form): Form<TopUpForm>) -> Response {
-    let (session, account_id) = match customer(visitor) {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
+async fn topup(State(state): State<AppState>, Customer { session, account_id }: Customer, Form(form): Form<TopUpForm>) -> Response {
     if let Err(refused) = check_csrf(&session, &form.guard.csrf) {
         return refused;
     }
@@ -424,11 +403,11 @@ struct StatementPage {
     after: Option<i64>,
 }
 
-async fn transactions(State(state): State<AppState>, visitor: Visitor, Query(query): Query<StatementPage>) -> Response {
-    let (session, account_id) = match customer(visitor) {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
+async fn transactions(
+    State(state): State<AppState>,
+    Customer { session, account_id }: Customer,
+    Query(query): Query<StatementPage>,
+) -> Response {
     let account = match account_row(&state, &session, account_id).await {
         Ok(row) => row,
         Err(response) => return response,
@@ -452,11 +431,7 @@ async fn transactions(State(state): State<AppState>, visitor: Visitor, Query(que
     page("Transactions", Some(&session), body).into_response()
 }
 
-async fn invoices(State(state): State<AppState>, visitor: Visitor) -> Response {
-    let (session, account_id) = match customer(visitor) {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
+async fn invoices(State(state): State<AppState>, Customer { session, account_id }: Customer) -> Response {
     let rows = match app::reads::invoices_of_account(&state.pool, account_id, None, app::reads::PAGE_MAX).await {
         Ok(Some(rows)) => rows.items,
         Ok(None) => Vec::new(),
@@ -476,11 +451,7 @@ async fn invoices(State(state): State<AppState>, visitor: Visitor) -> Response {
     page("Invoices", Some(&session), body).into_response()
 }
 
-async fn invoice(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>) -> Response {
-    let (session, account_id) = match customer(visitor) {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
+async fn invoice(State(state): State<AppState>, Customer { session, account_id }: Customer, Path(id): Path<String>) -> Response {
     let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such invoice.", Some(&session));
     let Ok(invoice_id) = domain::InvoiceId::parse(&id) else {
         return not_found();

@@ -74,6 +74,45 @@ impl Visitor {
     }
 }
 
+/// A signed-in customer and their account; staff are sent to the console, and anyone else to
+/// sign in.
+pub struct Customer {
+    pub session: Session,
+    pub account_id: domain::AccountId,
+}
+
+impl FromRequestParts<AppState> for Customer {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Customer, Response> {
+        let session = Visitor::from_request_parts(parts, state).await?.signed_in()?;
+        match (session.role, session.account_id) {
+            (app::people::Role::Customer, Some(account_id)) => Ok(Customer { session, account_id }),
+            _ => Err(Redirect::to("/console").into_response()),
+        }
+    }
+}
+
+/// A signed-in member of finance or an admin; to a customer the console does not exist (404).
+pub struct Staff(pub Session);
+
+impl FromRequestParts<AppState> for Staff {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Staff, Response> {
+        let session = Visitor::from_request_parts(parts, state).await?.signed_in()?;
+        match session.role {
+            app::people::Role::Finance | app::people::Role::Admin => Ok(Staff(session)),
+            app::people::Role::Customer => Err(status_page(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "There is no such page here.",
+                Some(&session),
+            )),
+        }
+    }
+}
+
 pub fn unavailable(error: impl std::fmt::Display) -> Response {
     tracing::error!(%error, "a page failed");
     status_page(

@@ -10,9 +10,9 @@ use domain::AccountId;
 use maud::html;
 use serde::Deserialize;
 
-use app::people::{Role, Session};
+use app::people::Role;
 
-use super::auth::{unavailable, Visitor};
+use super::auth::{unavailable, Staff};
 use super::layout::{figure, money, page, status_page};
 use crate::http::AppState;
 
@@ -26,31 +26,13 @@ pub fn routes() -> Router<AppState> {
         .route("/console/trial-balance", get(trial_balance))
 }
 
-/// Finance or admin; anyone else finds nothing here.
-fn staff(visitor: Visitor) -> Result<Session, Response> {
-    let session = visitor.signed_in()?;
-    match session.role {
-        Role::Finance | Role::Admin => Ok(session),
-        Role::Customer => Err(status_page(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "There is no such page here.",
-            Some(&session),
-        )),
-    }
-}
-
 #[derive(Deserialize)]
 struct SearchForm {
     #[serde(default)]
     query: String,
 }
 
-async fn search(State(state): State<AppState>, visitor: Visitor, Query(form): Query<SearchForm>) -> Response {
-    let session = match staff(visitor) {
-        Ok(session) => session,
-        Err(response) => return response,
-    };
+async fn search(State(state): State<AppState>, Staff(session): Staff, Query(form): Query<SearchForm>) -> Response {
     let query: String = form.query.chars().take(200).collect();
     let accounts = match app::reads::search_accounts(&state.pool, &query, None, 50).await {
         Ok(page) => page.items,
@@ -86,11 +68,7 @@ struct AsOf {
     as_of: Option<String>,
 }
 
-async fn account_page(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>, Query(as_of): Query<AsOf>) -> Response {
-    let session = match staff(visitor) {
-        Ok(session) => session,
-        Err(response) => return response,
-    };
+async fn account_page(State(state): State<AppState>, Staff(session): Staff, Path(id): Path<String>, Query(as_of): Query<AsOf>) -> Response {
     let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such account.", Some(&session));
     let Ok(account_id) = AccountId::parse(&id) else {
         return not_found();
@@ -185,11 +163,7 @@ struct AdjustForm {
 }
 
 /// An admin's adjustment: shown with its effect first, made on confirmation, with its reason.
-async fn adjust(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>, Form(form): Form<AdjustForm>) -> Response {
-    let session = match staff(visitor) {
-        Ok(session) => session,
-        Err(response) => return response,
-    };
+async fn adjust(State(state): State<AppState>, Staff(session): Staff, Path(id): Path<String>, Form(form): Form<AdjustForm>) -> Response {
     if session.role != Role::Admin {
         return status_page(
             StatusCode::FORBIDDEN,
@@ -249,11 +223,7 @@ async fn adjust(State(state): State<AppState>, visitor: Visitor, Path(id): Path<
 }
 
 /// An invoice explained: each line, and the charges behind it down to their events.
-async fn invoice_page(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>) -> Response {
-    let session = match staff(visitor) {
-        Ok(session) => session,
-        Err(response) => return response,
-    };
+async fn invoice_page(State(state): State<AppState>, Staff(session): Staff, Path(id): Path<String>) -> Response {
     let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such invoice.", Some(&session));
     let Ok(invoice_id) = domain::InvoiceId::parse(&id) else {
         return not_found();
@@ -299,11 +269,7 @@ async fn invoice_page(State(state): State<AppState>, visitor: Visitor, Path(id):
 }
 
 /// One event as the log holds it, with its hash recomputed from the event before it.
-async fn event_page(State(state): State<AppState>, visitor: Visitor, Path(position): Path<i64>) -> Response {
-    let session = match staff(visitor) {
-        Ok(session) => session,
-        Err(response) => return response,
-    };
+async fn event_page(State(state): State<AppState>, Staff(session): Staff, Path(position): Path<i64>) -> Response {
     let (event, previous) = match app::reads::event_with_previous(&state.pool, position).await {
         Ok(found) => found,
         Err(error) => return unavailable(error),
@@ -341,11 +307,7 @@ async fn event_page(State(state): State<AppState>, visitor: Visitor, Path(positi
 }
 
 /// The trial balance per currency, now or as of an instant.
-async fn trial_balance(State(state): State<AppState>, visitor: Visitor, Query(as_of): Query<AsOf>) -> Response {
-    let session = match staff(visitor) {
-        Ok(session) => session,
-        Err(response) => return response,
-    };
+async fn trial_balance(State(state): State<AppState>, Staff(session): Staff, Query(as_of): Query<AsOf>) -> Response {
     let instant = match as_of.as_of.as_deref().filter(|text| !text.is_empty()) {
         None => None,
         Some(text) => match chrono::DateTime::parse_from_rfc3339(text) {

@@ -3,16 +3,16 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use domain::{AccountId, ServerId};
+use domain::ServerId;
 use maud::html;
 use rust_decimal::Decimal;
 
-use app::people::{Role, Session};
+use app::people::Session;
 
-use super::auth::{unavailable, Visitor};
+use super::auth::{unavailable, Customer};
 use super::layout::{figure, money, page, status_page};
 use crate::http::AppState;
 
@@ -20,27 +20,11 @@ pub fn routes() -> Router<AppState> {
     Router::new().route("/", get(home)).route("/servers/{id}", get(server_page))
 }
 
-/// The signed-in customer's account; finance and admin go to the console.
-fn customer(session: &Session) -> Result<AccountId, Response> {
-    match (session.role, session.account_id) {
-        (Role::Customer, Some(account_id)) => Ok(account_id),
-        _ => Err(Redirect::to("/console").into_response()),
-    }
-}
-
 fn not_found(session: &Session) -> Response {
     status_page(StatusCode::NOT_FOUND, "Not found", "There is no such page here.", Some(session))
 }
 
-async fn home(State(state): State<AppState>, visitor: Visitor) -> Response {
-    let session = match visitor.signed_in() {
-        Ok(session) => session,
-        Err(redirect) => return redirect,
-    };
-    let account_id = match customer(&session) {
-        Ok(account_id) => account_id,
-        Err(redirect) => return redirect,
-    };
+async fn home(State(state): State<AppState>, Customer { session, account_id }: Customer) -> Response {
     let account = match app::reads::account(&state.pool, account_id).await {
         Ok(Some(account)) => account,
         Ok(None) => return not_found(&session),
@@ -150,15 +134,7 @@ fn badge(server: &crate::http::types::Server) -> maud::Markup {
     html! { span class={ "badge " (status) } { (label) } }
 }
 
-async fn server_page(State(state): State<AppState>, visitor: Visitor, Path(id): Path<String>) -> Response {
-    let session = match visitor.signed_in() {
-        Ok(session) => session,
-        Err(redirect) => return redirect,
-    };
-    let account_id = match customer(&session) {
-        Ok(account_id) => account_id,
-        Err(redirect) => return redirect,
-    };
+async fn server_page(State(state): State<AppState>, Customer { session, account_id }: Customer, Path(id): Path<String>) -> Response {
     let Ok(server_id) = ServerId::parse(&id) else {
         return not_found(&session);
     };
