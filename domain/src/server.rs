@@ -24,6 +24,22 @@ pub enum Status {
 }
 
 impl Status {
+    pub const ALL: [Status; 9] = [
+        Status::Provisioning,
+        Status::NeedsSetup,
+        Status::Running,
+        Status::Stopped,
+        Status::Suspended,
+        Status::PendingCancellation,
+        Status::Deleting,
+        Status::Deleted,
+        Status::Failed,
+    ];
+
+    pub fn parse(text: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|status| status.as_str() == text)
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Status::Provisioning => "provisioning",

@@ -30,18 +30,9 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/servers/{id}/cancellation", post(cancel_server).delete(revoke_cancellation))
 }
 
+/// The read model's status; a row not yet provisioned reads as provisioning.
 fn status(text: &str) -> ServerStatus {
-    match text {
-        "needs_setup" => ServerStatus::NeedsSetup,
-        "running" => ServerStatus::Running,
-        "stopped" => ServerStatus::Stopped,
-        "suspended" => ServerStatus::Suspended,
-        "pending_cancellation" => ServerStatus::PendingCancellation,
-        "deleting" => ServerStatus::Deleting,
-        "deleted" => ServerStatus::Deleted,
-        "failed" => ServerStatus::Failed,
-        _ => ServerStatus::Provisioning,
-    }
+    ServerStatus(domain::server::Status::parse(text).unwrap_or(domain::server::Status::Provisioning))
 }
 
 /// The server as shown at `now`: month-to-date counts the current month only.

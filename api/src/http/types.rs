@@ -643,18 +643,29 @@ pub struct Transaction {
     pub reference: Option<String>,
 }
 
-#[derive(Clone, Copy, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ServerStatus {
-    Provisioning,
-    NeedsSetup,
-    Running,
-    Stopped,
-    Suspended,
-    PendingCancellation,
-    Deleting,
-    Deleted,
-    Failed,
+/// A server's status, as the domain names it (`domain::server::Status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerStatus(pub domain::server::Status);
+
+impl Serialize for ServerStatus {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0.as_str())
+    }
+}
+
+impl PartialSchema for ServerStatus {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(domain::server::Status::ALL.iter().map(|status| status.as_str())))
+            .into()
+    }
+}
+
+impl ToSchema for ServerStatus {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("ServerStatus")
+    }
 }
 
 #[derive(Serialize, ToSchema)]

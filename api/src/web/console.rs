@@ -10,7 +10,7 @@ use domain::AccountId;
 use maud::html;
 use serde::Deserialize;
 
-use app::people::Role;
+use app::people::{Role, Session};
 
 use super::auth::{unavailable, Staff};
 use super::layout::{figure, money, page, status_page};
@@ -68,6 +68,25 @@ struct AsOf {
     as_of: Option<String>,
 }
 
+impl AsOf {
+    /// The instant asked for (none when the field is empty), or a page saying how to write one.
+    fn instant(&self, session: &Session) -> Result<Option<chrono::DateTime<chrono::Utc>>, Response> {
+        match self.as_of.as_deref().filter(|text| !text.is_empty()) {
+            None => Ok(None),
+            Some(text) => chrono::DateTime::parse_from_rfc3339(text)
+                .map(|instant| Some(instant.to_utc()))
+                .map_err(|_| {
+                    status_page(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "Not an instant",
+                        "Give the instant as RFC 3339, such as 2026-03-31T23:59:59Z.",
+                        Some(session),
+                    )
+                }),
+        }
+    }
+}
+
 async fn account_page(State(state): State<AppState>, Staff(session): Staff, Path(id): Path<String>, Query(as_of): Query<AsOf>) -> Response {
     let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such account.", Some(&session));
     let Ok(account_id) = AccountId::parse(&id) else {
@@ -78,19 +97,9 @@ async fn account_page(State(state): State<AppState>, Staff(session): Staff, Path
         Ok(None) => return not_found(),
         Err(error) => return unavailable(error),
     };
-    let instant = match as_of.as_of.as_deref().filter(|text| !text.is_empty()) {
-        None => None,
-        Some(text) => match chrono::DateTime::parse_from_rfc3339(text) {
-            Ok(instant) => Some(instant.to_utc()),
-            Err(_) => {
-                return status_page(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Not an instant",
-                    "Give the instant as RFC 3339, such as 2026-03-31T23:59:59Z.",
-                    Some(&session),
-                )
-            }
-        },
+    let instant = match as_of.instant(&session) {
+        Ok(instant) => instant,
+        Err(response) => return response,
     };
     let currency = account.currency.clone();
     let statement = match app::reads::statement_latest(&state.pool, account_id, 20).await {
@@ -308,19 +317,9 @@ async fn event_page(State(state): State<AppState>, Staff(session): Staff, Path(p
 
 /// The trial balance per currency, now or as of an instant.
 async fn trial_balance(State(state): State<AppState>, Staff(session): Staff, Query(as_of): Query<AsOf>) -> Response {
-    let instant = match as_of.as_of.as_deref().filter(|text| !text.is_empty()) {
-        None => None,
-        Some(text) => match chrono::DateTime::parse_from_rfc3339(text) {
-            Ok(instant) => Some(instant.to_utc()),
-            Err(_) => {
-                return status_page(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Not an instant",
-                    "Give the instant as RFC 3339.",
-                    Some(&session),
-                )
-            }
-        },
+    let instant = match as_of.instant(&session) {
+        Ok(instant) => instant,
+        Err(response) => return response,
     };
     let books = match projections::queries::trial_balance(&state.pool, instant).await {
         Ok(books) => books,

@@ -118,10 +118,7 @@ fn live_figure(label: &str, name: &str, value: &str) -> maud::Markup {
 }
 
 fn status_text(server: &crate::http::types::Server) -> String {
-    serde_json::to_value(server.status)
-        .ok()
-        .and_then(|value| value.as_str().map(str::to_string))
-        .unwrap_or_default()
+    server.status.0.as_str().to_string()
 }
 
 fn badge(server: &crate::http::types::Server) -> maud::Markup {
