@@ -546,11 +546,82 @@ async fn finance_explains_an_invoice_down_to_its_events_and_an_admin_adjusts_a_w
     let done = admin.post(&format!("/console/accounts/{mine}/adjustments"), &confirmed).await;
     assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.html);
     admin.post(&format!("/console/accounts/{mine}/adjustments"), &confirmed).await;
+    // The same form sent again with another amount (after going back) is a new adjustment.
+    let changed: Vec<(&str, &str)> = confirmed
+        .iter()
+        .map(|(k, v)| if *k == "amount" { (*k, "1.00") } else { (*k, *v) })
+        .collect();
+    admin.post(&format!("/console/accounts/{mine}/adjustments"), &changed).await;
     let after = api(&server.base, reqwest::Method::GET, &format!("/v1/accounts/{mine}"), ADMIN, None).await["balance"].clone();
     let amount = |value: &Value| value.as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap();
     assert_eq!(
         amount(&before) - amount(&after),
-        rust_decimal::Decimal::new(250, 2),
-        "made once: {before} -> {after}"
+        rust_decimal::Decimal::new(150, 2),
+        "-2.50 once, then +1.00: {before} -> {after}"
     );
+}
+
+#[tokio::test]
+async fn a_new_password_spends_every_link_ends_live_streams_and_portal_top_ups_are_rate_limited() {
+    let db = TestDatabase::new().await;
+    let server = serve(
+        &db,
+        &[
+            ("BILLING_RATE_LIMIT_BURST", Some("2")),
+            ("BILLING_RATE_LIMIT_PER_SECOND", Some("0.01")),
+        ],
+    );
+    let (mine, _) = account(&server.base, "Ida", "1.00").await;
+    let mut browser = Browser::new(&server.base);
+    // Two links for one person: using one spends the other.
+    let first = invite(&db, "ida@example.com", "customer", Some(&mine));
+    let second = invite(&db, "ida@example.com", "customer", Some(&mine));
+    browser.accept_and_sign_in(&first, "ida@example.com", "ida keeps one link").await;
+    assert_eq!(browser.get(&second).await.status, StatusCode::NOT_FOUND);
+
+    // A live stream ends with its session.
+    let dashboard = browser.get("/").await;
+    let mut live = browser
+        .client
+        .get(format!("{}/live", server.base))
+        .header("cookie", browser.cookie_header())
+        .send()
+        .await
+        .unwrap();
+    let first_event = tokio::time::timeout(std::time::Duration::from_secs(10), live.chunk())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first_event.is_some());
+    browser.post("/signout", &[("csrf", &dashboard.csrf())]).await;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        while live.chunk().await.unwrap().is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its session");
+
+    // Top-ups from the portal are limited per person, as per API token.
+    let link = invite(&db, "ida.two@example.com", "customer", Some(&mine));
+    browser.accept_and_sign_in(&link, "ida.two@example.com", "ida tops up a lot").await;
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let form = browser.get("/topup").await;
+        let answer = browser
+            .post("/topup", &[("csrf", &form.csrf()), ("nonce", &nonce(&form)), ("amount", "5.00")])
+            .await;
+        statuses.push(answer.status);
+    }
+    assert_eq!(
+        statuses,
+        [StatusCode::SEE_OTHER, StatusCode::SEE_OTHER, StatusCode::TOO_MANY_REQUESTS]
+    );
+    // Signed-in pages are not kept by the browser.
+    let page = browser
+        .client
+        .get(format!("{}/", server.base))
+        .header("cookie", browser.cookie_header())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.headers()["cache-control"], "no-store");
 }

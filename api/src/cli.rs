@@ -361,6 +361,7 @@ async fn run_server(
         rate_limiter: std::sync::Arc::new(crate::http::operations::RateLimiter::of(&config)),
         sessions: config.sessions,
         signin_limiter: std::sync::Arc::new(crate::http::operations::RateLimiter::new(10, 0.2)),
+        signin_limiter_all: std::sync::Arc::new(crate::http::operations::RateLimiter::new(60, 5.0)),
     };
     println!(
         "listening on http://{address}{}",

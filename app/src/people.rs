@@ -122,6 +122,12 @@ pub fn random_token() -> String {
     hex::encode(bytes)
 }
 
+/// Hashing and verifying are slow on purpose: they run on the blocking pool, never on the threads
+/// that serve requests.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work).await.expect("password hashing does not panic")
+}
+
 fn hash_password(password: &str) -> Result<String> {
     let chars = password.chars().count();
     if !(PASSWORD_CHARS_MIN..=PASSWORD_CHARS_MAX).contains(&chars) {
@@ -235,7 +241,8 @@ pub async fn link_is_usable(pool: &PgPool, link: &str, now: DateTime<Utc>) -> Re
 /// Uses a one-time link to set the password: the link is spent, the lockout lifted, and every
 /// session of the person ended (a reset after a theft throws the thief out).
 pub async fn set_password(pool: &PgPool, link: &str, password: &str, now: DateTime<Utc>) -> Result<()> {
-    let hash = hash_password(password)?;
+    let password = password.to_string();
+    let hash = blocking(move || hash_password(&password)).await?;
     let mut tx = pool.begin().await?;
     let person: Option<Uuid> = sqlx::query_scalar(
         "UPDATE person_links SET used_at = $2 WHERE token_sha256 = $1 AND used_at IS NULL AND expires_at > $2 RETURNING person_id",
@@ -255,6 +262,13 @@ pub async fn set_password(pool: &PgPool, link: &str, password: &str, now: DateTi
         .bind(now)
         .execute(&mut *tx)
         .await?;
+    // Every other link of the person is spent too: an older reset or invitation link (in a
+    // mailbox, in a log) cannot set the password again.
+    sqlx::query("UPDATE person_links SET used_at = $2 WHERE person_id = $1 AND used_at IS NULL")
+        .bind(person_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -269,13 +283,17 @@ pub async fn sign_in(pool: &PgPool, email: &str, password: &str, now: DateTime<U
             .fetch_optional(pool)
             .await?;
     let Some((person_id, role, account_id, hash, _, locked_until)) = row else {
-        password_matches(password, &DUMMY_HASH);
+        let password = password.to_string();
+        blocking(move || password_matches(&password, &DUMMY_HASH)).await;
         return Err(PeopleError::WrongCredentials);
     };
     if let Some(until) = locked_until.filter(|until| *until > now) {
         return Err(PeopleError::Locked(until));
     }
-    let matches = hash.as_deref().is_some_and(|hash| password_matches(password, hash));
+    let matches = {
+        let (password, hash) = (password.to_string(), hash.unwrap_or_else(|| DUMMY_HASH.clone()));
+        blocking(move || password_matches(&password, &hash)).await
+    };
     if !matches {
         // Counted in the database, so every process sees the same count.
         sqlx::query(

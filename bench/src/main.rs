@@ -638,6 +638,7 @@ async fn http_balance(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement>
         rate_limiter: Arc::new(api::http::operations::RateLimiter::new(1_000_000, 1_000_000.0)),
         sessions: app::people::SessionLimits::default(),
         signin_limiter: Arc::new(api::http::operations::RateLimiter::new(10, 0.2)),
+        signin_limiter_all: Arc::new(api::http::operations::RateLimiter::new(60, 5.0)),
     };
     let server = tokio::spawn(async move { axum::serve(listener, api::http::router(state)).await });
     let started = Instant::now();

@@ -48,6 +48,8 @@ pub struct AppState {
     pub sessions: app::people::SessionLimits,
     /// Sign-in and reset attempts per email, in this process (the lockout is shared by all).
     pub signin_limiter: Arc<operations::RateLimiter>,
+    /// Sign-in attempts of every email together, in this process.
+    pub signin_limiter_all: Arc<operations::RateLimiter>,
 }
 
 /// Largest request body accepted; larger is a 413.

@@ -12,6 +12,7 @@ use domain::{AccountId, ServerId};
 use maud::{html, Markup};
 use rust_decimal::Decimal;
 use serde::Deserialize;
+use sha2::Digest;
 
 use app::flows::ServerRequest;
 use app::handler::Metadata;
@@ -53,17 +54,36 @@ pub fn guard_fields(session: &Session) -> Markup {
     }
 }
 
-/// Who did it (a customer as their account, staff by email), and the form's nonce as the
-/// idempotency key: a form sent twice acts once.
-pub fn metadata(session: &Session, nonce: &str) -> Metadata {
+/// Who did it (a customer as their account, staff by email), and the form's nonce with what it
+/// asks (`content`) as the idempotency key: a form sent twice acts once, and the same form sent
+/// again with other values (after going back) is a new request.
+pub fn metadata(session: &Session, nonce: &str, content: &str) -> Metadata {
     let actor = match session.account_id {
         Some(account_id) => account_id.to_string(),
         None => session.email.clone(),
     };
     Metadata {
-        idempotency_key: (!nonce.is_empty()).then(|| format!("web:{}:{}", session.person_id, nonce.chars().take(64).collect::<String>())),
+        idempotency_key: (!nonce.is_empty()).then(|| {
+            let asked = hex::encode(&sha2::Sha256::digest(content.as_bytes())[..8]);
+            format!("web:{}:{}:{asked}", session.person_id, nonce.chars().take(64).collect::<String>())
+        }),
         ..Metadata::actor(session.role.as_str(), actor)
     }
+}
+
+/// Orders and top-ups are limited per person as they are per API token.
+fn rate_limited(state: &AppState, session: &Session) -> Result<(), Response> {
+    state
+        .rate_limiter
+        .take(&format!("person:{}", session.person_id))
+        .map_err(|retry_after| {
+            status_page(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many requests",
+                &format!("Too many orders or top-ups in a short while; try again in {retry_after} s."),
+                Some(session),
+            )
+        })
 }
 
 /// A refusal of the application as a page: its status and its reason.
@@ -174,7 +194,10 @@ async fn order(State(state): State<AppState>, Customer { session, account_id }: 
             ApiError::invalid("plan_id", "choose a plan and a location from the lists"),
         );
     };
-    let metadata = metadata(&session, &form.guard.nonce);
+    if let Err(limited) = rate_limited(&state, &session) {
+        return limited;
+    }
+    let metadata = metadata(&session, &form.guard.nonce, &format!("order {} {}", form.plan_id, form.location));
     let (order_id, server_id) = (domain::OrderId(metadata.id_for("order")), ServerId(metadata.id_for("server")));
     if let Err(error) = state
         .flows
@@ -206,7 +229,11 @@ async fn act(state: &AppState, session: &Session, account_id: AccountId, id: &st
     }
     if let Err(error) = state
         .flows
-        .act_on_server(server_id, request, &metadata(session, &guard.nonce))
+        .act_on_server(
+            server_id,
+            request.clone(),
+            &metadata(session, &guard.nonce, &format!("{server_id} {request:?}")),
+        )
         .await
     {
         return refused(session, error);
@@ -391,7 +418,10 @@ async fn topup(State(state): State<AppState>, Customer { session, account_id }: 
             )
         }
     };
-    let metadata = metadata(&session, &form.guard.nonce);
+    if let Err(limited) = rate_limited(&state, &session) {
+        return limited;
+    }
+    let metadata = metadata(&session, &form.guard.nonce, &format!("topup {amount}"));
     match app::payments::start_topup(&state.flows, state.payments.as_deref(), account_id, currency, amount, &metadata).await {
         Ok((_, checkout_url)) => Redirect::to(&checkout_url).into_response(),
         Err(error) => refused(&session, error),

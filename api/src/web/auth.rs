@@ -200,11 +200,9 @@ async fn signin(State(state): State<AppState>, headers: HeaderMap, Form(form): F
             .into_response()
     };
     // Attempts are limited per email in this process, besides the lockout every process shares.
-    if state
-        .signin_limiter
-        .take(&format!("signin:{}", form.email.trim().to_lowercase()))
-        .is_err()
-    {
+    // Per email, and for every email together: each attempt costs a slow password hash.
+    let email = form.email.trim().to_lowercase();
+    if state.signin_limiter.take(&format!("signin:{email}")).is_err() || state.signin_limiter_all.take("signin").is_err() {
         return again(StatusCode::TOO_MANY_REQUESTS, "Too many attempts. Wait a minute and try again.");
     }
     match app::people::sign_in(&state.pool, &form.email, &form.password, Utc::now()).await {

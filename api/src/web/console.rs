@@ -220,7 +220,7 @@ async fn adjust(State(state): State<AppState>, Staff(session): Staff, Path(id): 
         };
         return page("Confirm the adjustment", Some(&session), body).into_response();
     }
-    let metadata = super::actions::metadata(&session, &form.nonce);
+    let metadata = super::actions::metadata(&session, &form.nonce, &format!("adjust {account_id} {amount} {reason}"));
     if let Err(error) = state.flows.adjust(account_id, amount, reason, &metadata).await {
         let error = crate::http::error::ApiError::from(error);
         return status_page(error.status, error.title, &error.detail, Some(&session));

@@ -39,28 +39,41 @@ async fn snapshot(state: &AppState, account_id: AccountId) -> Option<serde_json:
     }))
 }
 
-async fn live(State(state): State<AppState>, visitor: Visitor) -> Response {
-    let Some(account_id) = visitor.0.and_then(|session| session.account_id) else {
+async fn live(State(state): State<AppState>, headers: axum::http::HeaderMap, visitor: Visitor) -> Response {
+    let (Some(account_id), Some(cookie)) = (
+        visitor.0.and_then(|session| session.account_id),
+        super::auth::cookie(&headers, super::SESSION_COOKIE).map(str::to_string),
+    ) else {
         return axum::http::StatusCode::NOT_FOUND.into_response();
     };
     let head = state.flows.handler.log().head_watch();
     let events: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> = Box::pin(stream::unfold(
         (state, head, None::<serde_json::Value>),
-        move |(state, mut head, last)| async move {
-            let mut first = last.is_none();
-            loop {
-                // At once for the first figures; then woken by an append, or every few seconds to
-                // notice what another process wrote.
-                if !first {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), head.changed()).await;
-                }
-                first = false;
-                let Some(now) = snapshot(&state, account_id).await else {
-                    continue;
-                };
-                if last.as_ref() != Some(&now) {
-                    let event = Event::default().event("account").data(now.to_string());
-                    return Some((Ok(event), (state, head, Some(now))));
+        move |(state, mut head, last)| {
+            let cookie = cookie.clone();
+            async move {
+                let mut first = last.is_none();
+                loop {
+                    // At once for the first figures; then woken by an append, or every few seconds to
+                    // notice what another process wrote.
+                    if !first {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), head.changed()).await;
+                    }
+                    first = false;
+                    // The stream lasts only as long as its session: signed out, reset, idle or old,
+                    // it ends.
+                    match app::people::session(&state.pool, &cookie, state.sessions, chrono::Utc::now()).await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => return None,
+                        Err(_) => continue,
+                    }
+                    let Some(now) = snapshot(&state, account_id).await else {
+                        continue;
+                    };
+                    if last.as_ref() != Some(&now) {
+                        let event = Event::default().event("account").data(now.to_string());
+                        return Some((Ok(event), (state, head, Some(now))));
+                    }
                 }
             }
         },

@@ -21,11 +21,21 @@ use crate::http::AppState;
 pub use auth::{Visitor, SESSION_COOKIE};
 
 pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/assets/app.css", get(layout::stylesheet))
+    let pages = Router::new()
         .merge(auth::routes())
         .merge(actions::routes())
         .merge(portal::routes())
         .merge(console::routes())
         .merge(live::routes())
+        .layer(axum::middleware::from_fn(no_store));
+    Router::new().route("/assets/app.css", get(layout::stylesheet)).merge(pages)
+}
+
+/// Pages of a session are never kept by the browser: after sign-out, Back shows nothing.
+async fn no_store(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let mut response = next.run(request).await;
+    response
+        .headers_mut()
+        .insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    response
 }
