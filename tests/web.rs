@@ -399,6 +399,35 @@ async fn a_customer_tops_up_orders_sets_up_cancels_and_revokes_from_the_portal()
             "{row}"
         );
     }
+    // Filtered to one kind, and downloaded as CSV with the API's figures.
+    let charges = browser.get("/transactions?kind=charge").await;
+    assert!(
+        charges.html.contains("charge") && !charges.html.contains("<td>topup</td>"),
+        "{}",
+        charges.html
+    );
+    let csv = browser.get("/transactions.csv").await;
+    assert_eq!(csv.status, StatusCode::OK);
+    let lines: Vec<&str> = csv.html.lines().collect();
+    assert_eq!(
+        lines[0],
+        "position,occurred_at,kind,amount,balance_after,currency,server_id,reference"
+    );
+    let items = rows["items"].as_array().unwrap();
+    assert_eq!(lines.len() - 1, items.len());
+    for (line, row) in lines[1..].iter().zip(items) {
+        let fields: Vec<&str> = line.split(',').collect();
+        let position = row["position"].to_string();
+        assert_eq!(
+            (fields[0], fields[3], fields[4]),
+            (
+                position.as_str(),
+                row["amount"].as_str().unwrap(),
+                row["balance_after"].as_str().unwrap()
+            ),
+            "{line}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -63,16 +63,27 @@ pub async fn search_accounts(pool: &PgPool, text: &str, after: Option<AccountId>
     Ok(Page::of(rows, limit, |row| row.account_id.to_string()))
 }
 
-/// An account's money movements after log position `after`, oldest first.
-pub async fn statement(pool: &PgPool, account_id: AccountId, after: i64, limit: u32) -> Result<Page<StatementRow>> {
-    let rows: Vec<StatementRow> =
-        sqlx::query_as("SELECT * FROM rm.statement WHERE account_id = $1 AND position > $2 ORDER BY position LIMIT $3")
-            .bind(account_id.0)
-            .bind(after)
-            .bind(i64::from(limit) + 1)
-            .fetch_all(pool)
-            .await?;
+/// An account's money movements after log position `after`, oldest first; of one `kind` only
+/// when given.
+pub async fn statement(pool: &PgPool, account_id: AccountId, after: i64, limit: u32, kind: Option<&str>) -> Result<Page<StatementRow>> {
+    let rows: Vec<StatementRow> = sqlx::query_as(
+        "SELECT * FROM rm.statement WHERE account_id = $1 AND position > $2 AND ($4::text IS NULL OR kind = $4) ORDER BY position LIMIT $3",
+    )
+    .bind(account_id.0)
+    .bind(after)
+    .bind(i64::from(limit) + 1)
+    .bind(kind)
+    .fetch_all(pool)
+    .await?;
     Ok(Page::of(rows, limit, |row| row.position.to_string()))
+}
+
+/// The kinds of movement an account's statement holds, by name.
+pub async fn statement_kinds(pool: &PgPool, account_id: AccountId) -> Result<Vec<String>> {
+    sqlx::query_scalar("SELECT DISTINCT kind FROM rm.statement WHERE account_id = $1 ORDER BY kind")
+        .bind(account_id.0)
+        .fetch_all(pool)
+        .await
 }
 
 /// The account a charge was made to.

@@ -143,7 +143,7 @@ pub(crate) async fn transactions(
             .map_err(|_| ApiError::invalid("cursor", "cursor is the next_cursor of an earlier page"))?,
     };
     let limit = page_size(page.limit, 50, app::reads::PAGE_MAX)?;
-    let rows = app::reads::statement(&state.pool, account_id, after, limit).await?;
+    let rows = app::reads::statement(&state.pool, account_id, after, limit, None).await?;
     let currency = account.currency;
     Ok((
         StatusCode::OK,

@@ -33,6 +33,7 @@ pub fn routes() -> Router<AppState> {
         .route("/servers/{id}/revocation", post(revoke))
         .route("/topup", get(topup_page).post(topup))
         .route("/transactions", get(transactions))
+        .route("/transactions.csv", get(transactions_csv))
         .route("/invoices", get(invoices))
         .route("/invoices/{id}", get(invoice))
 }
@@ -431,6 +432,14 @@ async fn topup(State(state): State<AppState>, Customer { session, account_id }: 
 #[derive(Deserialize)]
 struct StatementPage {
     after: Option<i64>,
+    /// One kind of movement only (empty: all).
+    kind: Option<String>,
+}
+
+impl StatementPage {
+    fn kind(&self) -> Option<&str> {
+        self.kind.as_deref().filter(|kind| !kind.is_empty())
+    }
 }
 
 async fn transactions(
@@ -442,11 +451,24 @@ async fn transactions(
         Ok(row) => row,
         Err(response) => return response,
     };
-    let rows = match app::reads::statement(&state.pool, account_id, query.after.unwrap_or(0).max(0), 50).await {
-        Ok(rows) => rows,
+    let kind = query.kind();
+    let (rows, kinds) = match tokio::try_join!(
+        app::reads::statement(&state.pool, account_id, query.after.unwrap_or(0).max(0), 50, kind),
+        app::reads::statement_kinds(&state.pool, account_id),
+    ) {
+        Ok(found) => found,
         Err(error) => return unavailable(error),
     };
+    let filter = kind.map(|kind| format!("&kind={kind}")).unwrap_or_default();
     let body = html! {
+        form method="get" action="/transactions" {
+            label { "Kind" select name="kind" {
+                option value="" { "all" }
+                @for each in &kinds { option value=(each) selected[Some(each.as_str()) == kind] { (each.replace('_', " ")) } }
+            } }
+            button type="submit" { "Show" }
+            " " a href={ "/transactions.csv?kind=" (kind.unwrap_or_default()) } download { "Download CSV" }
+        }
         div class="table" { table {
             thead { tr { th { "When (UTC)" } th { "What" } th class="n" { "Amount" } th class="n" { "Balance after" } } }
             tbody { @for row in &rows.items { tr {
@@ -456,9 +478,77 @@ async fn transactions(
                 td class="n" { (money(row.balance_after, &account.currency)) }
             } } }
         } }
-        @if let Some(next) = &rows.next_cursor { p { a href={ "/transactions?after=" (next) } { "Older entries" } } }
+        @if let Some(next) = &rows.next_cursor { p { a href={ "/transactions?after=" (next) (filter) } { "Later entries" } } }
     };
     page("Transactions", Some(&session), body).into_response()
+}
+
+/// Rows a CSV download holds at most.
+const CSV_ROWS_MAX: usize = 100_000;
+
+/// The statement (of one kind, or all) as CSV, with the API's figures.
+async fn transactions_csv(
+    State(state): State<AppState>,
+    Customer { session, account_id }: Customer,
+    Query(query): Query<StatementPage>,
+) -> Response {
+    let account = match account_row(&state, &session, account_id).await {
+        Ok(row) => row,
+        Err(response) => return response,
+    };
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    let header = csv.write_record([
+        "position",
+        "occurred_at",
+        "kind",
+        "amount",
+        "balance_after",
+        "currency",
+        "server_id",
+        "reference",
+    ]);
+    if let Err(error) = header {
+        return unavailable(error);
+    }
+    let (mut after, mut written) = (0, 0);
+    loop {
+        let page = match app::reads::statement(&state.pool, account_id, after, app::reads::PAGE_MAX, query.kind()).await {
+            Ok(page) => page,
+            Err(error) => return unavailable(error),
+        };
+        for row in &page.items {
+            let record = [
+                row.position.to_string(),
+                row.occurred_at.to_rfc3339(),
+                row.kind.clone(),
+                crate::http::types::Money::of(row.amount, &account.currency).0,
+                crate::http::types::Money::of(row.balance_after, &account.currency).0,
+                account.currency.clone(),
+                row.server_id.map(|id| id.to_string()).unwrap_or_default(),
+                row.reference.clone().unwrap_or_default(),
+            ];
+            if let Err(error) = csv.write_record(&record) {
+                return unavailable(error);
+            }
+            after = row.position;
+            written += 1;
+        }
+        if page.next_cursor.is_none() || written >= CSV_ROWS_MAX {
+            break;
+        }
+    }
+    let bytes = match csv.into_inner() {
+        Ok(bytes) => bytes,
+        Err(error) => return unavailable(error),
+    };
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (axum::http::header::CONTENT_DISPOSITION, "attachment; filename=\"transactions.csv\""),
+        ],
+        bytes,
+    )
+        .into_response()
 }
 
 async fn invoices(State(state): State<AppState>, Customer { session, account_id }: Customer) -> Response {
