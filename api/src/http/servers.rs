@@ -13,8 +13,8 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{page_size, path_id, Json, Query};
 use super::types::{
-    Cancellation, CancellationMode, Money, OrderAccepted, PlaceOrder, Plan, PlanPage, PlanPrice, Power, PowerAction, Server, ServerPage,
-    ServerStatus, ServersQuery, Setup,
+    Cancellation, CancellationMode, Money, OrderAccepted, PlaceOrder, Plan, PlanPage, PlanPrice, Power, Server, ServerPage, ServerStatus,
+    ServersQuery, Setup,
 };
 use super::{accounts, read_your_writes, AppState, Reply};
 use app::flows::ServerRequest;
@@ -233,12 +233,7 @@ pub(crate) async fn power_server(
     Path(id): Path<String>,
     Json(body): Json<Power>,
 ) -> Reply<Server> {
-    let action = match body.action {
-        PowerAction::Boot => domain::server::PowerAction::Boot,
-        PowerAction::Shutdown => domain::server::PowerAction::Shutdown,
-        PowerAction::Reboot => domain::server::PowerAction::Reboot,
-    };
-    act(&state, &caller, &id, ServerRequest::Power(action)).await
+    act(&state, &caller, &id, ServerRequest::Power(body.action.into())).await
 }
 
 /// Cancels the server: billing stops now and the unused part of the paid hour goes back to the
@@ -251,11 +246,7 @@ pub(crate) async fn cancel_server(
     Path(id): Path<String>,
     Json(body): Json<Cancellation>,
 ) -> Reply<Server> {
-    let mode = match body.mode {
-        CancellationMode::Grace => domain::server::CancellationMode::Grace,
-        CancellationMode::Immediate => domain::server::CancellationMode::Immediate,
-    };
-    act(&state, &caller, &id, ServerRequest::Cancel(mode)).await
+    act(&state, &caller, &id, ServerRequest::Cancel(body.mode.into())).await
 }
 
 /// Revokes a grace cancellation: the server is powered on and the hour in progress charged.

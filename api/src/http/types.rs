@@ -441,6 +441,16 @@ pub enum PowerAction {
     Reboot,
 }
 
+impl From<PowerAction> for domain::server::PowerAction {
+    fn from(action: PowerAction) -> domain::server::PowerAction {
+        match action {
+            PowerAction::Boot => domain::server::PowerAction::Boot,
+            PowerAction::Shutdown => domain::server::PowerAction::Shutdown,
+            PowerAction::Reboot => domain::server::PowerAction::Reboot,
+        }
+    }
+}
+
 #[derive(Deserialize, ToSchema)]
 pub struct Power {
     pub action: PowerAction,
@@ -453,6 +463,15 @@ pub enum CancellationMode {
     Grace,
     /// Deleted 5 minutes later; not revocable.
     Immediate,
+}
+
+impl From<CancellationMode> for domain::server::CancellationMode {
+    fn from(mode: CancellationMode) -> domain::server::CancellationMode {
+        match mode {
+            CancellationMode::Grace => domain::server::CancellationMode::Grace,
+            CancellationMode::Immediate => domain::server::CancellationMode::Immediate,
+        }
+    }
 }
 
 #[derive(Deserialize, ToSchema)]

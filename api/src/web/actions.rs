@@ -21,6 +21,7 @@ use app::people::Session;
 use super::auth::{check_csrf, unavailable, Customer};
 use super::layout::{csrf_field, money, page, status_page};
 use crate::http::error::ApiError;
+use crate::http::types::{CancellationMode, PowerAction};
 use crate::http::AppState;
 
 pub fn routes() -> Router<AppState> {
@@ -274,7 +275,7 @@ async fn setup(
 struct PowerForm {
     #[serde(flatten)]
     guard: Guard,
-    action: String,
+    action: PowerAction,
 }
 
 async fn power(
@@ -283,20 +284,22 @@ async fn power(
     Path(id): Path<String>,
     Form(form): Form<PowerForm>,
 ) -> Response {
-    let action = match form.action.as_str() {
-        "boot" => domain::server::PowerAction::Boot,
-        "shutdown" => domain::server::PowerAction::Shutdown,
-        "reboot" => domain::server::PowerAction::Reboot,
-        _ => return refused(&session, ApiError::invalid("action", "boot, shutdown or reboot")),
-    };
-    act(&state, &session, account_id, &id, &form.guard, ServerRequest::Power(action)).await
+    act(
+        &state,
+        &session,
+        account_id,
+        &id,
+        &form.guard,
+        ServerRequest::Power(form.action.into()),
+    )
+    .await
 }
 
 #[derive(Deserialize)]
 struct CancelForm {
     #[serde(flatten)]
     guard: Guard,
-    mode: String,
+    mode: CancellationMode,
 }
 
 async fn cancel(
@@ -305,12 +308,15 @@ async fn cancel(
     Path(id): Path<String>,
     Form(form): Form<CancelForm>,
 ) -> Response {
-    let mode = match form.mode.as_str() {
-        "grace" => domain::server::CancellationMode::Grace,
-        "immediate" => domain::server::CancellationMode::Immediate,
-        _ => return refused(&session, ApiError::invalid("mode", "grace or immediate")),
-    };
-    act(&state, &session, account_id, &id, &form.guard, ServerRequest::Cancel(mode)).await
+    act(
+        &state,
+        &session,
+        account_id,
+        &id,
+        &form.guard,
+        ServerRequest::Cancel(form.mode.into()),
+    )
+    .await
 }
 
 async fn revoke(
