@@ -223,7 +223,8 @@ pub async fn bill(until: Option<chrono::DateTime<chrono::Utc>>) -> anyhow::Resul
 /// Loads the demo history, makes a key of each role, and serves in dev mode with the clock where
 /// the history ends.
 pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
-    use crate::http::auth::{create_key, Role};
+    use app::keys::create;
+    use app::people::Role;
     let config = app::config::Config::from_env(true, bind)?;
     let pool = connect().await?;
     ledger::MIGRATOR.run(&pool).await.context("running the migrations")?;
@@ -238,10 +239,10 @@ pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
     } = app::history::demo(&log, config.demo_accounts, |progress| eprintln!("demo: {progress}")).await?;
     let admin = match &config.bootstrap_admin_token {
         Some(token) => token.clone(),
-        None => create_key(&pool, Role::Admin, None, "demo").await?,
+        None => create(&pool, Role::Admin, None, "demo").await?.1,
     };
-    let finance = create_key(&pool, Role::Finance, None, "demo").await?;
-    let customer = create_key(&pool, Role::Customer, Some(customer_account), "demo").await?;
+    let finance = create(&pool, Role::Finance, None, "demo").await?.1;
+    let customer = create(&pool, Role::Customer, Some(customer_account), "demo").await?.1;
     // A login of each role for the portal and the console, with a fresh password each run.
     let mut logins = String::new();
     for (email, role, account) in [
@@ -289,7 +290,10 @@ async fn run_server(
         .sync_catalog(embedded_catalog(), &app::handler::Metadata::actor("system", "startup"))
         .await?;
     if let Some(token) = &config.bootstrap_admin_token {
-        crate::http::auth::store_key(&pool, token, crate::http::auth::Role::Admin, None, "bootstrap").await?;
+        app::keys::store(&pool, token, app::people::Role::Admin, None, "bootstrap").await?;
+        if app::keys::grant(&pool, token).await?.is_none() {
+            tracing::warn!("BILLING_BOOTSTRAP_ADMIN_TOKEN names a revoked key: it stays revoked; set another token");
+        }
     }
     projections::runner::catch_up_all(&pool).await?;
     // The projectors follow the log for as long as the server runs: woken by appends (this
@@ -397,7 +401,7 @@ pub async fn create_key(role: &str, account: Option<String>) -> anyhow::Result<E
         projections::runner::catch_up_all(&pool).await?;
         anyhow::ensure!(app::reads::account(&pool, account_id).await?.is_some(), "no account {account_id}");
     }
-    let token = crate::http::auth::create_key(&pool, role, account_id, "created with billing keys create").await?;
+    let (_, token) = app::keys::create(&pool, role, account_id, "created with billing keys create").await?;
     println!("{token}");
     Ok(ExitCode::SUCCESS)
 }

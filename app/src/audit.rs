@@ -62,8 +62,34 @@ const CSV_HEADER: [&str; 12] = [
 ];
 const PAGE: usize = 5_000;
 
+/// Which events of a range an export holds: of one stream, of one type; all when `None`.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    pub stream: Option<String>,
+    pub event_type: Option<String>,
+}
+
+impl Selection {
+    fn holds(&self, event: &RecordedEvent) -> bool {
+        self.stream.as_ref().is_none_or(|stream| *stream == event.stream_id)
+            && self.event_type.as_ref().is_none_or(|kind| *kind == event.event_type)
+    }
+}
+
 /// Writes the events with `from <= bound <= to` in position order; returns how many.
 pub async fn export(pool: &PgPool, from: Option<Bound>, to: Option<Bound>, format: Format, out: impl Write) -> anyhow::Result<u64> {
+    export_selected(pool, from, to, &Selection::default(), format, out).await
+}
+
+/// Writes the events of `selection` with `from <= bound <= to` in position order; returns how many.
+pub async fn export_selected(
+    pool: &PgPool,
+    from: Option<Bound>,
+    to: Option<Bound>,
+    selection: &Selection,
+    format: Format,
+    out: impl Write,
+) -> anyhow::Result<u64> {
     let mut sink = match format {
         Format::Csv => {
             let mut writer = csv::Writer::from_writer(out);
@@ -98,6 +124,7 @@ pub async fn export(pool: &PgPool, from: Option<Bound>, to: Option<Bound>, forma
             match included(event) {
                 (_, false) => break 'pages,
                 (false, true) => continue,
+                (true, true) if !selection.holds(event) => continue,
                 (true, true) => {}
             }
             match &mut sink {

@@ -24,7 +24,7 @@ pub struct Page<T> {
 
 impl<T> Page<T> {
     /// From rows fetched with `limit + 1`: the extra row only says there is a next page.
-    fn of(mut rows: Vec<T>, limit: u32, cursor: impl Fn(&T) -> String) -> Page<T> {
+    pub fn of(mut rows: Vec<T>, limit: u32, cursor: impl Fn(&T) -> String) -> Page<T> {
         let more = rows.len() > limit as usize;
         rows.truncate(limit as usize);
         let next_cursor = if more { rows.last().map(cursor) } else { None };
@@ -63,16 +63,37 @@ pub async fn search_accounts(pool: &PgPool, text: &str, after: Option<AccountId>
     Ok(Page::of(rows, limit, |row| row.account_id.to_string()))
 }
 
-/// An account's money movements after log position `after`, oldest first; of one `kind` only
-/// when given.
-pub async fn statement(pool: &PgPool, account_id: AccountId, after: i64, limit: u32, kind: Option<&str>) -> Result<Page<StatementRow>> {
+/// Which of an account's movements a statement shows: of one kind, of one server, in
+/// `[from, to)` by when they happened; each left out when `None`.
+#[derive(Clone, Debug, Default)]
+pub struct StatementFilter {
+    pub kind: Option<String>,
+    pub server_id: Option<ServerId>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// An account's money movements after log position `after`, oldest first, as `filter` says.
+pub async fn statement(
+    pool: &PgPool,
+    account_id: AccountId,
+    after: i64,
+    limit: u32,
+    filter: &StatementFilter,
+) -> Result<Page<StatementRow>> {
     let rows: Vec<StatementRow> = sqlx::query_as(
-        "SELECT * FROM rm.statement WHERE account_id = $1 AND position > $2 AND ($4::text IS NULL OR kind = $4) ORDER BY position LIMIT $3",
+        "SELECT * FROM rm.statement WHERE account_id = $1 AND position > $2
+            AND ($4::text IS NULL OR kind = $4) AND ($5::uuid IS NULL OR server_id = $5)
+            AND ($6::timestamptz IS NULL OR occurred_at >= $6) AND ($7::timestamptz IS NULL OR occurred_at < $7)
+          ORDER BY position LIMIT $3",
     )
     .bind(account_id.0)
     .bind(after)
     .bind(i64::from(limit) + 1)
-    .bind(kind)
+    .bind(filter.kind.as_deref())
+    .bind(filter.server_id.map(|id| id.0))
+    .bind(filter.from)
+    .bind(filter.to)
     .fetch_all(pool)
     .await?;
     Ok(Page::of(rows, limit, |row| row.position.to_string()))
@@ -293,21 +314,22 @@ pub async fn credit_notes(pool: &PgPool, invoice_ids: &[Uuid]) -> Result<Vec<Cre
         .await
 }
 
-/// The log after position `after`, of one stream or of all.
-pub async fn events(pool: &PgPool, stream: Option<&str>, after: i64, limit: u32) -> Result<Page<RecordedEvent>> {
-    let rows = match stream {
-        Some(stream) => {
+/// The log after position `after`, of one stream or of all, of one event type or of all.
+pub async fn events(pool: &PgPool, stream: Option<&str>, event_type: Option<&str>, after: i64, limit: u32) -> Result<Page<RecordedEvent>> {
+    let rows = match (stream, event_type) {
+        (None, None) => ledger::log::read_after(pool, after, limit as usize + 1).await?,
+        _ => {
             sqlx::query_as(
                 "SELECT position, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, recorded_at, occurred_at, prev_hash, hash \
-                 FROM events WHERE stream_id = $1 AND position > $2 ORDER BY position LIMIT $3",
+                 FROM events WHERE ($1::text IS NULL OR stream_id = $1) AND ($4::text IS NULL OR event_type = $4) AND position > $2 ORDER BY position LIMIT $3",
             )
             .bind(stream)
             .bind(after)
             .bind(i64::from(limit) + 1)
+            .bind(event_type)
             .fetch_all(pool)
             .await?
         }
-        None => ledger::log::read_after(pool, after, limit as usize + 1).await?,
     };
     Ok(Page::of(rows, limit, |event: &RecordedEvent| event.position.to_string()))
 }
@@ -383,4 +405,68 @@ pub async fn statement_latest(pool: &PgPool, account_id: AccountId, limit: u32) 
         .bind(i64::from(limit))
         .fetch_all(pool)
         .await
+}
+
+/// The account's balance at the end of each of `days` days ending with `last` (UTC), carried over
+/// days without movements; zero before the first.
+pub async fn balance_by_day(
+    pool: &PgPool,
+    account_id: AccountId,
+    last: chrono::NaiveDate,
+    days: u32,
+) -> Result<Vec<(chrono::NaiveDate, rust_decimal::Decimal)>> {
+    let first = last - chrono::Days::new(u64::from(days.max(1) - 1));
+    let start = first.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc();
+    let end = (last + chrono::Days::new(1))
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight exists")
+        .and_utc();
+    let opening: Option<rust_decimal::Decimal> = sqlx::query_scalar(
+        "SELECT balance_after FROM rm.statement WHERE account_id = $1 AND occurred_at < $2 ORDER BY occurred_at DESC, position DESC LIMIT 1",
+    )
+    .bind(account_id.0)
+    .bind(start)
+    .fetch_optional(pool)
+    .await?;
+    let closings: Vec<(chrono::NaiveDate, rust_decimal::Decimal)> = sqlx::query_as(
+        "SELECT DISTINCT ON (day) (occurred_at AT TIME ZONE 'UTC')::date AS day, balance_after FROM rm.statement
+          WHERE account_id = $1 AND occurred_at >= $2 AND occurred_at < $3
+          ORDER BY day, occurred_at DESC, position DESC",
+    )
+    .bind(account_id.0)
+    .bind(start)
+    .bind(end)
+    .fetch_all(pool)
+    .await?;
+    let closings: std::collections::HashMap<_, _> = closings.into_iter().collect();
+    let mut balance = opening.unwrap_or_default();
+    Ok(first
+        .iter_days()
+        .take(days.max(1) as usize)
+        .map(|day| {
+            if let Some(closing) = closings.get(&day) {
+                balance = *closing;
+            }
+            (day, balance)
+        })
+        .collect())
+}
+
+/// Hosting revenue (net of tax, less what was given back against charges) per currency and day,
+/// over the days `[first, last]` (UTC), from the journal.
+pub async fn revenue_by_day(
+    pool: &PgPool,
+    first: chrono::NaiveDate,
+    last: chrono::NaiveDate,
+) -> Result<Vec<(String, chrono::NaiveDate, rust_decimal::Decimal)>> {
+    sqlx::query_as(
+        "SELECT currency, day, sum(credit - debit) FROM rm.journal_totals
+          WHERE ledger_account = $3 AND day BETWEEN $1 AND $2
+          GROUP BY currency, day ORDER BY currency, day",
+    )
+    .bind(first)
+    .bind(last)
+    .bind(domain::postings::HOSTING_INCOME)
+    .fetch_all(pool)
+    .await
 }

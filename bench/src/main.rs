@@ -621,7 +621,7 @@ async fn http_balance(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement>
         flows
             .adjust(account_id, rust_decimal::Decimal::new(2_500, 2), "credit", &admin)
             .await?;
-        let token = api::http::auth::create_key(pool, api::http::auth::Role::Customer, Some(account_id), "bench").await?;
+        let (_, token) = app::keys::create(pool, app::people::Role::Customer, Some(account_id), "bench").await?;
         customers.push((account_id, token));
     }
     projections::runner::catch_up_all(pool).await?;

@@ -6,7 +6,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use domain::{AccountId, Money as DomainMoney};
 
-use super::auth::{create_key, Caller, Role};
+use super::auth::{Caller, Role};
 use super::error::ApiError;
 use super::extract::{page_size, path_id, Json, Query};
 use super::types::{
@@ -107,7 +107,7 @@ pub(crate) async fn create_api_key(
     caller.require_for_account(&[Role::Admin], account_id)?;
     load(&state, account_id).await?;
     let role = body.role.0;
-    let token = create_key(
+    let (key_id, token) = app::keys::create(
         &state.pool,
         role,
         (role == Role::Customer).then_some(account_id),
@@ -117,6 +117,7 @@ pub(crate) async fn create_api_key(
     Ok((
         StatusCode::CREATED,
         axum::Json(ApiKey {
+            id: key_id,
             token,
             role: crate::http::types::Role(role),
             account_id: account_id.0,
@@ -143,7 +144,7 @@ pub(crate) async fn transactions(
             .map_err(|_| ApiError::invalid("cursor", "cursor is the next_cursor of an earlier page"))?,
     };
     let limit = page_size(page.limit, 50, app::reads::PAGE_MAX)?;
-    let rows = app::reads::statement(&state.pool, account_id, after, limit, None).await?;
+    let rows = app::reads::statement(&state.pool, account_id, after, limit, &Default::default()).await?;
     let currency = account.currency;
     Ok((
         StatusCode::OK,

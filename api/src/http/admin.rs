@@ -8,9 +8,10 @@ use domain::{AccountId, ChargeId};
 
 use super::auth::{Caller, Role};
 use super::error::ApiError;
-use super::extract::{path_id, Json};
+use super::extract::{page_size, path_id, Json, Query};
 use super::types::{
-    Account, Adjustment, AdjustmentMade, AmountWithReason, Money, ProjectionPage, ProjectionStatus, RebuildStarted, ServiceCredit,
+    Account, Adjustment, AdjustmentMade, AmountWithReason, KeyPage, KeyView, KeysQuery, Money, ProjectionPage, ProjectionStatus,
+    RebuildStarted, ServiceCredit,
 };
 use super::{accounts, read_your_writes, AppState, Reply};
 
@@ -18,8 +19,36 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/admin/accounts/{id}/adjustments", post(adjust))
         .route("/v1/admin/charges/{id}/refunds", post(credit_charge))
+        .route("/v1/admin/api-keys", get(list_keys))
+        .route("/v1/admin/api-keys/{id}", axum::routing::delete(revoke_key))
         .route("/v1/admin/projections", get(projection_status))
         .route("/v1/admin/projections/{name}/rebuild", post(rebuild_projection))
+}
+
+/// API keys, newest first (never their tokens), optionally of one account.
+#[utoipa::path(get, path = "/v1/admin/api-keys", tag = "admin", params(KeysQuery), security(("bearer" = [])),
+    responses((status = 200, description = "the keys", body = KeyPage)))]
+pub(crate) async fn list_keys(State(state): State<AppState>, caller: Caller, Query(query): Query<KeysQuery>) -> Reply<KeyPage> {
+    caller.require(&[Role::Admin])?;
+    let limit = page_size(query.limit, 50, app::reads::PAGE_MAX)?;
+    let page = app::keys::list(&state.pool, query.account.map(AccountId), query.cursor, limit)
+        .await?
+        .ok_or_else(|| ApiError::not_found("key"))?;
+    Ok((StatusCode::OK, axum::Json(KeyPage::of(page, KeyView::of))))
+}
+
+/// Revokes an API key: from the next request on, in every process, it answers 401. Revoking a
+/// revoked key changes nothing.
+#[utoipa::path(delete, path = "/v1/admin/api-keys/{id}", tag = "admin", params(("id" = Uuid, Path)), security(("bearer" = [])),
+    responses((status = 200, description = "revoked", body = KeyView)))]
+pub(crate) async fn revoke_key(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Reply<KeyView> {
+    caller.require(&[Role::Admin])?;
+    let key_id = path_id(uuid::Uuid::parse_str(&id), "key")?;
+    let key = app::keys::revoke(&state.pool, key_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("key"))?;
+    tracing::info!(key = %key_id, by = caller.id.get(..16).unwrap_or_default(), "API key revoked");
+    Ok((StatusCode::OK, axum::Json(KeyView::of(key))))
 }
 
 /// Credits or debits a wallet with a reason; a debit never takes the balance below zero.
@@ -59,16 +88,7 @@ pub(crate) async fn credit_charge(
     Json(body): Json<AmountWithReason>,
 ) -> Reply<ServiceCredit> {
     caller.require(&[Role::Admin])?;
-    let charge_id = path_id(ChargeId::parse(&id), "charge")?;
-    let account_id = app::reads::account_of_charge(&state.pool, charge_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("charge"))?;
-    let account = accounts::load(&state, account_id).await?;
-    let amount = accounts::money_in(body.amount.0, accounts::currency_of(&account)?)?.amount;
-    let refund_id = state
-        .flows
-        .service_credit(account_id, charge_id, amount, &body.reason.0, &caller.metadata())
-        .await?;
+    let (charge_id, refund_id, account_id, amount) = service_credit(&state, &id, body.amount.0, &body.reason.0, &caller.metadata()).await?;
     read_your_writes(&state).await?;
     let account = accounts::load(&state, account_id).await?;
     Ok((
@@ -80,6 +100,26 @@ pub(crate) async fn credit_charge(
             account: Account::of(&account),
         }),
     ))
+}
+
+/// A service credit against charge `id` (its id as given) for `amount` of the account's currency:
+/// the rules of the API's and the console's credits. Returns the charge's, the refund's and the
+/// account's ids and the amount.
+pub(crate) async fn service_credit(
+    state: &AppState,
+    id: &str,
+    amount: rust_decimal::Decimal,
+    reason: &str,
+    metadata: &app::handler::Metadata,
+) -> Result<(ChargeId, domain::RefundId, AccountId, rust_decimal::Decimal), ApiError> {
+    let charge_id = path_id(ChargeId::parse(id), "charge")?;
+    let account_id = app::reads::account_of_charge(&state.pool, charge_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("charge"))?;
+    let account = accounts::load(state, account_id).await?;
+    let amount = accounts::money_in(amount, accounts::currency_of(&account)?)?.amount;
+    let refund_id = state.flows.service_credit(account_id, charge_id, amount, reason, metadata).await?;
+    Ok((charge_id, refund_id, account_id, amount))
 }
 
 /// Each read model's position, lag behind the log, generation and rebuild state.
@@ -104,10 +144,6 @@ pub(crate) async fn projection_status(State(state): State<AppState>, caller: Cal
     Ok((StatusCode::OK, axum::Json(ProjectionPage { items, next_cursor: None })))
 }
 
-/// Read models being rebuilt by this process (a second rebuild of one would share its side schema).
-static REBUILDING: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
-    std::sync::LazyLock::new(Default::default);
-
 /// Rebuilds a read model from position 0 beside the live one, swapped in when caught up.
 #[utoipa::path(post, path = "/v1/admin/projections/{name}/rebuild", tag = "admin",
     params(("name" = String, Path, description = "balances, statement, servers, invoices, journal or metrics")), security(("bearer" = [])),
@@ -115,29 +151,15 @@ static REBUILDING: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSe
         (status = 409, description = "already being rebuilt", body = super::error::Problem, content_type = "application/problem+json")))]
 pub(crate) async fn rebuild_projection(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> Reply<RebuildStarted> {
     caller.require(&[Role::Admin])?;
-    let projection = projections::projection::by_name(&name).ok_or_else(|| ApiError::not_found("read model"))?;
-    let key = projection.name();
-    if !REBUILDING.lock().expect("rebuild lock").insert(key) {
-        return Err(ApiError::new(
+    let key = app::rebuilds::start(&state.pool, &name).map_err(|error| match error {
+        app::rebuilds::NotStarted::Unknown(_) => ApiError::not_found("read model"),
+        already => ApiError::new(
             StatusCode::CONFLICT,
             "already-rebuilding",
             "Already rebuilding",
-            format!("{key} is being rebuilt already"),
-        ));
-    }
-    let pool = state.pool.clone();
-    tokio::spawn(async move {
-        match projections::rebuild::rebuild(&pool, projection.as_ref(), |_, _| {}).await {
-            Ok(report) => tracing::info!(
-                name = report.name,
-                events = report.events,
-                elapsed_ms = report.elapsed_ms,
-                "read model rebuilt and swapped in"
-            ),
-            Err(error) => tracing::error!(name = key, %error, "rebuilding a read model failed; the live one is untouched"),
-        }
-        REBUILDING.lock().expect("rebuild lock").remove(key);
-    });
+            already.to_string(),
+        ),
+    })?;
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(RebuildStarted {

@@ -145,8 +145,13 @@ pub(crate) async fn get_invoice(
 
 /// The invoice as a page to print, with its credit notes.
 pub async fn printable(state: &AppState, row: InvoiceRow, customer: &str) -> Result<String, ApiError> {
+    Ok(html(&document(state, row).await?, customer))
+}
+
+/// The invoice with its credit notes, as the API answers it.
+pub async fn document(state: &AppState, row: InvoiceRow) -> Result<Invoice, ApiError> {
     let notes = app::reads::credit_notes(&state.pool, &[row.invoice_id]).await?;
-    Ok(html(&view(row, &notes), customer))
+    Ok(view(row, &notes))
 }
 
 fn escape(text: &str) -> String {
@@ -167,12 +172,25 @@ fn html(invoice: &Invoice, customer: &str) -> String {
             escape(&line.tax.0),
         ));
     }
+    let mut notes = String::new();
+    for note in &invoice.credit_notes {
+        notes.push_str(&format!(
+            "<tr><td>{} ({})</td><td>{}</td><td class=n>-{}</td></tr>",
+            escape(&note.number),
+            note.issued_at.format("%Y-%m-%d"),
+            escape(&note.reason),
+            escape(&note.total.0),
+        ));
+    }
+    if !notes.is_empty() {
+        notes = format!("<h2>Credit notes</h2><table><thead><tr><th>Credit note</th><th>Reason</th><th class=n>Total</th></tr></thead><tbody>{notes}</tbody></table>");
+    }
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Invoice {number}</title>\
          <style>body{{font-family:sans-serif;max-width:48rem;margin:3rem auto}}td,th{{padding:.3rem .6rem;border-bottom:1px solid #ddd}}.n{{text-align:right}}</style></head>\
          <body><h1>Invoice {number}</h1><p>{customer}<br>Period {start} to {end}<br>All amounts in {currency}</p>\
          <table><thead><tr><th>Description</th><th class=n>Hours</th><th class=n>Net</th><th class=n>Tax</th></tr></thead><tbody>{rows}</tbody></table>\
-         <p class=n>Net {net}<br>Tax {tax}<br><strong>Total {total}</strong></p></body></html>",
+         <p class=n>Net {net}<br>Tax {tax}<br><strong>Total {total}</strong></p>{notes}</body></html>",
         number = escape(&invoice.number),
         customer = escape(customer),
         start = invoice.period_start.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),

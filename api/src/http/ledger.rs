@@ -31,7 +31,14 @@ pub(crate) async fn ledger_events(State(state): State<AppState>, caller: Caller,
         return Err(ApiError::invalid("after", "after is a position, 0 or more"));
     }
     let limit = page_size(query.limit, 100, 1_000)?;
-    let events = app::reads::events(&state.pool, query.stream.as_ref().map(|stream| stream.0.as_str()), after, limit).await?;
+    let events = app::reads::events(
+        &state.pool,
+        query.stream.as_ref().map(|stream| stream.0.as_str()),
+        None,
+        after,
+        limit,
+    )
+    .await?;
     Ok((StatusCode::OK, axum::Json(EventPage::of(events, LedgerEvent::from))))
 }
 

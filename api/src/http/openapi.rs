@@ -44,6 +44,8 @@ use super::types;
         super::invoices::get_invoice,
         super::admin::adjust,
         super::admin::credit_charge,
+        super::admin::list_keys,
+        super::admin::revoke_key,
         super::admin::projection_status,
         super::admin::rebuild_projection,
         super::ledger::ledger_events,

@@ -124,7 +124,32 @@ pub(crate) async fn refund_topup(
     Json(body): Json<AmountWithReason>,
 ) -> Reply<CardRefund> {
     caller.require(&[Role::Admin])?;
-    let (topup_id, topup, requested) = asked(&state, &id).await?;
+    let (topup_id, refund_id, account_id) = card_refund(&state, &id, body.amount.0, &body.reason.0, &caller.metadata()).await?;
+    read_your_writes(&state).await?;
+    let account = accounts::load(&state, account_id).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(CardRefund {
+            refund_id: refund_id.0,
+            topup_id: topup_id.0,
+            amount: Money::of(body.amount.0, &account.currency),
+            status: "requested".into(),
+            account: Account::of(&account),
+        }),
+    ))
+}
+
+/// A card refund of top-up `id` (its id as given) for `amount` of the account's currency: the
+/// rules of the API's and the console's refunds. Returns the top-up's, the refund's and the
+/// account's ids.
+pub(crate) async fn card_refund(
+    state: &AppState,
+    id: &str,
+    amount: rust_decimal::Decimal,
+    reason: &str,
+    metadata: &app::handler::Metadata,
+) -> Result<(TopUpId, domain::RefundId, domain::AccountId), ApiError> {
+    let (topup_id, topup, requested) = asked(state, id).await?;
     if topup.paid_by.is_none() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -133,27 +158,15 @@ pub(crate) async fn refund_topup(
             "the top-up has not been paid; there is nothing to refund",
         ));
     }
-    let amount = body.amount.0;
     accounts::money_in(amount, requested.currency)?
         .to_minor_units()
         .map_err(|error| ApiError::invalid("amount", format!("amount: {error}")))?;
-    processor(&state, "refunds-unavailable", "Card refunds unavailable", "card refunds")?;
+    processor(state, "refunds-unavailable", "Card refunds unavailable", "card refunds")?;
     let refund_id = state
         .flows
-        .request_card_refund(requested.account_id, topup_id, amount, &body.reason.0, &caller.metadata())
+        .request_card_refund(requested.account_id, topup_id, amount, reason, metadata)
         .await?;
-    read_your_writes(&state).await?;
-    let account = accounts::load(&state, requested.account_id).await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(CardRefund {
-            refund_id: refund_id.0,
-            topup_id: topup_id.0,
-            amount: Money::of(amount, &account.currency),
-            status: "requested".into(),
-            account: Account::of(&account),
-        }),
-    ))
+    Ok((topup_id, refund_id, requested.account_id))
 }
 
 /// A payment held for review (another currency or amount than asked) accepted by an admin for an

@@ -563,6 +563,17 @@ pub struct SearchQuery {
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+pub struct KeysQuery {
+    /// One account's keys only.
+    pub account: Option<Uuid>,
+    /// The `next_cursor` of the page before.
+    pub cursor: Option<Uuid>,
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AsOfQuery {
     /// An RFC 3339 instant: the figures as they were then.
     pub as_of: Option<DateTime<Utc>>,
@@ -642,10 +653,39 @@ impl Account {
 
 #[derive(Serialize, ToSchema)]
 pub struct ApiKey {
+    /// Names the key (to list or revoke it); never the token.
+    pub id: Uuid,
     /// Shown once; stored hashed.
     pub token: String,
     pub role: Role,
     pub account_id: Uuid,
+}
+
+/// A key as listed: never its token.
+#[derive(Serialize, ToSchema)]
+pub struct KeyView {
+    pub id: Uuid,
+    pub role: Role,
+    /// A customer key's account.
+    pub account_id: Option<Uuid>,
+    pub label: String,
+    pub created_at: DateTime<Utc>,
+    /// When it stopped opening anything; null while it works.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl KeyView {
+    pub fn of(row: app::keys::KeyRow) -> KeyView {
+        KeyView {
+            id: row.key_id,
+            // The table's CHECK admits the three roles only.
+            role: Role(app::people::Role::parse(&row.role).unwrap_or(app::people::Role::Customer)),
+            account_id: row.account_id,
+            label: row.label,
+            created_at: row.created_at,
+            revoked_at: row.revoked_at,
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -1019,4 +1059,5 @@ page!(
     EventPage of LedgerEvent,
     PlanPage of Plan,
     ProjectionPage of ProjectionStatus,
+    KeyPage of KeyView,
 );

@@ -37,6 +37,7 @@ pub fn routes() -> Router<AppState> {
         .route("/transactions.csv", get(transactions_csv))
         .route("/invoices", get(invoices))
         .route("/invoices/{id}", get(invoice))
+        .route("/invoices/{id}/pdf", get(invoice_pdf))
 }
 
 /// A form's fields every action shares: the session's CSRF token and the form's own nonce.
@@ -435,16 +436,67 @@ async fn topup(State(state): State<AppState>, Customer { session, account_id }: 
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct StatementPage {
     after: Option<i64>,
     /// One kind of movement only (empty: all).
     kind: Option<String>,
+    /// One server's movements only (empty: all).
+    server: Option<String>,
+    /// The first day shown, `YYYY-MM-DD` (UTC; empty: from the start).
+    from: Option<String>,
+    /// The last day shown, `YYYY-MM-DD` (UTC; empty: to the end).
+    to: Option<String>,
+}
+
+fn given(text: &Option<String>) -> Option<&str> {
+    text.as_deref().map(str::trim).filter(|text| !text.is_empty())
 }
 
 impl StatementPage {
-    fn kind(&self) -> Option<&str> {
-        self.kind.as_deref().filter(|kind| !kind.is_empty())
+    /// The filter asked for, or what is wrong with it.
+    fn filter(&self) -> Result<app::reads::StatementFilter, String> {
+        let day = |text: Option<&str>, name: &str| -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
+            text.map(|text| {
+                chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                    .map(|date| date.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc())
+                    .map_err(|_| format!("the {name} date is written YYYY-MM-DD, such as 2026-03-01"))
+            })
+            .transpose()
+        };
+        let server_id = given(&self.server)
+            .map(|text| ServerId::parse(text).map_err(|_| "that is not one of your servers".to_string()))
+            .transpose()?;
+        let from = day(given(&self.from), "first")?;
+        // The last day is shown whole.
+        let to = day(given(&self.to), "last")?.map(|day| day + chrono::Duration::days(1));
+        if let (Some(from), Some(to)) = (from, to) {
+            if from >= to {
+                return Err("the first day comes after the last".into());
+            }
+        }
+        Ok(app::reads::StatementFilter {
+            kind: given(&self.kind).map(str::to_string),
+            server_id,
+            from,
+            to,
+        })
+    }
+
+    /// The filter as a query string (without `after`), for the next page's link and the CSV.
+    fn query(&self) -> String {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in [
+            ("kind", &self.kind),
+            ("server", &self.server),
+            ("from", &self.from),
+            ("to", &self.to),
+        ] {
+            if let Some(value) = given(value) {
+                query.append_pair(name, value);
+            }
+        }
+        query.finish()
     }
 }
 
@@ -457,36 +509,72 @@ async fn transactions(
         Ok(row) => row,
         Err(response) => return response,
     };
-    let kind = query.kind();
-    let (rows, kinds) = match tokio::try_join!(
-        app::reads::statement(&state.pool, account_id, query.after.unwrap_or(0).max(0), 50, kind),
+    let (filter, problem) = match query.filter() {
+        Ok(filter) => (filter, None),
+        Err(problem) => (app::reads::StatementFilter::default(), Some(problem)),
+    };
+    let (rows, kinds, servers) = match tokio::try_join!(
+        app::reads::statement(&state.pool, account_id, query.after.unwrap_or(0).max(0), 50, &filter),
         app::reads::statement_kinds(&state.pool, account_id),
+        app::reads::servers_of_account(&state.pool, account_id, None, app::reads::PAGE_MAX),
     ) {
         Ok(found) => found,
         Err(error) => return unavailable(error),
     };
-    let filter = kind.map(|kind| format!("&kind={kind}")).unwrap_or_default();
+    let servers = servers.map(|page| page.items).unwrap_or_default();
+    let names: std::collections::HashMap<uuid::Uuid, String> = servers
+        .iter()
+        .map(|server| (server.server_id, server_name(server.hostname.as_deref(), server.server_id)))
+        .collect();
+    let chosen_server = filter.server_id.map(|id| id.0);
+    let filters = query.query();
     let body = html! {
-        form method="get" action="/transactions" {
+        @if let Some(problem) = &problem { p class="error" role="alert" { (problem) } }
+        // Changing a filter replaces the table in place (htmx); without script the button sends it.
+        form class="filters" method="get" action="/transactions" hx-get="/transactions" hx-trigger="change" hx-target="#statement" hx-select="#statement" hx-swap="outerHTML" hx-push-url="true" {
             label { "Kind" select name="kind" {
                 option value="" { "all" }
-                @for each in &kinds { option value=(each) selected[Some(each.as_str()) == kind] { (each.replace('_', " ")) } }
+                @for each in &kinds { option value=(each) selected[filter.kind.as_deref() == Some(each.as_str())] { (each.replace('_', " ")) } }
             } }
+            label { "Server" select name="server" {
+                option value="" { "all" }
+                @for server in &servers { option value=(server.server_id) selected[chosen_server == Some(server.server_id)] { (names[&server.server_id]) } }
+            } }
+            label { "From" input type="date" name="from" value=(given(&query.from).unwrap_or_default()); }
+            label { "To" input type="date" name="to" value=(given(&query.to).unwrap_or_default()); }
             button type="submit" { "Show" }
-            " " a href={ "/transactions.csv?kind=" (kind.unwrap_or_default()) } download { "Download CSV" }
         }
-        div class="table" { table {
-            thead { tr { th { "When (UTC)" } th { "What" } th class="n" { "Amount" } th class="n" { "Balance after" } } }
-            tbody { @for row in &rows.items { tr {
-                td { (row.occurred_at.format("%Y-%m-%d %H:%M")) }
-                td { (row.kind.replace('_', " ")) }
-                td class="n" { (money(row.amount, &account.currency)) }
-                td class="n" { (money(row.balance_after, &account.currency)) }
+        div id="statement" {
+            p { a href={ "/transactions.csv?" (filters) } download { "Download these as CSV" } }
+            @if rows.items.is_empty() { p class="muted" { "Nothing matches." } }
+            @else { div class="table" { table {
+                thead { tr { th { "When (UTC)" } th { "What" } th { "Server" } th class="n" { "Amount" } th class="n" { "Balance after" } } }
+                tbody { @for row in &rows.items { tr {
+                    td { (row.occurred_at.format("%Y-%m-%d %H:%M")) }
+                    td { (row.kind.replace('_', " ")) }
+                    td { @if let Some(server) = row.server_id { (names.get(&server).cloned().unwrap_or_else(|| server_name(None, server))) } }
+                    td class="n" data-money="amount" { (money(row.amount, &account.currency)) }
+                    td class="n" data-money="balance_after" { (money(row.balance_after, &account.currency)) }
+                } } }
             } } }
-        } }
-        @if let Some(next) = &rows.next_cursor { p { a href={ "/transactions?after=" (next) (filter) } { "Later entries" } } }
+            @if let Some(next) = &rows.next_cursor {
+                p { a href={ "/transactions?after=" (next) "&" (filters) } hx-get={ "/transactions?after=" (next) "&" (filters) } hx-target="#statement" hx-select="#statement" hx-swap="outerHTML" hx-push-url="true" { "Later entries" } }
+            }
+        }
     };
-    page("Transactions", Some(&session), body).into_response()
+    let status = if problem.is_some() {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    (status, page("Transactions", Some(&session), body)).into_response()
+}
+
+/// What a server is called on the portal's pages: its hostname, or the start of its id.
+pub(super) fn server_name(hostname: Option<&str>, id: uuid::Uuid) -> String {
+    hostname
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("server {}", &id.to_string()[..8]))
 }
 
 /// Rows a CSV download holds at most.
@@ -501,6 +589,10 @@ async fn transactions_csv(
     let account = match account_row(&state, &session, account_id).await {
         Ok(row) => row,
         Err(response) => return response,
+    };
+    let filter = match query.filter() {
+        Ok(filter) => filter,
+        Err(problem) => return status_page(StatusCode::UNPROCESSABLE_ENTITY, "Not a filter", &problem, Some(&session)),
     };
     let mut csv = csv::Writer::from_writer(Vec::new());
     let header = csv.write_record([
@@ -518,7 +610,7 @@ async fn transactions_csv(
     }
     let (mut after, mut written) = (0, 0);
     loop {
-        let page = match app::reads::statement(&state.pool, account_id, after, app::reads::PAGE_MAX, query.kind()).await {
+        let page = match app::reads::statement(&state.pool, account_id, after, app::reads::PAGE_MAX, &filter).await {
             Ok(page) => page,
             Err(error) => return unavailable(error),
         };
@@ -566,11 +658,12 @@ async fn invoices(State(state): State<AppState>, Customer { session, account_id 
     let body = html! {
         @if rows.is_empty() { p class="muted" { "No invoices yet: one is issued for each month with charges." } }
         @else { div class="table" { table {
-            thead { tr { th { "Invoice" } th { "Month" } th class="n" { "Total" } } }
+            thead { tr { th { "Invoice" } th { "Month" } th class="n" { "Total" } th { "Download" } } }
             tbody { @for row in &rows { tr {
                 td { a href={ "/invoices/" (row.invoice_id) } { (row.number) } }
                 td { (row.period_start.format("%Y-%m")) }
                 td class="n" { (money(row.total, &row.currency)) }
+                td { a href={ "/invoices/" (row.invoice_id) "/pdf" } aria-label={ "Invoice " (row.number) " as PDF" } { "PDF" } }
             } } }
         } } }
     };
@@ -578,21 +671,56 @@ async fn invoices(State(state): State<AppState>, Customer { session, account_id 
 }
 
 async fn invoice(State(state): State<AppState>, Customer { session, account_id }: Customer, Path(id): Path<String>) -> Response {
-    let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such invoice.", Some(&session));
-    let Ok(invoice_id) = domain::InvoiceId::parse(&id) else {
+    invoice_as(&state, &session, Some(account_id), &id, Format::Html).await
+}
+
+async fn invoice_pdf(State(state): State<AppState>, Customer { session, account_id }: Customer, Path(id): Path<String>) -> Response {
+    invoice_as(&state, &session, Some(account_id), &id, Format::Pdf).await
+}
+
+/// How an invoice is given: the page to print, or a PDF to download.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Format {
+    Html,
+    Pdf,
+}
+
+/// An invoice of `account` (any account's for staff, `None`) as `format`; anything else is a 404.
+pub(super) async fn invoice_as(state: &AppState, session: &Session, account: Option<AccountId>, id: &str, format: Format) -> Response {
+    let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such invoice.", Some(session));
+    let Ok(invoice_id) = domain::InvoiceId::parse(id) else {
         return not_found();
     };
     let row = match app::reads::invoice(&state.pool, invoice_id).await {
-        Ok(Some(row)) if row.account_id == account_id.0 => row,
+        Ok(Some(row)) if account.is_none_or(|account| row.account_id == account.0) => row,
         Ok(_) => return not_found(),
         Err(error) => return unavailable(error),
     };
-    let account = match account_row(&state, &session, account_id).await {
+    let account = match account_row(state, session, AccountId(row.account_id)).await {
         Ok(row) => row,
         Err(response) => return response,
     };
-    match crate::http::invoices::printable(&state, row, &account.name).await {
-        Ok(html) => axum::response::Html(html).into_response(),
-        Err(error) => refused(&session, error),
+    if format == Format::Html {
+        return match crate::http::invoices::printable(state, row, &account.name).await {
+            Ok(html) => axum::response::Html(html).into_response(),
+            Err(error) => refused(session, error),
+        };
+    }
+    match crate::http::invoices::document(state, row).await {
+        Ok(invoice) => (
+            [
+                (axum::http::header::CONTENT_TYPE, "application/pdf".to_string()),
+                (
+                    axum::http::header::CONTENT_DISPOSITION,
+                    format!(
+                        "attachment; filename=\"invoice-{}.pdf\"",
+                        invoice.number.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
+                    ),
+                ),
+            ],
+            super::pdf::invoice(&invoice, &account.name),
+        )
+            .into_response(),
+        Err(error) => refused(session, error),
     }
 }

@@ -22,8 +22,10 @@ pub fn routes() -> Router<AppState> {
         .route("/console/accounts/{id}", get(account_page))
         .route("/console/accounts/{id}/adjustments", axum::routing::post(adjust))
         .route("/console/invoices/{id}", get(invoice_page))
+        .route("/console/invoices/{id}/pdf", get(invoice_pdf))
         .route("/console/events/{position}", get(event_page))
         .route("/console/trial-balance", get(trial_balance))
+        .route("/console/verify", get(verify_segment))
 }
 
 #[derive(Deserialize)]
@@ -258,6 +260,12 @@ async fn invoice_page(State(state): State<AppState>, Staff(session): Staff, Path
     let lines = row.lines.0.as_array().cloned().unwrap_or_default();
     let body = html! {
         p { "Period " (row.period_start.format("%Y-%m")) " · total " (money(row.total, &currency)) " (net " (money(row.net, &currency)) ", tax " (money(row.tax, &currency)) ")" }
+        p {
+            a href={ "/console/invoices/" (row.invoice_id) "/pdf" } { "Download the PDF" }
+            @if let (Some(first), Some(last)) = (rows.iter().map(|charge| charge.position).min(), rows.iter().map(|charge| charge.position).max()) {
+                " · " a href={ "/console/verify?from=" (first) "&to=" (last) } { "Verify the chain from #" (first) " to #" (last) }
+            }
+        }
         @for line in &lines {
             @let server = line["server_id"].as_str().unwrap_or_default();
             h2 { (line["description"].as_str().unwrap_or_default()) }
@@ -275,6 +283,36 @@ async fn invoice_page(State(state): State<AppState>, Staff(session): Staff, Path
         }
     };
     page(&format!("Invoice {}", row.number), Some(&session), body).into_response()
+}
+
+#[derive(Deserialize)]
+struct Segment {
+    from: i64,
+    to: i64,
+}
+
+/// The hash chain recomputed over a stretch of the log, such as the events behind an invoice.
+async fn verify_segment(State(state): State<AppState>, Staff(session): Staff, Query(segment): Query<Segment>) -> Response {
+    let report = match ledger::verify::verify_segment(&state.pool, segment.from, segment.to).await {
+        Ok(report) => report,
+        Err(error) => return unavailable(error),
+    };
+    let body = html! {
+        p {
+            @if report.ok { span class="badge running" { "CHAIN VERIFIED" } }
+            @else { span class="badge suspended" { "CHAIN BROKEN" } }
+        }
+        p { "Positions " (report.from) " to " (report.to) ": " (report.events_checked) " events recomputed, each linked to the hash of the one before." }
+        @if let (Some(position), Some(problem)) = (report.first_bad_position, &report.problem) {
+            p class="error" { "At " a href={ "/console/events/" (position) } { "#" (position) } ": " (problem) }
+        }
+        p class="muted" { "A stretch proves itself only; the whole log is proved by " code { "billing verify" } " or GET /v1/ledger/verify." }
+    };
+    page("Chain verification", Some(&session), body).into_response()
+}
+
+async fn invoice_pdf(State(state): State<AppState>, Staff(session): Staff, Path(id): Path<String>) -> Response {
+    super::actions::invoice_as(&state, &session, None, &id, super::actions::Format::Pdf).await
 }
 
 /// One event as the log holds it, with its hash recomputed from the event before it.

@@ -8,6 +8,8 @@ use maud::{html, Markup, DOCTYPE};
 use app::people::Session;
 
 const STYLESHEET: &str = include_str!("app.css");
+/// htmx 2.0.8 (Zero-Clause BSD; `vendor/README.md`).
+const HTMX: &str = include_str!("vendor/htmx.min.js");
 
 pub async fn stylesheet() -> impl IntoResponse {
     (
@@ -16,6 +18,16 @@ pub async fn stylesheet() -> impl IntoResponse {
             (header::CACHE_CONTROL, "max-age=300"),
         ],
         STYLESHEET,
+    )
+}
+
+pub async fn htmx() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=86400"),
+        ],
+        HTMX,
     )
 }
 
@@ -30,6 +42,7 @@ pub fn page(title: &str, session: Option<&Session>, body: Markup) -> Markup {
                 meta name="color-scheme" content="dark light";
                 title { (title) " · Billing" }
                 link rel="stylesheet" href="/assets/app.css";
+                script src="/assets/htmx-2.0.8.min.js" defer {}
             }
             body {
                 a class="skip" href="#main" { "Skip to content" }

@@ -8,9 +8,11 @@
 
 mod actions;
 mod auth;
+mod charts;
 mod console;
 mod layout;
 mod live;
+mod pdf;
 mod portal;
 
 use axum::routing::get;
@@ -28,7 +30,10 @@ pub fn routes() -> Router<AppState> {
         .merge(console::routes())
         .merge(live::routes())
         .layer(axum::middleware::from_fn(no_store));
-    Router::new().route("/assets/app.css", get(layout::stylesheet)).merge(pages)
+    Router::new()
+        .route("/assets/app.css", get(layout::stylesheet))
+        .route("/assets/htmx-2.0.8.min.js", get(layout::htmx))
+        .merge(pages)
 }
 
 /// Pages of a session are never kept by the browser: after sign-out, Back shows nothing.

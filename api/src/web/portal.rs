@@ -46,6 +46,22 @@ async fn home(State(state): State<AppState>, Customer { session, account_id }: C
         .iter()
         .map(|server| server.month_to_date_net.0.parse::<Decimal>().unwrap_or_default())
         .sum();
+    let today = now.date_naive();
+    let days = match app::reads::balance_by_day(&state.pool, account_id, today, 30).await {
+        Ok(days) => days,
+        Err(error) => return unavailable(error),
+    };
+    let balance_chart = balance_chart(&days, currency);
+    let spend: Vec<(String, Decimal, String)> = views
+        .iter()
+        .filter_map(|server| {
+            let spent: Decimal = server.month_to_date_net.0.parse().ok()?;
+            (spent > Decimal::ZERO).then(|| {
+                let name = super::actions::server_name(server.hostname.as_deref(), server.id);
+                (name, spent, money(spent, currency))
+            })
+        })
+        .collect();
     let runway = (account.hourly_burn > Decimal::ZERO)
         .then(|| domain::billing::runway_hours(account.available, account.hourly_burn))
         .flatten();
@@ -59,6 +75,18 @@ async fn home(State(state): State<AppState>, Customer { session, account_id }: C
             (live_figure("Available", "available", &money(account.available, currency)))
             (figure("Runway", &runway.map(|hours| format!("{hours} h")).unwrap_or_else(|| "nothing billed".into())))
             (figure("This month (net)", &money(month_to_date, currency)))
+        }
+        div class="charts" {
+            (balance_chart)
+            @if spend.is_empty() {
+                figure class="chart" { figcaption { "This month's spend per server" } p class="muted" { "Nothing spent this month yet." } }
+            } @else {
+                (super::charts::bars(
+                    "This month's spend per server (net)",
+                    &format!("This month's net spend per server: {}", spend.iter().map(|(name, _, written)| format!("{name} {written}")).collect::<Vec<_>>().join(", ")),
+                    &spend,
+                ))
+            }
         }
         h2 { "Servers" }
         @if views.is_empty() {
@@ -84,6 +112,25 @@ async fn home(State(state): State<AppState>, Customer { session, account_id }: C
         script { (maud::PreEscaped(LIVE_SCRIPT)) }
     };
     page(&account.name, Some(&session), body).into_response()
+}
+
+/// The balance at the end of each of the last 30 days.
+fn balance_chart(days: &[(chrono::NaiveDate, Decimal)], currency: &str) -> maud::Markup {
+    let points: Vec<(String, Decimal)> = days
+        .iter()
+        .map(|(day, balance)| (day.format("%b %-d").to_string(), *balance))
+        .collect();
+    let low = days.iter().map(|(_, balance)| *balance).min().unwrap_or_default();
+    let high = days.iter().map(|(_, balance)| *balance).max().unwrap_or_default();
+    let last = days.last().map(|(_, balance)| *balance).unwrap_or_default();
+    let alternative = format!(
+        "Balance at the end of each of the last {} days: lowest {}, highest {}, {} at the end of today so far.",
+        days.len(),
+        money(low, currency),
+        money(high, currency),
+        money(last, currency)
+    );
+    super::charts::line("Balance, last 30 days", &alternative, &points)
 }
 
 /// Keeps the dashboard current: figures replaced in place, and a reload when a server's status
