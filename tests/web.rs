@@ -654,3 +654,323 @@ async fn a_new_password_spends_every_link_ends_live_streams_and_portal_top_ups_a
         .unwrap();
     assert_eq!(page.headers()["cache-control"], "no-store");
 }
+
+/// The `href` of the first link on `page` that starts with `prefix`.
+fn link_starting(page: &Page, prefix: &str) -> String {
+    let start = page
+        .html
+        .find(&format!("href=\"{}", prefix.replace('&', "&amp;")))
+        .unwrap_or_else(|| panic!("no link to {prefix} in {}", page.html))
+        + 6;
+    page.html[start..].split('"').next().unwrap().replace("&amp;", "&")
+}
+
+/// The text of the element marked `data-money="{name}"` (the first one).
+fn money_marked(page: &Page, name: &str) -> String {
+    let start = page
+        .html
+        .find(&format!("data-money=\"{name}\""))
+        .unwrap_or_else(|| panic!("no {name} in {}", page.html));
+    let rest = &page.html[start..];
+    let text = &rest[rest.find('>').unwrap() + 1..];
+    text[..text.find('<').unwrap()].to_string()
+}
+
+#[tokio::test]
+async fn an_admin_corrects_a_wallet_three_ways_each_shown_before_it_is_made() {
+    let db = TestDatabase::new().await;
+    let server = serve(&db, &[("BILLING_SIMULATED_LATENCY_MS", Some("10"))]);
+    let (mine, token) = account(&server.base, "Ivy", "0.01").await;
+    // A paid top-up (through the dev checkout) and a charge (the first hour of a server).
+    let topup = api(
+        &server.base,
+        reqwest::Method::POST,
+        &format!("/v1/accounts/{mine}/topups"),
+        &token,
+        Some(json!({"amount": "30.00"})),
+    )
+    .await;
+    let paid = reqwest::Client::new()
+        .post(format!("{}/pay", topup["checkout_url"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert!(paid.status().is_success());
+    let ordered = api(
+        &server.base,
+        reqwest::Method::POST,
+        &format!("/v1/accounts/{mine}/orders"),
+        &token,
+        Some(json!({"plan_id": "vps-1g", "location": "syd"})),
+    )
+    .await;
+    support::wait_for(&server.base, &token, ordered["server_id"].as_str().unwrap(), |status| {
+        status == "needs_setup"
+    })
+    .await;
+
+    let mut admin = Browser::new(&server.base);
+    let link = invite(&db, "fixer@example.com", "admin", None);
+    admin.accept_and_sign_in(&link, "fixer@example.com", "the admin fixes things").await;
+    let balance = || async {
+        api(&server.base, reqwest::Method::GET, &format!("/v1/accounts/{mine}"), ADMIN, None).await["balance"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for (kind, prefix, amount, expected) in [
+        ("service_credit", "?kind=service_credit&target=", "0.01", "+"),
+        ("card_refund", "?kind=card_refund&target=", "5", "-"),
+    ] {
+        let page = admin.get(&format!("/console/accounts/{mine}")).await;
+        let prefilled = admin
+            .get(&format!("/console/accounts/{mine}{}", link_starting(&page, prefix)))
+            .await;
+        let target = link_starting(&page, prefix)
+            .trim_start_matches(prefix)
+            .split('#')
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(prefilled.html.contains(&format!("value=\"{target}\"")), "{}", prefilled.html);
+        let fields = [
+            ("csrf", prefilled.csrf()),
+            ("nonce", nonce(&prefilled)),
+            ("kind", kind.to_string()),
+            ("target", target.clone()),
+            ("amount", amount.to_string()),
+            ("reason", format!("{kind} for the test")),
+        ];
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let before = balance().await;
+        let review = admin.post(&format!("/console/accounts/{mine}/corrections"), &fields).await;
+        assert_eq!(review.status, StatusCode::OK, "{}", review.html);
+        // The effect shown is the balance the API then reports; nothing moved before confirming.
+        let predicted = money_marked(&review, "balance_after");
+        assert_eq!(balance().await, before);
+        let mut confirmed = fields.clone();
+        confirmed.push(("confirm", "yes"));
+        let done = admin.post(&format!("/console/accounts/{mine}/corrections"), &confirmed).await;
+        assert_eq!(done.status, StatusCode::SEE_OTHER, "{kind}: {}", done.html);
+        // Sent twice, it acts once.
+        admin.post(&format!("/console/accounts/{mine}/corrections"), &confirmed).await;
+        let after = balance().await;
+        assert_eq!(predicted, format!("{after} AUD"), "{kind}");
+        let delta = (after.parse::<rust_decimal::Decimal>().unwrap() - before.parse::<rust_decimal::Decimal>().unwrap()).normalize();
+        assert_eq!(
+            format!("{expected}{amount}"),
+            if delta.is_sign_negative() {
+                format!("{delta}")
+            } else {
+                format!("+{delta}")
+            }
+        );
+    }
+    // A correction without a reason, or of another account's charge, is refused and moves nothing.
+    let page = admin.get(&format!("/console/accounts/{mine}")).await;
+    let before = balance().await;
+    let no_reason = admin
+        .post(
+            &format!("/console/accounts/{mine}/corrections"),
+            &[
+                ("csrf", &page.csrf()),
+                ("kind", "adjustment"),
+                ("amount", "1.00"),
+                ("reason", " "),
+                ("confirm", "yes"),
+            ],
+        )
+        .await;
+    assert_eq!(no_reason.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (other, _) = account(&server.base, "Jon", "1.00").await;
+    let charge = link_starting(&page, "?kind=service_credit&target=")
+        .trim_start_matches("?kind=service_credit&target=")
+        .split('#')
+        .next()
+        .unwrap()
+        .to_string();
+    let elsewhere = admin
+        .post(
+            &format!("/console/accounts/{other}/corrections"),
+            &[
+                ("csrf", &page.csrf()),
+                ("nonce", "n1"),
+                ("kind", "service_credit"),
+                ("target", &charge),
+                ("amount", "0.001"),
+                ("reason", "wrong account"),
+                ("confirm", "yes"),
+            ],
+        )
+        .await;
+    assert_eq!(elsewhere.status, StatusCode::NOT_FOUND, "{}", elsewhere.html);
+    assert_eq!(balance().await, before);
+    let others = api(&server.base, reqwest::Method::GET, &format!("/v1/accounts/{other}"), ADMIN, None).await;
+    assert_eq!(others["balance"], "1.00");
+}
+
+#[tokio::test]
+async fn a_revoked_key_stops_at_once_in_every_process_and_the_console_invites_and_rebuilds() {
+    let db = TestDatabase::new().await;
+    let first = serve(&db, &[]);
+    let second = serve(&db, &[]);
+    let (mine, _) = account(&first.base, "Kit", "3.00").await;
+    let status = |base: String, token: String| {
+        let path = format!("{base}/v1/accounts/{mine}");
+        async move { reqwest::Client::new().get(path).bearer_auth(token).send().await.unwrap().status() }
+    };
+    let mut admin = Browser::new(&first.base);
+    let link = invite(&db, "keys@example.com", "admin", None);
+    admin.accept_and_sign_in(&link, "keys@example.com", "keys come and go").await;
+
+    // A key made in the console works in the other process, and stops there the moment it is revoked here.
+    let keys = admin.get("/console/keys").await;
+    let made = admin
+        .post(
+            "/console/keys",
+            &[
+                ("csrf", &keys.csrf()),
+                ("role", "customer"),
+                ("account", &mine),
+                ("label", "laptop"),
+            ],
+        )
+        .await;
+    let start = made.html.find("bl_").expect("the new token, shown once");
+    let token = made.html[start..start + 67].to_string();
+    assert_eq!(status(second.base.clone(), token.clone()).await, StatusCode::OK);
+    let listed = api(
+        &first.base,
+        reqwest::Method::GET,
+        &format!("/v1/admin/api-keys?account={mine}"),
+        ADMIN,
+        None,
+    )
+    .await;
+    let laptop = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|key| key["label"].as_str().unwrap().starts_with("laptop"))
+        .expect("the console's key, listed")
+        .clone();
+    assert!(laptop["revoked_at"].is_null() && laptop.get("token").is_none(), "{laptop}");
+    let revoke_form = admin.get(&format!("/console/keys?account={mine}")).await;
+    let revoked = admin
+        .post(
+            &format!("/console/keys/{}/revocation", laptop["id"].as_str().unwrap()),
+            &[("csrf", &revoke_form.csrf())],
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::SEE_OTHER, "{}", revoked.html);
+    assert_eq!(status(second.base.clone(), token.clone()).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status(first.base.clone(), token.clone()).await, StatusCode::UNAUTHORIZED);
+
+    // Through the API, the same: revoked in one process, refused at once by the other.
+    let created = api(
+        &first.base,
+        reqwest::Method::POST,
+        &format!("/v1/accounts/{mine}/api-keys"),
+        ADMIN,
+        Some(json!({"role": "customer"})),
+    )
+    .await;
+    let other_token = created["token"].as_str().unwrap().to_string();
+    assert_eq!(status(first.base.clone(), other_token.clone()).await, StatusCode::OK);
+    let gone = api(
+        &second.base,
+        reqwest::Method::DELETE,
+        &format!("/v1/admin/api-keys/{}", created["id"].as_str().unwrap()),
+        ADMIN,
+        None,
+    )
+    .await;
+    assert!(gone["revoked_at"].is_string(), "{gone}");
+    assert_eq!(status(first.base.clone(), other_token.clone()).await, StatusCode::UNAUTHORIZED);
+    // A customer key may not list or revoke keys.
+    let listing = reqwest::Client::new()
+        .get(format!("{}/v1/admin/api-keys", first.base))
+        .bearer_auth(&created["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listing.status(), StatusCode::UNAUTHORIZED);
+
+    // An invitation made in the console signs its person in.
+    let people = admin.get("/console/people").await;
+    let invited = admin
+        .post(
+            "/console/people",
+            &[
+                ("csrf", &people.csrf()),
+                ("email", "new.finance@example.com"),
+                ("role", "finance"),
+                ("account", ""),
+            ],
+        )
+        .await;
+    assert_eq!(invited.status, StatusCode::OK, "{}", invited.html);
+    let start = invited.html.find("/link/").expect("the invitation link");
+    let link: String = invited.html[start..].chars().take_while(|c| *c != '<' && *c != '"').collect();
+    let mut newcomer = Browser::new(&first.base);
+    newcomer
+        .accept_and_sign_in(&link, "new.finance@example.com", "a finance newcomer")
+        .await;
+    assert_eq!(newcomer.get("/console/keys").await.status, StatusCode::FORBIDDEN);
+    assert_eq!(newcomer.get("/console/audit").await.status, StatusCode::OK);
+
+    // A rebuild started from the console runs to its end; the page shows each read model's lag.
+    let models = admin.get("/console/projections").await;
+    assert!(models.html.contains("balances"), "{}", models.html);
+    let started = admin
+        .post("/console/projections/balances/rebuild", &[("csrf", &models.csrf())])
+        .await;
+    assert_eq!(started.location.as_deref(), Some("/console/projections"));
+    for _ in 0..200 {
+        let statuses = api(&first.base, reqwest::Method::GET, "/v1/admin/projections", ADMIN, None).await;
+        if statuses["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|status| status["rebuilding"] == false)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let figures = api(&first.base, reqwest::Method::GET, &format!("/v1/accounts/{mine}"), ADMIN, None).await;
+    assert_eq!(figures["balance"], "3.00");
+
+    // The audit stream of the account, filtered, and exported with the same events.
+    let stream = format!("account-{mine}");
+    let audit = admin.get(&format!("/console/audit?stream={stream}")).await;
+    assert!(
+        audit.html.contains("Adjusted") && !audit.html.contains("CatalogPublished"),
+        "{}",
+        audit.html
+    );
+    let events = api(
+        &first.base,
+        reqwest::Method::GET,
+        &format!("/v1/ledger/events?stream={stream}"),
+        ADMIN,
+        None,
+    )
+    .await;
+    let csv = admin.get(&format!("/console/audit/export?stream={stream}&format=csv")).await;
+    assert_eq!(csv.status, StatusCode::OK);
+    assert_eq!(
+        csv.html.lines().count() - 1,
+        events["items"].as_array().unwrap().len(),
+        "{}",
+        csv.html
+    );
+    let jsonl = admin
+        .get(&format!("/console/audit/export?stream={stream}&format=jsonl&type=Adjusted"))
+        .await;
+    let adjusted: Vec<Value> = jsonl.html.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(adjusted.len(), 1);
+    assert_eq!(adjusted[0]["payload"]["reason"], "opening credit", "{}", adjusted[0]);
+    let bad = admin.get("/console/audit/export?from=yesterday").await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
+}

@@ -88,7 +88,8 @@ pub(crate) async fn credit_charge(
     Json(body): Json<AmountWithReason>,
 ) -> Reply<ServiceCredit> {
     caller.require(&[Role::Admin])?;
-    let (charge_id, refund_id, account_id, amount) = service_credit(&state, &id, body.amount.0, &body.reason.0, &caller.metadata()).await?;
+    let (charge_id, refund_id, account_id, amount) =
+        service_credit(&state, &id, None, body.amount.0, &body.reason.0, &caller.metadata()).await?;
     read_your_writes(&state).await?;
     let account = accounts::load(&state, account_id).await?;
     Ok((
@@ -102,12 +103,14 @@ pub(crate) async fn credit_charge(
     ))
 }
 
-/// A service credit against charge `id` (its id as given) for `amount` of the account's currency:
+/// A service credit against charge `id` (its id as given; of account `of` when given, else it is
+/// not found) for `amount` of the account's currency:
 /// the rules of the API's and the console's credits. Returns the charge's, the refund's and the
 /// account's ids and the amount.
 pub(crate) async fn service_credit(
     state: &AppState,
     id: &str,
+    of: Option<AccountId>,
     amount: rust_decimal::Decimal,
     reason: &str,
     metadata: &app::handler::Metadata,
@@ -115,6 +118,7 @@ pub(crate) async fn service_credit(
     let charge_id = path_id(ChargeId::parse(id), "charge")?;
     let account_id = app::reads::account_of_charge(&state.pool, charge_id)
         .await?
+        .filter(|account_id| of.is_none_or(|of| of == *account_id))
         .ok_or_else(|| ApiError::not_found("charge"))?;
     let account = accounts::load(state, account_id).await?;
     let amount = accounts::money_in(amount, accounts::currency_of(&account)?)?.amount;

@@ -124,7 +124,7 @@ pub(crate) async fn refund_topup(
     Json(body): Json<AmountWithReason>,
 ) -> Reply<CardRefund> {
     caller.require(&[Role::Admin])?;
-    let (topup_id, refund_id, account_id) = card_refund(&state, &id, body.amount.0, &body.reason.0, &caller.metadata()).await?;
+    let (topup_id, refund_id, account_id) = card_refund(&state, &id, None, body.amount.0, &body.reason.0, &caller.metadata()).await?;
     read_your_writes(&state).await?;
     let account = accounts::load(&state, account_id).await?;
     Ok((
@@ -139,17 +139,22 @@ pub(crate) async fn refund_topup(
     ))
 }
 
-/// A card refund of top-up `id` (its id as given) for `amount` of the account's currency: the
+/// A card refund of top-up `id` (its id as given; of account `of` when given, else it is not
+/// found) for `amount` of the account's currency: the
 /// rules of the API's and the console's refunds. Returns the top-up's, the refund's and the
 /// account's ids.
 pub(crate) async fn card_refund(
     state: &AppState,
     id: &str,
+    of: Option<domain::AccountId>,
     amount: rust_decimal::Decimal,
     reason: &str,
     metadata: &app::handler::Metadata,
 ) -> Result<(TopUpId, domain::RefundId, domain::AccountId), ApiError> {
     let (topup_id, topup, requested) = asked(state, id).await?;
+    if of.is_some_and(|of| of != requested.account_id) {
+        return Err(ApiError::not_found("top-up"));
+    }
     if topup.paid_by.is_none() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

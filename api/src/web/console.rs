@@ -5,7 +5,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Form, Router};
+use axum::Router;
 use domain::AccountId;
 use maud::html;
 use serde::Deserialize;
@@ -20,7 +20,6 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/console", get(search))
         .route("/console/accounts/{id}", get(account_page))
-        .route("/console/accounts/{id}/adjustments", axum::routing::post(adjust))
         .route("/console/invoices/{id}", get(invoice_page))
         .route("/console/invoices/{id}/pdf", get(invoice_pdf))
         .route("/console/events/{position}", get(event_page))
@@ -89,7 +88,21 @@ impl AsOf {
     }
 }
 
-async fn account_page(State(state): State<AppState>, Staff(session): Staff, Path(id): Path<String>, Query(as_of): Query<AsOf>) -> Response {
+/// A correction form filled in from a statement row: a service credit of a charge, a card refund
+/// of a top-up.
+#[derive(Deserialize, Default)]
+struct Prefill {
+    kind: Option<String>,
+    target: Option<String>,
+}
+
+async fn account_page(
+    State(state): State<AppState>,
+    Staff(session): Staff,
+    Path(id): Path<String>,
+    Query(as_of): Query<AsOf>,
+    Query(prefill): Query<Prefill>,
+) -> Response {
     let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such account.", Some(&session));
     let Ok(account_id) = AccountId::parse(&id) else {
         return not_found();
@@ -104,6 +117,8 @@ async fn account_page(State(state): State<AppState>, Staff(session): Staff, Path
         Err(response) => return response,
     };
     let currency = account.currency.clone();
+    let admin = session.role == Role::Admin;
+    let chosen = prefill.kind.clone().unwrap_or_else(|| "adjustment".into());
     let statement = match app::reads::statement_latest(&state.pool, account_id, 20).await {
         Ok(rows) => rows,
         Err(error) => return unavailable(error),
@@ -133,13 +148,23 @@ async fn account_page(State(state): State<AppState>, Staff(session): Staff, Path
         }
         h2 { "Latest movements" }
         div class="table" { table {
-            thead { tr { th { "Position" } th { "When (UTC)" } th { "What" } th class="n" { "Amount" } th class="n" { "Balance after" } } }
+            thead { tr {
+                th { "Position" } th { "When (UTC)" } th { "What" } th class="n" { "Amount" } th class="n" { "Balance after" }
+                @if admin { th { "Correct" } }
+            } }
             tbody { @for row in &statement { tr {
                 td { a href={ "/console/events/" (row.position) } { (row.position) } }
                 td { (row.occurred_at.format("%Y-%m-%d %H:%M")) }
                 td { (row.kind.replace('_', " ")) }
-                td class="n" { (money(row.amount, &currency)) }
-                td class="n" { (money(row.balance_after, &currency)) }
+                td class="n" data-money="amount" { (money(row.amount, &currency)) }
+                td class="n" data-money="balance_after" { (money(row.balance_after, &currency)) }
+                @if admin { td {
+                    @match (row.kind.as_str(), &row.reference) {
+                        ("charge", Some(reference)) => a href={ "?kind=service_credit&target=" (reference) "#correct" } { "Service credit" },
+                        ("topup", Some(reference)) => a href={ "?kind=card_refund&target=" (reference) "#correct" } { "Card refund" },
+                        _ => {},
+                    }
+                } }
             } } }
         } }
         h2 { "Invoices" }
@@ -148,89 +173,24 @@ async fn account_page(State(state): State<AppState>, Staff(session): Staff, Path
             a href={ "/console/invoices/" (invoice.invoice_id) } { (invoice.number) }
             " · " (invoice.period_start.format("%Y-%m")) " · " (money(invoice.total, &currency))
         } } }
-        @if session.role == Role::Admin {
-            h2 { "Adjust the wallet" }
-            form class="card" method="post" action={ "/console/accounts/" (account.account_id) "/adjustments" } {
+        @if admin {
+            h2 id="correct" { "Correct the wallet" }
+            p class="muted" { "An adjustment credits or debits the wallet; a service credit gives back (part of) a charge; a card refund returns (part of) a top-up to the card. Each is shown with its effect before it is made." }
+            form class="card" method="post" action={ "/console/accounts/" (account.account_id) "/corrections" } {
                 (super::actions::guard_fields(&session))
-                label { "Amount (" (currency) "; negative for a debit)" input type="text" name="amount" required placeholder="-5.00"; }
+                label { "Kind" select name="kind" {
+                    option value="adjustment" selected[chosen == "adjustment"] { "adjustment" }
+                    option value="service_credit" selected[chosen == "service_credit"] { "service credit (of a charge)" }
+                    option value="card_refund" selected[chosen == "card_refund"] { "card refund (of a top-up)" }
+                } }
+                label { "Charge or top-up (its id; not for adjustments)" input type="text" name="target" value=(prefill.target.clone().unwrap_or_default()); }
+                label { "Amount (" (currency) "; an adjustment is negative for a debit)" input type="text" name="amount" required placeholder="-5.00"; }
                 label { "Reason (kept in the ledger)" input type="text" name="reason" required maxlength="500"; }
                 button type="submit" { "Review" }
             }
         }
     };
     page(&account.name, Some(&session), body).into_response()
-}
-
-#[derive(Deserialize)]
-struct AdjustForm {
-    #[serde(default)]
-    csrf: String,
-    #[serde(default)]
-    nonce: String,
-    amount: String,
-    reason: String,
-    /// Absent: show the effect first; `yes`: make it.
-    confirm: Option<String>,
-}
-
-/// An admin's adjustment: shown with its effect first, made on confirmation, with its reason.
-async fn adjust(State(state): State<AppState>, Staff(session): Staff, Path(id): Path<String>, Form(form): Form<AdjustForm>) -> Response {
-    if session.role != Role::Admin {
-        return status_page(
-            StatusCode::FORBIDDEN,
-            "Not allowed",
-            "Only an admin adjusts a wallet.",
-            Some(&session),
-        );
-    }
-    if let Err(refused) = super::auth::check_csrf(&session, &form.csrf) {
-        return refused;
-    }
-    let Ok(account_id) = AccountId::parse(&id) else {
-        return status_page(StatusCode::NOT_FOUND, "Not found", "There is no such account.", Some(&session));
-    };
-    let account = match app::reads::account(&state.pool, account_id).await {
-        Ok(Some(account)) => account,
-        Ok(None) => return status_page(StatusCode::NOT_FOUND, "Not found", "There is no such account.", Some(&session)),
-        Err(error) => return unavailable(error),
-    };
-    let Ok(currency) = domain::Currency::parse(&account.currency) else {
-        return unavailable("an account with an unknown currency");
-    };
-    let invalid = |detail: &str| status_page(StatusCode::UNPROCESSABLE_ENTITY, "Not an adjustment", detail, Some(&session));
-    let amount = match domain::Money::parse_signed(form.amount.trim(), currency) {
-        Ok(money) if !money.amount.is_zero() => money.amount,
-        _ => return invalid("The amount is a non-zero number with at most 6 decimals, negative for a debit."),
-    };
-    let reason = form.reason.trim();
-    if reason.is_empty() {
-        return invalid("An adjustment needs its reason.");
-    }
-    if form.confirm.as_deref() != Some("yes") {
-        let body = html! {
-            p { "The balance of " strong { (account.name) } " goes from " (money(account.balance, &account.currency))
-                " to " strong { (money(account.balance + amount, &account.currency)) } "." }
-            p { "Reason: " (reason) }
-            form method="post" action={ "/console/accounts/" (account.account_id) "/adjustments" } {
-                input type="hidden" name="csrf" value=(session.csrf_token);
-                input type="hidden" name="nonce" value=(form.nonce);
-                input type="hidden" name="amount" value=(form.amount.trim());
-                input type="hidden" name="reason" value=(reason);
-                input type="hidden" name="confirm" value="yes";
-                button type="submit" { "Confirm the adjustment" }
-            }
-        };
-        return page("Confirm the adjustment", Some(&session), body).into_response();
-    }
-    let metadata = super::actions::metadata(&session, &form.nonce, &format!("adjust {account_id} {amount} {reason}"));
-    if let Err(error) = state.flows.adjust(account_id, amount, reason, &metadata).await {
-        let error = crate::http::error::ApiError::from(error);
-        return status_page(error.status, error.title, &error.detail, Some(&session));
-    }
-    if let Err(error) = projections::runner::catch_up_all(&state.pool).await {
-        return unavailable(error);
-    }
-    axum::response::Redirect::to(&format!("/console/accounts/{account_id}")).into_response()
 }
 
 /// An invoice explained: each line, and the charges behind it down to their events.
@@ -363,11 +323,44 @@ async fn trial_balance(State(state): State<AppState>, Staff(session): Staff, Que
         Ok(books) => books,
         Err(error) => return unavailable(error),
     };
+    let last = instant.unwrap_or_else(|| state.clock.now()).date_naive();
+    let first = last - chrono::Days::new(29);
+    let revenue = match app::reads::revenue_by_day(&state.pool, first, last).await {
+        Ok(revenue) => revenue,
+        Err(error) => return unavailable(error),
+    };
+    let charts: Vec<maud::Markup> = books
+        .currencies
+        .iter()
+        .map(|books| {
+            let by_day: std::collections::HashMap<chrono::NaiveDate, rust_decimal::Decimal> = revenue
+                .iter()
+                .filter(|(currency, _, _)| *currency == books.currency)
+                .map(|(_, day, amount)| (*day, *amount))
+                .collect();
+            let points: Vec<(String, rust_decimal::Decimal)> = first
+                .iter_days()
+                .take(30)
+                .map(|day| (day.format("%b %-d").to_string(), by_day.get(&day).copied().unwrap_or_default()))
+                .collect();
+            let total: rust_decimal::Decimal = points.iter().map(|(_, amount)| *amount).sum();
+            let best = points.iter().max_by_key(|(_, amount)| *amount).cloned().unwrap_or_default();
+            let alternative = format!(
+                "Hosting revenue in {} per day from {first} to {last}: {} in all, the most on {} ({}).",
+                books.currency,
+                money(total, &books.currency),
+                best.0,
+                money(best.1, &books.currency)
+            );
+            super::charts::columns(&format!("Revenue per day, {} (net of tax)", books.currency), &alternative, &points)
+        })
+        .collect();
     let body = html! {
         form method="get" action="/console/trial-balance" {
             label { "As of (RFC 3339)" input type="text" name="as_of" placeholder="2026-03-31T23:59:59Z" value=(as_of.as_of.clone().unwrap_or_default()); }
             button type="submit" { "Show" }
         }
+        div class="charts" { @for chart in &charts { (chart) } }
         @for books in &books.currencies {
             h2 { (books.currency) }
             div class="table" { table {

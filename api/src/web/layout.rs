@@ -58,9 +58,15 @@ pub fn page(title: &str, session: Option<&Session>, body: Markup) -> Markup {
                                     a href="/transactions" { "Transactions" }
                                     a href="/invoices" { "Invoices" }
                                 }
-                                _ => {
+                                role => {
                                     a href="/console" { "Accounts" }
                                     a href="/console/trial-balance" { "Trial balance" }
+                                    a href="/console/audit" { "Audit" }
+                                    @if role == app::people::Role::Admin {
+                                        a href="/console/people" { "People" }
+                                        a href="/console/keys" { "API keys" }
+                                        a href="/console/projections" { "Read models" }
+                                    }
                                 }
                             }
                         }

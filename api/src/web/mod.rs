@@ -7,6 +7,7 @@
 //! or before sign-in a double-submit cookie's), and a form without it is refused with a 403.
 
 mod actions;
+mod admin;
 mod auth;
 mod charts;
 mod console;
@@ -28,6 +29,7 @@ pub fn routes() -> Router<AppState> {
         .merge(actions::routes())
         .merge(portal::routes())
         .merge(console::routes())
+        .merge(admin::routes())
         .merge(live::routes())
         .layer(axum::middleware::from_fn(no_store));
     Router::new()
