@@ -100,9 +100,11 @@ async fn browser(tools: &Tools) -> (Driver, Client) {
     panic!("chromedriver did not answer");
 }
 
-/// What a page is checked for and kept as: axe-core finds no serious or critical violation, and
-/// it is saved at desktop and phone widths.
-async fn check_page(client: &Client, tools: &Tools, name: &str) {
+/// What a page is checked for and kept as: axe-core finds no serious or critical violation, every
+/// money figure on it is the API's (or says how it is derived), and it is saved at desktop and
+/// phone widths.
+async fn check_page(client: &Client, tools: &Tools, base: &str, name: &str) {
+    check_money(client, base, name).await;
     client.execute(&tools.axe, vec![]).await.expect("axe-core injected");
     let violations = client
         .execute_async(
@@ -126,6 +128,49 @@ async fn check_page(client: &Client, tools: &Tools, name: &str) {
         std::fs::write(folder.join(format!("{name}-{suffix}.png")), png).unwrap();
     }
     client.set_window_size(1280, 900).await.unwrap();
+}
+
+/// Every text on the page that reads as money (`12.34 AUD`) sits in an element that names the API
+/// object and field it shows (`data-api`, `data-field`) or says how it is derived
+/// (`data-derived`); each named one equals the API's figure, fetched now.
+async fn check_money(client: &Client, base: &str, name: &str) {
+    let found = client
+        .execute(
+            "var money = /-?[0-9][0-9,]*[.][0-9]+ [A-Z]{3}\\b/;\
+             var marked = [], unmarked = [];\
+             document.querySelectorAll('[data-api]').forEach(function (e) {\
+               marked.push([e.getAttribute('data-api'), e.getAttribute('data-field'), e.textContent.trim()]);\
+             });\
+             var walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);\
+             while (walker.nextNode()) {\
+               var node = walker.currentNode;\
+               if (money.test(node.textContent) && !node.parentElement.closest('[data-api],[data-derived]')) unmarked.push(node.textContent.trim());\
+             }\
+             return [marked, unmarked];",
+            vec![],
+        )
+        .await
+        .expect("the page's money figures");
+    assert_eq!(found[1], json!([]), "{name}: money figures that name no API object");
+    let mut objects: std::collections::HashMap<String, Value> = std::collections::HashMap::new();
+    for figure in found[0].as_array().unwrap() {
+        let (source, field, text) = (
+            figure[0].as_str().unwrap(),
+            figure[1].as_str().unwrap(),
+            figure[2].as_str().unwrap(),
+        );
+        if !objects.contains_key(source) {
+            let object = api(base, reqwest::Method::GET, source, ADMIN, None).await;
+            objects.insert(source.to_string(), object);
+        }
+        let expected = objects[source]
+            .pointer(field)
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("{name}: the API's {source} has no {field}: {}", objects[source]));
+        let (amount, currency) = text.split_once(' ').unwrap_or((text, ""));
+        assert_eq!(amount, expected, "{name}: {field} of {source} reads {text:?}");
+        assert!(currency.len() == 3, "{name}: {text:?} names its currency");
+    }
 }
 
 async fn api(base: &str, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> Value {
@@ -295,12 +340,12 @@ async fn the_portal_and_the_console_in_a_browser() {
     sign_in_through(&client, &base, &link, "hal@example.com", "hal uses a browser").await;
     until_path(&client, "/").await;
     until_text(&client, "[data-figure=balance]", "1.00 AUD").await;
-    check_page(&client, &tools, "dashboard").await;
+    check_page(&client, &tools, &base, "dashboard").await;
 
     // Top up: the checkout opens; the payment lands while the dashboard is open, and the balance
     // changes there without a reload.
     client.goto(&format!("{base}/topup")).await.unwrap();
-    check_page(&client, &tools, "topup").await;
+    check_page(&client, &tools, &base, "topup").await;
     fill(&client, "input[name=amount]", "20.00").await;
     submit(&client, "form.card button[type=submit]").await;
     let (checkout, _) = until_path(&client, "/dev/checkout/").await;
@@ -311,7 +356,7 @@ async fn the_portal_and_the_console_in_a_browser() {
 
     // Order a server: the first hour is shown before confirming; then set it up.
     client.goto(&format!("{base}/orders/new")).await.unwrap();
-    check_page(&client, &tools, "order").await;
+    check_page(&client, &tools, &base, "order").await;
     submit(&client, "input[name=plan_id][value=vps-1g]").await;
     submit(&client, "form.card button[type=submit]").await;
     let (server_url, server_path) = until_path(&client, "/servers/").await;
@@ -332,7 +377,7 @@ async fn the_portal_and_the_console_in_a_browser() {
     fill(&client, "input[name=hostname]", "web1.example.com").await;
     submit(&client, "form.card button[type=submit]").await;
     until_badge(&client, "RUNNING").await;
-    check_page(&client, &tools, "server").await;
+    check_page(&client, &tools, &base, "server").await;
 
     // Two hours pass: the page shows the API's month-to-date figure.
     api(
@@ -360,7 +405,7 @@ async fn the_portal_and_the_console_in_a_browser() {
     until_badge(&client, "DELETING").await;
 
     client.goto(&format!("{base}/transactions")).await.unwrap();
-    check_page(&client, &tools, "transactions").await;
+    check_page(&client, &tools, &base, "transactions").await;
     // June begins: May's invoice is issued.
     api(
         &base,
@@ -371,28 +416,134 @@ async fn the_portal_and_the_console_in_a_browser() {
     )
     .await;
     client.goto(&format!("{base}/invoices")).await.unwrap();
-    check_page(&client, &tools, "invoices").await;
+    check_page(&client, &tools, &base, "invoices").await;
     submit(&client, "td a").await;
     until_path(&client, "/invoices/").await;
     assert!(client.source().await.unwrap().contains("Invoice INV-2027-"));
-    check_page(&client, &tools, "invoice").await;
+    check_page(&client, &tools, &base, "invoice").await;
+    // Its PDF, fetched by the signed-in page: a PDF document that carries the API's total.
+    let invoice_path = client.current_url().await.unwrap().path().to_string();
+    let invoice = api(&base, reqwest::Method::GET, &format!("/v1{invoice_path}"), ADMIN, None).await;
+    let pdf = client
+        .execute_async(
+            "var done = arguments[arguments.length - 1];\
+             fetch(arguments[0]).then(function (r) {\
+               return r.arrayBuffer().then(function (b) {\
+                 done([r.status, r.headers.get('content-type'), new TextDecoder('latin1').decode(b)]);\
+               });\
+             });",
+            vec![json!(format!("{invoice_path}/pdf"))],
+        )
+        .await
+        .unwrap();
+    assert_eq!((pdf[0].as_u64(), pdf[1].as_str()), (Some(200), Some("application/pdf")));
+    let document = pdf[2].as_str().unwrap();
+    assert!(document.starts_with("%PDF-") && document.trim_end().ends_with("%%EOF"));
+    for figure in [&invoice["number"], &invoice["display"]["total"]] {
+        assert!(document.contains(figure.as_str().unwrap()), "the PDF shows {figure}");
+    }
+
+    // The statement filtered by kind: the table is replaced in place (htmx), the page is not
+    // reloaded, and the address keeps the filter.
+    client.goto(&format!("{base}/transactions")).await.unwrap();
+    client.execute("window.stayed = true;", vec![]).await.unwrap();
+    client
+        .find(Locator::Css("select[name=kind] option[value=charge]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if client
+            .current_url()
+            .await
+            .unwrap()
+            .query()
+            .unwrap_or_default()
+            .contains("kind=charge")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows: Vec<String> = client
+        .execute(
+            "return Array.from(document.querySelectorAll('#statement tbody tr td:nth-child(2)')).map(function (td) { return td.textContent; });",
+            vec![],
+        )
+        .await
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|text| text.as_str().unwrap().to_string())
+        .collect();
+    assert!(!rows.is_empty() && rows.iter().all(|kind| kind == "charge"), "{rows:?}");
+    assert_eq!(client.execute("return window.stayed === true;", vec![]).await.unwrap(), json!(true));
+    check_page(&client, &tools, &base, "transactions-filtered").await;
 
     // Finance: a session of its own finds the account and explains the invoice.
     client.delete_all_cookies().await.unwrap();
     let link = invite(&db, "ivy@example.com", "finance", None);
     sign_in_through(&client, &base, &link, "ivy@example.com", "ivy audits the books").await;
     client.goto(&format!("{base}/console?query=hal")).await.unwrap();
-    check_page(&client, &tools, "console-search").await;
+    check_page(&client, &tools, &base, "console-search").await;
     submit(&client, "td a").await;
     until_path(&client, "/console/accounts/").await;
-    check_page(&client, &tools, "console-account").await;
+    check_page(&client, &tools, &base, "console-account").await;
     submit(&client, "a[href^='/console/invoices/']").await;
     until_path(&client, "/console/invoices/").await;
     submit(&client, "a[href^='/console/events/']").await;
     until_path(&client, "/console/events/").await;
     assert!(client.source().await.unwrap().contains("CHAIN VERIFIED"));
-    check_page(&client, &tools, "console-event").await;
+    check_page(&client, &tools, &base, "console-event").await;
     client.goto(&format!("{base}/console/trial-balance")).await.unwrap();
-    check_page(&client, &tools, "console-trial-balance").await;
+    assert!(client.source().await.unwrap().contains("Revenue per day, AUD"));
+    check_page(&client, &tools, &base, "console-trial-balance").await;
+    client
+        .goto(&format!("{base}/console/audit?stream=account-{account}"))
+        .await
+        .unwrap();
+    check_page(&client, &tools, &base, "console-audit").await;
+
+    // An admin: corrects a wallet (the effect shown first), and sees the keys, the people and the
+    // read models; a rebuild shows its progress and ends.
+    client.delete_all_cookies().await.unwrap();
+    let link = invite(&db, "root@example.com", "admin", None);
+    sign_in_through(&client, &base, &link, "root@example.com", "root keeps the books").await;
+    client.goto(&format!("{base}/console/accounts/{account}")).await.unwrap();
+    fill(&client, "input[name=amount]", "2.50").await;
+    fill(&client, "input[name=reason]", "goodwill").await;
+    submit(&client, "form.card button[type=submit]").await;
+    until_source(&client, "Confirm the adjustment").await;
+    check_page(&client, &tools, &base, "console-confirm").await;
+    let before = api(&base, reqwest::Method::GET, &format!("/v1/accounts/{account}"), ADMIN, None).await["balance"].clone();
+    submit(&client, "main form button[type=submit]").await;
+    until_path(&client, &format!("/console/accounts/{account}")).await;
+    let after = api(&base, reqwest::Method::GET, &format!("/v1/accounts/{account}"), ADMIN, None).await["balance"].clone();
+    let amount = |value: &Value| value.as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap();
+    assert_eq!(amount(&after) - amount(&before), rust_decimal::Decimal::new(250, 2));
+    check_page(&client, &tools, &base, "console-account-admin").await;
+    for (path, name) in [("/console/keys", "console-keys"), ("/console/people", "console-people")] {
+        client.goto(&format!("{base}{path}")).await.unwrap();
+        check_page(&client, &tools, &base, name).await;
+    }
+    client.goto(&format!("{base}/console/projections")).await.unwrap();
+    check_page(&client, &tools, &base, "console-read-models").await;
+    submit(&client, "button[aria-label='Rebuild statement']").await;
+    until_path(&client, "/console/projections").await;
+    for _ in 0..100 {
+        let statuses = api(&base, reqwest::Method::GET, "/v1/admin/projections", ADMIN, None).await;
+        if statuses["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|status| status["rebuilding"] == false)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     client.close().await.unwrap();
 }

@@ -672,7 +672,10 @@ fn money_marked(page: &Page, name: &str) -> String {
         .find(&format!("data-money=\"{name}\""))
         .unwrap_or_else(|| panic!("no {name} in {}", page.html));
     let rest = &page.html[start..];
-    let text = &rest[rest.find('>').unwrap() + 1..];
+    let mut text = &rest[rest.find('>').unwrap() + 1..];
+    while text.starts_with('<') {
+        text = &text[text.find('>').unwrap() + 1..];
+    }
     text[..text.find('<').unwrap()].to_string()
 }
 

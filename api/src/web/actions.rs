@@ -19,7 +19,7 @@ use app::handler::Metadata;
 use app::people::Session;
 
 use super::auth::{check_csrf, unavailable, Customer};
-use super::layout::{csrf_field, money, page, status_page};
+use super::layout::{api_money, csrf_field, derived_money, page, status_page, transaction_source};
 use crate::http::error::ApiError;
 use crate::http::types::{CancellationMode, PowerAction};
 use crate::http::AppState;
@@ -158,9 +158,9 @@ async fn order_page(State(state): State<AppState>, Customer { session, account_i
                                 " " strong { (spec.id.as_str()) } " · " (spec.vcpu) " vCPU, " (spec.ram_gb) " GB RAM, " (spec.disk_gb) " GB disk"
                             }
                             span class="muted" {
-                                (money(domain::billing::rate_per_hour(*monthly), &account.currency)) " an hour, "
-                                (money(*monthly, &account.currency)) " a month at most; first hour held now: "
-                                (money(first_hour.gross, &account.currency)) " incl. tax"
+                                (derived_money(domain::billing::rate_per_hour(*monthly), &account.currency, "the catalogue's hourly rate")) " an hour, "
+                                (derived_money(*monthly, &account.currency, "the catalogue's monthly price")) " a month at most; first hour held now: "
+                                (derived_money(first_hour.gross, &account.currency, "the first hour with tax")) " incl. tax"
                             }
                         }
                     }
@@ -172,7 +172,7 @@ async fn order_page(State(state): State<AppState>, Customer { session, account_i
                     @for location in &locations { option value=(location) { (location) } }
                 }
             }
-            p class="muted" { "Available now: " (money(account.available, &account.currency)) }
+            p class="muted" { "Available now: " (api_money(account.available, &account.currency, &format!("/v1/accounts/{}", account.account_id), "/available")) }
             button type="submit" { "Order" }
         }
     };
@@ -553,8 +553,8 @@ async fn transactions(
                     td { (row.occurred_at.format("%Y-%m-%d %H:%M")) }
                     td { (row.kind.replace('_', " ")) }
                     td { @if let Some(server) = row.server_id { (names.get(&server).cloned().unwrap_or_else(|| server_name(None, server))) } }
-                    td class="n" data-money="amount" { (money(row.amount, &account.currency)) }
-                    td class="n" data-money="balance_after" { (money(row.balance_after, &account.currency)) }
+                    td class="n" { (api_money(row.amount, &account.currency, &transaction_source(account_id, row.position), "/items/0/amount")) }
+                    td class="n" { (api_money(row.balance_after, &account.currency, &transaction_source(account_id, row.position), "/items/0/balance_after")) }
                 } } }
             } } }
             @if let Some(next) = &rows.next_cursor {
@@ -662,7 +662,7 @@ async fn invoices(State(state): State<AppState>, Customer { session, account_id 
             tbody { @for row in &rows { tr {
                 td { a href={ "/invoices/" (row.invoice_id) } { (row.number) } }
                 td { (row.period_start.format("%Y-%m")) }
-                td class="n" { (money(row.total, &row.currency)) }
+                td class="n" { (api_money(row.total, &row.currency, &format!("/v1/invoices/{}", row.invoice_id), "/total")) }
                 td { a href={ "/invoices/" (row.invoice_id) "/pdf" } aria-label={ "Invoice " (row.number) " as PDF" } { "PDF" } }
             } } }
         } } }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use app::people::{Role, Session};
 
 use super::auth::{check_csrf, unavailable, Staff};
-use super::layout::{money, page, status_page};
+use super::layout::{api_money, derived_money, page, status_page};
 use crate::http::error::ApiError;
 use crate::http::AppState;
 
@@ -293,19 +293,21 @@ async fn correct(
     };
     if form.confirm.as_deref() != Some("yes") {
         let what = match kind {
-            Correction::Adjustment => html! { "An adjustment of " strong { (money(amount, &account.currency)) } "." },
+            Correction::Adjustment => {
+                html! { "An adjustment of " strong { (derived_money(amount, &account.currency, "the amount asked")) } "." }
+            }
             Correction::ServiceCredit => {
-                html! { "A service credit of " strong { (money(amount, &account.currency)) } " against charge " code { (target) } "." }
+                html! { "A service credit of " strong { (derived_money(amount, &account.currency, "the amount asked")) } " against charge " code { (target) } "." }
             }
             Correction::CardRefund => html! {
-                "A card refund of " strong { (money(amount, &account.currency)) } " of top-up " code { (target) }
+                "A card refund of " strong { (derived_money(amount, &account.currency, "the amount asked")) } " of top-up " code { (target) }
                 ": the wallet is debited now and the card credited by Stripe."
             },
         };
         let body = html! {
             p { (what) }
-            p { "The balance of " strong { (account.name) } " goes from " (money(account.balance, &account.currency))
-                " to " strong data-money="balance_after" { (money(account.balance + effect, &account.currency)) } "." }
+            p { "The balance of " strong { (account.name) } " goes from " (api_money(account.balance, &account.currency, &format!("/v1/accounts/{account_id}"), "/balance"))
+                " to " strong data-money="balance_after" { (derived_money(account.balance + effect, &account.currency, "the balance once it is made")) } "." }
             p { "Reason: " (reason) }
             form method="post" action={ "/console/accounts/" (account.account_id) "/corrections" } {
                 input type="hidden" name="csrf" value=(session.csrf_token);

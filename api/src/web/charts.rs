@@ -52,7 +52,7 @@ pub fn line(caption: &str, alternative: &str, points: &[(String, Decimal)]) -> M
     html! {
         figure class="chart" {
             figcaption { (caption) }
-            svg viewBox={ "0 0 " (W) " " (H) } role="img" aria-label=(alternative) preserveAspectRatio="none" {
+            svg viewBox={ "0 0 " (W) " " (H) } role="img" aria-label=(alternative) data-derived="drawn from the figures named in its title" preserveAspectRatio="none" {
                 title { (alternative) }
                 line class="axis" x1=(LEFT) x2=(W - LEFT) y1=(format!("{base:.1}")) y2=(format!("{base:.1}")) {}
                 path class="area" d=(area) {}
@@ -64,9 +64,10 @@ pub fn line(caption: &str, alternative: &str, points: &[(String, Decimal)]) -> M
     }
 }
 
-/// Horizontal bars, one per `(label, value)`, with the value written beside each.
-pub fn bars(caption: &str, alternative: &str, bars: &[(String, Decimal, String)]) -> Markup {
-    let high = bars.iter().map(|(_, value, _)| number(*value)).fold(0.0_f64, f64::max);
+/// Horizontal bars, one per `(label, value, written, source)`, with the value written beside each
+/// (marked as the API's `month_to_date_net` of `source`).
+pub fn bars(caption: &str, alternative: &str, bars: &[(String, Decimal, String, String)]) -> Markup {
+    let high = bars.iter().map(|(_, value, _, _)| number(*value)).fold(0.0_f64, f64::max);
     let row = 28.0;
     let height = (bars.len().max(1) as f64) * row + 8.0;
     let label_width = 150.0;
@@ -74,14 +75,14 @@ pub fn bars(caption: &str, alternative: &str, bars: &[(String, Decimal, String)]
     html! {
         figure class="chart" {
             figcaption { (caption) }
-            svg viewBox={ "0 0 " (W) " " (height) } role="img" aria-label=(alternative) {
+            svg viewBox={ "0 0 " (W) " " (height) } role="img" aria-label=(alternative) data-derived="drawn from the figures named in its title" {
                 title { (alternative) }
-                @for (i, (label, value, written)) in bars.iter().enumerate() {
+                @for (i, (label, value, written, source)) in bars.iter().enumerate() {
                     @let y = 4.0 + row * i as f64;
                     @let length = if high > 0.0 { (number(*value).max(0.0) / high) * room } else { 0.0 };
                     text x="0" y=(format!("{:.1}", y + 17.0)) { (label) }
                     rect class="bar" x=(label_width) y=(format!("{y:.1}")) width=(format!("{:.1}", length.max(1.0))) height="20" rx="3" {}
-                    text x=(format!("{:.1}", label_width + length + 6.0)) y=(format!("{:.1}", y + 17.0)) { (written) }
+                    text x=(format!("{:.1}", label_width + length + 6.0)) y=(format!("{:.1}", y + 17.0)) data-api=(source) data-field="/month_to_date_net" { (written) }
                 }
             }
         }
@@ -111,7 +112,7 @@ pub fn columns(caption: &str, alternative: &str, points: &[(String, Decimal)]) -
     html! {
         figure class="chart" {
             figcaption { (caption) }
-            svg viewBox={ "0 0 " (W) " " (H) } role="img" aria-label=(alternative) preserveAspectRatio="none" {
+            svg viewBox={ "0 0 " (W) " " (H) } role="img" aria-label=(alternative) data-derived="drawn from the figures named in its title" preserveAspectRatio="none" {
                 title { (alternative) }
                 line class="axis" x1=(LEFT) x2=(W - LEFT) y1=(format!("{base:.1}")) y2=(format!("{base:.1}")) {}
                 (PreEscaped(rects))

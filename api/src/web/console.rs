@@ -13,7 +13,7 @@ use serde::Deserialize;
 use app::people::{Role, Session};
 
 use super::auth::{unavailable, Staff};
-use super::layout::{figure, money, page, status_page};
+use super::layout::{api_money, figure, money, page, status_page, transaction_source};
 use crate::http::AppState;
 
 pub fn routes() -> Router<AppState> {
@@ -53,8 +53,8 @@ async fn search(State(state): State<AppState>, Staff(session): Staff, Query(form
                             td { a href={ "/console/accounts/" (account.account_id) } { (account.name) } }
                             td { (account.email) }
                             td { (account.currency) }
-                            td class="n" { (money(account.balance, &account.currency)) }
-                            td class="n" { (money(account.available, &account.currency)) }
+                            td class="n" { (api_money(account.balance, &account.currency, &format!("/v1/accounts/{}", account.account_id), "/balance")) }
+                            td class="n" { (api_money(account.available, &account.currency, &format!("/v1/accounts/{}", account.account_id), "/available")) }
                         }
                     }
                 }
@@ -134,6 +134,16 @@ async fn account_page(
             Err(error) => return unavailable(error),
         },
     };
+    // The API's account, as of the same instant.
+    let source = match instant {
+        None => format!("/v1/accounts/{account_id}"),
+        Some(instant) => format!(
+            "/v1/accounts/{account_id}?{}",
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("as_of", &instant.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+                .finish()
+        ),
+    };
     let body = html! {
         p class="muted" { (account.email) " · " (account.country) " · " (currency) }
         form method="get" action={ "/console/accounts/" (account.account_id) } {
@@ -142,9 +152,9 @@ async fn account_page(
         }
         @if let Some(instant) = instant { p { "Figures as of " (instant.to_rfc3339()) } }
         section class="figures" aria-label="Wallet" {
-            (figure("Balance", &money(balance, &currency)))
-            (figure("Reserved", &money(reserved, &currency)))
-            (figure("Available", &money(available, &currency)))
+            (figure("Balance", api_money(balance, &currency, &source, "/balance")))
+            (figure("Reserved", api_money(reserved, &currency, &source, "/reserved")))
+            (figure("Available", api_money(available, &currency, &source, "/available")))
         }
         h2 { "Latest movements" }
         div class="table" { table {
@@ -156,8 +166,8 @@ async fn account_page(
                 td { a href={ "/console/events/" (row.position) } { (row.position) } }
                 td { (row.occurred_at.format("%Y-%m-%d %H:%M")) }
                 td { (row.kind.replace('_', " ")) }
-                td class="n" data-money="amount" { (money(row.amount, &currency)) }
-                td class="n" data-money="balance_after" { (money(row.balance_after, &currency)) }
+                td class="n" { (api_money(row.amount, &currency, &transaction_source(account_id, row.position), "/items/0/amount")) }
+                td class="n" { (api_money(row.balance_after, &currency, &transaction_source(account_id, row.position), "/items/0/balance_after")) }
                 @if admin { td {
                     @match (row.kind.as_str(), &row.reference) {
                         ("charge", Some(reference)) => a href={ "?kind=service_credit&target=" (reference) "#correct" } { "Service credit" },
@@ -171,7 +181,7 @@ async fn account_page(
         @if invoices.is_empty() { p class="muted" { "None yet." } }
         ul { @for invoice in &invoices { li {
             a href={ "/console/invoices/" (invoice.invoice_id) } { (invoice.number) }
-            " · " (invoice.period_start.format("%Y-%m")) " · " (money(invoice.total, &currency))
+            " · " (invoice.period_start.format("%Y-%m")) " · " (api_money(invoice.total, &currency, &format!("/v1/invoices/{}", invoice.invoice_id), "/total"))
         } } }
         @if admin {
             h2 id="correct" { "Correct the wallet" }
@@ -217,9 +227,13 @@ async fn invoice_page(State(state): State<AppState>, Staff(session): Staff, Path
         Err(error) => return unavailable(error),
     };
     let currency = row.currency.clone();
+    let source = format!("/v1/invoices/{}", row.invoice_id);
     let lines = row.lines.0.as_array().cloned().unwrap_or_default();
     let body = html! {
-        p { "Period " (row.period_start.format("%Y-%m")) " · total " (money(row.total, &currency)) " (net " (money(row.net, &currency)) ", tax " (money(row.tax, &currency)) ")" }
+        p {
+            "Period " (row.period_start.format("%Y-%m")) " · total " (api_money(row.total, &currency, &source, "/total"))
+            " (net " (api_money(row.net, &currency, &source, "/net")) ", tax " (api_money(row.tax, &currency, &source, "/tax")) ")"
+        }
         p {
             a href={ "/console/invoices/" (row.invoice_id) "/pdf" } { "Download the PDF" }
             @if let (Some(first), Some(last)) = (rows.iter().map(|charge| charge.position).min(), rows.iter().map(|charge| charge.position).max()) {
@@ -232,11 +246,11 @@ async fn invoice_page(State(state): State<AppState>, Staff(session): Staff, Path
             p class="muted" { "Net " (line["net"].as_str().unwrap_or_default()) " · tax " (line["tax"].as_str().unwrap_or_default()) }
             @if !server.is_empty() {
                 div class="table" { table {
-                    thead { tr { th { "Event" } th { "Hour" } th class="n" { "Charged (gross)" } } }
+                    thead { tr { th { "Event" } th { "Hour" } th class="n" { "Wallet (gross)" } } }
                     tbody { @for charge in rows.iter().filter(|charge| charge.server_id.map(|id| id.to_string()).as_deref() == Some(server)) { tr {
                         td { a href={ "/console/events/" (charge.position) } { "#" (charge.position) } }
                         td { (charge.occurred_at.format("%Y-%m-%d %H:%M")) }
-                        td class="n" { (money(-charge.amount, &currency)) }
+                        td class="n" { (api_money(charge.amount, &currency, &transaction_source(row.account_id, charge.position), "/items/0/amount")) }
                     } } }
                 } }
             }
@@ -323,6 +337,15 @@ async fn trial_balance(State(state): State<AppState>, Staff(session): Staff, Que
         Ok(books) => books,
         Err(error) => return unavailable(error),
     };
+    let source = match instant {
+        None => "/v1/ledger/trial-balance".to_string(),
+        Some(instant) => format!(
+            "/v1/ledger/trial-balance?{}",
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("as_of", &instant.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+                .finish()
+        ),
+    };
     let last = instant.unwrap_or_else(|| state.clock.now()).date_naive();
     let first = last - chrono::Days::new(29);
     let revenue = match app::reads::revenue_by_day(&state.pool, first, last).await {
@@ -361,16 +384,20 @@ async fn trial_balance(State(state): State<AppState>, Staff(session): Staff, Que
             button type="submit" { "Show" }
         }
         div class="charts" { @for chart in &charts { (chart) } }
-        @for books in &books.currencies {
+        @for (i, books) in books.currencies.iter().enumerate() {
             h2 { (books.currency) }
             div class="table" { table {
                 thead { tr { th { "Ledger account" } th class="n" { "Debit" } th class="n" { "Credit" } } }
-                tbody { @for line in &books.accounts { tr {
+                tbody { @for (j, line) in books.accounts.iter().enumerate() { tr {
                     td { (line.account) }
-                    td class="n" { (money(line.debit, &books.currency)) }
-                    td class="n" { (money(line.credit, &books.currency)) }
+                    td class="n" { (api_money(line.debit, &books.currency, &source, &format!("/currencies/{i}/accounts/{j}/debit"))) }
+                    td class="n" { (api_money(line.credit, &books.currency, &source, &format!("/currencies/{i}/accounts/{j}/credit"))) }
                 } } }
-                tfoot { tr { th { "Total" } th class="n" { (money(books.total_debit, &books.currency)) } th class="n" { (money(books.total_credit, &books.currency)) } } }
+                tfoot { tr {
+                    th { "Total" }
+                    th class="n" { (api_money(books.total_debit, &books.currency, &source, &format!("/currencies/{i}/total_debit"))) }
+                    th class="n" { (api_money(books.total_credit, &books.currency, &source, &format!("/currencies/{i}/total_credit"))) }
+                } }
             } }
         }
     };

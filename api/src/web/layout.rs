@@ -101,13 +101,30 @@ pub fn status_page(status: StatusCode, title: &str, detail: &str, session: Optio
 }
 
 /// A labelled figure.
-pub fn figure(label: &str, value: &str) -> Markup {
+pub fn figure(label: &str, value: impl maud::Render) -> Markup {
     html! {
         div class="figure" {
             div class="label" { (label) }
             div class="value" { (value) }
         }
     }
+}
+
+/// A money figure that is the API's figure `field` (a JSON pointer) of the object at `source` (an
+/// API path): marked so that a test can read both and compare them.
+pub fn api_money(amount: rust_decimal::Decimal, currency: &str, source: &str, field: &str) -> Markup {
+    html! { span data-api=(source) data-field=(field) { (money(amount, currency)) } }
+}
+
+/// A money figure the API has no object for (a sum, a price, an effect before it is made), marked
+/// with how it is reached.
+pub fn derived_money(amount: rust_decimal::Decimal, currency: &str, how: &str) -> Markup {
+    html! { span data-derived=(how) { (money(amount, currency)) } }
+}
+
+/// The API path of a statement row: the page of one movement after the position before it.
+pub fn transaction_source(account_id: impl std::fmt::Display, position: i64) -> String {
+    format!("/v1/accounts/{account_id}/transactions?cursor={}&limit=1", position - 1)
 }
 
 /// An amount with its currency, as the API writes it (exact, at least the currency's minor digits).

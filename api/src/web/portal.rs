@@ -13,7 +13,7 @@ use rust_decimal::Decimal;
 use app::people::Session;
 
 use super::auth::{unavailable, Customer};
-use super::layout::{figure, money, page, status_page};
+use super::layout::{api_money, derived_money, figure, money, page, status_page};
 use crate::http::AppState;
 
 pub fn routes() -> Router<AppState> {
@@ -52,13 +52,13 @@ async fn home(State(state): State<AppState>, Customer { session, account_id }: C
         Err(error) => return unavailable(error),
     };
     let balance_chart = balance_chart(&days, currency);
-    let spend: Vec<(String, Decimal, String)> = views
+    let spend: Vec<(String, Decimal, String, String)> = views
         .iter()
         .filter_map(|server| {
             let spent: Decimal = server.month_to_date_net.0.parse().ok()?;
             (spent > Decimal::ZERO).then(|| {
                 let name = super::actions::server_name(server.hostname.as_deref(), server.id);
-                (name, spent, money(spent, currency))
+                (name, spent, money(spent, currency), format!("/v1/servers/{}", server.id))
             })
         })
         .collect();
@@ -70,11 +70,11 @@ async fn home(State(state): State<AppState>, Customer { session, account_id }: C
             p class="banner" role="status" { "Your balance is running low: top up to keep your servers running." }
         }
         section class="figures" aria-label="Wallet" aria-live="polite" data-live="/live" {
-            (live_figure("Balance", "balance", &money(account.balance, currency)))
-            (live_figure("Reserved", "reserved", &money(account.reserved, currency)))
-            (live_figure("Available", "available", &money(account.available, currency)))
+            (live_figure("Balance", "balance", &money(account.balance, currency), &account_id))
+            (live_figure("Reserved", "reserved", &money(account.reserved, currency), &account_id))
+            (live_figure("Available", "available", &money(account.available, currency), &account_id))
             (figure("Runway", &runway.map(|hours| format!("{hours} h")).unwrap_or_else(|| "nothing billed".into())))
-            (figure("This month (net)", &money(month_to_date, currency)))
+            (figure("This month (net)", derived_money(month_to_date, currency, "the sum of the servers' month_to_date_net")))
         }
         div class="charts" {
             (balance_chart)
@@ -83,7 +83,7 @@ async fn home(State(state): State<AppState>, Customer { session, account_id }: C
             } @else {
                 (super::charts::bars(
                     "This month's spend per server (net)",
-                    &format!("This month's net spend per server: {}", spend.iter().map(|(name, _, written)| format!("{name} {written}")).collect::<Vec<_>>().join(", ")),
+                    &format!("This month's net spend per server: {}", spend.iter().map(|(name, _, written, _)| format!("{name} {written}")).collect::<Vec<_>>().join(", ")),
                     &spend,
                 ))
             }
@@ -102,7 +102,7 @@ async fn home(State(state): State<AppState>, Customer { session, account_id }: C
                                 td data-server=(server.id) { (badge(server)) }
                                 td { (server.plan_id) }
                                 td { (server.location) }
-                                td class="n" { (money(server.month_to_date_net.0.parse().unwrap_or_default(), currency)) }
+                                td class="n" { (api_money(server.month_to_date_net.0.parse().unwrap_or_default(), currency, &format!("/v1/servers/{}", server.id), "/month_to_date_net")) }
                             }
                         }
                     }
@@ -154,12 +154,12 @@ const LIVE_SCRIPT: &str = r#"
 })();
 "#;
 
-/// A figure the live stream updates.
-fn live_figure(label: &str, name: &str, value: &str) -> maud::Markup {
+/// A figure the live stream updates: the account's `name` as the API has it.
+fn live_figure(label: &str, name: &str, value: &str, account_id: &domain::AccountId) -> maud::Markup {
     html! {
         div class="figure" {
             div class="label" { (label) }
-            div class="value" data-figure=(name) { (value) }
+            div class="value" data-figure=(name) data-api={ "/v1/accounts/" (account_id) } data-field={ "/" (name) } { (value) }
         }
     }
 }
@@ -200,7 +200,7 @@ async fn server_page(State(state): State<AppState>, Customer { session, account_
             (figure("Plan", &server.plan_id))
             (figure("Location", &server.location))
             (figure("Operating system", server.os_image.as_deref().unwrap_or("not set up yet")))
-            (figure("This month (net)", &money(server.month_to_date_net.0.parse().unwrap_or_default(), &currency)))
+            (figure("This month (net)", api_money(server.month_to_date_net.0.parse().unwrap_or_default(), &currency, &format!("/v1/servers/{}", server.id), "/month_to_date_net")))
             (figure("Next charge", &server.next_charge_at.map(|at| at.format("%Y-%m-%d %H:%M UTC").to_string()).unwrap_or_else(|| "none".into())))
         }
         (super::actions::server_actions(&session, &server, &status_text(&server)))
