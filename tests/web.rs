@@ -890,6 +890,23 @@ async fn a_revoked_key_stops_at_once_in_every_process_and_the_console_invites_an
     .await;
     assert!(gone["revoked_at"].is_string(), "{gone}");
     assert_eq!(status(first.base.clone(), other_token.clone()).await, StatusCode::UNAUTHORIZED);
+    // The admin key of a request does not revoke itself (it would lock its holder out mid-work).
+    let keys = api(&first.base, reqwest::Method::GET, "/v1/admin/api-keys?limit=200", ADMIN, None).await;
+    let own = keys["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|key| key["label"] == "bootstrap")
+        .expect("the bootstrap key, listed")
+        .clone();
+    let itself = reqwest::Client::new()
+        .delete(format!("{}/v1/admin/api-keys/{}", first.base, own["id"].as_str().unwrap()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(itself.status(), StatusCode::CONFLICT);
+    assert_eq!(status(first.base.clone(), ADMIN.to_string()).await, StatusCode::OK);
     // A customer key may not list or revoke keys.
     let listing = reqwest::Client::new()
         .get(format!("{}/v1/admin/api-keys", first.base))

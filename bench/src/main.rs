@@ -17,7 +17,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const SCENARIOS: &[&str] = &["append", "append_concurrent", "billing_run", "http_balance", "rebuild"];
+const SCENARIOS: &[&str] = &["append", "append_concurrent", "billing_run", "http_balance", "pages", "rebuild"];
 
 #[derive(Parser)]
 #[command(about = "Benchmarks of the billing ledger")]
@@ -104,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
                 "rebuild" => rebuild(&pool, args.quick).await?,
                 "billing_run" => billing_run(&pool, args.quick).await?,
                 "http_balance" => http_balance(&pool, args.quick).await?,
+                "pages" => pages(&pool, args.quick).await?,
                 _ => unreachable!("checked above"),
             });
             pool.close().await;
@@ -674,6 +675,113 @@ async fn http_balance(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement>
         p50_ms: Some(percentile(0.50)),
         p99_ms: Some(percentile(0.99)),
         events: latencies.len(),
+        repetitions: 1,
+    })
+}
+
+/// Every main page of the portal and the console, rendered by the real router over HTTP for a
+/// signed-in customer (the demo's first account), finance and admin, on the demo dataset
+/// (`app::history::demo` with `billing demo`'s default size): each page requested one after
+/// another from one connection, after warming up; the time is until the whole page has arrived.
+async fn pages(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
+    use std::sync::Arc;
+    let requests = if quick { 3 } else { 50 };
+    let log = EventLog::open(pool.clone(), LogConfig::default()).await?;
+    let size = app::config::Config::from_env(true, "127.0.0.1:0".into())?.demo_accounts;
+    let demo = app::history::demo(&log, size, |_| {}).await?;
+    projections::runner::catch_up_all(pool).await?;
+    let clock = Arc::new(domain::ManualClock::new(demo.history_end));
+    let flows = app::flows::Flows::new(app::handler::CommandHandler::new(log, clock.clone()));
+    let now = chrono::Utc::now();
+    let mut cookies = std::collections::HashMap::new();
+    for (email, role, account) in [
+        ("customer@bench.test", app::people::Role::Customer, Some(demo.customer_account)),
+        ("finance@bench.test", app::people::Role::Finance, None),
+        ("admin@bench.test", app::people::Role::Admin, None),
+    ] {
+        let link = app::people::invite(pool, email, role, account, now).await?;
+        app::people::set_password(pool, &link, "a bench password", now).await?;
+        let signed_in = app::people::sign_in(pool, email, "a bench password", now).await?;
+        cookies.insert(role.as_str(), format!("{}={}", api::web::SESSION_COOKIE, signed_in.cookie));
+    }
+    let account = demo.customer_account;
+    let server = app::reads::servers_of_account(pool, account, None, 1)
+        .await?
+        .and_then(|page| page.items.into_iter().next())
+        .ok_or_else(|| anyhow::anyhow!("the demo's customer has no server"))?;
+    let invoice = app::reads::invoices_of_account(pool, account, None, 1)
+        .await?
+        .and_then(|page| page.items.into_iter().next())
+        .ok_or_else(|| anyhow::anyhow!("the demo's customer has no invoice"))?;
+    let (_, _, events) = app::reads::counts(pool).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let state = api::http::AppState {
+        pool: pool.clone(),
+        flows,
+        clock: clock.clone(),
+        dev_clock: Some(clock),
+        webhook_secret: None,
+        public_url: base.clone(),
+        payments: None,
+        rate_limiter: Arc::new(api::http::operations::RateLimiter::new(1_000_000, 1_000_000.0)),
+        sessions: app::people::SessionLimits::default(),
+        signin_limiter: Arc::new(api::http::operations::RateLimiter::new(10, 0.2)),
+        signin_limiter_all: Arc::new(api::http::operations::RateLimiter::new(60, 5.0)),
+    };
+    let served = tokio::spawn(async move { axum::serve(listener, api::http::router(state)).await });
+    let pages: Vec<(&str, String)> = vec![
+        ("customer", "/".into()),
+        ("customer", format!("/servers/{}", server.server_id)),
+        ("customer", "/orders/new".into()),
+        ("customer", "/topup".into()),
+        ("customer", "/transactions".into()),
+        ("customer", "/invoices".into()),
+        ("customer", format!("/invoices/{}", invoice.invoice_id)),
+        ("finance", "/console?query=a".into()),
+        ("finance", format!("/console/accounts/{account}")),
+        ("finance", format!("/console/invoices/{}", invoice.invoice_id)),
+        ("finance", format!("/console/events/{}", events / 2)),
+        ("finance", "/console/trial-balance".into()),
+        ("finance", "/console/audit".into()),
+        ("admin", "/console/keys".into()),
+        ("admin", "/console/people".into()),
+        ("admin", "/console/projections".into()),
+    ];
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
+    let mut medians = Vec::new();
+    let mut all = Vec::new();
+    eprintln!("{:<10} {:<52} {:>9} {:>9}", "who", "page", "p50 ms", "p99 ms");
+    for (who, path) in &pages {
+        let mut latencies = Vec::new();
+        for round in 0..requests + 3 {
+            let sent = Instant::now();
+            let response = client.get(format!("{base}{path}")).header("cookie", &cookies[who]).send().await?;
+            let status = response.status();
+            let body = response.text().await?;
+            anyhow::ensure!(status.is_success(), "{path} answered {status}: {body}");
+            if round >= 3 {
+                latencies.push(sent.elapsed());
+            }
+        }
+        latencies.sort();
+        let (p50, p99) = (percentile_ms(&latencies, 0.50), percentile_ms(&latencies, 0.99));
+        eprintln!("{who:<10} {path:<52} {p50:>9.2} {p99:>9.2}");
+        medians.push(p50);
+        all.extend(latencies);
+    }
+    served.abort();
+    all.sort();
+    Ok(Measurement {
+        scenario: "pages",
+        value: medians.iter().copied().fold(0.0, f64::max),
+        unit: "ms, slowest page's median",
+        baseline: None,
+        baseline_value: None,
+        ratio: None,
+        p50_ms: Some(percentile_ms(&all, 0.50)),
+        p99_ms: Some(percentile_ms(&all, 0.99)),
+        events: events as usize,
         repetitions: 1,
     })
 }

@@ -27,7 +27,8 @@ pub fn routes() -> Router<AppState> {
 
 /// API keys, newest first (never their tokens), optionally of one account.
 #[utoipa::path(get, path = "/v1/admin/api-keys", tag = "admin", params(KeysQuery), security(("bearer" = [])),
-    responses((status = 200, description = "the keys", body = KeyPage)))]
+    responses((status = 200, description = "the keys", body = KeyPage),
+        (status = 404, description = "the cursor names no key (of that account)", body = super::error::Problem, content_type = "application/problem+json")))]
 pub(crate) async fn list_keys(State(state): State<AppState>, caller: Caller, Query(query): Query<KeysQuery>) -> Reply<KeyPage> {
     caller.require(&[Role::Admin])?;
     let limit = page_size(query.limit, 50, app::reads::PAGE_MAX)?;
@@ -40,10 +41,19 @@ pub(crate) async fn list_keys(State(state): State<AppState>, caller: Caller, Que
 /// Revokes an API key: from the next request on, in every process, it answers 401. Revoking a
 /// revoked key changes nothing.
 #[utoipa::path(delete, path = "/v1/admin/api-keys/{id}", tag = "admin", params(("id" = Uuid, Path)), security(("bearer" = [])),
-    responses((status = 200, description = "revoked", body = KeyView)))]
+    responses((status = 200, description = "revoked", body = KeyView),
+        (status = 409, description = "the key of the request itself: another admin key revokes it", body = super::error::Problem, content_type = "application/problem+json")))]
 pub(crate) async fn revoke_key(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Reply<KeyView> {
     caller.require(&[Role::Admin])?;
     let key_id = path_id(uuid::Uuid::parse_str(&id), "key")?;
+    if key_id == caller.key_id {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "own-key",
+            "A key does not revoke itself",
+            "this is the key of the request; revoke it with another admin key or from the console",
+        ));
+    }
     let key = app::keys::revoke(&state.pool, key_id)
         .await?
         .ok_or_else(|| ApiError::not_found("key"))?;

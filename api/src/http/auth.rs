@@ -13,6 +13,8 @@ pub use app::people::Role;
 /// Who is calling.
 #[derive(Clone, Debug)]
 pub struct Caller {
+    /// The key the request came with.
+    pub key_id: uuid::Uuid,
     pub role: Role,
     pub account_id: Option<AccountId>,
     /// The token's hash, hex: identifies the caller (for idempotency keys) without the secret.
@@ -107,6 +109,7 @@ impl FromRequestParts<AppState> for Caller {
         let (role, account_id) = (grant.role, grant.account_id);
         let hash = app::keys::token_hash(token);
         Ok(Caller {
+            key_id: grant.key_id,
             role,
             account_id,
             id: hash.iter().map(|b| format!("{b:02x}")).collect(),
