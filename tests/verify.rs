@@ -202,3 +202,41 @@ async fn verify_of_a_log_that_grows_meanwhile_checks_one_snapshot() {
     writer.await.unwrap();
     assert!(checked.len() > 1, "verified while the log grew: {checked:?}");
 }
+
+#[tokio::test]
+async fn a_stretch_of_the_chain_is_verified_on_its_own_and_a_missing_tail_is_not_passed_over() {
+    use ledger::verify::verify_segment;
+    let db = TestDatabase::new().await;
+    log_with_events(&db, 40).await;
+    let report = verify_segment(&db.pool, 10, 20).await.unwrap();
+    assert!(report.ok && !report.cut, "{report:?}");
+    assert_eq!((report.from, report.to, report.events_checked), (10, 20, 11));
+    // Past the head, the stretch is cut there and says so.
+    let report = verify_segment(&db.pool, 30, 90).await.unwrap();
+    assert!(report.ok && report.cut && report.to == 40, "{report:?}");
+    // Nonsense bounds neither panic nor check nothing silently.
+    let report = verify_segment(&db.pool, i64::MAX - 3, i64::MAX).await.unwrap();
+    assert!(report.cut, "{report:?}");
+
+    // A changed event inside the stretch, and the event before it changed.
+    tamper(
+        &db,
+        "UPDATE events SET payload = jsonb_set(payload, '{amount}', '\"9.999999\"') WHERE position = 15",
+    )
+    .await;
+    let report = verify_segment(&db.pool, 10, 20).await.unwrap();
+    assert_eq!((report.ok, report.first_bad_position), (false, Some(15)), "{report:?}");
+    assert!(
+        verify_segment(&db.pool, 16, 20).await.unwrap().ok,
+        "a stretch after it links to its stored hash"
+    );
+    let report = verify_segment(&db.pool, 1, 14).await.unwrap();
+    assert!(report.ok, "{report:?}");
+
+    // The last events removed: the head says the log reaches further.
+    for position in [38, 39, 40] {
+        tamper(&db, &format!("DELETE FROM events WHERE position = {position}")).await;
+    }
+    let report = verify_segment(&db.pool, 30, 40).await.unwrap();
+    assert_eq!((report.ok, report.first_bad_position), (false, Some(38)), "{report:?}");
+}

@@ -399,6 +399,29 @@ async fn a_customer_tops_up_orders_sets_up_cancels_and_revokes_from_the_portal()
             "{row}"
         );
     }
+    // Filtered by server and dates; a date out of range is explained, not a failure.
+    let today = chrono::Utc::now().date_naive();
+    let by_server = browser
+        .get(&format!("/transactions?server={server_id}&from={today}&to={today}"))
+        .await;
+    assert_eq!(by_server.status, StatusCode::OK);
+    assert!(
+        by_server.html.contains("<td>charge</td>") && !by_server.html.contains("<td>topup</td>"),
+        "{}",
+        by_server.html
+    );
+    let before = browser.get(&format!("/transactions?server={server_id}&to=2000-01-01")).await;
+    assert!(before.html.contains("Nothing matches"), "{}", before.html);
+    for query in [
+        "to=%2B262143-12-31",
+        "from=2026-13-01",
+        "from=2027-01-02&to=2027-01-01",
+        "server=nope",
+    ] {
+        let refused = browser.get(&format!("/transactions?{query}")).await;
+        assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY, "{query}");
+        assert!(refused.html.contains("class=\"error\""), "{query}: {}", refused.html);
+    }
     // Filtered to one kind, and downloaded as CSV with the API's figures.
     let charges = browser.get("/transactions?kind=charge").await;
     assert!(
@@ -937,6 +960,21 @@ async fn a_revoked_key_stops_at_once_in_every_process_and_the_console_invites_an
         .accept_and_sign_in(&link, "new.finance@example.com", "a finance newcomer")
         .await;
     assert_eq!(newcomer.get("/console/keys").await.status, StatusCode::FORBIDDEN);
+    // An invitation never replaces a password that is set: that would hand the inviter the login.
+    let people = admin.get("/console/people").await;
+    let again = admin
+        .post(
+            "/console/people",
+            &[
+                ("csrf", &people.csrf()),
+                ("email", "new.finance@example.com"),
+                ("role", "finance"),
+                ("account", ""),
+            ],
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", again.html);
+    assert!(!again.html.contains("/link/"), "{}", again.html);
     assert_eq!(newcomer.get("/console/audit").await.status, StatusCode::OK);
 
     // A rebuild started from the console runs to its end; the page shows each read model's lag.

@@ -251,7 +251,13 @@ pub async fn demo(bind: String) -> anyhow::Result<ExitCode> {
         ("customer@demo.billing.test", app::people::Role::Customer, Some(customer_account)),
     ] {
         let now = chrono::Utc::now();
-        let link = app::people::invite(&pool, email, role, account, now).await?;
+        // A fresh password each run: a first one through an invitation, later ones through a reset.
+        let link = match app::people::invite(&pool, email, role, account, now).await {
+            Err(app::people::PeopleError::AlreadyActive(_)) => app::people::request_reset(&pool, email, now)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{email} is known and yet has no reset link"))?,
+            other => other?,
+        };
         let password = app::people::random_token()[..20].to_string();
         app::people::set_password(&pool, &link, &password, now).await?;
         logins.push_str(&format!("\n{:<9} login:  {email} / {password}", role.as_str()));

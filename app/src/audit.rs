@@ -78,15 +78,17 @@ impl Selection {
 
 /// Writes the events with `from <= bound <= to` in position order; returns how many.
 pub async fn export(pool: &PgPool, from: Option<Bound>, to: Option<Bound>, format: Format, out: impl Write) -> anyhow::Result<u64> {
-    export_selected(pool, from, to, &Selection::default(), format, out).await
+    export_selected(pool, from, to, &Selection::default(), None, format, out).await
 }
 
-/// Writes the events of `selection` with `from <= bound <= to` in position order; returns how many.
+/// Writes the events of `selection` with `from <= bound <= to` in position order, at most `limit`
+/// of them when given; returns how many.
 pub async fn export_selected(
     pool: &PgPool,
     from: Option<Bound>,
     to: Option<Bound>,
     selection: &Selection,
+    limit: Option<u64>,
     format: Format,
     out: impl Write,
 ) -> anyhow::Result<u64> {
@@ -117,7 +119,18 @@ pub async fn export_selected(
     };
     let mut written = 0u64;
     'pages: loop {
-        let page = ledger::log::read_after(pool, after, PAGE).await?;
+        if limit.is_some_and(|limit| written >= limit) {
+            break;
+        }
+        let page = crate::reads::events(
+            pool,
+            selection.stream.as_deref(),
+            selection.event_type.as_deref(),
+            after,
+            PAGE as u32,
+        )
+        .await?
+        .items;
         let Some(last) = page.last() else { break };
         after = last.position;
         for event in &page {
@@ -125,6 +138,7 @@ pub async fn export_selected(
                 (_, false) => break 'pages,
                 (false, true) => continue,
                 (true, true) if !selection.holds(event) => continue,
+                (true, true) if limit.is_some_and(|limit| written >= limit) => break 'pages,
                 (true, true) => {}
             }
             match &mut sink {

@@ -105,6 +105,8 @@ pub enum PeopleError {
     EmailTaken(String),
     #[error("a customer belongs to an account; finance and admin people to none")]
     RoleAndAccount,
+    #[error("{0} has set a password already: a new one is theirs to ask for, at /reset")]
+    AlreadyActive(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -164,22 +166,28 @@ fn normal_email(email: &str) -> Result<String> {
 }
 
 /// Invites a person: creates them (without a password) unless the email is known with the same
-/// role and account, and returns a one-time link token to set the password with.
+/// role and account and no password yet, and returns a one-time link token to set the password
+/// with.
 pub async fn invite(pool: &PgPool, email: &str, role: Role, account_id: Option<AccountId>, now: DateTime<Utc>) -> Result<String> {
     let email = normal_email(email)?;
     if (role == Role::Customer) != account_id.is_some() {
         return Err(PeopleError::RoleAndAccount);
     }
     let mut tx = pool.begin().await?;
-    let existing: Option<(Uuid, String, Option<Uuid>)> =
-        sqlx::query_as("SELECT person_id, role, account_id FROM people WHERE email = $1 FOR UPDATE")
+    let existing: Option<(Uuid, String, Option<Uuid>, bool)> =
+        sqlx::query_as("SELECT person_id, role, account_id, password_hash IS NOT NULL FROM people WHERE email = $1 FOR UPDATE")
             .bind(&email)
             .fetch_optional(&mut *tx)
             .await?;
     let person_id = match existing {
-        Some((person_id, existing_role, existing_account)) => {
+        Some((person_id, existing_role, existing_account, active)) => {
             if existing_role != role.as_str() || existing_account != account_id.map(|id| id.0) {
                 return Err(PeopleError::EmailTaken(email));
+            }
+            // An invitation sets a first password; it never replaces one (that would hand whoever
+            // invites a way into someone's login).
+            if active {
+                return Err(PeopleError::AlreadyActive(email));
             }
             person_id
         }
@@ -354,6 +362,21 @@ pub async fn session(pool: &PgPool, cookie: &str, limits: SessionLimits, now: Da
         account_id: account_id.map(AccountId),
         csrf_token,
     }))
+}
+
+/// Whether the session a cookie names is still open at `now`, without marking it used: a page
+/// left open (its live stream) does not keep its session alive.
+pub async fn session_is_open(pool: &PgPool, cookie: &str, limits: SessionLimits, now: DateTime<Utc>) -> Result<bool> {
+    let open: Option<bool> = sqlx::query_scalar(
+        "SELECT TRUE FROM sessions WHERE session_sha256 = $1 AND ended_at IS NULL            AND last_seen_at > $2 - $3 AND created_at > $2 - $4",
+    )
+    .bind(sha256(cookie))
+    .bind(now)
+    .bind(limits.idle)
+    .bind(limits.absolute)
+    .fetch_optional(pool)
+    .await?;
+    Ok(open.is_some())
 }
 
 /// Ends the session a cookie names.

@@ -316,17 +316,40 @@ pub async fn credit_notes(pool: &PgPool, invoice_ids: &[Uuid]) -> Result<Vec<Cre
 
 /// The log after position `after`, of one stream or of all, of one event type or of all.
 pub async fn events(pool: &PgPool, stream: Option<&str>, event_type: Option<&str>, after: i64, limit: u32) -> Result<Page<RecordedEvent>> {
+    const COLUMNS: &str =
+        "SELECT position, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, recorded_at, occurred_at, prev_hash, hash FROM events";
+    let fetched = i64::from(limit) + 1;
     let rows = match (stream, event_type) {
         (None, None) => ledger::log::read_after(pool, after, limit as usize + 1).await?,
-        _ => {
-            sqlx::query_as(
-                "SELECT position, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, recorded_at, occurred_at, prev_hash, hash \
-                 FROM events WHERE ($1::text IS NULL OR stream_id = $1) AND ($4::text IS NULL OR event_type = $4) AND position > $2 ORDER BY position LIMIT $3",
-            )
+        (Some(stream), None) => {
+            sqlx::query_as(&format!(
+                "{COLUMNS} WHERE stream_id = $1 AND position > $2 ORDER BY position LIMIT $3"
+            ))
             .bind(stream)
             .bind(after)
-            .bind(i64::from(limit) + 1)
+            .bind(fetched)
+            .fetch_all(pool)
+            .await?
+        }
+        (Some(stream), Some(event_type)) => {
+            sqlx::query_as(&format!(
+                "{COLUMNS} WHERE stream_id = $1 AND event_type = $4 AND position > $2 ORDER BY position LIMIT $3"
+            ))
+            .bind(stream)
+            .bind(after)
+            .bind(fetched)
             .bind(event_type)
+            .fetch_all(pool)
+            .await?
+        }
+        // By position with the type checked on the way (no index on the type: it would tax every append).
+        (None, Some(event_type)) => {
+            sqlx::query_as(&format!(
+                "{COLUMNS} WHERE event_type = $1 AND position > $2 ORDER BY position LIMIT $3"
+            ))
+            .bind(event_type)
+            .bind(after)
+            .bind(fetched)
             .fetch_all(pool)
             .await?
         }
@@ -422,7 +445,7 @@ pub async fn balance_by_day(
         .expect("midnight exists")
         .and_utc();
     let opening: Option<rust_decimal::Decimal> = sqlx::query_scalar(
-        "SELECT balance_after FROM rm.statement WHERE account_id = $1 AND occurred_at < $2 ORDER BY occurred_at DESC, position DESC LIMIT 1",
+        "SELECT balance_after FROM rm.statement WHERE account_id = $1 AND occurred_at < $2 ORDER BY position DESC LIMIT 1",
     )
     .bind(account_id.0)
     .bind(start)
@@ -431,7 +454,7 @@ pub async fn balance_by_day(
     let closings: Vec<(chrono::NaiveDate, rust_decimal::Decimal)> = sqlx::query_as(
         "SELECT DISTINCT ON (day) (occurred_at AT TIME ZONE 'UTC')::date AS day, balance_after FROM rm.statement
           WHERE account_id = $1 AND occurred_at >= $2 AND occurred_at < $3
-          ORDER BY day, occurred_at DESC, position DESC",
+          ORDER BY day, position DESC",
     )
     .bind(account_id.0)
     .bind(start)
@@ -452,8 +475,8 @@ pub async fn balance_by_day(
         .collect())
 }
 
-/// Hosting revenue (net of tax, less what was given back against charges) per currency and day,
-/// over the days `[first, last]` (UTC), from the journal.
+/// Hosting revenue (net of tax, less cancellation refunds; service credits are expenses and not
+/// taken off) per currency and day, over the days `[first, last]` (UTC), from the journal.
 pub async fn revenue_by_day(
     pool: &PgPool,
     first: chrono::NaiveDate,

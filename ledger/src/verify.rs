@@ -185,14 +185,25 @@ pub struct SegmentReport {
     pub first_bad_position: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// The stretch asked for was longer than `SEGMENT_MAX` events or went past the head: `to` is
+    /// where the check stopped.
+    pub cut: bool,
 }
 
-/// Recomputes the chain from `from` to `to` (at most 100,000 events): each event links to the
-/// hash of the one before (the event at `from - 1`, or the genesis hash) and hashes to what is
-/// stored. A stretch proves itself only; `verify_chain` proves the whole log.
+/// Events one stretch check recomputes at most; a longer stretch is cut there, and says so.
+pub const SEGMENT_MAX: i64 = 100_000;
+
+/// Recomputes the chain from `from` to `to` (at most `SEGMENT_MAX` events, and not past the
+/// head): each event links to the hash of the one before (the event at `from - 1`, or the genesis
+/// hash) and hashes to what is stored, and no position up to the end is missing. A stretch proves
+/// itself only; `verify_chain` proves the whole log.
 pub async fn verify_segment(pool: &PgPool, from: i64, to: i64) -> Result<SegmentReport, sqlx::Error> {
-    let from = from.max(1);
-    let to = to.clamp(from, from + 99_999);
+    let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head WHERE singleton")
+        .fetch_one(pool)
+        .await?;
+    let from = from.clamp(1, head.max(1));
+    let asked_to = to.max(from);
+    let to = asked_to.min(head).min(from.saturating_add(SEGMENT_MAX - 1));
     let mut report = SegmentReport {
         from,
         to,
@@ -200,7 +211,17 @@ pub async fn verify_segment(pool: &PgPool, from: i64, to: i64) -> Result<Segment
         events_checked: 0,
         first_bad_position: None,
         problem: None,
+        cut: to < asked_to,
     };
+    let fail = |report: &mut SegmentReport, position: i64, problem: String| {
+        report.ok = false;
+        report.first_bad_position = Some(position);
+        report.problem = Some(problem);
+    };
+    if head == 0 {
+        report.to = 0;
+        return Ok(report);
+    }
     let mut previous_hash = if from == 1 {
         GENESIS_HASH
     } else {
@@ -211,9 +232,7 @@ pub async fn verify_segment(pool: &PgPool, from: i64, to: i64) -> Result<Segment
         match before.and_then(|(hash,)| <[u8; 32]>::try_from(hash).ok()) {
             Some(hash) => hash,
             None => {
-                report.ok = false;
-                report.first_bad_position = Some(from - 1);
-                report.problem = Some(format!("position {} is missing", from - 1));
+                fail(&mut report, from - 1, format!("position {} is missing", from - 1));
                 return Ok(report);
             }
         }
@@ -236,9 +255,7 @@ pub async fn verify_segment(pool: &PgPool, from: i64, to: i64) -> Result<Segment
                 None
             };
             if let Some(problem) = problem {
-                report.ok = false;
-                report.first_bad_position = Some((position + 1).min(event.position));
-                report.problem = Some(problem);
+                fail(&mut report, position + 1, problem);
                 return Ok(report);
             }
             report.events_checked += 1;
@@ -246,8 +263,9 @@ pub async fn verify_segment(pool: &PgPool, from: i64, to: i64) -> Result<Segment
             previous_hash = event.hash;
         }
     }
+    // The head says the log reaches `to`: anything short of it is missing.
     if position < to {
-        report.to = position;
+        fail(&mut report, position + 1, format!("position {} is missing", position + 1));
     }
     Ok(report)
 }

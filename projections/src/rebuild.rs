@@ -52,6 +52,32 @@ pub async fn rebuild(
 ) -> Result<RebuildReport, ProjectionError> {
     let started = Instant::now();
     let name = projection.name();
+    // One rebuild of a read model at a time, across processes: a second would drop the first's
+    // side schema. The lock is held by a connection of its own until the rebuild ends (or its
+    // process dies).
+    let mut guard = pool.acquire().await?;
+    let (locked,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock(hashtext('billing.rebuild'), hashtext($1))")
+        .bind(name)
+        .fetch_one(&mut *guard)
+        .await?;
+    if !locked {
+        return Err(ProjectionError::AlreadyRebuilding(name.to_string()));
+    }
+    let rebuilt = rebuild_locked(pool, projection, &mut progress, started).await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('billing.rebuild'), hashtext($1))")
+        .bind(name)
+        .execute(&mut *guard)
+        .await;
+    rebuilt
+}
+
+async fn rebuild_locked(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    progress: &mut impl FnMut(i64, i64),
+    started: Instant,
+) -> Result<RebuildReport, ProjectionError> {
+    let name = projection.name();
     let schema = format!("rm_next_{name}");
     let checkpoint = format!("{name}@rebuild");
     prepare_side_schema(pool, projection, &schema, &checkpoint).await?;

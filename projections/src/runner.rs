@@ -19,6 +19,8 @@ pub enum ProjectionError {
     Decode(#[from] DecodeError),
     #[error("no projection named {0:?}")]
     Unknown(String),
+    #[error("{0} is being rebuilt already (by this or another process)")]
+    AlreadyRebuilding(String),
 }
 
 /// Applies the next batch after `checkpoint` (not past `until`) in `tx`, writing into `schema`.

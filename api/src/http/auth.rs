@@ -103,9 +103,13 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
         let token = bearer_token(&parts.headers)?;
-        let grant = app::keys::grant(&state.pool, token)
-            .await?
-            .ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
+        // Found already for this request (by the idempotency layer), or looked up now.
+        let grant = match parts.extensions.get::<app::keys::Grant>() {
+            Some(grant) => *grant,
+            None => app::keys::grant(&state.pool, token)
+                .await?
+                .ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?,
+        };
         let (role, account_id) = (grant.role, grant.account_id);
         let hash = app::keys::token_hash(token);
         Ok(Caller {

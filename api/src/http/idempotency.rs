@@ -62,7 +62,15 @@ async fn handle(state: AppState, key: HeaderValue, request: Request, next: Next)
     // Authenticated first: a caller that is not one gets its 401 from the handler, and no key.
     let (mut parts, body) = request.into_parts();
     let caller = match Caller::from_request_parts(&mut parts, &state).await {
-        Ok(caller) => caller.id,
+        Ok(caller) => {
+            // The handler's own `Caller` takes the key found here rather than looking it up again.
+            parts.extensions.insert(app::keys::Grant {
+                key_id: caller.key_id,
+                role: caller.role,
+                account_id: caller.account_id,
+            });
+            caller.id
+        }
         Err(_) => return Ok(next.run(Request::from_parts(parts, body)).await),
     };
     let bytes = axum::body::to_bytes(body, BODY_BYTES_MAX).await.map_err(|_| {

@@ -459,8 +459,10 @@ impl StatementPage {
         let day = |text: Option<&str>, name: &str| -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
             text.map(|text| {
                 chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                    .ok()
+                    .filter(|date| (1970..=9999).contains(&chrono::Datelike::year(date)))
                     .map(|date| date.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc())
-                    .map_err(|_| format!("the {name} date is written YYYY-MM-DD, such as 2026-03-01"))
+                    .ok_or_else(|| format!("the {name} date is written YYYY-MM-DD (1970 to 9999), such as 2026-03-01"))
             })
             .transpose()
         };

@@ -163,13 +163,14 @@ async fn audit_export(State(state): State<AppState>, Staff(session): Staff, Quer
         event_type: given(&query.event_type).map(str::to_string),
     };
     let mut bytes = Vec::new();
-    let written = match app::audit::export_selected(&state.pool, from, to, &selection, format, &mut bytes).await {
+    // One more than the most it gives, to know when there is more.
+    let written = match app::audit::export_selected(&state.pool, from, to, &selection, Some(EXPORT_MAX + 1), format, &mut bytes).await {
         Ok(written) => written,
         Err(error) => return unavailable(error),
     };
     if written > EXPORT_MAX {
         return invalid(format!(
-            "{written} events are more than the console exports at once ({EXPORT_MAX}); narrow the range or use `billing export`."
+            "More events match than the console exports at once ({EXPORT_MAX}); narrow the range or use `billing export`."
         ));
     }
     let (content_type, extension) = match format {
@@ -291,6 +292,9 @@ async fn correct(
         Correction::CardRefund => -amount,
         _ => amount,
     };
+    if form.nonce.trim().is_empty() {
+        return invalid("The form has lost its nonce: open the account's page again.");
+    }
     if form.confirm.as_deref() != Some("yes") {
         let what = match kind {
             Correction::Adjustment => {
@@ -444,15 +448,27 @@ async fn keys_page(State(state): State<AppState>, Staff(session): Staff, Query(q
 }
 
 async fn keys_listing(state: &AppState, session: &Session, query: &KeysQuery, created: Option<(String, String)>) -> Response {
-    let account = given(&query.account).and_then(|text| AccountId::parse(text).ok());
-    let after = given(&query.after).and_then(|text| uuid::Uuid::parse_str(text).ok());
+    let invalid = |detail: &str| status_page(StatusCode::UNPROCESSABLE_ENTITY, "Not a filter", detail, Some(session));
+    let account = match given(&query.account).map(AccountId::parse).transpose() {
+        Ok(account) => account,
+        Err(_) => return invalid("The account is an account's id."),
+    };
+    let after = match given(&query.after).map(uuid::Uuid::parse_str).transpose() {
+        Ok(after) => after,
+        Err(_) => return invalid("That is not a page of keys."),
+    };
     let keys = match app::keys::list(&state.pool, account, after, 50).await {
         Ok(Some(page)) => page,
-        Ok(None) => app::reads::Page {
-            items: Vec::new(),
-            next_cursor: None,
-        },
+        Ok(None) => return status_page(StatusCode::NOT_FOUND, "Not found", "There is no such page of keys.", Some(session)),
         Err(error) => return unavailable(error),
+    };
+    let older = |next: &str| {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        query.append_pair("after", next);
+        if let Some(account) = account {
+            query.append_pair("account", &account.to_string());
+        }
+        format!("/console/keys?{}", query.finish())
     };
     let body = html! {
         @if let Some((role, token)) = &created {
@@ -485,7 +501,7 @@ async fn keys_listing(state: &AppState, session: &Session, query: &KeysQuery, cr
                 }
             } } }
         } }
-        @if let Some(next) = &keys.next_cursor { p { a href={ "/console/keys?after=" (next) "&account=" (given(&query.account).unwrap_or_default()) } { "Older keys" } } }
+        @if let Some(next) = &keys.next_cursor { p { a href=(older(next)) { "Older keys" } } }
         h2 { "New key" }
         form class="card" method="post" action="/console/keys" {
             (super::layout::csrf_field(&session.csrf_token))

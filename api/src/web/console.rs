@@ -20,6 +20,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/console", get(search))
         .route("/console/accounts/{id}", get(account_page))
+        .route("/console/accounts/{id}/statement", get(statement_page))
         .route("/console/invoices/{id}", get(invoice_page))
         .route("/console/invoices/{id}/pdf", get(invoice_pdf))
         .route("/console/events/{position}", get(event_page))
@@ -123,6 +124,15 @@ async fn account_page(
         Ok(rows) => rows,
         Err(error) => return unavailable(error),
     };
+    let servers = match app::reads::servers_of_account(&state.pool, account_id, None, app::reads::PAGE_MAX).await {
+        Ok(page) => page.map(|page| page.items).unwrap_or_default(),
+        Err(error) => return unavailable(error),
+    };
+    let now = state.clock.now();
+    let servers: Vec<crate::http::types::Server> = servers
+        .into_iter()
+        .map(|row| crate::http::servers::view(row, now, &currency))
+        .collect();
     let invoices = match app::reads::invoices_of_account(&state.pool, account_id, None, 24).await {
         Ok(page) => page.map(|page| page.items).unwrap_or_default(),
         Err(error) => return unavailable(error),
@@ -156,7 +166,20 @@ async fn account_page(
             (figure("Reserved", api_money(reserved, &currency, &source, "/reserved")))
             (figure("Available", api_money(available, &currency, &source, "/available")))
         }
+        h2 { "Servers" }
+        @if servers.is_empty() { p class="muted" { "None." } }
+        @else { div class="table" { table {
+            thead { tr { th { "Server" } th { "Status" } th { "Plan" } th { "Location" } th class="n" { "This month (net)" } } }
+            tbody { @for server in &servers { tr {
+                td { code { (super::actions::server_name(server.hostname.as_deref(), server.id)) } }
+                td { (server.status.0.as_str().replace('_', " ")) @if let Some(reason) = &server.suspension_reason { " (" (reason.replace('_', " ")) ")" } }
+                td { (server.plan_id) }
+                td { (server.location) }
+                td class="n" { (api_money(server.month_to_date_net.0.parse().unwrap_or_default(), &currency, &format!("/v1/servers/{}", server.id), "/month_to_date_net")) }
+            } } }
+        } } }
         h2 { "Latest movements" }
+        p { a href={ "/console/accounts/" (account.account_id) "/statement" } { "The whole statement, oldest first" } }
         div class="table" { table {
             thead { tr {
                 th { "Position" } th { "When (UTC)" } th { "What" } th class="n" { "Amount" } th class="n" { "Balance after" }
@@ -195,7 +218,7 @@ async fn account_page(
                 } }
                 label { "Charge or top-up (its id; not for adjustments)" input type="text" name="target" value=(prefill.target.clone().unwrap_or_default()); }
                 label { "Amount (" (currency) "; an adjustment is negative for a debit)" input type="text" name="amount" required placeholder="-5.00"; }
-                label { "Reason (kept in the ledger)" input type="text" name="reason" required maxlength="500"; }
+                label { "Reason (kept in the ledger; a service credit's is printed on its credit note)" input type="text" name="reason" required maxlength="500"; }
                 button type="submit" { "Review" }
             }
         }
@@ -260,6 +283,50 @@ async fn invoice_page(State(state): State<AppState>, Staff(session): Staff, Path
 }
 
 #[derive(Deserialize)]
+struct After {
+    after: Option<i64>,
+}
+
+/// An account's whole statement, oldest first, a page at a time; each row opens its event.
+async fn statement_page(
+    State(state): State<AppState>,
+    Staff(session): Staff,
+    Path(id): Path<String>,
+    Query(after): Query<After>,
+) -> Response {
+    let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such account.", Some(&session));
+    let Ok(account_id) = AccountId::parse(&id) else {
+        return not_found();
+    };
+    let account = match app::reads::account(&state.pool, account_id).await {
+        Ok(Some(account)) => account,
+        Ok(None) => return not_found(),
+        Err(error) => return unavailable(error),
+    };
+    let rows = match app::reads::statement(&state.pool, account_id, after.after.unwrap_or(0).max(0), 100, &Default::default()).await {
+        Ok(rows) => rows,
+        Err(error) => return unavailable(error),
+    };
+    let currency = account.currency.clone();
+    let body = html! {
+        p { a href={ "/console/accounts/" (account_id) } { "Back to " (account.name) } }
+        div class="table" { table {
+            thead { tr { th { "Position" } th { "When (UTC)" } th { "What" } th { "Reference" } th class="n" { "Amount" } th class="n" { "Balance after" } } }
+            tbody { @for row in &rows.items { tr {
+                td { a href={ "/console/events/" (row.position) } { (row.position) } }
+                td { (row.occurred_at.format("%Y-%m-%d %H:%M")) }
+                td { (row.kind.replace('_', " ")) }
+                td { code { (row.reference.as_deref().map(|reference| reference.chars().take(8).collect::<String>()).unwrap_or_default()) } }
+                td class="n" { (api_money(row.amount, &currency, &transaction_source(account_id, row.position), "/items/0/amount")) }
+                td class="n" { (api_money(row.balance_after, &currency, &transaction_source(account_id, row.position), "/items/0/balance_after")) }
+            } } }
+        } }
+        @if let Some(next) = &rows.next_cursor { p { a href={ "/console/accounts/" (account_id) "/statement?after=" (next) } { "Later movements" } } }
+    };
+    page(&format!("Statement of {}", account.name), Some(&session), body).into_response()
+}
+
+#[derive(Deserialize)]
 struct Segment {
     from: i64,
     to: i64,
@@ -277,6 +344,9 @@ async fn verify_segment(State(state): State<AppState>, Staff(session): Staff, Qu
             @else { span class="badge suspended" { "CHAIN BROKEN" } }
         }
         p { "Positions " (report.from) " to " (report.to) ": " (report.events_checked) " events recomputed, each linked to the hash of the one before." }
+        @if report.cut {
+            p class="banner" { "The stretch asked for went past the log's head or beyond " (ledger::verify::SEGMENT_MAX) " events: the check stopped at #" (report.to) "." }
+        }
         @if let (Some(position), Some(problem)) = (report.first_bad_position, &report.problem) {
             p class="error" { "At " a href={ "/console/events/" (position) } { "#" (position) } ": " (problem) }
         }

@@ -79,7 +79,13 @@ pub fn page(title: &str, session: Option<&Session>, body: Markup) -> Markup {
                 }
                 main id="main" {
                     h1 { (title) }
+                    @if session.is_some_and(|session| session.role == app::people::Role::Customer) {
+                        p id="live-notice" class="banner" role="status" hidden {}
+                    }
                     (body)
+                }
+                @if session.is_some_and(|session| session.role == app::people::Role::Customer) {
+                    script { (maud::PreEscaped(super::live::SCRIPT)) }
                 }
             }
         }

@@ -1,4 +1,5 @@
-//! Live pages: the account's own changes reach the open dashboard over Server-Sent Events. The
+//! Live pages: the account's own changes reach its open pages over Server-Sent Events (figures in
+//! place, a page whose server changed status reloaded, a new invoice announced). The
 //! stream wakes on every append to the log (this process's or, through NOTIFY, another's), reads
 //! the account's figures and servers from the read models once they have passed it, and sends
 //! them when they changed; a quiet stream is kept open by comments.
@@ -23,15 +24,60 @@ pub fn routes() -> Router<AppState> {
     Router::new().route("/live", get(live))
 }
 
-/// What the dashboard shows of the account, as sent: figures and each server's status.
+/// What the pages show of the account, as sent: figures, each server's status, the latest invoice.
+
+/// Keeps a customer's open page current (on every page of the portal): figures replaced in place,
+/// a reload when a server shown on the page changed status (its row or page shows more than the
+/// status), and a notice with a link when a new invoice is issued.
+pub const SCRIPT: &str = r#"
+(function () {
+  if (!window.EventSource) return;
+  var source = new EventSource("/live");
+  var invoice = null;
+  source.addEventListener("account", function (message) {
+    var now = JSON.parse(message.data);
+    ["balance", "reserved", "available"].forEach(function (name) {
+      var cell = document.querySelector('[data-figure="' + name + '"]');
+      if (cell) cell.textContent = now[name];
+    });
+    var changed = now.servers.some(function (server) {
+      var cell = document.querySelector('[data-server="' + server.id + '"] .badge');
+      return cell && !cell.classList.contains(server.status);
+    });
+    var listed = document.querySelector('[data-servers]');
+    if (listed && String(now.servers.length) !== listed.getAttribute('data-servers')) changed = true;
+    if (changed) { window.location.reload(); return; }
+    var latest = now.invoice ? now.invoice.id : "";
+    if (invoice !== null && latest && latest !== invoice) {
+      var notice = document.getElementById("live-notice");
+      if (notice) {
+        notice.textContent = "Invoice " + now.invoice.number + " has been issued. ";
+        var link = document.createElement("a");
+        link.href = "/invoices/" + latest;
+        link.textContent = "Open it";
+        notice.appendChild(link);
+        notice.hidden = false;
+      }
+    }
+    invoice = latest;
+  });
+})();
+"#;
 async fn snapshot(state: &AppState, account_id: AccountId) -> Option<serde_json::Value> {
     projections::runner::catch_up_all(&state.pool).await.ok()?;
     let account = app::reads::account(&state.pool, account_id).await.ok()??;
     let servers = app::reads::servers_of_account(&state.pool, account_id, None, app::reads::PAGE_MAX)
         .await
         .ok()??;
+    let latest_invoice = app::reads::invoices_of_account(&state.pool, account_id, None, 1)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|page| page.items.into_iter().next())
+        .map(|invoice| json!({"id": invoice.invoice_id, "number": invoice.number}));
     let currency = account.currency.as_str();
     Some(json!({
+        "invoice": latest_invoice,
         "balance": money(account.balance, currency),
         "reserved": money(account.reserved, currency),
         "available": money(account.available, currency),
@@ -62,9 +108,11 @@ async fn live(State(state): State<AppState>, headers: axum::http::HeaderMap, vis
                     first = false;
                     // The stream lasts only as long as its session: signed out, reset, idle or old,
                     // it ends.
-                    match app::people::session(&state.pool, &cookie, state.sessions, chrono::Utc::now()).await {
-                        Ok(Some(_)) => {}
-                        Ok(None) => return None,
+                    // Checked without marking the session used: an open tab alone does not keep
+                    // it alive past its idle timeout.
+                    match app::people::session_is_open(&state.pool, &cookie, state.sessions, chrono::Utc::now()).await {
+                        Ok(true) => {}
+                        Ok(false) => return None,
                         Err(_) => continue,
                     }
                     let Some(now) = snapshot(&state, account_id).await else {

@@ -89,6 +89,7 @@ async fn home(State(state): State<AppState>, Customer { session, account_id }: C
             }
         }
         h2 { "Servers" }
+        div data-servers=(views.len()) {}
         @if views.is_empty() {
             p class="muted" { "No servers yet." }
         } @else {
@@ -109,7 +110,6 @@ async fn home(State(state): State<AppState>, Customer { session, account_id }: C
                 }
             }
         }
-        script { (maud::PreEscaped(LIVE_SCRIPT)) }
     };
     page(&account.name, Some(&session), body).into_response()
 }
@@ -132,27 +132,6 @@ fn balance_chart(days: &[(chrono::NaiveDate, Decimal)], currency: &str) -> maud:
     );
     super::charts::line("Balance, last 30 days", &alternative, &points)
 }
-
-/// Keeps the dashboard current: figures replaced in place, and a reload when a server's status
-/// changed (its row shows more than the status).
-const LIVE_SCRIPT: &str = r#"
-(function () {
-  if (!window.EventSource) return;
-  var source = new EventSource("/live");
-  source.addEventListener("account", function (message) {
-    var now = JSON.parse(message.data);
-    ["balance", "reserved", "available"].forEach(function (name) {
-      var cell = document.querySelector('[data-figure="' + name + '"]');
-      if (cell) cell.textContent = now[name];
-    });
-    var changed = now.servers.some(function (server) {
-      var cell = document.querySelector('[data-server="' + server.id + '"] .badge');
-      return !cell || !cell.classList.contains(server.status);
-    });
-    if (changed && now.servers.length) window.location.reload();
-  });
-})();
-"#;
 
 /// A figure the live stream updates: the account's `name` as the API has it.
 fn live_figure(label: &str, name: &str, value: &str, account_id: &domain::AccountId) -> maud::Markup {
@@ -195,7 +174,7 @@ async fn server_page(State(state): State<AppState>, Customer { session, account_
     let currency = account.currency.clone();
     let server = crate::http::servers::view(row, state.clock.now(), &currency);
     let body = html! {
-        p { (badge(&server)) }
+        p data-server=(server.id) { (badge(&server)) }
         section class="figures" aria-label="Server" {
             (figure("Plan", &server.plan_id))
             (figure("Location", &server.location))
