@@ -533,17 +533,6 @@ async fn the_portal_and_the_console_in_a_browser() {
     check_page(&client, &tools, &base, "console-read-models").await;
     submit(&client, "button[aria-label='Rebuild statement']").await;
     until_path(&client, "/console/projections").await;
-    for _ in 0..100 {
-        let statuses = api(&base, reqwest::Method::GET, "/v1/admin/projections", ADMIN, None).await;
-        if statuses["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|status| status["rebuilding"] == false)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    support::rebuilds_done(&base, ADMIN).await;
     client.close().await.unwrap();
 }

@@ -678,6 +678,17 @@ async fn a_new_password_spends_every_link_ends_live_streams_and_portal_top_ups_a
     assert_eq!(page.headers()["cache-control"], "no-store");
 }
 
+/// An invitation made by an admin in the console: the page that answers it.
+async fn invite_from_console(admin: &mut Browser, email: &str, role: &str) -> Page {
+    let people = admin.get("/console/people").await;
+    admin
+        .post(
+            "/console/people",
+            &[("csrf", &people.csrf()), ("email", email), ("role", role), ("account", "")],
+        )
+        .await
+}
+
 /// The `href` of the first link on `page` that starts with `prefix`.
 fn link_starting(page: &Page, prefix: &str) -> String {
     let start = page
@@ -940,18 +951,7 @@ async fn a_revoked_key_stops_at_once_in_every_process_and_the_console_invites_an
     assert_eq!(listing.status(), StatusCode::UNAUTHORIZED);
 
     // An invitation made in the console signs its person in.
-    let people = admin.get("/console/people").await;
-    let invited = admin
-        .post(
-            "/console/people",
-            &[
-                ("csrf", &people.csrf()),
-                ("email", "new.finance@example.com"),
-                ("role", "finance"),
-                ("account", ""),
-            ],
-        )
-        .await;
+    let invited = invite_from_console(&mut admin, "new.finance@example.com", "finance").await;
     assert_eq!(invited.status, StatusCode::OK, "{}", invited.html);
     let start = invited.html.find("/link/").expect("the invitation link");
     let link: String = invited.html[start..].chars().take_while(|c| *c != '<' && *c != '"').collect();
@@ -961,41 +961,32 @@ async fn a_revoked_key_stops_at_once_in_every_process_and_the_console_invites_an
         .await;
     assert_eq!(newcomer.get("/console/keys").await.status, StatusCode::FORBIDDEN);
     // An invitation never replaces a password that is set: that would hand the inviter the login.
-    let people = admin.get("/console/people").await;
-    let again = admin
-        .post(
-            "/console/people",
-            &[
-                ("csrf", &people.csrf()),
-                ("email", "new.finance@example.com"),
-                ("role", "finance"),
-                ("account", ""),
-            ],
-        )
-        .await;
+    let again = invite_from_console(&mut admin, "new.finance@example.com", "finance").await;
     assert_eq!(again.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", again.html);
     assert!(!again.html.contains("/link/"), "{}", again.html);
     assert_eq!(newcomer.get("/console/audit").await.status, StatusCode::OK);
 
     // A rebuild started from the console runs to its end; the page shows each read model's lag.
+    let generation = || async {
+        let statuses = api(&first.base, reqwest::Method::GET, "/v1/admin/projections", ADMIN, None).await;
+        statuses["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|status| status["name"] == "balances")
+            .unwrap()["generation"]
+            .as_i64()
+            .unwrap()
+    };
+    let before = generation().await;
     let models = admin.get("/console/projections").await;
     assert!(models.html.contains("balances"), "{}", models.html);
     let started = admin
         .post("/console/projections/balances/rebuild", &[("csrf", &models.csrf())])
         .await;
     assert_eq!(started.location.as_deref(), Some("/console/projections"));
-    for _ in 0..200 {
-        let statuses = api(&first.base, reqwest::Method::GET, "/v1/admin/projections", ADMIN, None).await;
-        if statuses["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|status| status["rebuilding"] == false)
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    support::rebuilds_done(&first.base, ADMIN).await;
+    assert_eq!(generation().await, before + 1, "the rebuilt read model swapped in");
     let figures = api(&first.base, reqwest::Method::GET, &format!("/v1/accounts/{mine}"), ADMIN, None).await;
     assert_eq!(figures["balance"], "3.00");
 

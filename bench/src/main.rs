@@ -628,19 +628,7 @@ async fn http_balance(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement>
     projections::runner::catch_up_all(pool).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    let state = api::http::AppState {
-        pool: pool.clone(),
-        flows,
-        clock,
-        dev_clock: None,
-        webhook_secret: None,
-        public_url: base.clone(),
-        payments: None,
-        rate_limiter: Arc::new(api::http::operations::RateLimiter::new(1_000_000, 1_000_000.0)),
-        sessions: app::people::SessionLimits::default(),
-        signin_limiter: Arc::new(api::http::operations::RateLimiter::new(10, 0.2)),
-        signin_limiter_all: Arc::new(api::http::operations::RateLimiter::new(60, 5.0)),
-    };
+    let state = serving_state(pool, flows, clock, None, &base);
     let server = tokio::spawn(async move { axum::serve(listener, api::http::router(state)).await });
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -688,7 +676,11 @@ async fn pages(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
     let requests = if quick { 3 } else { 50 };
     let log = EventLog::open(pool.clone(), LogConfig::default()).await?;
     // `--quick` (CI) makes a small fleet: it checks the pages, not their speed.
-    let size = if quick { 12 } else { app::config::Config::from_env(true, "127.0.0.1:0".into())?.demo_accounts };
+    let size = if quick {
+        12
+    } else {
+        app::config::Config::from_env(true, "127.0.0.1:0".into())?.demo_accounts
+    };
     let demo = app::history::demo(&log, size, |_| {}).await?;
     projections::runner::catch_up_all(pool).await?;
     let clock = Arc::new(domain::ManualClock::new(demo.history_end));
@@ -717,19 +709,7 @@ async fn pages(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
     let (_, _, events) = app::reads::counts(pool).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    let state = api::http::AppState {
-        pool: pool.clone(),
-        flows,
-        clock: clock.clone(),
-        dev_clock: Some(clock),
-        webhook_secret: None,
-        public_url: base.clone(),
-        payments: None,
-        rate_limiter: Arc::new(api::http::operations::RateLimiter::new(1_000_000, 1_000_000.0)),
-        sessions: app::people::SessionLimits::default(),
-        signin_limiter: Arc::new(api::http::operations::RateLimiter::new(10, 0.2)),
-        signin_limiter_all: Arc::new(api::http::operations::RateLimiter::new(60, 5.0)),
-    };
+    let state = serving_state(pool, flows, clock.clone(), Some(clock), &base);
     let served = tokio::spawn(async move { axum::serve(listener, api::http::router(state)).await });
     let pages: Vec<(&str, String)> = vec![
         ("customer", "/".into()),
@@ -785,6 +765,30 @@ async fn pages(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
         events: events as usize,
         repetitions: 1,
     })
+}
+
+/// What the router serves with in a benchmark: no card processor, rate limits out of the way.
+fn serving_state(
+    pool: &PgPool,
+    flows: app::flows::Flows,
+    clock: std::sync::Arc<dyn domain::Clock>,
+    dev_clock: Option<std::sync::Arc<domain::ManualClock>>,
+    base: &str,
+) -> api::http::AppState {
+    use std::sync::Arc;
+    api::http::AppState {
+        pool: pool.clone(),
+        flows,
+        clock,
+        dev_clock,
+        webhook_secret: None,
+        public_url: base.to_string(),
+        payments: None,
+        rate_limiter: Arc::new(api::http::operations::RateLimiter::new(1_000_000, 1_000_000.0)),
+        sessions: app::people::SessionLimits::default(),
+        signin_limiter: Arc::new(api::http::operations::RateLimiter::new(10, 0.2)),
+        signin_limiter_all: Arc::new(api::http::operations::RateLimiter::new(60, 5.0)),
+    }
 }
 
 /// Every client's latencies, sorted.

@@ -118,3 +118,28 @@ pub async fn customer(base: &str, admin: &str, currency: &str, country: &str) ->
         .unwrap();
     (account, key["token"].as_str().unwrap().to_string())
 }
+
+/// Waits (at most 10 s) until no read model is being rebuilt, as `/v1/admin/projections` says.
+pub async fn rebuilds_done(base: &str, admin: &str) {
+    for _ in 0..200 {
+        let statuses: serde_json::Value = reqwest::Client::new()
+            .get(format!("{base}/v1/admin/projections"))
+            .bearer_auth(admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if statuses["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|status| status["rebuilding"] == false)
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("a rebuild did not end");
+}

@@ -112,7 +112,28 @@ fn refused(session: &Session, error: impl Into<ApiError>) -> Response {
         .into_response()
 }
 
-async fn account_row(state: &AppState, session: &Session, account_id: AccountId) -> Result<projections::balances::BalanceRow, Response> {
+/// The account `id` names (a 404 page when it names none).
+pub(super) async fn account_named(
+    state: &AppState,
+    session: &Session,
+    id: &str,
+) -> Result<(AccountId, projections::balances::BalanceRow), Response> {
+    let Ok(account_id) = AccountId::parse(id) else {
+        return Err(status_page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "There is no such account.",
+            Some(session),
+        ));
+    };
+    account_row(state, session, account_id).await.map(|row| (account_id, row))
+}
+
+pub(super) async fn account_row(
+    state: &AppState,
+    session: &Session,
+    account_id: AccountId,
+) -> Result<projections::balances::BalanceRow, Response> {
     match app::reads::account(&state.pool, account_id).await {
         Ok(Some(row)) => Ok(row),
         Ok(None) => Err(status_page(

@@ -258,14 +258,9 @@ async fn correct(
     if let Err(refused) = check_csrf(&session, &form.csrf) {
         return refused;
     }
-    let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such account.", Some(&session));
-    let Ok(account_id) = AccountId::parse(&id) else {
-        return not_found();
-    };
-    let account = match app::reads::account(&state.pool, account_id).await {
-        Ok(Some(account)) => account,
-        Ok(None) => return not_found(),
-        Err(error) => return unavailable(error),
+    let (account_id, account) = match super::actions::account_named(&state, &session, &id).await {
+        Ok(found) => found,
+        Err(response) => return response,
     };
     let Ok(currency) = domain::Currency::parse(&account.currency) else {
         return unavailable("an account with an unknown currency");

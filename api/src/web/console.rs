@@ -104,14 +104,9 @@ async fn account_page(
     Query(as_of): Query<AsOf>,
     Query(prefill): Query<Prefill>,
 ) -> Response {
-    let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such account.", Some(&session));
-    let Ok(account_id) = AccountId::parse(&id) else {
-        return not_found();
-    };
-    let account = match app::reads::account(&state.pool, account_id).await {
-        Ok(Some(account)) => account,
-        Ok(None) => return not_found(),
-        Err(error) => return unavailable(error),
+    let (account_id, account) = match super::actions::account_named(&state, &session, &id).await {
+        Ok(found) => found,
+        Err(response) => return response,
     };
     let instant = match as_of.instant(&session) {
         Ok(instant) => instant,
@@ -294,14 +289,9 @@ async fn statement_page(
     Path(id): Path<String>,
     Query(after): Query<After>,
 ) -> Response {
-    let not_found = || status_page(StatusCode::NOT_FOUND, "Not found", "There is no such account.", Some(&session));
-    let Ok(account_id) = AccountId::parse(&id) else {
-        return not_found();
-    };
-    let account = match app::reads::account(&state.pool, account_id).await {
-        Ok(Some(account)) => account,
-        Ok(None) => return not_found(),
-        Err(error) => return unavailable(error),
+    let (account_id, account) = match super::actions::account_named(&state, &session, &id).await {
+        Ok(found) => found,
+        Err(response) => return response,
     };
     let rows = match app::reads::statement(&state.pool, account_id, after.after.unwrap_or(0).max(0), 100, &Default::default()).await {
         Ok(rows) => rows,
