@@ -531,8 +531,59 @@ async fn the_portal_and_the_console_in_a_browser() {
     }
     client.goto(&format!("{base}/console/projections")).await.unwrap();
     check_page(&client, &tools, &base, "console-read-models").await;
+    let before = support::generation(&base, ADMIN, "statement").await;
     submit(&client, "button[aria-label='Rebuild statement']").await;
     until_path(&client, "/console/projections").await;
-    support::rebuilds_done(&base, ADMIN).await;
+    support::rebuilt(&base, ADMIN, "statement", before).await;
+
+    // A customer of another account finds nothing of this one's; a form whose CSRF token is taken
+    // out is refused; and a session left idle past its timeout is signed out (a second server on
+    // the same database, with a two-second idle timeout).
+    client.delete_all_cookies().await.unwrap();
+    let other = api(
+        &base,
+        reqwest::Method::POST,
+        "/v1/accounts",
+        ADMIN,
+        Some(json!({"name": "Mallory", "email": "mallory@example.com", "currency": "AUD", "country": "AU"})),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (short, _short_stdout) = support::start(
+        &db,
+        &["serve", "--bind", "127.0.0.1:0", "--dev"],
+        &[("BILLING_SESSION_IDLE_SECONDS", Some("2"))],
+    );
+    let link = invite(&db, "mallory@example.com", "customer", Some(&other));
+    sign_in_through(&client, &short.base, &link, "mallory@example.com", "mallory pries around").await;
+    for path in [format!("/servers/{server_id}"), format!("{invoice_path}/pdf"), invoice_path.clone()] {
+        client.goto(&format!("{}{path}", short.base)).await.unwrap();
+        let title = client.title().await.unwrap();
+        assert!(title.starts_with("Not found"), "{path}: {title}");
+    }
+    client.goto(&format!("{}/topup", short.base)).await.unwrap();
+    client
+        .execute("document.querySelector('form.card input[name=csrf]').remove();", vec![])
+        .await
+        .unwrap();
+    fill(&client, "input[name=amount]", "5.00").await;
+    submit(&client, "form.card button[type=submit]").await;
+    until_source(&client, "did not come from this site").await;
+    assert_eq!(
+        api(
+            &base,
+            reqwest::Method::GET,
+            &format!("/v1/accounts/{other}/transactions"),
+            ADMIN,
+            None
+        )
+        .await["items"],
+        json!([])
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    client.goto(&format!("{}/", short.base)).await.unwrap();
+    until_path(&client, "/signin").await;
     client.close().await.unwrap();
 }

@@ -456,8 +456,10 @@ async fn a_customer_tops_up_orders_sets_up_cancels_and_revokes_from_the_portal()
 #[tokio::test]
 async fn the_dashboard_hears_of_a_payment_as_it_lands() {
     let db = TestDatabase::new().await;
-    let server = serve(&db, &[]);
-    let (mine, _) = account(&server.base, "Fay", "1.00").await;
+    let server = serve(&db, &[("BILLING_SIMULATED_LATENCY_MS", Some("10"))]);
+    let clock = |body: Value| api(&server.base, reqwest::Method::POST, "/v1/dev/clock", ADMIN, Some(body));
+    clock(json!({"now": "2027-05-31T21:30:00Z"})).await;
+    let (mine, token) = account(&server.base, "Fay", "1.00").await;
     let mut browser = Browser::new(&server.base);
     let link = invite(&db, "fay@example.com", "customer", Some(&mine));
     browser
@@ -496,6 +498,19 @@ async fn the_dashboard_hears_of_a_payment_as_it_lands() {
     let pay_path = format!("{}/pay", checkout.location.unwrap().trim_start_matches(&server.base));
     browser.post(&pay_path, &[]).await;
     read_until("\"balance\":\"6.00 AUD\"", &mut received).await;
+    // A server's status changes and a new invoice reach the stream too.
+    let ordered = api(
+        &server.base,
+        reqwest::Method::POST,
+        &format!("/v1/accounts/{mine}/orders"),
+        &token,
+        Some(json!({"plan_id": "vps-1g", "location": "syd"})),
+    )
+    .await;
+    let server_id = ordered["server_id"].as_str().unwrap().to_string();
+    read_until(&format!("{{\"id\":\"{server_id}\",\"status\":\"needs_setup\"}}"), &mut received).await;
+    clock(json!({"now": "2027-06-01T00:30:00Z"})).await;
+    read_until("\"number\":\"INV-2027-", &mut received).await;
     // Without a session there is no stream.
     let anonymous = reqwest::get(format!("{}/live", server.base)).await.unwrap();
     assert_eq!(anonymous.status(), StatusCode::NOT_FOUND);
@@ -967,26 +982,14 @@ async fn a_revoked_key_stops_at_once_in_every_process_and_the_console_invites_an
     assert_eq!(newcomer.get("/console/audit").await.status, StatusCode::OK);
 
     // A rebuild started from the console runs to its end; the page shows each read model's lag.
-    let generation = || async {
-        let statuses = api(&first.base, reqwest::Method::GET, "/v1/admin/projections", ADMIN, None).await;
-        statuses["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|status| status["name"] == "balances")
-            .unwrap()["generation"]
-            .as_i64()
-            .unwrap()
-    };
-    let before = generation().await;
+    let before = support::generation(&first.base, ADMIN, "balances").await;
     let models = admin.get("/console/projections").await;
     assert!(models.html.contains("balances"), "{}", models.html);
     let started = admin
         .post("/console/projections/balances/rebuild", &[("csrf", &models.csrf())])
         .await;
     assert_eq!(started.location.as_deref(), Some("/console/projections"));
-    support::rebuilds_done(&first.base, ADMIN).await;
-    assert_eq!(generation().await, before + 1, "the rebuilt read model swapped in");
+    support::rebuilt(&first.base, ADMIN, "balances", before).await;
     let figures = api(&first.base, reqwest::Method::GET, &format!("/v1/accounts/{mine}"), ADMIN, None).await;
     assert_eq!(figures["balance"], "3.00");
 

@@ -493,3 +493,12 @@ pub async fn revenue_by_day(
     .fetch_all(pool)
     .await
 }
+
+/// The latest hourly charge of a server (its newest `charge` statement row).
+pub async fn latest_charge_of_server(pool: &PgPool, account_id: AccountId, server_id: ServerId) -> Result<Option<StatementRow>> {
+    sqlx::query_as("SELECT * FROM rm.statement WHERE account_id = $1 AND server_id = $2 AND kind = 'charge' ORDER BY position DESC LIMIT 1")
+        .bind(account_id.0)
+        .bind(server_id.0)
+        .fetch_optional(pool)
+        .await
+}

@@ -119,27 +119,37 @@ pub async fn customer(base: &str, admin: &str, currency: &str, country: &str) ->
     (account, key["token"].as_str().unwrap().to_string())
 }
 
-/// Waits (at most 10 s) until no read model is being rebuilt, as `/v1/admin/projections` says.
-pub async fn rebuilds_done(base: &str, admin: &str) {
+/// The generation of read model `name` (how many times it has been rebuilt and swapped in).
+#[allow(dead_code)] // the web and browser tests use it
+pub async fn generation(base: &str, admin: &str, name: &str) -> i64 {
+    let statuses: serde_json::Value = reqwest::Client::new()
+        .get(format!("{base}/v1/admin/projections"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    statuses["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|status| status["name"] == name)
+        .unwrap_or_else(|| panic!("no read model {name} in {statuses}"))["generation"]
+        .as_i64()
+        .unwrap()
+}
+
+/// Waits (at most 10 s) until read model `name` has been rebuilt and swapped in: its generation
+/// has passed `before`.
+#[allow(dead_code)] // the web and browser tests use it
+pub async fn rebuilt(base: &str, admin: &str, name: &str, before: i64) {
     for _ in 0..200 {
-        let statuses: serde_json::Value = reqwest::Client::new()
-            .get(format!("{base}/v1/admin/projections"))
-            .bearer_auth(admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if statuses["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|status| status["rebuilding"] == false)
-        {
+        if generation(base, admin, name).await > before {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    panic!("a rebuild did not end");
+    panic!("{name} was not rebuilt");
 }

@@ -351,7 +351,9 @@ async fn revoke(
 }
 
 /// The actions a server's page offers for its status.
-pub fn server_actions(session: &Session, server: &crate::http::types::Server, status: &str) -> Markup {
+/// The forms of a server's page; `refund` is what a cancellation now would give back of the
+/// current hour (shown before the customer confirms).
+pub fn server_actions(session: &Session, server: &crate::http::types::Server, status: &str, refund: Option<Markup>) -> Markup {
     let id = server.id;
     html! {
         @if status == "needs_setup" {
@@ -385,6 +387,9 @@ pub fn server_actions(session: &Session, server: &crate::http::types::Server, st
                 "Billing stops at once and the unused part of the hour you paid is refunded to your wallet, to the second. "
                 strong { "Grace" } ": the server is powered off and deleted in 30 days; you can change your mind until then. "
                 strong { "Immediate" } ": deleted in 5 minutes; this cannot be undone."
+            }
+            @if let Some(refund) = refund {
+                p { "Cancelled now, either way, about " strong { (refund) } " of this hour comes back to your wallet." }
             }
             form method="post" action={ "/servers/" (id) "/cancellation" } {
                 (guard_fields(session))

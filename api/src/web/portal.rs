@@ -172,7 +172,22 @@ async fn server_page(State(state): State<AppState>, Customer { session, account_
         Err(error) => return unavailable(error),
     };
     let currency = account.currency.clone();
-    let server = crate::http::servers::view(row, state.clock.now(), &currency);
+    let now = state.clock.now();
+    let server = crate::http::servers::view(row, now, &currency);
+    // A cancellation gives back the unused part of the current hour's charge, to the second.
+    let refund = match app::reads::latest_charge_of_server(&state.pool, account_id, server_id).await {
+        Ok(charge) => charge
+            .filter(|charge| domain::HourSlot::containing(charge.occurred_at) == domain::HourSlot::containing(now))
+            .map(|charge| {
+                let unused = domain::HourSlot::containing(now).seconds_after(now);
+                derived_money(
+                    domain::billing::pro_rata(-charge.amount, unused),
+                    &currency,
+                    "the unused part of this hour's charge",
+                )
+            }),
+        Err(error) => return unavailable(error),
+    };
     let body = html! {
         p data-server=(server.id) { (badge(&server)) }
         section class="figures" aria-label="Server" {
@@ -182,7 +197,7 @@ async fn server_page(State(state): State<AppState>, Customer { session, account_
             (figure("This month (net)", api_money(server.month_to_date_net.0.parse().unwrap_or_default(), &currency, &format!("/v1/servers/{}", server.id), "/month_to_date_net")))
             (figure("Next charge", &server.next_charge_at.map(|at| at.format("%Y-%m-%d %H:%M UTC").to_string()).unwrap_or_else(|| "none".into())))
         }
-        (super::actions::server_actions(&session, &server, &status_text(&server)))
+        (super::actions::server_actions(&session, &server, &status_text(&server), refund))
         @if let (Some(mode), Some(at)) = (server.cancellation_mode, server.cancellation_effective_at) {
             p class="banner" {
                 "Cancelled ("
