@@ -415,7 +415,34 @@ async fn the_portal_and_the_console_in_a_browser() {
         Some(json!({"now": "2027-06-01T00:30:00Z"})),
     )
     .await;
+    // A service credit against one of May's (invoiced) charges: a credit note, listed with the invoices.
+    let movements = api(
+        &base,
+        reqwest::Method::GET,
+        &format!("/v1/accounts/{account}/transactions?limit=200"),
+        ADMIN,
+        None,
+    )
+    .await;
+    let charge = movements["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["kind"] == "charge")
+        .expect("a charge")["reference"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api(
+        &base,
+        reqwest::Method::POST,
+        &format!("/v1/admin/charges/{charge}/refunds"),
+        ADMIN,
+        Some(json!({"amount": "0.001", "reason": "a slow hour"})),
+    )
+    .await;
     client.goto(&format!("{base}/invoices")).await.unwrap();
+    until_source(&client, "CN-2027-").await;
     check_page(&client, &tools, &base, "invoices").await;
     submit(&client, "td a").await;
     until_path(&client, "/invoices/").await;

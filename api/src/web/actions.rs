@@ -683,6 +683,23 @@ async fn invoices(State(state): State<AppState>, Customer { session, account_id 
         Ok(None) => Vec::new(),
         Err(error) => return unavailable(error),
     };
+    let ids: Vec<uuid::Uuid> = rows.iter().map(|row| row.invoice_id).collect();
+    let notes = match app::reads::credit_notes(&state.pool, &ids).await {
+        Ok(notes) => notes,
+        Err(error) => return unavailable(error),
+    };
+    // Each credit note with its invoice and its place among that invoice's notes (as the API lists them).
+    let notes: Vec<(usize, &projections::invoices::CreditNoteRow, &projections::invoices::InvoiceRow)> = notes
+        .iter()
+        .filter_map(|note| {
+            let invoice = rows.iter().find(|row| row.invoice_id == note.invoice_id)?;
+            let place = notes
+                .iter()
+                .filter(|other| other.invoice_id == note.invoice_id)
+                .position(|other| other.credit_note_id == note.credit_note_id)?;
+            Some((place, note, invoice))
+        })
+        .collect();
     let body = html! {
         @if rows.is_empty() { p class="muted" { "No invoices yet: one is issued for each month with charges." } }
         @else { div class="table" { table {
@@ -694,8 +711,21 @@ async fn invoices(State(state): State<AppState>, Customer { session, account_id 
                 td { a href={ "/invoices/" (row.invoice_id) "/pdf" } aria-label={ "Invoice " (row.number) " as PDF" } { "PDF" } }
             } } }
         } } }
+        @if !notes.is_empty() {
+            h2 { "Credit notes" }
+            div class="table" { table {
+                thead { tr { th { "Credit note" } th { "Against invoice" } th { "Issued" } th { "Reason" } th class="n" { "Total" } } }
+                tbody { @for (place, note, invoice) in &notes { tr {
+                    td { (note.number) }
+                    td { a href={ "/invoices/" (invoice.invoice_id) } { (invoice.number) } }
+                    td { (note.issued_at.format("%Y-%m-%d")) }
+                    td { (note.reason) }
+                    td class="n" { (api_money(note.total, &invoice.currency, &format!("/v1/invoices/{}", invoice.invoice_id), &format!("/credit_notes/{place}/total"))) }
+                } } }
+            } }
+        }
     };
-    page("Invoices", Some(&session), body).into_response()
+    page("Invoices and credit notes", Some(&session), body).into_response()
 }
 
 async fn invoice(State(state): State<AppState>, Customer { session, account_id }: Customer, Path(id): Path<String>) -> Response {
