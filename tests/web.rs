@@ -1026,3 +1026,32 @@ async fn a_revoked_key_stops_at_once_in_every_process_and_the_console_invites_an
     let bad = admin.get("/console/audit/export?from=yesterday").await;
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
 }
+
+#[tokio::test]
+async fn outside_dev_mode_cookies_are_secure_and_bound_to_this_host() {
+    let db = TestDatabase::new().await;
+    let (server, _stdout) = support::start(
+        &db,
+        &["serve", "--bind", "127.0.0.1:0"],
+        &[("BILLING_BOOTSTRAP_ADMIN_TOKEN", Some(ADMIN))],
+    );
+    let page = reqwest::get(format!("{}/signin", server.base)).await.unwrap();
+    let set = page.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(set.starts_with("__Host-billing_form="), "{set}");
+    for part in ["Secure", "Path=/", "HttpOnly", "SameSite=Strict"] {
+        assert!(set.contains(part), "{set}");
+    }
+    assert!(!set.contains("Domain="), "{set}");
+    // A cookie without the prefix (as a sibling host could plant) is not taken for the form's.
+    let html = page.text().await.unwrap();
+    let start = html.find("name=\"csrf\" value=\"").unwrap() + 19;
+    let token = html[start..].split('"').next().unwrap().to_string();
+    let planted = reqwest::Client::new()
+        .post(format!("{}/signin", server.base))
+        .header("cookie", format!("billing_form={token}"))
+        .form(&[("csrf", token.as_str()), ("email", "a@example.com"), ("password", "whatever it is")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(planted.status(), StatusCode::FORBIDDEN);
+}

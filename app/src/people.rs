@@ -298,22 +298,34 @@ pub async fn sign_in(pool: &PgPool, email: &str, password: &str, now: DateTime<U
     if let Some(until) = locked_until.filter(|until| *until > now) {
         return Err(PeopleError::Locked(until));
     }
+    // The attempt is counted as failed before the password is checked, in one statement that
+    // also refuses it once the email is locked: guesses sent at once cannot all pass the check
+    // before any is counted. A right password sets the count back to zero below. Counted in the
+    // database, so every process sees the same count.
+    let counted: Option<i32> = sqlx::query_scalar(
+        "UPDATE people SET failed_attempts = failed_attempts + 1, \
+           locked_until = CASE WHEN failed_attempts + 1 >= $2 THEN $3 ELSE NULL END \
+         WHERE person_id = $1 AND (locked_until IS NULL OR locked_until <= $4) \
+         RETURNING failed_attempts",
+    )
+    .bind(person_id)
+    .bind(FAILURES_MAX)
+    .bind(now + LOCKOUT)
+    .bind(now)
+    .fetch_optional(pool)
+    .await?;
+    if counted.is_none() {
+        let until: Option<DateTime<Utc>> = sqlx::query_scalar("SELECT locked_until FROM people WHERE person_id = $1")
+            .bind(person_id)
+            .fetch_one(pool)
+            .await?;
+        return Err(PeopleError::Locked(until.unwrap_or(now + LOCKOUT)));
+    }
     let matches = {
         let (password, hash) = (password.to_string(), hash.unwrap_or_else(|| DUMMY_HASH.clone()));
         blocking(move || password_matches(&password, &hash)).await
     };
     if !matches {
-        // Counted in the database, so every process sees the same count.
-        sqlx::query(
-            "UPDATE people SET failed_attempts = failed_attempts + 1, \
-               locked_until = CASE WHEN failed_attempts + 1 >= $2 THEN $3 ELSE locked_until END \
-             WHERE person_id = $1",
-        )
-        .bind(person_id)
-        .bind(FAILURES_MAX)
-        .bind(now + LOCKOUT)
-        .execute(pool)
-        .await?;
         return Err(PeopleError::WrongCredentials);
     }
     sqlx::query("UPDATE people SET failed_attempts = 0, locked_until = NULL WHERE person_id = $1")

@@ -29,20 +29,32 @@ pub fn routes() -> Router<AppState> {
         .route("/reset", get(reset_page).post(reset))
 }
 
-/// A cookie of the request.
-pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// A cookie's name as set: outside dev mode with the `__Host-` prefix, which browsers accept only
+/// from this very host over HTTPS with `Path=/`, so a sibling subdomain cannot plant one.
+fn cookie_name(state: &AppState, name: &str) -> String {
+    if state.dev_clock.is_some() {
+        name.to_string()
+    } else {
+        format!("__Host-{name}")
+    }
+}
+
+/// A cookie of the request (by its name before the prefix `cookie_name` adds).
+pub fn cookie<'a>(state: &AppState, headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let name = cookie_name(state, name);
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(key, _)| *key == name)
+        .find(|(key, _)| *key == name.as_str())
         .map(|(_, value)| value)
 }
 
 fn set_cookie(state: &AppState, name: &str, value: &str, max_age_seconds: i64) -> HeaderValue {
     let secure = if state.dev_clock.is_some() { "" } else { "; Secure" };
+    let name = cookie_name(state, name);
     HeaderValue::from_str(&format!(
         "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age_seconds}{secure}"
     ))
@@ -56,7 +68,7 @@ impl FromRequestParts<AppState> for Visitor {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Visitor, Response> {
-        let Some(cookie) = cookie(&parts.headers, SESSION_COOKIE) else {
+        let Some(cookie) = cookie(state, &parts.headers, SESSION_COOKIE) else {
             return Ok(Visitor(None));
         };
         // Session time is real time, whatever the dev clock says.
@@ -145,8 +157,8 @@ fn form_token(state: &AppState) -> (String, HeaderValue) {
 }
 
 /// The double-submit check of a form shown before sign-in.
-fn check_form_token(headers: &HeaderMap, sent: &str) -> Result<(), Response> {
-    match cookie(headers, FORM_COOKIE) {
+fn check_form_token(state: &AppState, headers: &HeaderMap, sent: &str) -> Result<(), Response> {
+    match cookie(state, headers, FORM_COOKIE) {
         Some(expected) if !sent.is_empty() && expected == sent => Ok(()),
         _ => Err(status_page(
             StatusCode::FORBIDDEN,
@@ -187,7 +199,7 @@ struct SignIn {
 }
 
 async fn signin(State(state): State<AppState>, headers: HeaderMap, Form(form): Form<SignIn>) -> Response {
-    if let Err(refused) = check_form_token(&headers, &form.csrf) {
+    if let Err(refused) = check_form_token(&state, &headers, &form.csrf) {
         return refused;
     }
     let again = |status: StatusCode, message: &str| {
@@ -235,7 +247,7 @@ async fn signout(State(state): State<AppState>, headers: HeaderMap, visitor: Vis
     if let Err(refused) = check_csrf(&session, &form.csrf) {
         return refused;
     }
-    if let Some(cookie) = cookie(&headers, SESSION_COOKIE) {
+    if let Some(cookie) = cookie(&state, &headers, SESSION_COOKIE) {
         if let Err(error) = app::people::sign_out(&state.pool, cookie, Utc::now()).await {
             return unavailable(error);
         }
@@ -287,7 +299,7 @@ async fn set_password(
     Path(link): Path<String>,
     Form(form): Form<NewPassword>,
 ) -> Response {
-    if let Err(refused) = check_form_token(&headers, &form.csrf) {
+    if let Err(refused) = check_form_token(&state, &headers, &form.csrf) {
         return refused;
     }
     match app::people::set_password(&state.pool, &link, &form.password, Utc::now()).await {
@@ -335,7 +347,7 @@ struct ResetRequest {
 /// Answers the same whether the email is known or not. The link goes to the operator's log (no
 /// mail server is configured); in dev mode it is also shown on the page.
 async fn reset(State(state): State<AppState>, headers: HeaderMap, Form(form): Form<ResetRequest>) -> Response {
-    if let Err(refused) = check_form_token(&headers, &form.csrf) {
+    if let Err(refused) = check_form_token(&state, &headers, &form.csrf) {
         return refused;
     }
     if state

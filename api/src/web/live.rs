@@ -88,7 +88,7 @@ async fn snapshot(state: &AppState, account_id: AccountId) -> Option<serde_json:
 async fn live(State(state): State<AppState>, headers: axum::http::HeaderMap, visitor: Visitor) -> Response {
     let (Some(account_id), Some(cookie)) = (
         visitor.0.and_then(|session| session.account_id),
-        super::auth::cookie(&headers, super::SESSION_COOKIE).map(str::to_string),
+        super::auth::cookie(&state, &headers, super::SESSION_COOKIE).map(str::to_string),
     ) else {
         return axum::http::StatusCode::NOT_FOUND.into_response();
     };
