@@ -17,7 +17,15 @@ use sqlx::{Connection, PgConnection, PgPool};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const SCENARIOS: &[&str] = &["append", "append_concurrent", "billing_run", "http_balance", "pages", "rebuild"];
+const SCENARIOS: &[&str] = &[
+    "append",
+    "append_concurrent",
+    "billing_run",
+    "catch_up",
+    "http_balance",
+    "pages",
+    "rebuild",
+];
 
 #[derive(Parser)]
 #[command(about = "Benchmarks of the billing ledger")]
@@ -103,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
                 "append_concurrent" => append_concurrent(&pool, args.quick).await?,
                 "rebuild" => rebuild(&pool, args.quick).await?,
                 "billing_run" => billing_run(&pool, args.quick).await?,
+                "catch_up" => catch_up(&pool, args.quick).await?,
                 "http_balance" => http_balance(&pool, args.quick).await?,
                 "pages" => pages(&pool, args.quick).await?,
                 _ => unreachable!("checked above"),
@@ -415,20 +424,21 @@ async fn rebuild(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
     })
 }
 
-/// One hourly billing run (`app::workers::bill_due`, as `billing serve` and `billing bill` run
-/// it) over servers that each owe exactly one slot, against a per-server loop doing the least a
-/// wallet charge can do in SQL (read the wallet, insert the charge, update the wallet, one
-/// transaction per server) on the same database.
-async fn billing_run(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
+/// A fleet for the billing scenarios: `servers_total` servers, two per account (each account
+/// funded with 1,000 AUD), ordered and provisioned at `start`, written as the domain's own events
+/// and projected; returns the flows to bill them with and their clock (a day before `start`).
+async fn fleet(
+    pool: &PgPool,
+    servers_total: usize,
+    start: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<(app::flows::Flows, std::sync::Arc<domain::ManualClock>)> {
     use domain::account::{AccountEvent, Figures};
     use domain::server::ServerEvent;
-    use domain::{AccountId, Country, Currency, HourSlot, Location, OrderId, PlanId, ServerId, TopUpId};
+    use domain::{AccountId, Country, Currency, Location, OrderId, PlanId, ServerId, TopUpId};
     use rust_decimal::Decimal;
 
-    let servers_total = if quick { 2_000 } else { 100_000 };
     let servers_per_account = 2;
     let accounts = servers_total / servers_per_account;
-    let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")?.to_utc();
     let clock = std::sync::Arc::new(domain::ManualClock::new(start - chrono::Duration::days(1)));
     let log = EventLog::open(pool.clone(), LogConfig::default()).await?;
     let flows = app::flows::Flows::new(app::handler::CommandHandler::new(log.clone(), clock.clone()));
@@ -500,6 +510,66 @@ async fn billing_run(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> 
     for append in appends {
         append.await??;
     }
+    projections::runner::catch_up_all(pool).await?;
+    Ok((flows, clock))
+}
+
+/// Ten days without a billing run: `app::workers::bill_due` (as `billing bill` runs it) catches up
+/// 10,000 servers by 240 slots each (2,400,000 charges), each slot once.
+async fn catch_up(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
+    use domain::HourSlot;
+    let (servers_total, days) = if quick { (200, 2) } else { (10_000, 10) };
+    let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")?.to_utc();
+    let (flows, clock) = fleet(pool, servers_total, start).await?;
+    let first = HourSlot::containing(start).next();
+    let slots = 24 * days;
+    let last = HourSlot::containing(first.start() + chrono::Duration::hours(slots as i64 - 1));
+    clock.set(last.start() + chrono::Duration::minutes(5))?;
+    let started = Instant::now();
+    let report = app::workers::bill_due(&flows, last).await?;
+    let elapsed = started.elapsed();
+    let expected = servers_total * slots;
+    let (charged, twice): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) - count(DISTINCT (payload->>'server_id', payload->>'slot')) FROM events WHERE event_type = 'HourCharged'",
+    )
+    .fetch_one(pool)
+    .await?;
+    anyhow::ensure!(
+        charged as usize == expected && twice == 0 && report.declined == 0,
+        "caught up {charged} of {expected} slots ({twice} twice, {} declined)",
+        report.declined
+    );
+    let again = app::workers::bill_due(&flows, last).await?;
+    anyhow::ensure!(again.charged == 0, "a second run charged {} slots", again.charged);
+    eprintln!(
+        "catch_up: {servers_total} servers x {slots} slots = {expected} charges in {:.2} s",
+        elapsed.as_secs_f64()
+    );
+    Ok(Measurement {
+        scenario: "catch_up",
+        value: expected as f64 / elapsed.as_secs_f64(),
+        unit: "charges/s",
+        baseline: None,
+        baseline_value: None,
+        ratio: None,
+        p50_ms: None,
+        p99_ms: None,
+        events: expected,
+        repetitions: 1,
+    })
+}
+
+/// One hourly billing run (`app::workers::bill_due`, as `billing serve` and `billing bill` run
+/// it) over servers that each owe exactly one slot, against a per-server loop doing the least a
+/// wallet charge can do in SQL (read the wallet, insert the charge, update the wallet, one
+/// transaction per server) on the same database.
+async fn billing_run(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
+    use domain::HourSlot;
+    use rust_decimal::Decimal;
+
+    let servers_total = if quick { 2_000 } else { 100_000 };
+    let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")?.to_utc();
+    let (flows, clock) = fleet(pool, servers_total, start).await?;
     projections::runner::catch_up_all(pool).await?;
     let due_slot = HourSlot::containing(start).next();
     clock.set(due_slot.start() + chrono::Duration::minutes(5))?;
