@@ -22,6 +22,7 @@ const SCENARIOS: &[&str] = &[
     "append_concurrent",
     "billing_run",
     "catch_up",
+    "commands",
     "http_balance",
     "pages",
     "rebuild",
@@ -112,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
                 "rebuild" => rebuild(&pool, args.quick).await?,
                 "billing_run" => billing_run(&pool, args.quick).await?,
                 "catch_up" => catch_up(&pool, args.quick).await?,
+                "commands" => commands(&pool, args.quick).await?,
                 "http_balance" => http_balance(&pool, args.quick).await?,
                 "pages" => pages(&pool, args.quick).await?,
                 _ => unreachable!("checked above"),
@@ -512,6 +514,115 @@ async fn fleet(
     }
     projections::runner::catch_up_all(pool).await?;
     Ok((flows, clock))
+}
+
+/// 64 concurrent clients, each on an account of its own: the account opened, then adjusted again
+/// and again, every command through cqrs-es's `CqrsFramework` on the same `Account` aggregate: over
+/// this project's log (`ledger::cqrs::LedgerEventRepository`: hash chain, version checks) and, as
+/// the peer, over postgres-es's `PostgresEventRepository` (its own tables in the same database).
+/// Neither uses snapshots, so each command loads its stream whole in both.
+async fn commands(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
+    use cqrs_es::persist::PersistedEventStore;
+    use cqrs_es::CqrsFramework;
+    use std::sync::Arc;
+    const CLIENTS: usize = 64;
+    let per_client = if quick { 5 } else { 100 };
+
+    let log = EventLog::open(pool.clone(), LogConfig::default()).await?;
+    let ours = Arc::new(CqrsFramework::new(
+        PersistedEventStore::new_event_store(ledger::cqrs::LedgerEventRepository::new(log)),
+        vec![],
+        (),
+    ));
+    let (ours_rate, ours_latencies) = drive_commands(ours, CLIENTS, per_client).await?;
+
+    for statement in [
+        "CREATE TABLE es_events (aggregate_type text NOT NULL, aggregate_id text NOT NULL, sequence bigint CHECK (sequence >= 0) NOT NULL, \
+         event_type text NOT NULL, event_version text NOT NULL, payload json NOT NULL, metadata json NOT NULL, \
+         PRIMARY KEY (aggregate_type, aggregate_id, sequence))",
+        "CREATE TABLE es_snapshots (aggregate_type text NOT NULL, aggregate_id text NOT NULL, last_sequence bigint CHECK (last_sequence >= 0) NOT NULL, \
+         current_snapshot bigint CHECK (current_snapshot >= 0) NOT NULL, payload json NOT NULL, PRIMARY KEY (aggregate_type, aggregate_id, last_sequence))",
+    ] {
+        sqlx::query(statement).execute(pool).await?;
+    }
+    let repository = postgres_es::PostgresEventRepository::new(pool.clone()).with_tables("es_events", "es_snapshots");
+    let theirs = Arc::new(CqrsFramework::new(PersistedEventStore::new_event_store(repository), vec![], ()));
+    let (their_rate, _) = drive_commands(theirs, CLIENTS, per_client).await?;
+
+    let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM es_events").fetch_one(pool).await?;
+    anyhow::ensure!(stored as usize == CLIENTS * (per_client + 1), "postgres-es stored {stored} events");
+    let (ours_stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM events WHERE stream_id LIKE 'account-%'")
+        .fetch_one(pool)
+        .await?;
+    anyhow::ensure!(
+        ours_stored as usize == CLIENTS * (per_client + 1),
+        "the log stored {ours_stored} events"
+    );
+    let report = ledger::verify::verify_chain(pool, None, |_, _| {}).await?;
+    anyhow::ensure!(report.ok, "the chain does not verify: {report:?}");
+    Ok(Measurement {
+        scenario: "commands",
+        value: ours_rate,
+        unit: "commands/s",
+        baseline: Some("the same commands through CqrsFramework on postgres-es's PostgresEventRepository"),
+        baseline_value: Some(their_rate),
+        ratio: Some(ours_rate / their_rate),
+        p50_ms: Some(percentile_ms(&ours_latencies, 0.50)),
+        p99_ms: Some(percentile_ms(&ours_latencies, 0.99)),
+        events: CLIENTS * (per_client + 1),
+        repetitions: 1,
+    })
+}
+
+/// `clients` tasks at once, each opening an account and adjusting it `per_client` times through
+/// `cqrs`; the rate of commands and every command's latency, sorted.
+async fn drive_commands<ES>(
+    cqrs: std::sync::Arc<cqrs_es::CqrsFramework<domain::Account, ES>>,
+    clients: usize,
+    per_client: usize,
+) -> anyhow::Result<(f64, Vec<Duration>)>
+where
+    ES: cqrs_es::EventStore<domain::Account> + Send + Sync + 'static,
+    ES::AC: Send,
+{
+    use domain::account::AccountCommand;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for index in 0..clients {
+        let cqrs = cqrs.clone();
+        tasks.push(tokio::spawn(async move {
+            let account_id = domain::AccountId::new();
+            let id = account_id.to_string();
+            let mut latencies = Vec::with_capacity(per_client + 1);
+            let open = AccountCommand::Open {
+                account_id,
+                name: format!("Client {index}"),
+                email: "client@example.com".into(),
+                currency: domain::Currency::USD,
+                country: domain::Country::parse("US")?,
+                at: chrono::Utc::now(),
+            };
+            let sent = Instant::now();
+            cqrs.execute(&id, open).await.map_err(|error| anyhow::anyhow!("open: {error}"))?;
+            latencies.push(sent.elapsed());
+            for _ in 0..per_client {
+                let adjust = AccountCommand::Adjust {
+                    adjustment_id: domain::AdjustmentId::new(),
+                    amount: rust_decimal::Decimal::new(100, 2),
+                    reason: "bench".into(),
+                };
+                let sent = Instant::now();
+                cqrs.execute(&id, adjust)
+                    .await
+                    .map_err(|error| anyhow::anyhow!("adjust: {error}"))?;
+                latencies.push(sent.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let latencies = sorted_latencies(tasks).await?;
+    let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
+    Ok((rate, latencies))
 }
 
 /// Ten days without a billing run: `app::workers::bill_due` (as `billing bill` runs it) catches up
