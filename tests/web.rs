@@ -499,15 +499,7 @@ async fn the_dashboard_hears_of_a_payment_as_it_lands() {
     browser.post(&pay_path, &[]).await;
     read_until("\"balance\":\"6.00 AUD\"", &mut received).await;
     // A server's status changes and a new invoice reach the stream too.
-    let ordered = api(
-        &server.base,
-        reqwest::Method::POST,
-        &format!("/v1/accounts/{mine}/orders"),
-        &token,
-        Some(json!({"plan_id": "vps-1g", "location": "syd"})),
-    )
-    .await;
-    let server_id = ordered["server_id"].as_str().unwrap().to_string();
+    let server_id = order_vps(&server.base, &mine, &token).await;
     read_until(&format!("{{\"id\":\"{server_id}\",\"status\":\"needs_setup\"}}"), &mut received).await;
     clock(json!({"now": "2027-06-01T00:30:00Z"})).await;
     read_until("\"number\":\"INV-2027-", &mut received).await;
@@ -523,18 +515,7 @@ async fn finance_explains_an_invoice_down_to_its_events_and_an_admin_adjusts_a_w
     let clock = |body: Value| api(&server.base, reqwest::Method::POST, "/v1/dev/clock", ADMIN, Some(body));
     clock(json!({"now": "2027-05-31T21:30:00Z"})).await;
     let (mine, token) = account(&server.base, "Gus", "50.00").await;
-    let ordered = api(
-        &server.base,
-        reqwest::Method::POST,
-        &format!("/v1/accounts/{mine}/orders"),
-        &token,
-        Some(json!({"plan_id": "vps-1g", "location": "syd"})),
-    )
-    .await;
-    support::wait_for(&server.base, &token, ordered["server_id"].as_str().unwrap(), |status| {
-        status == "needs_setup"
-    })
-    .await;
+    ordered_and_provisioned(&server.base, &mine, &token).await;
     clock(json!({"now": "2027-06-01T00:30:00Z"})).await;
     let invoices = api(
         &server.base,
@@ -693,6 +674,26 @@ async fn a_new_password_spends_every_link_ends_live_streams_and_portal_top_ups_a
     assert_eq!(page.headers()["cache-control"], "no-store");
 }
 
+/// A `vps-1g` in Sydney ordered by the account's customer: the new server's id.
+async fn order_vps(base: &str, account: &str, token: &str) -> String {
+    let ordered = api(
+        base,
+        reqwest::Method::POST,
+        &format!("/v1/accounts/{account}/orders"),
+        token,
+        Some(json!({"plan_id": "vps-1g", "location": "syd"})),
+    )
+    .await;
+    ordered["server_id"].as_str().unwrap().to_string()
+}
+
+/// A `vps-1g` ordered and provisioned (awaiting its setup): the server's id.
+async fn ordered_and_provisioned(base: &str, account: &str, token: &str) -> String {
+    let server_id = order_vps(base, account, token).await;
+    support::wait_for(base, token, &server_id, |status| status == "needs_setup").await;
+    server_id
+}
+
 /// An invitation made by an admin in the console: the page that answers it.
 async fn invite_from_console(admin: &mut Browser, email: &str, role: &str) -> Page {
     let people = admin.get("/console/people").await;
@@ -748,18 +749,7 @@ async fn an_admin_corrects_a_wallet_three_ways_each_shown_before_it_is_made() {
         .await
         .unwrap();
     assert!(paid.status().is_success());
-    let ordered = api(
-        &server.base,
-        reqwest::Method::POST,
-        &format!("/v1/accounts/{mine}/orders"),
-        &token,
-        Some(json!({"plan_id": "vps-1g", "location": "syd"})),
-    )
-    .await;
-    support::wait_for(&server.base, &token, ordered["server_id"].as_str().unwrap(), |status| {
-        status == "needs_setup"
-    })
-    .await;
+    ordered_and_provisioned(&server.base, &mine, &token).await;
 
     let mut admin = Browser::new(&server.base);
     let link = invite(&db, "fixer@example.com", "admin", None);
