@@ -2,8 +2,8 @@
 //! chromedriver (fantoccini) against the real binary on a fresh database. A customer signs in
 //! through an invitation, tops up through the dev checkout and sees the balance change without
 //! reloading, orders, sets up, is billed as the dev clock moves, cancels both ways and revokes;
-//! finance finds the account and explains an invoice. Every main page is checked by axe-core (no
-//! serious or critical violation) and saved as a screenshot at desktop and phone widths (in
+//! finance finds the account and explains an invoice. Every main page, in the dark scheme the
+//! portal is made for first, is checked by axe-core (no serious or critical violation) and saved as a screenshot at desktop and phone widths (in
 //! `BILLING_SCREENSHOTS`, by default the target folder's `tmp/screenshots`; `docs/screenshots/`
 //! holds a set of them).
 //!
@@ -83,7 +83,7 @@ async fn browser(tools: &Tools) -> (Driver, Client) {
         "goog:chromeOptions".into(),
         json!({
             "binary": tools.chromium,
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"],
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900", "--blink-settings=preferredColorScheme=0"],
         }),
     );
     for _ in 0..100 {
