@@ -3,9 +3,9 @@
 //! through an invitation, tops up through the dev checkout and sees the balance change without
 //! reloading, orders, sets up, is billed as the dev clock moves, cancels both ways and revokes;
 //! finance finds the account and explains an invoice. Every main page, in the dark scheme the
-//! portal is made for first, is checked by axe-core (no serious or critical violation) and saved as a screenshot at desktop and phone widths (in
-//! `BILLING_SCREENSHOTS`, by default the target folder's `tmp/screenshots`; `docs/screenshots/`
-//! holds a set of them).
+//! portal is made for first, is checked by axe-core (no serious or critical violation) and saved
+//! as a screenshot at desktop and phone widths (in `BILLING_SCREENSHOTS`, by default the target
+//! folder's `tmp/screenshots`; `docs/screenshots/` holds a set of them).
 //!
 //! Tools: `BILLING_CHROMEDRIVER` (default `/usr/bin/chromedriver`), `BILLING_CHROMIUM` (default
 //! `/usr/bin/chromium`) and `BILLING_AXE` (default `~/.cache/billing-node/node_modules/axe-core/
