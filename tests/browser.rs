@@ -18,6 +18,8 @@ use std::time::Duration;
 #[allow(dead_code)] // shared helpers; this file uses a few
 mod support;
 
+use support::{api, invite};
+
 use fantoccini::{Client, ClientBuilder, Locator};
 use ledger::testing::TestDatabase;
 use serde_json::{json, Value};
@@ -171,29 +173,6 @@ async fn check_money(client: &Client, base: &str, name: &str) {
         assert_eq!(amount, expected, "{name}: {field} of {source} reads {text:?}");
         assert!(currency.len() == 3, "{name}: {text:?} names its currency");
     }
-}
-
-async fn api(base: &str, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> Value {
-    let mut request = reqwest::Client::new().request(method, format!("{base}{path}")).bearer_auth(token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    assert!(response.status().is_success(), "{path}: {}", response.status());
-    response.json().await.unwrap()
-}
-
-fn invite(db: &TestDatabase, email: &str, role: &str, account: Option<&str>) -> String {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_billing"));
-    command
-        .args(["people", "invite", "--email", email, "--role", role])
-        .env("DATABASE_URL", db.url());
-    if let Some(account) = account {
-        command.args(["--account", account]);
-    }
-    let output = command.output().unwrap();
-    assert!(output.status.success(), "{output:?}");
-    String::from_utf8(output.stdout).unwrap().trim().to_string()
 }
 
 async fn fill(client: &Client, selector: &str, text: &str) {

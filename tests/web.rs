@@ -2,10 +2,10 @@
 //! invitation links, sign-in and sign-out, CSRF tokens, lockout, timeouts, what a customer and
 //! finance may see, and figures that equal the API's.
 
-use std::process::Command;
-
 #[allow(dead_code)] // shared helpers; this file uses a few
 mod support;
+
+use support::{api, invite};
 
 use ledger::testing::TestDatabase;
 use reqwest::redirect::Policy;
@@ -113,30 +113,6 @@ impl Browser {
         self.post("/signin", &[("csrf", &form.csrf()), ("email", email), ("password", password)])
             .await
     }
-}
-
-/// `billing people invite`: the one-time link.
-fn invite(db: &TestDatabase, email: &str, role: &str, account: Option<&str>) -> String {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_billing"));
-    command
-        .args(["people", "invite", "--email", email, "--role", role])
-        .env("DATABASE_URL", db.url());
-    if let Some(account) = account {
-        command.args(["--account", account]);
-    }
-    let output = command.output().unwrap();
-    assert!(output.status.success(), "{output:?}");
-    String::from_utf8(output.stdout).unwrap().trim().to_string()
-}
-
-async fn api(base: &str, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> Value {
-    let mut request = reqwest::Client::new().request(method, format!("{base}{path}")).bearer_auth(token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    assert!(response.status().is_success(), "{path}: {}", response.status());
-    response.json().await.unwrap()
 }
 
 /// An account funded with `amount`, and its customer API token.

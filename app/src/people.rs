@@ -353,14 +353,17 @@ pub async fn sign_in(pool: &PgPool, email: &str, password: &str, now: DateTime<U
     })
 }
 
+/// A session `s` named by its cookie's hash ($1) that is open at $2: not ended, used within the idle
+/// limit ($3), begun within the absolute one ($4).
+const OPEN_SESSION: &str = "s.session_sha256 = $1 AND s.ended_at IS NULL AND s.last_seen_at > $2 - $3 AND s.created_at > $2 - $4";
+
 /// The session a cookie names, if it is still open at `now` (and then marked as used now).
 pub async fn session(pool: &PgPool, cookie: &str, limits: SessionLimits, now: DateTime<Utc>) -> Result<Option<Session>> {
-    let row: Option<(Uuid, String, String, Option<Uuid>, String)> = sqlx::query_as(
+    let row: Option<(Uuid, String, String, Option<Uuid>, String)> = sqlx::query_as(&format!(
         "UPDATE sessions s SET last_seen_at = $2 FROM people p \
-         WHERE s.session_sha256 = $1 AND s.person_id = p.person_id AND s.ended_at IS NULL \
-           AND s.last_seen_at > $2 - $3 AND s.created_at > $2 - $4 \
-         RETURNING p.person_id, p.email, p.role, p.account_id, s.csrf_token",
-    )
+             WHERE {OPEN_SESSION} AND s.person_id = p.person_id \
+             RETURNING p.person_id, p.email, p.role, p.account_id, s.csrf_token"
+    ))
     .bind(sha256(cookie))
     .bind(now)
     .bind(limits.idle)
@@ -379,15 +382,13 @@ pub async fn session(pool: &PgPool, cookie: &str, limits: SessionLimits, now: Da
 /// Whether the session a cookie names is still open at `now`, without marking it used: a page
 /// left open (its live stream) does not keep its session alive.
 pub async fn session_is_open(pool: &PgPool, cookie: &str, limits: SessionLimits, now: DateTime<Utc>) -> Result<bool> {
-    let open: Option<bool> = sqlx::query_scalar(
-        "SELECT TRUE FROM sessions WHERE session_sha256 = $1 AND ended_at IS NULL            AND last_seen_at > $2 - $3 AND created_at > $2 - $4",
-    )
-    .bind(sha256(cookie))
-    .bind(now)
-    .bind(limits.idle)
-    .bind(limits.absolute)
-    .fetch_optional(pool)
-    .await?;
+    let open: Option<bool> = sqlx::query_scalar(&format!("SELECT TRUE FROM sessions s WHERE {OPEN_SESSION}"))
+        .bind(sha256(cookie))
+        .bind(now)
+        .bind(limits.idle)
+        .bind(limits.absolute)
+        .fetch_optional(pool)
+        .await?;
     Ok(open.is_some())
 }
 

@@ -153,3 +153,30 @@ pub async fn rebuilt(base: &str, admin: &str, name: &str, before: i64) {
     }
     panic!("{name} was not rebuilt");
 }
+
+/// An API call as `token` that must succeed: its JSON answer.
+#[allow(dead_code)] // the web and browser tests use it
+pub async fn api(base: &str, method: reqwest::Method, path: &str, token: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+    let mut request = reqwest::Client::new().request(method, format!("{base}{path}")).bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    assert!(response.status().is_success(), "{path}: {}", response.status());
+    response.json().await.unwrap()
+}
+
+/// `billing people invite`: the one-time link it prints.
+#[allow(dead_code)] // the web and browser tests use it
+pub fn invite(db: &TestDatabase, email: &str, role: &str, account: Option<&str>) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_billing"));
+    command
+        .args(["people", "invite", "--email", email, "--role", role])
+        .env("DATABASE_URL", db.url());
+    if let Some(account) = account {
+        command.args(["--account", account]);
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}

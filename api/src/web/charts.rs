@@ -22,6 +22,17 @@ fn y_of(value: f64, low: f64, high: f64) -> f64 {
     TOP + (H - TOP - BOTTOM) * (1.0 - (value - low) / span)
 }
 
+/// The zero line at `base`, and the first and last labels of `points` under it.
+fn axis(base: f64, points: &[(String, Decimal)]) -> Markup {
+    let first = points.first().map(|(label, _)| label.as_str()).unwrap_or_default();
+    let last = points.last().map(|(label, _)| label.as_str()).unwrap_or_default();
+    html! {
+        line class="axis" x1=(LEFT) x2=(W - LEFT) y1=(format!("{base:.1}")) y2=(format!("{base:.1}")) {}
+        text x=(LEFT) y=(H - 6.0) { (first) }
+        text x=(W - LEFT) y=(H - 6.0) text-anchor="end" { (last) }
+    }
+}
+
 /// A line over days: `points` are (label, value); the first and last labels are written under it.
 pub fn line(caption: &str, alternative: &str, points: &[(String, Decimal)]) -> Markup {
     let values: Vec<f64> = points.iter().map(|(_, value)| number(*value)).collect();
@@ -47,18 +58,14 @@ pub fn line(caption: &str, alternative: &str, points: &[(String, Decimal)]) -> M
         (Some((first, _)), Some((last, _))) => format!("{path} L{last:.1},{base:.1} L{first:.1},{base:.1} Z"),
         _ => String::new(),
     };
-    let first = points.first().map(|(label, _)| label.as_str()).unwrap_or_default();
-    let last = points.last().map(|(label, _)| label.as_str()).unwrap_or_default();
     html! {
         figure class="chart" {
             figcaption { (caption) }
             svg viewBox={ "0 0 " (W) " " (H) } role="img" aria-label=(alternative) data-derived="drawn from the figures named in its title" preserveAspectRatio="none" {
                 title { (alternative) }
-                line class="axis" x1=(LEFT) x2=(W - LEFT) y1=(format!("{base:.1}")) y2=(format!("{base:.1}")) {}
+                (axis(base, points))
                 path class="area" d=(area) {}
                 path class="line" d=(path) {}
-                text x=(LEFT) y=(H - 6.0) { (first) }
-                text x=(W - LEFT) y=(H - 6.0) text-anchor="end" { (last) }
             }
         }
     }
@@ -96,8 +103,6 @@ pub fn columns(caption: &str, alternative: &str, points: &[(String, Decimal)]) -
     let low = values.iter().copied().fold(0.0_f64, f64::min);
     let slot = (W - 2.0 * LEFT) / values.len().max(1) as f64;
     let base = y_of(0.0, low, high);
-    let first = points.first().map(|(label, _)| label.as_str()).unwrap_or_default();
-    let last = points.last().map(|(label, _)| label.as_str()).unwrap_or_default();
     let mut rects = String::new();
     for (i, value) in values.iter().enumerate() {
         let y = y_of(*value, low, high);
@@ -114,10 +119,8 @@ pub fn columns(caption: &str, alternative: &str, points: &[(String, Decimal)]) -
             figcaption { (caption) }
             svg viewBox={ "0 0 " (W) " " (H) } role="img" aria-label=(alternative) data-derived="drawn from the figures named in its title" preserveAspectRatio="none" {
                 title { (alternative) }
-                line class="axis" x1=(LEFT) x2=(W - LEFT) y1=(format!("{base:.1}")) y2=(format!("{base:.1}")) {}
+                (axis(base, points))
                 (PreEscaped(rects))
-                text x=(LEFT) y=(H - 6.0) { (first) }
-                text x=(W - LEFT) y=(H - 6.0) text-anchor="end" { (last) }
             }
         }
     }
