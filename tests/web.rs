@@ -517,6 +517,12 @@ async fn finance_explains_an_invoice_down_to_its_events_and_an_admin_adjusts_a_w
     let explained = finance.get(&format!("/console/invoices/{invoice_id}")).await;
     let start = explained.html.find("/console/events/").expect("the events behind the invoice") + 16;
     let position: String = explained.html[start..].chars().take_while(char::is_ascii_digit).collect();
+    let segment = finance.get(&format!("/console/verify?from=1&to={position}")).await;
+    assert!(segment.html.contains("CHAIN VERIFIED"), "{}", segment.html);
+    for query in ["", "?from=1", "?from=one&to=2"] {
+        let refused = finance.get(&format!("/console/verify{query}")).await;
+        assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY, "{query}");
+    }
     let event = finance.get(&format!("/console/events/{position}")).await;
     assert!(event.html.contains("CHAIN VERIFIED"), "{}", event.html);
     assert!(

@@ -318,13 +318,22 @@ async fn statement_page(
 
 #[derive(Deserialize)]
 struct Segment {
-    from: i64,
-    to: i64,
+    from: Option<String>,
+    to: Option<String>,
 }
 
 /// The hash chain recomputed over a stretch of the log, such as the events behind an invoice.
 async fn verify_segment(State(state): State<AppState>, Staff(session): Staff, Query(segment): Query<Segment>) -> Response {
-    let report = match ledger::verify::verify_segment(&state.pool, segment.from, segment.to).await {
+    let position = |text: &Option<String>| text.as_deref().and_then(|text| text.trim().parse::<i64>().ok());
+    let (Some(from), Some(to)) = (position(&segment.from), position(&segment.to)) else {
+        return status_page(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Not a stretch of the log",
+            "Give the first and the last position as whole numbers: /console/verify?from=10&to=20.",
+            Some(&session),
+        );
+    };
+    let report = match ledger::verify::verify_segment(&state.pool, from, to).await {
         Ok(report) => report,
         Err(error) => return unavailable(error),
     };
