@@ -290,7 +290,9 @@ async fn run_server(
         Some(clock) => clock.clone(),
         None => Arc::new(app::handler::SystemClock),
     };
-    let mut flows = app::flows::Flows::new(app::handler::CommandHandler::new(log.clone(), clock.clone()));
+    let mut flows = app::flows::Flows::new(
+        app::handler::CommandHandler::new(log.clone(), clock.clone()).with_state_cache_bytes(config.state_cache_bytes),
+    );
     flows.settings = config.rules;
     flows
         .sync_catalog(embedded_catalog(), &app::handler::Metadata::actor("system", "startup"))

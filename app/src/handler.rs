@@ -34,14 +34,58 @@ use uuid::Uuid;
 pub const ATTEMPTS_MAX: u32 = 50;
 
 /// An aggregate that lives in one stream of the log.
-pub trait StreamAggregate: Aggregate<Services = ()> + Clone {}
+pub trait StreamAggregate: Aggregate<Services = ()> + Clone {
+    /// The aggregate and the shape of its state as its snapshots are kept (changed whenever the
+    /// state changes shape, so that older snapshots are passed over); none for aggregates whose
+    /// streams stay short.
+    const SNAPSHOT_KIND: Option<&'static str> = None;
 
-impl StreamAggregate for domain::Account {}
-impl StreamAggregate for domain::Server {}
-impl StreamAggregate for domain::Order {}
-impl StreamAggregate for domain::Catalog {}
-impl StreamAggregate for domain::InvoiceSeries {}
-impl StreamAggregate for domain::topup::TopUp {}
+    /// Roughly the bytes the state holds: its weight in the state cache.
+    fn footprint(&self) -> usize {
+        std::mem::size_of::<Self>()
+    }
+}
+
+impl StreamAggregate for domain::Account {
+    const SNAPSHOT_KIND: Option<&'static str> = Some("Account/2");
+
+    fn footprint(&self) -> usize {
+        domain::Account::footprint(self)
+    }
+}
+impl StreamAggregate for domain::Server {
+    fn footprint(&self) -> usize {
+        // The strings it holds (hostname, image, provider id) are short.
+        std::mem::size_of::<Self>() + 256
+    }
+}
+impl StreamAggregate for domain::Order {
+    fn footprint(&self) -> usize {
+        std::mem::size_of::<Self>() + 256
+    }
+}
+impl StreamAggregate for domain::Catalog {
+    fn footprint(&self) -> usize {
+        // Cached rarely (once per version of the catalogue): measured by its serialised size.
+        serde_json::to_vec(self).map_or(64 * 1024, |bytes| 2 * bytes.len())
+    }
+}
+impl StreamAggregate for domain::InvoiceSeries {
+    fn footprint(&self) -> usize {
+        domain::InvoiceSeries::footprint(self)
+    }
+}
+impl StreamAggregate for domain::topup::TopUp {
+    fn footprint(&self) -> usize {
+        std::mem::size_of::<Self>() + 256
+    }
+}
+
+/// Events read past a stream's snapshot before the next snapshot is taken.
+pub const SNAPSHOT_EVERY: i64 = 100;
+
+/// Bytes of aggregate state the cache of a `CommandHandler` keeps by default.
+pub const STATE_CACHE_BYTES: u64 = 128 * 1024 * 1024;
 
 /// Who did it and why, recorded with every event.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -95,11 +139,14 @@ pub enum HandlerError<E> {
     Storage(#[from] StorageError),
 }
 
-/// An aggregate as loaded from its stream.
+/// An aggregate as loaded from its stream. The state is shared with the state cache until a
+/// command changes it (then it is copied: the cache keeps the state as stored).
 pub struct Loaded<A> {
     pub stream_id: String,
     pub version: i64,
-    pub state: A,
+    pub state: Arc<A>,
+    /// The version of the stream's latest snapshot known when it was loaded.
+    snapshot_version: i64,
 }
 
 /// The streams a command touches: what was loaded at which version, and the events decided.
@@ -109,6 +156,8 @@ pub struct Unit {
     appends: Vec<(String, i64, Vec<(String, i32, Value)>)>,
     /// Where each stream's entry is in `appends`.
     indexes: std::collections::HashMap<String, usize>,
+    /// Each changed aggregate's state after the events decided, kept once they are stored.
+    changed: std::collections::HashMap<String, Keep>,
 }
 
 /// What `commit` did.
@@ -177,11 +226,16 @@ impl Unit {
 
     /// Runs a command on a loaded aggregate; its events are applied to `loaded.state` and kept
     /// for the commit. A refusal leaves nothing to commit for this aggregate.
-    pub async fn handle<A: StreamAggregate>(&mut self, loaded: &mut Loaded<A>, command: A::Command) -> Result<Vec<A::Event>, A::Error> {
+    pub async fn handle<A: StreamAggregate + Send + Sync + 'static>(
+        &mut self,
+        loaded: &mut Loaded<A>,
+        command: A::Command,
+    ) -> Result<Vec<A::Event>, A::Error> {
         let sink = EventSink::<A>::default();
         // Every aggregate of the domain decides its events before applying any (`decide`, then
-        // `apply` each), so a refusal leaves the state as it was and no copy is needed.
-        let result = loaded.state.handle(command, &(), &sink).await;
+        // `apply` each), so a refusal leaves the state as it was. A state shared with the cache
+        // is copied first: the cache keeps states as stored.
+        let result = Arc::make_mut(&mut loaded.state).handle(command, &(), &sink).await;
         let events = sink.collect().await;
         match result {
             Ok(()) => {
@@ -200,6 +254,7 @@ impl Unit {
                     })
                     .collect::<Vec<_>>();
                 if !serialized.is_empty() {
+                    self.changed.insert(loaded.stream_id.clone(), Keep::of(loaded, 0));
                     match self.indexes.get(&loaded.stream_id) {
                         Some(&index) => self.appends[index].2.extend(serialized),
                         None => {
@@ -224,33 +279,84 @@ pub struct CommandHandler {
 }
 
 /// Aggregates as last loaded, by stream: a load reads only the events after the cached version.
-/// The log stays the truth; a stale entry only means reading more events.
-#[derive(Default)]
+/// The log stays the truth; a stale or evicted entry only means reading more events. Bounded by
+/// the states' footprints in bytes; the least used entries are evicted one by one.
 struct StateCache {
-    entries: std::sync::Mutex<std::collections::HashMap<String, (i64, Arc<dyn std::any::Any + Send + Sync>)>>,
+    entries: quick_cache::sync::Cache<String, Cached, ByFootprint>,
 }
 
-/// Streams kept in the cache before it starts afresh.
-const CACHE_STREAMS_MAX: usize = 250_000;
+#[derive(Clone)]
+struct Cached {
+    version: i64,
+    /// The version of the stream's latest snapshot known.
+    snapshot_version: i64,
+    bytes: u64,
+    state: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+#[derive(Clone)]
+struct ByFootprint;
+
+/// Bytes of an entry besides its state (the key's allocation, the entry's own fields).
+const CACHE_ENTRY_OVERHEAD: u64 = 96;
+
+impl quick_cache::Weighter<String, Cached> for ByFootprint {
+    fn weight(&self, key: &String, cached: &Cached) -> u64 {
+        key.capacity() as u64 + cached.bytes + CACHE_ENTRY_OVERHEAD
+    }
+}
+
+/// Where a load starts: a cached state, else the stream's snapshot, else the empty state.
+struct Start<A> {
+    version: i64,
+    snapshot_version: i64,
+    state: Arc<A>,
+}
+
+impl<A: Default> Default for Start<A> {
+    fn default() -> Start<A> {
+        Start {
+            version: 0,
+            snapshot_version: 0,
+            state: Arc::new(A::default()),
+        }
+    }
+}
 
 impl StateCache {
-    fn get<A: StreamAggregate + 'static>(&self, stream_id: &str) -> Option<(i64, A)> {
-        let entries = self.entries.lock().expect("cache lock");
-        let (version, state) = entries.get(stream_id)?;
-        state.downcast_ref::<A>().map(|state| (*version, state.clone()))
+    fn new(bytes: u64) -> StateCache {
+        // The item estimate only sizes the index up front; the bound is the bytes.
+        let items = (bytes / 1024).clamp(1_024, 1_000_000) as usize;
+        StateCache {
+            entries: quick_cache::sync::Cache::with_weighter(items, bytes.max(1), ByFootprint),
+        }
     }
 
-    fn put<A: StreamAggregate + 'static>(&self, stream_id: &str, version: i64, state: &A) {
-        let mut entries = self.entries.lock().expect("cache lock");
-        if entries.len() >= CACHE_STREAMS_MAX && !entries.contains_key(stream_id) {
-            entries.clear();
+    fn get<A: StreamAggregate + Send + Sync + 'static>(&self, stream_id: &str) -> Option<Start<A>> {
+        let cached = self.entries.get(stream_id)?;
+        let state = cached.state.downcast::<A>().ok()?;
+        Some(Start {
+            version: cached.version,
+            snapshot_version: cached.snapshot_version,
+            state,
+        })
+    }
+
+    fn put(&self, keep: Keep) {
+        if self
+            .entries
+            .get(&keep.stream_id)
+            .is_some_and(|cached| cached.version >= keep.version)
+        {
+            return;
         }
-        match entries.get(stream_id) {
-            Some((cached, _)) if *cached >= version => {}
-            _ => {
-                entries.insert(stream_id.to_string(), (version, Arc::new(state.clone())));
-            }
-        }
+        let cached = Cached {
+            version: keep.version,
+            snapshot_version: keep.snapshot_version,
+            bytes: keep.bytes,
+            state: keep.state,
+        };
+        self.entries.insert(keep.stream_id, cached);
     }
 }
 
@@ -268,8 +374,14 @@ impl CommandHandler {
             log,
             clock,
             attempts_max: ATTEMPTS_MAX,
-            cache: Arc::default(),
+            cache: Arc::new(StateCache::new(STATE_CACHE_BYTES)),
         }
+    }
+
+    /// The state cache bounded at `bytes` instead of `STATE_CACHE_BYTES` (a fresh, empty cache).
+    pub fn with_state_cache_bytes(mut self, bytes: u64) -> CommandHandler {
+        self.cache = Arc::new(StateCache::new(bytes));
+        self
     }
 
     pub fn with_attempts_max(mut self, attempts_max: u32) -> CommandHandler {
@@ -296,6 +408,7 @@ impl CommandHandler {
             cache: self.cache.clone(),
             appends: Vec::new(),
             indexes: std::collections::HashMap::new(),
+            changed: std::collections::HashMap::new(),
         }
     }
 
@@ -305,8 +418,21 @@ impl CommandHandler {
         if !unit.has_events() {
             return Ok(Commit::Done(None));
         }
+        // Once stored, each changed state is the state of its stream at the version appended.
+        let mut changed = Vec::new();
+        for (stream_id, version, events) in &unit.appends {
+            if let Some(mut keep) = unit.changed.get(stream_id).cloned() {
+                keep.version = version + events.len() as i64;
+                changed.push(keep);
+            }
+        }
         match self.log.append(self.request(unit, metadata)).await {
-            Ok(outcome) => Ok(Commit::Done(Some(outcome))),
+            Ok(outcome) => {
+                if !outcome.duplicate {
+                    keep(&self.log, &self.cache, changed).await;
+                }
+                Ok(Commit::Done(Some(outcome)))
+            }
             Err(AppendError::Conflict(conflict)) if attempt < self.attempts_max => {
                 tracing::debug!(%conflict, attempt, "command lost a race; retrying");
                 // Jitter spreads the losers so they do not collide again in lockstep.
@@ -379,74 +505,195 @@ impl CommandHandler {
     }
 }
 
-async fn load<A: StreamAggregate + 'static>(log: &EventLog, cache: &StateCache, stream_id: &str) -> Result<Loaded<A>, StorageError> {
-    let (mut version, mut state) = cache.get::<A>(stream_id).unwrap_or_default();
-    let cached_version = version;
-    loop {
-        let events = log.read_stream(stream_id, version, ledger::log::READ_LIMIT_MAX).await?;
-        let Some(last) = events.last().map(|event| event.stream_version) else {
-            break;
-        };
-        for recorded in events {
-            let event: A::Event =
-                domain::decode_event(&recorded.event_type, recorded.schema_version, recorded.payload).map_err(|error| {
-                    StorageError::Corrupt {
-                        stream_id: stream_id.to_string(),
-                        position: recorded.position,
-                        reason: error.to_string(),
-                    }
-                })?;
-            state.apply(event);
-        }
-        version = last;
-    }
-    if version > cached_version {
-        cache.put(stream_id, version, &state);
-    }
-    Ok(Loaded {
+async fn load<A: StreamAggregate + Send + Sync + 'static>(
+    log: &EventLog,
+    cache: &StateCache,
+    stream_id: &str,
+) -> Result<Loaded<A>, StorageError> {
+    let ids = [stream_id.to_string()];
+    let Some(start) = starts::<A>(log, cache, &ids).await?.pop() else {
+        unreachable!("one start per stream")
+    };
+    let cached_version = start.version;
+    let mut loaded = Loaded {
         stream_id: stream_id.to_string(),
-        version,
-        state,
-    })
+        version: start.version,
+        state: start.state,
+        snapshot_version: start.snapshot_version,
+    };
+    loop {
+        let events = log.read_stream(stream_id, loaded.version, ledger::log::READ_LIMIT_MAX).await?;
+        if events.is_empty() {
+            break;
+        }
+        for recorded in events {
+            fold(&mut loaded, recorded)?;
+        }
+    }
+    if loaded.version > cached_version {
+        keep(log, cache, vec![Keep::of(&loaded, loaded.version)]).await;
+    }
+    Ok(loaded)
 }
 
-async fn load_many<A: StreamAggregate + 'static>(
+async fn load_many<A: StreamAggregate + Send + Sync + 'static>(
     log: &EventLog,
     cache: &StateCache,
     stream_ids: &[String],
 ) -> Result<Vec<Loaded<A>>, StorageError> {
+    let starts = starts::<A>(log, cache, stream_ids).await?;
+    let cached: Vec<i64> = starts.iter().map(|start| start.version).collect();
     let mut loaded: Vec<Loaded<A>> = stream_ids
         .iter()
-        .map(|stream_id| {
-            let (version, state) = cache.get::<A>(stream_id).unwrap_or_default();
-            Loaded {
-                stream_id: stream_id.clone(),
-                version,
-                state,
-            }
+        .zip(starts)
+        .map(|(stream_id, start)| Loaded {
+            stream_id: stream_id.clone(),
+            version: start.version,
+            state: start.state,
+            snapshot_version: start.snapshot_version,
         })
         .collect();
-    let cached: Vec<i64> = loaded.iter().map(|entry| entry.version).collect();
     let wanted: Vec<(String, i64)> = loaded.iter().map(|entry| (entry.stream_id.clone(), entry.version)).collect();
     let index: std::collections::HashMap<&str, usize> = stream_ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
     for recorded in log.read_streams(&wanted).await? {
-        let entry = &mut loaded[index[recorded.stream_id.as_str()]];
-        let event: A::Event = domain::decode_event(&recorded.event_type, recorded.schema_version, recorded.payload).map_err(|error| {
-            StorageError::Corrupt {
-                stream_id: recorded.stream_id.clone(),
-                position: recorded.position,
-                reason: error.to_string(),
-            }
-        })?;
-        entry.state.apply(event);
-        entry.version = recorded.stream_version;
+        let at = index[recorded.stream_id.as_str()];
+        fold(&mut loaded[at], recorded)?;
     }
-    for (entry, cached_version) in loaded.iter().zip(cached) {
-        if entry.version > cached_version {
-            cache.put(&entry.stream_id, entry.version, &entry.state);
+    let read_on = loaded
+        .iter()
+        .zip(cached)
+        .filter(|(entry, cached_version)| entry.version > *cached_version)
+        .map(|(entry, _)| Keep::of(entry, entry.version))
+        .collect();
+    keep(log, cache, read_on).await;
+    Ok(loaded)
+}
+
+/// Applies one stored event (upcast, then decoded) to a loaded aggregate.
+fn fold<A: StreamAggregate>(loaded: &mut Loaded<A>, recorded: ledger::RecordedEvent) -> Result<(), StorageError> {
+    let event: A::Event =
+        domain::decode_event(&recorded.event_type, recorded.schema_version, recorded.payload).map_err(|error| StorageError::Corrupt {
+            stream_id: recorded.stream_id.clone(),
+            position: recorded.position,
+            reason: error.to_string(),
+        })?;
+    Arc::make_mut(&mut loaded.state).apply(event);
+    loaded.version = recorded.stream_version;
+    Ok(())
+}
+
+/// Where each stream's load starts: its cached state, else its snapshot (one read for all the
+/// streams not cached), else the empty state. A snapshot that does not decode is passed over.
+async fn starts<A: StreamAggregate + Send + Sync + 'static>(
+    log: &EventLog,
+    cache: &StateCache,
+    stream_ids: &[String],
+) -> Result<Vec<Start<A>>, StorageError> {
+    let mut starts: Vec<Start<A>> = stream_ids.iter().map(|id| cache.get::<A>(id).unwrap_or_default()).collect();
+    let Some(kind) = A::SNAPSHOT_KIND else {
+        return Ok(starts);
+    };
+    let missing: Vec<&str> = stream_ids
+        .iter()
+        .zip(&starts)
+        .filter(|(_, start)| start.version == 0)
+        .map(|(id, _)| id.as_str())
+        .collect();
+    if missing.is_empty() {
+        return Ok(starts);
+    }
+    let rows: Vec<(String, i64, Value)> = sqlx::query_as(
+        "SELECT s.stream_id, s.stream_version, s.state FROM unnest($1::text[]) AS w(stream_id) \
+         CROSS JOIN LATERAL (SELECT * FROM snapshots x WHERE x.stream_id = w.stream_id COLLATE \"C\" AND x.kind = $2) s",
+    )
+    .bind(&missing)
+    .bind(kind)
+    .fetch_all(log.pool())
+    .await?;
+    let index: std::collections::HashMap<&str, usize> = stream_ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+    for (stream_id, version, state) in rows {
+        match serde_json::from_value::<A>(state) {
+            Ok(state) => {
+                starts[index[stream_id.as_str()]] = Start {
+                    version,
+                    snapshot_version: version,
+                    state: Arc::new(state),
+                }
+            }
+            Err(error) => tracing::warn!(%stream_id, %kind, %error, "a snapshot that does not decode is passed over"),
         }
     }
-    Ok(loaded)
+    Ok(starts)
+}
+
+/// An aggregate's state at a version of its stream, to cache (and snapshot), whatever its type.
+#[derive(Clone)]
+struct Keep {
+    stream_id: String,
+    version: i64,
+    snapshot_version: i64,
+    bytes: u64,
+    state: Arc<dyn std::any::Any + Send + Sync>,
+    /// The snapshot kind and how to serialise the state, for aggregates that are snapshotted.
+    snapshot: Option<(&'static str, fn(&(dyn std::any::Any + Send + Sync)) -> Option<Value>)>,
+}
+
+impl Keep {
+    fn of<A: StreamAggregate + Send + Sync + 'static>(loaded: &Loaded<A>, version: i64) -> Keep {
+        fn serialise<A: StreamAggregate + 'static>(state: &(dyn std::any::Any + Send + Sync)) -> Option<Value> {
+            serde_json::to_value(state.downcast_ref::<A>()?).ok()
+        }
+        Keep {
+            stream_id: loaded.stream_id.clone(),
+            version,
+            snapshot_version: loaded.snapshot_version,
+            bytes: loaded.state.footprint() as u64,
+            state: loaded.state.clone(),
+            snapshot: A::SNAPSHOT_KIND.map(|kind| (kind, serialise::<A> as fn(&(dyn std::any::Any + Send + Sync)) -> Option<Value>)),
+        }
+    }
+}
+
+/// Caches states read on or changed, and snapshots those `SNAPSHOT_EVERY` events past their
+/// snapshot (one write per kind). A snapshot that cannot be written is only a longer read later.
+async fn keep(log: &EventLog, cache: &StateCache, states: Vec<Keep>) {
+    let mut snapshots: std::collections::BTreeMap<&'static str, (Vec<String>, Vec<i64>, Vec<Value>)> = Default::default();
+    for mut keep in states {
+        if let Some((kind, serialise)) = keep.snapshot {
+            if keep.version - keep.snapshot_version >= SNAPSHOT_EVERY {
+                match serialise(keep.state.as_ref()) {
+                    Some(state) => {
+                        let batch = snapshots.entry(kind).or_default();
+                        batch.0.push(keep.stream_id.clone());
+                        batch.1.push(keep.version);
+                        batch.2.push(state);
+                        keep.snapshot_version = keep.version;
+                    }
+                    None => tracing::warn!(stream_id = %keep.stream_id, "state not snapshotted"),
+                }
+            }
+        }
+        cache.put(keep);
+    }
+    for (kind, (stream_ids, versions, states)) in snapshots {
+        let written = sqlx::query(
+            "INSERT INTO snapshots (stream_id, kind, stream_version, state) \
+             SELECT s.stream_id, $2, s.stream_version, s.state \
+             FROM unnest($1::text[], $3::bigint[], $4::jsonb[]) AS s(stream_id, stream_version, state) \
+             ON CONFLICT (stream_id) DO UPDATE SET kind = EXCLUDED.kind, stream_version = EXCLUDED.stream_version, \
+                 state = EXCLUDED.state, taken_at = now() \
+             WHERE snapshots.stream_version < EXCLUDED.stream_version OR snapshots.kind <> EXCLUDED.kind",
+        )
+        .bind(&stream_ids)
+        .bind(kind)
+        .bind(&versions)
+        .bind(&states)
+        .execute(log.pool())
+        .await;
+        if let Err(error) = written {
+            tracing::warn!(%error, kind, streams = stream_ids.len(), "snapshots not written");
+        }
+    }
 }
 
 /// The system's clock: the one place that reads the time of day.

@@ -406,11 +406,9 @@ pub async fn march_2026(flows: &Flows, clock: &ManualClock, fixtures: Fixtures) 
                     reason,
                 } => {
                     let account_id = accounts[account];
-                    let account_state = flows.handler.load::<domain::Account>(&account_id.stream_id()).await?;
-                    let charge_id = account_state
-                        .state
-                        .charge_for(servers[server], HourSlot::containing(at(instant)))
-                        .ok_or(FlowError::NotFound("charge"))?;
+                    let charge_id = flows
+                        .charge_of_slot(account_id, servers[server], HourSlot::containing(at(instant)))
+                        .await?;
                     flows.service_credit(account_id, charge_id, money(amount), reason, &admin).await?;
                 }
                 Step::CardRefund { account, payment, amount } => {
@@ -472,11 +470,9 @@ pub async fn march_2026(flows: &Flows, clock: &ManualClock, fixtures: Fixtures) 
     }
     set(at("2026-04-02T10:00:00Z"));
     let acme = accounts["acme"];
-    let account_state = flows.handler.load::<domain::Account>(&acme.stream_id()).await?;
-    let charge_id = account_state
-        .state
-        .charge_for(servers["acme-web"], HourSlot::containing(at("2026-03-20T10:00:00Z")))
-        .ok_or(FlowError::NotFound("charge"))?;
+    let charge_id = flows
+        .charge_of_slot(acme, servers["acme-web"], HourSlot::containing(at("2026-03-20T10:00:00Z")))
+        .await?;
     flows
         .service_credit(acme, charge_id, money("0.005000"), "billing error on 20 March", &admin)
         .await?;

@@ -359,7 +359,7 @@ async fn tell_provider(
         ProviderCall::Act(action) => action,
     };
     let server = flows.handler.load::<domain::Server>(&ServerId(server_id).stream_id()).await?;
-    Ok(match server.state.provider_server_id {
+    Ok(match server.state.provider_server_id.clone() {
         None => Err(ProviderError::Permanent("the server was never provisioned".into())),
         Some(provider_server_id) => provider.act(&provider_server_id, action).await,
     })
@@ -433,7 +433,7 @@ async fn ask_for_refund(
         Err(error) => return Ok(Err(ProviderError::Permanent(format!("the queued refund does not decode: {error}")))),
     };
     let topup = flows.handler.load::<domain::topup::TopUp>(&refund.topup_id.stream_id()).await?;
-    let (Some(requested), Some(payment_id)) = (topup.state.requested, topup.state.paid_by) else {
+    let (Some(requested), Some(payment_id)) = (topup.state.requested.clone(), topup.state.paid_by.clone()) else {
         return Ok(Err(ProviderError::Permanent("the refunded top-up has no payment".into())));
     };
     let amount_minor = match domain::Money::new(refund.amount, requested.currency).and_then(|money| money.to_minor_units()) {

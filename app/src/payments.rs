@@ -114,7 +114,9 @@ pub async fn load_topup(flows: &Flows, topup_id: TopUpId) -> std::result::Result
         .load::<domain::topup::TopUp>(&topup_id.stream_id())
         .await
         .map_err(FlowError::from)?
-        .state)
+        .state
+        .as_ref()
+        .clone())
 }
 
 /// `checkout.session.completed` (paid): the top-up it pays is credited, at most the amount asked

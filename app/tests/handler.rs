@@ -310,3 +310,90 @@ async fn the_catalogue_is_loaded_from_the_fixture_files_once() {
         .unwrap();
     assert_eq!(price.amount, dec!(30.00));
 }
+
+/// Every event of `stream` folded from the empty state: what any load must equal.
+async fn fold_whole(handler: &CommandHandler, stream: &str) -> Account {
+    let mut account = Account::default();
+    for recorded in handler.log().read_stream_all(stream).await.unwrap() {
+        let event: AccountEvent = domain::decode_event(&recorded.event_type, recorded.schema_version, recorded.payload).unwrap();
+        cqrs_es::Aggregate::apply(&mut account, event);
+    }
+    account
+}
+
+#[tokio::test]
+async fn a_load_reads_the_snapshot_and_the_events_after_it_and_passes_over_a_bad_snapshot() {
+    let db = TestDatabase::new().await;
+    let handler = handler(&db).await;
+    let account_id = open_with(&handler, dec!(1000)).await;
+    let stream = account_id.stream_id();
+    let server_id = ServerId::new();
+    let first = domain::HourSlot::containing(at("2026-03-01T00:00:00Z"));
+    let mut slot = first;
+    for _ in 0..(2 * app::handler::SNAPSHOT_EVERY + 30) {
+        let charge = AccountCommand::ChargeSlot {
+            charge_id: domain::ChargeId::new(),
+            server_id,
+            plan_id: PlanId::parse("vps-1g").unwrap(),
+            slot,
+            monthly_price: dec!(7.50),
+            tax_rate: domain::TaxRate::new(dec!(0.1)).unwrap(),
+        };
+        handler.execute::<Account>(&stream, charge, &admin()).await.unwrap();
+        slot = slot.next();
+    }
+    let version = handler.log().stream_version(&stream).await.unwrap();
+    let (kind, snapshot_version): (String, i64) = sqlx::query_as("SELECT kind, stream_version FROM snapshots WHERE stream_id = $1")
+        .bind(&stream)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kind, "Account/2");
+    assert!(
+        snapshot_version >= 2 * app::handler::SNAPSHOT_EVERY && snapshot_version < version,
+        "snapshot at {snapshot_version} of {version}"
+    );
+    let whole = fold_whole(&handler, &stream).await;
+
+    // A handler with nothing cached starts from the snapshot and reads on.
+    let fresh = self::handler(&db).await;
+    let loaded = fresh.load::<Account>(&stream).await.unwrap();
+    assert_eq!((loaded.version, &*loaded.state), (version, &whole));
+    let many = fresh.unit().load_many::<Account>(std::slice::from_ref(&stream)).await.unwrap();
+    assert_eq!((many[0].version, &*many[0].state), (version, &whole));
+
+    // A snapshot of another shape, or one that does not decode, is passed over: the stream is
+    // folded whole (and the next load past the bound writes a good snapshot again).
+    for tamper in [
+        "UPDATE snapshots SET kind = 'Account/1'",
+        "UPDATE snapshots SET kind = 'Account/2', state = '{\"balance\": \"999999\"}'",
+    ] {
+        sqlx::query(tamper).execute(&db.pool).await.unwrap();
+        let fresh = self::handler(&db).await;
+        let loaded = fresh.load::<Account>(&stream).await.unwrap();
+        assert_eq!((loaded.version, &*loaded.state), (version, &whole), "after {tamper}");
+        let (kind, rewritten): (String, i64) = sqlx::query_as("SELECT kind, stream_version FROM snapshots WHERE stream_id = $1")
+            .bind(&stream)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!((kind.as_str(), rewritten), ("Account/2", version), "after {tamper}");
+    }
+
+    // A cache too small to hold anything still decides from the log: the slot just charged is
+    // refused, the next one charged.
+    let uncached = self::handler(&db).await.with_state_cache_bytes(1);
+    let previous = domain::HourSlot::containing(slot.start() - chrono::Duration::hours(1));
+    for (slot, charged) in [(previous, false), (slot, true)] {
+        let charge = AccountCommand::ChargeSlot {
+            charge_id: domain::ChargeId::new(),
+            server_id,
+            plan_id: PlanId::parse("vps-1g").unwrap(),
+            slot,
+            monthly_price: dec!(7.50),
+            tax_rate: domain::TaxRate::new(dec!(0.1)).unwrap(),
+        };
+        let result = uncached.execute::<Account>(&stream, charge, &admin()).await;
+        assert_eq!(result.is_ok(), charged, "{result:?}");
+    }
+}

@@ -24,6 +24,7 @@ const SCENARIOS: &[&str] = &[
     "catch_up",
     "commands",
     "http_balance",
+    "memory",
     "pages",
     "rebuild",
 ];
@@ -31,7 +32,8 @@ const SCENARIOS: &[&str] = &[
 #[derive(Parser)]
 #[command(about = "Benchmarks of the billing ledger")]
 struct Args {
-    /// A scenario name (append, append_concurrent, billing_run, http_balance, rebuild) or `all`.
+    /// A scenario name (append, append_concurrent, billing_run, catch_up, commands, http_balance,
+    /// memory, pages, rebuild) or `all`.
     scenario: String,
     /// Small sizes, to keep the benchmarks compiling and correct in CI.
     #[arg(long)]
@@ -116,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
                 "commands" => commands(&pool, args.quick).await?,
                 "http_balance" => http_balance(&pool, args.quick).await?,
                 "pages" => pages(&pool, args.quick).await?,
+                "memory" => memory(&pool, &server, args.quick).await?,
                 _ => unreachable!("checked above"),
             });
             pool.close().await;
@@ -970,6 +973,152 @@ fn serving_state(
         signin_limiter: Arc::new(api::http::operations::RateLimiter::new(10, 0.2)),
         signin_limiter_all: Arc::new(api::http::operations::RateLimiter::new(60, 5.0)),
     }
+}
+
+/// The resident memory of the real `billing serve` (the binary built beside this one) on a
+/// database of accounts with two servers each and some hours of history: it catches up, runs the
+/// hourly billing of every server, and answers a balance read of every account; its peak resident
+/// set (`VmHWM` in `/proc`) is the figure. Measured twice, on histories of two lengths (fresh
+/// databases), to show whether it grows with the history.
+async fn memory(pool: &PgPool, server: &Server, quick: bool) -> anyhow::Result<Measurement> {
+    let (accounts, hours) = if quick { (200, [6, 60]) } else { (100_000, [3, 12]) };
+    let mut peaks = Vec::new();
+    for (round, history_hours) in hours.into_iter().enumerate() {
+        let pool = if round == 0 { pool.clone() } else { fresh_database(server).await? };
+        let peak = memory_of_serve(&pool, server, accounts, history_hours).await?;
+        eprintln!(
+            "memory: {accounts} accounts, {} servers, {history_hours} h of history: peak resident {:.1} MiB",
+            2 * accounts,
+            peak as f64 / (1024.0 * 1024.0)
+        );
+        peaks.push((history_hours, peak));
+    }
+    let (short, long) = (peaks[0], peaks[1]);
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    Ok(Measurement {
+        scenario: "memory",
+        value: mib(long.1),
+        unit: "MiB peak resident",
+        baseline: Some("the same on a history a quarter as long (or a tenth, with --quick)"),
+        baseline_value: Some(mib(short.1)),
+        ratio: Some(mib(long.1) / mib(short.1)),
+        p50_ms: None,
+        p99_ms: None,
+        events: 0,
+        repetitions: 1,
+    })
+}
+
+/// One round of `memory`: the fleet, `history_hours` of charges before the hour in progress, the
+/// read models caught up; then `billing serve` started on it, until it has charged the hour in
+/// progress for every server and answered a balance read of every account. Returns its peak
+/// resident set in bytes.
+async fn memory_of_serve(pool: &PgPool, server: &Server, accounts: usize, history_hours: i64) -> anyhow::Result<u64> {
+    use domain::HourSlot;
+    let now = chrono::Utc::now();
+    let current = HourSlot::containing(now);
+    // Provisioned so that `history_hours` whole hours have been charged before the current one.
+    let start = current.start() - chrono::Duration::hours(history_hours) - chrono::Duration::minutes(30);
+    let servers_total = 2 * accounts;
+    let (flows, clock) = fleet(pool, servers_total, start).await?;
+    clock.set(now)?;
+    let previous = HourSlot::containing(current.start() - chrono::Duration::hours(1));
+    let history = app::workers::bill_due(&flows, previous).await?;
+    anyhow::ensure!(
+        history.charged as usize == servers_total * history_hours as usize,
+        "the history has {} charges, not {}",
+        history.charged,
+        servers_total * history_hours as usize
+    );
+    projections::runner::catch_up_all(pool).await?;
+    drop(flows);
+
+    let binary = std::env::current_exe()?.with_file_name("billing");
+    anyhow::ensure!(
+        binary.exists(),
+        "{} is missing: build it first (cargo build --release -p api)",
+        binary.display()
+    );
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.local_addr()?.port()
+    };
+    let token = format!("bench-admin-{}", uuid::Uuid::new_v4().simple());
+    let mut child = tokio::process::Command::new(&binary)
+        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", server.url("billing_bench"))
+        .env("BILLING_BOOTSTRAP_ADMIN_TOKEN", &token)
+        .env("BILLING_RATE_LIMIT_BURST", "1000000")
+        .env("BILLING_RATE_LIMIT_PER_SECOND", "1000000")
+        .env("PROVIDER", "simulated")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let pid = child.id().context("the server's pid")?;
+    let outcome = async {
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::builder().pool_max_idle_per_host(16).build()?;
+        let ready = Instant::now();
+        while client.get(format!("{base}/healthz")).send().await.is_err() {
+            anyhow::ensure!(ready.elapsed() < Duration::from_secs(600), "billing serve did not answer");
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("billing serve exited: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Its due work runs at start: wait until its read model says the hour in progress is
+        // charged for every server (a later hour, if the clock turned meanwhile, counts as well).
+        loop {
+            let (charged,): (i64,) = sqlx::query_as("SELECT count(*) FROM rm.servers WHERE last_charged_slot >= $1")
+                .bind(current.start())
+                .fetch_one(pool)
+                .await?;
+            if charged as usize >= servers_total {
+                break;
+            }
+            anyhow::ensure!(
+                ready.elapsed() < Duration::from_secs(900),
+                "billed {charged} of {servers_total} servers"
+            );
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("billing serve exited: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // A balance read of every account, 16 at a time.
+        let ids: Vec<String> = sqlx::query_scalar("SELECT account_id::text FROM rm.balances")
+            .fetch_all(pool)
+            .await?;
+        anyhow::ensure!(ids.len() == accounts, "{} balances, not {accounts}", ids.len());
+        let chunks: Vec<Vec<String>> = ids.chunks(ids.len().div_ceil(16)).map(<[String]>::to_vec).collect();
+        let mut readers = Vec::new();
+        for chunk in chunks {
+            let (client, base, token) = (client.clone(), base.clone(), token.clone());
+            readers.push(tokio::spawn(async move {
+                for id in chunk {
+                    let response = client.get(format!("{base}/v1/accounts/{id}")).bearer_auth(&token).send().await?;
+                    anyhow::ensure!(response.status() == 200, "GET /v1/accounts/{id}: {}", response.status());
+                    response.bytes().await?;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for reader in readers {
+            reader.await??;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let peak_kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("VmHWM in /proc/<pid>/status")?;
+        anyhow::Ok(peak_kib * 1024)
+    }
+    .await;
+    child.kill().await.ok();
+    outcome
 }
 
 /// Every client's latencies, sorted.

@@ -304,9 +304,13 @@ pub enum AccountCommand {
         monthly_price: Decimal,
         tax_rate: TaxRate,
     },
+    /// A service credit against a charge of this account. The account keeps only its servers'
+    /// latest charges, so the command carries the charge's gross as recorded in this account's
+    /// stream (the caller reads it from the log; an unknown charge is the caller's to refuse).
     CreditService {
         refund_id: RefundId,
         charge_id: ChargeId,
+        charge_gross: Decimal,
         amount: Decimal,
         reason: String,
     },
@@ -429,14 +433,25 @@ struct Hold {
     state: HoldState,
 }
 
+/// What deciding needs of one server's charges, whatever the length of its history: its latest
+/// charge and the net of that charge's month.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct ChargeRecord {
-    server_id: ServerId,
+struct ServerCharges {
+    last: LastCharge,
+    month: YearMonth,
+    /// Net charged in `month` (for the monthly cap).
+    month_net: Decimal,
+}
+
+/// A server's latest charge. Its slot is the server's high-water mark: slots are charged in
+/// order (the billing run, a catch-up and a resumption all go forward), so no slot at or before it
+/// is charged again. A cancellation gives back the unused time of this charge (the slot in progress).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct LastCharge {
+    charge_id: ChargeId,
     slot: HourSlot,
     net: Decimal,
     tax: Decimal,
-    /// Refunded so far (unused time and service credits), gross.
-    refunded: Decimal,
     /// The net and tax of the unused time given back at a cancellation, until a revocation in
     /// the same slot charges it again.
     unused_refund: Option<(Decimal, Decimal)>,
@@ -480,10 +495,12 @@ pub struct Account {
     holds: HashMap<OrderId, Hold>,
     payments: HashSet<String>,
     topups: HashMap<TopUpId, TopUp>,
-    charges: HashMap<ChargeId, ChargeRecord>,
-    charged_slots: HashSet<(ServerId, HourSlot)>,
-    month_net: HashMap<(ServerId, YearMonth), Decimal>,
+    /// Per server, its latest charge: the state does not grow with the hours billed.
+    servers: HashMap<ServerId, ServerCharges>,
+    /// Refunded so far (unused time and service credits, gross), for the charges refunded at all.
+    refunded: HashMap<ChargeId, Decimal>,
     card_refunds: HashMap<RefundId, CardRefund>,
+    /// Refund and adjustment ids used (charge ids are checked against the servers' latest charges).
     used_ids: HashSet<uuid::Uuid>,
     disputes: HashMap<DisputeId, Dispute>,
     low_balance_warned: bool,
@@ -515,11 +532,16 @@ impl Account {
 
     /// Net charged for `server` in `month` so far (for the monthly cap).
     pub fn month_net(&self, server_id: ServerId, month: YearMonth) -> Decimal {
-        self.month_net.get(&(server_id, month)).copied().unwrap_or_default()
+        self.servers
+            .get(&server_id)
+            .filter(|charges| charges.month == month)
+            .map_or(Decimal::ZERO, |charges| charges.month_net)
     }
 
+    /// Whether `slot` of `server` is settled for billing: charged, or at or before the server's
+    /// latest charge (slots are charged in order, so an earlier slot left uncharged stays so).
     pub fn is_charged(&self, server_id: ServerId, slot: HourSlot) -> bool {
-        self.charged_slots.contains(&(server_id, slot))
+        self.last_charged_slot(server_id).is_some_and(|last| slot <= last)
     }
 
     /// Whether an open dispute still holds funds withdrawn from the wallet.
@@ -531,15 +553,34 @@ impl Account {
 
     /// The last slot charged for `server`, if any.
     pub fn last_charged_slot(&self, server_id: ServerId) -> Option<HourSlot> {
-        self.charged_slots
-            .iter()
-            .filter(|(charged, _)| *charged == server_id)
-            .map(|(_, slot)| *slot)
-            .max()
+        self.servers.get(&server_id).map(|charges| charges.last.slot)
     }
 
     pub fn low_balance_warned(&self) -> bool {
         self.low_balance_warned
+    }
+
+    /// Roughly the bytes the state holds (entries and their keys, with a map's overhead). It grows
+    /// with the account's servers, orders, payments and refunds, not with the hours billed.
+    pub fn footprint(&self) -> usize {
+        use std::mem::size_of;
+        const ENTRY_OVERHEAD: usize = 16;
+        fn entries<K, V>(map: &HashMap<K, V>) -> usize {
+            map.capacity() * (size_of::<(K, V)>() + ENTRY_OVERHEAD)
+        }
+        size_of::<Self>()
+            + entries(&self.holds)
+            + self
+                .payments
+                .iter()
+                .map(|payment| payment.capacity() + size_of::<String>() + ENTRY_OVERHEAD)
+                .sum::<usize>()
+            + entries(&self.topups)
+            + entries(&self.servers)
+            + entries(&self.refunded)
+            + entries(&self.card_refunds)
+            + self.used_ids.capacity() * (size_of::<uuid::Uuid>() + ENTRY_OVERHEAD)
+            + entries(&self.disputes)
     }
 
     fn figures_after(&self, balance_change: Decimal, reserved_change: Decimal) -> Figures {
@@ -557,7 +598,8 @@ impl Account {
     }
 
     fn fresh_id(&self, id: uuid::Uuid, what: &str) -> Result<(), AccountError> {
-        if self.used_ids.contains(&id) {
+        let a_latest_charge = || self.servers.values().any(|charges| charges.last.charge_id.0 == id);
+        if self.used_ids.contains(&id) || a_latest_charge() {
             Err(AccountError::DuplicateId(format!("{what} {id}")))
         } else {
             Ok(())
@@ -739,14 +781,14 @@ impl Account {
                 }])
             }
             AccountCommand::RefundUnusedTime { charge_id, cancelled_at } => {
-                let charge = self.charges.get(&charge_id).ok_or(AccountError::UnknownCharge(charge_id))?;
+                let (server_id, charge) = self.latest_charge(charge_id).ok_or(AccountError::UnknownCharge(charge_id))?;
                 if charge.unused_refund.is_some() {
                     return Err(AccountError::AlreadyRefunded(charge_id));
                 }
                 let unused_seconds = charge.slot.seconds_after(cancelled_at);
                 let net = pro_rata(charge.net, unused_seconds);
                 let tax = pro_rata(charge.tax, unused_seconds);
-                let refundable = charge.net + charge.tax - charge.refunded;
+                let refundable = charge.net + charge.tax - self.refunded_of(charge_id);
                 // Earlier service credits on the charge shrink what is left to give back.
                 let (net, tax) = if net + tax > refundable {
                     scale_down(net, tax, refundable)
@@ -755,7 +797,7 @@ impl Account {
                 };
                 Ok(vec![AccountEvent::CancellationRefunded {
                     charge_id,
-                    server_id: charge.server_id,
+                    server_id,
                     unused_seconds,
                     net,
                     tax,
@@ -772,7 +814,12 @@ impl Account {
                 monthly_price,
                 tax_rate,
             } => {
-                let Some(charged) = self.charge_for(server_id, slot) else {
+                let Some(charge) = self
+                    .servers
+                    .get(&server_id)
+                    .map(|charges| &charges.last)
+                    .filter(|last| last.slot == slot)
+                else {
                     return self.decide(AccountCommand::ChargeSlot {
                         charge_id,
                         server_id,
@@ -782,7 +829,7 @@ impl Account {
                         tax_rate,
                     });
                 };
-                let charge = &self.charges[&charged];
+                let charged = charge.charge_id;
                 let Some((refunded_net, refunded_tax)) = charge.unused_refund else {
                     return Ok(vec![]);
                 };
@@ -811,14 +858,22 @@ impl Account {
             AccountCommand::CreditService {
                 refund_id,
                 charge_id,
+                charge_gross,
                 amount,
                 reason,
             } => {
                 check_positive("amount", amount, currency)?;
                 check_reason(&reason)?;
                 self.fresh_id(refund_id.0, "refund")?;
-                let charge = self.charges.get(&charge_id).ok_or(AccountError::UnknownCharge(charge_id))?;
-                let refundable = charge.net + charge.tax - charge.refunded;
+                if let Some((_, latest)) = self.latest_charge(charge_id) {
+                    if latest.net + latest.tax != charge_gross {
+                        return Err(AccountError::Invalid {
+                            field: "charge_gross",
+                            reason: format!("the charge's gross is {}", latest.net + latest.tax),
+                        });
+                    }
+                }
+                let refundable = charge_gross - self.refunded_of(charge_id);
                 if amount > refundable {
                     return Err(AccountError::RefundExceedsCharge { charge_id, refundable });
                 }
@@ -1198,16 +1253,16 @@ impl Aggregate for Account {
                 gross,
                 ..
             } => {
-                if let Some(charge) = self.charges.get_mut(&charge_id) {
-                    charge.unused_refund = Some((net, tax));
-                    charge.refunded += gross;
+                if let Some(last) = self.latest_charge_mut(charge_id) {
+                    last.unused_refund = Some((net, tax));
                 }
+                self.add_refunded(charge_id, gross);
             }
             AccountEvent::UnusedTimeRecharged { charge_id, gross, .. } => {
-                if let Some(charge) = self.charges.get_mut(&charge_id) {
-                    charge.unused_refund = None;
-                    charge.refunded -= gross;
+                if let Some(last) = self.latest_charge_mut(charge_id) {
+                    last.unused_refund = None;
                 }
+                self.add_refunded(charge_id, -gross);
             }
             AccountEvent::ServiceCredited {
                 refund_id,
@@ -1216,9 +1271,7 @@ impl Aggregate for Account {
                 ..
             } => {
                 self.used_ids.insert(refund_id.0);
-                if let Some(charge) = self.charges.get_mut(&charge_id) {
-                    charge.refunded += amount;
-                }
+                self.add_refunded(charge_id, amount);
             }
             AccountEvent::CardRefundRequested {
                 refund_id,
@@ -1309,28 +1362,66 @@ impl Aggregate for Account {
 
 impl Account {
     fn record_charge(&mut self, charge_id: ChargeId, server_id: ServerId, slot: HourSlot, net: Decimal, tax: Decimal) {
-        self.used_ids.insert(charge_id.0);
-        self.charged_slots.insert((server_id, slot));
-        *self.month_net.entry((server_id, slot.month())).or_default() += net;
-        self.charges.insert(
+        let last = LastCharge {
             charge_id,
-            ChargeRecord {
-                server_id,
-                slot,
-                net,
-                tax,
-                refunded: Decimal::ZERO,
-                unused_refund: None,
-            },
-        );
+            slot,
+            net,
+            tax,
+            unused_refund: None,
+        };
+        let month = slot.month();
+        match self.servers.get_mut(&server_id) {
+            Some(charges) => {
+                charges.month_net = if charges.month == month { charges.month_net + net } else { net };
+                charges.month = month;
+                charges.last = last;
+            }
+            None => {
+                self.servers.insert(
+                    server_id,
+                    ServerCharges {
+                        last,
+                        month,
+                        month_net: net,
+                    },
+                );
+            }
+        }
     }
 
-    /// The charge of `server` in `slot`, for refunds at cancellation.
-    pub fn charge_for(&self, server_id: ServerId, slot: HourSlot) -> Option<ChargeId> {
-        self.charges
+    fn add_refunded(&mut self, charge_id: ChargeId, gross: Decimal) {
+        let refunded = self.refunded.entry(charge_id).or_default();
+        *refunded += gross;
+        if refunded.is_zero() {
+            self.refunded.remove(&charge_id);
+        }
+    }
+
+    fn refunded_of(&self, charge_id: ChargeId) -> Decimal {
+        self.refunded.get(&charge_id).copied().unwrap_or_default()
+    }
+
+    fn latest_charge(&self, charge_id: ChargeId) -> Option<(ServerId, &LastCharge)> {
+        self.servers
             .iter()
-            .find(|(_, charge)| charge.server_id == server_id && charge.slot == slot)
-            .map(|(id, _)| *id)
+            .find(|(_, charges)| charges.last.charge_id == charge_id)
+            .map(|(server_id, charges)| (*server_id, &charges.last))
+    }
+
+    fn latest_charge_mut(&mut self, charge_id: ChargeId) -> Option<&mut LastCharge> {
+        self.servers
+            .values_mut()
+            .map(|charges| &mut charges.last)
+            .find(|last| last.charge_id == charge_id)
+    }
+
+    /// The charge of `server` in `slot` if it is the server's latest (the slot in progress, for
+    /// a refund at cancellation); older charges are found in the log.
+    pub fn charge_for(&self, server_id: ServerId, slot: HourSlot) -> Option<ChargeId> {
+        self.servers
+            .get(&server_id)
+            .filter(|charges| charges.last.slot == slot)
+            .map(|charges| charges.last.charge_id)
     }
 }
 

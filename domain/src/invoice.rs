@@ -268,6 +268,22 @@ pub struct InvoiceSeries {
 }
 
 impl InvoiceSeries {
+    /// Roughly the bytes the state holds. It grows with the year's invoices and the charges they
+    /// list (each invoiced charge is kept, for the credit note a refund of it references).
+    pub fn footprint(&self) -> usize {
+        use std::mem::size_of;
+        // A B-tree entry's share of its node, and a hash set's per-entry overhead.
+        const ENTRY_OVERHEAD: usize = 16;
+        size_of::<Self>()
+            + self.invoiced.capacity() * (size_of::<(AccountId, YearMonth)>() + ENTRY_OVERHEAD)
+            + self
+                .numbers
+                .values()
+                .map(|number| size_of::<(InvoiceId, String)>() + number.capacity() + ENTRY_OVERHEAD)
+                .sum::<usize>()
+            + self.charge_invoices.len() * (size_of::<(ChargeId, InvoiceId)>() + ENTRY_OVERHEAD)
+    }
+
     pub fn invoices_issued(&self) -> u32 {
         self.invoices_issued
     }

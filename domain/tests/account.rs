@@ -460,6 +460,7 @@ fn service_credits_never_exceed_the_charge_in_total() {
     let credit = |refund: u128, amount| C::CreditService {
         refund_id: RefundId(id(refund)),
         charge_id: ChargeId(id(30)),
+        charge_gross: dec!(0.022603),
         amount,
         reason: "outage".into(),
     };
@@ -496,6 +497,7 @@ fn service_credits_never_exceed_the_charge_in_total() {
         .when(C::CreditService {
             refund_id: RefundId(id(42)),
             charge_id: ChargeId(id(30)),
+            charge_gross: dec!(0.022603),
             amount: dec!(0.001),
             reason: " ".into(),
         })
@@ -848,4 +850,88 @@ fn refunds_made_at_the_processor_are_learned_of_once_even_below_zero() {
             total_refunded: dec!(1),
         })
         .then_expect_error(E::UnknownTopUp(TopUpId(id(99))));
+}
+
+/// `n` hourly charges of the test server from 2026-01-01T00:00Z on, ids 1000 + hour.
+fn hours_charged(n: i64) -> Vec<Ev> {
+    let first = at("2026-01-01T00:00:00Z");
+    (0..n)
+        .map(|hour| {
+            let instant = (first + chrono::Duration::hours(hour)).to_rfc3339();
+            charged(1_000 + hour as u128, &instant, dec!(20))
+        })
+        .collect()
+}
+
+fn folded(events: Vec<Ev>) -> Account {
+    let mut account = Account::default();
+    for event in events {
+        cqrs_es::Aggregate::apply(&mut account, event);
+    }
+    account
+}
+
+#[test]
+fn the_state_does_not_grow_with_the_hours_billed() {
+    let mut a_day = with_funds();
+    a_day.extend(hours_charged(24));
+    let mut a_year = with_funds();
+    a_year.extend(hours_charged(24 * 365));
+    let (a_day, a_year) = (folded(a_day), folded(a_year));
+    assert_eq!(a_day.footprint(), a_year.footprint());
+    let serialised = |account: &Account| serde_json::to_vec(account).unwrap().len();
+    assert!(
+        serialised(&a_year) <= serialised(&a_day) + 16,
+        "{} bytes after a year, {} after a day",
+        serialised(&a_year),
+        serialised(&a_day)
+    );
+    // What deciding needs is still there: the high-water slot, the month's net for the cap.
+    let last = slot("2026-12-31T23:00:00Z");
+    assert_eq!(a_year.last_charged_slot(server()), Some(last));
+    assert!(a_year.is_charged(server(), last) && !a_year.is_charged(server(), last.next()));
+    assert_eq!(a_year.month_net(server(), last.month()), dec!(0.020548) * Decimal::from(24 * 31));
+}
+
+#[test]
+fn an_older_charge_is_credited_by_its_gross_as_the_log_has_it_but_only_the_latest_is_refunded_pro_rata() {
+    let mut given = with_funds();
+    given.extend(hours_charged(3));
+    let credit = |refund: u128, charge: u128, gross: Decimal, amount: Decimal| C::CreditService {
+        refund_id: RefundId(id(refund)),
+        charge_id: ChargeId(id(charge)),
+        charge_gross: gross,
+        amount,
+        reason: "outage".into(),
+    };
+    // The first hour's charge is no longer held by the account; the command carries its gross.
+    let events = Fixture::with(())
+        .given(given.clone())
+        .when(credit(40, 1_000, dec!(0.022603), dec!(0.02)))
+        .inspect_result()
+        .unwrap();
+    assert!(matches!(events.as_slice(), [Ev::ServiceCredited { amount, .. }] if *amount == dec!(0.02)));
+    given.extend(events);
+    // What was credited stays counted against that charge.
+    Fixture::with(())
+        .given(given.clone())
+        .when(credit(41, 1_000, dec!(0.022603), dec!(0.003)))
+        .then_expect_error(E::RefundExceedsCharge {
+            charge_id: ChargeId(id(1_000)),
+            refundable: dec!(0.002603),
+        });
+    // The latest charge's gross is the account's own, and a different one is refused.
+    let result = Fixture::with(())
+        .given(given.clone())
+        .when(credit(42, 1_002, dec!(1), dec!(0.01)))
+        .inspect_result();
+    assert!(matches!(result, Err(E::Invalid { field: "charge_gross", .. })), "{result:?}");
+    // Unused time is given back only for the slot in progress (the server's latest charge).
+    Fixture::with(())
+        .given(given)
+        .when(C::RefundUnusedTime {
+            charge_id: ChargeId(id(1_000)),
+            cancelled_at: at("2026-01-01T00:30:00Z"),
+        })
+        .then_expect_error(E::UnknownCharge(ChargeId(id(1_000))));
 }

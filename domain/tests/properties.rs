@@ -107,7 +107,8 @@ struct World {
     monthly: Vec<Decimal>,
     tax_rate: TaxRate,
     next_id: u128,
-    charges: Vec<ChargeId>,
+    /// The charges made so far, with their gross (a service credit names it, as read from the log).
+    charges: Vec<(ChargeId, Decimal)>,
     topups: Vec<TopUpId>,
     refunds: Vec<RefundId>,
 }
@@ -188,19 +189,23 @@ impl World {
                 tax_rate: self.tax_rate,
             },
             Op::RefundUnused { pick, seconds } => {
-                let charge_id = World::pick(&self.charges, pick)?;
+                let (charge_id, _) = World::pick(&self.charges, pick)?;
                 // The cancellation instant is relative to the slot; the account looks the slot up.
                 C::RefundUnusedTime {
                     charge_id,
                     cancelled_at: self.start + Duration::seconds(seconds),
                 }
             }
-            Op::Credit { pick, micros: amount } => C::CreditService {
-                refund_id: RefundId(uuid(6, self.fresh())),
-                charge_id: World::pick(&self.charges, pick)?,
-                amount: micros(amount),
-                reason: "sla".into(),
-            },
+            Op::Credit { pick, micros: amount } => {
+                let (charge_id, charge_gross) = World::pick(&self.charges, pick)?;
+                C::CreditService {
+                    refund_id: RefundId(uuid(6, self.fresh())),
+                    charge_id,
+                    charge_gross,
+                    amount: micros(amount),
+                    reason: "sla".into(),
+                }
+            }
             Op::CardRefund { pick, micros: amount } => {
                 let refund_id = RefundId(uuid(6, self.fresh()));
                 C::RequestCardRefund {
@@ -303,7 +308,7 @@ proptest! {
                         prop_assert!(charged.insert((*server_id, *slot)), "charged twice: {:?} {}", server_id, slot);
                         *month_net.entry((*server_id, slot.month())).or_default() += *net;
                         charge_gross.insert(*charge_id, (*server_id, *gross));
-                        world.charges.push(*charge_id);
+                        world.charges.push((*charge_id, *gross));
                     }
                     Ev::CancellationRefunded { charge_id, gross, .. } => *refunded.entry(*charge_id).or_default() += *gross,
                     Ev::ServiceCredited { charge_id, amount, .. } => *refunded.entry(*charge_id).or_default() += *amount,

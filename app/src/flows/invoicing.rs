@@ -21,18 +21,19 @@ impl Flows {
         let at = self.now();
         atomically!(self, metadata, |unit| {
             let mut account = unit_load::<Account>(&mut unit, &account_id.stream_id()).await?;
+            let ChargeFacts { slot, tax_rate, gross, .. } = charge_facts(&unit, account_id, charge_id).await?;
             let events = unit
                 .handle(
                     &mut account,
                     AccountCommand::CreditService {
                         refund_id,
                         charge_id,
+                        charge_gross: gross,
                         amount,
                         reason: reason.to_string(),
                     },
                 )
                 .await?;
-            let (slot, tax_rate) = charge_facts(&unit, account_id, charge_id).await?;
             let currency = account.state.opened().ok_or(FlowError::NotFound("account"))?.currency;
             let year = slot.month().year;
             let mut series = unit_load::<InvoiceSeries>(&mut unit, &series_stream(year)).await?;
@@ -112,26 +113,63 @@ pub(super) async fn account_events(unit: &crate::handler::Unit, account_id: Acco
         .collect()
 }
 
-/// The slot and tax rate of a charge.
-pub(super) async fn charge_facts(unit: &crate::handler::Unit, account_id: AccountId, charge_id: ChargeId) -> Result<(HourSlot, TaxRate)> {
+/// A charge as recorded in its account's stream.
+pub(super) struct ChargeFacts {
+    pub charge_id: ChargeId,
+    pub server_id: ServerId,
+    pub slot: HourSlot,
+    pub tax_rate: TaxRate,
+    pub gross: Decimal,
+}
+
+/// The first charge of the account's stream that `wanted` accepts (the account itself keeps only
+/// its servers' latest charges).
+async fn find_charge(unit: &crate::handler::Unit, account_id: AccountId, wanted: impl Fn(&ChargeFacts) -> bool) -> Result<ChargeFacts> {
     for (_, event) in account_events(unit, account_id).await? {
-        match event {
+        let facts = match event {
             AccountEvent::HourCharged {
-                charge_id: id,
+                charge_id,
+                server_id,
                 slot,
                 tax_rate,
+                gross,
                 ..
             }
             | AccountEvent::HoldCaptured {
-                charge_id: id,
+                charge_id,
+                server_id,
                 slot,
                 tax_rate,
+                gross,
                 ..
-            } if id == charge_id => return Ok((slot, tax_rate)),
-            _ => {}
+            } => ChargeFacts {
+                charge_id,
+                server_id,
+                slot,
+                tax_rate,
+                gross,
+            },
+            _ => continue,
+        };
+        if wanted(&facts) {
+            return Ok(facts);
         }
     }
     Err(FlowError::NotFound("charge"))
+}
+
+/// A charge of the account, by id.
+pub(super) async fn charge_facts(unit: &crate::handler::Unit, account_id: AccountId, charge_id: ChargeId) -> Result<ChargeFacts> {
+    find_charge(unit, account_id, |facts| facts.charge_id == charge_id).await
+}
+
+impl Flows {
+    /// The charge of `server_id`'s `slot` on the account, if the slot was charged.
+    pub async fn charge_of_slot(&self, account_id: AccountId, server_id: ServerId, slot: HourSlot) -> Result<ChargeId> {
+        let unit = self.handler.unit();
+        let facts = find_charge(&unit, account_id, |facts| facts.server_id == server_id && facts.slot == slot).await?;
+        Ok(facts.charge_id)
+    }
 }
 
 /// The charges with a slot in `period`, and the refunds of those charges.

@@ -91,7 +91,7 @@ impl Flows {
     ) -> Result<(TopUpId, String)> {
         if self.replayed(metadata).await? {
             let topup = self.handler.load::<domain::topup::TopUp>(&topup_id.stream_id()).await?;
-            let requested = topup.state.requested.ok_or(FlowError::NotFound("top-up"))?;
+            let requested = topup.state.requested.clone().ok_or(FlowError::NotFound("top-up"))?;
             return Ok((topup_id, requested.checkout_url));
         }
         let at = self.now();
