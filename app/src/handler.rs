@@ -147,6 +147,9 @@ pub struct Loaded<A> {
     pub state: Arc<A>,
     /// The version of the stream's latest snapshot known when it was loaded.
     snapshot_version: i64,
+    /// The version it was loaded at, and the events `Unit::handle` applied to it since.
+    loaded_version: i64,
+    applied: i64,
 }
 
 /// The streams a command touches: what was loaded at which version, and the events decided.
@@ -235,6 +238,9 @@ impl Unit {
         // Every aggregate of the domain decides its events before applying any (`decide`, then
         // `apply` each), so a refusal leaves the state as it was. A state shared with the cache
         // is copied first: the cache keeps states as stored.
+        // The unit's own reference to the state it keeps after the commit goes first, so that a
+        // state handled again is changed in place rather than copied.
+        self.changed.remove(&loaded.stream_id);
         let result = Arc::make_mut(&mut loaded.state).handle(command, &(), &sink).await;
         let events = sink.collect().await;
         match result {
@@ -253,8 +259,11 @@ impl Unit {
                         )
                     })
                     .collect::<Vec<_>>();
-                if !serialized.is_empty() {
+                loaded.applied += serialized.len() as i64;
+                if loaded.applied > 0 {
                     self.changed.insert(loaded.stream_id.clone(), Keep::of(loaded, 0));
+                }
+                if !serialized.is_empty() {
                     match self.indexes.get(&loaded.stream_id) {
                         Some(&index) => self.appends[index].2.extend(serialized),
                         None => {
@@ -327,8 +336,21 @@ impl StateCache {
     fn new(bytes: u64) -> StateCache {
         // The item estimate only sizes the index up front; the bound is the bytes.
         let items = (bytes / 1024).clamp(1_024, 1_000_000) as usize;
+        // One shard: the byte bound applies to the whole cache, so a large state (a year's
+        // invoice series) is admitted up to nearly all of it rather than to a shard's share.
+        let options = quick_cache::OptionsBuilder::new()
+            .shards(1)
+            .estimated_items_capacity(items)
+            .weight_capacity(bytes.max(1))
+            .build()
+            .expect("valid cache options");
         StateCache {
-            entries: quick_cache::sync::Cache::with_weighter(items, bytes.max(1), ByFootprint),
+            entries: quick_cache::sync::Cache::with_options(
+                options,
+                ByFootprint,
+                quick_cache::DefaultHashBuilder::default(),
+                quick_cache::sync::DefaultLifecycle::default(),
+            ),
         }
     }
 
@@ -353,7 +375,7 @@ impl StateCache {
         let cached = Cached {
             version: keep.version,
             snapshot_version: keep.snapshot_version,
-            bytes: keep.bytes,
+            bytes: (keep.footprint)(keep.state.as_ref()) as u64,
             state: keep.state,
         };
         self.entries.insert(keep.stream_id, cached);
@@ -418,12 +440,17 @@ impl CommandHandler {
         if !unit.has_events() {
             return Ok(Commit::Done(None));
         }
-        // Once stored, each changed state is the state of its stream at the version appended.
+        // Once stored, a changed state is the state of its stream at the version appended: if it
+        // was loaded at the version the append was guarded at, and every event appended to the
+        // stream was applied to it (a stream loaded twice in one unit is not kept).
         let mut changed = Vec::new();
         for (stream_id, version, events) in &unit.appends {
-            if let Some(mut keep) = unit.changed.get(stream_id).cloned() {
-                keep.version = version + events.len() as i64;
-                changed.push(keep);
+            if let Some(keep) = unit.changed.get(stream_id) {
+                if keep.loaded_version == *version && keep.applied == events.len() as i64 {
+                    let mut keep = keep.clone();
+                    keep.version = version + events.len() as i64;
+                    changed.push(keep);
+                }
             }
         }
         match self.log.append(self.request(unit, metadata)).await {
@@ -520,6 +547,8 @@ async fn load<A: StreamAggregate + Send + Sync + 'static>(
         version: start.version,
         state: start.state,
         snapshot_version: start.snapshot_version,
+        loaded_version: 0,
+        applied: 0,
     };
     loop {
         let events = log.read_stream(stream_id, loaded.version, ledger::log::READ_LIMIT_MAX).await?;
@@ -530,6 +559,7 @@ async fn load<A: StreamAggregate + Send + Sync + 'static>(
             fold(&mut loaded, recorded)?;
         }
     }
+    loaded.loaded_version = loaded.version;
     if loaded.version > cached_version {
         keep(log, cache, vec![Keep::of(&loaded, loaded.version)]).await;
     }
@@ -551,6 +581,8 @@ async fn load_many<A: StreamAggregate + Send + Sync + 'static>(
             version: start.version,
             state: start.state,
             snapshot_version: start.snapshot_version,
+            loaded_version: 0,
+            applied: 0,
         })
         .collect();
     let wanted: Vec<(String, i64)> = loaded.iter().map(|entry| (entry.stream_id.clone(), entry.version)).collect();
@@ -558,6 +590,9 @@ async fn load_many<A: StreamAggregate + Send + Sync + 'static>(
     for recorded in log.read_streams(&wanted).await? {
         let at = index[recorded.stream_id.as_str()];
         fold(&mut loaded[at], recorded)?;
+    }
+    for entry in &mut loaded {
+        entry.loaded_version = entry.version;
     }
     let read_on = loaded
         .iter()
@@ -604,7 +639,9 @@ async fn starts<A: StreamAggregate + Send + Sync + 'static>(
     }
     let rows: Vec<(String, i64, Value)> = sqlx::query_as(
         "SELECT s.stream_id, s.stream_version, s.state FROM unnest($1::text[]) AS w(stream_id) \
-         CROSS JOIN LATERAL (SELECT * FROM snapshots x WHERE x.stream_id = w.stream_id COLLATE \"C\" AND x.kind = $2) s",
+         CROSS JOIN LATERAL (SELECT * FROM snapshots x WHERE x.stream_id = w.stream_id COLLATE \"C\" AND x.kind = $2) s \
+         WHERE EXISTS (SELECT 1 FROM events e WHERE e.stream_id = s.stream_id AND e.stream_version = s.stream_version \
+                       AND e.hash = s.event_hash)",
     )
     .bind(&missing)
     .bind(kind)
@@ -632,8 +669,11 @@ struct Keep {
     stream_id: String,
     version: i64,
     snapshot_version: i64,
-    bytes: u64,
+    loaded_version: i64,
+    applied: i64,
     state: Arc<dyn std::any::Any + Send + Sync>,
+    /// The state's footprint (worked out only when it is cached).
+    footprint: fn(&(dyn std::any::Any + Send + Sync)) -> usize,
     /// The snapshot kind and how to serialise the state, for aggregates that are snapshotted.
     snapshot: Option<(&'static str, fn(&(dyn std::any::Any + Send + Sync)) -> Option<Value>)>,
 }
@@ -643,12 +683,17 @@ impl Keep {
         fn serialise<A: StreamAggregate + 'static>(state: &(dyn std::any::Any + Send + Sync)) -> Option<Value> {
             serde_json::to_value(state.downcast_ref::<A>()?).ok()
         }
+        fn footprint<A: StreamAggregate + 'static>(state: &(dyn std::any::Any + Send + Sync)) -> usize {
+            state.downcast_ref::<A>().map_or(0, A::footprint)
+        }
         Keep {
             stream_id: loaded.stream_id.clone(),
             version,
             snapshot_version: loaded.snapshot_version,
-            bytes: loaded.state.footprint() as u64,
+            loaded_version: loaded.loaded_version,
+            applied: loaded.applied,
             state: loaded.state.clone(),
+            footprint: footprint::<A>,
             snapshot: A::SNAPSHOT_KIND.map(|kind| (kind, serialise::<A> as fn(&(dyn std::any::Any + Send + Sync)) -> Option<Value>)),
         }
     }
@@ -677,12 +722,13 @@ async fn keep(log: &EventLog, cache: &StateCache, states: Vec<Keep>) {
     }
     for (kind, (stream_ids, versions, states)) in snapshots {
         let written = sqlx::query(
-            "INSERT INTO snapshots (stream_id, kind, stream_version, state) \
-             SELECT s.stream_id, $2, s.stream_version, s.state \
+            "INSERT INTO snapshots (stream_id, kind, stream_version, event_hash, state) \
+             SELECT s.stream_id, $2, s.stream_version, e.hash, s.state \
              FROM unnest($1::text[], $3::bigint[], $4::jsonb[]) AS s(stream_id, stream_version, state) \
+             JOIN events e ON e.stream_id = s.stream_id COLLATE \"C\" AND e.stream_version = s.stream_version \
              ON CONFLICT (stream_id) DO UPDATE SET kind = EXCLUDED.kind, stream_version = EXCLUDED.stream_version, \
-                 state = EXCLUDED.state, taken_at = now() \
-             WHERE snapshots.stream_version < EXCLUDED.stream_version OR snapshots.kind <> EXCLUDED.kind",
+                 event_hash = EXCLUDED.event_hash, state = EXCLUDED.state, taken_at = now() \
+             WHERE snapshots.stream_version <= EXCLUDED.stream_version OR snapshots.kind <> EXCLUDED.kind",
         )
         .bind(&stream_ids)
         .bind(kind)

@@ -362,22 +362,26 @@ async fn a_load_reads_the_snapshot_and_the_events_after_it_and_passes_over_a_bad
     let many = fresh.unit().load_many::<Account>(std::slice::from_ref(&stream)).await.unwrap();
     assert_eq!((many[0].version, &*many[0].state), (version, &whole));
 
-    // A snapshot of another shape, or one that does not decode, is passed over: the stream is
-    // folded whole (and the next load past the bound writes a good snapshot again).
+    // A snapshot of another shape, one that does not decode, or one not tied to the stream's event
+    // at its version, is passed over: the stream is folded whole (and the next load past the bound writes a good snapshot again).
     for tamper in [
         "UPDATE snapshots SET kind = 'Account/1'",
         "UPDATE snapshots SET kind = 'Account/2', state = '{\"balance\": \"999999\"}'",
+        // A state that decodes but is not the log's, under a hash that is not the event's there.
+        "UPDATE snapshots SET state = jsonb_set(state, '{balance}', '\"999999\"'), event_hash = decode(repeat('11', 32), 'hex')",
     ] {
         sqlx::query(tamper).execute(&db.pool).await.unwrap();
         let fresh = self::handler(&db).await;
         let loaded = fresh.load::<Account>(&stream).await.unwrap();
         assert_eq!((loaded.version, &*loaded.state), (version, &whole), "after {tamper}");
-        let (kind, rewritten): (String, i64) = sqlx::query_as("SELECT kind, stream_version FROM snapshots WHERE stream_id = $1")
-            .bind(&stream)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+        let (kind, rewritten, state): (String, i64, serde_json::Value) =
+            sqlx::query_as("SELECT kind, stream_version, state FROM snapshots WHERE stream_id = $1")
+                .bind(&stream)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
         assert_eq!((kind.as_str(), rewritten), ("Account/2", version), "after {tamper}");
+        assert_eq!(serde_json::from_value::<Account>(state).unwrap(), whole, "after {tamper}");
     }
 
     // A cache too small to hold anything still decides from the log: the slot just charged is

@@ -598,9 +598,22 @@ impl Account {
     }
 
     fn fresh_id(&self, id: uuid::Uuid, what: &str) -> Result<(), AccountError> {
-        let a_latest_charge = || self.servers.values().any(|charges| charges.last.charge_id.0 == id);
-        if self.used_ids.contains(&id) || a_latest_charge() {
+        if self.used_ids.contains(&id) {
             Err(AccountError::DuplicateId(format!("{what} {id}")))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A charge id must be fresh: not a refund's or an adjustment's, nor the server's latest
+    /// charge's (a retried decision with the same id). Charge ids are minted per decision.
+    fn fresh_charge_id(&self, server_id: ServerId, charge_id: ChargeId) -> Result<(), AccountError> {
+        let latest = self
+            .servers
+            .get(&server_id)
+            .is_some_and(|charges| charges.last.charge_id == charge_id);
+        if self.used_ids.contains(&charge_id.0) || latest {
+            Err(AccountError::DuplicateId(format!("charge {}", charge_id.0)))
         } else {
             Ok(())
         }
@@ -708,7 +721,7 @@ impl Account {
                     HoldState::Released => return Err(AccountError::HoldAlreadyReleased(order_id)),
                     HoldState::Placed => {}
                 }
-                self.fresh_id(charge_id.0, "charge")?;
+                self.fresh_charge_id(hold.server_id, charge_id)?;
                 if self.is_charged(hold.server_id, slot) {
                     return Err(AccountError::SlotAlreadyCharged {
                         server_id: hold.server_id,
@@ -756,7 +769,7 @@ impl Account {
                 if self.is_charged(server_id, slot) {
                     return Err(AccountError::SlotAlreadyCharged { server_id, slot });
                 }
-                self.fresh_id(charge_id.0, "charge")?;
+                self.fresh_charge_id(server_id, charge_id)?;
                 let charge = slot_charge(monthly_price, self.month_net(server_id, slot.month()), tax_rate);
                 if self.available() < charge.gross {
                     return Ok(vec![AccountEvent::ChargeDeclined {
@@ -1371,6 +1384,14 @@ impl Account {
         };
         let month = slot.month();
         match self.servers.get_mut(&server_id) {
+            // Slots are charged in order; a stored history that has one out of order (logs
+            // written before the run started from the server's own billable slot) never moves
+            // the high-water mark back, and counts towards the cap only in the latest month.
+            Some(charges) if slot < charges.last.slot => {
+                if month == charges.month {
+                    charges.month_net += net;
+                }
+            }
             Some(charges) => {
                 charges.month_net = if charges.month == month { charges.month_net + net } else { net };
                 charges.month = month;

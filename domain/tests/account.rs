@@ -935,3 +935,17 @@ fn an_older_charge_is_credited_by_its_gross_as_the_log_has_it_but_only_the_lates
         })
         .then_expect_error(E::UnknownCharge(ChargeId(id(1_000))));
 }
+
+#[test]
+fn a_stored_history_with_a_charge_out_of_slot_order_never_moves_the_high_water_mark_back() {
+    let mut given = with_funds();
+    let charges = hours_charged(4);
+    // Hour 3 stored first, then hours 0 to 2 (as a run that started from a stale slot once did).
+    given.push(charges[3].clone());
+    given.extend(charges[..3].iter().cloned());
+    let account = folded(given);
+    let last = slot("2026-01-01T03:00:00Z");
+    assert_eq!(account.last_charged_slot(server()), Some(last));
+    assert!(account.is_charged(server(), last));
+    assert_eq!(account.month_net(server(), last.month()), dec!(0.020548) * Decimal::from(4));
+}

@@ -9,7 +9,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::projection::Projection;
-use crate::runner::{apply_batch, run_batch, ProjectionError, BATCH_EVENTS, LIVE_SCHEMA};
+use crate::runner::{apply_batch, run_batch, ProjectionError, BATCH_EVENTS, LIVE_SCHEMA, REBUILD_BATCH_EVENTS};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RebuildReport {
@@ -92,7 +92,7 @@ async fn rebuild_locked(
     let mut events = 0i64;
     let mut last_status = Instant::now();
     loop {
-        let applied = run_batch(pool, projection, &schema, &checkpoint, BATCH_EVENTS, None).await?;
+        let applied = run_batch(pool, projection, &schema, &checkpoint, REBUILD_BATCH_EVENTS, None).await?;
         events += applied as i64;
         let position = ledger::checkpoint::load(pool, &checkpoint).await?;
         let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head").fetch_one(pool).await?;

@@ -12,7 +12,8 @@ impl Flows {
         let outcome = atomically!(self, metadata, |unit| {
             let mut server = unit_load::<Server>(&mut unit, &server_id.stream_id()).await?;
             let ordered = server.state.ordered.clone().ok_or(FlowError::NotFound("server"))?;
-            if !server.state.may_bill(slot) {
+            // A slot not begun yet is not billable; charging it would settle the slots before it.
+            if !server.state.may_bill(slot) || slot > HourSlot::containing(at) {
                 break SlotOutcome::NotBillable;
             }
             let mut account = unit_load::<Account>(&mut unit, &ordered.account_id.stream_id()).await?;
