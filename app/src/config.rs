@@ -46,7 +46,7 @@ pub struct Config {
     /// `BILLING_SESSION_IDLE_SECONDS` (default 1800) and `BILLING_SESSION_ABSOLUTE_SECONDS`
     /// (default 43200): when a portal or console session ends by itself.
     pub sessions: crate::people::SessionLimits,
-    /// `BILLING_STATE_CACHE_MB` (default 128, 1 to 65536): the bytes of aggregate state the
+    /// `BILLING_STATE_CACHE_MB` (default 64, 1 to 65536): the bytes of aggregate state the
     /// command handler keeps between commands.
     pub state_cache_bytes: u64,
 }
@@ -121,6 +121,9 @@ impl Env {
     }
 }
 
+/// `BILLING_STATE_CACHE_MB` unless set: the command handler's own default.
+const STATE_CACHE_MB_DEFAULT: u64 = crate::handler::STATE_CACHE_BYTES / (1024 * 1024);
+
 impl Config {
     /// The settings of a command run with `--dev` (or not) and `--bind`.
     pub fn from_env(dev: bool, bind: String) -> anyhow::Result<Config> {
@@ -172,7 +175,7 @@ impl Config {
                 .ok_or_else(|| anyhow!("BILLING_DEMO_ACCOUNTS is a number of accounts up to 2000, not {text:?}"))?,
         };
         Ok(Config {
-            state_cache_bytes: env.number("BILLING_STATE_CACHE_MB", 128u64, 1, 65_536)? * 1024 * 1024,
+            state_cache_bytes: env.number("BILLING_STATE_CACHE_MB", STATE_CACHE_MB_DEFAULT, 1, 65_536)? * 1024 * 1024,
             dev,
             bind,
             bootstrap_admin_token,

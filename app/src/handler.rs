@@ -85,7 +85,7 @@ impl StreamAggregate for domain::topup::TopUp {
 pub const SNAPSHOT_EVERY: i64 = 100;
 
 /// Bytes of aggregate state the cache of a `CommandHandler` keeps by default.
-pub const STATE_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+pub const STATE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Who did it and why, recorded with every event.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -587,10 +587,12 @@ async fn load_many<A: StreamAggregate + Send + Sync + 'static>(
         .collect();
     let wanted: Vec<(String, i64)> = loaded.iter().map(|entry| (entry.stream_id.clone(), entry.version)).collect();
     let index: std::collections::HashMap<&str, usize> = stream_ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
-    for recorded in log.read_streams(&wanted).await? {
+    // Folded as the rows arrive: a batch holds its states, not every event it reads.
+    log.read_streams_each(&wanted, |recorded| {
         let at = index[recorded.stream_id.as_str()];
-        fold(&mut loaded[at], recorded)?;
-    }
+        fold(&mut loaded[at], recorded)
+    })
+    .await?;
     for entry in &mut loaded {
         entry.loaded_version = entry.version;
     }

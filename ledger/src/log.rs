@@ -122,11 +122,17 @@ impl EventLog {
     }
 
     /// Events of many streams at once, each after its own version: `(stream_id, after_version)`
-    /// pairs in, events out grouped by stream and oldest first. One round trip for a batch of
+    /// pairs in, events handed to `each` grouped by stream and oldest first, as they arrive (a
+    /// batch's memory is what `each` keeps, not every event read). One round trip for a batch of
     /// aggregates (the billing run loads thousands of wallets and servers this way).
-    pub async fn read_streams(&self, streams: &[(String, i64)]) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    pub async fn read_streams_each<E: From<sqlx::Error>>(
+        &self,
+        streams: &[(String, i64)],
+        mut each: impl FnMut(RecordedEvent) -> Result<(), E>,
+    ) -> Result<(), E> {
+        use futures::TryStreamExt;
         if streams.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let (ids, versions): (Vec<&str>, Vec<i64>) = streams.iter().map(|(id, version)| (id.as_str(), *version)).unzip();
         let columns = EVENT_COLUMNS
@@ -136,16 +142,31 @@ impl EventLog {
             .join(", ");
         // LATERAL keeps this an index probe per stream whatever the plan (a hash join over the
         // whole log is what the planner picks otherwise once the batch is large).
-        sqlx::query_as(&format!(
+        let sql = format!(
             "SELECT {columns} FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS s(stream_id, after_version, ord) \
              CROSS JOIN LATERAL (SELECT * FROM events x WHERE x.stream_id = s.stream_id COLLATE \"C\" \
                                  AND x.stream_version > s.after_version ORDER BY x.stream_version) e \
              ORDER BY s.ord, e.stream_version"
-        ))
-        .bind(&ids)
-        .bind(&versions)
-        .fetch_all(&self.inner.pool)
-        .await
+        );
+        let mut rows = sqlx::query_as::<_, RecordedEvent>(&sql)
+            .bind(&ids)
+            .bind(&versions)
+            .fetch(&self.inner.pool);
+        while let Some(event) = rows.try_next().await? {
+            each(event)?;
+        }
+        Ok(())
+    }
+
+    /// As `read_streams_each`, collected.
+    pub async fn read_streams(&self, streams: &[(String, i64)]) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+        let mut events = Vec::new();
+        self.read_streams_each(streams, |event| {
+            events.push(event);
+            Ok::<(), sqlx::Error>(())
+        })
+        .await?;
+        Ok(events)
     }
 
     /// Every event of one stream, oldest first, read in bounded pages.
