@@ -117,15 +117,18 @@ pub async fn rebuild(name: Option<String>) -> anyhow::Result<ExitCode> {
         })?],
         None => projections::projection::all(),
     };
-    for projection in selected {
-        let bar = progress_bar("rebuilding");
-        bar.set_message(format!("rebuilding {}", projection.name()));
-        let report = projections::rebuild::rebuild(&pool, projection.as_ref(), |done, head| {
-            bar.set_length(head.max(0) as u64);
-            bar.set_position(done.max(0) as u64);
-        })
-        .await?;
-        bar.finish_and_clear();
+    // Every read model selected is fed by one pass over the log, then each is swapped in.
+    let bar = progress_bar("rebuilding");
+    let names: Vec<&str> = selected.iter().map(|projection| projection.name()).collect();
+    bar.set_message(format!("rebuilding {}", names.join(", ")));
+    let selected: Vec<&dyn projections::Projection> = selected.iter().map(|projection| projection.as_ref()).collect();
+    let reports = projections::rebuild::rebuild_all(&pool, &selected, |done, head| {
+        bar.set_length(head.max(0) as u64);
+        bar.set_position(done.max(0) as u64);
+    })
+    .await?;
+    bar.finish_and_clear();
+    for report in reports {
         println!(
             "rebuilt {}: {} events to position {} in {} ms",
             report.name, report.events, report.position, report.elapsed_ms

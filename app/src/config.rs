@@ -46,7 +46,7 @@ pub struct Config {
     /// `BILLING_SESSION_IDLE_SECONDS` (default 1800) and `BILLING_SESSION_ABSOLUTE_SECONDS`
     /// (default 43200): when a portal or console session ends by itself.
     pub sessions: crate::people::SessionLimits,
-    /// `BILLING_STATE_CACHE_MB` (default 64, 1 to 65536): the bytes of aggregate state the
+    /// `BILLING_STATE_CACHE_MB` (default 32, 1 to 65536): the bytes of aggregate state the
     /// command handler keeps between commands.
     pub state_cache_bytes: u64,
 }

@@ -85,7 +85,7 @@ impl StreamAggregate for domain::topup::TopUp {
 pub const SNAPSHOT_EVERY: i64 = 100;
 
 /// Bytes of aggregate state the cache of a `CommandHandler` keeps by default.
-pub const STATE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+pub const STATE_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Who did it and why, recorded with every event.
 #[derive(Clone, Debug, Default, Serialize)]

@@ -306,6 +306,17 @@ async fn a_rebuild_from_position_zero_is_byte_identical() {
         status.iter().all(|s| s.generation == 2 && !s.rebuilding && s.lag == 0),
         "{status:?}"
     );
+    // All of them at once, fed by one pass over the log: the same tables again.
+    let all = projections::projection::all();
+    let selected: Vec<&dyn projections::Projection> = all.iter().map(|projection| projection.as_ref()).collect();
+    let reports = projections::rebuild::rebuild_all(&db.pool, &selected, |_, _| {}).await.unwrap();
+    assert!(reports.iter().all(|report| report.events == 2123), "{reports:?}");
+    assert_eq!(digests(&db).await, before);
+    let status = projections::queries::status(&db.pool).await.unwrap();
+    assert!(
+        status.iter().all(|s| s.generation == 3 && !s.rebuilding && s.lag == 0),
+        "{status:?}"
+    );
 }
 
 /// Applies a batch and then fails, as a projector killed after writing its rows but before

@@ -399,17 +399,22 @@ async fn rebuild(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
     let events_target = if quick { 20_000 } else { 1_000_000 };
     let events = synthetic_history(pool, events_target).await?;
     let started = Instant::now();
-    for projection in projections::projection::all() {
-        let report = projections::rebuild::rebuild(pool, projection.as_ref(), |_, _| {}).await?;
+    let all = projections::projection::all();
+    let selected: Vec<&dyn projections::Projection> = all.iter().map(|projection| projection.as_ref()).collect();
+    for report in projections::rebuild::rebuild_all(pool, &selected, |_, _| {}).await? {
         anyhow::ensure!(
             report.events as usize == events,
             "{} applied {} of {events} events",
             report.name,
             report.events
         );
-        eprintln!("rebuild: {} took {} ms for {events} events", report.name, report.elapsed_ms);
+        eprintln!("rebuild: {} swapped in after {} ms", report.name, report.elapsed_ms);
     }
     let elapsed = started.elapsed();
+    eprintln!(
+        "rebuild: all read models from {events} events in one pass: {} ms",
+        elapsed.as_millis()
+    );
     let books = projections::queries::trial_balance(pool, None).await?;
     anyhow::ensure!(
         books.currencies.iter().all(|books| books.total_debit == books.total_credit),

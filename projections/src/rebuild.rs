@@ -9,7 +9,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::projection::Projection;
-use crate::runner::{apply_batch, run_batch, ProjectionError, BATCH_EVENTS, LIVE_SCHEMA, REBUILD_BATCH_EVENTS};
+use crate::runner::{apply_batch, apply_batch_to_each, ProjectionError, Target, BATCH_EVENTS, LIVE_SCHEMA, REBUILD_BATCH_EVENTS};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RebuildReport {
@@ -45,84 +45,139 @@ pub(crate) async fn prepare_side_schema(
     Ok(())
 }
 
-pub async fn rebuild(
+pub async fn rebuild(pool: &PgPool, projection: &dyn Projection, progress: impl FnMut(i64, i64)) -> Result<RebuildReport, ProjectionError> {
+    let mut reports = rebuild_all(pool, &[projection], progress).await?;
+    Ok(reports.remove(0))
+}
+
+/// Rebuilds several read models at once: one pass over the log feeds all their side tables
+/// (each batch read and decoded once), then each is swapped in as `rebuild` does.
+pub async fn rebuild_all(
     pool: &PgPool,
-    projection: &dyn Projection,
+    projections: &[&dyn Projection],
     mut progress: impl FnMut(i64, i64),
-) -> Result<RebuildReport, ProjectionError> {
+) -> Result<Vec<RebuildReport>, ProjectionError> {
     let started = Instant::now();
-    let name = projection.name();
     // One rebuild of a read model at a time, across processes: a second would drop the first's
-    // side schema. The lock is held by a connection of its own until the rebuild ends (or its
+    // side schema. The locks are held by a connection of their own until the rebuild ends (or its
     // process dies).
     let mut guard = pool.acquire().await?;
-    let (locked,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock(hashtext('billing.rebuild'), hashtext($1))")
-        .bind(name)
-        .fetch_one(&mut *guard)
-        .await?;
-    if !locked {
-        return Err(ProjectionError::AlreadyRebuilding(name.to_string()));
+    let mut locked: Vec<&str> = Vec::new();
+    let mut refused = None;
+    for projection in projections {
+        let name = projection.name();
+        let (taken,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock(hashtext('billing.rebuild'), hashtext($1))")
+            .bind(name)
+            .fetch_one(&mut *guard)
+            .await?;
+        if !taken {
+            refused = Some(ProjectionError::AlreadyRebuilding(name.to_string()));
+            break;
+        }
+        locked.push(name);
     }
-    let rebuilt = rebuild_locked(pool, projection, &mut progress, started).await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('billing.rebuild'), hashtext($1))")
-        .bind(name)
-        .execute(&mut *guard)
-        .await;
+    let rebuilt = match refused {
+        Some(error) => Err(error),
+        None => rebuild_locked(pool, projections, &mut progress, started).await,
+    };
+    for name in locked {
+        let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('billing.rebuild'), hashtext($1))")
+            .bind(name)
+            .execute(&mut *guard)
+            .await;
+    }
     rebuilt
 }
 
 async fn rebuild_locked(
     pool: &PgPool,
-    projection: &dyn Projection,
+    projections: &[&dyn Projection],
     progress: &mut impl FnMut(i64, i64),
     started: Instant,
-) -> Result<RebuildReport, ProjectionError> {
-    let name = projection.name();
-    let schema = format!("rm_next_{name}");
-    let checkpoint = format!("{name}@rebuild");
-    prepare_side_schema(pool, projection, &schema, &checkpoint).await?;
-    sqlx::query(
-        "INSERT INTO projection_status (name, rebuilding, rebuild_position) VALUES ($1, TRUE, 0) \
-         ON CONFLICT (name) DO UPDATE SET rebuilding = TRUE, rebuild_position = 0",
-    )
-    .bind(name)
-    .execute(pool)
-    .await?;
+) -> Result<Vec<RebuildReport>, ProjectionError> {
+    let sides: Vec<(String, String)> = projections
+        .iter()
+        .map(|projection| (format!("rm_next_{}", projection.name()), format!("{}@rebuild", projection.name())))
+        .collect();
+    for (projection, (schema, checkpoint)) in projections.iter().zip(&sides) {
+        prepare_side_schema(pool, *projection, schema, checkpoint).await?;
+        sqlx::query(
+            "INSERT INTO projection_status (name, rebuilding, rebuild_position) VALUES ($1, TRUE, 0) \
+             ON CONFLICT (name) DO UPDATE SET rebuilding = TRUE, rebuild_position = 0",
+        )
+        .bind(projection.name())
+        .execute(pool)
+        .await?;
+    }
+    let targets: Vec<Target> = projections
+        .iter()
+        .zip(&sides)
+        .map(|(projection, (schema, checkpoint))| Target {
+            projection: *projection,
+            schema,
+            checkpoint,
+        })
+        .collect();
 
-    let mut events = 0i64;
+    let mut events = vec![0i64; projections.len()];
     let mut last_status = Instant::now();
     loop {
-        let applied = run_batch(pool, projection, &schema, &checkpoint, REBUILD_BATCH_EVENTS, None).await?;
-        events += applied as i64;
-        let position = ledger::checkpoint::load(pool, &checkpoint).await?;
+        let mut tx = pool.begin().await?;
+        let (read, applied) = apply_batch_to_each(&mut tx, &targets, REBUILD_BATCH_EVENTS).await?;
+        tx.commit().await?;
+        for (total, applied) in events.iter_mut().zip(applied) {
+            *total += applied as i64;
+        }
+        let mut position = i64::MAX;
+        for (_, checkpoint) in &sides {
+            position = position.min(ledger::checkpoint::load(pool, checkpoint).await?);
+        }
         let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head").fetch_one(pool).await?;
         progress(position, head);
-        if last_status.elapsed() > Duration::from_millis(500) || applied == 0 {
-            sqlx::query("UPDATE projection_status SET rebuild_position = $2 WHERE name = $1")
-                .bind(name)
-                .bind(position)
-                .execute(pool)
-                .await?;
+        if last_status.elapsed() > Duration::from_millis(500) || read == 0 {
+            for projection in projections {
+                sqlx::query("UPDATE projection_status SET rebuild_position = $2 WHERE name = $1")
+                    .bind(projection.name())
+                    .bind(position)
+                    .execute(pool)
+                    .await?;
+            }
             last_status = Instant::now();
         }
-        if applied == 0 {
+        if read == 0 {
             break;
         }
     }
+    let mut reports = Vec::with_capacity(projections.len());
+    for ((projection, (schema, checkpoint)), events) in projections.iter().zip(&sides).zip(events) {
+        reports.push(swap(pool, *projection, schema, checkpoint, events, started).await?);
+    }
+    Ok(reports)
+}
 
+/// Swaps a rebuilt read model in.
+async fn swap(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    schema: &str,
+    checkpoint: &str,
+    mut events: i64,
+    started: Instant,
+) -> Result<RebuildReport, ProjectionError> {
+    let name = projection.name();
     // The swap: the live projector waits on its checkpoint while the last events are applied to
     // the new tables and they take the live ones' place.
     let mut tx = pool.begin().await?;
     ledger::checkpoint::lock(&mut tx, name).await?;
     loop {
-        let applied = apply_batch(&mut tx, projection, &schema, &checkpoint, BATCH_EVENTS, None).await?;
+        let applied = apply_batch(&mut tx, projection, schema, checkpoint, BATCH_EVENTS, None).await?;
         events += applied as i64;
         if applied == 0 {
             break;
         }
     }
     let position: i64 = sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
-        .bind(&checkpoint)
+        .bind(checkpoint)
         .fetch_one(&mut *tx)
         .await?;
     for table in projection.tables() {
@@ -142,7 +197,7 @@ async fn rebuild_locked(
         .execute(&mut *tx)
         .await?;
     sqlx::query("DELETE FROM checkpoints WHERE name = $1")
-        .bind(&checkpoint)
+        .bind(checkpoint)
         .execute(&mut *tx)
         .await?;
     sqlx::query(&format!("DROP SCHEMA {schema}")).execute(&mut *tx).await?;

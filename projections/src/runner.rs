@@ -75,42 +75,68 @@ pub async fn catch_up(pool: &PgPool, projection: &dyn Projection) -> Result<i64,
     Ok(ledger::checkpoint::load(pool, projection.name()).await?)
 }
 
-/// Brings every live projection up to the head, reading and decoding each batch of the log once
-/// for all of them: a batch after the lowest checkpoint is applied to each projection from its
-/// own checkpoint on, and every checkpoint moves, in one transaction.
-pub async fn catch_up_all(pool: &PgPool) -> Result<(), ProjectionError> {
-    let projections = crate::projection::all();
-    while apply_batch_to_all(pool, &projections).await? > 0 {}
-    Ok(())
+/// Where a projection is applied: the schema of its tables and its checkpoint.
+pub struct Target<'a> {
+    pub projection: &'a dyn Projection,
+    pub schema: &'a str,
+    pub checkpoint: &'a str,
 }
 
-/// One batch for every live projection; returns the number of events read.
-async fn apply_batch_to_all(pool: &PgPool, projections: &[std::sync::Arc<dyn Projection>]) -> Result<usize, ProjectionError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT set_config('search_path', $1, true)")
-        .bind(format!("{LIVE_SCHEMA}, public"))
-        .execute(&mut *tx)
-        .await?;
-    // Always locked in the same order, so concurrent callers queue rather than deadlock.
-    let mut positions = Vec::with_capacity(projections.len());
-    for projection in projections {
-        positions.push(ledger::checkpoint::lock(&mut tx, projection.name()).await?);
+/// Brings every live projection up to the head, reading and decoding each batch of the log once
+/// for all of them.
+pub async fn catch_up_all(pool: &PgPool) -> Result<(), ProjectionError> {
+    let projections = crate::projection::all();
+    let targets: Vec<Target> = projections
+        .iter()
+        .map(|projection| Target {
+            projection: projection.as_ref(),
+            schema: LIVE_SCHEMA,
+            checkpoint: projection.name(),
+        })
+        .collect();
+    loop {
+        let mut tx = pool.begin().await?;
+        let (read, _) = apply_batch_to_each(&mut tx, &targets, BATCH_EVENTS).await?;
+        tx.commit().await?;
+        if read == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// One batch for several projections in `tx`: the events after the lowest of their checkpoints,
+/// read and decoded once, each projection given those past its own checkpoint (in its schema), and
+/// every checkpoint moved. The checkpoints are locked in the order given, so callers that give
+/// the same order queue rather than deadlock. Returns the events read and those applied to each.
+pub async fn apply_batch_to_each(
+    tx: &mut PgConnection,
+    targets: &[Target<'_>],
+    batch: usize,
+) -> Result<(usize, Vec<usize>), ProjectionError> {
+    let mut positions = Vec::with_capacity(targets.len());
+    for target in targets {
+        positions.push(ledger::checkpoint::lock(tx, target.checkpoint).await?);
     }
     let from = positions.iter().copied().min().unwrap_or(0);
-    let events = ledger::log::read_after(&mut *tx, from, BATCH_EVENTS).await?;
+    let events = ledger::log::read_after(&mut *tx, from, batch).await?;
     let Some(last) = events.last().map(|event| event.position) else {
-        return Ok(0);
+        return Ok((0, vec![0; targets.len()]));
     };
     let records = events.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
-    for (projection, position) in projections.iter().zip(positions) {
+    let mut applied = Vec::with_capacity(targets.len());
+    for (target, position) in targets.iter().zip(positions) {
         // Records are in position order: this projection's share is what lies past its checkpoint.
         let unseen = &records[records.partition_point(|record| record.position <= position)..];
+        applied.push(unseen.len());
         if unseen.is_empty() {
             continue;
         }
-        projection.apply(&mut tx, unseen).await?;
-        ledger::checkpoint::store(&mut tx, projection.name(), last).await?;
+        sqlx::query("SELECT set_config('search_path', $1, true)")
+            .bind(format!("{}, public", target.schema))
+            .execute(&mut *tx)
+            .await?;
+        target.projection.apply(tx, unseen).await?;
+        ledger::checkpoint::store(tx, target.checkpoint, last).await?;
     }
-    tx.commit().await?;
-    Ok(events.len())
+    Ok((events.len(), applied))
 }
