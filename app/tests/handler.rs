@@ -311,6 +311,18 @@ async fn the_catalogue_is_loaded_from_the_fixture_files_once() {
     assert_eq!(price.amount, dec!(30.00));
 }
 
+/// A charge of `slot` at 7.50 a month and 10% tax, under a fresh id.
+fn charge_slot(server_id: ServerId, slot: domain::HourSlot) -> AccountCommand {
+    AccountCommand::ChargeSlot {
+        charge_id: domain::ChargeId::new(),
+        server_id,
+        plan_id: PlanId::parse("vps-1g").unwrap(),
+        slot,
+        monthly_price: dec!(7.50),
+        tax_rate: domain::TaxRate::new(dec!(0.1)).unwrap(),
+    }
+}
+
 /// Every event of `stream` folded from the empty state: what any load must equal.
 async fn fold_whole(handler: &CommandHandler, stream: &str) -> Account {
     let mut account = Account::default();
@@ -331,14 +343,7 @@ async fn a_load_reads_the_snapshot_and_the_events_after_it_and_passes_over_a_bad
     let first = domain::HourSlot::containing(at("2026-03-01T00:00:00Z"));
     let mut slot = first;
     for _ in 0..(2 * app::handler::SNAPSHOT_EVERY + 30) {
-        let charge = AccountCommand::ChargeSlot {
-            charge_id: domain::ChargeId::new(),
-            server_id,
-            plan_id: PlanId::parse("vps-1g").unwrap(),
-            slot,
-            monthly_price: dec!(7.50),
-            tax_rate: domain::TaxRate::new(dec!(0.1)).unwrap(),
-        };
+        let charge = charge_slot(server_id, slot);
         handler.execute::<Account>(&stream, charge, &admin()).await.unwrap();
         slot = slot.next();
     }
@@ -389,14 +394,7 @@ async fn a_load_reads_the_snapshot_and_the_events_after_it_and_passes_over_a_bad
     let uncached = self::handler(&db).await.with_state_cache_bytes(1);
     let previous = domain::HourSlot::containing(slot.start() - chrono::Duration::hours(1));
     for (slot, charged) in [(previous, false), (slot, true)] {
-        let charge = AccountCommand::ChargeSlot {
-            charge_id: domain::ChargeId::new(),
-            server_id,
-            plan_id: PlanId::parse("vps-1g").unwrap(),
-            slot,
-            monthly_price: dec!(7.50),
-            tax_rate: domain::TaxRate::new(dec!(0.1)).unwrap(),
-        };
+        let charge = charge_slot(server_id, slot);
         let result = uncached.execute::<Account>(&stream, charge, &admin()).await;
         assert_eq!(result.is_ok(), charged, "{result:?}");
     }

@@ -158,17 +158,6 @@ impl EventLog {
         Ok(())
     }
 
-    /// As `read_streams_each`, collected.
-    pub async fn read_streams(&self, streams: &[(String, i64)]) -> Result<Vec<RecordedEvent>, sqlx::Error> {
-        let mut events = Vec::new();
-        self.read_streams_each(streams, |event| {
-            events.push(event);
-            Ok::<(), sqlx::Error>(())
-        })
-        .await?;
-        Ok(events)
-    }
-
     /// Every event of one stream, oldest first, read in bounded pages.
     pub async fn read_stream_all(&self, stream_id: &str) -> Result<Vec<RecordedEvent>, sqlx::Error> {
         let mut events = Vec::new();

@@ -69,12 +69,6 @@ pub async fn run_batch(
     Ok(applied)
 }
 
-/// Brings a live projection up to the head of the log; returns its checkpoint.
-pub async fn catch_up(pool: &PgPool, projection: &dyn Projection) -> Result<i64, ProjectionError> {
-    while run_batch(pool, projection, LIVE_SCHEMA, projection.name(), BATCH_EVENTS, None).await? > 0 {}
-    Ok(ledger::checkpoint::load(pool, projection.name()).await?)
-}
-
 /// Where a projection is applied: the schema of its tables and its checkpoint.
 pub struct Target<'a> {
     pub projection: &'a dyn Projection,
