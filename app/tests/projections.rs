@@ -290,10 +290,36 @@ async fn digests(db: &TestDatabase) -> Vec<(String, String)> {
     digests
 }
 
+/// Every read model table's keys and indexes (their definitions, whatever their names).
+async fn index_shapes(db: &TestDatabase) -> Vec<(String, Vec<String>)> {
+    let mut shapes = Vec::new();
+    for projection in projections::projection::all() {
+        for table in projection.tables() {
+            let definitions: Vec<(String,)> = sqlx::query_as(
+                "SELECT regexp_replace(pg_get_indexdef(i.indexrelid), '^CREATE (UNIQUE )?INDEX \\S+ ', 'CREATE \\1INDEX ') \
+                        || coalesce(' ' || c.contype::text || ' ' || pg_get_constraintdef(c.oid), '') \
+                 FROM pg_index i LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid \
+                 WHERE i.indrelid = ('rm.' || $1)::regclass ORDER BY 1",
+            )
+            .bind(table)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+            shapes.push((table.to_string(), definitions.into_iter().map(|(definition,)| definition).collect()));
+        }
+    }
+    shapes
+}
+
 #[tokio::test]
 async fn a_rebuild_from_position_zero_is_byte_identical() {
     let db = load_history().await;
     let before = digests(&db).await;
+    let indexes = index_shapes(&db).await;
+    assert!(
+        indexes.iter().any(|(table, shape)| table == "statement" && shape.len() == 2),
+        "{indexes:?}"
+    );
     for projection in projections::projection::all() {
         let report = projections::rebuild::rebuild(&db.pool, projection.as_ref(), |_, _| {})
             .await
@@ -312,6 +338,8 @@ async fn a_rebuild_from_position_zero_is_byte_identical() {
     let reports = projections::rebuild::rebuild_all(&db.pool, &selected, |_, _| {}).await.unwrap();
     assert!(reports.iter().all(|report| report.events == 2123), "{reports:?}");
     assert_eq!(digests(&db).await, before);
+    // The tables bulk-loaded without indexes got every key and index back.
+    assert_eq!(index_shapes(&db).await, indexes);
     let status = projections::queries::status(&db.pool).await.unwrap();
     assert!(
         status.iter().all(|s| s.generation == 3 && !s.rebuilding && s.lag == 0),

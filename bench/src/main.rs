@@ -95,6 +95,11 @@ fn summarise(runs: Vec<Measurement>) -> Measurement {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Stage timings (RUST_LOG=projections=debug, for example) go to stderr; nothing by default.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let selected: Vec<&str> = match args.scenario.as_str() {
         "all" => SCENARIOS.to_vec(),
         name if SCENARIOS.contains(&name) => {

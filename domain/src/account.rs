@@ -1446,9 +1446,14 @@ impl Account {
     }
 }
 
+/// Whether a stored account event's payload needs `upcast`.
+pub fn upcasts(event_type: &str, schema_version: i32) -> bool {
+    event_type == "AccountOpened" && schema_version < 2
+}
+
 /// Brings a stored account event's payload to the current version.
 pub fn upcast(event_type: &str, schema_version: i32, mut payload: serde_json::Value) -> serde_json::Value {
-    if event_type == "AccountOpened" && schema_version < 2 {
+    if upcasts(event_type, schema_version) {
         if let Some(object) = payload.as_object_mut() {
             if let Some(country) = object.remove("tax_country") {
                 object.insert("country".into(), country);

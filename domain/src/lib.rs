@@ -20,7 +20,7 @@ pub mod types;
 pub use account::{Account, AccountCommand, AccountError, AccountEvent, Figures};
 pub use catalog::{Catalog, CatalogCommand, CatalogError, CatalogEvent, Fixtures};
 pub use clock::{Clock, ManualClock};
-pub use events::decode_event;
+pub use events::{decode_event, decode_event_text};
 pub use invoice::{InvoiceSeries, InvoiceSeriesCommand, InvoiceSeriesEvent};
 pub use money::{Currency, Money, MoneyError};
 pub use order::{Order, OrderCommand, OrderError, OrderEvent};

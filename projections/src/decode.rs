@@ -43,14 +43,57 @@ fn id_after(stream_id: &str, prefix: &str) -> Option<Uuid> {
 }
 
 pub fn decode(event: &RecordedEvent) -> Result<Record, DecodeError> {
+    let payload = event.payload.to_string();
+    decode_stored(&StoredEvent {
+        position: event.position,
+        stream_id: event.stream_id.clone(),
+        event_id: event.event_id,
+        event_type: event.event_type.clone(),
+        schema_version: event.schema_version,
+        payload,
+        occurred_at: event.occurred_at,
+    })
+}
+
+/// What the projections read of a stored event: no metadata or hashes, the payload as text
+/// (decoded straight into the domain's types, with no intermediate JSON tree).
+#[derive(Debug, sqlx::FromRow)]
+pub struct StoredEvent {
+    pub position: i64,
+    pub stream_id: String,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: i32,
+    pub payload: String,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// The events after `after_position`, in position order, at most `limit`, decoded.
+pub async fn read_records_after<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    after_position: i64,
+    limit: usize,
+) -> Result<Vec<Record>, crate::runner::ProjectionError> {
+    let stored: Vec<StoredEvent> = sqlx::query_as(
+        "SELECT position, stream_id, event_id, event_type, schema_version, payload::text AS payload, occurred_at \
+         FROM events WHERE position > $1 ORDER BY position LIMIT $2",
+    )
+    .bind(after_position)
+    .bind(limit.max(1) as i64)
+    .fetch_all(executor)
+    .await?;
+    Ok(stored.iter().map(decode_stored).collect::<Result<Vec<_>, _>>()?)
+}
+
+pub fn decode_stored(event: &StoredEvent) -> Result<Record, DecodeError> {
     let fail = |reason: String| DecodeError {
         position: event.position,
         stream_id: event.stream_id.clone(),
         event_type: event.event_type.clone(),
         reason,
     };
-    fn decode_as<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, String> {
-        domain::decode_event(&event.event_type, event.schema_version, event.payload.clone()).map_err(|error| error.to_string())
+    fn decode_as<E: serde::de::DeserializeOwned>(event: &StoredEvent) -> Result<E, String> {
+        domain::decode_event_text(&event.event_type, event.schema_version, &event.payload).map_err(|error| error.to_string())
     }
     let decoded = if let Some(id) = id_after(&event.stream_id, "account-") {
         Decoded::Account(AccountId(id), decode_as(event).map_err(fail)?)

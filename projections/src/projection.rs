@@ -13,6 +13,16 @@ pub trait Projection: Send + Sync {
     /// transaction's search_path picks the schema). Applying a batch is a pure function of the
     /// rows it reads and the records.
     fn apply<'a>(&'a self, tx: &'a mut PgConnection, records: &'a [Record]) -> BoxFuture<'a, Result<(), sqlx::Error>>;
+    /// Applies a batch of a rebuild's bulk load into side tables nobody reads yet: the same rows
+    /// as `apply`, but rows that are only ever appended may be streamed in with `COPY`.
+    fn apply_bulk<'a>(&'a self, tx: &'a mut PgConnection, records: &'a [Record]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        self.apply(tx, records)
+    }
+    /// Its tables that `apply_bulk` only appends to and never reads: a rebuild creates them without
+    /// indexes and builds the live tables' indexes and keys once the bulk load is done.
+    fn bulk_tables(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// Every projection of the product.

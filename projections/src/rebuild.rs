@@ -9,7 +9,10 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::projection::Projection;
-use crate::runner::{apply_batch, apply_batch_to_each, ProjectionError, Target, BATCH_EVENTS, LIVE_SCHEMA, REBUILD_BATCH_EVENTS};
+use futures::future::try_join_all;
+
+use crate::decode::read_records_after;
+use crate::runner::{apply_batch, apply_records, ProjectionError, Target, BATCH_EVENTS, LIVE_SCHEMA, REBUILD_BATCH_EVENTS};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RebuildReport {
@@ -20,12 +23,14 @@ pub struct RebuildReport {
 }
 
 /// Creates `schema` holding empty copies of the projection's live tables (columns, constraints,
-/// indexes), and resets `checkpoint`.
+/// indexes; with `bulk`, its bulk tables without keys or indexes until `index_bulk_tables`), and
+/// resets `checkpoint`.
 pub(crate) async fn prepare_side_schema(
     pool: &PgPool,
     projection: &dyn Projection,
     schema: &str,
     checkpoint: &str,
+    bulk: bool,
 ) -> Result<(), ProjectionError> {
     let mut tx = pool.begin().await?;
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
@@ -33,7 +38,12 @@ pub(crate) async fn prepare_side_schema(
         .await?;
     sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut *tx).await?;
     for table in projection.tables() {
-        sqlx::query(&format!("CREATE TABLE {schema}.{table} (LIKE {LIVE_SCHEMA}.{table} INCLUDING ALL)"))
+        let like = if bulk && projection.bulk_tables().contains(table) {
+            "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING STORAGE"
+        } else {
+            "INCLUDING ALL"
+        };
+        sqlx::query(&format!("CREATE TABLE {schema}.{table} (LIKE {LIVE_SCHEMA}.{table} {like})"))
             .execute(&mut *tx)
             .await?;
     }
@@ -42,6 +52,41 @@ pub(crate) async fn prepare_side_schema(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    Ok(())
+}
+
+/// Gives the bulk tables in `schema`, loaded without them, the keys and indexes of their live
+/// counterparts (built once over all the rows rather than row by row).
+async fn index_bulk_tables(pool: &PgPool, projection: &dyn Projection, schema: &str) -> Result<(), ProjectionError> {
+    for table in projection.bulk_tables() {
+        let live = format!("{LIVE_SCHEMA}.{table}");
+        let indexes: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT pg_get_indexdef(i.indexrelid), c.conname::text, pg_get_constraintdef(c.oid) \
+             FROM pg_index i LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid AND c.contype IN ('p', 'u', 'x') \
+             WHERE i.indrelid = $1::regclass ORDER BY c.contype NULLS LAST, i.indexrelid",
+        )
+        .bind(&live)
+        .fetch_all(pool)
+        .await?;
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET LOCAL maintenance_work_mem = '256MB'").execute(&mut *tx).await?;
+        for (index, constraint, definition) in indexes {
+            let statement = match (constraint, definition) {
+                (Some(name), Some(definition)) => format!("ALTER TABLE {schema}.{table} ADD CONSTRAINT {name} {definition}"),
+                _ => {
+                    // "CREATE [UNIQUE] INDEX name ON [ONLY] table USING ...": the same on the side table.
+                    let (Some(on), Some(using)) = (index.find(" ON "), index.find(" USING ")) else {
+                        return Err(ProjectionError::Database(sqlx::Error::Protocol(format!(
+                            "unexpected index definition: {index}"
+                        ))));
+                    };
+                    format!("{} ON {schema}.{table}{}", &index[..on], &index[using..])
+                }
+            };
+            sqlx::query(&statement).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+    }
     Ok(())
 }
 
@@ -100,7 +145,7 @@ async fn rebuild_locked(
         .map(|projection| (format!("rm_next_{}", projection.name()), format!("{}@rebuild", projection.name())))
         .collect();
     for (projection, (schema, checkpoint)) in projections.iter().zip(&sides) {
-        prepare_side_schema(pool, *projection, schema, checkpoint).await?;
+        prepare_side_schema(pool, *projection, schema, checkpoint, true).await?;
         sqlx::query(
             "INSERT INTO projection_status (name, rebuilding, rebuild_position) VALUES ($1, TRUE, 0) \
              ON CONFLICT (name) DO UPDATE SET rebuilding = TRUE, rebuild_position = 0",
@@ -119,34 +164,72 @@ async fn rebuild_locked(
         })
         .collect();
 
+    // The log is read one batch ahead of the one being applied, and each batch is applied to the
+    // read models at once, each in its own transaction with its own checkpoint (nobody else writes
+    // them: the rebuild locks are held).
+    let mut after = i64::MAX;
+    for (_, checkpoint) in &sides {
+        after = after.min(ledger::checkpoint::load(pool, checkpoint).await?);
+    }
+    let (batches, mut next) = tokio::sync::mpsc::channel(1);
+    let reader_pool = pool.clone();
+    tokio::spawn(async move {
+        loop {
+            let records = read_records_after(&reader_pool, after, REBUILD_BATCH_EVENTS).await;
+            let last = records
+                .as_ref()
+                .ok()
+                .and_then(|records| records.last().map(|record| record.position));
+            // The receiver is gone if the rebuild failed; an error or the log's end ends the reading.
+            if batches.send(records).await.is_err() {
+                return;
+            }
+            match last {
+                Some(last) => after = last,
+                None => return,
+            }
+        }
+    });
+    let mut reached = after;
     let mut events = vec![0i64; projections.len()];
     let mut last_status = Instant::now();
     loop {
-        let mut tx = pool.begin().await?;
-        let (read, applied) = apply_batch_to_each(&mut tx, &targets, REBUILD_BATCH_EVENTS).await?;
-        tx.commit().await?;
-        for (total, applied) in events.iter_mut().zip(applied) {
-            *total += applied as i64;
-        }
-        let mut position = i64::MAX;
-        for (_, checkpoint) in &sides {
-            position = position.min(ledger::checkpoint::load(pool, checkpoint).await?);
+        let records = next
+            .recv()
+            .await
+            .ok_or_else(|| ProjectionError::Database(sqlx::Error::Protocol("the rebuild's reader stopped".to_string())))??;
+        let position = records.last().map(|record| record.position);
+        if let Some(position) = position {
+            reached = position;
+            let applied = try_join_all(targets.iter().map(|target| apply_records(pool, target, &records, true))).await?;
+            for (total, applied) in events.iter_mut().zip(applied) {
+                *total += applied as i64;
+            }
         }
         let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head").fetch_one(pool).await?;
-        progress(position, head);
-        if last_status.elapsed() > Duration::from_millis(500) || read == 0 {
+        progress(reached, head);
+        if last_status.elapsed() > Duration::from_millis(500) || position.is_none() {
             for projection in projections {
                 sqlx::query("UPDATE projection_status SET rebuild_position = $2 WHERE name = $1")
                     .bind(projection.name())
-                    .bind(position)
+                    .bind(reached)
                     .execute(pool)
                     .await?;
             }
             last_status = Instant::now();
         }
-        if read == 0 {
+        if position.is_none() {
             break;
         }
+    }
+    for (projection, (schema, _)) in projections.iter().zip(&sides) {
+        let started = Instant::now();
+        index_bulk_tables(pool, *projection, schema).await?;
+        tracing::debug!(
+            projection = projection.name(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "bulk tables indexed"
+        );
     }
     let mut reports = Vec::with_capacity(projections.len());
     for ((projection, (schema, checkpoint)), events) in projections.iter().zip(&sides).zip(events) {

@@ -3,7 +3,7 @@
 
 use sqlx::{PgConnection, PgPool};
 
-use crate::decode::{decode, DecodeError};
+use crate::decode::{read_records_after, DecodeError, Record};
 use crate::projection::Projection;
 
 /// Where the live read models are.
@@ -41,17 +41,16 @@ pub async fn apply_batch(
         .execute(&mut *tx)
         .await?;
     let position = ledger::checkpoint::lock(tx, checkpoint).await?;
-    let mut events = ledger::log::read_after(&mut *tx, position, batch).await?;
+    let mut records = read_records_after(&mut *tx, position, batch).await?;
     if let Some(until) = until {
-        events.retain(|event| event.position <= until);
+        records.retain(|record| record.position <= until);
     }
-    let Some(last) = events.last().map(|event| event.position) else {
+    let Some(last) = records.last().map(|record| record.position) else {
         return Ok(0);
     };
-    let records = events.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
     projection.apply(tx, &records).await?;
     ledger::checkpoint::store(tx, checkpoint, last).await?;
-    Ok(events.len())
+    Ok(records.len())
 }
 
 /// One batch in a transaction of its own.
@@ -90,7 +89,7 @@ pub async fn catch_up_all(pool: &PgPool) -> Result<(), ProjectionError> {
         .collect();
     loop {
         let mut tx = pool.begin().await?;
-        let (read, _) = apply_batch_to_each(&mut tx, &targets, BATCH_EVENTS).await?;
+        let (read, _) = apply_batch_to_each(&mut tx, &targets, BATCH_EVENTS, false).await?;
         tx.commit().await?;
         if read == 0 {
             return Ok(());
@@ -101,36 +100,80 @@ pub async fn catch_up_all(pool: &PgPool) -> Result<(), ProjectionError> {
 /// One batch for several projections in `tx`: the events after the lowest of their checkpoints,
 /// read and decoded once, each projection given those past its own checkpoint (in its schema), and
 /// every checkpoint moved. The checkpoints are locked in the order given, so callers that give
-/// the same order queue rather than deadlock. Returns the events read and those applied to each.
+/// the same order queue rather than deadlock. `bulk` applies with `Projection::apply_bulk` (a
+/// rebuild's side tables). Returns the events read and those applied to each.
 pub async fn apply_batch_to_each(
     tx: &mut PgConnection,
     targets: &[Target<'_>],
     batch: usize,
+    bulk: bool,
 ) -> Result<(usize, Vec<usize>), ProjectionError> {
     let mut positions = Vec::with_capacity(targets.len());
     for target in targets {
         positions.push(ledger::checkpoint::lock(tx, target.checkpoint).await?);
     }
     let from = positions.iter().copied().min().unwrap_or(0);
-    let events = ledger::log::read_after(&mut *tx, from, batch).await?;
-    let Some(last) = events.last().map(|event| event.position) else {
+    let started = std::time::Instant::now();
+    let records = read_records_after(&mut *tx, from, batch).await?;
+    let Some(last) = records.last().map(|record| record.position) else {
         return Ok((0, vec![0; targets.len()]));
     };
-    let records = events.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+    tracing::debug!(
+        events = records.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "batch read and decoded"
+    );
     let mut applied = Vec::with_capacity(targets.len());
     for (target, position) in targets.iter().zip(positions) {
-        // Records are in position order: this projection's share is what lies past its checkpoint.
-        let unseen = &records[records.partition_point(|record| record.position <= position)..];
-        applied.push(unseen.len());
-        if unseen.is_empty() {
-            continue;
-        }
-        sqlx::query("SELECT set_config('search_path', $1, true)")
-            .bind(format!("{}, public", target.schema))
-            .execute(&mut *tx)
-            .await?;
-        target.projection.apply(tx, unseen).await?;
-        ledger::checkpoint::store(tx, target.checkpoint, last).await?;
+        applied.push(apply_to(tx, target, &records, position, last, bulk).await?);
     }
-    Ok((events.len(), applied))
+    Ok((records.len(), applied))
+}
+
+/// Applies to `target` the records past its checkpoint (`position`, locked by the caller) and
+/// moves its checkpoint to `last`. Returns the number applied.
+async fn apply_to(
+    tx: &mut PgConnection,
+    target: &Target<'_>,
+    records: &[Record],
+    position: i64,
+    last: i64,
+    bulk: bool,
+) -> Result<usize, ProjectionError> {
+    // Records are in position order: this projection's share is what lies past its checkpoint.
+    let unseen = &records[records.partition_point(|record| record.position <= position)..];
+    if unseen.is_empty() {
+        return Ok(0);
+    }
+    let started = std::time::Instant::now();
+    sqlx::query("SELECT set_config('search_path', $1, true)")
+        .bind(format!("{}, public", target.schema))
+        .execute(&mut *tx)
+        .await?;
+    if bulk {
+        target.projection.apply_bulk(tx, unseen).await?;
+    } else {
+        target.projection.apply(tx, unseen).await?;
+    }
+    ledger::checkpoint::store(tx, target.checkpoint, last).await?;
+    tracing::debug!(
+        projection = target.projection.name(),
+        events = unseen.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "batch applied"
+    );
+    Ok(unseen.len())
+}
+
+/// Applies a batch of records (in position order, not empty) to one target in a transaction of
+/// its own: those past its checkpoint, which moves to the last record's position.
+pub async fn apply_records(pool: &PgPool, target: &Target<'_>, records: &[Record], bulk: bool) -> Result<usize, ProjectionError> {
+    let Some(last) = records.last().map(|record| record.position) else {
+        return Ok(0);
+    };
+    let mut tx = pool.begin().await?;
+    let position = ledger::checkpoint::lock(&mut tx, target.checkpoint).await?;
+    let applied = apply_to(&mut tx, target, records, position, last, bulk).await?;
+    tx.commit().await?;
+    Ok(applied)
 }

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::decode::{Decoded, Record};
 use crate::projection::Projection;
-use crate::store::insert_new;
+use crate::store::{copy_new, insert_new};
 
 pub struct Statement;
 
@@ -99,28 +99,39 @@ impl Projection for Statement {
     }
 
     fn apply<'a>(&'a self, tx: &'a mut PgConnection, records: &'a [Record]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-        Box::pin(async move {
-            let mut rows = Vec::new();
-            for record in records {
-                let Decoded::Account(account_id, event) = &record.event else {
-                    continue;
-                };
-                let (Some((kind, amount, server_id, reference)), Some(figures)) = (movement(event), event.figures()) else {
-                    continue;
-                };
-                rows.push(StatementRow {
-                    event_id: record.event_id,
-                    position: record.position,
-                    account_id: account_id.0,
-                    kind: kind.to_string(),
-                    amount,
-                    balance_after: figures.balance,
-                    occurred_at: record.occurred_at,
-                    server_id,
-                    reference,
-                });
-            }
-            insert_new(tx, "statement", &["event_id"], COLUMNS, &rows).await
-        })
+        Box::pin(async move { insert_new(tx, "statement", &["event_id"], COLUMNS, &rows(records)).await })
     }
+
+    fn apply_bulk<'a>(&'a self, tx: &'a mut PgConnection, records: &'a [Record]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(async move { copy_new(tx, "statement", COLUMNS, &rows(records)).await })
+    }
+
+    fn bulk_tables(&self) -> &'static [&'static str] {
+        &["statement"]
+    }
+}
+
+/// The statement lines of a batch: one per money movement.
+fn rows(records: &[Record]) -> Vec<StatementRow> {
+    let mut rows = Vec::new();
+    for record in records {
+        let Decoded::Account(account_id, event) = &record.event else {
+            continue;
+        };
+        let (Some((kind, amount, server_id, reference)), Some(figures)) = (movement(event), event.figures()) else {
+            continue;
+        };
+        rows.push(StatementRow {
+            event_id: record.event_id,
+            position: record.position,
+            account_id: account_id.0,
+            kind: kind.to_string(),
+            amount,
+            balance_after: figures.balance,
+            occurred_at: record.occurred_at,
+            server_id,
+            reference,
+        });
+    }
+    rows
 }

@@ -62,3 +62,28 @@ pub async fn insert_new<T: Serialize>(
         .await?;
     Ok(())
 }
+
+/// Streams rows into `table` with `COPY ... (FORMAT csv)`: for a rebuild's bulk load into a side
+/// table where every row is new. Fields serialise as they do for `upsert` (amounts as exact
+/// decimal strings); a `None` is an unquoted empty field, which `COPY` reads as NULL.
+pub async fn copy_new<T: Serialize>(tx: &mut PgConnection, table: &str, columns: &[&str], rows: &[T]) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut writer = csv::WriterBuilder::new()
+        .has_headers(false)
+        .quote_style(csv::QuoteStyle::Necessary)
+        .from_writer(Vec::with_capacity(rows.len() * 160));
+    for row in rows {
+        writer.serialize(row).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+    }
+    let data = writer
+        .into_inner()
+        .map_err(|error| sqlx::Error::Encode(Box::new(error.into_error())))?;
+    let mut copy = tx
+        .copy_in_raw(&format!("COPY {table} ({}) FROM STDIN (FORMAT csv)", columns.join(", ")))
+        .await?;
+    copy.send(data).await?;
+    copy.finish().await?;
+    Ok(())
+}

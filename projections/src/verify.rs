@@ -43,7 +43,7 @@ pub async fn verify(pool: &PgPool, projection: &dyn Projection) -> Result<Projec
     let run = uuid::Uuid::new_v4().simple().to_string();
     let schema = format!("rm_verify_{name}_{}", &run[..12]);
     let checkpoint = format!("{name}@verify-{}", &run[..12]);
-    prepare_side_schema(pool, projection, &schema, &checkpoint).await?;
+    prepare_side_schema(pool, projection, &schema, &checkpoint, false).await?;
     let result = compare_when_caught_up(pool, projection, &schema, &checkpoint).await;
     let mut tx = pool.begin().await?;
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
