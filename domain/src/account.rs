@@ -1451,9 +1451,13 @@ pub fn upcasts(event_type: &str, schema_version: i32) -> bool {
     event_type == "AccountOpened" && schema_version < 2
 }
 
-/// Brings a stored account event's payload to the current version.
+/// Brings a stored account event's payload to the current version. Every upcaster sits behind
+/// `upcasts`, which readers of the payload's text consult to know when to come here.
 pub fn upcast(event_type: &str, schema_version: i32, mut payload: serde_json::Value) -> serde_json::Value {
-    if upcasts(event_type, schema_version) {
+    if !upcasts(event_type, schema_version) {
+        return payload;
+    }
+    if event_type == "AccountOpened" {
         if let Some(object) = payload.as_object_mut() {
             if let Some(country) = object.remove("tax_country") {
                 object.insert("country".into(), country);

@@ -5,8 +5,13 @@
 //! `occurred_at` (RFC 3339 domain time); the rest is stored as it is.
 
 use chrono::{DateTime, Utc};
-use cqrs_es::persist::{PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot};
-use cqrs_es::Aggregate;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cqrs_es::persist::{
+    EventUpcaster, PersistedEventRepository, PersistedEventStore, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
+};
+use cqrs_es::{Aggregate, AggregateContext, AggregateError, EventEnvelope, EventStore};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -130,25 +135,7 @@ impl PersistedEventRepository for LedgerEventRepository {
                 "the event log keeps no snapshots: use an event store without snapshots".into(),
             ));
         }
-        let Some(first) = events.first() else {
-            return Ok(());
-        };
-        if events.iter().any(|event| event.aggregate_id != first.aggregate_id) {
-            return Err(invalid("one persist call covers one aggregate instance".into()));
-        }
-        let expected = match first.sequence {
-            0 => return Err(invalid("event sequences start at 1".into())),
-            1 => ExpectedVersion::NoStream,
-            sequence => ExpectedVersion::Exact(sequence as i64 - 1),
-        };
-        let new_events = events.iter().map(new_event).collect::<Result<Vec<_>, _>>()?;
-        let request = AppendRequest::single(stream_id::<A>(&first.aggregate_id), expected, new_events);
-        match self.log.append(request).await {
-            Ok(_) => Ok(()),
-            Err(AppendError::Conflict(_)) | Err(AppendError::PartialDuplicate { .. }) => Err(PersistenceError::OptimisticLockError),
-            Err(AppendError::Database(error)) => Err(PersistenceError::ConnectionError(Box::new(AppendError::Database(error)))),
-            Err(other) => Err(unknown(other)),
-        }
+        self.append::<A>(events).await.map(|_| ())
     }
 
     async fn stream_events<A: Aggregate>(&self, aggregate_id: &str) -> Result<ReplayStream, PersistenceError> {
@@ -190,5 +177,152 @@ impl PersistedEventRepository for LedgerEventRepository {
             }
         });
         Ok(stream)
+    }
+}
+
+impl LedgerEventRepository {
+    /// Appends one aggregate instance's events, expecting its stream at the version before the
+    /// first; `None` when there were none. A retry whose events are all stored already is the
+    /// stored outcome, marked `duplicate`.
+    async fn append<A: Aggregate>(&self, events: &[SerializedEvent]) -> Result<Option<crate::AppendOutcome>, PersistenceError> {
+        let Some(first) = events.first() else {
+            return Ok(None);
+        };
+
+        if events.iter().any(|event| event.aggregate_id != first.aggregate_id) {
+            return Err(invalid("one persist call covers one aggregate instance".into()));
+        }
+        let expected = match first.sequence {
+            0 => return Err(invalid("event sequences start at 1".into())),
+            1 => ExpectedVersion::NoStream,
+            sequence => ExpectedVersion::Exact(sequence as i64 - 1),
+        };
+        let new_events = events.iter().map(new_event).collect::<Result<Vec<_>, _>>()?;
+        let request = AppendRequest::single(stream_id::<A>(&first.aggregate_id), expected, new_events);
+        match self.log.append(request).await {
+            Ok(outcome) => Ok(Some(outcome)),
+            Err(AppendError::Conflict(_)) | Err(AppendError::PartialDuplicate { .. }) => Err(PersistenceError::OptimisticLockError),
+            Err(AppendError::Database(error)) => Err(PersistenceError::ConnectionError(Box::new(AppendError::Database(error)))),
+            Err(other) => Err(unknown(other)),
+        }
+    }
+}
+
+/// A cqrs-es `EventStore` on the log that keeps aggregates it has committed in memory, so a
+/// command on a known instance reads nothing: it is decided on the kept state and appended with
+/// the log's version check. A state is kept only after its events were appended (not for a
+/// retry found stored already); an append that fails, for example because another process
+/// appended to the stream first, drops it, and the next command loads the stream again. Streams
+/// are loaded, on a miss, as `PersistedEventStore` loads them (with its upcasters). The cache is
+/// bounded by a number of instances and evicts them one by one.
+pub struct LedgerEventStore<A: Aggregate> {
+    repository: LedgerEventRepository,
+    loader: PersistedEventStore<LedgerEventRepository, A>,
+    kept: quick_cache::sync::Cache<String, Arc<Kept<A>>>,
+}
+
+struct Kept<A> {
+    version: usize,
+    aggregate: A,
+}
+
+/// An aggregate instance as a command sees it: its state at `version` of its stream.
+pub struct LedgerAggregateContext<A> {
+    aggregate_id: String,
+    aggregate: A,
+    version: usize,
+}
+
+impl<A: Aggregate> AggregateContext<A> for LedgerAggregateContext<A> {
+    fn aggregate(&mut self) -> &mut A {
+        &mut self.aggregate
+    }
+}
+
+impl<A: Aggregate> LedgerEventStore<A> {
+    /// Keeps up to `instances` aggregate instances in memory.
+    pub fn new(repository: LedgerEventRepository, instances: usize) -> LedgerEventStore<A> {
+        LedgerEventStore {
+            loader: PersistedEventStore::new_event_store(repository.clone()),
+            repository,
+            kept: quick_cache::sync::Cache::new(instances.max(1)),
+        }
+    }
+
+    /// Upcasters for loading stored events, as `PersistedEventStore::with_upcasters`.
+    pub fn with_upcasters(mut self, upcasters: Vec<Box<dyn EventUpcaster>>) -> LedgerEventStore<A> {
+        self.loader = self.loader.with_upcasters(upcasters);
+        self
+    }
+}
+
+impl<A: Aggregate + Clone> EventStore<A> for LedgerEventStore<A> {
+    type AC = LedgerAggregateContext<A>;
+
+    async fn load_events(&self, aggregate_id: &str) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        self.loader.load_events(aggregate_id).await
+    }
+
+    async fn load_aggregate(&self, aggregate_id: &str) -> Result<LedgerAggregateContext<A>, AggregateError<A::Error>> {
+        if let Some(kept) = self.kept.get(aggregate_id) {
+            return Ok(LedgerAggregateContext {
+                aggregate_id: aggregate_id.to_string(),
+                aggregate: kept.aggregate.clone(),
+                version: kept.version,
+            });
+        }
+        let loaded = self.loader.load_aggregate(aggregate_id).await?;
+        Ok(LedgerAggregateContext {
+            aggregate_id: loaded.aggregate_id,
+            aggregate: loaded.aggregate,
+            version: loaded.current_sequence,
+        })
+    }
+
+    async fn commit(
+        &self,
+        events: Vec<A::Event>,
+        context: LedgerAggregateContext<A>,
+        metadata: HashMap<String, String>,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        let LedgerAggregateContext {
+            aggregate_id,
+            mut aggregate,
+            version,
+        } = context;
+        let envelopes: Vec<EventEnvelope<A>> = events
+            .into_iter()
+            .zip(version + 1..)
+            .map(|(payload, sequence)| EventEnvelope {
+                aggregate_id: aggregate_id.clone(),
+                sequence,
+                payload,
+                metadata: metadata.clone(),
+            })
+            .collect();
+        let serialized = envelopes
+            .iter()
+            .map(SerializedEvent::try_from)
+            .collect::<Result<Vec<_>, PersistenceError>>()?;
+        match self.repository.append::<A>(&serialized).await {
+            Ok(Some(outcome)) if !outcome.duplicate => {
+                for envelope in &envelopes {
+                    aggregate.apply(envelope.payload.clone());
+                }
+                let version = version + envelopes.len();
+                self.kept.insert(aggregate_id, Arc::new(Kept { version, aggregate }));
+            }
+            // Nothing appended: the kept state, if any, is still the stream's.
+            Ok(None) => {}
+            // Stored before: what the stream holds now is not known here.
+            Ok(Some(_)) => {
+                self.kept.remove(&aggregate_id);
+            }
+            Err(error) => {
+                self.kept.remove(&aggregate_id);
+                return Err(error.into());
+            }
+        }
+        Ok(envelopes)
     }
 }

@@ -4,13 +4,13 @@ use std::collections::HashMap;
 
 use cqrs_es::persist::{PersistedEventStore, SemanticVersionEventUpcaster};
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework, DomainEvent, EventEnvelope, EventStore, Query};
-use ledger::cqrs::LedgerEventRepository;
+use ledger::cqrs::{LedgerEventRepository, LedgerEventStore};
 use ledger::testing::TestDatabase;
 use ledger::{AppendRequest, EventLog, ExpectedVersion, LogConfig, NewEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 struct Wallet {
     opened: bool,
     balance_cents: i64,
@@ -229,6 +229,89 @@ async fn concurrent_commands_never_overspend_through_the_framework() {
     assert_eq!(accepted, 3, "1000 affords three withdrawals of 300");
     let mut context = PersistedEventStore::<_, Wallet>::new_event_store(LedgerEventRepository::new(log))
         .load_aggregate("w")
+        .await
+        .unwrap();
+    assert_eq!(cqrs_es::AggregateContext::aggregate(&mut context).balance_cents, 100);
+}
+
+/// Executes `command`, retrying on a version conflict as the product's command handler does.
+async fn execute_retrying<ES: EventStore<Wallet>>(
+    cqrs: &CqrsFramework<Wallet, ES>,
+    id: &str,
+    command: impl Fn() -> WalletCommand,
+) -> Result<(), AggregateError<WalletError>> {
+    loop {
+        match cqrs.execute(id, command()).await {
+            Err(AggregateError::AggregateConflict) => continue,
+            other => return other,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_caching_store_decides_on_kept_state_and_never_on_a_stale_one() {
+    let db = TestDatabase::new().await;
+    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
+    // Two processes: each with its own store and the states it keeps.
+    let first = CqrsFramework::new(
+        LedgerEventStore::<Wallet>::new(LedgerEventRepository::new(log.clone()), 100),
+        vec![],
+        (),
+    );
+    let second = CqrsFramework::new(
+        LedgerEventStore::<Wallet>::new(LedgerEventRepository::new(log.clone()), 100),
+        vec![],
+        (),
+    );
+    first.execute("w", WalletCommand::Open).await.unwrap();
+    first.execute("w", WalletCommand::Deposit { cents: 1_000 }).await.unwrap();
+    // The first keeps the wallet at 1000; the second spends 800 of it behind its back.
+    second.execute("w", WalletCommand::Withdraw { cents: 800 }).await.unwrap();
+    // Decided on the kept 1000, the append is refused by the log's version check...
+    assert!(matches!(
+        first.execute("w", WalletCommand::Withdraw { cents: 500 }).await,
+        Err(AggregateError::AggregateConflict)
+    ));
+    // ...and the retry loads the stream: 200 is left, so 500 is refused and 200 accepted.
+    assert!(matches!(
+        execute_retrying(&first, "w", || WalletCommand::Withdraw { cents: 500 }).await,
+        Err(AggregateError::UserError(WalletError::InsufficientFunds))
+    ));
+    execute_retrying(&first, "w", || WalletCommand::Withdraw { cents: 200 })
+        .await
+        .unwrap();
+    let mut context = PersistedEventStore::<_, Wallet>::new_event_store(LedgerEventRepository::new(log.clone()))
+        .load_aggregate("w")
+        .await
+        .unwrap();
+    assert_eq!(cqrs_es::AggregateContext::aggregate(&mut context).balance_cents, 0);
+
+    // Many commands at once on one wallet through one caching store: never more than it holds.
+    let shared = std::sync::Arc::new(CqrsFramework::new(
+        LedgerEventStore::<Wallet>::new(LedgerEventRepository::new(log.clone()), 100),
+        vec![],
+        (),
+    ));
+    shared.execute("v", WalletCommand::Open).await.unwrap();
+    shared.execute("v", WalletCommand::Deposit { cents: 1_000 }).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let shared = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            execute_retrying(&shared, "v", || WalletCommand::Withdraw { cents: 300 }).await
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(()) => accepted += 1,
+            Err(AggregateError::UserError(WalletError::InsufficientFunds)) => {}
+            Err(other) => panic!("unexpected: {other:?}"),
+        }
+    }
+    assert_eq!(accepted, 3, "1000 affords three withdrawals of 300");
+    let mut context = PersistedEventStore::<_, Wallet>::new_event_store(LedgerEventRepository::new(log))
+        .load_aggregate("v")
         .await
         .unwrap();
     assert_eq!(cqrs_es::AggregateContext::aggregate(&mut context).balance_cents, 100);

@@ -12,7 +12,7 @@ use crate::projection::Projection;
 use futures::future::try_join_all;
 
 use crate::decode::read_records_after;
-use crate::runner::{apply_batch, apply_records, ProjectionError, Target, BATCH_EVENTS, LIVE_SCHEMA, REBUILD_BATCH_EVENTS};
+use crate::runner::{apply_batch, apply_records, run_batch, ProjectionError, Target, BATCH_EVENTS, LIVE_SCHEMA, REBUILD_BATCH_EVENTS};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RebuildReport {
@@ -61,9 +61,9 @@ async fn index_bulk_tables(pool: &PgPool, projection: &dyn Projection, schema: &
     for table in projection.bulk_tables() {
         let live = format!("{LIVE_SCHEMA}.{table}");
         let indexes: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
-            "SELECT pg_get_indexdef(i.indexrelid), c.conname::text, pg_get_constraintdef(c.oid) \
+            "SELECT pg_get_indexdef(i.indexrelid), quote_ident(c.conname), pg_get_constraintdef(c.oid) \
              FROM pg_index i LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid AND c.contype IN ('p', 'u', 'x') \
-             WHERE i.indrelid = $1::regclass ORDER BY c.contype NULLS LAST, i.indexrelid",
+             WHERE i.indrelid = $1::regclass AND i.indisvalid ORDER BY c.contype NULLS LAST, i.indexrelid",
         )
         .bind(&live)
         .fetch_all(pool)
@@ -230,6 +230,17 @@ async fn rebuild_locked(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "bulk tables indexed"
         );
+    }
+    // What was appended while the indexes were built is applied before the swap, so the swap's
+    // own tail (applied while the live projector waits) stays short.
+    for ((projection, (schema, checkpoint)), events) in projections.iter().zip(&sides).zip(events.iter_mut()) {
+        loop {
+            let applied = run_batch(pool, *projection, schema, checkpoint, BATCH_EVENTS, None).await?;
+            *events += applied as i64;
+            if applied == 0 {
+                break;
+            }
+        }
     }
     let mut reports = Vec::with_capacity(projections.len());
     for ((projection, (schema, checkpoint)), events) in projections.iter().zip(&sides).zip(events) {
