@@ -95,9 +95,13 @@ fn summarise(runs: Vec<Measurement>) -> Measurement {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // Stage timings (RUST_LOG=projections=debug, for example) go to stderr; nothing by default.
+    // Stage timings (RUST_LOG=projections=debug, for example) go to stderr; errors only by default.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => tracing_subscriber::EnvFilter::new(directives),
+        _ => tracing_subscriber::EnvFilter::new("error"),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let selected: Vec<&str> = match args.scenario.as_str() {
