@@ -81,12 +81,7 @@ impl Projection for Balances {
 
     fn apply<'a>(&'a self, tx: &'a mut PgConnection, records: &'a [Record]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
         Box::pin(async move {
-            let account_ids: Vec<Uuid> = records
-                .iter()
-                .filter_map(|r| if let Decoded::Account(id, _) = &r.event { Some(id.0) } else { None })
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
+            let account_ids = crate::decode::account_ids(records);
             let server_ids: Vec<Uuid> = records
                 .iter()
                 .filter_map(|r| match &r.event {

@@ -29,6 +29,22 @@ pub struct Record {
     pub event: Decoded,
 }
 
+/// The accounts a batch's account events belong to, each once, in order.
+pub fn account_ids(records: &[Record]) -> Vec<Uuid> {
+    records
+        .iter()
+        .filter_map(|record| {
+            if let Decoded::Account(id, _) = &record.event {
+                Some(id.0)
+            } else {
+                None
+            }
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("event at position {position} ({event_type} in {stream_id}) does not decode: {reason}")]
 pub struct DecodeError {

@@ -2,7 +2,7 @@
 //! per ledger account, currency and day (`journal_totals`), from which the trial balance is read
 //! per currency as of any instant.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use domain::account::AccountEvent;
@@ -80,107 +80,100 @@ struct EntryText {
 
 /// Applies a batch; `bulk` streams the entries in with `COPY` (a rebuild's side table).
 async fn apply(tx: &mut PgConnection, records: &[Record], bulk: bool) -> Result<(), sqlx::Error> {
-    {
-        let ids: Vec<Uuid> = records
-            .iter()
-            .filter_map(|r| if let Decoded::Account(id, _) = &r.event { Some(id.0) } else { None })
-            .collect::<BTreeSet<_>>()
+    let ids = crate::decode::account_ids(records);
+    let mut opened: BTreeMap<Uuid, (Country, Currency)> =
+        sqlx::query_as::<_, AccountRow>("SELECT * FROM journal_accounts WHERE account_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
             .into_iter()
-            .collect();
-        let mut opened: BTreeMap<Uuid, (Country, Currency)> =
-            sqlx::query_as::<_, AccountRow>("SELECT * FROM journal_accounts WHERE account_id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .filter_map(|row| {
-                    Some((
-                        row.account_id,
-                        (Country::parse(&row.country).ok()?, Currency::parse(&row.currency).ok()?),
-                    ))
-                })
-                .collect();
-        let mut new_accounts = Vec::new();
-        let mut entries = Vec::new();
-        let mut totals: BTreeMap<(String, Currency, NaiveDate), (Decimal, Decimal)> = BTreeMap::new();
-        for record in records {
-            let Decoded::Account(account_id, event) = &record.event else {
-                continue;
-            };
-            if let AccountEvent::AccountOpened { country, currency, .. } = event {
-                opened.insert(account_id.0, (*country, *currency));
-                new_accounts.push(AccountRow {
-                    account_id: account_id.0,
-                    country: country.as_str().to_string(),
-                    currency: currency.code().to_string(),
-                });
-            }
-            let Some((country, currency)) = opened.get(&account_id.0) else {
-                continue;
-            };
-            let lines = postings(AccountId(account_id.0), *country, *currency, event);
-            if lines.is_empty() {
-                continue;
-            }
-            let day = record.occurred_at.date_naive();
-            for line in &lines {
-                let total = totals.entry((line.account.clone(), line.currency, day)).or_default();
-                total.0 += line.debit;
-                total.1 += line.credit;
-            }
-            entries.push(EntryRow {
-                event_id: record.event_id,
-                position: record.position,
-                occurred_at: record.occurred_at,
-                account_id: account_id.0,
-                postings: Json(lines),
-            });
-        }
-        upsert(
-            tx,
-            "journal_accounts",
-            &["account_id"],
-            &["account_id", "country", "currency"],
-            &new_accounts,
-        )
-        .await?;
-        const ENTRY_COLUMNS: &[&str] = &["event_id", "position", "occurred_at", "account_id", "postings"];
-        if bulk {
-            let entries: Vec<EntryText> = entries
-                .into_iter()
-                .map(|entry| EntryText {
-                    event_id: entry.event_id,
-                    position: entry.position,
-                    occurred_at: entry.occurred_at,
-                    account_id: entry.account_id,
-                    postings: serde_json::to_string(&entry.postings.0).expect("postings serialise"),
-                })
-                .collect();
-            copy_new(tx, "journal_entries", ENTRY_COLUMNS, &entries).await?;
-        } else {
-            insert_new(tx, "journal_entries", &["event_id"], ENTRY_COLUMNS, &entries).await?;
-        }
-        let rows: Vec<TotalRow> = totals
-            .into_iter()
-            .map(|((ledger_account, currency, day), (debit, credit))| TotalRow {
-                ledger_account,
-                currency: currency.code().to_string(),
-                day,
-                debit,
-                credit,
+            .filter_map(|row| {
+                Some((
+                    row.account_id,
+                    (Country::parse(&row.country).ok()?, Currency::parse(&row.currency).ok()?),
+                ))
             })
             .collect();
-        if !rows.is_empty() {
-            sqlx::query(
-                "INSERT INTO journal_totals (ledger_account, currency, day, debit, credit) \
+    let mut new_accounts = Vec::new();
+    let mut entries = Vec::new();
+    let mut totals: BTreeMap<(String, Currency, NaiveDate), (Decimal, Decimal)> = BTreeMap::new();
+    for record in records {
+        let Decoded::Account(account_id, event) = &record.event else {
+            continue;
+        };
+        if let AccountEvent::AccountOpened { country, currency, .. } = event {
+            opened.insert(account_id.0, (*country, *currency));
+            new_accounts.push(AccountRow {
+                account_id: account_id.0,
+                country: country.as_str().to_string(),
+                currency: currency.code().to_string(),
+            });
+        }
+        let Some((country, currency)) = opened.get(&account_id.0) else {
+            continue;
+        };
+        let lines = postings(AccountId(account_id.0), *country, *currency, event);
+        if lines.is_empty() {
+            continue;
+        }
+        let day = record.occurred_at.date_naive();
+        for line in &lines {
+            let total = totals.entry((line.account.clone(), line.currency, day)).or_default();
+            total.0 += line.debit;
+            total.1 += line.credit;
+        }
+        entries.push(EntryRow {
+            event_id: record.event_id,
+            position: record.position,
+            occurred_at: record.occurred_at,
+            account_id: account_id.0,
+            postings: Json(lines),
+        });
+    }
+    upsert(
+        tx,
+        "journal_accounts",
+        &["account_id"],
+        &["account_id", "country", "currency"],
+        &new_accounts,
+    )
+    .await?;
+    const ENTRY_COLUMNS: &[&str] = &["event_id", "position", "occurred_at", "account_id", "postings"];
+    if bulk {
+        let entries: Vec<EntryText> = entries
+            .into_iter()
+            .map(|entry| EntryText {
+                event_id: entry.event_id,
+                position: entry.position,
+                occurred_at: entry.occurred_at,
+                account_id: entry.account_id,
+                postings: serde_json::to_string(&entry.postings.0).expect("postings serialise"),
+            })
+            .collect();
+        copy_new(tx, "journal_entries", ENTRY_COLUMNS, &entries).await?;
+    } else {
+        insert_new(tx, "journal_entries", &["event_id"], ENTRY_COLUMNS, &entries).await?;
+    }
+    let rows: Vec<TotalRow> = totals
+        .into_iter()
+        .map(|((ledger_account, currency, day), (debit, credit))| TotalRow {
+            ledger_account,
+            currency: currency.code().to_string(),
+            day,
+            debit,
+            credit,
+        })
+        .collect();
+    if !rows.is_empty() {
+        sqlx::query(
+            "INSERT INTO journal_totals (ledger_account, currency, day, debit, credit) \
                      SELECT ledger_account, currency, day, debit, credit FROM jsonb_populate_recordset(NULL::journal_totals, $1) \
                      ON CONFLICT (ledger_account, currency, day) DO UPDATE \
                      SET debit = journal_totals.debit + EXCLUDED.debit, credit = journal_totals.credit + EXCLUDED.credit",
-            )
-            .bind(serde_json::to_value(&rows).expect("rows serialise"))
-            .execute(&mut *tx)
-            .await?;
-        }
-        Ok(())
+        )
+        .bind(serde_json::to_value(&rows).expect("rows serialise"))
+        .execute(&mut *tx)
+        .await?;
     }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! `metrics`: hosting revenue per day and currency, net of pro-rata cancellation refunds. Active
 //! servers are counted from the `servers` read model.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use chrono::NaiveDate;
 use domain::account::AccountEvent;
@@ -42,12 +42,7 @@ impl Projection for Metrics {
 
     fn apply<'a>(&'a self, tx: &'a mut PgConnection, records: &'a [Record]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
         Box::pin(async move {
-            let ids: Vec<Uuid> = records
-                .iter()
-                .filter_map(|r| if let Decoded::Account(id, _) = &r.event { Some(id.0) } else { None })
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
+            let ids = crate::decode::account_ids(records);
             let mut currencies: BTreeMap<Uuid, String> =
                 sqlx::query_as::<_, AccountRow>("SELECT * FROM metrics_accounts WHERE account_id = ANY($1)")
                     .bind(&ids)

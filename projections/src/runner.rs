@@ -36,10 +36,6 @@ pub async fn apply_batch(
     batch: usize,
     until: Option<i64>,
 ) -> Result<usize, ProjectionError> {
-    sqlx::query("SELECT set_config('search_path', $1, true)")
-        .bind(format!("{schema}, public"))
-        .execute(&mut *tx)
-        .await?;
     let position = ledger::checkpoint::lock(tx, checkpoint).await?;
     let mut records = read_records_after(&mut *tx, position, batch).await?;
     if let Some(until) = until {
@@ -48,9 +44,12 @@ pub async fn apply_batch(
     let Some(last) = records.last().map(|record| record.position) else {
         return Ok(0);
     };
-    projection.apply(tx, &records).await?;
-    ledger::checkpoint::store(tx, checkpoint, last).await?;
-    Ok(records.len())
+    let target = Target {
+        projection,
+        schema,
+        checkpoint,
+    };
+    apply_to(tx, &target, &records, position, last, false).await
 }
 
 /// One batch in a transaction of its own.
