@@ -365,7 +365,8 @@ async fn run_server(
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), outbox_head.changed()).await;
         }
     });
-    let state = crate::http::AppState {
+    let state = crate::http::AppState::new(crate::http::Shared {
+        cache: app::cache::ReadCache::start(&pool),
         pool,
         flows,
         clock,
@@ -377,7 +378,7 @@ async fn run_server(
         sessions: config.sessions,
         signin_limiter: std::sync::Arc::new(crate::http::operations::RateLimiter::new(10, 0.2)),
         signin_limiter_all: std::sync::Arc::new(crate::http::operations::RateLimiter::new(60, 5.0)),
-    };
+    });
     println!(
         "listening on http://{address}{}",
         if dev { " (dev mode: simulated clock at /v1/dev/clock)" } else { "" }

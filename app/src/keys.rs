@@ -1,7 +1,7 @@
 //! API keys: random bearer tokens, shown once and stored as their SHA-256, each with a role (and a
 //! customer's account). A key is named by its id; revoked, it stays for the record and no longer
-//! opens anything. Every request looks its key up (one indexed read), so a revocation holds for
-//! the very next request in every process, with no cache to outlive it.
+//! opens anything. A revocation is announced on `REVOKED_CHANNEL` in its own transaction, so a
+//! process that keeps grants in memory (`crate::cache`) drops the key as the revocation commits.
 
 use chrono::{DateTime, Utc};
 use domain::AccountId;
@@ -126,11 +126,20 @@ pub async fn list(
 /// Revokes a key: `None` if there is no such key; the key as it now is otherwise (revoking a
 /// revoked key changes nothing and keeps its first instant).
 pub async fn revoke(pool: &PgPool, key_id: Uuid) -> sqlx::Result<Option<KeyRow>> {
+    // The announcement commits with the revocation (or neither happens).
     sqlx::query_as(
-        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE key_id = $1
-         RETURNING key_id, role, account_id, label, created_at, revoked_at",
+        "WITH revoked AS (
+             UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE key_id = $1
+             RETURNING key_id, role, account_id, label, created_at, revoked_at, token_sha256
+         )
+         SELECT key_id, role, account_id, label, created_at, revoked_at FROM revoked, pg_notify($2, encode(token_sha256, 'hex'))",
     )
     .bind(key_id)
+    .bind(REVOKED_CHANNEL)
     .fetch_optional(pool)
     .await
 }
+
+/// The channel on which a key's revocation is announced: the payload is its token's SHA-256 in
+/// hexadecimal.
+pub const REVOKED_CHANNEL: &str = "billing_api_keys";

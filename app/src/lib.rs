@@ -5,6 +5,7 @@
 //! the binary) and the tools (`sim`, `bench`) sit on this crate.
 
 pub mod audit;
+pub mod cache;
 pub mod config;
 pub mod flows;
 pub mod handler;

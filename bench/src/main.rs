@@ -827,23 +827,40 @@ async fn http_balance(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement>
     }
     projections::runner::catch_up_all(pool).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
+    let listener_address = listener.local_addr()?;
+    let base = format!("http://{listener_address}");
     let state = serving_state(pool, flows, clock, None, &base);
     let server = tokio::spawn(async move { axum::serve(listener, api::http::router(state)).await });
     let started = Instant::now();
     let mut tasks = Vec::new();
+    let address = listener_address;
     for (account_id, token) in customers {
-        let base = base.clone();
         tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
-            let url = format!("{base}/v1/accounts/{account_id}");
+            // A bare HTTP/1.1 connection (hyper's own client): the load generator's work shares the
+            // two cores with the server's, so it is kept to the least.
+            use http_body_util::BodyExt;
+            let stream = tokio::net::TcpStream::connect(address).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            let path = format!("/v1/accounts/{account_id}");
+            let authorization = format!("Bearer {token}");
+            #[derive(serde::Deserialize)]
+            struct Answer<'a> {
+                balance: &'a str,
+            }
             let mut latencies = Vec::new();
             while started.elapsed() < duration {
                 let sent = Instant::now();
-                let response = client.get(&url).bearer_auth(&token).send().await?;
+                let request = axum::http::Request::get(&path)
+                    .header(axum::http::header::HOST, address.to_string())
+                    .header(axum::http::header::AUTHORIZATION, &authorization)
+                    .body(http_body_util::Empty::<axum::body::Bytes>::new())?;
+                let response = sender.send_request(request).await?;
                 anyhow::ensure!(response.status().is_success(), "GET balance answered {}", response.status());
-                let body: serde_json::Value = response.json().await?;
-                anyhow::ensure!(body["balance"] == "25.00", "unexpected balance {body}");
+                let body = response.into_body().collect().await?.to_bytes();
+                let answer: Answer = serde_json::from_slice(&body)?;
+                anyhow::ensure!(answer.balance == "25.00", "unexpected balance {}", answer.balance);
                 latencies.push(sent.elapsed());
             }
             anyhow::Ok(latencies)
@@ -976,7 +993,8 @@ fn serving_state(
     base: &str,
 ) -> api::http::AppState {
     use std::sync::Arc;
-    api::http::AppState {
+    api::http::AppState::new(api::http::Shared {
+        cache: app::cache::ReadCache::start(pool),
         pool: pool.clone(),
         flows,
         clock,
@@ -988,7 +1006,7 @@ fn serving_state(
         sessions: app::people::SessionLimits::default(),
         signin_limiter: Arc::new(api::http::operations::RateLimiter::new(10, 0.2)),
         signin_limiter_all: Arc::new(api::http::operations::RateLimiter::new(60, 5.0)),
-    }
+    })
 }
 
 /// The resident memory of the real `billing serve` (the binary built beside this one) on a

@@ -18,6 +18,67 @@ use crate::store::upsert;
 
 pub struct Balances;
 
+/// The channel on which every change to the live `balances` read model is announced, in the
+/// transaction that makes it (see `Changed`): processes that keep balance rows in memory listen.
+pub const CHANGED_CHANNEL: &str = "billing_balances";
+
+/// An announcement on `CHANGED_CHANNEL`: the checkpoint the live read model moved to and the
+/// accounts whose rows changed (`None`: any may have, as after a rebuild's swap).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Changed {
+    pub position: i64,
+    pub accounts: Option<Vec<Uuid>>,
+}
+
+/// A `NOTIFY` payload stays under 8,000 bytes: past this many accounts a change names none.
+const CHANGED_ACCOUNTS_NAMED_MAX: usize = 150;
+
+impl Changed {
+    /// `"<position> <id>,<id>,..."`, or `"<position> *"`.
+    pub fn payload(&self) -> String {
+        match &self.accounts {
+            Some(accounts) if accounts.len() <= CHANGED_ACCOUNTS_NAMED_MAX => {
+                let ids: Vec<String> = accounts.iter().map(Uuid::to_string).collect();
+                format!("{} {}", self.position, ids.join(","))
+            }
+            _ => format!("{} *", self.position),
+        }
+    }
+
+    pub fn parse(payload: &str) -> Option<Changed> {
+        let (position, accounts) = payload.split_once(' ')?;
+        let position = position.parse().ok()?;
+        let accounts = match accounts {
+            "*" => None,
+            "" => Some(Vec::new()),
+            ids => Some(ids.split(',').map(Uuid::parse_str).collect::<Result<_, _>>().ok()?),
+        };
+        Some(Changed { position, accounts })
+    }
+
+    /// Announces the change in `tx`'s transaction (heard when it commits).
+    pub async fn announce(&self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANGED_CHANNEL)
+            .bind(self.payload())
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    /// As `announce`, if `tx` works on the live read model (its search path starts with it): a
+    /// rebuild's or a verification's side tables announce nothing (a rebuild's swap announces).
+    async fn announce_if_live(&self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_notify($1, $2) WHERE current_schema() = $3")
+            .bind(CHANGED_CHANNEL)
+            .bind(self.payload())
+            .bind(crate::runner::LIVE_SCHEMA)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct BalanceRow {
     pub account_id: Uuid,
@@ -230,7 +291,13 @@ impl Projection for Balances {
             .bind(&burn_accounts)
             .execute(&mut *tx)
             .await?;
-            Ok(())
+            let position = records.last().map_or(0, |record| record.position);
+            Changed {
+                position,
+                accounts: Some(burn_accounts),
+            }
+            .announce_if_live(tx)
+            .await
         })
     }
 }

@@ -76,7 +76,7 @@ pub struct Target<'a> {
 
 /// Brings every live projection up to the head, reading and decoding each batch of the log once
 /// for all of them.
-pub async fn catch_up_all(pool: &PgPool) -> Result<(), ProjectionError> {
+pub async fn catch_up_all(pool: &PgPool) -> Result<i64, ProjectionError> {
     let projections = crate::projection::all();
     let targets: Vec<Target> = projections
         .iter()
@@ -88,10 +88,10 @@ pub async fn catch_up_all(pool: &PgPool) -> Result<(), ProjectionError> {
         .collect();
     loop {
         let mut tx = pool.begin().await?;
-        let (read, _) = apply_batch_to_each(&mut tx, &targets, BATCH_EVENTS, false).await?;
+        let (read, _, through) = apply_batch_to_each(&mut tx, &targets, BATCH_EVENTS, false).await?;
         tx.commit().await?;
         if read == 0 {
-            return Ok(());
+            return Ok(through);
         }
     }
 }
@@ -100,13 +100,15 @@ pub async fn catch_up_all(pool: &PgPool) -> Result<(), ProjectionError> {
 /// read and decoded once, each projection given those past its own checkpoint (in its schema), and
 /// every checkpoint moved. The checkpoints are locked in the order given, so callers that give
 /// the same order queue rather than deadlock. `bulk` applies with `Projection::apply_bulk` (a
-/// rebuild's side tables). Returns the events read and those applied to each.
+/// rebuild's side tables). Returns the events read, those applied to each, and the position every
+/// checkpoint has now passed (the last read, or when none was, the lowest checkpoint: then all
+/// stand at the head).
 pub async fn apply_batch_to_each(
     tx: &mut PgConnection,
     targets: &[Target<'_>],
     batch: usize,
     bulk: bool,
-) -> Result<(usize, Vec<usize>), ProjectionError> {
+) -> Result<(usize, Vec<usize>, i64), ProjectionError> {
     let mut positions = Vec::with_capacity(targets.len());
     for target in targets {
         positions.push(ledger::checkpoint::lock(tx, target.checkpoint).await?);
@@ -115,7 +117,7 @@ pub async fn apply_batch_to_each(
     let started = std::time::Instant::now();
     let records = read_records_after(&mut *tx, from, batch).await?;
     let Some(last) = records.last().map(|record| record.position) else {
-        return Ok((0, vec![0; targets.len()]));
+        return Ok((0, vec![0; targets.len()], from));
     };
     tracing::debug!(
         events = records.len(),
@@ -126,7 +128,7 @@ pub async fn apply_batch_to_each(
     for (target, position) in targets.iter().zip(positions) {
         applied.push(apply_to(tx, target, &records, position, last, bulk).await?);
     }
-    Ok((records.len(), applied))
+    Ok((records.len(), applied, last))
 }
 
 /// Applies to `target` the records past its checkpoint (`position`, locked by the caller) and

@@ -23,8 +23,10 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// The account as the balances read model has it; unknown is a 404.
-pub async fn load(state: &AppState, account_id: AccountId) -> Result<projections::balances::BalanceRow, ApiError> {
-    app::reads::account(&state.pool, account_id)
+pub async fn load(state: &AppState, account_id: AccountId) -> Result<std::sync::Arc<projections::balances::BalanceRow>, ApiError> {
+    state
+        .cache
+        .account(&state.pool, account_id)
         .await?
         .ok_or_else(|| ApiError::not_found("account"))
 }
@@ -145,15 +147,15 @@ pub(crate) async fn transactions(
     };
     let limit = page_size(page.limit, 50, app::reads::PAGE_MAX)?;
     let rows = app::reads::statement(&state.pool, account_id, after, limit, &Default::default()).await?;
-    let currency = account.currency;
+    let currency = &account.currency;
     Ok((
         StatusCode::OK,
         axum::Json(TransactionPage::of(rows, |row| Transaction {
             id: row.event_id,
             position: row.position,
             kind: row.kind,
-            amount: Money::of(row.amount, &currency),
-            balance_after: Money::of(row.balance_after, &currency),
+            amount: Money::of(row.amount, currency),
+            balance_after: Money::of(row.balance_after, currency),
             occurred_at: row.occurred_at,
             server_id: row.server_id,
             reference: row.reference,

@@ -103,20 +103,22 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
         let token = bearer_token(&parts.headers)?;
+        let hash = app::keys::token_hash(token);
         // Found already for this request (by the idempotency layer), or looked up now.
         let grant = match parts.extensions.get::<app::keys::Grant>() {
             Some(grant) => *grant,
-            None => app::keys::grant(&state.pool, token)
+            None => state
+                .cache
+                .grant(&state.pool, token, hash)
                 .await?
                 .ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?,
         };
         let (role, account_id) = (grant.role, grant.account_id);
-        let hash = app::keys::token_hash(token);
         Ok(Caller {
             key_id: grant.key_id,
             role,
             account_id,
-            id: hash.iter().map(|b| format!("{b:02x}")).collect(),
+            id: hex::encode(hash),
             idempotency_key: parts.extensions.get::<ClaimedKey>().map(|claimed| claimed.0.clone()),
             request_id: super::extract::request_id(&parts.headers),
         })

@@ -43,6 +43,7 @@ pub(crate) async fn dev_clock(State(state): State<AppState>, Json(body): Json<De
         }
     };
     let report = app::workers::run_due(&state.flows, now).await?;
+    super::read_your_writes(&state).await?;
     Ok((
         StatusCode::OK,
         axum::Json(ClockMoved {

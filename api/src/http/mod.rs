@@ -30,8 +30,25 @@ use sqlx::PgPool;
 use app::flows::Flows;
 use error::ApiError;
 
+/// What every handler shares, behind one `Arc` (cloned for each request by every layer).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub pool: PgPool,
     pub flows: Flows,
     pub clock: Arc<dyn Clock>,
@@ -50,6 +67,8 @@ pub struct AppState {
     pub signin_limiter: Arc<operations::RateLimiter>,
     /// Sign-in attempts of every email together, in this process.
     pub signin_limiter_all: Arc<operations::RateLimiter>,
+    /// Balance rows and key grants kept in memory, kept true by the database's announcements.
+    pub cache: Arc<app::cache::ReadCache>,
 }
 
 /// Largest request body accepted; larger is a 413.
@@ -86,5 +105,7 @@ async fn not_found() -> ApiError {
 
 /// Waits until the read models have passed the command's writes, so a response reflects them.
 pub(crate) async fn read_your_writes(state: &AppState) -> Result<(), ApiError> {
-    projections::runner::catch_up_all(&state.pool).await.map_err(ApiError::from)
+    let position = projections::runner::catch_up_all(&state.pool).await.map_err(ApiError::from)?;
+    state.cache.caught_up(position).await;
+    Ok(())
 }

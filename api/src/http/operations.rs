@@ -126,7 +126,7 @@ pub async fn rate_limit(State(state): State<AppState>, request: Request, next: N
 
 /// Request counters and latency buckets since start; the application's own counters follow them.
 pub struct Metrics {
-    requests: Mutex<HashMap<(String, u16), u64>>,
+    requests: Mutex<HashMap<(&'static str, u16), u64>>,
     latency_buckets: [AtomicU64; 8],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
@@ -145,14 +145,20 @@ impl Metrics {
     fn record(&self, method: &Method, status: StatusCode, elapsed: Duration) {
         // Labels are bounded: any method a client invents counts as "other".
         let method = match *method {
-            Method::GET | Method::POST | Method::PUT | Method::PATCH | Method::DELETE | Method::HEAD | Method::OPTIONS => method.as_str(),
+            Method::GET => "GET",
+            Method::POST => "POST",
+            Method::PUT => "PUT",
+            Method::PATCH => "PATCH",
+            Method::DELETE => "DELETE",
+            Method::HEAD => "HEAD",
+            Method::OPTIONS => "OPTIONS",
             _ => "other",
         };
         *self
             .requests
             .lock()
             .expect("metrics lock")
-            .entry((method.to_string(), status.as_u16()))
+            .entry((method, status.as_u16()))
             .or_default() += 1;
         let seconds = elapsed.as_secs_f64();
         let bucket = LATENCY_BOUNDS_S
@@ -167,13 +173,7 @@ impl Metrics {
     /// The process's counters in Prometheus' text format, followed by `extra` lines.
     pub fn render(&self, extra: &str) -> String {
         let mut out = String::from("# TYPE billing_http_requests_total counter\n");
-        let mut requests: Vec<_> = self
-            .requests
-            .lock()
-            .expect("metrics lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
+        let mut requests: Vec<_> = self.requests.lock().expect("metrics lock").iter().map(|(k, v)| (*k, *v)).collect();
         requests.sort();
         for ((method, status), count) in requests {
             out.push_str(&format!(

@@ -91,6 +91,7 @@ pub(crate) async fn stripe_webhook(State(state): State<AppState>, headers: Heade
     let event: adapters::stripe::webhook::Event = serde_json::from_slice(&body)
         .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, "malformed", "Malformed event", error.to_string()))?;
     let receipt = app::payments::handle_stripe_event(&state.flows, &event, request_id(&headers)).await?;
+    read_your_writes(&state).await?;
     Ok((
         StatusCode::OK,
         axum::Json(WebhookReceipt {

@@ -570,6 +570,7 @@ async fn revoke_key(State(state): State<AppState>, Staff(session): Staff, Path(i
     };
     match app::keys::revoke(&state.pool, key_id).await {
         Ok(Some(_)) => {
+            state.cache.forget_grants();
             tracing::info!(key = %key_id, by = %session.email, "API key revoked");
             Redirect::to("/console/keys").into_response()
         }
