@@ -24,7 +24,8 @@ pub fn init_tracing() {
 }
 
 async fn connect() -> anyhow::Result<PgPool> {
-    let (pool, server) = ledger::database::connect(DATABASE_NAME, 8).await?;
+    // `billing serve` holds two for good (the log's and the read cache's listeners).
+    let (pool, server) = ledger::database::connect(DATABASE_NAME, 10).await?;
     tracing::info!(server = %server.description, "connected to PostgreSQL");
     Ok(pool)
 }

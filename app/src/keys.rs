@@ -1,7 +1,8 @@
 //! API keys: random bearer tokens, shown once and stored as their SHA-256, each with a role (and a
 //! customer's account). A key is named by its id; revoked, it stays for the record and no longer
-//! opens anything. A revocation is announced on `REVOKED_CHANNEL` in its own transaction, so a
-//! process that keeps grants in memory (`crate::cache`) drops the key as the revocation commits.
+//! opens anything. Any change to a key is announced on `REVOKED_CHANNEL` in its transaction (a
+//! trigger), so a process that keeps grants in memory (`crate::cache`) drops the key as the
+//! change commits.
 
 use chrono::{DateTime, Utc};
 use domain::AccountId;
@@ -126,20 +127,15 @@ pub async fn list(
 /// Revokes a key: `None` if there is no such key; the key as it now is otherwise (revoking a
 /// revoked key changes nothing and keeps its first instant).
 pub async fn revoke(pool: &PgPool, key_id: Uuid) -> sqlx::Result<Option<KeyRow>> {
-    // The announcement commits with the revocation (or neither happens).
     sqlx::query_as(
-        "WITH revoked AS (
-             UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE key_id = $1
-             RETURNING key_id, role, account_id, label, created_at, revoked_at, token_sha256
-         )
-         SELECT key_id, role, account_id, label, created_at, revoked_at FROM revoked, pg_notify($2, encode(token_sha256, 'hex'))",
+        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE key_id = $1
+         RETURNING key_id, role, account_id, label, created_at, revoked_at",
     )
     .bind(key_id)
-    .bind(REVOKED_CHANNEL)
     .fetch_optional(pool)
     .await
 }
 
-/// The channel on which a key's revocation is announced: the payload is its token's SHA-256 in
-/// hexadecimal.
+/// The channel on which any change to a key is announced (by a trigger on `api_keys`, migration
+/// 0015, whoever makes the change): the payload is its token's SHA-256 in hexadecimal.
 pub const REVOKED_CHANNEL: &str = "billing_api_keys";

@@ -57,8 +57,8 @@ pub(crate) async fn revoke_key(State(state): State<AppState>, caller: Caller, Pa
     let key = app::keys::revoke(&state.pool, key_id)
         .await?
         .ok_or_else(|| ApiError::not_found("key"))?;
-    // Gone here at once; the other processes drop it as they hear the revocation.
-    state.cache.forget_grants();
+    // Answered once no process serves the key any more.
+    state.cache.revoked().await;
     tracing::info!(key = %key_id, by = caller.id.get(..16).unwrap_or_default(), "API key revoked");
     Ok((StatusCode::OK, axum::Json(KeyView::of(key))))
 }

@@ -105,7 +105,13 @@ async fn not_found() -> ApiError {
 
 /// Waits until the read models have passed the command's writes, so a response reflects them.
 pub(crate) async fn read_your_writes(state: &AppState) -> Result<(), ApiError> {
-    let position = projections::runner::catch_up_all(&state.pool).await.map_err(ApiError::from)?;
+    caught_up(state).await.map_err(ApiError::from)
+}
+
+/// Brings the read models up to the head, and waits until this process's read cache has heard
+/// the balances reach it (so nothing older is served from memory afterwards).
+pub(crate) async fn caught_up(state: &AppState) -> Result<(), projections::runner::ProjectionError> {
+    let position = projections::runner::catch_up_all(&state.pool).await?;
     state.cache.caught_up(position).await;
     Ok(())
 }

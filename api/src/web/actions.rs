@@ -231,7 +231,7 @@ async fn order(State(state): State<AppState>, Customer { session, account_id }: 
         return refused(&session, error);
     }
     // The server's page shows it from the read models.
-    if let Err(error) = projections::runner::catch_up_all(&state.pool).await {
+    if let Err(error) = crate::http::caught_up(&state).await {
         return unavailable(error);
     }
     Redirect::to(&format!("/servers/{server_id}")).into_response()
@@ -262,7 +262,7 @@ async fn act(state: &AppState, session: &Session, account_id: AccountId, id: &st
     {
         return refused(session, error);
     }
-    if let Err(error) = projections::runner::catch_up_all(&state.pool).await {
+    if let Err(error) = crate::http::caught_up(&state).await {
         return unavailable(error);
     }
     Redirect::to(&format!("/servers/{server_id}")).into_response()

@@ -345,7 +345,7 @@ async fn correct(
     if let Err(error) = made {
         return refused(&session, error);
     }
-    if let Err(error) = projections::runner::catch_up_all(&state.pool).await {
+    if let Err(error) = crate::http::caught_up(&state).await {
         return unavailable(error);
     }
     Redirect::to(&format!("/console/accounts/{account_id}")).into_response()
@@ -570,7 +570,7 @@ async fn revoke_key(State(state): State<AppState>, Staff(session): Staff, Path(i
     };
     match app::keys::revoke(&state.pool, key_id).await {
         Ok(Some(_)) => {
-            state.cache.forget_grants();
+            state.cache.revoked().await;
             tracing::info!(key = %key_id, by = %session.email, "API key revoked");
             Redirect::to("/console/keys").into_response()
         }
