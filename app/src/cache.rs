@@ -342,16 +342,15 @@ async fn listen_once(pool: &PgPool, cache: &Weak<ReadCache>) -> sqlx::Result<()>
 /// was sent); tells it when nothing has been heard for twice `HEARD_FOR`, or the cache is gone.
 async fn ping(pool: PgPool, cache: Weak<ReadCache>, channel: String, listened_ms: u64, silent: Arc<Notify>) {
     loop {
-        let Some(sent) = cache.upgrade().map(|cache| {
+        // Silent: nothing heard for `HEARD_FOR` past the last ping's validity (or since listening).
+        let sent = cache.upgrade().and_then(|cache| {
             let heard_until = cache
                 .fresh_until
                 .load(Ordering::SeqCst)
                 .max(listened_ms + HEARD_FOR.as_millis() as u64);
-            (cache.now_ms() < heard_until + HEARD_FOR.as_millis() as u64).then(|| cache.now_ms())
-        }) else {
-            silent.notify_one();
-            return;
-        };
+            let now = cache.now_ms();
+            (now < heard_until + HEARD_FOR.as_millis() as u64).then_some(now)
+        });
         let Some(sent) = sent else {
             silent.notify_one();
             return;

@@ -833,18 +833,18 @@ async fn http_balance(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement>
     let server = tokio::spawn(async move { axum::serve(listener, api::http::router(state)).await });
     let started = Instant::now();
     let mut tasks = Vec::new();
-    let address = listener_address;
     for (account_id, token) in customers {
         tasks.push(tokio::spawn(async move {
             // A bare HTTP/1.1 connection (hyper's own client): the load generator's work shares the
             // two cores with the server's, so it is kept to the least.
             use http_body_util::BodyExt;
-            let stream = tokio::net::TcpStream::connect(address).await?;
+            let stream = tokio::net::TcpStream::connect(listener_address).await?;
             stream.set_nodelay(true)?;
             let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
             tokio::spawn(connection);
             let path = format!("/v1/accounts/{account_id}");
             let authorization = format!("Bearer {token}");
+            let host = listener_address.to_string();
             #[derive(serde::Deserialize)]
             struct Answer<'a> {
                 balance: &'a str,
@@ -853,7 +853,7 @@ async fn http_balance(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement>
             while started.elapsed() < duration {
                 let sent = Instant::now();
                 let request = axum::http::Request::get(&path)
-                    .header(axum::http::header::HOST, address.to_string())
+                    .header(axum::http::header::HOST, &host)
                     .header(axum::http::header::AUTHORIZATION, &authorization)
                     .body(http_body_util::Empty::<axum::body::Bytes>::new())?;
                 let response = sender.send_request(request).await?;

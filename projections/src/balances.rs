@@ -56,22 +56,15 @@ impl Changed {
         Some(Changed { position, accounts })
     }
 
-    /// Announces the change in `tx`'s transaction (heard when it commits).
-    pub async fn announce(&self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT pg_notify($1, $2)")
+    /// Announces the change in `tx`'s transaction (heard when it commits). With `only_live`, only
+    /// if `tx` works on the live read model (its search path starts with it): a rebuild's or a
+    /// verification's side tables announce nothing (a rebuild's swap announces, after moving
+    /// them, whatever the search path then is).
+    pub async fn announce(&self, tx: &mut PgConnection, only_live: bool) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_notify($1, $2) WHERE NOT $3 OR current_schema() = $4")
             .bind(CHANGED_CHANNEL)
             .bind(self.payload())
-            .execute(&mut *tx)
-            .await?;
-        Ok(())
-    }
-
-    /// As `announce`, if `tx` works on the live read model (its search path starts with it): a
-    /// rebuild's or a verification's side tables announce nothing (a rebuild's swap announces).
-    async fn announce_if_live(&self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT pg_notify($1, $2) WHERE current_schema() = $3")
-            .bind(CHANGED_CHANNEL)
-            .bind(self.payload())
+            .bind(only_live)
             .bind(crate::runner::LIVE_SCHEMA)
             .execute(&mut *tx)
             .await?;
@@ -296,7 +289,7 @@ impl Projection for Balances {
                 position,
                 accounts: Some(burn_accounts),
             }
-            .announce_if_live(tx)
+            .announce(tx, true)
             .await
         })
     }

@@ -297,7 +297,9 @@ async fn swap(
     sqlx::query(&format!("DROP SCHEMA {schema}")).execute(&mut *tx).await?;
     if name == crate::balances::Balances.name() {
         // Every kept balance row is now from the old tables.
-        crate::balances::Changed { position, accounts: None }.announce(&mut tx).await?;
+        crate::balances::Changed { position, accounts: None }
+            .announce(&mut tx, false)
+            .await?;
     }
     sqlx::query("UPDATE projection_status SET generation = generation + 1, rebuilding = FALSE, rebuild_position = $2, rebuilt_at = now() WHERE name = $1")
         .bind(name)
