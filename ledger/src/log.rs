@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::chain::canonical_json;
 use crate::event::{AppendError, AppendOutcome, AppendRequest, RecordedEvent, EVENT_COLUMNS};
 use crate::subscription::Subscription;
 use crate::writer::{self, Job, NOTIFY_CHANNEL};
@@ -99,10 +100,18 @@ impl EventLog {
     /// nothing is. A retry whose event ids are all stored is answered as a duplicate.
     pub async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, AppendError> {
         request.check()?;
+        // The JSON is written here, on the caller's task, so the writer (one per process, holding
+        // the log's lock) only chains and copies.
+        let json = request
+            .streams
+            .iter()
+            .flat_map(|stream| stream.events.iter())
+            .map(|event| (canonical_json(&event.payload), canonical_json(&event.metadata)))
+            .collect();
         let (reply, answer) = oneshot::channel();
         self.inner
             .jobs
-            .send(Job { request, reply })
+            .send(Job { request, json, reply })
             .await
             .map_err(|_| AppendError::WriterStopped)?;
         answer.await.map_err(|_| AppendError::WriterStopped)?

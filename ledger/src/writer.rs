@@ -1,20 +1,24 @@
 //! The appender: one task per process that groups concurrent appends into one transaction.
 //!
-//! Each batch locks the `ledger_head` row first, so batches from every process are serialised; under
-//! that lock it reads the streams' versions and the already stored event ids, decides each request
+//! Each batch locks the `ledger_head` row first, so batches from every process are serialised
+//! (two of this process's batches overlap only in that the second waits for the lock while the
+//! first finishes); under that lock it reads the streams' versions and the already stored event ids, decides each request
 //! (appended, duplicate, conflict), assigns positions `head + 1 ..` and the hash chain in memory,
-//! inserts all rows with one statement, moves the head and notifies once, then commits. A request
+//! streams the rows to PostgreSQL with one binary `COPY` as it chains them, moves the head and
+//! notifies once, then commits. A request
 //! that fails its checks is answered without touching the others in its batch.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Postgres, Row, Transaction};
-use tokio::sync::{mpsc, oneshot, watch};
+use sqlx::postgres::{PgCopyIn, PgPoolOptions};
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use uuid::Uuid;
 
-use crate::chain::{canonical_json, to_stored_precision, Envelope};
+use crate::chain::{to_stored_precision, Envelope};
 use crate::event::{AppendError, AppendOutcome, AppendRequest};
 use crate::LogConfig;
 
@@ -22,30 +26,107 @@ pub(crate) const NOTIFY_CHANNEL: &str = "ledger_events";
 
 pub(crate) struct Job {
     pub request: AppendRequest,
+    /// Each event's payload and metadata as canonical JSON, in the request's order.
+    pub json: Vec<(String, String)>,
     pub reply: oneshot::Sender<Result<AppendOutcome, AppendError>>,
 }
 
-pub(crate) async fn run(pool: PgPool, mut jobs: mpsc::Receiver<Job>, head: watch::Sender<i64>, config: LogConfig) {
+/// Two batches overlap: while one holds the log's lock, the other's `BEGIN` and lock request are
+/// already waiting in PostgreSQL, so the lock passes to it the moment the first commits, without
+/// a round trip between them. A loop takes its batch's further jobs only once it holds the lock,
+/// so everything queued meanwhile goes into that batch.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+pub(crate) async fn run(pool: PgPool, jobs: mpsc::Receiver<Job>, head: watch::Sender<i64>, config: LogConfig) {
+    // The writer's own connections, one per loop: taken from the shared pool, a batch would land
+    // on whichever of its connections was idle, each with its own cold statement and plan cache.
+    let pool = PgPoolOptions::new()
+        .max_connections(BATCHES_IN_FLIGHT as u32)
+        .acquire_timeout(pool.options().get_acquire_timeout())
+        .connect_lazy_with((*pool.connect_options()).clone());
+    let jobs = Arc::new(Mutex::new(jobs));
+    let loops = (0..BATCHES_IN_FLIGHT).map(|_| writer_loop(&pool, &jobs, &head, &config));
+    futures::future::join_all(loops).await;
+}
+
+async fn writer_loop(pool: &PgPool, jobs: &Mutex<mpsc::Receiver<Job>>, head: &watch::Sender<i64>, config: &LogConfig) {
     let mut scratch = Vec::with_capacity(1024);
-    while let Some(first) = jobs.recv().await {
+    loop {
+        let Some(first) = jobs.lock().await.recv().await else {
+            return;
+        };
+        let locked = lock(pool).await;
         let mut events = first.request.event_count();
         let mut batch = vec![first];
-        while events < config.batch_events_max {
-            match jobs.try_recv() {
-                Ok(job) => {
-                    events += job.request.event_count();
-                    batch.push(job);
+        // A loop still holding the queue is waiting for a job: the queue is empty.
+        if let Ok(mut queue) = jobs.try_lock() {
+            while events < config.batch_events_max {
+                match queue.try_recv() {
+                    Ok(job) => {
+                        events += job.request.event_count();
+                        batch.push(job);
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
         }
-        commit_jobs(&pool, batch, &head, &config, &mut scratch).await;
+        commit_jobs(pool, batch, Some(locked), head, config, &mut scratch).await;
     }
 }
 
-async fn commit_jobs(pool: &PgPool, jobs: Vec<Job>, head: &watch::Sender<i64>, config: &LogConfig, scratch: &mut Vec<u8>) {
-    let requests: Vec<&AppendRequest> = jobs.iter().map(|job| &job.request).collect();
-    match commit_batch(pool, &requests, config, scratch).await {
+/// A transaction holding the log's lock, with the head it locked.
+struct Locked {
+    tx: Transaction<'static, Postgres>,
+    position: i64,
+    hash: [u8; 32],
+    recorded_at: DateTime<Utc>,
+    started: std::time::Instant,
+    locked: std::time::Duration,
+}
+
+async fn lock(pool: &PgPool) -> Result<Locked, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let mut tx = pool.begin().await?;
+    let head_row = sqlx::query("SELECT position, hash, clock_timestamp() AS now FROM ledger_head WHERE singleton FOR UPDATE")
+        .fetch_one(&mut *tx)
+        .await?;
+    let hash: Vec<u8> = head_row.try_get("hash")?;
+    Ok(Locked {
+        position: head_row.try_get("position")?,
+        hash: hash.try_into().expect("ledger_head.hash is 32 bytes by its CHECK"),
+        recorded_at: to_stored_precision(head_row.try_get::<DateTime<Utc>, _>("now")?),
+        tx,
+        started,
+        locked: started.elapsed(),
+    })
+}
+
+async fn commit_jobs(
+    pool: &PgPool,
+    jobs: Vec<Job>,
+    locked: Option<Result<Locked, sqlx::Error>>,
+    head: &watch::Sender<i64>,
+    config: &LogConfig,
+    scratch: &mut Vec<u8>,
+) {
+    let batch: Vec<&Job> = jobs.iter().collect();
+    let locked = match locked {
+        Some(locked) => locked,
+        None => lock(pool).await,
+    };
+    let committed = match locked {
+        Ok(locked) => match commit_batch(locked, &batch, config, scratch, IdCheck::ByIndex).await {
+            // A stored event id met the unique index: decide again, looking every id up first,
+            // so a retry is answered as the duplicate it is.
+            Err(error) if is_stored_event_id(&error) => match lock(pool).await {
+                Ok(locked) => commit_batch(locked, &batch, config, scratch, IdCheck::LookUp).await,
+                Err(error) => Err(error),
+            },
+            other => other,
+        },
+        Err(error) => Err(error),
+    };
+    match committed {
         Ok((results, head_position)) => {
             head.send_if_modified(|current| {
                 let moved = head_position > *current;
@@ -61,7 +142,7 @@ async fn commit_jobs(pool: &PgPool, jobs: Vec<Job>, head: &watch::Sender<i64>, c
             // retry each alone, so the others are not lost with it.
             tracing::warn!(%error, requests = jobs.len(), "batched append failed; retrying requests one by one");
             for job in jobs {
-                Box::pin(commit_jobs(pool, vec![job], head, config, scratch)).await;
+                Box::pin(commit_jobs(pool, vec![job], None, head, config, scratch)).await;
             }
         }
         Err(error) => {
@@ -73,121 +154,101 @@ async fn commit_jobs(pool: &PgPool, jobs: Vec<Job>, head: &watch::Sender<i64>, c
     }
 }
 
-/// Rows to insert, column by column, for one `UNNEST` insert.
-#[derive(Default)]
-struct Columns {
-    position: Vec<i64>,
-    stream_id: Vec<String>,
-    stream_version: Vec<i64>,
-    event_id: Vec<Uuid>,
-    event_type: Vec<String>,
-    schema_version: Vec<i32>,
-    payload: Vec<String>,
-    metadata: Vec<String>,
-    occurred_at: Vec<DateTime<Utc>>,
-    prev_hash: Vec<Vec<u8>>,
-    hash: Vec<Vec<u8>>,
-}
-
 type BatchResult = (Vec<Result<AppendOutcome, AppendError>>, i64);
 
+/// How a batch learns which of its event ids are already stored.
+#[derive(Clone, Copy, PartialEq)]
+enum IdCheck {
+    /// Looked up only when a request's versions do not hold (a retry's would not); otherwise the
+    /// `events_event_id_key` unique index refuses a stored id, and the batch is decided again
+    /// with `LookUp`. New events, nearly all of them, cost no lookup.
+    ByIndex,
+    /// Every id looked up before deciding.
+    LookUp,
+}
+
+fn is_stored_event_id(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.constraint() == Some("events_event_id_key"))
+}
+
+/// The rows are sent with `COPY ... (FORMAT binary)` in chunks of about this many bytes, so
+/// PostgreSQL inserts the first while the writer chains the next.
+const COPY_CHUNK_BYTES: usize = 256 * 1024;
+
+const COPY_EVENTS: &str = "COPY events (position, stream_id, stream_version, event_id, event_type, schema_version, \
+     payload, metadata, recorded_at, occurred_at, prev_hash, hash) FROM STDIN (FORMAT binary)";
+
 async fn commit_batch(
-    pool: &PgPool,
-    requests: &[&AppendRequest],
+    locked: Locked,
+    jobs: &[&Job],
     config: &LogConfig,
     scratch: &mut Vec<u8>,
+    id_check: IdCheck,
 ) -> Result<BatchResult, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let head_row = sqlx::query("SELECT position, hash, clock_timestamp() AS now FROM ledger_head WHERE singleton FOR UPDATE")
-        .fetch_one(&mut *tx)
-        .await?;
-    let mut head_position: i64 = head_row.try_get("position")?;
-    let head_hash: Vec<u8> = head_row.try_get("hash")?;
-    let mut head_hash: [u8; 32] = head_hash.try_into().expect("ledger_head.hash is 32 bytes by its CHECK");
-    let recorded_at = to_stored_precision(head_row.try_get::<DateTime<Utc>, _>("now")?);
+    let Locked {
+        mut tx,
+        position: locked_position,
+        hash: mut head_hash,
+        recorded_at,
+        started,
+        locked,
+    } = locked;
 
-    let stream_ids: Vec<String> = unique(requests.iter().flat_map(|r| r.streams.iter().map(|s| s.stream_id.clone())));
-    let event_ids: Vec<Uuid> = requests.iter().flat_map(|r| r.event_ids()).collect();
-    let (mut versions, mut stored) = known_versions_and_ids(&mut tx, &stream_ids, &event_ids).await?;
-
-    let mut columns = Columns::default();
-    let mut results = Vec::with_capacity(requests.len());
-    for request in requests {
-        let result = decide(request, &versions, &stored).and_then(|duplicate| match duplicate {
-            Some(outcome) => Ok(outcome),
-            None => {
-                let first_position = head_position + 1;
-                for stream in &request.streams {
-                    let version = versions.entry(stream.stream_id.clone()).or_insert(0);
-                    for event in &stream.events {
-                        head_position += 1;
-                        *version += 1;
-                        let occurred_at = event.occurred_at.map(to_stored_precision).unwrap_or(recorded_at);
-                        let payload_json = canonical_json(&event.payload);
-                        let metadata_json = canonical_json(&event.metadata);
-                        let envelope = Envelope {
-                            position: head_position,
-                            stream_id: &stream.stream_id,
-                            stream_version: *version,
-                            event_id: event.event_id,
-                            event_type: &event.event_type,
-                            schema_version: event.schema_version,
-                            payload_json: &payload_json,
-                            metadata_json: &metadata_json,
-                            recorded_at,
-                            occurred_at,
-                        };
-                        let hash = envelope.hash(&head_hash, scratch);
-                        columns.position.push(head_position);
-                        columns.stream_id.push(stream.stream_id.clone());
-                        columns.stream_version.push(*version);
-                        columns.event_id.push(event.event_id);
-                        columns.event_type.push(event.event_type.clone());
-                        columns.schema_version.push(event.schema_version);
-                        columns.payload.push(payload_json);
-                        columns.metadata.push(metadata_json);
-                        columns.occurred_at.push(occurred_at);
-                        columns.prev_hash.push(head_hash.to_vec());
-                        columns.hash.push(hash.to_vec());
-                        stored.insert(event.event_id, head_position);
-                        head_hash = hash;
-                    }
-                }
-                Ok(AppendOutcome {
-                    first_position,
-                    last_position: head_position,
-                    duplicate: false,
-                })
-            }
-        });
-        results.push(result);
+    let stream_ids: Vec<&str> = unique(jobs.iter().flat_map(|job| job.request.streams.iter().map(|s| s.stream_id.as_str())));
+    let event_ids: Vec<Uuid> = jobs.iter().flat_map(|job| job.request.event_ids()).collect();
+    let (versions, mut stored) = match id_check {
+        IdCheck::LookUp => known_versions_and_ids(&mut tx, &stream_ids, &event_ids).await?,
+        IdCheck::ByIndex => known_versions_and_ids(&mut tx, &stream_ids, &[]).await?,
+    };
+    let mut decided = decide_all(jobs, versions.clone(), &stored, locked_position);
+    if id_check == IdCheck::ByIndex && decided.results.iter().any(Result::is_err) {
+        // A request refused on its versions may be a retry of one stored: look the ids up.
+        stored = known_versions_and_ids(&mut tx, &[], &event_ids).await?.1;
+        decided = decide_all(jobs, versions, &stored, locked_position);
     }
-
-    if !columns.position.is_empty() {
-        sqlx::query(
-            "INSERT INTO events (position, stream_id, stream_version, event_id, event_type, schema_version, \
-                                 payload, metadata, recorded_at, occurred_at, prev_hash, hash) \
-             SELECT position, stream_id, stream_version, event_id, event_type, schema_version, \
-                    payload::jsonb, metadata::jsonb, $9, occurred_at, prev_hash, hash \
-             FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int[], \
-                         $7::text[], $8::text[], $10::timestamptz[], $11::bytea[], $12::bytea[]) \
-                  AS t(position, stream_id, stream_version, event_id, event_type, schema_version, \
-                       payload, metadata, occurred_at, prev_hash, hash)",
-        )
-        .bind(&columns.position)
-        .bind(&columns.stream_id)
-        .bind(&columns.stream_version)
-        .bind(&columns.event_id)
-        .bind(&columns.event_type)
-        .bind(&columns.schema_version)
-        .bind(&columns.payload)
-        .bind(&columns.metadata)
-        .bind(recorded_at)
-        .bind(&columns.occurred_at)
-        .bind(&columns.prev_hash)
-        .bind(&columns.hash)
-        .execute(&mut *tx)
-        .await?;
+    let probed = started.elapsed();
+    let Decided {
+        results,
+        appended,
+        head_position,
+    } = decided;
+    if !appended.is_empty() {
+        // Chain and encode the rows, sending them in chunks as they are made.
+        let mut copy = tx.copy_in_raw(COPY_EVENTS).await?;
+        let mut rows = CopyRows::new(recorded_at);
+        let mut position = locked_position + 1;
+        for (job, after_versions) in &appended {
+            let mut json = job.json.iter();
+            for (stream, after_version) in job.request.streams.iter().zip(after_versions) {
+                for (event, version) in stream.events.iter().zip(after_version + 1..) {
+                    let (payload_json, metadata_json) = json.next().expect("one JSON pair per event");
+                    let envelope = Envelope {
+                        position,
+                        stream_id: &stream.stream_id,
+                        stream_version: version,
+                        event_id: event.event_id,
+                        event_type: &event.event_type,
+                        schema_version: event.schema_version,
+                        payload_json,
+                        metadata_json,
+                        recorded_at,
+                        occurred_at: event.occurred_at.map(to_stored_precision).unwrap_or(recorded_at),
+                    };
+                    let hash = envelope.hash(&head_hash, scratch);
+                    rows.push(&envelope, &head_hash, &hash);
+                    head_hash = hash;
+                    position += 1;
+                }
+            }
+            if rows.bytes.len() >= COPY_CHUNK_BYTES {
+                rows.send(&mut copy).await?;
+            }
+        }
+        debug_assert_eq!(position, head_position + 1);
+        rows.finish();
+        rows.send(&mut copy).await?;
+        let copied = copy.finish().await?;
+        debug_assert_eq!(copied, rows.count);
         sqlx::query(
             "WITH moved AS (UPDATE ledger_head SET position = $1, hash = $2 WHERE singleton RETURNING position) \
              SELECT pg_notify($3, position::text) FROM moved",
@@ -198,6 +259,7 @@ async fn commit_batch(
         .execute(&mut *tx)
         .await?;
     }
+    let copied = started.elapsed();
     if !config.pause_before_commit_max.is_zero() {
         // A pseudo-random pause per batch; the head position is as good a seed as any.
         let max_micros = config.pause_before_commit_max.as_micros() as u64;
@@ -205,7 +267,132 @@ async fn commit_batch(
         tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
     }
     tx.commit().await?;
+    tracing::debug!(
+        events = head_position - locked_position,
+        lock_ms = locked.as_secs_f64() * 1e3,
+        probe_ms = (probed - locked).as_secs_f64() * 1e3,
+        copy_ms = (copied - probed).as_secs_f64() * 1e3,
+        commit_ms = (started.elapsed() - copied).as_secs_f64() * 1e3,
+        "batch appended"
+    );
     Ok((results, head_position))
+}
+
+/// Each request decided in order, on the stored versions and ids and those of the requests
+/// before it in the batch.
+struct Decided<'j> {
+    results: Vec<Result<AppendOutcome, AppendError>>,
+    /// The appended requests with, per stream, the version their events follow.
+    appended: Vec<(&'j Job, Vec<i64>)>,
+    head_position: i64,
+}
+
+fn decide_all<'j>(jobs: &[&'j Job], mut versions: HashMap<String, i64>, stored: &HashMap<Uuid, i64>, locked_position: i64) -> Decided<'j> {
+    let mut stored = Cow::Borrowed(stored);
+    let mut head_position = locked_position;
+    let mut results = Vec::with_capacity(jobs.len());
+    let mut appended = Vec::new();
+    for job in jobs {
+        let request = &job.request;
+        let result = decide(request, &versions, &stored).and_then(|duplicate| match duplicate {
+            Some(outcome) => Ok(outcome),
+            None => {
+                let first_position = head_position + 1;
+                let mut after_versions = Vec::with_capacity(request.streams.len());
+                for stream in &request.streams {
+                    let version = versions.entry(stream.stream_id.clone()).or_insert(0);
+                    after_versions.push(*version);
+                    *version += stream.events.len() as i64;
+                    for event in &stream.events {
+                        head_position += 1;
+                        stored.to_mut().insert(event.event_id, head_position);
+                    }
+                }
+                appended.push((*job, after_versions));
+                Ok(AppendOutcome {
+                    first_position,
+                    last_position: head_position,
+                    duplicate: false,
+                })
+            }
+        });
+        results.push(result);
+    }
+    Decided {
+        results,
+        appended,
+        head_position,
+    }
+}
+
+/// Events as `COPY` binary rows (PostgreSQL's "binary format" of `COPY`: a signature, then each
+/// row as a field count and each field as its length and its value in the type's binary form).
+struct CopyRows {
+    bytes: Vec<u8>,
+    /// Rows pushed so far, sent or not.
+    count: u64,
+    recorded_at: i64,
+}
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC), for `timestamptz`.
+const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+/// The JSON text of a binary `jsonb` is preceded by its format's version.
+const JSONB_VERSION: u8 = 1;
+const EVENT_FIELDS: i16 = 12;
+
+impl CopyRows {
+    fn new(recorded_at: DateTime<Utc>) -> CopyRows {
+        let mut bytes = Vec::with_capacity(COPY_CHUNK_BYTES + 4096);
+        bytes.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        bytes.extend_from_slice(&0i32.to_be_bytes()); // flags
+        bytes.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+        CopyRows {
+            bytes,
+            count: 0,
+            recorded_at: timestamptz(recorded_at),
+        }
+    }
+
+    fn push(&mut self, event: &Envelope<'_>, prev_hash: &[u8; 32], hash: &[u8; 32]) {
+        let out = &mut self.bytes;
+        out.extend_from_slice(&EVENT_FIELDS.to_be_bytes());
+        field(out, &event.position.to_be_bytes());
+        field(out, event.stream_id.as_bytes());
+        field(out, &event.stream_version.to_be_bytes());
+        field(out, event.event_id.as_bytes());
+        field(out, event.event_type.as_bytes());
+        field(out, &event.schema_version.to_be_bytes());
+        for json in [event.payload_json, event.metadata_json] {
+            out.extend_from_slice(&(json.len() as i32 + 1).to_be_bytes());
+            out.push(JSONB_VERSION);
+            out.extend_from_slice(json.as_bytes());
+        }
+        field(out, &self.recorded_at.to_be_bytes());
+        field(out, &timestamptz(event.occurred_at).to_be_bytes());
+        field(out, prev_hash);
+        field(out, hash);
+        self.count += 1;
+    }
+
+    /// The trailer: a field count of -1.
+    fn finish(&mut self) {
+        self.bytes.extend_from_slice(&(-1i16).to_be_bytes());
+    }
+
+    async fn send(&mut self, copy: &mut PgCopyIn<&mut PgConnection>) -> Result<(), sqlx::Error> {
+        copy.send(&self.bytes[..]).await?;
+        self.bytes.clear();
+        Ok(())
+    }
+}
+
+fn field(out: &mut Vec<u8>, value: &[u8]) {
+    out.extend_from_slice(&(value.len() as i32).to_be_bytes());
+    out.extend_from_slice(value);
+}
+
+fn timestamptz(instant: DateTime<Utc>) -> i64 {
+    instant.timestamp_micros() - POSTGRES_EPOCH_MICROS
 }
 
 /// Decides a request against the versions and ids known so far: `Some` is a duplicate (nothing to
@@ -242,9 +429,9 @@ fn decide(
     Ok(None)
 }
 
-fn unique(items: impl Iterator<Item = String>) -> Vec<String> {
+fn unique<'a>(items: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
     let mut seen = HashSet::new();
-    items.filter(|item| seen.insert(item.clone())).collect()
+    items.filter(|item| seen.insert(*item)).collect()
 }
 
 /// The current version of each stream and the position of each already stored event id, in one
@@ -253,7 +440,7 @@ fn unique(items: impl Iterator<Item = String>) -> Vec<String> {
 /// `event_id = ANY($1)` degraded to a scan under the generic plan).
 async fn known_versions_and_ids(
     tx: &mut Transaction<'_, Postgres>,
-    stream_ids: &[String],
+    stream_ids: &[&str],
     event_ids: &[Uuid],
 ) -> Result<(HashMap<String, i64>, HashMap<Uuid, i64>), sqlx::Error> {
     let rows: Vec<(Option<String>, Option<Uuid>, i64)> = sqlx::query_as(
