@@ -13,6 +13,9 @@ use crate::event::{AppendError, AppendOutcome, AppendRequest, RecordedEvent, EVE
 use crate::subscription::Subscription;
 use crate::writer::{self, Job, NOTIFY_CHANNEL};
 
+/// Longest payload or metadata of one event, as JSON (PostgreSQL's limit on a field is 1 GiB).
+pub const JSON_BYTES_MAX: usize = 256 * 1024 * 1024;
+
 /// Most events one read returns.
 pub const READ_LIMIT_MAX: usize = 10_000;
 
@@ -97,7 +100,9 @@ impl EventLog {
     }
 
     /// Appends atomically: every stream's expected version holds and all events are stored, or
-    /// nothing is. A retry whose event ids are all stored is answered as a duplicate.
+    /// nothing is. A retry whose event ids are all stored is answered as a duplicate. Appends in
+    /// flight at the same time are ordered by the log's lock, not by when they were called: a
+    /// caller that needs one before another awaits the first.
     pub async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, AppendError> {
         request.check()?;
         // The JSON is written here, on the caller's task, so the writer (one per process, holding
@@ -107,7 +112,16 @@ impl EventLog {
             .iter()
             .flat_map(|stream| stream.events.iter())
             .map(|event| (canonical_json(&event.payload), canonical_json(&event.metadata)))
-            .collect();
+            .collect::<Vec<_>>();
+        if let Some((payload, metadata)) = json
+            .iter()
+            .find(|(payload, metadata)| payload.len().max(metadata.len()) > JSON_BYTES_MAX)
+        {
+            return Err(AppendError::Invalid(format!(
+                "an event's payload or metadata is at most {JSON_BYTES_MAX} bytes of JSON, this one {}",
+                payload.len().max(metadata.len())
+            )));
+        }
         let (reply, answer) = oneshot::channel();
         self.inner
             .jobs

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use uuid::Uuid;
 
 use crate::chain::{to_stored_precision, Envelope};
-use crate::event::{AppendError, AppendOutcome, AppendRequest};
+use crate::event::{AppendError, AppendOutcome, AppendRequest, ExpectedVersion};
 use crate::LogConfig;
 
 pub(crate) const NOTIFY_CHANNEL: &str = "ledger_events";
@@ -58,8 +58,9 @@ async fn writer_loop(pool: &PgPool, jobs: &Mutex<mpsc::Receiver<Job>>, head: &wa
         let locked = lock(pool).await;
         let mut events = first.request.event_count();
         let mut batch = vec![first];
-        // A loop still holding the queue is waiting for a job: the queue is empty.
-        if let Ok(mut queue) = jobs.try_lock() {
+        // A loop still holding the queue is waiting for a job (the queue was empty). Without the
+        // lock, the first job is answered alone and the rest wait for a working connection.
+        if let (true, Ok(mut queue)) = (locked.is_ok(), jobs.try_lock()) {
             while events < config.batch_events_max {
                 match queue.try_recv() {
                     Ok(job) => {
@@ -86,7 +87,9 @@ struct Locked {
 
 async fn lock(pool: &PgPool) -> Result<Locked, sqlx::Error> {
     let started = std::time::Instant::now();
-    let mut tx = pool.begin().await?;
+    // Each statement must see what committed before it (the versions read after the lock is
+    // granted), whatever the database's default isolation.
+    let mut tx = pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await?;
     let head_row = sqlx::query("SELECT position, hash, clock_timestamp() AS now FROM ledger_head WHERE singleton FOR UPDATE")
         .fetch_one(&mut *tx)
         .await?;
@@ -159,9 +162,10 @@ type BatchResult = (Vec<Result<AppendOutcome, AppendError>>, i64);
 /// How a batch learns which of its event ids are already stored.
 #[derive(Clone, Copy, PartialEq)]
 enum IdCheck {
-    /// Looked up only when a request's versions do not hold (a retry's would not); otherwise the
-    /// `events_event_id_key` unique index refuses a stored id, and the batch is decided again
-    /// with `LookUp`. New events, nearly all of them, cost no lookup.
+    /// Looked up for requests with an unchecked (`Any`) stream, and for the others only when a
+    /// request's versions do not hold (a retry's would not). Should a stored id still reach the
+    /// `events_event_id_key` unique index, the batch is decided again with `LookUp`. New events
+    /// under version checks, nearly all of them, cost no lookup.
     ByIndex,
     /// Every id looked up before deciding.
     LookUp,
@@ -198,7 +202,21 @@ async fn commit_batch(
     let event_ids: Vec<Uuid> = jobs.iter().flat_map(|job| job.request.event_ids()).collect();
     let (versions, mut stored) = match id_check {
         IdCheck::LookUp => known_versions_and_ids(&mut tx, &stream_ids, &event_ids).await?,
-        IdCheck::ByIndex => known_versions_and_ids(&mut tx, &stream_ids, &[]).await?,
+        IdCheck::ByIndex => {
+            // Only a request with an unchecked stream can be a retry that passes its version
+            // checks: its ids are looked up now, the others' only if they are refused.
+            let unchecked: Vec<Uuid> = jobs
+                .iter()
+                .filter(|job| {
+                    job.request
+                        .streams
+                        .iter()
+                        .any(|stream| stream.expected == ExpectedVersion::Any && !stream.events.is_empty())
+                })
+                .flat_map(|job| job.request.event_ids())
+                .collect();
+            known_versions_and_ids(&mut tx, &stream_ids, &unchecked).await?
+        }
     };
     let mut decided = decide_all(jobs, versions.clone(), &stored, locked_position);
     if id_check == IdCheck::ByIndex && decided.results.iter().any(Result::is_err) {
@@ -238,10 +256,10 @@ async fn commit_batch(
                     rows.push(&envelope, &head_hash, &hash);
                     head_hash = hash;
                     position += 1;
+                    if rows.bytes.len() >= COPY_CHUNK_BYTES {
+                        rows.send(&mut copy).await?;
+                    }
                 }
-            }
-            if rows.bytes.len() >= COPY_CHUNK_BYTES {
-                rows.send(&mut copy).await?;
             }
         }
         debug_assert_eq!(position, head_position + 1);
@@ -363,6 +381,7 @@ impl CopyRows {
         field(out, event.event_type.as_bytes());
         field(out, &event.schema_version.to_be_bytes());
         for json in [event.payload_json, event.metadata_json] {
+            // At most `JSON_BYTES_MAX`, checked by `EventLog::append`: the length fits.
             out.extend_from_slice(&(json.len() as i32 + 1).to_be_bytes());
             out.push(JSONB_VERSION);
             out.extend_from_slice(json.as_bytes());

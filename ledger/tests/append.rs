@@ -158,6 +158,14 @@ async fn a_duplicate_event_id_is_stored_once_and_reported() {
         .await
         .unwrap();
     assert!(elsewhere.duplicate);
+    // Under a new stream whose check holds: only the unique index can tell, and still the answer
+    // is the stored event.
+    let new_stream = log
+        .append(AppendRequest::single("account-3", ExpectedVersion::NoStream, vec![event.clone()]))
+        .await
+        .unwrap();
+    assert!(new_stream.duplicate);
+    assert_eq!(new_stream.first_position, first.first_position);
     assert_eq!(count(&db, "SELECT count(*) FROM events").await, 1);
 
     // Some stored, some new: refused whole, nothing stored.
