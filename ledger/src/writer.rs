@@ -266,7 +266,10 @@ async fn commit_batch(
         rows.finish();
         rows.send(&mut copy).await?;
         let copied = copy.finish().await?;
-        debug_assert_eq!(copied, rows.count);
+        if copied != rows.count {
+            // Positions are assigned in memory: a row not stored would be a gap. Roll back.
+            return Err(sqlx::Error::Protocol(format!("COPY stored {copied} of {} events", rows.count)));
+        }
         sqlx::query(
             "WITH moved AS (UPDATE ledger_head SET position = $1, hash = $2 WHERE singleton RETURNING position) \
              SELECT pg_notify($3, position::text) FROM moved",
