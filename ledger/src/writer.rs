@@ -71,7 +71,7 @@ async fn writer_loop(pool: &PgPool, jobs: &Mutex<mpsc::Receiver<Job>>, head: &wa
                 }
             }
         }
-        commit_jobs(pool, batch, Some(locked), head, config, &mut scratch).await;
+        commit_jobs(pool, batch, locked, head, config, &mut scratch).await;
     }
 }
 
@@ -107,28 +107,13 @@ async fn lock(pool: &PgPool) -> Result<Locked, sqlx::Error> {
 async fn commit_jobs(
     pool: &PgPool,
     jobs: Vec<Job>,
-    locked: Option<Result<Locked, sqlx::Error>>,
+    locked: Result<Locked, sqlx::Error>,
     head: &watch::Sender<i64>,
     config: &LogConfig,
     scratch: &mut Vec<u8>,
 ) {
     let batch: Vec<&Job> = jobs.iter().collect();
-    let locked = match locked {
-        Some(locked) => locked,
-        None => lock(pool).await,
-    };
-    let committed = match locked {
-        Ok(locked) => match commit_batch(locked, &batch, config, scratch, IdCheck::ByIndex).await {
-            // A stored event id met the unique index: decide again, looking every id up first,
-            // so a retry is answered as the duplicate it is.
-            Err(error) if is_stored_event_id(&error) => match lock(pool).await {
-                Ok(locked) => commit_batch(locked, &batch, config, scratch, IdCheck::LookUp).await,
-                Err(error) => Err(error),
-            },
-            other => other,
-        },
-        Err(error) => Err(error),
-    };
+    let committed = commit_deciding(pool, locked, &batch, config, scratch).await;
     match committed {
         Ok((results, head_position)) => {
             head.send_if_modified(|current| {
@@ -145,7 +130,8 @@ async fn commit_jobs(
             // retry each alone, so the others are not lost with it.
             tracing::warn!(%error, requests = jobs.len(), "batched append failed; retrying requests one by one");
             for job in jobs {
-                Box::pin(commit_jobs(pool, vec![job], None, head, config, scratch)).await;
+                let locked = lock(pool).await;
+                Box::pin(commit_jobs(pool, vec![job], locked, head, config, scratch)).await;
             }
         }
         Err(error) => {
@@ -158,6 +144,22 @@ async fn commit_jobs(
 }
 
 type BatchResult = (Vec<Result<AppendOutcome, AppendError>>, i64);
+
+/// Commits a batch under the lock it holds. Should a stored event id meet the unique index, the
+/// batch is decided again under a new lock, looking every id up first, so a retry is answered
+/// as the duplicate it is.
+async fn commit_deciding(
+    pool: &PgPool,
+    locked: Result<Locked, sqlx::Error>,
+    batch: &[&Job],
+    config: &LogConfig,
+    scratch: &mut Vec<u8>,
+) -> Result<BatchResult, sqlx::Error> {
+    match commit_batch(locked?, batch, config, scratch, IdCheck::ByIndex).await {
+        Err(error) if is_stored_event_id(&error) => commit_batch(lock(pool).await?, batch, config, scratch, IdCheck::LookUp).await,
+        other => other,
+    }
+}
 
 /// How a batch learns which of its event ids are already stored.
 #[derive(Clone, Copy, PartialEq)]
