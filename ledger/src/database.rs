@@ -69,9 +69,7 @@ impl Server {
     }
 
     pub fn options(&self, database: &str) -> PgConnectOptions {
-        PgConnectOptions::from_str(&self.url(database))
-            .expect("URLs built by Server::url parse")
-            .log_statements(tracing::log::LevelFilter::Trace)
+        session_settings(PgConnectOptions::from_str(&self.url(database)).expect("URLs built by Server::url parse"))
     }
 
     /// Creates `database` unless it exists (racing creators are fine).
@@ -99,6 +97,17 @@ impl Server {
     pub fn maintenance_database(&self) -> &str {
         "postgres"
     }
+}
+
+/// What every connection of the product sets for its session, on top of the server's defaults.
+///
+/// `jit = off`: PostgreSQL compiles a query to machine code when its estimated cost passes
+/// `jit_above_cost`, which the product's set-wise reads reach whenever they name a few thousand
+/// streams (a billing run loading its batch's wallets and servers: about 130 ms of compiling, each
+/// time, for a read that runs in a few milliseconds). Every query of the product is short, so
+/// compiling one never pays for itself.
+pub fn session_settings(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([("jit", "off")]).log_statements(tracing::log::LevelFilter::Trace)
 }
 
 /// The project's data folder: `BILLING_DATA_DIR`, else `.data` at the workspace root.
@@ -135,7 +144,7 @@ pub async fn locate() -> Result<Server, DatabaseError> {
 pub async fn connect(name: &str, max_connections: u32) -> Result<(PgPool, Server), DatabaseError> {
     let server = locate().await?;
     let options = match &server.kind {
-        ServerKind::Url(url) => PgConnectOptions::from_str(url).map_err(DatabaseError::BadUrl)?,
+        ServerKind::Url(url) => session_settings(PgConnectOptions::from_str(url).map_err(DatabaseError::BadUrl)?),
         _ => {
             server.ensure_database(name).await?;
             server.options(name)

@@ -531,3 +531,19 @@ async fn retries_batched_with_new_appends_are_duplicates_and_the_new_ones_are_st
     let report = ledger::verify::verify_chain(&db.pool, None, |_, _| {}).await.unwrap();
     assert!(report.ok, "{report:?}");
 }
+
+/// The product's connections compile no query to machine code: its set-wise reads (a billing
+/// batch's wallets and servers) pass PostgreSQL's `jit_above_cost` and would spend far longer
+/// compiling than running.
+#[tokio::test]
+async fn the_products_connections_run_without_jit() {
+    let db = TestDatabase::new().await;
+    let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(jit, "off");
+    let options = ledger::database::session_settings(sqlx::postgres::PgConnectOptions::new());
+    assert!(
+        options.get_options().is_some_and(|options| options.contains("jit=off")),
+        "{:?}",
+        options.get_options()
+    );
+}
