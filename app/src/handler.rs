@@ -551,7 +551,9 @@ async fn load<A: StreamAggregate + Send + Sync + 'static>(
         applied: 0,
     };
     loop {
-        let events = log.read_stream(stream_id, loaded.version, ledger::log::READ_LIMIT_MAX).await?;
+        let events = log
+            .read_stream_payloads(stream_id, loaded.version, ledger::log::READ_LIMIT_MAX)
+            .await?;
         if events.is_empty() {
             break;
         }
@@ -607,13 +609,14 @@ async fn load_many<A: StreamAggregate + Send + Sync + 'static>(
 }
 
 /// Applies one stored event (upcast, then decoded) to a loaded aggregate.
-fn fold<A: StreamAggregate>(loaded: &mut Loaded<A>, recorded: ledger::RecordedEvent) -> Result<(), StorageError> {
-    let event: A::Event =
-        domain::decode_event(&recorded.event_type, recorded.schema_version, recorded.payload).map_err(|error| StorageError::Corrupt {
+fn fold<A: StreamAggregate>(loaded: &mut Loaded<A>, recorded: ledger::StreamEvent) -> Result<(), StorageError> {
+    let event: A::Event = domain::decode_event_text(&recorded.event_type, recorded.schema_version, &recorded.payload).map_err(|error| {
+        StorageError::Corrupt {
             stream_id: recorded.stream_id.clone(),
             position: recorded.position,
             reason: error.to_string(),
-        })?;
+        }
+    })?;
     Arc::make_mut(&mut loaded.state).apply(event);
     loaded.version = recorded.stream_version;
     Ok(())

@@ -290,6 +290,22 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for RecordedEvent {
     }
 }
 
+/// An event as an aggregate's load reads it: its place, its type and its payload as JSON text, to
+/// be decoded straight into the domain's event (no metadata, times or hashes, and no JSON tree
+/// built on the way).
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct StreamEvent {
+    pub position: i64,
+    pub stream_id: String,
+    pub stream_version: i64,
+    pub event_type: String,
+    pub schema_version: i32,
+    pub payload: String,
+}
+
+/// The columns of `StreamEvent`, from `events`.
+pub(crate) const STREAM_EVENT_COLUMNS: &str = "position, stream_id, stream_version, event_type, schema_version, payload::text AS payload";
+
 /// The columns of `RecordedEvent`, in the order of `FromRow`.
 pub(crate) const EVENT_COLUMNS: &str = "position, stream_id, stream_version, event_id, event_type, schema_version, \
      payload, metadata, recorded_at, occurred_at, prev_hash, hash";

@@ -17,7 +17,9 @@ pub mod testing;
 pub mod verify;
 mod writer;
 
-pub use event::{AppendError, AppendOutcome, AppendRequest, ExpectedVersion, NewEvent, RecordedEvent, StreamAppend, VersionConflict};
+pub use event::{
+    AppendError, AppendOutcome, AppendRequest, ExpectedVersion, NewEvent, RecordedEvent, StreamAppend, StreamEvent, VersionConflict,
+};
 pub use log::{EventLog, LogConfig, LogError};
 
 /// The migrations of the whole product, embedded in the binary.

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::chain::canonical_json;
-use crate::event::{AppendError, AppendOutcome, AppendRequest, RecordedEvent, EVENT_COLUMNS};
+use crate::event::{AppendError, AppendOutcome, AppendRequest, RecordedEvent, StreamEvent, EVENT_COLUMNS, STREAM_EVENT_COLUMNS};
 use crate::subscription::Subscription;
 use crate::writer::{self, Job, NOTIFY_CHANNEL};
 
@@ -144,6 +144,19 @@ impl EventLog {
         .await
     }
 
+    /// `read_stream`, as an aggregate's load reads it (`StreamEvent`: no metadata, times or hashes).
+    pub async fn read_stream_payloads(&self, stream_id: &str, after_version: i64, limit: usize) -> Result<Vec<StreamEvent>, sqlx::Error> {
+        let limit = limit.clamp(1, READ_LIMIT_MAX) as i64;
+        sqlx::query_as(&format!(
+            "SELECT {STREAM_EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version LIMIT $3"
+        ))
+        .bind(stream_id)
+        .bind(after_version)
+        .bind(limit)
+        .fetch_all(&self.inner.pool)
+        .await
+    }
+
     /// Events of many streams at once, each after its own version: `(stream_id, after_version)`
     /// pairs in, events handed to `each` grouped by stream and oldest first, as they arrive (a
     /// batch's memory is what `each` keeps, not every event read). One round trip for a batch of
@@ -151,18 +164,14 @@ impl EventLog {
     pub async fn read_streams_each<E: From<sqlx::Error>>(
         &self,
         streams: &[(String, i64)],
-        mut each: impl FnMut(RecordedEvent) -> Result<(), E>,
+        mut each: impl FnMut(StreamEvent) -> Result<(), E>,
     ) -> Result<(), E> {
         use futures::TryStreamExt;
         if streams.is_empty() {
             return Ok(());
         }
         let (ids, versions): (Vec<&str>, Vec<i64>) = streams.iter().map(|(id, version)| (id.as_str(), *version)).unzip();
-        let columns = EVENT_COLUMNS
-            .split(',')
-            .map(|column| format!("e.{}", column.trim()))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let columns = "e.position, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.payload::text AS payload";
         // LATERAL keeps this an index probe per stream whatever the plan (a hash join over the
         // whole log is what the planner picks otherwise once the batch is large).
         let sql = format!(
@@ -171,7 +180,7 @@ impl EventLog {
                                  AND x.stream_version > s.after_version ORDER BY x.stream_version) e \
              ORDER BY s.ord, e.stream_version"
         );
-        let mut rows = sqlx::query_as::<_, RecordedEvent>(&sql)
+        let mut rows = sqlx::query_as::<_, StreamEvent>(&sql)
             .bind(&ids)
             .bind(&versions)
             .fetch(&self.inner.pool);
