@@ -156,7 +156,7 @@ pub struct Loaded<A> {
 pub struct Unit {
     log: EventLog,
     cache: Arc<StateCache>,
-    appends: Vec<(String, i64, Vec<(String, i32, Value)>)>,
+    appends: Vec<(String, i64, Vec<(String, i32, ledger::Json)>)>,
     /// Where each stream's entry is in `appends`.
     indexes: std::collections::HashMap<String, usize>,
     /// Each changed aggregate's state after the events decided, kept once they are stored.
@@ -218,7 +218,7 @@ impl Unit {
         }
         self.guard(stream_id, 0);
         let index = self.indexes[stream_id];
-        self.appends[index].2.push((event_type.to_string(), 1, payload));
+        self.appends[index].2.push((event_type.to_string(), 1, payload.into()));
         Ok(true)
     }
 
@@ -255,7 +255,7 @@ impl Unit {
                         (
                             event.event_type(),
                             version,
-                            serde_json::to_value(event).expect("domain events serialise"),
+                            ledger::Json::of(event).expect("domain events serialise"),
                         )
                     })
                     .collect::<Vec<_>>();
@@ -507,6 +507,8 @@ impl CommandHandler {
             map.retain(|_, value| !value.is_null());
             map.insert("command_id".into(), Value::String(command_id.to_string()));
         }
+        // Every event of the command carries the same metadata: written once.
+        let metadata = ledger::Json::of(&metadata).expect("metadata serialises");
         let streams = unit
             .appends
             .into_iter()

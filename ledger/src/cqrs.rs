@@ -85,8 +85,8 @@ fn new_event(event: &SerializedEvent) -> Result<NewEvent, PersistenceError> {
         event_id,
         event_type: event.event_type.clone(),
         schema_version: schema_version(&event.event_version)?,
-        payload: event.payload.clone(),
-        metadata: Value::Object(metadata),
+        payload: event.payload.clone().into(),
+        metadata: Value::Object(metadata).into(),
         occurred_at,
     })
 }

@@ -11,26 +11,85 @@ pub const APPEND_EVENTS_MAX: usize = 10_000;
 /// Longest stream id or event type the log accepts (the schema checks the same bound).
 pub const NAME_LENGTH_MAX: usize = 200;
 
+/// An event's payload or metadata on its way into the log: a JSON value, or the canonical text of
+/// a typed value, written from it without building a `Value` (`Json::of`). Either way the log
+/// stores and hashes the canonical text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Json(JsonForm);
+
+#[derive(Clone, Debug, PartialEq)]
+enum JsonForm {
+    Value(Value),
+    /// Written by `canonical::to_canonical_json`, so canonical by construction.
+    Canonical(String),
+}
+
+impl Json {
+    /// The canonical JSON of a typed value (the same text as of `serde_json::to_value(value)`).
+    pub fn of<T: Serialize + ?Sized>(value: &T) -> Result<Json, serde_json::Error> {
+        Ok(Json(JsonForm::Canonical(crate::canonical::to_canonical_json(value)?)))
+    }
+
+    /// The canonical text the log stores and hashes (`chain::canonical_json`).
+    pub fn canonical(&self) -> std::borrow::Cow<'_, str> {
+        match &self.0 {
+            JsonForm::Value(value) => std::borrow::Cow::Owned(crate::chain::canonical_json(value)),
+            JsonForm::Canonical(text) => std::borrow::Cow::Borrowed(text),
+        }
+    }
+
+    /// Whether it is a JSON object.
+    pub fn is_object(&self) -> bool {
+        match &self.0 {
+            JsonForm::Value(value) => value.is_object(),
+            JsonForm::Canonical(text) => text.starts_with('{'),
+        }
+    }
+
+    /// As a JSON value.
+    pub fn to_value(&self) -> Value {
+        match &self.0 {
+            JsonForm::Value(value) => value.clone(),
+            JsonForm::Canonical(text) => serde_json::from_str(text).expect("canonical JSON parses"),
+        }
+    }
+}
+
+impl From<Value> for Json {
+    fn from(value: Value) -> Json {
+        Json(JsonForm::Value(value))
+    }
+}
+
+impl PartialEq<Value> for Json {
+    fn eq(&self, other: &Value) -> bool {
+        match &self.0 {
+            JsonForm::Value(value) => value == other,
+            JsonForm::Canonical(_) => self.to_value() == *other,
+        }
+    }
+}
+
 /// An event to append. `occurred_at` is domain time; when absent it is the database time of the append.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewEvent {
     pub event_id: Uuid,
     pub event_type: String,
     pub schema_version: i32,
-    pub payload: Value,
-    pub metadata: Value,
+    pub payload: Json,
+    pub metadata: Json,
     pub occurred_at: Option<DateTime<Utc>>,
 }
 
 impl NewEvent {
     /// A version-1 event with a fresh id, empty metadata and database time.
-    pub fn new(event_type: impl Into<String>, payload: Value) -> NewEvent {
+    pub fn new(event_type: impl Into<String>, payload: impl Into<Json>) -> NewEvent {
         NewEvent {
             event_id: Uuid::now_v7(),
             event_type: event_type.into(),
             schema_version: 1,
-            payload,
-            metadata: Value::Object(Default::default()),
+            payload: payload.into(),
+            metadata: Value::Object(Default::default()).into(),
             occurred_at: None,
         }
     }
@@ -40,8 +99,8 @@ impl NewEvent {
         self
     }
 
-    pub fn with_metadata(mut self, metadata: Value) -> NewEvent {
-        self.metadata = metadata;
+    pub fn with_metadata(mut self, metadata: impl Into<Json>) -> NewEvent {
+        self.metadata = metadata.into();
         self
     }
 

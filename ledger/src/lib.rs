@@ -4,6 +4,7 @@
 //! stream or the whole log, catch-up subscriptions with checkpoints, chain verification, and the
 //! cqrs-es `PersistedEventRepository` over the log. It knows nothing of billing.
 
+pub mod canonical;
 pub mod chain;
 pub mod checkpoint;
 pub mod cqrs;
@@ -18,7 +19,7 @@ pub mod verify;
 mod writer;
 
 pub use event::{
-    AppendError, AppendOutcome, AppendRequest, ExpectedVersion, NewEvent, RecordedEvent, StreamAppend, StreamEvent, VersionConflict,
+    AppendError, AppendOutcome, AppendRequest, ExpectedVersion, Json, NewEvent, RecordedEvent, StreamAppend, StreamEvent, VersionConflict,
 };
 pub use log::{EventLog, LogConfig, LogError};
 

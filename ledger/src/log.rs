@@ -8,7 +8,6 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::chain::canonical_json;
 use crate::event::{AppendError, AppendOutcome, AppendRequest, RecordedEvent, StreamEvent, EVENT_COLUMNS, STREAM_EVENT_COLUMNS};
 use crate::subscription::Subscription;
 use crate::writer::{self, Job, NOTIFY_CHANNEL};
@@ -111,7 +110,7 @@ impl EventLog {
             .streams
             .iter()
             .flat_map(|stream| stream.events.iter())
-            .map(|event| (canonical_json(&event.payload), canonical_json(&event.metadata)))
+            .map(|event| (event.payload.canonical().into_owned(), event.metadata.canonical().into_owned()))
             .collect::<Vec<_>>();
         if let Some((payload, metadata)) = json
             .iter()
