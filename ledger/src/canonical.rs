@@ -45,16 +45,24 @@ struct Object<'a> {
     pending_key: Option<(usize, usize)>,
     /// Written inside `{"variant": ...}` (a struct variant).
     variant: Option<&'static str>,
+    /// A `serde_json::value::RawValue`: one field holding JSON text, which `Value` parses.
+    raw: bool,
 }
+
+/// The struct name `serde_json` gives a `RawValue` (its JSON text is its one field).
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
 
 impl<'a> Object<'a> {
     fn new(out: &'a mut Vec<u8>, fields: usize, variant: Option<&'static str>) -> Object<'a> {
+        // A length hint is only a hint: what is reserved up front stays small.
+        let fields = fields.min(64);
         Object {
             out,
             scratch: Vec::with_capacity(fields * 24),
             fields: Vec::with_capacity(fields),
             pending_key: None,
             variant,
+            raw: false,
         }
     }
 
@@ -76,8 +84,19 @@ impl<'a> Object<'a> {
             scratch,
             mut fields,
             variant,
+            raw,
             ..
         } = self;
+        if raw {
+            // As `Value` takes it: the text parsed, then written canonically.
+            let &[(_, key_end, value_end)] = fields.as_slice() else {
+                return Err(error("a raw JSON value has one field"));
+            };
+            let text: String = serde_json::from_slice(&scratch[key_end..value_end])?;
+            let value: serde_json::Value = serde_json::from_str(&text)?;
+            out.extend_from_slice(crate::chain::canonical_json(&value).as_bytes());
+            return Ok(());
+        }
         // Stable: of a key given twice, the last one written stays last, and is the one kept.
         fields.sort_by(|a, b| scratch[a.0..a.1].cmp(&scratch[b.0..b.1]));
         if let Some(variant) = variant {
@@ -273,8 +292,10 @@ impl<'a> ser::Serializer for Canonical<'a> {
     fn serialize_map(self, len: Option<usize>) -> Result<Object<'a>, Error> {
         Ok(Object::new(self.out, len.unwrap_or(8), None))
     }
-    fn serialize_struct(self, _name: &'static str, len: usize) -> Result<Object<'a>, Error> {
-        Ok(Object::new(self.out, len, None))
+    fn serialize_struct(self, name: &'static str, len: usize) -> Result<Object<'a>, Error> {
+        let mut object = Object::new(self.out, len, None);
+        object.raw = name == RAW_VALUE_TOKEN;
+        Ok(object)
     }
     fn serialize_struct_variant(self, _name: &'static str, _index: u32, variant: &'static str, len: usize) -> Result<Object<'a>, Error> {
         Ok(Object::new(self.out, len, Some(variant)))
@@ -584,6 +605,9 @@ mod tests {
             renamed: "last",
         });
         same(json!({"b": {"é": 1, "e": 2, "E": 3, "": 4}, "a": [{"y": null, "x": []}, {}], "\u{7f}": "\u{2028}"}));
+        // Raw JSON text is parsed and written canonically, as `Value` parses it.
+        let raw = serde_json::value::RawValue::from_string(r#"{ "b": [1, {"d": 2, "c": 3}], "a": "x" }"#.to_string()).unwrap();
+        same(HashMap::from([("raw", raw)]));
     }
 
     #[test]
