@@ -122,7 +122,6 @@ pub async fn rebuild(name: Option<String>) -> anyhow::Result<ExitCode> {
     let bar = progress_bar("rebuilding");
     let names: Vec<&str> = selected.iter().map(|projection| projection.name()).collect();
     bar.set_message(format!("rebuilding {}", names.join(", ")));
-    let selected: Vec<&dyn projections::Projection> = selected.iter().map(|projection| projection.as_ref()).collect();
     let reports = projections::rebuild::rebuild_all(&pool, &selected, |done, head| {
         bar.set_length(head.max(0) as u64);
         bar.set_position(done.max(0) as u64);

@@ -25,7 +25,7 @@ pub fn start(pool: &PgPool, name: &str) -> Result<&'static str, NotStarted> {
     }
     let pool = pool.clone();
     tokio::spawn(async move {
-        match projections::rebuild::rebuild(&pool, projection.as_ref(), |_, _| {}).await {
+        match projections::rebuild::rebuild(&pool, projection, |_, _| {}).await {
             Ok(report) => tracing::info!(
                 name = report.name,
                 events = report.events,

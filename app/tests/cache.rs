@@ -97,7 +97,7 @@ async fn kept_rows_and_grants_are_dropped_by_the_changes_the_database_announces(
     assert_eq!(balance(&here, &db.pool, account_id).await, dec!(999));
     tamper(&db.pool, account_id, dec!(15.00)).await;
     assert_eq!(balance(&here, &db.pool, account_id).await, dec!(999), "served from memory");
-    projections::rebuild::rebuild(&db.pool, &projections::balances::Balances, |_, _| {})
+    projections::rebuild::rebuild(&db.pool, std::sync::Arc::new(projections::balances::Balances), |_, _| {})
         .await
         .unwrap();
     eventually("the swap heard", || async {

@@ -321,7 +321,7 @@ async fn a_rebuild_from_position_zero_is_byte_identical() {
         "{indexes:?}"
     );
     for projection in projections::projection::all() {
-        let report = projections::rebuild::rebuild(&db.pool, projection.as_ref(), |_, _| {})
+        let report = projections::rebuild::rebuild(&db.pool, projection.clone(), |_, _| {})
             .await
             .unwrap();
         assert_eq!(report.events, 2123);
@@ -333,9 +333,9 @@ async fn a_rebuild_from_position_zero_is_byte_identical() {
         "{status:?}"
     );
     // All of them at once, fed by one pass over the log: the same tables again.
-    let all = projections::projection::all();
-    let selected: Vec<&dyn projections::Projection> = all.iter().map(|projection| projection.as_ref()).collect();
-    let reports = projections::rebuild::rebuild_all(&db.pool, &selected, |_, _| {}).await.unwrap();
+    let reports = projections::rebuild::rebuild_all(&db.pool, &projections::projection::all(), |_, _| {})
+        .await
+        .unwrap();
     assert!(reports.iter().all(|report| report.events == 2123), "{reports:?}");
     assert_eq!(digests(&db).await, before);
     // The tables bulk-loaded without indexes got every key and index back.
@@ -506,7 +506,7 @@ async fn a_rebuild_under_load_keeps_serving_and_misses_nothing() {
 
     let balances = projections::projection::by_name("balances").unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let report = projections::rebuild::rebuild(&db.pool, balances.as_ref(), |_, _| {}).await.unwrap();
+    let report = projections::rebuild::rebuild(&db.pool, balances.clone(), |_, _| {}).await.unwrap();
     assert!(report.events >= 2123);
     let mut opened = 0;
     for writer in writers {
@@ -532,7 +532,7 @@ async fn a_rebuild_under_load_keeps_serving_and_misses_nothing() {
     // projectors built.
     let before = digests(&db).await;
     for projection in projections::projection::all() {
-        projections::rebuild::rebuild(&db.pool, projection.as_ref(), |_, _| {})
+        projections::rebuild::rebuild(&db.pool, projection.clone(), |_, _| {})
             .await
             .unwrap();
     }

@@ -408,9 +408,7 @@ async fn rebuild(pool: &PgPool, quick: bool) -> anyhow::Result<Measurement> {
     let events_target = if quick { 20_000 } else { 1_000_000 };
     let events = synthetic_history(pool, events_target).await?;
     let started = Instant::now();
-    let all = projections::projection::all();
-    let selected: Vec<&dyn projections::Projection> = all.iter().map(|projection| projection.as_ref()).collect();
-    for report in projections::rebuild::rebuild_all(pool, &selected, |_, _| {}).await? {
+    for report in projections::rebuild::rebuild_all(pool, &projections::projection::all(), |_, _| {}).await? {
         anyhow::ensure!(
             report.events as usize == events,
             "{} applied {} of {events} events",

@@ -3,6 +3,7 @@
 //! lock, apply the last events and swap the tables in within one transaction. Readers see the old
 //! tables or the new ones, never a half-built one.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -90,7 +91,11 @@ async fn index_bulk_tables(pool: &PgPool, projection: &dyn Projection, schema: &
     Ok(())
 }
 
-pub async fn rebuild(pool: &PgPool, projection: &dyn Projection, progress: impl FnMut(i64, i64)) -> Result<RebuildReport, ProjectionError> {
+pub async fn rebuild(
+    pool: &PgPool,
+    projection: Arc<dyn Projection>,
+    progress: impl FnMut(i64, i64),
+) -> Result<RebuildReport, ProjectionError> {
     let mut reports = rebuild_all(pool, &[projection], progress).await?;
     Ok(reports.remove(0))
 }
@@ -99,7 +104,7 @@ pub async fn rebuild(pool: &PgPool, projection: &dyn Projection, progress: impl 
 /// (each batch read and decoded once), then each is swapped in as `rebuild` does.
 pub async fn rebuild_all(
     pool: &PgPool,
-    projections: &[&dyn Projection],
+    projections: &[Arc<dyn Projection>],
     mut progress: impl FnMut(i64, i64),
 ) -> Result<Vec<RebuildReport>, ProjectionError> {
     let started = Instant::now();
@@ -136,7 +141,7 @@ pub async fn rebuild_all(
 
 async fn rebuild_locked(
     pool: &PgPool,
-    projections: &[&dyn Projection],
+    projections: &[Arc<dyn Projection>],
     progress: &mut impl FnMut(i64, i64),
     started: Instant,
 ) -> Result<Vec<RebuildReport>, ProjectionError> {
@@ -145,7 +150,7 @@ async fn rebuild_locked(
         .map(|projection| (format!("rm_next_{}", projection.name()), format!("{}@rebuild", projection.name())))
         .collect();
     for (projection, (schema, checkpoint)) in projections.iter().zip(&sides) {
-        prepare_side_schema(pool, *projection, schema, checkpoint, true).await?;
+        prepare_side_schema(pool, projection.as_ref(), schema, checkpoint, true).await?;
         sqlx::query(
             "INSERT INTO projection_status (name, rebuilding, rebuild_position) VALUES ($1, TRUE, 0) \
              ON CONFLICT (name) DO UPDATE SET rebuilding = TRUE, rebuild_position = 0",
@@ -154,19 +159,10 @@ async fn rebuild_locked(
         .execute(pool)
         .await?;
     }
-    let targets: Vec<Target> = projections
-        .iter()
-        .zip(&sides)
-        .map(|(projection, (schema, checkpoint))| Target {
-            projection: *projection,
-            schema,
-            checkpoint,
-        })
-        .collect();
-
     // The log is read one batch ahead of the one being applied, and each batch is applied to the
-    // read models at once, each in its own transaction with its own checkpoint (nobody else writes
-    // them: the rebuild locks are held).
+    // read models at once, each on its own task (so their work in this process spreads over the
+    // cores) in its own transaction with its own checkpoint (nobody else writes them: the
+    // rebuild locks are held).
     let mut after = i64::MAX;
     for (_, checkpoint) in &sides {
         after = after.min(ledger::checkpoint::load(pool, checkpoint).await?);
@@ -201,9 +197,33 @@ async fn rebuild_locked(
         let position = records.last().map(|record| record.position);
         if let Some(position) = position {
             reached = position;
-            let applied = try_join_all(targets.iter().map(|target| apply_records(pool, target, &records, true))).await?;
-            for (total, applied) in events.iter_mut().zip(applied) {
-                *total += applied as i64;
+            let records = Arc::new(records);
+            let tasks: Vec<_> = projections
+                .iter()
+                .zip(&sides)
+                .map(|(projection, (schema, checkpoint))| {
+                    let (pool, projection, schema, checkpoint, records) = (
+                        pool.clone(),
+                        projection.clone(),
+                        schema.clone(),
+                        checkpoint.clone(),
+                        records.clone(),
+                    );
+                    tokio::spawn(async move {
+                        let target = Target {
+                            projection: projection.as_ref(),
+                            schema: &schema,
+                            checkpoint: &checkpoint,
+                        };
+                        apply_records(&pool, &target, &records, true).await
+                    })
+                })
+                .collect();
+            for (total, task) in events.iter_mut().zip(try_join_all(tasks).await.unwrap_or_else(|error| {
+                // A read model's task panicked: the rebuild fails as that panic.
+                std::panic::resume_unwind(error.into_panic())
+            })) {
+                *total += task? as i64;
             }
         }
         let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head").fetch_one(pool).await?;
@@ -224,7 +244,7 @@ async fn rebuild_locked(
     }
     for (projection, (schema, _)) in projections.iter().zip(&sides) {
         let started = Instant::now();
-        index_bulk_tables(pool, *projection, schema).await?;
+        index_bulk_tables(pool, projection.as_ref(), schema).await?;
         tracing::debug!(
             projection = projection.name(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -235,7 +255,7 @@ async fn rebuild_locked(
     // own tail (applied while the live projector waits) stays short.
     for ((projection, (schema, checkpoint)), events) in projections.iter().zip(&sides).zip(events.iter_mut()) {
         loop {
-            let applied = run_batch(pool, *projection, schema, checkpoint, BATCH_EVENTS, None).await?;
+            let applied = run_batch(pool, projection.as_ref(), schema, checkpoint, BATCH_EVENTS, None).await?;
             *events += applied as i64;
             if applied == 0 {
                 break;
@@ -244,7 +264,7 @@ async fn rebuild_locked(
     }
     let mut reports = Vec::with_capacity(projections.len());
     for ((projection, (schema, checkpoint)), events) in projections.iter().zip(&sides).zip(events) {
-        reports.push(swap(pool, *projection, schema, checkpoint, events, started).await?);
+        reports.push(swap(pool, projection.as_ref(), schema, checkpoint, events, started).await?);
     }
     Ok(reports)
 }
