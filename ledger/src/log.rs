@@ -132,22 +132,21 @@ impl EventLog {
 
     /// Events of one stream with a version above `after_version`, oldest first, at most `limit`.
     pub async fn read_stream(&self, stream_id: &str, after_version: i64, limit: usize) -> Result<Vec<RecordedEvent>, sqlx::Error> {
-        let limit = limit.clamp(1, READ_LIMIT_MAX) as i64;
-        sqlx::query_as(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version LIMIT $3"
-        ))
-        .bind(stream_id)
-        .bind(after_version)
-        .bind(limit)
-        .fetch_all(&self.inner.pool)
-        .await
+        self.read_stream_rows(EVENT_COLUMNS, stream_id, after_version, limit).await
     }
 
     /// `read_stream`, as an aggregate's load reads it (`StreamEvent`: no metadata, times or hashes).
     pub async fn read_stream_payloads(&self, stream_id: &str, after_version: i64, limit: usize) -> Result<Vec<StreamEvent>, sqlx::Error> {
+        self.read_stream_rows(STREAM_EVENT_COLUMNS, stream_id, after_version, limit).await
+    }
+
+    async fn read_stream_rows<T>(&self, columns: &str, stream_id: &str, after_version: i64, limit: usize) -> Result<Vec<T>, sqlx::Error>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
         let limit = limit.clamp(1, READ_LIMIT_MAX) as i64;
         sqlx::query_as(&format!(
-            "SELECT {STREAM_EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version LIMIT $3"
+            "SELECT {columns} FROM events WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version LIMIT $3"
         ))
         .bind(stream_id)
         .bind(after_version)
@@ -170,7 +169,11 @@ impl EventLog {
             return Ok(());
         }
         let (ids, versions): (Vec<&str>, Vec<i64>) = streams.iter().map(|(id, version)| (id.as_str(), *version)).unzip();
-        let columns = "e.position, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.payload::text AS payload";
+        let columns = STREAM_EVENT_COLUMNS
+            .split(',')
+            .map(|column| format!("e.{}", column.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
         // LATERAL keeps this an index probe per stream whatever the plan (a hash join over the
         // whole log is what the planner picks otherwise once the batch is large).
         let sql = format!(
