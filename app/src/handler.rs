@@ -145,6 +145,9 @@ pub struct Loaded<A> {
     pub stream_id: String,
     pub version: i64,
     pub state: Arc<A>,
+    /// The log's head as of the read that found the stream at `version` (its append says so,
+    /// and the writer need not look the version up again: `ledger::StreamAppend::seen_at`).
+    seen_at: Option<ledger::SeenAt>,
     /// The version of the stream's latest snapshot known when it was loaded.
     snapshot_version: i64,
     /// The version it was loaded at, and the events `Unit::handle` applied to it since.
@@ -156,11 +159,20 @@ pub struct Loaded<A> {
 pub struct Unit {
     log: EventLog,
     cache: Arc<StateCache>,
-    appends: Vec<(String, i64, Vec<(String, i32, ledger::Json)>)>,
+    appends: Vec<Pending>,
     /// Where each stream's entry is in `appends`.
     indexes: std::collections::HashMap<String, usize>,
     /// Each changed aggregate's state after the events decided, kept once they are stored.
     changed: std::collections::HashMap<String, Keep>,
+}
+
+/// A stream the unit read or writes: the version it was read at (and as of which head, when it
+/// was read from the log), and the events decided for it (none for a guard).
+struct Pending {
+    stream_id: String,
+    version: i64,
+    seen_at: Option<ledger::SeenAt>,
+    events: Vec<(String, i32, ledger::Json)>,
 }
 
 /// What `commit` did.
@@ -180,7 +192,7 @@ impl Unit {
     /// conflicts with a billing run that charged the account meanwhile, and the other way round.)
     pub async fn load<A: StreamAggregate + 'static>(&mut self, stream_id: &str) -> Result<Loaded<A>, StorageError> {
         let loaded = load(&self.log, &self.cache, stream_id).await?;
-        self.guard(&loaded.stream_id, loaded.version);
+        self.guard(&loaded.stream_id, loaded.version, loaded.seen_at);
         Ok(loaded)
     }
 
@@ -189,23 +201,28 @@ impl Unit {
     pub async fn load_many<A: StreamAggregate + 'static>(&mut self, stream_ids: &[String]) -> Result<Vec<Loaded<A>>, StorageError> {
         let loaded = load_many(&self.log, &self.cache, stream_ids).await?;
         for entry in &loaded {
-            self.guard(&entry.stream_id, entry.version);
+            self.guard(&entry.stream_id, entry.version, entry.seen_at);
         }
         Ok(loaded)
     }
 
     /// Makes the commit depend on `stream_id` being still at `version`. A stream read twice keeps
     /// the first version read: if it moved in between, the commit conflicts and the command reruns.
-    fn guard(&mut self, stream_id: &str, version: i64) {
+    fn guard(&mut self, stream_id: &str, version: i64, seen_at: Option<ledger::SeenAt>) {
         if !self.indexes.contains_key(stream_id) {
             self.indexes.insert(stream_id.to_string(), self.appends.len());
-            self.appends.push((stream_id.to_string(), version, Vec::new()));
+            self.appends.push(Pending {
+                stream_id: stream_id.to_string(),
+                version,
+                seen_at,
+                events: Vec::new(),
+            });
         }
     }
 
     /// Whether the unit has events to append (guards alone are nothing to commit).
     fn has_events(&self) -> bool {
-        self.appends.iter().any(|(_, _, events)| !events.is_empty())
+        self.appends.iter().any(|pending| !pending.events.is_empty())
     }
 
     /// Records a receipt once: opens `stream_id` with one event unless it already has events.
@@ -216,9 +233,9 @@ impl Unit {
         if self.log.stream_version(stream_id).await? > 0 {
             return Ok(false);
         }
-        self.guard(stream_id, 0);
+        self.guard(stream_id, 0, None);
         let index = self.indexes[stream_id];
-        self.appends[index].2.push((event_type.to_string(), 1, payload.into()));
+        self.appends[index].events.push((event_type.to_string(), 1, payload.into()));
         Ok(true)
     }
 
@@ -265,10 +282,15 @@ impl Unit {
                 }
                 if !serialized.is_empty() {
                     match self.indexes.get(&loaded.stream_id) {
-                        Some(&index) => self.appends[index].2.extend(serialized),
+                        Some(&index) => self.appends[index].events.extend(serialized),
                         None => {
                             self.indexes.insert(loaded.stream_id.clone(), self.appends.len());
-                            self.appends.push((loaded.stream_id.clone(), loaded.version, serialized));
+                            self.appends.push(Pending {
+                                stream_id: loaded.stream_id.clone(),
+                                version: loaded.version,
+                                seen_at: loaded.seen_at,
+                                events: serialized,
+                            });
                         }
                     }
                 }
@@ -444,7 +466,13 @@ impl CommandHandler {
         // was loaded at the version the append was guarded at, and every event appended to the
         // stream was applied to it (a stream loaded twice in one unit is not kept).
         let mut changed = Vec::new();
-        for (stream_id, version, events) in &unit.appends {
+        for Pending {
+            stream_id,
+            version,
+            events,
+            ..
+        } in &unit.appends
+        {
             if let Some(keep) = unit.changed.get(stream_id) {
                 if keep.loaded_version == *version && keep.applied == events.len() as i64 {
                     let mut keep = keep.clone();
@@ -512,23 +540,34 @@ impl CommandHandler {
         let streams = unit
             .appends
             .into_iter()
-            .map(|(stream_id, version, events)| {
-                let expected = if version == 0 {
-                    ExpectedVersion::NoStream
-                } else {
-                    ExpectedVersion::Exact(version)
-                };
-                let events = events
-                    .into_iter()
-                    .map(|(event_type, schema_version, payload)| {
-                        NewEvent::new(event_type, payload)
-                            .with_schema_version(schema_version)
-                            .with_metadata(metadata.clone())
-                            .occurred_at(occurred_at)
-                    })
-                    .collect();
-                StreamAppend::new(stream_id, expected, events)
-            })
+            .map(
+                |Pending {
+                     stream_id,
+                     version,
+                     seen_at,
+                     events,
+                 }| {
+                    let expected = if version == 0 {
+                        ExpectedVersion::NoStream
+                    } else {
+                        ExpectedVersion::Exact(version)
+                    };
+                    let events = events
+                        .into_iter()
+                        .map(|(event_type, schema_version, payload)| {
+                            NewEvent::new(event_type, payload)
+                                .with_schema_version(schema_version)
+                                .with_metadata(metadata.clone())
+                                .occurred_at(occurred_at)
+                        })
+                        .collect();
+                    let append = StreamAppend::new(stream_id, expected, events);
+                    match seen_at {
+                        Some(head) => append.seen_at(head),
+                        None => append,
+                    }
+                },
+            )
             .collect();
         AppendRequest { streams }
     }
@@ -548,21 +587,16 @@ async fn load<A: StreamAggregate + Send + Sync + 'static>(
         stream_id: stream_id.to_string(),
         version: start.version,
         state: start.state,
+        seen_at: None,
         snapshot_version: start.snapshot_version,
         loaded_version: 0,
         applied: 0,
     };
-    loop {
-        let events = log
-            .read_stream_payloads(stream_id, loaded.version, ledger::log::READ_LIMIT_MAX)
-            .await?;
-        if events.is_empty() {
-            break;
-        }
-        for recorded in events {
-            fold(&mut loaded, recorded)?;
-        }
-    }
+    // Folded as the rows arrive: a load holds the state, not the stream's events.
+    let head = log
+        .read_streams_each(&[(stream_id.to_string(), loaded.version)], |recorded| fold(&mut loaded, recorded))
+        .await?;
+    loaded.seen_at = Some(head);
     loaded.loaded_version = loaded.version;
     if loaded.version > cached_version {
         keep(log, cache, vec![Keep::of(&loaded, loaded.version)]).await;
@@ -584,6 +618,7 @@ async fn load_many<A: StreamAggregate + Send + Sync + 'static>(
             stream_id: stream_id.clone(),
             version: start.version,
             state: start.state,
+            seen_at: None,
             snapshot_version: start.snapshot_version,
             loaded_version: 0,
             applied: 0,
@@ -592,13 +627,15 @@ async fn load_many<A: StreamAggregate + Send + Sync + 'static>(
     let wanted: Vec<(String, i64)> = loaded.iter().map(|entry| (entry.stream_id.clone(), entry.version)).collect();
     let index: std::collections::HashMap<&str, usize> = stream_ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
     // Folded as the rows arrive: a batch holds its states, not every event it reads.
-    log.read_streams_each(&wanted, |recorded| {
-        let at = index[recorded.stream_id.as_str()];
-        fold(&mut loaded[at], recorded)
-    })
-    .await?;
+    let head = log
+        .read_streams_each(&wanted, |recorded| {
+            let at = index[recorded.stream_id.as_str()];
+            fold(&mut loaded[at], recorded)
+        })
+        .await?;
     for entry in &mut loaded {
         entry.loaded_version = entry.version;
+        entry.seen_at = Some(head);
     }
     let read_on = loaded
         .iter()

@@ -144,6 +144,22 @@ pub struct StreamAppend {
     pub stream_id: String,
     pub expected: ExpectedVersion,
     pub events: Vec<NewEvent>,
+    /// The log's head when `expected` was read as the stream's current version (what the
+    /// `EventLog::read_streams_each` that read it returned). The writer then need not look the
+    /// version up if it knows that nothing was appended to the stream since (`crate::writer`).
+    pub seen_at: Option<SeenAt>,
+}
+
+/// The log's head as of a read (`EventLog::read_streams_each`): only a read makes one, so an
+/// append can say at which head its expected versions were read, and nothing else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeenAt(pub(crate) i64);
+
+impl SeenAt {
+    /// The head's position.
+    pub fn position(self) -> i64 {
+        self.0
+    }
 }
 
 impl StreamAppend {
@@ -152,7 +168,14 @@ impl StreamAppend {
             stream_id: stream_id.into(),
             expected,
             events,
+            seen_at: None,
         }
+    }
+
+    /// `expected` is the stream's version as read by the read that returned `head`.
+    pub fn seen_at(mut self, head: SeenAt) -> StreamAppend {
+        self.seen_at = Some(head);
+        self
     }
 }
 

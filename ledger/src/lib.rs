@@ -19,7 +19,8 @@ pub mod verify;
 mod writer;
 
 pub use event::{
-    AppendError, AppendOutcome, AppendRequest, ExpectedVersion, Json, NewEvent, RecordedEvent, StreamAppend, StreamEvent, VersionConflict,
+    AppendError, AppendOutcome, AppendRequest, ExpectedVersion, Json, NewEvent, RecordedEvent, SeenAt, StreamAppend, StreamEvent,
+    VersionConflict,
 };
 pub use log::{EventLog, LogConfig, LogError};
 

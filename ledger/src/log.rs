@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::event::{AppendError, AppendOutcome, AppendRequest, RecordedEvent, StreamEvent, EVENT_COLUMNS, STREAM_EVENT_COLUMNS};
+use crate::event::{AppendError, AppendOutcome, AppendRequest, RecordedEvent, SeenAt, StreamEvent, EVENT_COLUMNS, STREAM_EVENT_COLUMNS};
 use crate::subscription::Subscription;
 use crate::writer::{self, Job, NOTIFY_CHANNEL};
 
@@ -132,21 +132,9 @@ impl EventLog {
 
     /// Events of one stream with a version above `after_version`, oldest first, at most `limit`.
     pub async fn read_stream(&self, stream_id: &str, after_version: i64, limit: usize) -> Result<Vec<RecordedEvent>, sqlx::Error> {
-        self.read_stream_rows(EVENT_COLUMNS, stream_id, after_version, limit).await
-    }
-
-    /// `read_stream`, as an aggregate's load reads it (`StreamEvent`: no metadata, times or hashes).
-    pub async fn read_stream_payloads(&self, stream_id: &str, after_version: i64, limit: usize) -> Result<Vec<StreamEvent>, sqlx::Error> {
-        self.read_stream_rows(STREAM_EVENT_COLUMNS, stream_id, after_version, limit).await
-    }
-
-    async fn read_stream_rows<T>(&self, columns: &str, stream_id: &str, after_version: i64, limit: usize) -> Result<Vec<T>, sqlx::Error>
-    where
-        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
-    {
         let limit = limit.clamp(1, READ_LIMIT_MAX) as i64;
         sqlx::query_as(&format!(
-            "SELECT {columns} FROM events WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version LIMIT $3"
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version LIMIT $3"
         ))
         .bind(stream_id)
         .bind(after_version)
@@ -155,18 +143,23 @@ impl EventLog {
         .await
     }
 
-    /// Events of many streams at once, each after its own version: `(stream_id, after_version)`
-    /// pairs in, events handed to `each` grouped by stream and oldest first, as they arrive (a
-    /// batch's memory is what `each` keeps, not every event read). One round trip for a batch of
+    /// Events of many streams at once, each after its own version, as an aggregate's load reads
+    /// them (`StreamEvent`: no metadata, times or hashes): `(stream_id, after_version)` pairs in,
+    /// events handed to `each` grouped by stream and oldest first, as they arrive (a batch's
+    /// memory is what `each` keeps, not every event read). One round trip for a batch of
     /// aggregates (the billing run loads thousands of wallets and servers this way).
+    ///
+    /// Returns the log's head as of the read: one statement reads the head and every stream, so
+    /// at that head each stream's version is that of the last event handed to `each` for it (or
+    /// the version it was asked after). An append may say so (`StreamAppend::seen_at`).
     pub async fn read_streams_each<E: From<sqlx::Error>>(
         &self,
         streams: &[(String, i64)],
         mut each: impl FnMut(StreamEvent) -> Result<(), E>,
-    ) -> Result<(), E> {
+    ) -> Result<SeenAt, E> {
         use futures::TryStreamExt;
         if streams.is_empty() {
-            return Ok(());
+            return Ok(SeenAt(self.head().await?.0));
         }
         let (ids, versions): (Vec<&str>, Vec<i64>) = streams.iter().map(|(id, version)| (id.as_str(), *version)).unzip();
         let columns = STREAM_EVENT_COLUMNS
@@ -175,21 +168,28 @@ impl EventLog {
             .collect::<Vec<_>>()
             .join(", ");
         // LATERAL keeps this an index probe per stream whatever the plan (a hash join over the
-        // whole log is what the planner picks otherwise once the batch is large).
+        // whole log is what the planner picks otherwise once the batch is large). Every stream
+        // gives a row, with no event when it has none after its version, so the head is read
+        // whatever the streams hold.
         let sql = format!(
-            "SELECT {columns} FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS s(stream_id, after_version, ord) \
-             CROSS JOIN LATERAL (SELECT * FROM events x WHERE x.stream_id = s.stream_id COLLATE \"C\" \
-                                 AND x.stream_version > s.after_version ORDER BY x.stream_version) e \
+            "SELECT (SELECT position FROM ledger_head WHERE singleton) AS head, {columns} \
+             FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS s(stream_id, after_version, ord) \
+             LEFT JOIN LATERAL (SELECT * FROM events x WHERE x.stream_id = s.stream_id COLLATE \"C\" \
+                                AND x.stream_version > s.after_version ORDER BY x.stream_version) e ON true \
              ORDER BY s.ord, e.stream_version"
         );
-        let mut rows = sqlx::query_as::<_, StreamEvent>(&sql)
+        let mut rows = sqlx::query_as::<_, HeadedRow>(&sql)
             .bind(&ids)
             .bind(&versions)
             .fetch(&self.inner.pool);
-        while let Some(event) = rows.try_next().await? {
-            each(event)?;
+        let mut head = None;
+        while let Some(row) = rows.try_next().await? {
+            head.get_or_insert(row.head);
+            if let Some(event) = row.event {
+                each(event)?;
+            }
         }
-        Ok(())
+        Ok(SeenAt(head.expect("a row for every stream asked for")))
     }
 
     /// Every event of one stream, oldest first, read in bounded pages.
@@ -289,5 +289,26 @@ async fn listen(pool: PgPool, head: watch::Sender<i64>) {
                 });
             }
         }
+    }
+}
+
+/// A row of `read_streams_each`: the head as of the read, and an event unless the stream had
+/// none after the version asked for.
+struct HeadedRow {
+    head: i64,
+    event: Option<StreamEvent>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for HeadedRow {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<HeadedRow, sqlx::Error> {
+        use sqlx::Row;
+        let event = match row.try_get::<Option<i64>, _>("position")? {
+            None => None,
+            Some(_) => Some(<StreamEvent as sqlx::FromRow<'r, sqlx::postgres::PgRow>>::from_row(row)?),
+        };
+        Ok(HeadedRow {
+            head: row.try_get("head")?,
+            event,
+        })
     }
 }

@@ -2,14 +2,15 @@
 //!
 //! Each batch locks the `ledger_head` row first, so batches from every process are serialised
 //! (two of this process's batches overlap only in that the second waits for the lock while the
-//! first finishes); under that lock it reads the streams' versions and the already stored event ids, decides each request
-//! (appended, duplicate, conflict), assigns positions `head + 1 ..` and the hash chain in memory,
-//! streams the rows to PostgreSQL with one binary `COPY` as it chains them, moves the head and
-//! notifies once, then commits. A request
-//! that fails its checks is answered without touching the others in its batch.
+//! first finishes); under that lock it reads the versions of the streams it cannot vouch for and
+//! the already stored event ids it must (`Checks`), decides each request (appended, duplicate,
+//! conflict), assigns positions `head + 1 ..` and the hash chain in memory, streams the rows to
+//! PostgreSQL with one binary `COPY` as it chains them, moves the head and notifies once, then
+//! commits. A request that fails its checks is answered without touching the others in its batch.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -45,11 +46,28 @@ pub(crate) async fn run(pool: PgPool, jobs: mpsc::Receiver<Job>, head: watch::Se
         .acquire_timeout(pool.options().get_acquire_timeout())
         .connect_lazy_with((*pool.connect_options()).clone());
     let jobs = Arc::new(Mutex::new(jobs));
-    let loops = (0..BATCHES_IN_FLIGHT).map(|_| writer_loop(&pool, &jobs, &head, &config));
+    let recent = std::sync::Mutex::new(Recent::default());
+    let writer = Writer {
+        pool: &pool,
+        head: &head,
+        config: &config,
+        recent: &recent,
+    };
+    let loops = (0..BATCHES_IN_FLIGHT).map(|_| writer_loop(writer, &jobs));
     futures::future::join_all(loops).await;
 }
 
-async fn writer_loop(pool: &PgPool, jobs: &Mutex<mpsc::Receiver<Job>>, head: &watch::Sender<i64>, config: &LogConfig) {
+/// What every loop of the writer shares.
+#[derive(Clone, Copy)]
+struct Writer<'a> {
+    pool: &'a PgPool,
+    head: &'a watch::Sender<i64>,
+    config: &'a LogConfig,
+    recent: &'a std::sync::Mutex<Recent>,
+}
+
+async fn writer_loop(writer: Writer<'_>, jobs: &Mutex<mpsc::Receiver<Job>>) {
+    let Writer { pool, config, .. } = writer;
     let mut scratch = Vec::with_capacity(1024);
     loop {
         let Some(first) = jobs.lock().await.recv().await else {
@@ -71,7 +89,7 @@ async fn writer_loop(pool: &PgPool, jobs: &Mutex<mpsc::Receiver<Job>>, head: &wa
                 }
             }
         }
-        commit_jobs(pool, batch, locked, head, config, &mut scratch).await;
+        commit_jobs(writer, batch, locked, &mut scratch).await;
     }
 }
 
@@ -104,19 +122,12 @@ async fn lock(pool: &PgPool) -> Result<Locked, sqlx::Error> {
     })
 }
 
-async fn commit_jobs(
-    pool: &PgPool,
-    jobs: Vec<Job>,
-    locked: Result<Locked, sqlx::Error>,
-    head: &watch::Sender<i64>,
-    config: &LogConfig,
-    scratch: &mut Vec<u8>,
-) {
+async fn commit_jobs(writer: Writer<'_>, jobs: Vec<Job>, locked: Result<Locked, sqlx::Error>, scratch: &mut Vec<u8>) {
     let batch: Vec<&Job> = jobs.iter().collect();
-    let committed = commit_deciding(pool, locked, &batch, config, scratch).await;
+    let committed = commit_deciding(writer, locked, &batch, scratch).await;
     match committed {
         Ok((results, head_position)) => {
-            head.send_if_modified(|current| {
+            writer.head.send_if_modified(|current| {
                 let moved = head_position > *current;
                 *current = (*current).max(head_position);
                 moved
@@ -130,8 +141,8 @@ async fn commit_jobs(
             // retry each alone, so the others are not lost with it.
             tracing::warn!(%error, requests = jobs.len(), "batched append failed; retrying requests one by one");
             for job in jobs {
-                let locked = lock(pool).await;
-                Box::pin(commit_jobs(pool, vec![job], locked, head, config, scratch)).await;
+                let locked = lock(writer.pool).await;
+                Box::pin(commit_jobs(writer, vec![job], locked, scratch)).await;
             }
         }
         Err(error) => {
@@ -145,36 +156,141 @@ async fn commit_jobs(
 
 type BatchResult = (Vec<Result<AppendOutcome, AppendError>>, i64);
 
-/// Commits a batch under the lock it holds. Should a stored event id meet the unique index, the
-/// batch is decided again under a new lock, looking every id up first, so a retry is answered
-/// as the duplicate it is.
+/// Commits a batch under the lock it holds. Should a stored event id or a taken stream version
+/// meet its unique index, the batch is decided again under a new lock, looking every id and
+/// version up first, so a retry is answered as the duplicate it is and a stale request as the
+/// conflict it is.
 async fn commit_deciding(
-    pool: &PgPool,
+    writer: Writer<'_>,
     locked: Result<Locked, sqlx::Error>,
     batch: &[&Job],
-    config: &LogConfig,
     scratch: &mut Vec<u8>,
 ) -> Result<BatchResult, sqlx::Error> {
-    match commit_batch(locked?, batch, config, scratch, IdCheck::ByIndex).await {
-        Err(error) if is_stored_event_id(&error) => commit_batch(lock(pool).await?, batch, config, scratch, IdCheck::LookUp).await,
+    match commit_batch(writer, locked?, batch, scratch, Checks::ByIndex).await {
+        Err(error) if is_taken(&error) => commit_batch(writer, lock(writer.pool).await?, batch, scratch, Checks::LookUp).await,
         other => other,
     }
 }
 
-/// How a batch learns which of its event ids are already stored.
+/// How a batch learns the streams' versions and which of its event ids are already stored.
 #[derive(Clone, Copy, PartialEq)]
-enum IdCheck {
-    /// Looked up for requests with an unchecked (`Any`) stream, and for the others only when a
-    /// request's versions do not hold (a retry's would not). Should a stored id still reach the
-    /// `events_event_id_key` unique index, the batch is decided again with `LookUp`. New events
-    /// under version checks, nearly all of them, cost no lookup.
+enum Checks {
+    /// Versions are looked up only for streams the writer cannot vouch for: not for a stream
+    /// that gets its first events (should it have some, its first version meets the
+    /// `events_stream_version_key` unique index), nor for one read at a head since which the
+    /// writer knows it was not appended to (`Recent`). Ids are looked up for requests with an
+    /// unchecked (`Any`) stream, and for the others only when a request's versions do not hold
+    /// (a retry's would not). Should a stored id or a taken version still reach its unique
+    /// index, the batch is decided again with `LookUp`. New events under version checks, nearly
+    /// all of them, cost no lookup.
     ByIndex,
-    /// Every id looked up before deciding.
+    /// Every version and id looked up before deciding.
     LookUp,
 }
 
-fn is_stored_event_id(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db) if db.constraint() == Some("events_event_id_key"))
+/// A unique index refused a row: its event id is stored, or its stream already has that version.
+fn is_taken(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if matches!(db.constraint(), Some("events_event_id_key" | "events_stream_version_key")))
+}
+
+/// Streams that recent batches of this writer appended to, so that a stream read at a head
+/// since which the writer appended everything (`StreamAppend::seen_at`) and not to that stream
+/// is known to be still at the version read, without looking it up.
+///
+/// Each batch is noted once its rows are copied, with the hashes of the log before and after it.
+/// Only a run of notes that the log's current head vouches for counts: walking back from the
+/// locked head, each note must end with the hash the log has there (the hash chain then
+/// vouches that the log holds exactly that batch's events), and the one before it must end with
+/// the hash this one started from. A batch that rolled back, or one from another process, breaks
+/// the run there, and the streams read before it are looked up.
+#[derive(Default)]
+struct Recent {
+    /// By last position: the batch's first position, the hashes before and after it, and its
+    /// streams (hashed, sorted: a collision only costs a lookup).
+    batches: BTreeMap<i64, Noted>,
+    /// Stream hashes held in all, kept under `RECENT_STREAMS_MAX`.
+    streams: usize,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+struct Noted {
+    first: i64,
+    before: [u8; 32],
+    after: [u8; 32],
+    streams: Vec<u64>,
+}
+
+/// Stream hashes `Recent` holds at most (8 bytes each): far more than the appends of the few
+/// batches a read waits through before its append.
+const RECENT_STREAMS_MAX: usize = 1 << 18;
+
+impl Recent {
+    fn hash(&self, stream_id: &str) -> u64 {
+        self.hasher.hash_one(stream_id)
+    }
+
+    fn note(&mut self, first: i64, last: i64, before: [u8; 32], after: [u8; 32], stream_ids: &[&str]) {
+        let mut streams: Vec<u64> = stream_ids.iter().map(|stream_id| self.hash(stream_id)).collect();
+        streams.sort_unstable();
+        streams.dedup();
+        self.streams += streams.len();
+        if let Some(replaced) = self.batches.insert(
+            last,
+            Noted {
+                first,
+                before,
+                after,
+                streams,
+            },
+        ) {
+            self.streams -= replaced.streams.len();
+        }
+        while self.streams > RECENT_STREAMS_MAX {
+            let Some((_, oldest)) = self.batches.pop_first() else { break };
+            self.streams -= oldest.streams.len();
+        }
+    }
+
+    /// The batches the log at `head` (position and hash) vouches for, newest first, down to the
+    /// first that does not continue the run.
+    fn vouched(&self, head: i64, hash: &[u8; 32]) -> Vouched<'_> {
+        let mut run = Vec::new();
+        let (mut position, mut hash) = (head, hash);
+        while let Some(noted) = self.batches.get(&position) {
+            if &noted.after != hash {
+                break;
+            }
+            run.push((position, noted));
+            (position, hash) = (noted.first - 1, &noted.before);
+        }
+        Vouched {
+            head,
+            since: position,
+            run,
+        }
+    }
+}
+
+/// The batches of this writer that the log vouches for: every event after position `since` up
+/// to the locked `head`, as `(last position, batch)`, newest first.
+struct Vouched<'r> {
+    head: i64,
+    since: i64,
+    run: Vec<(i64, &'r Noted)>,
+}
+
+impl Vouched<'_> {
+    /// Whether a stream read at head `seen_at` is still at the version read: no batch after
+    /// `seen_at` appended to it. Unknown (false) when the run does not reach back that far.
+    fn unchanged(&self, seen_at: i64, stream_hash: u64) -> bool {
+        (self.since..=self.head).contains(&seen_at)
+            && self
+                .run
+                .iter()
+                .take_while(|(last, _)| *last > seen_at)
+                .all(|(_, noted)| noted.streams.binary_search(&stream_hash).is_err())
+    }
 }
 
 /// The rows are sent with `COPY ... (FORMAT binary)` in chunks of about this many bytes, so
@@ -185,12 +301,13 @@ const COPY_EVENTS: &str = "COPY events (position, stream_id, stream_version, eve
      payload, metadata, recorded_at, occurred_at, prev_hash, hash) FROM STDIN (FORMAT binary)";
 
 async fn commit_batch(
+    writer: Writer<'_>,
     locked: Locked,
     jobs: &[&Job],
-    config: &LogConfig,
     scratch: &mut Vec<u8>,
-    id_check: IdCheck,
+    checks: Checks,
 ) -> Result<BatchResult, sqlx::Error> {
+    let config = writer.config;
     let Locked {
         mut tx,
         position: locked_position,
@@ -200,11 +317,20 @@ async fn commit_batch(
         locked,
     } = locked;
 
-    let stream_ids: Vec<&str> = unique(jobs.iter().flat_map(|job| job.request.streams.iter().map(|s| s.stream_id.as_str())));
+    let locked_hash = head_hash;
     let event_ids: Vec<Uuid> = jobs.iter().flat_map(|job| job.request.event_ids()).collect();
-    let (versions, mut stored) = match id_check {
-        IdCheck::LookUp => known_versions_and_ids(&mut tx, &stream_ids, &event_ids).await?,
-        IdCheck::ByIndex => {
+    let looked_up_streams;
+    let (versions, mut stored) = match checks {
+        Checks::LookUp => {
+            let stream_ids = unique(jobs.iter().flat_map(|job| job.request.streams.iter().map(|s| s.stream_id.as_str())));
+            looked_up_streams = stream_ids.len();
+            known_versions_and_ids(&mut tx, &stream_ids, &event_ids).await?
+        }
+        Checks::ByIndex => {
+            let (vouched, looked_up) = {
+                let recent = writer.recent.lock().expect("the writer's notes are never left half written");
+                vouch(&recent, jobs, locked_position, &locked_hash)
+            };
             // Only a request with an unchecked stream can be a retry that passes its version
             // checks: its ids are looked up now, the others' only if they are refused.
             let unchecked: Vec<Uuid> = jobs
@@ -217,11 +343,14 @@ async fn commit_batch(
                 })
                 .flat_map(|job| job.request.event_ids())
                 .collect();
-            known_versions_and_ids(&mut tx, &stream_ids, &unchecked).await?
+            looked_up_streams = looked_up.len();
+            let (mut versions, stored) = known_versions_and_ids(&mut tx, &looked_up, &unchecked).await?;
+            versions.extend(vouched.into_iter().map(|(stream_id, version)| (stream_id.to_string(), version)));
+            (versions, stored)
         }
     };
     let mut decided = decide_all(jobs, versions.clone(), &stored, locked_position);
-    if id_check == IdCheck::ByIndex && decided.results.iter().any(Result::is_err) {
+    if checks == Checks::ByIndex && decided.results.iter().any(Result::is_err) {
         // A request refused on its versions may be a retry of one stored: look the ids up.
         stored = known_versions_and_ids(&mut tx, &[], &event_ids).await?.1;
         decided = decide_all(jobs, versions, &stored, locked_position);
@@ -281,6 +410,22 @@ async fn commit_batch(
         .bind(NOTIFY_CHANNEL)
         .execute(&mut *tx)
         .await?;
+        // Noted before the commit (so the next batch, granted the lock the moment this one
+        // commits, finds it); should the commit not happen, the log never vouches for it.
+        let written = unique(appended.iter().flat_map(|(job, _)| {
+            job.request
+                .streams
+                .iter()
+                .filter(|stream| !stream.events.is_empty())
+                .map(|stream| stream.stream_id.as_str())
+        }));
+        writer.recent.lock().expect("the writer's notes are never left half written").note(
+            locked_position + 1,
+            head_position,
+            locked_hash,
+            head_hash,
+            &written,
+        );
     }
     let copied = started.elapsed();
     if !config.pause_before_commit_max.is_zero() {
@@ -292,6 +437,7 @@ async fn commit_batch(
     tx.commit().await?;
     tracing::debug!(
         events = head_position - locked_position,
+        looked_up_streams,
         lock_ms = locked.as_secs_f64() * 1e3,
         probe_ms = (probed - locked).as_secs_f64() * 1e3,
         copy_ms = (copied - probed).as_secs_f64() * 1e3,
@@ -453,6 +599,50 @@ fn decide(
     Ok(None)
 }
 
+/// The versions the writer can vouch for without looking them up, and the streams it must look
+/// up (`Checks::ByIndex`). A stream that gets its first events is at version 0 as far as the
+/// batch goes (should it have events, its first version meets the unique index); one read at a
+/// head since which the log vouches that none of this writer's batches appended to it, and
+/// nobody else appended at all (`Recent`), is still at the version read. A stream whose requests
+/// disagree is looked up.
+fn vouch<'j>(recent: &Recent, jobs: &[&'j Job], head: i64, head_hash: &[u8; 32]) -> (HashMap<&'j str, i64>, Vec<&'j str>) {
+    let vouched = recent.vouched(head, head_hash);
+    let mut versions: HashMap<&str, Option<i64>> = HashMap::new();
+    for stream in jobs.iter().flat_map(|job| job.request.streams.iter()) {
+        let expected = match stream.expected {
+            ExpectedVersion::Any => None,
+            ExpectedVersion::NoStream => Some(0),
+            ExpectedVersion::Exact(version) => Some(version),
+        };
+        let first_events = expected == Some(0) && !stream.events.is_empty();
+        let seen_unchanged = || {
+            stream
+                .seen_at
+                .is_some_and(|seen_at| vouched.unchanged(seen_at.0, recent.hash(&stream.stream_id)))
+        };
+        let version = expected.filter(|_| first_events || seen_unchanged());
+        versions
+            .entry(stream.stream_id.as_str())
+            .and_modify(|known| {
+                if *known != version {
+                    *known = None
+                }
+            })
+            .or_insert(version);
+    }
+    let mut known = HashMap::with_capacity(versions.len());
+    let mut unknown = Vec::new();
+    for (stream_id, version) in versions {
+        match version {
+            Some(version) => {
+                known.insert(stream_id, version);
+            }
+            None => unknown.push(stream_id),
+        }
+    }
+    (known, unknown)
+}
+
 fn unique<'a>(items: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
     let mut seen = HashSet::new();
     items.filter(|item| seen.insert(*item)).collect()
@@ -467,6 +657,9 @@ async fn known_versions_and_ids(
     stream_ids: &[&str],
     event_ids: &[Uuid],
 ) -> Result<(HashMap<String, i64>, HashMap<Uuid, i64>), sqlx::Error> {
+    if stream_ids.is_empty() && event_ids.is_empty() {
+        return Ok(Default::default());
+    }
     let rows: Vec<(Option<String>, Option<Uuid>, i64)> = sqlx::query_as(
         "SELECT s.stream_id, NULL::uuid, v.version FROM UNNEST($1::text[]) AS s(stream_id) \
          CROSS JOIN LATERAL (SELECT stream_version AS version FROM events e \
@@ -494,4 +687,85 @@ async fn known_versions_and_ids(
         }
     }
     Ok((versions, stored))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(n: u8) -> [u8; 32] {
+        [n; 32]
+    }
+
+    /// Two batches of this writer, 1..=10 then 11..=20, chained 0 -> 1 -> 2.
+    fn two_batches() -> Recent {
+        let mut recent = Recent::default();
+        recent.note(1, 10, hash(0), hash(1), &["server-1", "account-1"]);
+        recent.note(11, 20, hash(1), hash(2), &["server-2"]);
+        recent
+    }
+
+    #[test]
+    fn a_stream_is_unchanged_only_where_the_log_vouches_for_every_batch_since_its_read() {
+        let recent = two_batches();
+        let s = |stream: &str| recent.hash(stream);
+        let vouched = recent.vouched(20, &hash(2));
+        assert_eq!(vouched.since, 0);
+        assert!(vouched.unchanged(10, s("server-1")), "only server-2 was appended to since 10");
+        assert!(!vouched.unchanged(10, s("server-2")));
+        assert!(!vouched.unchanged(0, s("server-1")), "appended to in 1..=10");
+        assert!(vouched.unchanged(0, s("server-3")));
+        assert!(vouched.unchanged(20, s("server-2")), "read at the head itself");
+        assert!(!vouched.unchanged(21, s("server-3")), "a read beyond the head says nothing");
+
+        // The log's head is not the end of the last batch noted (it rolled back, or another
+        // process appended after it): nothing is vouched for but a read at the head.
+        let vouched = recent.vouched(20, &hash(9));
+        assert_eq!((vouched.since, vouched.run.len()), (20, 0));
+        assert!(!vouched.unchanged(10, s("server-3")));
+        assert!(vouched.unchanged(20, s("server-3")));
+        let vouched = recent.vouched(30, &hash(2));
+        assert!(!vouched.unchanged(20, s("server-3")));
+    }
+
+    #[test]
+    fn a_batch_that_does_not_continue_the_chain_ends_the_run() {
+        let mut recent = Recent::default();
+        recent.note(1, 10, hash(0), hash(1), &["server-1"]);
+        // 11..=20 was noted but is not what the log holds at 10 (another process's 1..=10
+        // committed instead): the run stops at it.
+        recent.note(11, 20, hash(7), hash(2), &["server-2"]);
+        let vouched = recent.vouched(20, &hash(2));
+        assert_eq!(vouched.since, 10);
+        assert!(vouched.unchanged(10, recent.hash("server-1")));
+        assert!(!vouched.unchanged(5, recent.hash("server-3")));
+    }
+
+    #[test]
+    fn a_batch_noted_again_at_the_same_end_replaces_the_one_that_rolled_back() {
+        let mut recent = two_batches();
+        recent.note(11, 20, hash(1), hash(3), &["server-3"]);
+        assert_eq!(recent.streams, 3);
+        let vouched = recent.vouched(20, &hash(3));
+        assert!(vouched.unchanged(10, recent.hash("server-2")));
+        assert!(!vouched.unchanged(10, recent.hash("server-3")));
+    }
+
+    #[test]
+    fn the_notes_keep_under_their_bound_by_forgetting_the_oldest() {
+        let mut recent = Recent::default();
+        let names: Vec<String> = (0..10_000).map(|n| format!("stream-{n}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let batches = RECENT_STREAMS_MAX / names.len() + 2;
+        for batch in 0..batches {
+            let first = (batch * 10_000) as i64 + 1;
+            recent.note(first, first + 9_999, hash(batch as u8), hash(batch as u8 + 1), &names);
+        }
+        assert!(recent.streams <= RECENT_STREAMS_MAX);
+        let head = (batches * 10_000) as i64;
+        let vouched = recent.vouched(head, &hash(batches as u8));
+        assert!(vouched.since > 0, "the oldest batches are forgotten");
+        assert!(!vouched.unchanged(0, recent.hash("elsewhere")));
+        assert!(vouched.unchanged(vouched.since, recent.hash("elsewhere")));
+    }
 }

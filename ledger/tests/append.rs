@@ -592,3 +592,99 @@ async fn the_products_connections_run_without_jit() {
         options.get_options()
     );
 }
+
+/// The head a read of `stream_id` reported, with the version it read.
+async fn read_at(log: &EventLog, stream_id: &str) -> (i64, ledger::SeenAt) {
+    let mut version = 0;
+    let seen_at = log
+        .read_streams_each::<sqlx::Error>(&[(stream_id.to_string(), 0)], |event| {
+            version = event.stream_version;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    (version, seen_at)
+}
+
+/// An append that says at which head its versions were read (`StreamAppend::seen_at`) is not
+/// looked up again only while the writer knows nothing touched those streams since: a stream that
+/// this process or another appended to after the read is still a conflict, guard or not, and one
+/// that nobody touched goes through.
+#[tokio::test]
+async fn a_version_read_at_a_head_is_trusted_only_while_nothing_touched_the_stream() {
+    use ledger::StreamAppend;
+    let db = TestDatabase::new().await;
+    let log = open(&db).await;
+    let other_process = open(&db).await;
+    let event = |kind: &str| NewEvent::new(kind, json!({}));
+    for stream in ["server-1", "server-2", "account-1"] {
+        log.append(AppendRequest::single(stream, ExpectedVersion::NoStream, vec![event("Opened")]))
+            .await
+            .unwrap();
+    }
+    let guarded = |version: i64, seen_at: ledger::SeenAt, server: &str| AppendRequest {
+        streams: vec![
+            StreamAppend::new("account-1", ExpectedVersion::Any, vec![event("Charged")]),
+            StreamAppend::new(server, ExpectedVersion::Exact(version), vec![]).seen_at(seen_at),
+        ],
+    };
+
+    // Read, then this process appends to other streams: the guard holds without a lookup.
+    let (version, seen_at) = read_at(&log, "server-1").await;
+    log.append(AppendRequest::single("server-2", ExpectedVersion::Exact(1), vec![event("Renamed")]))
+        .await
+        .unwrap();
+    log.append(guarded(version, seen_at, "server-1")).await.unwrap();
+
+    // Read, then this process appends to the stream itself: a conflict.
+    let (version, seen_at) = read_at(&log, "server-1").await;
+    log.append(AppendRequest::single("server-1", ExpectedVersion::Exact(1), vec![event("Resized")]))
+        .await
+        .unwrap();
+    match log.append(guarded(version, seen_at, "server-1")).await {
+        Err(AppendError::Conflict(conflict)) => assert_eq!((conflict.stream_id.as_str(), conflict.actual), ("server-1", 2)),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+
+    // Read, then another process appends to the stream: a conflict, though this writer never saw it.
+    let (version, seen_at) = read_at(&log, "server-2").await;
+    other_process
+        .append(AppendRequest::single(
+            "server-2",
+            ExpectedVersion::Exact(2),
+            vec![event("Cancelled")],
+        ))
+        .await
+        .unwrap();
+    match log.append(guarded(version, seen_at, "server-2")).await {
+        Err(AppendError::Conflict(conflict)) => assert_eq!((conflict.stream_id.as_str(), conflict.actual), ("server-2", 3)),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+
+    // Read, then another process appends elsewhere: looked up, and it holds.
+    let (version, seen_at) = read_at(&log, "server-2").await;
+    other_process
+        .append(AppendRequest::single("server-3", ExpectedVersion::NoStream, vec![event("Opened")]))
+        .await
+        .unwrap();
+    log.append(guarded(version, seen_at, "server-2")).await.unwrap();
+
+    // Events appended after a read that said so land at the next versions, contiguous.
+    let (version, seen_at) = read_at(&log, "server-2").await;
+    log.append(AppendRequest {
+        streams: vec![StreamAppend::new("server-2", ExpectedVersion::Exact(version), vec![event("Renamed")]).seen_at(seen_at)],
+    })
+    .await
+    .unwrap();
+    let versions: Vec<i64> = log
+        .read_stream_all("server-2")
+        .await
+        .unwrap()
+        .iter()
+        .map(|event| event.stream_version)
+        .collect();
+    assert_eq!(versions, vec![1, 2, 3, 4]);
+    assert_eq!(count(&db, "SELECT count(*) FROM events WHERE stream_id = 'account-1'").await, 3);
+    let report = ledger::verify::verify_chain(&db.pool, None, |_, _| {}).await.unwrap();
+    assert!(report.ok, "{report:?}");
+}
