@@ -624,8 +624,19 @@ async fn load_many<A: StreamAggregate + Send + Sync + 'static>(
             applied: 0,
         })
         .collect();
-    let wanted: Vec<(String, i64)> = loaded.iter().map(|entry| (entry.stream_id.clone(), entry.version)).collect();
-    let index: std::collections::HashMap<&str, usize> = stream_ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+    // A stream asked for twice is read once, into its first place, and copied to the others.
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::with_capacity(stream_ids.len());
+    let mut wanted: Vec<(String, i64)> = Vec::with_capacity(stream_ids.len());
+    let mut again = Vec::new();
+    for (at, entry) in loaded.iter().enumerate() {
+        match index.entry(stream_ids[at].as_str()) {
+            std::collections::hash_map::Entry::Occupied(first) => again.push((at, *first.get())),
+            std::collections::hash_map::Entry::Vacant(place) => {
+                place.insert(at);
+                wanted.push((entry.stream_id.clone(), entry.version));
+            }
+        }
+    }
     // Folded as the rows arrive: a batch holds its states, not every event it reads.
     let head = log
         .read_streams_each(&wanted, |recorded| {
@@ -636,6 +647,14 @@ async fn load_many<A: StreamAggregate + Send + Sync + 'static>(
     for entry in &mut loaded {
         entry.loaded_version = entry.version;
         entry.seen_at = Some(head);
+    }
+    for (at, first) in again {
+        let copy = Loaded {
+            stream_id: loaded[first].stream_id.clone(),
+            state: loaded[first].state.clone(),
+            ..loaded[first]
+        };
+        loaded[at] = copy;
     }
     let read_on = loaded
         .iter()

@@ -366,6 +366,12 @@ async fn a_load_reads_the_snapshot_and_the_events_after_it_and_passes_over_a_bad
     assert_eq!((loaded.version, &*loaded.state), (version, &whole));
     let many = fresh.unit().load_many::<Account>(std::slice::from_ref(&stream)).await.unwrap();
     assert_eq!((many[0].version, &*many[0].state), (version, &whole));
+    // A stream asked for twice in one load is whole in both places.
+    let fresh = self::handler(&db).await;
+    let twice = fresh.unit().load_many::<Account>(&[stream.clone(), stream.clone()]).await.unwrap();
+    for loaded in &twice {
+        assert_eq!((loaded.version, &*loaded.state), (version, &whole));
+    }
 
     // A snapshot of another shape, one that does not decode, or one not tied to the stream's event
     // at its version, is passed over: the stream is folded whole (and the next load past the bound writes a good snapshot again).

@@ -385,9 +385,6 @@ pub struct StreamEvent {
     pub payload: String,
 }
 
-/// The columns of `StreamEvent`, from `events`.
-pub(crate) const STREAM_EVENT_COLUMNS: &str = "position, stream_id, stream_version, event_type, schema_version, payload::text AS payload";
-
 /// The columns of `RecordedEvent`, in the order of `FromRow`.
 pub(crate) const EVENT_COLUMNS: &str = "position, stream_id, stream_version, event_id, event_type, schema_version, \
      payload, metadata, recorded_at, occurred_at, prev_hash, hash";

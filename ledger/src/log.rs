@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::event::{AppendError, AppendOutcome, AppendRequest, RecordedEvent, SeenAt, StreamEvent, EVENT_COLUMNS, STREAM_EVENT_COLUMNS};
+use crate::event::{AppendError, AppendOutcome, AppendRequest, RecordedEvent, SeenAt, StreamEvent, EVENT_COLUMNS};
 use crate::subscription::Subscription;
 use crate::writer::{self, Job, NOTIFY_CHANNEL};
 
@@ -151,7 +151,9 @@ impl EventLog {
     ///
     /// Returns the log's head as of the read: one statement reads the head and every stream, so
     /// at that head each stream's version is that of the last event handed to `each` for it (or
-    /// the version it was asked after). An append may say so (`StreamAppend::seen_at`).
+    /// the version it was asked after). An append may say so (`StreamAppend::seen_at`). A stream
+    /// that does not have the version it was asked to go on from (the reader holds more of it
+    /// than the log does) fails the read, so a head is never returned for a version not read.
     pub async fn read_streams_each<E: From<sqlx::Error>>(
         &self,
         streams: &[(String, i64)],
@@ -162,29 +164,39 @@ impl EventLog {
             return Ok(SeenAt(self.head().await?.0));
         }
         let (ids, versions): (Vec<&str>, Vec<i64>) = streams.iter().map(|(id, version)| (id.as_str(), *version)).unzip();
-        let columns = STREAM_EVENT_COLUMNS
-            .split(',')
-            .map(|column| format!("e.{}", column.trim()))
-            .collect::<Vec<_>>()
-            .join(", ");
         // LATERAL keeps this an index probe per stream whatever the plan (a hash join over the
         // whole log is what the planner picks otherwise once the batch is large). Every stream
-        // gives a row, with no event when it has none after its version, so the head is read
-        // whatever the streams hold.
-        let sql = format!(
-            "SELECT (SELECT position FROM ledger_head WHERE singleton) AS head, {columns} \
+        // gives a row, with no event when it has none at or after its version, so the head is
+        // read whatever the streams hold; the event at the version asked after comes first,
+        // without its payload, to show that the stream has it.
+        let sql = "SELECT (SELECT position FROM ledger_head WHERE singleton) AS head, s.ord, s.after_version, \
+                    e.position, e.stream_id, e.stream_version, e.event_type, e.schema_version, \
+                    CASE WHEN e.stream_version > s.after_version THEN e.payload::text END AS payload \
              FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS s(stream_id, after_version, ord) \
              LEFT JOIN LATERAL (SELECT * FROM events x WHERE x.stream_id = s.stream_id COLLATE \"C\" \
-                                AND x.stream_version > s.after_version ORDER BY x.stream_version) e ON true \
-             ORDER BY s.ord, e.stream_version"
-        );
-        let mut rows = sqlx::query_as::<_, HeadedRow>(&sql)
+                                AND x.stream_version >= s.after_version ORDER BY x.stream_version) e ON true \
+             ORDER BY s.ord, e.stream_version";
+        let mut rows = sqlx::query_as::<_, HeadedRow>(sql)
             .bind(&ids)
             .bind(&versions)
             .fetch(&self.inner.pool);
         let mut head = None;
+        let mut stream = 0;
         while let Some(row) = rows.try_next().await? {
             head.get_or_insert(row.head);
+            if row.ord != stream {
+                // A stream's first row: the version it was asked after, unless that is 0.
+                stream = row.ord;
+                if row.after_version > 0 && row.version != Some(row.after_version) {
+                    let stream_id = &streams[(row.ord - 1) as usize].0;
+                    return Err(sqlx::Error::Protocol(format!(
+                        "stream {stream_id} has no version {}, which the read was asked to go on from: \
+                         the log holds less of it than the reader does",
+                        row.after_version
+                    ))
+                    .into());
+                }
+            }
             if let Some(event) = row.event {
                 each(event)?;
             }
@@ -292,22 +304,31 @@ async fn listen(pool: PgPool, head: watch::Sender<i64>) {
     }
 }
 
-/// A row of `read_streams_each`: the head as of the read, and an event unless the stream had
-/// none after the version asked for.
+/// A row of `read_streams_each`: the head as of the read, the stream asked for (by its place in
+/// the request) and the version asked after, the version of the row's event if it has one, and
+/// the event itself if it comes after that version.
 struct HeadedRow {
     head: i64,
+    ord: i64,
+    after_version: i64,
+    version: Option<i64>,
     event: Option<StreamEvent>,
 }
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for HeadedRow {
     fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<HeadedRow, sqlx::Error> {
         use sqlx::Row;
-        let event = match row.try_get::<Option<i64>, _>("position")? {
-            None => None,
-            Some(_) => Some(<StreamEvent as sqlx::FromRow<'r, sqlx::postgres::PgRow>>::from_row(row)?),
+        let after_version: i64 = row.try_get("after_version")?;
+        let version: Option<i64> = row.try_get("stream_version")?;
+        let event = match version {
+            Some(version) if version > after_version => Some(<StreamEvent as sqlx::FromRow<'r, sqlx::postgres::PgRow>>::from_row(row)?),
+            _ => None,
         };
         Ok(HeadedRow {
             head: row.try_get("head")?,
+            ord: row.try_get("ord")?,
+            after_version,
+            version,
             event,
         })
     }

@@ -66,6 +66,14 @@ struct Writer<'a> {
     recent: &'a std::sync::Mutex<Recent>,
 }
 
+impl Writer<'_> {
+    /// The notes, for a moment (no await while they are held). A loop that panicked while
+    /// holding them left them whole: each change to them is a single insert or removal.
+    fn notes(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 async fn writer_loop(writer: Writer<'_>, jobs: &Mutex<mpsc::Receiver<Job>>) {
     let Writer { pool, config, .. } = writer;
     let mut scratch = Vec::with_capacity(1024);
@@ -253,11 +261,12 @@ impl Recent {
     }
 
     /// The batches the log at `head` (position and hash) vouches for, newest first, down to the
-    /// first that does not continue the run.
-    fn vouched(&self, head: i64, hash: &[u8; 32]) -> Vouched<'_> {
+    /// first that does not continue the run or to `down_to`, whichever comes first.
+    fn vouched(&self, head: i64, hash: &[u8; 32], down_to: i64) -> Vouched<'_> {
         let mut run = Vec::new();
         let (mut position, mut hash) = (head, hash);
-        while let Some(noted) = self.batches.get(&position) {
+        while position > down_to {
+            let Some(noted) = self.batches.get(&position) else { break };
             if &noted.after != hash {
                 break;
             }
@@ -327,10 +336,7 @@ async fn commit_batch(
             known_versions_and_ids(&mut tx, &stream_ids, &event_ids).await?
         }
         Checks::ByIndex => {
-            let (vouched, looked_up) = {
-                let recent = writer.recent.lock().expect("the writer's notes are never left half written");
-                vouch(&recent, jobs, locked_position, &locked_hash)
-            };
+            let (vouched, looked_up) = vouch(&writer.notes(), jobs, locked_position, &locked_hash);
             // Only a request with an unchecked stream can be a retry that passes its version
             // checks: its ids are looked up now, the others' only if they are refused.
             let unchecked: Vec<Uuid> = jobs
@@ -419,13 +425,9 @@ async fn commit_batch(
                 .filter(|stream| !stream.events.is_empty())
                 .map(|stream| stream.stream_id.as_str())
         }));
-        writer.recent.lock().expect("the writer's notes are never left half written").note(
-            locked_position + 1,
-            head_position,
-            locked_hash,
-            head_hash,
-            &written,
-        );
+        writer
+            .notes()
+            .note(locked_position + 1, head_position, locked_hash, head_hash, &written);
     }
     let copied = started.elapsed();
     if !config.pause_before_commit_max.is_zero() {
@@ -606,7 +608,14 @@ fn decide(
 /// nobody else appended at all (`Recent`), is still at the version read. A stream whose requests
 /// disagree is looked up.
 fn vouch<'j>(recent: &Recent, jobs: &[&'j Job], head: i64, head_hash: &[u8; 32]) -> (HashMap<&'j str, i64>, Vec<&'j str>) {
-    let vouched = recent.vouched(head, head_hash);
+    // The run of notes is walked back only as far as the oldest read in the batch.
+    let oldest_read = jobs
+        .iter()
+        .flat_map(|job| job.request.streams.iter().filter_map(|stream| stream.seen_at))
+        .map(|seen_at| seen_at.0)
+        .min()
+        .unwrap_or(head);
+    let vouched = recent.vouched(head, head_hash, oldest_read);
     let mut versions: HashMap<&str, Option<i64>> = HashMap::new();
     for stream in jobs.iter().flat_map(|job| job.request.streams.iter()) {
         let expected = match stream.expected {
@@ -709,7 +718,7 @@ mod tests {
     fn a_stream_is_unchanged_only_where_the_log_vouches_for_every_batch_since_its_read() {
         let recent = two_batches();
         let s = |stream: &str| recent.hash(stream);
-        let vouched = recent.vouched(20, &hash(2));
+        let vouched = recent.vouched(20, &hash(2), 0);
         assert_eq!(vouched.since, 0);
         assert!(vouched.unchanged(10, s("server-1")), "only server-2 was appended to since 10");
         assert!(!vouched.unchanged(10, s("server-2")));
@@ -717,14 +726,19 @@ mod tests {
         assert!(vouched.unchanged(0, s("server-3")));
         assert!(vouched.unchanged(20, s("server-2")), "read at the head itself");
         assert!(!vouched.unchanged(21, s("server-3")), "a read beyond the head says nothing");
+        // Walked back only as far as asked.
+        let vouched = recent.vouched(20, &hash(2), 10);
+        assert_eq!((vouched.since, vouched.run.len()), (10, 1));
+        assert!(vouched.unchanged(10, s("server-1")));
+        assert!(!vouched.unchanged(0, s("server-3")));
 
         // The log's head is not the end of the last batch noted (it rolled back, or another
         // process appended after it): nothing is vouched for but a read at the head.
-        let vouched = recent.vouched(20, &hash(9));
+        let vouched = recent.vouched(20, &hash(9), 0);
         assert_eq!((vouched.since, vouched.run.len()), (20, 0));
         assert!(!vouched.unchanged(10, s("server-3")));
         assert!(vouched.unchanged(20, s("server-3")));
-        let vouched = recent.vouched(30, &hash(2));
+        let vouched = recent.vouched(30, &hash(2), 0);
         assert!(!vouched.unchanged(20, s("server-3")));
     }
 
@@ -735,7 +749,7 @@ mod tests {
         // 11..=20 was noted but is not what the log holds at 10 (another process's 1..=10
         // committed instead): the run stops at it.
         recent.note(11, 20, hash(7), hash(2), &["server-2"]);
-        let vouched = recent.vouched(20, &hash(2));
+        let vouched = recent.vouched(20, &hash(2), 0);
         assert_eq!(vouched.since, 10);
         assert!(vouched.unchanged(10, recent.hash("server-1")));
         assert!(!vouched.unchanged(5, recent.hash("server-3")));
@@ -746,7 +760,7 @@ mod tests {
         let mut recent = two_batches();
         recent.note(11, 20, hash(1), hash(3), &["server-3"]);
         assert_eq!(recent.streams, 3);
-        let vouched = recent.vouched(20, &hash(3));
+        let vouched = recent.vouched(20, &hash(3), 0);
         assert!(vouched.unchanged(10, recent.hash("server-2")));
         assert!(!vouched.unchanged(10, recent.hash("server-3")));
     }
@@ -763,7 +777,7 @@ mod tests {
         }
         assert!(recent.streams <= RECENT_STREAMS_MAX);
         let head = (batches * 10_000) as i64;
-        let vouched = recent.vouched(head, &hash(batches as u8));
+        let vouched = recent.vouched(head, &hash(batches as u8), 0);
         assert!(vouched.since > 0, "the oldest batches are forgotten");
         assert!(!vouched.unchanged(0, recent.hash("elsewhere")));
         assert!(vouched.unchanged(vouched.since, recent.hash("elsewhere")));

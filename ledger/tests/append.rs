@@ -688,3 +688,39 @@ async fn a_version_read_at_a_head_is_trusted_only_while_nothing_touched_the_stre
     let report = ledger::verify::verify_chain(&db.pool, None, |_, _| {}).await.unwrap();
     assert!(report.ok, "{report:?}");
 }
+
+/// A read asked to go on from a version its stream does not have (the reader holds more of the
+/// stream than the log does) fails, rather than report a head for a version it never read.
+#[tokio::test]
+async fn a_read_asked_to_go_on_from_a_version_the_stream_lacks_fails() {
+    let db = TestDatabase::new().await;
+    let log = open(&db).await;
+    for _ in 0..3 {
+        let version = log.stream_version("server-1").await.unwrap();
+        let expected = if version == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(version)
+        };
+        log.append(AppendRequest::single(
+            "server-1",
+            expected,
+            vec![NewEvent::new("Renamed", json!({}))],
+        ))
+        .await
+        .unwrap();
+    }
+    let mut read = Vec::new();
+    log.read_streams_each::<sqlx::Error>(&[("server-1".into(), 2), ("server-2".into(), 0)], |event| {
+        read.push(event.stream_version);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(read, vec![3]);
+    let error = log
+        .read_streams_each::<sqlx::Error>(&[("server-2".into(), 0), ("server-1".into(), 5)], |_| Ok(()))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("stream server-1 has no version 5"), "{error}");
+}
