@@ -135,7 +135,7 @@ impl PersistedEventRepository for LedgerEventRepository {
                 "the event log keeps no snapshots: use an event store without snapshots".into(),
             ));
         }
-        self.append::<A>(events).await.map(|_| ())
+        self.append::<A>(events, None).await.map(|_| ())
     }
 
     async fn stream_events<A: Aggregate>(&self, aggregate_id: &str) -> Result<ReplayStream, PersistenceError> {
@@ -184,7 +184,11 @@ impl LedgerEventRepository {
     /// Appends one aggregate instance's events, expecting its stream at the version before the
     /// first; `None` when there were none. A retry whose events are all stored already is the
     /// stored outcome, marked `duplicate`.
-    async fn append<A: Aggregate>(&self, events: &[SerializedEvent]) -> Result<Option<crate::AppendOutcome>, PersistenceError> {
+    async fn append<A: Aggregate>(
+        &self,
+        events: &[SerializedEvent],
+        seen_at: Option<crate::SeenAt>,
+    ) -> Result<Option<crate::AppendOutcome>, PersistenceError> {
         let Some(first) = events.first() else {
             return Ok(None);
         };
@@ -198,7 +202,9 @@ impl LedgerEventRepository {
             sequence => ExpectedVersion::Exact(sequence as i64 - 1),
         };
         let new_events = events.iter().map(new_event).collect::<Result<Vec<_>, _>>()?;
-        let request = AppendRequest::single(stream_id::<A>(&first.aggregate_id), expected, new_events);
+        let mut stream = crate::StreamAppend::new(stream_id::<A>(&first.aggregate_id), expected, new_events);
+        stream.seen_at = seen_at;
+        let request = AppendRequest { streams: vec![stream] };
         match self.log.append(request).await {
             Ok(outcome) => Ok(Some(outcome)),
             Err(AppendError::Conflict(_)) | Err(AppendError::PartialDuplicate { .. }) => Err(PersistenceError::OptimisticLockError),
@@ -223,14 +229,18 @@ pub struct LedgerEventStore<A: Aggregate> {
 
 struct Kept<A> {
     version: usize,
+    /// The log's head at which the stream stood at `version` (from the append that left it there).
+    seen_at: Option<crate::SeenAt>,
     aggregate: A,
 }
 
-/// An aggregate instance as a command sees it: its state at `version` of its stream.
+/// An aggregate instance as a command sees it: its state at `version` of its stream (as of the
+/// log's head `seen_at`, when known).
 pub struct LedgerAggregateContext<A> {
     aggregate_id: String,
     aggregate: A,
     version: usize,
+    seen_at: Option<crate::SeenAt>,
 }
 
 impl<A: Aggregate> AggregateContext<A> for LedgerAggregateContext<A> {
@@ -269,6 +279,7 @@ impl<A: Aggregate + Clone> EventStore<A> for LedgerEventStore<A> {
                 aggregate_id: aggregate_id.to_string(),
                 aggregate: kept.aggregate.clone(),
                 version: kept.version,
+                seen_at: kept.seen_at,
             });
         }
         let loaded = self.loader.load_aggregate(aggregate_id).await?;
@@ -276,6 +287,7 @@ impl<A: Aggregate + Clone> EventStore<A> for LedgerEventStore<A> {
             aggregate_id: loaded.aggregate_id,
             aggregate: loaded.aggregate,
             version: loaded.current_sequence,
+            seen_at: None,
         })
     }
 
@@ -289,6 +301,7 @@ impl<A: Aggregate + Clone> EventStore<A> for LedgerEventStore<A> {
             aggregate_id,
             mut aggregate,
             version,
+            seen_at,
         } = context;
         let envelopes: Vec<EventEnvelope<A>> = events
             .into_iter()
@@ -304,13 +317,18 @@ impl<A: Aggregate + Clone> EventStore<A> for LedgerEventStore<A> {
             .iter()
             .map(SerializedEvent::try_from)
             .collect::<Result<Vec<_>, PersistenceError>>()?;
-        match self.repository.append::<A>(&serialized).await {
+        match self.repository.append::<A>(&serialized, seen_at).await {
             Ok(Some(outcome)) if !outcome.duplicate => {
                 for envelope in &envelopes {
                     aggregate.apply(envelope.payload.clone());
                 }
                 let version = version + envelopes.len();
-                self.kept.insert(aggregate_id, Arc::new(Kept { version, aggregate }));
+                let kept = Kept {
+                    version,
+                    seen_at: outcome.seen_at,
+                    aggregate,
+                };
+                self.kept.insert(aggregate_id, Arc::new(kept));
             }
             // Nothing appended: the kept state, if any, is still the stream's.
             Ok(None) => {}

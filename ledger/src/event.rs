@@ -273,6 +273,12 @@ pub struct AppendOutcome {
     pub last_position: i64,
     /// Every event id was already stored: nothing was written, the append was a retry.
     pub duplicate: bool,
+    /// The log's head at which every stream this append wrote is at the version it left it
+    /// (its batch's last position, when nothing after it in the batch wrote to those streams): a
+    /// caller that keeps the state it appended may say so in its next append
+    /// (`StreamAppend::seen_at`).
+    #[serde(skip)]
+    pub seen_at: Option<SeenAt>,
 }
 
 /// The expected version of one stream did not hold.

@@ -484,10 +484,30 @@ fn decide_all<'j>(jobs: &[&'j Job], mut versions: HashMap<String, i64>, stored: 
                     first_position,
                     last_position: head_position,
                     duplicate: false,
+                    seen_at: None,
                 })
             }
         });
         results.push(result);
+    }
+    // Each appended request's streams stand at the versions it left them at the batch's head,
+    // unless a later request of the batch wrote to them.
+    let mut last_writer: HashMap<&str, usize> = HashMap::new();
+    for (index, (job, result)) in jobs.iter().zip(&results).enumerate() {
+        if matches!(result, Ok(outcome) if !outcome.duplicate) {
+            for stream in job.request.streams.iter().filter(|stream| !stream.events.is_empty()) {
+                last_writer.insert(stream.stream_id.as_str(), index);
+            }
+        }
+    }
+    for (index, (job, result)) in jobs.iter().zip(results.iter_mut()).enumerate() {
+        if let Ok(outcome) = result {
+            let last =
+                |stream: &crate::StreamAppend| stream.events.is_empty() || last_writer.get(stream.stream_id.as_str()) == Some(&index);
+            if !outcome.duplicate && job.request.streams.iter().all(last) {
+                outcome.seen_at = Some(crate::SeenAt(head_position));
+            }
+        }
     }
     Decided {
         results,
@@ -588,6 +608,7 @@ fn decide(
                 first_position,
                 last_position,
                 duplicate: true,
+                seen_at: None,
             }));
         }
         return Err(AppendError::PartialDuplicate {

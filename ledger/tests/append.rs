@@ -724,3 +724,40 @@ async fn a_read_asked_to_go_on_from_a_version_the_stream_lacks_fails() {
         .unwrap_err();
     assert!(error.to_string().contains("stream server-1 has no version 5"), "{error}");
 }
+
+/// An append's outcome says at which head the streams it wrote stand at the versions it left
+/// them; an append that says so is a conflict once the stream moved on, and goes through
+/// while it has not.
+#[tokio::test]
+async fn an_appends_outcome_vouches_for_the_versions_it_left_until_they_move() {
+    use ledger::StreamAppend;
+    let db = TestDatabase::new().await;
+    let log = open(&db).await;
+    let event = || NewEvent::new("Renamed", json!({}));
+    let outcome = log
+        .append(AppendRequest::single("server-1", ExpectedVersion::NoStream, vec![event()]))
+        .await
+        .unwrap();
+    let seen_at = outcome.seen_at.expect("a lone append's streams stand at its batch's head");
+    assert_eq!(seen_at.position(), outcome.last_position);
+    let after = |version: i64, seen_at: ledger::SeenAt| AppendRequest {
+        streams: vec![StreamAppend::new("server-1", ExpectedVersion::Exact(version), vec![event()]).seen_at(seen_at)],
+    };
+    let outcome = log.append(after(1, seen_at)).await.unwrap();
+    let seen_at = outcome.seen_at.unwrap();
+    log.append(AppendRequest::single("server-1", ExpectedVersion::Exact(2), vec![event()]))
+        .await
+        .unwrap();
+    match log.append(after(2, seen_at)).await {
+        Err(AppendError::Conflict(conflict)) => assert_eq!(conflict.actual, 3),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let versions: Vec<i64> = log
+        .read_stream_all("server-1")
+        .await
+        .unwrap()
+        .iter()
+        .map(|event| event.stream_version)
+        .collect();
+    assert_eq!(versions, vec![1, 2, 3]);
+}
