@@ -150,15 +150,20 @@ pub struct StreamAppend {
     pub seen_at: Option<SeenAt>,
 }
 
-/// The log's head as of a read (`EventLog::read_streams_each`): only a read makes one, so an
-/// append can say at which head its expected versions were read, and nothing else.
+/// The log's head, position and hash, at which a read found its streams' versions
+/// (`EventLog::read_streams_each`) or an append left the streams it wrote
+/// (`AppendOutcome::seen_at`). Only the log makes one, so an append can say at which head its
+/// expected versions held, and nothing else; the hash ties it to the log as it was then.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SeenAt(pub(crate) i64);
+pub struct SeenAt {
+    pub(crate) position: i64,
+    pub(crate) hash: [u8; 32],
+}
 
 impl SeenAt {
     /// The head's position.
     pub fn position(self) -> i64 {
-        self.0
+        self.position
     }
 }
 

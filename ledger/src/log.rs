@@ -161,7 +161,8 @@ impl EventLog {
     ) -> Result<SeenAt, E> {
         use futures::TryStreamExt;
         if streams.is_empty() {
-            return Ok(SeenAt(self.head().await?.0));
+            let (position, hash) = self.head().await?;
+            return Ok(SeenAt { position, hash });
         }
         let (ids, versions): (Vec<&str>, Vec<i64>) = streams.iter().map(|(id, version)| (id.as_str(), *version)).unzip();
         // LATERAL keeps this an index probe per stream whatever the plan (a hash join over the
@@ -169,7 +170,8 @@ impl EventLog {
         // gives a row, with no event when it has none at or after its version, so the head is
         // read whatever the streams hold; the event at the version asked after comes first,
         // without its payload, to show that the stream has it.
-        let sql = "SELECT (SELECT position FROM ledger_head WHERE singleton) AS head, s.ord, s.after_version, \
+        let sql = "SELECT (SELECT position FROM ledger_head WHERE singleton) AS head, \
+                    (SELECT hash FROM ledger_head WHERE singleton) AS head_hash, s.ord, s.after_version, \
                     e.position, e.stream_id, e.stream_version, e.event_type, e.schema_version, \
                     CASE WHEN e.stream_version > s.after_version THEN e.payload::text END AS payload \
              FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS s(stream_id, after_version, ord) \
@@ -183,7 +185,12 @@ impl EventLog {
         let mut head = None;
         let mut stream = 0;
         while let Some(row) = rows.try_next().await? {
-            head.get_or_insert(row.head);
+            if head.is_none() {
+                head = Some(SeenAt {
+                    position: row.head,
+                    hash: row.head_hash()?,
+                });
+            }
             if row.ord != stream {
                 // A stream's first row: the version it was asked after, unless that is 0.
                 stream = row.ord;
@@ -201,7 +208,7 @@ impl EventLog {
                 each(event)?;
             }
         }
-        Ok(SeenAt(head.expect("a row for every stream asked for")))
+        Ok(head.expect("a row for every stream asked for"))
     }
 
     /// Every event of one stream, oldest first, read in bounded pages.
@@ -309,6 +316,7 @@ async fn listen(pool: PgPool, head: watch::Sender<i64>) {
 /// the event itself if it comes after that version.
 struct HeadedRow {
     head: i64,
+    head_hash: Vec<u8>,
     ord: i64,
     after_version: i64,
     version: Option<i64>,
@@ -326,10 +334,20 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for HeadedRow {
         };
         Ok(HeadedRow {
             head: row.try_get("head")?,
+            head_hash: row.try_get("head_hash")?,
             ord: row.try_get("ord")?,
             after_version,
             version,
             event,
         })
+    }
+}
+
+impl HeadedRow {
+    fn head_hash(&self) -> Result<[u8; 32], sqlx::Error> {
+        self.head_hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| sqlx::Error::Protocol(format!("ledger_head.hash is {} bytes, not 32", self.head_hash.len())))
     }
 }

@@ -261,43 +261,63 @@ impl Recent {
     }
 
     /// The batches the log at `head` (position and hash) vouches for, newest first, down to the
-    /// first that does not continue the run or to `down_to`, whichever comes first.
+    /// first that does not continue the run, to `down_to`, or to `VOUCHED_BATCHES_MAX`
+    /// batches, whichever comes first.
     fn vouched(&self, head: i64, hash: &[u8; 32], down_to: i64) -> Vouched<'_> {
         let mut run = Vec::new();
-        let (mut position, mut hash) = (head, hash);
-        while position > down_to {
+        let (mut position, mut at) = (head, hash);
+        while position > down_to && run.len() < VOUCHED_BATCHES_MAX {
             let Some(noted) = self.batches.get(&position) else { break };
-            if &noted.after != hash {
+            if &noted.after != at {
                 break;
             }
             run.push((position, noted));
-            (position, hash) = (noted.first - 1, &noted.before);
+            (position, at) = (noted.first - 1, &noted.before);
         }
         Vouched {
             head,
+            head_hash: *hash,
             since: position,
             run,
         }
     }
 }
 
+/// Batches walked back from the locked head, at most: a read older than that is looked up.
+const VOUCHED_BATCHES_MAX: usize = 256;
+
 /// The batches of this writer that the log vouches for: every event after position `since` up
-/// to the locked `head`, as `(last position, batch)`, newest first.
+/// to the locked `head` (whose hash is `head_hash`), as `(last position, batch)`, newest first.
 struct Vouched<'r> {
     head: i64,
+    head_hash: [u8; 32],
     since: i64,
     run: Vec<(i64, &'r Noted)>,
 }
 
 impl Vouched<'_> {
-    /// Whether a stream read at head `seen_at` is still at the version read: no batch after
-    /// `seen_at` appended to it. Unknown (false) when the run does not reach back that far.
-    fn unchanged(&self, seen_at: i64, stream_hash: u64) -> bool {
-        (self.since..=self.head).contains(&seen_at)
+    /// The log's hash at `position`, where the run knows it: the head, and either end of each
+    /// batch in the run.
+    fn hash_at(&self, position: i64) -> Option<&[u8; 32]> {
+        if position == self.head {
+            return Some(&self.head_hash);
+        }
+        self.run.iter().find_map(|(last, noted)| match position {
+            _ if position == *last => Some(&noted.after),
+            _ if position == noted.first - 1 => Some(&noted.before),
+            _ => None,
+        })
+    }
+
+    /// Whether a stream read at head `seen` is still at the version read: the log still has
+    /// `seen`'s hash at its position, and no batch after it appended to the stream. Unknown
+    /// (false) when the run does not reach back that far.
+    fn unchanged(&self, seen: crate::SeenAt, stream_hash: u64) -> bool {
+        self.hash_at(seen.position) == Some(&seen.hash)
             && self
                 .run
                 .iter()
-                .take_while(|(last, _)| *last > seen_at)
+                .take_while(|(last, _)| *last > seen.position)
                 .all(|(_, noted)| noted.streams.binary_search(&stream_hash).is_err())
     }
 }
@@ -363,7 +383,7 @@ async fn commit_batch(
     }
     let probed = started.elapsed();
     let Decided {
-        results,
+        mut results,
         appended,
         head_position,
     } = decided;
@@ -428,6 +448,12 @@ async fn commit_batch(
         writer
             .notes()
             .note(locked_position + 1, head_position, locked_hash, head_hash, &written);
+    }
+    // What the appends' outcomes vouch for is tied to the log's hash at the batch's head.
+    for outcome in results.iter_mut().flatten() {
+        if let Some(seen_at) = &mut outcome.seen_at {
+            seen_at.hash = head_hash;
+        }
     }
     let copied = started.elapsed();
     if !config.pause_before_commit_max.is_zero() {
@@ -505,7 +531,11 @@ fn decide_all<'j>(jobs: &[&'j Job], mut versions: HashMap<String, i64>, stored: 
             let last =
                 |stream: &crate::StreamAppend| stream.events.is_empty() || last_writer.get(stream.stream_id.as_str()) == Some(&index);
             if !outcome.duplicate && job.request.streams.iter().all(last) {
-                outcome.seen_at = Some(crate::SeenAt(head_position));
+                // The hash at `head_position` is known once the rows are chained (`commit_batch`).
+                outcome.seen_at = Some(crate::SeenAt {
+                    position: head_position,
+                    hash: [0; 32],
+                });
             }
         }
     }
@@ -633,7 +663,7 @@ fn vouch<'j>(recent: &Recent, jobs: &[&'j Job], head: i64, head_hash: &[u8; 32])
     let oldest_read = jobs
         .iter()
         .flat_map(|job| job.request.streams.iter().filter_map(|stream| stream.seen_at))
-        .map(|seen_at| seen_at.0)
+        .map(|seen_at| seen_at.position)
         .min()
         .unwrap_or(head);
     let vouched = recent.vouched(head, head_hash, oldest_read);
@@ -648,7 +678,7 @@ fn vouch<'j>(recent: &Recent, jobs: &[&'j Job], head: i64, head_hash: &[u8; 32])
         let seen_unchanged = || {
             stream
                 .seen_at
-                .is_some_and(|seen_at| vouched.unchanged(seen_at.0, recent.hash(&stream.stream_id)))
+                .is_some_and(|seen_at| vouched.unchanged(seen_at, recent.hash(&stream.stream_id)))
         };
         let version = expected.filter(|_| first_events || seen_unchanged());
         versions
@@ -735,32 +765,43 @@ mod tests {
         recent
     }
 
+    /// A read at `position`, where the log's hash was `hash(n)`.
+    fn at(position: i64, n: u8) -> crate::SeenAt {
+        crate::SeenAt { position, hash: hash(n) }
+    }
+
     #[test]
     fn a_stream_is_unchanged_only_where_the_log_vouches_for_every_batch_since_its_read() {
         let recent = two_batches();
         let s = |stream: &str| recent.hash(stream);
         let vouched = recent.vouched(20, &hash(2), 0);
         assert_eq!(vouched.since, 0);
-        assert!(vouched.unchanged(10, s("server-1")), "only server-2 was appended to since 10");
-        assert!(!vouched.unchanged(10, s("server-2")));
-        assert!(!vouched.unchanged(0, s("server-1")), "appended to in 1..=10");
-        assert!(vouched.unchanged(0, s("server-3")));
-        assert!(vouched.unchanged(20, s("server-2")), "read at the head itself");
-        assert!(!vouched.unchanged(21, s("server-3")), "a read beyond the head says nothing");
+        assert!(
+            vouched.unchanged(at(10, 1), s("server-1")),
+            "only server-2 was appended to since 10"
+        );
+        assert!(!vouched.unchanged(at(10, 1), s("server-2")));
+        assert!(!vouched.unchanged(at(0, 0), s("server-1")), "appended to in 1..=10");
+        assert!(vouched.unchanged(at(0, 0), s("server-3")));
+        assert!(vouched.unchanged(at(20, 2), s("server-2")), "read at the head itself");
+        assert!(!vouched.unchanged(at(21, 2), s("server-3")), "a read beyond the head says nothing");
+        // A read of a log that is not this one at that position (restored, say) says nothing.
+        assert!(!vouched.unchanged(at(20, 5), s("server-3")));
+        assert!(!vouched.unchanged(at(10, 5), s("server-3")));
         // Walked back only as far as asked.
         let vouched = recent.vouched(20, &hash(2), 10);
         assert_eq!((vouched.since, vouched.run.len()), (10, 1));
-        assert!(vouched.unchanged(10, s("server-1")));
-        assert!(!vouched.unchanged(0, s("server-3")));
+        assert!(vouched.unchanged(at(10, 1), s("server-1")));
+        assert!(!vouched.unchanged(at(0, 0), s("server-3")));
 
         // The log's head is not the end of the last batch noted (it rolled back, or another
         // process appended after it): nothing is vouched for but a read at the head.
         let vouched = recent.vouched(20, &hash(9), 0);
         assert_eq!((vouched.since, vouched.run.len()), (20, 0));
-        assert!(!vouched.unchanged(10, s("server-3")));
-        assert!(vouched.unchanged(20, s("server-3")));
+        assert!(!vouched.unchanged(at(10, 1), s("server-3")));
+        assert!(vouched.unchanged(at(20, 9), s("server-3")));
         let vouched = recent.vouched(30, &hash(2), 0);
-        assert!(!vouched.unchanged(20, s("server-3")));
+        assert!(!vouched.unchanged(at(20, 2), s("server-3")));
     }
 
     #[test]
@@ -772,8 +813,12 @@ mod tests {
         recent.note(11, 20, hash(7), hash(2), &["server-2"]);
         let vouched = recent.vouched(20, &hash(2), 0);
         assert_eq!(vouched.since, 10);
-        assert!(vouched.unchanged(10, recent.hash("server-1")));
-        assert!(!vouched.unchanged(5, recent.hash("server-3")));
+        assert!(vouched.unchanged(at(10, 7), recent.hash("server-1")));
+        assert!(
+            !vouched.unchanged(at(10, 1), recent.hash("server-1")),
+            "read from the batch that lost"
+        );
+        assert!(!vouched.unchanged(at(5, 0), recent.hash("server-3")));
     }
 
     #[test]
@@ -782,8 +827,8 @@ mod tests {
         recent.note(11, 20, hash(1), hash(3), &["server-3"]);
         assert_eq!(recent.streams, 3);
         let vouched = recent.vouched(20, &hash(3), 0);
-        assert!(vouched.unchanged(10, recent.hash("server-2")));
-        assert!(!vouched.unchanged(10, recent.hash("server-3")));
+        assert!(vouched.unchanged(at(10, 1), recent.hash("server-2")));
+        assert!(!vouched.unchanged(at(10, 1), recent.hash("server-3")));
     }
 
     #[test]
@@ -800,7 +845,8 @@ mod tests {
         let head = (batches * 10_000) as i64;
         let vouched = recent.vouched(head, &hash(batches as u8), 0);
         assert!(vouched.since > 0, "the oldest batches are forgotten");
-        assert!(!vouched.unchanged(0, recent.hash("elsewhere")));
-        assert!(vouched.unchanged(vouched.since, recent.hash("elsewhere")));
+        assert!(!vouched.unchanged(at(0, 0), recent.hash("elsewhere")));
+        let since = vouched.since;
+        assert!(vouched.unchanged(at(since, (since / 10_000) as u8), recent.hash("elsewhere")));
     }
 }
