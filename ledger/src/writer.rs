@@ -313,7 +313,8 @@ impl Vouched<'_> {
     /// `seen`'s hash at its position, and no batch after it appended to the stream. Unknown
     /// (false) when the run does not reach back that far.
     fn unchanged(&self, seen: crate::SeenAt, stream_hash: u64) -> bool {
-        self.hash_at(seen.position) == Some(&seen.hash)
+        seen.position >= self.since
+            && self.hash_at(seen.position) == Some(&seen.hash)
             && self
                 .run
                 .iter()
