@@ -302,10 +302,14 @@ impl Vouched<'_> {
         if position == self.head {
             return Some(&self.head_hash);
         }
-        self.run.iter().find_map(|(last, noted)| match position {
-            _ if position == *last => Some(&noted.after),
-            _ if position == noted.first - 1 => Some(&noted.before),
-            _ => None,
+        self.run.iter().find_map(|(last, noted)| {
+            if position == *last {
+                Some(&noted.after)
+            } else if position == noted.first - 1 {
+                Some(&noted.before)
+            } else {
+                None
+            }
         })
     }
 
@@ -450,12 +454,14 @@ async fn commit_batch(
             .notes()
             .note(locked_position + 1, head_position, locked_hash, head_hash, &written);
     }
-    // What the appends' outcomes vouch for is tied to the log's hash at the batch's head.
-    for outcome in results.iter_mut().flatten() {
-        if let Some(seen_at) = &mut outcome.seen_at {
-            seen_at.hash = head_hash;
-        }
-    }
+    vouch_for_outcomes(
+        jobs,
+        &mut results,
+        crate::SeenAt {
+            position: head_position,
+            hash: head_hash,
+        },
+    );
     let copied = started.elapsed();
     if !config.pause_before_commit_max.is_zero() {
         // A pseudo-random pause per batch; the head position is as good a seed as any.
@@ -517,10 +523,18 @@ fn decide_all<'j>(jobs: &[&'j Job], mut versions: HashMap<String, i64>, stored: 
         });
         results.push(result);
     }
-    // Each appended request's streams stand at the versions it left them at the batch's head,
-    // unless a later request of the batch wrote to them.
+    Decided {
+        results,
+        appended,
+        head_position,
+    }
+}
+
+/// Each appended request's streams stand at the versions it left them at the batch's head
+/// (`head`), unless a later request of the batch wrote to them: its outcome says so.
+fn vouch_for_outcomes(jobs: &[&Job], results: &mut [Result<AppendOutcome, AppendError>], head: crate::SeenAt) {
     let mut last_writer: HashMap<&str, usize> = HashMap::new();
-    for (index, (job, result)) in jobs.iter().zip(&results).enumerate() {
+    for (index, (job, result)) in jobs.iter().zip(results.iter()).enumerate() {
         if matches!(result, Ok(outcome) if !outcome.duplicate) {
             for stream in job.request.streams.iter().filter(|stream| !stream.events.is_empty()) {
                 last_writer.insert(stream.stream_id.as_str(), index);
@@ -532,18 +546,9 @@ fn decide_all<'j>(jobs: &[&'j Job], mut versions: HashMap<String, i64>, stored: 
             let last =
                 |stream: &crate::StreamAppend| stream.events.is_empty() || last_writer.get(stream.stream_id.as_str()) == Some(&index);
             if !outcome.duplicate && job.request.streams.iter().all(last) {
-                // The hash at `head_position` is known once the rows are chained (`commit_batch`).
-                outcome.seen_at = Some(crate::SeenAt {
-                    position: head_position,
-                    hash: [0; 32],
-                });
+                outcome.seen_at = Some(head);
             }
         }
-    }
-    Decided {
-        results,
-        appended,
-        head_position,
     }
 }
 
