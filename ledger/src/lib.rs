@@ -23,6 +23,7 @@ pub use event::{
     VersionConflict,
 };
 pub use log::{EventLog, LogConfig, LogError};
+pub use writer::COPY_BINARY_HEADER;
 
 /// The migrations of the whole product, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

@@ -566,13 +566,13 @@ const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// The JSON text of a binary `jsonb` is preceded by its format's version.
 const JSONB_VERSION: u8 = 1;
 const EVENT_FIELDS: i16 = 12;
+/// The start of every binary `COPY` stream: its signature, no flags, no header extension.
+pub const COPY_BINARY_HEADER: &[u8; 19] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
 impl CopyRows {
     fn new(recorded_at: DateTime<Utc>) -> CopyRows {
         let mut bytes = Vec::with_capacity(COPY_CHUNK_BYTES + 4096);
-        bytes.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-        bytes.extend_from_slice(&0i32.to_be_bytes()); // flags
-        bytes.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+        bytes.extend_from_slice(COPY_BINARY_HEADER);
         CopyRows {
             bytes,
             count: 0,

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::decode::{Decoded, Record};
 use crate::projection::Projection;
-use crate::store::{copy_new, insert_new, upsert};
+use crate::store::{copy_new, insert_new, upsert, CopyFields, CopyRow};
 
 pub struct Journal;
 
@@ -68,14 +68,14 @@ impl Projection for Journal {
     }
 }
 
-/// A journal entry as `COPY` takes it: its postings as JSON text.
-#[derive(Serialize)]
-struct EntryText {
-    event_id: Uuid,
-    position: i64,
-    occurred_at: DateTime<Utc>,
-    account_id: Uuid,
-    postings: String,
+impl CopyRow for EntryRow {
+    fn copy_fields(&self, fields: &mut CopyFields) {
+        fields.field(&self.event_id);
+        fields.field(&self.position);
+        fields.field(&self.occurred_at);
+        fields.field(&self.account_id);
+        fields.jsonb(&self.postings.0);
+    }
 }
 
 /// Applies a batch; `bulk` streams the entries in with `COPY` (a rebuild's side table).
@@ -140,16 +140,6 @@ async fn apply(tx: &mut PgConnection, records: &[Record], bulk: bool) -> Result<
     .await?;
     const ENTRY_COLUMNS: &[&str] = &["event_id", "position", "occurred_at", "account_id", "postings"];
     if bulk {
-        let entries: Vec<EntryText> = entries
-            .into_iter()
-            .map(|entry| EntryText {
-                event_id: entry.event_id,
-                position: entry.position,
-                occurred_at: entry.occurred_at,
-                account_id: entry.account_id,
-                postings: serde_json::to_string(&entry.postings.0).expect("postings serialise"),
-            })
-            .collect();
         copy_new(tx, "journal_entries", ENTRY_COLUMNS, &entries).await?;
     } else {
         insert_new(tx, "journal_entries", &["event_id"], ENTRY_COLUMNS, &entries).await?;

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::decode::{Decoded, Record};
 use crate::projection::Projection;
-use crate::store::{copy_new, insert_new};
+use crate::store::{copy_new, insert_new, CopyFields, CopyRow};
 
 pub struct Statement;
 
@@ -24,6 +24,20 @@ pub struct StatementRow {
     pub occurred_at: chrono::DateTime<chrono::Utc>,
     pub server_id: Option<Uuid>,
     pub reference: Option<String>,
+}
+
+impl CopyRow for StatementRow {
+    fn copy_fields(&self, fields: &mut CopyFields) {
+        fields.field(&self.event_id);
+        fields.field(&self.position);
+        fields.field(&self.account_id);
+        fields.field(&self.kind);
+        fields.field(&self.amount);
+        fields.field(&self.balance_after);
+        fields.field(&self.occurred_at);
+        fields.field(&self.server_id);
+        fields.field(&self.reference);
+    }
 }
 
 const COLUMNS: &[&str] = &[
