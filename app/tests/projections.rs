@@ -385,6 +385,40 @@ impl projections::Projection for FailsAfterWriting {
 }
 
 #[tokio::test]
+async fn a_rebuild_whose_read_model_fails_ends_with_that_error_and_leaves_the_live_tables_serving() {
+    let db = load_history().await;
+    let before = digests(&db).await;
+    let projections: Vec<Arc<dyn projections::Projection>> = projections::projection::all()
+        .into_iter()
+        .map(|projection| -> Arc<dyn projections::Projection> {
+            if projection.name() == "journal" {
+                Arc::new(FailsAfterWriting {
+                    inner: projection,
+                    failures_left: std::sync::atomic::AtomicU32::new(1),
+                })
+            } else {
+                projection
+            }
+        })
+        .collect();
+    // The other read models' tasks are fed and finish; none waits on the failed one for ever.
+    let failed = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        projections::rebuild::rebuild_all(&db.pool, &projections, |_, _| {}),
+    )
+    .await
+    .expect("the rebuild ends")
+    .expect_err("the journal's failure fails the rebuild");
+    assert!(failed.to_string().contains("injected failure"), "{failed}");
+    assert_eq!(digests(&db).await, before, "nothing was swapped in");
+    let reports = projections::rebuild::rebuild_all(&db.pool, &projections::projection::all(), |_, _| {})
+        .await
+        .unwrap();
+    assert!(reports.iter().all(|report| report.events == 2123), "{reports:?}");
+    assert_eq!(digests(&db).await, before);
+}
+
+#[tokio::test]
 async fn a_projector_that_dies_mid_batch_resumes_without_loss_or_duplication() {
     let db = TestDatabase::new().await;
     let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();

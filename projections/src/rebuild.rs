@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use crate::projection::Projection;
 use futures::future::try_join_all;
 
-use crate::decode::read_records_after;
+use crate::decode::{read_records_after, Record};
 use crate::runner::{apply_batch, apply_records, run_batch, ProjectionError, Target, BATCH_EVENTS, LIVE_SCHEMA, REBUILD_BATCH_EVENTS};
 
 #[derive(Clone, Debug, Serialize)]
@@ -159,90 +159,96 @@ async fn rebuild_locked(
         .execute(pool)
         .await?;
     }
-    // The log is read one batch ahead of the one being applied, and each batch is applied to the
-    // read models at once, each on its own task (so their work in this process spreads over the
-    // cores) in its own transaction with its own checkpoint (nobody else writes them: the
-    // rebuild locks are held).
+    // One reader feeds every read model; each applies the batches on a task of its own (so their
+    // work in this process spreads over the cores and none waits for the slowest at every batch)
+    // in its own transactions with its own checkpoint (nobody else writes them: the rebuild locks
+    // are held). A read model may run at most a batch ahead of the slowest, so at most three
+    // batches are held at once.
     let mut after = i64::MAX;
     for (_, checkpoint) in &sides {
         after = after.min(ledger::checkpoint::load(pool, checkpoint).await?);
     }
-    let (batches, mut next) = tokio::sync::mpsc::channel(1);
-    let reader_pool = pool.clone();
-    tokio::spawn(async move {
-        loop {
-            let records = read_records_after(&reader_pool, after, REBUILD_BATCH_EVENTS).await;
-            let last = records
-                .as_ref()
-                .ok()
-                .and_then(|records| records.last().map(|record| record.position));
-            // The receiver is gone if the rebuild failed; an error or the log's end ends the reading.
-            if batches.send(records).await.is_err() {
-                return;
+    let (applied, mut reports) = tokio::sync::mpsc::unbounded_channel::<(usize, i64)>();
+    let mut feeds = Vec::with_capacity(projections.len());
+    let mut appliers = Vec::with_capacity(projections.len());
+    for (index, (projection, (schema, checkpoint))) in projections.iter().zip(&sides).enumerate() {
+        let (feed, mut batches) = tokio::sync::mpsc::channel::<Arc<Vec<Record>>>(1);
+        feeds.push(feed);
+        let (pool, projection, schema, checkpoint, applied) = (
+            pool.clone(),
+            projection.clone(),
+            schema.clone(),
+            checkpoint.clone(),
+            applied.clone(),
+        );
+        appliers.push(tokio::spawn(async move {
+            let target = Target {
+                projection: projection.as_ref(),
+                schema: &schema,
+                checkpoint: &checkpoint,
+            };
+            let mut events = 0i64;
+            while let Some(records) = batches.recv().await {
+                events += apply_records(&pool, &target, &records, true).await? as i64;
+                if let Some(last) = records.last() {
+                    // The receiver outlives every applier.
+                    let _ = applied.send((index, last.position));
+                }
             }
-            match last {
-                Some(last) => after = last,
-                None => return,
+            Ok::<i64, ProjectionError>(events)
+        }));
+    }
+    drop(applied);
+    let reader_pool = pool.clone();
+    let reader = tokio::spawn(async move {
+        let mut after = after;
+        loop {
+            let records = read_records_after(&reader_pool, after, REBUILD_BATCH_EVENTS).await?;
+            let Some(last) = records.last().map(|record| record.position) else {
+                return Ok::<(), ProjectionError>(());
+            };
+            after = last;
+            let records = Arc::new(records);
+            for feed in &feeds {
+                // A closed feed is an applier that failed: its error ends the rebuild.
+                if feed.send(records.clone()).await.is_err() {
+                    return Ok(());
+                }
             }
         }
     });
-    let mut reached = after;
-    let mut events = vec![0i64; projections.len()];
+    // Progress is the position every read model has reached; the reports end when every
+    // applier has.
+    let mut reached = vec![after; projections.len()];
+    let mut shown = after;
     let mut last_status = Instant::now();
-    loop {
-        let records = next
-            .recv()
-            .await
-            .ok_or_else(|| ProjectionError::Database(sqlx::Error::Protocol("the rebuild's reader stopped".to_string())))??;
-        let position = records.last().map(|record| record.position);
-        if let Some(position) = position {
-            reached = position;
-            let records = Arc::new(records);
-            let tasks: Vec<_> = projections
-                .iter()
-                .zip(&sides)
-                .map(|(projection, (schema, checkpoint))| {
-                    let (pool, projection, schema, checkpoint, records) = (
-                        pool.clone(),
-                        projection.clone(),
-                        schema.clone(),
-                        checkpoint.clone(),
-                        records.clone(),
-                    );
-                    tokio::spawn(async move {
-                        let target = Target {
-                            projection: projection.as_ref(),
-                            schema: &schema,
-                            checkpoint: &checkpoint,
-                        };
-                        apply_records(&pool, &target, &records, true).await
-                    })
-                })
-                .collect();
-            for (total, task) in events.iter_mut().zip(try_join_all(tasks).await.unwrap_or_else(|error| {
-                // A read model's task panicked: the rebuild fails as that panic.
-                std::panic::resume_unwind(error.into_panic())
-            })) {
-                *total += task? as i64;
-            }
+    while let Some((index, position)) = reports.recv().await {
+        reached[index] = position;
+        let all = reached.iter().copied().min().unwrap_or(after);
+        if all == shown {
+            continue;
         }
+        shown = all;
         let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head").fetch_one(pool).await?;
-        progress(reached, head);
-        if last_status.elapsed() > Duration::from_millis(500) || position.is_none() {
-            for projection in projections {
-                sqlx::query("UPDATE projection_status SET rebuild_position = $2 WHERE name = $1")
-                    .bind(projection.name())
-                    .bind(reached)
-                    .execute(pool)
-                    .await?;
-            }
+        progress(shown, head);
+        if last_status.elapsed() > Duration::from_millis(500) {
+            set_rebuild_position(pool, projections, shown).await?;
             last_status = Instant::now();
         }
-        if position.is_none() {
-            break;
-        }
     }
-    for (projection, (schema, _)) in projections.iter().zip(&sides) {
+    let mut events = Vec::with_capacity(projections.len());
+    for applier in appliers {
+        // A read model's task that panicked fails the rebuild as that panic.
+        events.push(
+            applier
+                .await
+                .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()))?,
+        );
+    }
+    reader.await.unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()))?;
+    set_rebuild_position(pool, projections, shown).await?;
+    // Each read model's indexes are built on a connection of its own, all at once.
+    try_join_all(projections.iter().zip(&sides).map(|(projection, (schema, _))| async move {
         let started = Instant::now();
         index_bulk_tables(pool, projection.as_ref(), schema).await?;
         tracing::debug!(
@@ -250,7 +256,9 @@ async fn rebuild_locked(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "bulk tables indexed"
         );
-    }
+        Ok::<(), ProjectionError>(())
+    }))
+    .await?;
     // What was appended while the indexes were built is applied before the swap, so the swap's
     // own tail (applied while the live projector waits) stays short.
     for ((projection, (schema, checkpoint)), events) in projections.iter().zip(&sides).zip(events.iter_mut()) {
@@ -267,6 +275,17 @@ async fn rebuild_locked(
         reports.push(swap(pool, projection.as_ref(), schema, checkpoint, events, started).await?);
     }
     Ok(reports)
+}
+
+async fn set_rebuild_position(pool: &PgPool, projections: &[Arc<dyn Projection>], position: i64) -> Result<(), ProjectionError> {
+    for projection in projections {
+        sqlx::query("UPDATE projection_status SET rebuild_position = $2 WHERE name = $1")
+            .bind(projection.name())
+            .bind(position)
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Swaps a rebuilt read model in.
