@@ -74,7 +74,7 @@ impl CopyRow for EntryRow {
         fields.field(&self.position);
         fields.field(&self.occurred_at);
         fields.field(&self.account_id);
-        fields.jsonb(&self.postings.0);
+        fields.json(&self.postings.0);
     }
 }
 

@@ -82,7 +82,7 @@ pub async fn trial_balance(pool: &PgPool, as_of: Option<DateTime<Utc>>) -> Resul
                     SELECT currency, ledger_account AS account, debit, credit FROM rm.journal_totals WHERE day < ($1 AT TIME ZONE 'UTC')::date \
                     UNION ALL \
                     SELECT p.currency, p.account, p.debit, p.credit FROM rm.journal_entries e \
-                    CROSS JOIN LATERAL jsonb_to_recordset(e.postings) AS p(account text, currency text, debit numeric, credit numeric) \
+                    CROSS JOIN LATERAL json_to_recordset(e.postings) AS p(account text, currency text, debit numeric, credit numeric) \
                     WHERE e.occurred_at >= date_trunc('day', $1 AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AND e.occurred_at <= $1 \
                  ) lines GROUP BY currency, account ORDER BY currency, account",
             )

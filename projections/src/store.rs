@@ -1,5 +1,6 @@
-//! Writing rows set-wise: rows serialise to JSON and PostgreSQL turns them into typed rows with
-//! `jsonb_populate_recordset` (amounts travel as strings, so nothing is rounded on the way).
+//! Writing rows set-wise: rows serialise to JSON text and PostgreSQL turns them into typed rows with
+//! `json_populate_recordset` (amounts travel as strings, so nothing is rounded on the way, and a
+//! `json` column keeps its value's text as written, as `COPY` keeps it).
 
 use serde::Serialize;
 use sqlx::encode::IsNull;
@@ -31,11 +32,11 @@ pub async fn upsert<T: Serialize>(
     };
     let list = columns.join(", ");
     let sql = format!(
-        "INSERT INTO {table} ({list}) SELECT {list} FROM jsonb_populate_recordset(NULL::{table}, $1) ON CONFLICT ({}) {conflict}",
+        "INSERT INTO {table} ({list}) SELECT {list} FROM json_populate_recordset(NULL::{table}, $1::json) ON CONFLICT ({}) {conflict}",
         key.join(", ")
     );
     sqlx::query(&sql)
-        .bind(serde_json::to_value(rows).expect("rows serialise"))
+        .bind(serde_json::to_string(rows).map_err(|error| sqlx::Error::Encode(Box::new(error)))?)
         .execute(tx)
         .await?;
     Ok(())
@@ -55,11 +56,11 @@ pub async fn insert_new<T: Serialize>(
     }
     let list = columns.join(", ");
     let sql = format!(
-        "INSERT INTO {table} ({list}) SELECT {list} FROM jsonb_populate_recordset(NULL::{table}, $1) ON CONFLICT ({}) DO NOTHING",
+        "INSERT INTO {table} ({list}) SELECT {list} FROM json_populate_recordset(NULL::{table}, $1::json) ON CONFLICT ({}) DO NOTHING",
         key.join(", ")
     );
     sqlx::query(&sql)
-        .bind(serde_json::to_value(rows).expect("rows serialise"))
+        .bind(serde_json::to_string(rows).map_err(|error| sqlx::Error::Encode(Box::new(error)))?)
         .execute(tx)
         .await?;
     Ok(())
@@ -94,17 +95,17 @@ impl CopyFields {
 
     /// Writes the next column's value. Only types whose binary form needs nothing resolved later
     /// belong here: numbers, text, uuids, instants, decimals and `Option`s of them; JSON goes
-    /// through `jsonb` (sqlx's `Json` leaves a fix-up for a `json` parameter behind per value).
+    /// through `json` (sqlx's `Json` leaves a fix-up for a `json` parameter behind per value).
     pub fn field<T: Encode<'static, Postgres>>(&mut self, value: &T) {
         let at = self.open();
         let written = value.encode_by_ref(&mut self.out);
         self.close(at, written);
     }
 
-    /// Writes the next column's value as `jsonb`: its format's version, then the JSON text.
-    pub fn jsonb<T: Serialize>(&mut self, value: &T) {
+    /// Writes the next column's value as `json`, whose binary form is its text, as serde_json
+    /// writes it for `upsert` and `insert_new`.
+    pub fn json<T: Serialize>(&mut self, value: &T) {
         let at = self.open();
-        self.out.push(1);
         let written = serde_json::to_writer(&mut *self.out, value)
             .map(|()| IsNull::No)
             .map_err(|error| error.into());

@@ -107,12 +107,20 @@ async fn compare(tx: &mut sqlx::PgConnection, projection: &dyn Projection, schem
         .bind(format!("{LIVE_SCHEMA}.{table}"))
         .fetch_all(&mut *tx)
         .await?;
+        // `json` has no equality: its values are compared as `jsonb`.
+        let (columns,): (String,) = sqlx::query_as(
+            "SELECT string_agg(quote_ident(attname) || CASE WHEN atttypid = 'json'::regtype THEN '::jsonb' ELSE '' END, ', ' ORDER BY attnum) \
+             FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
+        )
+        .bind(format!("{LIVE_SCHEMA}.{table}"))
+        .fetch_one(&mut *tx)
+        .await?;
         let key_text = key.iter().map(|column| format!("t.{column}::text")).collect::<Vec<_>>().join(", ");
         let live = format!("{LIVE_SCHEMA}.{table}");
         let replayed = format!("{schema}.{table}");
         let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(&format!(
-            "WITH only_live AS (SELECT * FROM {live} EXCEPT SELECT * FROM {replayed}), \
-                  only_replayed AS (SELECT * FROM {replayed} EXCEPT SELECT * FROM {live}), \
+            "WITH only_live AS (SELECT {columns} FROM {live} EXCEPT SELECT {columns} FROM {replayed}), \
+                  only_replayed AS (SELECT {columns} FROM {replayed} EXCEPT SELECT {columns} FROM {live}), \
                   l AS (SELECT concat_ws(',', {key_text}) AS key, t::text AS row FROM only_live t), \
                   r AS (SELECT concat_ws(',', {key_text}) AS key, t::text AS row FROM only_replayed t) \
              SELECT COALESCE(l.key, r.key), l.row, r.row FROM l FULL JOIN r ON l.key = r.key ORDER BY 1 LIMIT {DIFFERENCES_MAX}"
