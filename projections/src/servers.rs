@@ -168,7 +168,6 @@ impl Projection for Servers {
                             continue;
                         };
                         row.state.0.apply(event.clone());
-                        row.refresh();
                         changed.insert(id.0);
                     }
                     Decoded::Account(
@@ -186,10 +185,16 @@ impl Projection for Servers {
                             row.month_to_date_net = *net;
                         }
                         row.last_charged_slot = Some(row.last_charged_slot.map_or(slot.start(), |last| last.max(slot.start())));
-                        row.refresh();
                         changed.insert(server_id.0);
                     }
                     _ => {}
+                }
+            }
+            // The derived columns depend only on the state and the last slot charged: worked out
+            // once per changed row, not once per event.
+            for id in &changed {
+                if let Some(row) = rows.get_mut(id) {
+                    row.refresh();
                 }
             }
             let changed_rows: Vec<&ServerRow> = changed.iter().filter_map(|id| rows.get(id)).collect();
