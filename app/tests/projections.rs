@@ -347,6 +347,46 @@ async fn a_rebuild_from_position_zero_is_byte_identical() {
     );
 }
 
+#[tokio::test]
+async fn a_rebuild_keeps_the_scale_of_a_zero_balance() {
+    let db = TestDatabase::new().await;
+    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
+    let flows = Flows::new(CommandHandler::new(log, Arc::new(app::handler::SystemClock)));
+    let admin = || app::handler::Metadata::actor("admin", "projections-test");
+    let account_id = AccountId::new();
+    flows
+        .open_account(
+            account_id,
+            "Ada",
+            "ada@example.com",
+            domain::Currency::EUR,
+            domain::Country::parse("DE").unwrap(),
+            &admin(),
+        )
+        .await
+        .unwrap();
+    flows.adjust(account_id, dec!(25.00), "credit", &admin()).await.unwrap();
+    flows.adjust(account_id, dec!(-25.00), "debit", &admin()).await.unwrap();
+    projections::runner::catch_up_all(&db.pool).await.unwrap();
+    let balances_after = || async {
+        sqlx::query_scalar::<_, String>("SELECT balance_after::text FROM rm.statement ORDER BY position")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(balances_after().await, ["25.00", "0.00"]);
+    let before = digests(&db).await;
+    projections::rebuild::rebuild_all(&db.pool, &projections::projection::all(), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        balances_after().await,
+        ["25.00", "0.00"],
+        "the rebuild's COPY wrote the zero as it was"
+    );
+    assert_eq!(digests(&db).await, before);
+}
+
 /// Applies a batch and then fails, as a projector killed after writing its rows but before
 /// committing would.
 struct FailsAfterWriting {

@@ -217,35 +217,60 @@ async fn rebuild_locked(
             }
         }
     });
+    let mut tasks = Tasks { reader, appliers };
     // Progress is the position every read model has reached; the reports end when every
     // applier has.
-    let mut reached = vec![after; projections.len()];
-    let mut shown = after;
-    let mut last_status = Instant::now();
-    while let Some((index, position)) = reports.recv().await {
-        reached[index] = position;
-        let all = reached.iter().copied().min().unwrap_or(after);
-        if all == shown {
-            continue;
+    let followed: Result<i64, ProjectionError> = async {
+        let mut reached = vec![after; projections.len()];
+        let mut shown = after;
+        let mut last_status = Instant::now();
+        while let Some((index, position)) = reports.recv().await {
+            reached[index] = position;
+            let all = reached.iter().copied().min().unwrap_or(after);
+            if all == shown {
+                continue;
+            }
+            shown = all;
+            let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head").fetch_one(pool).await?;
+            progress(shown, head);
+            if last_status.elapsed() > Duration::from_millis(500) {
+                set_rebuild_position(pool, projections, shown).await?;
+                last_status = Instant::now();
+            }
         }
-        shown = all;
-        let (head,): (i64,) = sqlx::query_as("SELECT position FROM ledger_head").fetch_one(pool).await?;
-        progress(shown, head);
-        if last_status.elapsed() > Duration::from_millis(500) {
-            set_rebuild_position(pool, projections, shown).await?;
-            last_status = Instant::now();
-        }
+        Ok(shown)
     }
+    .await;
+    // Every task has ended before the rebuild returns, failed or not, so none writes into a side
+    // schema that a later rebuild has made anew. A failure to follow stops the reader; the
+    // appliers finish what they were given.
+    if followed.is_err() {
+        tasks.reader.abort();
+    }
+    let mut first_error = None;
     let mut events = Vec::with_capacity(projections.len());
-    for applier in appliers {
-        // A read model's task that panicked fails the rebuild as that panic.
-        events.push(
-            applier
-                .await
-                .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()))?,
-        );
+    for applier in &mut tasks.appliers {
+        match applier.await {
+            Ok(Ok(applied)) => events.push(applied),
+            Ok(Err(error)) => {
+                first_error.get_or_insert(error);
+            }
+            // A read model's task that panicked fails the rebuild as that panic.
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
+        }
     }
-    reader.await.unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()))?;
+    match (&mut tasks.reader).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            first_error.get_or_insert(error);
+        }
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => {} // aborted above
+    }
+    let shown = followed?;
+    if let Some(error) = first_error {
+        return Err(error);
+    }
     set_rebuild_position(pool, projections, shown).await?;
     // Each read model's indexes are built on a connection of its own, all at once.
     try_join_all(projections.iter().zip(&sides).map(|(projection, (schema, _))| async move {
@@ -275,6 +300,22 @@ async fn rebuild_locked(
         reports.push(swap(pool, projection.as_ref(), schema, checkpoint, events, started).await?);
     }
     Ok(reports)
+}
+
+/// A rebuild's reader and appliers, aborted if the rebuild is dropped before it has awaited them
+/// (its caller gone): no task outlives the rebuild that spawned it.
+struct Tasks {
+    reader: tokio::task::JoinHandle<Result<(), ProjectionError>>,
+    appliers: Vec<tokio::task::JoinHandle<Result<i64, ProjectionError>>>,
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.reader.abort();
+        for applier in &self.appliers {
+            applier.abort();
+        }
+    }
 }
 
 async fn set_rebuild_position(pool: &PgPool, projections: &[Arc<dyn Projection>], position: i64) -> Result<(), ProjectionError> {

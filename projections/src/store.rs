@@ -2,6 +2,9 @@
 //! `json_populate_recordset` (amounts travel as strings, so nothing is rounded on the way, and a
 //! `json` column keeps its value's text as written, as `COPY` keeps it).
 
+use std::any::Any;
+
+use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::encode::IsNull;
 use sqlx::postgres::PgArgumentBuffer;
@@ -96,10 +99,35 @@ impl CopyFields {
     /// Writes the next column's value. Only types whose binary form needs nothing resolved later
     /// belong here: numbers, text, uuids, instants, decimals and `Option`s of them; JSON goes
     /// through `json` (sqlx's `Json` leaves a fix-up for a `json` parameter behind per value).
-    pub fn field<T: Encode<'static, Postgres>>(&mut self, value: &T) {
+    pub fn field<T: Encode<'static, Postgres> + Any>(&mut self, value: &T) {
+        // sqlx sends every zero as a numeric of scale 0, where the text the live path binds
+        // ("0.00") keeps its scale: decimals are written here, scale and all.
+        let any: &dyn Any = value;
+        if let Some(decimal) = any.downcast_ref::<Decimal>() {
+            return self.decimal(decimal);
+        }
+        if let Some(Some(decimal)) = any.downcast_ref::<Option<Decimal>>() {
+            return self.decimal(decimal);
+        }
         let at = self.open();
         let written = value.encode_by_ref(&mut self.out);
         self.close(at, written);
+    }
+
+    /// Writes a `numeric` with the decimal's scale, a zero too (no digits, its scale as the
+    /// display scale), as `numeric_in` keeps "0.00".
+    fn decimal(&mut self, value: &Decimal) {
+        if !value.is_zero() {
+            let at = self.open();
+            let written = value.encode_by_ref(&mut self.out);
+            return self.close(at, written);
+        }
+        let at = self.open();
+        self.out.extend_from_slice(&0i16.to_be_bytes()); // digits
+        self.out.extend_from_slice(&0i16.to_be_bytes()); // weight
+        self.out.extend_from_slice(&0u16.to_be_bytes()); // sign: positive, as PostgreSQL keeps every zero
+        self.out.extend_from_slice(&(value.scale() as u16).to_be_bytes()); // display scale
+        self.close(at, Ok(IsNull::No));
     }
 
     /// Writes the next column's value as `json`, whose binary form is its text, as serde_json
