@@ -451,6 +451,11 @@ async fn a_rebuild_whose_read_model_fails_ends_with_that_error_and_leaves_the_li
     .expect_err("the journal's failure fails the rebuild");
     assert!(failed.to_string().contains("injected failure"), "{failed}");
     assert_eq!(digests(&db).await, before, "nothing was swapped in");
+    let status = projections::queries::status(&db.pool).await.unwrap();
+    assert!(
+        status.iter().all(|s| !s.rebuilding && s.generation == 1),
+        "a failed rebuild is not shown as going on: {status:?}"
+    );
     let reports = projections::rebuild::rebuild_all(&db.pool, &projections::projection::all(), |_, _| {})
         .await
         .unwrap();

@@ -126,10 +126,23 @@ pub async fn rebuild_all(
         }
         locked.push(name);
     }
+    let was_refused = refused.is_some();
     let rebuilt = match refused {
         Some(error) => Err(error),
         None => rebuild_locked(pool, projections, &mut progress, started).await,
     };
+    if rebuilt.is_err() && !was_refused {
+        // A failed rebuild is over: its read models are no longer shown as rebuilding (cleared
+        // while the locks are still held, so a rebuild started after keeps its own mark; a
+        // refused one marked nothing, and the rebuild holding the lock keeps its mark).
+        if let Err(error) = sqlx::query("UPDATE projection_status SET rebuilding = FALSE WHERE name = ANY($1) AND rebuilding")
+            .bind(&locked)
+            .execute(&mut *guard)
+            .await
+        {
+            tracing::warn!(%error, "a failed rebuild's read models are still marked as rebuilding");
+        }
+    }
     for name in locked {
         let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('billing.rebuild'), hashtext($1))")
             .bind(name)
