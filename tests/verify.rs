@@ -69,7 +69,7 @@ async fn verify_names_the_position_of_a_changed_payload() {
     log_with_events(&db, 30).await;
     tamper(
         &db,
-        "UPDATE events SET payload = jsonb_set(payload, '{amount}', '\"9.999999\"') WHERE position = 17",
+        "UPDATE events SET payload = jsonb_set(payload::jsonb, '{amount}', '\"9.999999\"')::json WHERE position = 17",
     )
     .await;
 
@@ -221,7 +221,7 @@ async fn a_stretch_of_the_chain_is_verified_on_its_own_and_a_missing_tail_is_not
     // A changed event inside the stretch, and the event before it changed.
     tamper(
         &db,
-        "UPDATE events SET payload = jsonb_set(payload, '{amount}', '\"9.999999\"') WHERE position = 15",
+        "UPDATE events SET payload = jsonb_set(payload::jsonb, '{amount}', '\"9.999999\"')::json WHERE position = 15",
     )
     .await;
     let report = verify_segment(&db.pool, 10, 20).await.unwrap();

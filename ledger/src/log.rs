@@ -12,6 +12,17 @@ use crate::event::{AppendError, AppendOutcome, AppendRequest, RecordedEvent, See
 use crate::subscription::Subscription;
 use crate::writer::{self, Job, NOTIFY_CHANNEL};
 
+/// Whether JSON text holds the escape of a NUL character: a `\u0000` whose backslash is not
+/// itself escaped (preceded by an even number of backslashes). `json` columns would store it,
+/// but PostgreSQL's text cannot hold it, so no `->>` could read the field back.
+fn holds_nul(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    json.match_indices("\\u0000").any(|(start, _)| {
+        let escaped = bytes[..start].iter().rev().take_while(|&&byte| byte == b'\\').count();
+        escaped % 2 == 0
+    })
+}
+
 /// Longest payload or metadata of one event, as JSON (PostgreSQL's limit on a field is 1 GiB).
 pub const JSON_BYTES_MAX: usize = 256 * 1024 * 1024;
 
@@ -120,6 +131,11 @@ impl EventLog {
                 "an event's payload or metadata is at most {JSON_BYTES_MAX} bytes of JSON, this one {}",
                 payload.len().max(metadata.len())
             )));
+        }
+        if json.iter().any(|(payload, metadata)| holds_nul(payload) || holds_nul(metadata)) {
+            return Err(AppendError::Invalid(
+                "an event's payload or metadata holds a NUL character (\\u0000), which PostgreSQL's text cannot".into(),
+            ));
         }
         let (reply, answer) = oneshot::channel();
         self.inner
@@ -349,5 +365,21 @@ impl HeadedRow {
             .as_slice()
             .try_into()
             .map_err(|_| sqlx::Error::Protocol(format!("ledger_head.hash is {} bytes, not 32", self.head_hash.len())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::holds_nul;
+
+    #[test]
+    fn a_nul_escape_is_found_and_an_escaped_backslash_before_u0000_is_not_one() {
+        let text = |value: &str| serde_json::to_string(value).unwrap();
+        assert!(holds_nul(&text("a\u{0000}b")));
+        assert!(holds_nul(&text("\\\u{0000}")));
+        // The six characters `\u0000` as text, not a NUL: their backslash is escaped.
+        assert!(!holds_nul(&text("\\u0000")));
+        assert!(!holds_nul(&text("\\\\u0000")));
+        assert!(!holds_nul(&text("plain \u{0001}")));
     }
 }

@@ -563,8 +563,6 @@ struct CopyRows {
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC), for `timestamptz`.
 const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
-/// The JSON text of a binary `jsonb` is preceded by its format's version.
-const JSONB_VERSION: u8 = 1;
 const EVENT_FIELDS: i16 = 12;
 /// The start of every binary `COPY` stream: its signature, no flags, no header extension.
 pub const COPY_BINARY_HEADER: &[u8; 19] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
@@ -589,12 +587,10 @@ impl CopyRows {
         field(out, event.event_id.as_bytes());
         field(out, event.event_type.as_bytes());
         field(out, &event.schema_version.to_be_bytes());
-        for json in [event.payload_json, event.metadata_json] {
-            // At most `JSON_BYTES_MAX`, checked by `EventLog::append`: the length fits.
-            out.extend_from_slice(&(json.len() as i32 + 1).to_be_bytes());
-            out.push(JSONB_VERSION);
-            out.extend_from_slice(json.as_bytes());
-        }
+        // `json` in binary form is its text; at most `JSON_BYTES_MAX`, checked by
+        // `EventLog::append`, so the length fits.
+        field(out, event.payload_json.as_bytes());
+        field(out, event.metadata_json.as_bytes());
         field(out, &self.recorded_at.to_be_bytes());
         field(out, &timestamptz(event.occurred_at).to_be_bytes());
         field(out, prev_hash);

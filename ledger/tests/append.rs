@@ -266,21 +266,25 @@ async fn bad_appends_are_refused_with_a_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_the_database_refuses_does_not_sink_its_batch() {
     let db = TestDatabase::new().await;
+    // Something only the database refuses: a trigger of this test's own, for one stream.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_s17() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
+         CREATE TRIGGER refuse_s17 BEFORE INSERT ON events FOR EACH ROW \
+         WHEN (NEW.stream_id = 's-17') EXECUTE FUNCTION refuse_s17();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let log = open(&db).await;
     let mut tasks = Vec::new();
     for index in 0..50 {
         let log = log.clone();
         tasks.push(tokio::spawn(async move {
-            // PostgreSQL's jsonb cannot hold a NUL character.
-            let payload = if index == 17 {
-                json!({"text": "nul\u{0000}here"})
-            } else {
-                json!({"index": index})
-            };
             log.append(AppendRequest::single(
                 format!("s-{index}"),
                 ExpectedVersion::NoStream,
-                vec![NewEvent::new("E", payload)],
+                vec![NewEvent::new("E", json!({"index": index}))],
             ))
             .await
         }));
@@ -760,4 +764,149 @@ async fn an_appends_outcome_vouches_for_the_versions_it_left_until_they_move() {
         .map(|event| event.stream_version)
         .collect();
     assert_eq!(versions, vec![1, 2, 3]);
+}
+
+#[tokio::test]
+async fn a_nul_character_is_refused_before_the_database_and_a_backslash_u0000_text_is_not() {
+    let db = TestDatabase::new().await;
+    let log = open(&db).await;
+    for (stream, payload, metadata) in [
+        ("nul-payload", json!({"text": "nul\u{0000}here"}), json!({})),
+        ("nul-metadata", json!({}), json!({"actor": "a\u{0000}"})),
+        ("nul-key", json!({"k\u{0000}": 1}), json!({})),
+    ] {
+        let refused = log
+            .append(AppendRequest::single(
+                stream,
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("E", payload).with_metadata(metadata)],
+            ))
+            .await;
+        match refused {
+            Err(AppendError::Invalid(message)) => assert!(message.contains("NUL"), "{message}"),
+            other => panic!("{stream}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM events").await, 0);
+    // The six characters `\u0000` are text like any other, stored and read back by `->>`.
+    log.append(AppendRequest::single(
+        "text",
+        ExpectedVersion::NoStream,
+        vec![NewEvent::new("E", json!({"text": "\\u0000"}))],
+    ))
+    .await
+    .unwrap();
+    let text: String = sqlx::query_scalar("SELECT payload->>'text' FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(text, "\\u0000");
+}
+
+/// A log written before payloads and metadata were kept as `json` (migration 0017 converts them
+/// from `jsonb` in place): its events read back as they were, every hash still verifies, and
+/// appends go on after them.
+#[tokio::test]
+async fn a_log_stored_as_jsonb_reads_back_and_verifies_after_its_columns_become_json() {
+    use ledger::chain::{Envelope, GENESIS_HASH};
+    use sqlx::Connection;
+
+    let db = TestDatabase::new().await;
+    let name = format!("billing_upgrade_{}", Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect_with(&db.server.options("postgres")).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.unwrap();
+    let pool = sqlx::PgPool::connect_with(db.server.options(&name)).await.unwrap();
+    let before = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(ledger::MIGRATOR.migrations.iter().filter(|m| m.version < 17).cloned().collect()),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before.run(&pool).await.unwrap();
+
+    // Five events as the log stored them then: the canonical text hashed, the value kept as jsonb.
+    let at = chrono::DateTime::parse_from_rfc3339("2026-03-01T10:00:00.123456Z")
+        .unwrap()
+        .to_utc();
+    let mut prev_hash = GENESIS_HASH;
+    let mut scratch = Vec::new();
+    for position in 1..=5i64 {
+        let payload = format!(r#"{{"amount":"1.50","nested":{{"b":[1,2.5,"x"],"a":null}},"n":{position}}}"#);
+        let payload = ledger::chain::canonical_json(&serde_json::from_str(&payload).unwrap());
+        let metadata = r#"{"actor_id":"before","actor_kind":"system"}"#;
+        let event_id = Uuid::new_v4();
+        let hash = Envelope {
+            position,
+            stream_id: "s-old",
+            stream_version: position,
+            event_id,
+            event_type: "E",
+            schema_version: 1,
+            payload_json: &payload,
+            metadata_json: metadata,
+            recorded_at: at,
+            occurred_at: at,
+        }
+        .hash(&prev_hash, &mut scratch);
+        sqlx::query(
+            "INSERT INTO events (position, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, \
+             recorded_at, occurred_at, prev_hash, hash) VALUES ($1, 's-old', $1, $2, 'E', 1, $3::jsonb, $4::jsonb, $5, $5, $6, $7)",
+        )
+        .bind(position)
+        .bind(event_id)
+        .bind(&payload)
+        .bind(metadata)
+        .bind(at)
+        .bind(&prev_hash[..])
+        .bind(&hash[..])
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query("UPDATE ledger_head SET position = $1, hash = $2")
+            .bind(position)
+            .bind(&hash[..])
+            .execute(&pool)
+            .await
+            .unwrap();
+        prev_hash = hash;
+    }
+
+    ledger::MIGRATOR.run(&pool).await.unwrap();
+    let stored: String = sqlx::query_scalar("SELECT payload::text FROM events WHERE position = 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(stored.contains("\": "), "the stored text keeps jsonb's rendering: {stored}");
+    let report = ledger::verify::verify_chain(&pool, None, |_, _| {}).await.unwrap();
+    assert!(report.ok && report.events_checked == 5, "{report:?}");
+
+    let log = EventLog::open(pool.clone(), LogConfig::default()).await.unwrap();
+    let read = log.read_stream("s-old", 0, 10).await.unwrap();
+    assert_eq!(read.len(), 5);
+    assert_eq!(
+        read[2].payload,
+        json!({"amount": "1.50", "nested": {"a": null, "b": [1, 2.5, "x"]}, "n": 3})
+    );
+    log.append(AppendRequest::single(
+        "s-old",
+        ExpectedVersion::Exact(5),
+        vec![NewEvent::new("E", json!({"amount": "2.00", "n": 6}))],
+    ))
+    .await
+    .unwrap();
+    let stored: String = sqlx::query_scalar("SELECT payload::text FROM events WHERE position = 6")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored, r#"{"amount":"2.00","n":6}"#,
+        "new events are stored as the canonical text hashed"
+    );
+    let report = ledger::verify::verify_chain(&pool, None, |_, _| {}).await.unwrap();
+    assert!(report.ok && report.events_checked == 6, "{report:?}");
+
+    drop(log);
+    pool.close().await;
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
 }

@@ -18,7 +18,7 @@ pub async fn balance_as_of(pool: &PgPool, account_id: AccountId, at: DateTime<Ut
     let event: Option<ledger::RecordedEvent> = sqlx::query_as(
         "SELECT position, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, \
                 recorded_at, occurred_at, prev_hash, hash \
-         FROM events WHERE stream_id = $1 AND occurred_at <= $2 AND payload ? 'figures' \
+         FROM events WHERE stream_id = $1 AND occurred_at <= $2 AND payload->'figures' IS NOT NULL \
          ORDER BY stream_version DESC LIMIT 1",
     )
     .bind(account_id.stream_id())

@@ -1,0 +1,15 @@
+-- Upgrade note: processes of the previous version must be stopped before this runs (their writer
+-- sends payloads in jsonb's binary form). The table is rewritten once, under an exclusive lock.
+-- An event's payload and metadata are kept as the canonical JSON text the appender hashed
+-- (`json`, which PostgreSQL only validates) rather than parsed into `jsonb` and rendered again on
+-- every read: the appender's `COPY` no longer builds a jsonb tree per event, and loads, the
+-- projectors and `verify` read the text as written. Events stored before keep jsonb's rendering
+-- of the same values; their hashes are over the canonical text, which `verify` recomputes from
+-- the parsed value either way. The log refuses a NUL character itself (`json` would store it,
+-- and no `->>` could read it back), as `jsonb` did.
+DROP INDEX events_idempotency_key;
+ALTER TABLE events
+    ALTER COLUMN payload TYPE JSON USING payload::json,
+    ALTER COLUMN metadata TYPE JSON USING metadata::json;
+CREATE INDEX events_idempotency_key ON events ((metadata->>'idempotency_key'))
+    WHERE (metadata->>'idempotency_key') IS NOT NULL;
