@@ -528,6 +528,10 @@ async fn fleet(
         append.await??;
     }
     projections::runner::catch_up_all(pool).await?;
+    // A fleet billed hour after hour has statistics by then (autovacuum analyses a table within
+    // a minute of this many inserts); one made a moment ago has none, and without them PostgreSQL
+    // plans each stream of a batch's load as a bitmap scan and a sort, not one index scan.
+    sqlx::query("ANALYZE events").execute(pool).await?;
     Ok((flows, clock))
 }
 
