@@ -393,54 +393,48 @@ async fn commit_batch(
         head_position,
     } = decided;
     if !appended.is_empty() {
-        // Chain and encode the rows, sending them in chunks as they are made.
-        let mut copy = tx.copy_in_raw(COPY_EVENTS).await?;
-        let mut rows = CopyRows::new(recorded_at);
-        let mut position = locked_position + 1;
-        for (job, after_versions) in &appended {
-            let mut json = job.json.iter();
-            for (stream, after_version) in job.request.streams.iter().zip(after_versions) {
-                for (event, version) in stream.events.iter().zip(after_version + 1..) {
-                    let (payload_json, metadata_json) = json.next().expect("one JSON pair per event");
-                    let envelope = Envelope {
-                        position,
-                        stream_id: &stream.stream_id,
-                        stream_version: version,
-                        event_id: event.event_id,
-                        event_type: &event.event_type,
-                        schema_version: event.schema_version,
-                        payload_json,
-                        metadata_json,
-                        recorded_at,
-                        occurred_at: event.occurred_at.map(to_stored_precision).unwrap_or(recorded_at),
-                    };
-                    let hash = envelope.hash(&head_hash, scratch);
-                    rows.push(&envelope, &head_hash, &hash);
-                    head_hash = hash;
-                    position += 1;
-                    if rows.bytes.len() >= COPY_CHUNK_BYTES {
-                        rows.send(&mut copy).await?;
-                    }
+        let envelopes = envelopes(&appended, locked_position + 1, recorded_at);
+        debug_assert_eq!(locked_position + envelopes.len() as i64, head_position);
+        let count = envelopes.len() as u64;
+        let copied = if envelopes.len() <= INSERT_EVENTS_MAX {
+            // A small batch in one statement: its rows, the head and the notification.
+            let mut rows = InsertRows::with_capacity(envelopes.len());
+            for envelope in &envelopes {
+                let hash = envelope.hash(&head_hash, scratch);
+                rows.push(envelope, &head_hash, &hash);
+                head_hash = hash;
+            }
+            rows.insert(&mut tx, recorded_at, head_position, &head_hash).await?
+        } else {
+            // Chain and encode the rows, sending them in chunks as they are made.
+            let mut copy = tx.copy_in_raw(COPY_EVENTS).await?;
+            let mut rows = CopyRows::new(recorded_at);
+            for envelope in &envelopes {
+                let hash = envelope.hash(&head_hash, scratch);
+                rows.push(envelope, &head_hash, &hash);
+                head_hash = hash;
+                if rows.bytes.len() >= COPY_CHUNK_BYTES {
+                    rows.send(&mut copy).await?;
                 }
             }
-        }
-        debug_assert_eq!(position, head_position + 1);
-        rows.finish();
-        rows.send(&mut copy).await?;
-        let copied = copy.finish().await?;
-        if copied != rows.count {
+            rows.finish();
+            rows.send(&mut copy).await?;
+            let copied = copy.finish().await?;
+            sqlx::query(
+                "WITH moved AS (UPDATE ledger_head SET position = $1, hash = $2 WHERE singleton RETURNING position) \
+                 SELECT pg_notify($3, position::text) FROM moved",
+            )
+            .bind(head_position)
+            .bind(head_hash.to_vec())
+            .bind(NOTIFY_CHANNEL)
+            .execute(&mut *tx)
+            .await?;
+            copied
+        };
+        if copied != count {
             // Positions are assigned in memory: a row not stored would be a gap. Roll back.
-            return Err(sqlx::Error::Protocol(format!("COPY stored {copied} of {} events", rows.count)));
+            return Err(sqlx::Error::Protocol(format!("stored {copied} of {count} events")));
         }
-        sqlx::query(
-            "WITH moved AS (UPDATE ledger_head SET position = $1, hash = $2 WHERE singleton RETURNING position) \
-             SELECT pg_notify($3, position::text) FROM moved",
-        )
-        .bind(head_position)
-        .bind(head_hash.to_vec())
-        .bind(NOTIFY_CHANNEL)
-        .execute(&mut *tx)
-        .await?;
         // Noted before the commit (so the next batch, granted the lock the moment this one
         // commits, finds it); should the commit not happen, the log never vouches for it.
         let written = unique(appended.iter().flat_map(|(job, _)| {
@@ -549,6 +543,130 @@ fn vouch_for_outcomes(jobs: &[&Job], results: &mut [Result<AppendOutcome, Append
                 outcome.seen_at = Some(head);
             }
         }
+    }
+}
+
+/// The envelope of every event appended by a batch, in position order from `first_position`.
+fn envelopes<'j>(appended: &[(&'j Job, Vec<i64>)], first_position: i64, recorded_at: DateTime<Utc>) -> Vec<Envelope<'j>> {
+    let mut envelopes = Vec::new();
+    let mut position = first_position;
+    for &(job, ref after_versions) in appended {
+        let mut json = job.json.iter();
+        for (stream, after_version) in job.request.streams.iter().zip(after_versions) {
+            for (event, version) in stream.events.iter().zip(after_version + 1..) {
+                let (payload_json, metadata_json) = json.next().expect("one JSON pair per event");
+                envelopes.push(Envelope {
+                    position,
+                    stream_id: &stream.stream_id,
+                    stream_version: version,
+                    event_id: event.event_id,
+                    event_type: &event.event_type,
+                    schema_version: event.schema_version,
+                    payload_json,
+                    metadata_json,
+                    recorded_at,
+                    occurred_at: event.occurred_at.map(to_stored_precision).unwrap_or(recorded_at),
+                });
+                position += 1;
+            }
+        }
+    }
+    envelopes
+}
+
+/// Batches of at most this many events are written by one `INSERT` (rows, head and notification
+/// in one round trip, its plan prepared once), larger ones by `COPY`, which costs two round
+/// trips more but less per row.
+const INSERT_EVENTS_MAX: usize = 256;
+
+/// A small batch's rows as arrays, one per column, for one `INSERT ... SELECT FROM unnest`.
+#[derive(Default)]
+struct InsertRows<'j> {
+    positions: Vec<i64>,
+    stream_ids: Vec<&'j str>,
+    stream_versions: Vec<i64>,
+    event_ids: Vec<Uuid>,
+    event_types: Vec<&'j str>,
+    schema_versions: Vec<i32>,
+    payloads: Vec<&'j str>,
+    metadata: Vec<&'j str>,
+    occurred_at: Vec<DateTime<Utc>>,
+    prev_hashes: Vec<Vec<u8>>,
+    hashes: Vec<Vec<u8>>,
+}
+
+impl<'j> InsertRows<'j> {
+    fn with_capacity(rows: usize) -> InsertRows<'j> {
+        InsertRows {
+            positions: Vec::with_capacity(rows),
+            stream_ids: Vec::with_capacity(rows),
+            stream_versions: Vec::with_capacity(rows),
+            event_ids: Vec::with_capacity(rows),
+            event_types: Vec::with_capacity(rows),
+            schema_versions: Vec::with_capacity(rows),
+            payloads: Vec::with_capacity(rows),
+            metadata: Vec::with_capacity(rows),
+            occurred_at: Vec::with_capacity(rows),
+            prev_hashes: Vec::with_capacity(rows),
+            hashes: Vec::with_capacity(rows),
+        }
+    }
+
+    fn push(&mut self, event: &Envelope<'j>, prev_hash: &[u8; 32], hash: &[u8; 32]) {
+        self.positions.push(event.position);
+        self.stream_ids.push(event.stream_id);
+        self.stream_versions.push(event.stream_version);
+        self.event_ids.push(event.event_id);
+        self.event_types.push(event.event_type);
+        self.schema_versions.push(event.schema_version);
+        self.payloads.push(event.payload_json);
+        self.metadata.push(event.metadata_json);
+        self.occurred_at.push(event.occurred_at);
+        self.prev_hashes.push(prev_hash.to_vec());
+        self.hashes.push(hash.to_vec());
+    }
+
+    /// Inserts the rows, moves the head to `head_position` and `head_hash` and notifies, in one
+    /// statement; returns how many rows were stored.
+    async fn insert(
+        self,
+        tx: &mut Transaction<'static, Postgres>,
+        recorded_at: DateTime<Utc>,
+        head_position: i64,
+        head_hash: &[u8; 32],
+    ) -> Result<u64, sqlx::Error> {
+        let (stored,): (i64,) = sqlx::query_as(
+            "WITH stored AS ( \
+                 INSERT INTO events (position, stream_id, stream_version, event_id, event_type, schema_version, \
+                                     payload, metadata, recorded_at, occurred_at, prev_hash, hash) \
+                 SELECT r.position, r.stream_id, r.stream_version, r.event_id, r.event_type, r.schema_version, \
+                        r.payload::json, r.metadata::json, $9, r.occurred_at, r.prev_hash, r.hash \
+                 FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int4[], $7::text[], \
+                             $8::text[], $10::timestamptz[], $11::bytea[], $12::bytea[]) \
+                      AS r(position, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, \
+                           occurred_at, prev_hash, hash) \
+                 RETURNING 1), \
+             moved AS (UPDATE ledger_head SET position = $13, hash = $14 WHERE singleton RETURNING position) \
+             SELECT (SELECT count(*) FROM stored), pg_notify($15, position::text) FROM moved",
+        )
+        .bind(&self.positions)
+        .bind(&self.stream_ids)
+        .bind(&self.stream_versions)
+        .bind(&self.event_ids)
+        .bind(&self.event_types)
+        .bind(&self.schema_versions)
+        .bind(&self.payloads)
+        .bind(&self.metadata)
+        .bind(recorded_at)
+        .bind(&self.occurred_at)
+        .bind(&self.prev_hashes)
+        .bind(&self.hashes)
+        .bind(head_position)
+        .bind(head_hash.to_vec())
+        .bind(NOTIFY_CHANNEL)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(stored as u64)
     }
 }
 

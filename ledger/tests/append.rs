@@ -910,3 +910,72 @@ async fn a_log_stored_as_jsonb_reads_back_and_verifies_after_its_columns_become_
         .await
         .unwrap();
 }
+
+/// Small batches are written by one `INSERT`, large ones by `COPY`: rows written either way are
+/// the same fields as appended, chain on from each other and verify.
+#[tokio::test]
+async fn rows_written_by_insert_and_by_copy_are_the_events_appended_and_chain_on() {
+    let db = TestDatabase::new().await;
+    let log = open(&db).await;
+    use chrono::SubsecRound;
+    let occurred = chrono::DateTime::parse_from_rfc3339("2026-05-01T08:30:00.1234567Z")
+        .unwrap()
+        .to_utc();
+    let events = |count: usize, tag: &str| -> Vec<NewEvent> {
+        (0..count)
+            .map(|index| {
+                NewEvent::new("E", json!({"tag": tag, "index": index, "text": "ü \"q\" \\ /"}))
+                    .with_schema_version(2)
+                    .with_metadata(json!({"idempotency_key": format!("{tag}-{index}")}))
+                    .occurred_at(occurred)
+            })
+            .collect()
+    };
+    // One event (INSERT), 300 (COPY), 40 over two streams (INSERT), 300 again (COPY).
+    for (stream, count, tag) in [("a", 1, "one"), ("b", 300, "copy"), ("c", 40, "insert"), ("d", 300, "copy2")] {
+        let mut appended = events(count, tag);
+        let streams = if stream == "c" {
+            let rest = appended.split_off(count / 2);
+            vec![
+                ledger::StreamAppend::new("c1", ExpectedVersion::NoStream, appended),
+                ledger::StreamAppend::new("c2", ExpectedVersion::NoStream, rest),
+            ]
+        } else {
+            vec![ledger::StreamAppend::new(stream, ExpectedVersion::NoStream, appended)]
+        };
+        log.append(AppendRequest { streams }).await.unwrap();
+    }
+    let rows: Vec<(i64, String, i64, i32, String, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT position, stream_id, stream_version, schema_version, payload::text, metadata::text, occurred_at FROM events ORDER BY position",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 641);
+    for (index, (position, stream_id, version, schema_version, payload, metadata, occurred_at)) in rows.iter().enumerate() {
+        assert_eq!(*position, index as i64 + 1);
+        assert_eq!(*schema_version, 2);
+        assert_eq!(*occurred_at, occurred.trunc_subsecs(6));
+        let (tag, at) = match stream_id.as_str() {
+            "a" => ("one", version - 1),
+            "b" => ("copy", version - 1),
+            "c1" => ("insert", version - 1),
+            "c2" => ("insert", version - 1 + 20),
+            "d" => ("copy2", version - 1),
+            other => panic!("stream {other}"),
+        };
+        assert_eq!(
+            *payload,
+            format!(r#"{{"index":{at},"tag":"{tag}","text":"ü \"q\" \\ /"}}"#),
+            "position {position}"
+        );
+        assert_eq!(*metadata, format!(r#"{{"idempotency_key":"{tag}-{at}"}}"#));
+    }
+    let found: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE metadata->>'idempotency_key' = 'insert-25'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(found, 1);
+    let report = ledger::verify::verify_chain(&db.pool, None, |_, _| {}).await.unwrap();
+    assert!(report.ok && report.events_checked == 641, "{report:?}");
+}
