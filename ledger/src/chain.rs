@@ -38,13 +38,13 @@ impl Envelope<'_> {
         out.extend_from_slice(b",\"metadata\":");
         out.extend_from_slice(self.metadata_json.as_bytes());
         out.extend_from_slice(b",\"occurred_at\":\"");
-        out.extend_from_slice(format_instant(self.occurred_at).as_bytes());
+        write_instant(out, self.occurred_at);
         out.extend_from_slice(b"\",\"payload\":");
         out.extend_from_slice(self.payload_json.as_bytes());
         out.extend_from_slice(b",\"position\":");
         out.extend_from_slice(self.position.to_string().as_bytes());
         out.extend_from_slice(b",\"recorded_at\":\"");
-        out.extend_from_slice(format_instant(self.recorded_at).as_bytes());
+        write_instant(out, self.recorded_at);
         out.extend_from_slice(b"\",\"schema_version\":");
         out.extend_from_slice(self.schema_version.to_string().as_bytes());
         out.extend_from_slice(b",\"stream_id\":");
@@ -93,6 +93,36 @@ pub fn to_stored_precision(instant: DateTime<Utc>) -> DateTime<Utc> {
 
 fn format_instant(instant: DateTime<Utc>) -> String {
     instant.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// Writes `format_instant(instant)`: digit by digit for years 0 to 9999 outside a leap second
+/// (every instant PostgreSQL stores in that range), through chrono's formatter otherwise.
+fn write_instant(out: &mut Vec<u8>, instant: DateTime<Utc>) {
+    use chrono::{Datelike, Timelike};
+    let (year, nanos) = (instant.year(), instant.nanosecond());
+    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
+        out.extend_from_slice(format_instant(instant).as_bytes());
+        return;
+    }
+    let digits = |out: &mut Vec<u8>, value: u32, width: u32| {
+        for place in (0..width).rev() {
+            out.push(b'0' + (value / 10u32.pow(place) % 10) as u8);
+        }
+    };
+    digits(out, year as u32, 4);
+    out.push(b'-');
+    digits(out, instant.month(), 2);
+    out.push(b'-');
+    digits(out, instant.day(), 2);
+    out.push(b'T');
+    digits(out, instant.hour(), 2);
+    out.push(b':');
+    digits(out, instant.minute(), 2);
+    out.push(b':');
+    digits(out, instant.second(), 2);
+    out.push(b'.');
+    digits(out, nanos / 1_000, 6);
+    out.push(b'Z');
 }
 
 /// The canonical JSON text of a value (keys sorted by bytes, no whitespace).
@@ -153,6 +183,45 @@ mod tests {
             metadata_json: metadata,
             recorded_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456Z").unwrap().to_utc(),
             occurred_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z").unwrap().to_utc(),
+        }
+    }
+
+    proptest::proptest! {
+        /// The envelope's instants are written as chrono's formatter writes them, for any instant
+        /// from 4713 BC to 294276 AD (PostgreSQL's range) and beyond, leap seconds included.
+        #[test]
+        fn instants_are_written_as_chrono_formats_them(micros in -220_000_000_000_000_000i64..8_000_000_000_000_000_000i64, leap in 0u32..1_000_000) {
+            let instant = DateTime::<Utc>::from_timestamp_micros(micros).unwrap();
+            let mut out = Vec::new();
+            write_instant(&mut out, instant);
+            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), format_instant(instant));
+            // A leap second (chrono keeps it as a nanosecond count past a whole second).
+            let leap = chrono::NaiveTime::from_hms_nano_opt(23, 59, 59, 1_000_000_000 + leap * 1_000).unwrap();
+            let instant = instant.date_naive().and_time(leap).and_utc();
+            let mut out = Vec::new();
+            write_instant(&mut out, instant);
+            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), format_instant(instant));
+        }
+    }
+
+    #[test]
+    fn instants_at_the_edges_of_the_fast_path_are_written_as_chrono_formats_them() {
+        for text in [
+            "0000-01-01T00:00:00Z",
+            "0001-02-03T04:05:06.000001Z",
+            "1999-12-31T23:59:59.999999Z",
+            "2026-11-29T12:00:00.5Z",
+            "9999-12-31T23:59:59.999999Z",
+            "-0001-12-31T23:59:59Z",
+            "+10000-01-01T00:00:00Z",
+        ] {
+            let instant = DateTime::parse_from_rfc3339(text)
+                .map(|instant| instant.to_utc())
+                .or_else(|_| text.parse::<DateTime<Utc>>())
+                .unwrap_or_else(|error| panic!("{text}: {error}"));
+            let mut out = Vec::new();
+            write_instant(&mut out, instant);
+            assert_eq!(String::from_utf8(out).unwrap(), format_instant(instant), "{text}");
         }
     }
 
