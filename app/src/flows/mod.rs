@@ -174,7 +174,8 @@ impl Flows {
         // Within the keys' retention: a key reused after it is a new request (whose ids, derived
         // from the key, the domain then refuses to make again, as a conflict).
         let found: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM events WHERE metadata->>'idempotency_key' = $1 \
+            "SELECT EXISTS (SELECT 1 FROM events WHERE metadata::text LIKE '%\"idempotency_key\"%' \
+             AND metadata->>'idempotency_key' = $1 \
              AND recorded_at > $2)",
         )
         .bind(key)
