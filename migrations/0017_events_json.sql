@@ -7,7 +7,7 @@
 -- of the same values; their hashes are over the canonical text, which `verify` recomputes from
 -- the parsed value either way. The log refuses a NUL character itself (`json` would store it,
 -- and no `->>` could read it back), as `jsonb` did.
-DROP INDEX events_idempotency_key;
+DROP INDEX IF EXISTS events_idempotency_key;
 ALTER TABLE events
     ALTER COLUMN payload TYPE JSON USING payload::json,
     ALTER COLUMN metadata TYPE JSON USING metadata::json;
@@ -16,3 +16,5 @@ ALTER TABLE events
 -- only has a NULL entry; a query names the same predicate so that the index serves it.
 CREATE INDEX events_idempotency_key ON events ((metadata->>'idempotency_key'))
     WHERE metadata::text LIKE '%"idempotency_key"%';
+-- The rewritten table and its rebuilt indexes get their statistics now, not at autovacuum's turn.
+ANALYZE events;

@@ -240,3 +240,55 @@ async fn a_stretch_of_the_chain_is_verified_on_its_own_and_a_missing_tail_is_not
     let report = verify_segment(&db.pool, 30, 40).await.unwrap();
     assert_eq!((report.ok, report.first_bad_position), (false, Some(38)), "{report:?}");
 }
+
+/// Since payloads are kept as the text hashed (`json`), verify checks the text too: text that
+/// parses to the same value but reads otherwise (a key given twice, an escape) is named, while
+/// jsonb's rendering of the value (as events stored before that change hold it) passes.
+#[tokio::test]
+async fn verify_names_an_event_whose_text_was_rewritten_to_the_same_value() {
+    use ledger::verify::verify_segment;
+    let db = TestDatabase::new().await;
+    log_with_events(&db, 30).await;
+    // jsonb's rendering of the same value: what a log migrated from jsonb holds.
+    for position in 1..=12 {
+        tamper(
+            &db,
+            &format!(
+                "UPDATE events SET payload = payload::jsonb::text::json, metadata = metadata::jsonb::text::json WHERE position = {position}"
+            ),
+        )
+        .await;
+    }
+    let rendered: String = sqlx::query_scalar("SELECT payload::text FROM events WHERE position = 3")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rendered, r#"{"slot": 2, "amount": "0.000002"}"#);
+    let output = billing(&db, &["verify"]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(verify_segment(&db.pool, 1, 30).await.unwrap().ok);
+
+    // The amount given twice: the value parsed (the last wins) still hashes as stored.
+    tamper(
+        &db,
+        r#"UPDATE events SET payload = ('{"amount":"9.999999",' || substr(payload::text, 2))::json WHERE position = 17"#,
+    )
+    .await;
+    let output = billing(&db, &["verify"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let text = stdout(&output);
+    assert!(text.starts_with("FAILED at position 17:"), "{text}");
+    assert!(text.contains("stored as other text than was hashed"), "{text}");
+    let report = verify_segment(&db.pool, 10, 20).await.unwrap();
+    assert_eq!((report.ok, report.first_bad_position), (false, Some(17)), "{report:?}");
+    assert_eq!(report.events_checked, 7, "{report:?}");
+
+    // An escape in a key, earlier in the log, is found first.
+    tamper(
+        &db,
+        r#"UPDATE events SET payload = replace(payload::text, '"amount"', '"\u0061mount"')::json WHERE position = 14"#,
+    )
+    .await;
+    let output = billing(&db, &["verify"]);
+    assert!(stdout(&output).starts_with("FAILED at position 14:"), "{}", stdout(&output));
+}

@@ -15,7 +15,7 @@ use crate::writer::{self, Job, NOTIFY_CHANNEL};
 /// Whether JSON text holds the escape of a NUL character: a `\u0000` whose backslash is not
 /// itself escaped (preceded by an even number of backslashes). `json` columns would store it,
 /// but PostgreSQL's text cannot hold it, so no `->>` could read the field back.
-fn holds_nul(json: &str) -> bool {
+pub(crate) fn holds_nul(json: &str) -> bool {
     let bytes = json.as_bytes();
     json.match_indices("\\u0000").any(|(start, _)| {
         let escaped = bytes[..start].iter().rev().take_while(|&&byte| byte == b'\\').count();

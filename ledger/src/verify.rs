@@ -3,7 +3,7 @@
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::chain::GENESIS_HASH;
+use crate::chain::{canonical_json, Envelope, GENESIS_HASH};
 
 const PAGE_SIZE: usize = 5_000;
 
@@ -76,31 +76,47 @@ pub async fn verify_chain(pool: &PgPool, anchor: Option<Anchor>, mut progress: i
         problem: Some(problem),
     };
     loop {
-        let page = crate::log::read_after(&mut *snapshot, previous_position, PAGE_SIZE).await?;
-        for event in &page {
+        let page = read_stored(&mut *snapshot, previous_position, PAGE_SIZE).await?;
+        // Events whose text is not the canonical text hashed, and the first failure of the page.
+        let mut unusual = Vec::new();
+        let mut failure = None;
+        for stored in &page {
+            let event = &stored.event;
             let expected_position = previous_position + 1;
             if event.position != expected_position {
                 let problem = format!(
                     "position {expected_position} is missing; the next stored event is {}",
                     event.position
                 );
-                return Ok(bad(events_checked, expected_position, problem, previous_hash));
+                failure = Some((events_checked, expected_position, problem, previous_hash));
+                break;
             }
             if event.prev_hash != previous_hash {
                 let problem = format!(
                     "prev_hash {} does not match the hash of position {previous_position}",
                     hex::encode(event.prev_hash)
                 );
-                return Ok(bad(events_checked, event.position, problem, previous_hash));
+                failure = Some((events_checked, event.position, problem, previous_hash));
+                break;
             }
-            let recomputed = event.recompute_hash(&previous_hash, &mut scratch);
+            let (recomputed, as_hashed) = stored.recompute(&previous_hash, &mut scratch);
             if recomputed != event.hash {
                 let problem = format!(
                     "stored hash {} differs from the recomputed {}: the event was changed after it was written",
                     hex::encode(event.hash),
                     hex::encode(recomputed)
                 );
-                return Ok(bad(events_checked, event.position, problem, previous_hash));
+                failure = Some((events_checked, event.position, problem, previous_hash));
+                break;
+            }
+            if !as_hashed {
+                // A NUL escape is refused by the appender and by `jsonb` alike: such text was
+                // never stored by the log (and would fail the cast to jsonb rather than report).
+                if crate::log::holds_nul(&stored.payload_text) || crate::log::holds_nul(&stored.metadata_text) {
+                    failure = Some((events_checked, event.position, TEXT_PROBLEM.into(), previous_hash));
+                    break;
+                }
+                unusual.push((event.position, events_checked, previous_hash));
             }
             if let Some(anchor) = anchor.filter(|anchor| anchor.position == event.position) {
                 anchor_seen = true;
@@ -110,12 +126,21 @@ pub async fn verify_chain(pool: &PgPool, anchor: Option<Anchor>, mut progress: i
                         hex::encode(anchor.hash),
                         hex::encode(event.hash)
                     );
-                    return Ok(bad(events_checked, event.position, problem, previous_hash));
+                    failure = Some((events_checked, event.position, problem, previous_hash));
+                    break;
                 }
             }
             events_checked += 1;
             previous_position = event.position;
             previous_hash = event.hash;
+        }
+        // Every event before the failure (if any) is in `unusual` if its text is unusual.
+        if let Some(position) = first_not_as_hashed(&mut *snapshot, &unusual).await? {
+            let (_, checked, hash_before) = unusual.iter().find(|(at, _, _)| *at == position).expect("one of those asked about");
+            return Ok(bad(*checked, position, TEXT_PROBLEM.into(), *hash_before));
+        }
+        if let Some((checked, position, problem, hash_before)) = failure {
+            return Ok(bad(checked, position, problem, hash_before));
         }
         progress(events_checked, total);
         if page.len() < PAGE_SIZE {
@@ -145,6 +170,87 @@ pub async fn verify_chain(pool: &PgPool, anchor: Option<Anchor>, mut progress: i
         first_bad_position: None,
         problem: None,
     })
+}
+
+const TEXT_PROBLEM: &str = "the payload or metadata is stored as other text than was hashed (the value \
+     hashes as stored, but readers of the text may read it otherwise): the event was changed after it was written";
+
+/// An event as verification reads it: as the log holds it, with its payload and metadata as the
+/// text stored.
+struct Stored {
+    event: crate::RecordedEvent,
+    payload_text: String,
+    metadata_text: String,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Stored {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Stored {
+            event: crate::RecordedEvent::from_row(row)?,
+            payload_text: row.try_get("payload_text")?,
+            metadata_text: row.try_get("metadata_text")?,
+        })
+    }
+}
+
+impl Stored {
+    /// The event's hash after `prev_hash`, recomputed from its values, and whether its text is
+    /// the canonical text of those values, as the appender hashed and stored it.
+    fn recompute(&self, prev_hash: &[u8; 32], scratch: &mut Vec<u8>) -> ([u8; 32], bool) {
+        let event = &self.event;
+        let payload_json = canonical_json(&event.payload);
+        let metadata_json = canonical_json(&event.metadata);
+        let hash = Envelope {
+            position: event.position,
+            stream_id: &event.stream_id,
+            stream_version: event.stream_version,
+            event_id: event.event_id,
+            event_type: &event.event_type,
+            schema_version: event.schema_version,
+            payload_json: &payload_json,
+            metadata_json: &metadata_json,
+            recorded_at: event.recorded_at,
+            occurred_at: event.occurred_at,
+        }
+        .hash(prev_hash, scratch);
+        (hash, self.payload_text == payload_json && self.metadata_text == metadata_json)
+    }
+}
+
+async fn read_stored<'e>(executor: impl sqlx::PgExecutor<'e>, after_position: i64, limit: usize) -> Result<Vec<Stored>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {}, payload::text AS payload_text, metadata::text AS metadata_text \
+         FROM events WHERE position > $1 ORDER BY position LIMIT $2",
+        crate::event::EVENT_COLUMNS
+    ))
+    .bind(after_position)
+    .bind(limit as i64)
+    .fetch_all(executor)
+    .await
+}
+
+/// Of events whose text is not the canonical text they were hashed in (`unusual`: position
+/// first), the first whose text is not jsonb's rendering of its value either. Events stored
+/// before payloads were kept as `json` (migration 0017) hold that rendering; any other text was
+/// written behind the log's back: keys given twice, escapes or spaces that the parsed value does
+/// not show, but a reader of the text (an index, a query's `->>`, a decoder that refuses a
+/// duplicate field) may.
+async fn first_not_as_hashed<'e, T>(
+    executor: impl sqlx::PgExecutor<'e>,
+    unusual: &[(i64, T, [u8; 32])],
+) -> Result<Option<i64>, sqlx::Error> {
+    if unusual.is_empty() {
+        return Ok(None);
+    }
+    let positions: Vec<i64> = unusual.iter().map(|(position, _, _)| *position).collect();
+    sqlx::query_scalar(
+        "SELECT min(position) FROM events WHERE position = ANY($1) \
+         AND NOT (payload::text = payload::jsonb::text AND metadata::text = metadata::jsonb::text)",
+    )
+    .bind(&positions)
+    .fetch_one(executor)
+    .await
 }
 
 /// The head reported with a failure is the last good position.
@@ -240,27 +346,45 @@ pub async fn verify_segment(pool: &PgPool, from: i64, to: i64) -> Result<Segment
     let mut scratch = Vec::with_capacity(1024);
     let mut position = from - 1;
     while position < to {
-        let page = crate::log::read_after(pool, position, PAGE_SIZE.min((to - position) as usize)).await?;
+        let page = read_stored(pool, position, PAGE_SIZE.min((to - position) as usize)).await?;
         if page.is_empty() {
             break;
         }
-        for event in page.iter().take_while(|event| event.position <= to) {
+        let mut unusual = Vec::new();
+        let mut failure = None;
+        for stored in page.iter().take_while(|stored| stored.event.position <= to) {
+            let event = &stored.event;
+            let (recomputed, as_hashed) = stored.recompute(&previous_hash, &mut scratch);
             let problem = if event.position != position + 1 {
                 Some(format!("position {} is missing", position + 1))
             } else if event.prev_hash != previous_hash {
                 Some("its prev_hash is not the hash of the event before".to_string())
-            } else if event.recompute_hash(&previous_hash, &mut scratch) != event.hash {
+            } else if recomputed != event.hash {
                 Some("its stored hash differs from the recomputed one: it was changed after it was written".to_string())
+            } else if !as_hashed && (crate::log::holds_nul(&stored.payload_text) || crate::log::holds_nul(&stored.metadata_text)) {
+                Some(TEXT_PROBLEM.to_string())
             } else {
                 None
             };
             if let Some(problem) = problem {
-                fail(&mut report, position + 1, problem);
-                return Ok(report);
+                failure = Some((position + 1, problem));
+                break;
+            }
+            if !as_hashed {
+                unusual.push((event.position, (), previous_hash));
             }
             report.events_checked += 1;
             position = event.position;
             previous_hash = event.hash;
+        }
+        if let Some(bad_position) = first_not_as_hashed(pool, &unusual).await? {
+            report.events_checked = (bad_position - report.from) as u64;
+            fail(&mut report, bad_position, TEXT_PROBLEM.to_string());
+            return Ok(report);
+        }
+        if let Some((bad_position, problem)) = failure {
+            fail(&mut report, bad_position, problem);
+            return Ok(report);
         }
     }
     // The head says the log reaches `to`: anything short of it is missing.

@@ -4,9 +4,9 @@
 //! (two of this process's batches overlap only in that the second waits for the lock while the
 //! first finishes); under that lock it reads the versions of the streams it cannot vouch for and
 //! the already stored event ids it must (`Checks`), decides each request (appended, duplicate,
-//! conflict), assigns positions `head + 1 ..` and the hash chain in memory, streams the rows to
-//! PostgreSQL with one binary `COPY` as it chains them, moves the head and notifies once, then
-//! commits. A request that fails its checks is answered without touching the others in its batch.
+//! conflict), assigns positions `head + 1 ..` and the hash chain in memory, writes the rows (a
+//! small batch with one `INSERT` that also moves the head and notifies, a large one streamed
+//! with binary `COPY` as it chains them, then the head and the notification), then commits. A request that fails its checks is answered without touching the others in its batch.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -396,7 +396,11 @@ async fn commit_batch(
         let envelopes = envelopes(&appended, locked_position + 1, recorded_at);
         debug_assert_eq!(locked_position + envelopes.len() as i64, head_position);
         let count = envelopes.len() as u64;
-        let copied = if envelopes.len() <= INSERT_EVENTS_MAX {
+        let json_bytes: usize = envelopes
+            .iter()
+            .map(|event| event.payload_json.len() + event.metadata_json.len())
+            .sum();
+        let copied = if envelopes.len() <= INSERT_EVENTS_MAX && json_bytes <= INSERT_JSON_BYTES_MAX {
             // A small batch in one statement: its rows, the head and the notification.
             let mut rows = InsertRows::with_capacity(envelopes.len());
             for envelope in &envelopes {
@@ -574,10 +578,12 @@ fn envelopes<'j>(appended: &[(&'j Job, Vec<i64>)], first_position: i64, recorded
     envelopes
 }
 
-/// Batches of at most this many events are written by one `INSERT` (rows, head and notification
-/// in one round trip, its plan prepared once), larger ones by `COPY`, which costs two round
-/// trips more but less per row.
+/// Batches of at most this many events (and `INSERT_JSON_BYTES_MAX` of JSON) are written by one
+/// `INSERT` (rows, head and notification in one round trip, its plan prepared once), larger ones
+/// by `COPY`, which costs two round trips more but less per row, and streams its rows in chunks
+/// where an `INSERT` sends every parameter in one message (at most 1 GiB).
 const INSERT_EVENTS_MAX: usize = 256;
+const INSERT_JSON_BYTES_MAX: usize = 1024 * 1024;
 
 /// A small batch's rows as arrays, one per column, for one `INSERT ... SELECT FROM unnest`.
 #[derive(Default)]
@@ -674,8 +680,6 @@ impl<'j> InsertRows<'j> {
 /// row as a field count and each field as its length and its value in the type's binary form).
 struct CopyRows {
     bytes: Vec<u8>,
-    /// Rows pushed so far, sent or not.
-    count: u64,
     recorded_at: i64,
 }
 
@@ -691,7 +695,6 @@ impl CopyRows {
         bytes.extend_from_slice(COPY_BINARY_HEADER);
         CopyRows {
             bytes,
-            count: 0,
             recorded_at: timestamptz(recorded_at),
         }
     }
@@ -713,7 +716,6 @@ impl CopyRows {
         field(out, &timestamptz(event.occurred_at).to_be_bytes());
         field(out, prev_hash);
         field(out, hash);
-        self.count += 1;
     }
 
     /// The trailer: a field count of -1.
