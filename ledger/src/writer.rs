@@ -6,7 +6,8 @@
 //! the already stored event ids it must (`Checks`), decides each request (appended, duplicate,
 //! conflict), assigns positions `head + 1 ..` and the hash chain in memory, writes the rows (a
 //! small batch with one `INSERT` that also moves the head and notifies, a large one streamed
-//! with binary `COPY` as it chains them, then the head and the notification), then commits. A request that fails its checks is answered without touching the others in its batch.
+//! with binary `COPY` as it chains them, then the head and the notification), then commits. A
+//! request that fails its checks is answered without touching the others in its batch.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
