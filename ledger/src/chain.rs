@@ -70,6 +70,11 @@ impl crate::RecordedEvent {
     pub fn recompute_hash(&self, prev_hash: &[u8; 32], scratch: &mut Vec<u8>) -> [u8; 32] {
         let payload_json = canonical_json(&self.payload);
         let metadata_json = canonical_json(&self.metadata);
+        self.envelope(&payload_json, &metadata_json).hash(prev_hash, scratch)
+    }
+
+    /// This event's envelope, its payload and metadata given as their canonical JSON.
+    pub fn envelope<'a>(&'a self, payload_json: &'a str, metadata_json: &'a str) -> Envelope<'a> {
         Envelope {
             position: self.position,
             stream_id: &self.stream_id,
@@ -77,12 +82,11 @@ impl crate::RecordedEvent {
             event_id: self.event_id,
             event_type: &self.event_type,
             schema_version: self.schema_version,
-            payload_json: &payload_json,
-            metadata_json: &metadata_json,
+            payload_json,
+            metadata_json,
             recorded_at: self.recorded_at,
             occurred_at: self.occurred_at,
         }
-        .hash(prev_hash, scratch)
     }
 }
 

@@ -3,7 +3,7 @@
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::chain::{canonical_json, Envelope, GENESIS_HASH};
+use crate::chain::{canonical_json, GENESIS_HASH};
 
 const PAGE_SIZE: usize = 5_000;
 
@@ -201,19 +201,7 @@ impl Stored {
         let event = &self.event;
         let payload_json = canonical_json(&event.payload);
         let metadata_json = canonical_json(&event.metadata);
-        let hash = Envelope {
-            position: event.position,
-            stream_id: &event.stream_id,
-            stream_version: event.stream_version,
-            event_id: event.event_id,
-            event_type: &event.event_type,
-            schema_version: event.schema_version,
-            payload_json: &payload_json,
-            metadata_json: &metadata_json,
-            recorded_at: event.recorded_at,
-            occurred_at: event.occurred_at,
-        }
-        .hash(prev_hash, scratch);
+        let hash = event.envelope(&payload_json, &metadata_json).hash(prev_hash, scratch);
         (hash, self.payload_text == payload_json && self.metadata_text == metadata_json)
     }
 }
