@@ -292,3 +292,25 @@ async fn verify_names_an_event_whose_text_was_rewritten_to_the_same_value() {
     let output = billing(&db, &["verify"]);
     assert!(stdout(&output).starts_with("FAILED at position 14:"), "{}", stdout(&output));
 }
+
+/// Text that `jsonb` cannot hold (a number beyond `numeric`'s range, which `json` stores and
+/// serde reads as a float) is named by its position, not left as an error of the whole check.
+#[tokio::test]
+async fn verify_names_an_event_whose_text_jsonb_refuses() {
+    use ledger::verify::verify_segment;
+    let db = TestDatabase::new().await;
+    log_with_events(&db, 30).await;
+    tamper(&db, "UPDATE events SET payload = payload::jsonb::text::json WHERE position = 5").await;
+    tamper(
+        &db,
+        r#"UPDATE events SET payload = ('{"amount":1e-20000,' || substr(payload::text, 2))::json WHERE position = 20"#,
+    )
+    .await;
+    let output = billing(&db, &["verify"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let text = stdout(&output);
+    assert!(text.starts_with("FAILED at position 20:"), "{text}");
+    assert!(text.contains("stored as other text than was hashed"), "{text}");
+    let report = verify_segment(&db.pool, 1, 30).await.unwrap();
+    assert_eq!((report.ok, report.first_bad_position), (false, Some(20)), "{report:?}");
+}

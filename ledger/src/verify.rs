@@ -224,21 +224,59 @@ async fn read_stored<'e>(executor: impl sqlx::PgExecutor<'e>, after_position: i6
 /// written behind the log's back: keys given twice, escapes or spaces that the parsed value does
 /// not show, but a reader of the text (an index, a query's `->>`, a decoder that refuses a
 /// duplicate field) may.
-async fn first_not_as_hashed<'e, T>(
-    executor: impl sqlx::PgExecutor<'e>,
-    unusual: &[(i64, T, [u8; 32])],
-) -> Result<Option<i64>, sqlx::Error> {
+///
+/// Text that jsonb refuses (a number beyond `numeric`'s range, which `json` stores and serde
+/// reads as some float) cannot be jsonb's rendering either: when the check of the page fails on
+/// such text, each position is checked alone (in a savepoint of its own, where `conn` is in a
+/// transaction) and the first refused or not rendered is the answer.
+async fn first_not_as_hashed<T>(conn: &mut sqlx::PgConnection, unusual: &[(i64, T, [u8; 32])]) -> Result<Option<i64>, sqlx::Error> {
     if unusual.is_empty() {
         return Ok(None);
     }
     let positions: Vec<i64> = unusual.iter().map(|(position, _, _)| *position).collect();
-    sqlx::query_scalar(
+    match not_rendered(conn, &positions).await? {
+        Rendered::Not(position) => Ok(Some(position)),
+        Rendered::All => Ok(None),
+        Rendered::Refused => {
+            for position in positions {
+                if !matches!(not_rendered(conn, &[position]).await?, Rendered::All) {
+                    return Ok(Some(position));
+                }
+            }
+            Ok(None)
+        }
+    }
+}
+
+enum Rendered {
+    All,
+    Not(i64),
+    /// The cast to jsonb failed on one of them.
+    Refused,
+}
+
+async fn not_rendered(conn: &mut sqlx::PgConnection, positions: &[i64]) -> Result<Rendered, sqlx::Error> {
+    use sqlx::Connection;
+    let mut check = conn.begin().await?;
+    let found: Result<Option<i64>, sqlx::Error> = sqlx::query_scalar(
         "SELECT min(position) FROM events WHERE position = ANY($1) \
          AND NOT (payload::text = payload::jsonb::text AND metadata::text = metadata::jsonb::text)",
     )
-    .bind(&positions)
-    .fetch_one(executor)
-    .await
+    .bind(positions)
+    .fetch_one(&mut *check)
+    .await;
+    match found {
+        Ok(found) => {
+            check.commit().await?;
+            Ok(found.map_or(Rendered::All, Rendered::Not))
+        }
+        // Class 22, data exception: the text is valid JSON that jsonb cannot hold.
+        Err(sqlx::Error::Database(error)) if error.code().is_some_and(|code| code.starts_with("22")) => {
+            check.rollback().await?;
+            Ok(Rendered::Refused)
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// The head reported with a failure is the last good position.
@@ -365,7 +403,7 @@ pub async fn verify_segment(pool: &PgPool, from: i64, to: i64) -> Result<Segment
             position = event.position;
             previous_hash = event.hash;
         }
-        if let Some(bad_position) = first_not_as_hashed(pool, &unusual).await? {
+        if let Some(bad_position) = first_not_as_hashed(&mut *pool.acquire().await?, &unusual).await? {
             report.events_checked = (bad_position - report.from) as u64;
             fail(&mut report, bad_position, TEXT_PROBLEM.to_string());
             return Ok(report);
