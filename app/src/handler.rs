@@ -206,6 +206,14 @@ impl Unit {
         Ok(loaded)
     }
 
+    /// Makes the commit depend on `stream_id` being at `version`, without reading the stream: for
+    /// a caller that knows its version by other means (a read model's row, folded from the stream
+    /// up to the read model's checkpoint, which `seen_at` names). A stream that moved since fails
+    /// the commit as a conflict, as a stream loaded and moved since does.
+    pub fn expect_version(&mut self, stream_id: &str, version: i64, seen_at: Option<ledger::SeenAt>) {
+        self.guard(stream_id, version, seen_at);
+    }
+
     /// Makes the commit depend on `stream_id` being still at `version`. A stream read twice keeps
     /// the first version read: if it moved in between, the commit conflicts and the command reruns.
     fn guard(&mut self, stream_id: &str, version: i64, seen_at: Option<ledger::SeenAt>) {

@@ -15,7 +15,7 @@ use domain::{
 };
 use rust_decimal::Decimal;
 
-use crate::flows::{FlowError, Flows, SlotOutcome};
+use crate::flows::{DueServer, FlowError, Flows, SlotOutcome};
 use crate::handler::Metadata;
 
 fn at(text: &str) -> DateTime<Utc> {
@@ -527,19 +527,27 @@ pub async fn fleet(flows: &Flows, clock: &ManualClock, count: usize, until: Date
     while slot.start() <= until {
         set(slot.start());
         // The billing run charges the slot.
-        let due: Vec<(AccountId, Vec<(ServerId, HourSlot)>, usize)> = fleet
+        let due: Vec<(AccountId, Vec<DueServer>, usize)> = fleet
             .iter()
             .map(|(account_id, servers)| {
                 (
                     *account_id,
-                    servers.iter().filter(|(_, next)| *next <= slot).copied().collect::<Vec<_>>(),
+                    servers
+                        .iter()
+                        .filter(|(_, next)| *next <= slot)
+                        .map(|&(server_id, first)| DueServer {
+                            server_id,
+                            first,
+                            folded: None,
+                        })
+                        .collect::<Vec<_>>(),
                     1,
                 )
             })
             .filter(|(_, servers, _)| !servers.is_empty())
             .collect();
         for batch in due.chunks(500) {
-            flows.charge_due_batch(batch, slot, &system).await?;
+            flows.charge_due_batch(batch, slot, None, &system).await?;
         }
         for (_, servers) in fleet.iter_mut() {
             for (_, next) in servers.iter_mut() {

@@ -219,19 +219,50 @@ pub async fn deletions_due(pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<Serv
     Ok(rows.into_iter().map(ServerId).collect())
 }
 
-/// Billable servers with a slot due before `until`: (account, server, next slot), by account.
-pub async fn charges_due(pool: &PgPool, until: DateTime<Utc>) -> Result<Vec<(AccountId, ServerId, DateTime<Utc>)>> {
-    let rows: Vec<(Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT account_id, server_id, next_charge_at FROM rm.servers WHERE billable AND next_charge_at <= $1 \
-         ORDER BY account_id, server_id",
+/// A billable server with a slot due, as the servers read model has it.
+#[derive(Clone, Debug)]
+pub struct DueRow {
+    pub account_id: Uuid,
+    pub server_id: Uuid,
+    pub next_charge_at: DateTime<Utc>,
+    pub plan_id: String,
+    /// `Server::first_billable_slot`, as the row was folded.
+    pub first_billable_slot: Option<DateTime<Utc>>,
+    /// The version of the server's stream the row was folded from (0: unknown).
+    pub version: i64,
+}
+
+/// Every billable server with a slot due by `until`, by account, and the servers read model's
+/// checkpoint the rows were read at (one statement: the rows hold every server event up to it
+/// and none after).
+pub async fn charges_due(pool: &PgPool, until: DateTime<Utc>) -> Result<(Vec<DueRow>, i64)> {
+    let rows: Vec<(i64, DueRow)> = sqlx::query_as::<_, (Option<i64>, Uuid, Uuid, DateTime<Utc>, String, Option<DateTime<Utc>>, i64)>(
+        "SELECT (SELECT position FROM checkpoints WHERE name = 'servers'), account_id, server_id, next_charge_at, \
+                plan_id, first_billable_slot, version \
+         FROM rm.servers WHERE billable AND next_charge_at <= $1 ORDER BY account_id, server_id",
     )
     .bind(until)
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(account, server, next)| (AccountId(account), ServerId(server), next))
-        .collect())
+    .await?
+    .into_iter()
+    .map(
+        |(checkpoint, account_id, server_id, next_charge_at, plan_id, first_billable_slot, version)| {
+            (
+                checkpoint.unwrap_or(0),
+                DueRow {
+                    account_id,
+                    server_id,
+                    next_charge_at,
+                    plan_id,
+                    first_billable_slot,
+                    version,
+                },
+            )
+        },
+    )
+    .collect();
+    let checkpoint = rows.first().map_or(0, |(checkpoint, _)| *checkpoint);
+    Ok((rows.into_iter().map(|(_, row)| row).collect(), checkpoint))
 }
 
 /// Accounts whose runway crossed `hours` (either way) since their last low-balance event: with

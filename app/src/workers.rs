@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use domain::server::SuspensionReason;
 use domain::{HourSlot, ServerId};
 
-use crate::flows::{FlowError, Flows};
+use crate::flows::{DueServer, FlowError, Flows, FoldedServer};
 use crate::handler::Metadata;
 
 /// Slots one server is caught up by in one run, at most (a bound on a run's work).
@@ -189,7 +189,7 @@ const BILL_PASSES_MAX: usize = 10_000;
 /// how many slots each may be charged in this pass.
 struct Work {
     account_id: domain::AccountId,
-    servers: Vec<(ServerId, HourSlot)>,
+    servers: Vec<DueServer>,
     slots_max: usize,
     /// The events this work may append, at most.
     events: usize,
@@ -199,10 +199,24 @@ struct Work {
 
 /// Splits what is due into work of at most `BILL_BATCH_EVENTS` events each: an account with many
 /// servers or many missed slots is caught up over several passes, never in one oversized append.
-fn plan(due: Vec<(domain::AccountId, ServerId, DateTime<Utc>)>, until: HourSlot) -> Vec<Work> {
-    let mut accounts: Vec<(domain::AccountId, Vec<(ServerId, HourSlot)>)> = Vec::new();
-    for (account_id, server_id, next_charge_at) in due {
-        let entry = (server_id, HourSlot::containing(next_charge_at));
+fn plan(due: Vec<crate::reads::DueRow>, until: HourSlot) -> Vec<Work> {
+    let mut accounts: Vec<(domain::AccountId, Vec<DueServer>)> = Vec::new();
+    for row in due {
+        let account_id = domain::AccountId(row.account_id);
+        // A row folded from a known version of a billable server's stream: billed from the row.
+        let folded = match (row.version, row.first_billable_slot, domain::PlanId::parse(&row.plan_id)) {
+            (version, Some(first_billable_slot), Ok(plan_id)) if version > 0 => Some(FoldedServer {
+                plan_id,
+                billable_from: HourSlot::containing(first_billable_slot),
+                version,
+            }),
+            _ => None,
+        };
+        let entry = DueServer {
+            server_id: ServerId(row.server_id),
+            first: HourSlot::containing(row.next_charge_at),
+            folded,
+        };
         match accounts.last_mut() {
             Some((last, servers)) if *last == account_id => servers.push(entry),
             _ => accounts.push((account_id, vec![entry])),
@@ -216,8 +230,8 @@ fn plan(due: Vec<(domain::AccountId, ServerId, DateTime<Utc>)>, until: HourSlot)
         let servers_max = BILL_BATCH_EVENTS / 2;
         for chunk in servers.chunks(servers_max) {
             let slots_max = (BILL_BATCH_EVENTS / chunk.len() - 1).clamp(1, CATCH_UP_SLOTS_MAX as usize);
-            let events = chunk.iter().map(|(_, first)| slots_due(*first).min(slots_max) + 1).sum();
-            let truncated = chunk.iter().any(|(_, first)| slots_due(*first) > slots_max);
+            let events = chunk.iter().map(|server| slots_due(server.first).min(slots_max) + 1).sum();
+            let truncated = chunk.iter().any(|server| slots_due(server.first) > slots_max);
             work.push(Work {
                 account_id,
                 servers: chunk.to_vec(),
@@ -243,7 +257,14 @@ pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::Ba
     let mut failed: std::collections::HashSet<domain::AccountId> = std::collections::HashSet::new();
     for _ in 0..BILL_PASSES_MAX {
         catch_up(&pool).await?;
-        let due = crate::reads::charges_due(&pool, until.start())
+        let (due, checkpoint) = crate::reads::charges_due(&pool, until.start())
+            .await
+            .map_err(crate::handler::StorageError::Read)?;
+        // The log as the rows were folded, to guard the appends by the rows' versions.
+        let seen_at = flows
+            .handler
+            .log()
+            .seen_at(checkpoint)
             .await
             .map_err(crate::handler::StorageError::Read)?;
         let work: Vec<Work> = plan(due, until)
@@ -251,7 +272,7 @@ pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::Ba
             .filter(|work| !failed.contains(&work.account_id))
             .collect();
         let more = work.iter().any(|work| work.truncated);
-        let pass = bill_pass(flows, work, until).await;
+        let pass = bill_pass(flows, work, until, seen_at).await;
         total.charged += pass.charges.charged;
         total.declined += pass.charges.declined;
         total.skipped += pass.charges.skipped;
@@ -273,7 +294,7 @@ struct Pass {
 }
 
 /// One pass: the work packed into batches of at most `BILL_BATCH_EVENTS` events, a few in flight.
-async fn bill_pass(flows: &Flows, work: Vec<Work>, until: HourSlot) -> Pass {
+async fn bill_pass(flows: &Flows, work: Vec<Work>, until: HourSlot, seen_at: Option<ledger::SeenAt>) -> Pass {
     let mut pass = Pass {
         charges: crate::flows::BatchCharges::default(),
         failed: Vec::new(),
@@ -298,7 +319,7 @@ async fn bill_pass(flows: &Flows, work: Vec<Work>, until: HourSlot) -> Pass {
                 break;
             }
             let flows = flows.clone();
-            in_flight.spawn(async move { bill_batch(&flows, batch, until).await });
+            in_flight.spawn(async move { bill_batch(&flows, batch, until, seen_at).await });
         }
         let Some(done) = in_flight.join_next().await else {
             break;
@@ -321,8 +342,8 @@ async fn bill_pass(flows: &Flows, work: Vec<Work>, until: HourSlot) -> Pass {
 }
 
 /// Charges a batch in one append; if that fails, each account alone, setting aside those that fail.
-async fn bill_batch(flows: &Flows, batch: Vec<Work>, until: HourSlot) -> Pass {
-    let appendable = |work: &[Work]| -> Vec<(domain::AccountId, Vec<(ServerId, HourSlot)>, usize)> {
+async fn bill_batch(flows: &Flows, batch: Vec<Work>, until: HourSlot, seen_at: Option<ledger::SeenAt>) -> Pass {
+    let appendable = |work: &[Work]| -> Vec<(domain::AccountId, Vec<DueServer>, usize)> {
         work.iter()
             .map(|work| (work.account_id, work.servers.clone(), work.slots_max))
             .collect()
@@ -331,13 +352,13 @@ async fn bill_batch(flows: &Flows, batch: Vec<Work>, until: HourSlot) -> Pass {
         charges: crate::flows::BatchCharges::default(),
         failed: Vec::new(),
     };
-    match flows.charge_due_batch(&appendable(&batch), until, &system()).await {
+    match flows.charge_due_batch(&appendable(&batch), until, seen_at, &system()).await {
         Ok(charges) => pass.charges = charges,
         Err(error) if batch.len() > 1 => {
             tracing::warn!(%error, accounts = batch.len(), "a billing batch failed; billing its accounts one by one");
             for work in batch {
                 let account_id = work.account_id;
-                let alone = Box::pin(bill_batch(flows, vec![work], until)).await;
+                let alone = Box::pin(bill_batch(flows, vec![work], until, seen_at)).await;
                 pass.charges.charged += alone.charges.charged;
                 pass.charges.declined += alone.charges.declined;
                 pass.charges.skipped += alone.charges.skipped;

@@ -119,3 +119,147 @@ async fn two_racing_runs_charge_each_slot_once_and_suspend_who_cannot_pay_once()
     let next = app::workers::bill_due(&other, HourSlot::containing(clock.now())).await.unwrap();
     assert_eq!((next.charged, next.declined), (80, 0), "suspended servers are not billed");
 }
+
+/// The run decides from the servers read model's rows without reading the servers' streams, its
+/// append guarded by the version each row was folded from: a server suspended after the rows
+/// were read (the read model not caught up yet) is not charged, while the rest of the batch is.
+#[tokio::test]
+async fn a_run_that_read_the_servers_before_a_suspension_does_not_charge_the_suspended_server() {
+    let db = TestDatabase::new().await;
+    let clock = Arc::new(ManualClock::new(at("2027-03-01T09:10:00Z")));
+    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
+    let flows = Flows::new(CommandHandler::new(log.clone(), clock.clone()));
+    let admin = Metadata::actor("admin", "test");
+    let fixtures = Fixtures::parse(include_str!("../../fixtures/plans.toml"), include_str!("../../fixtures/tax.toml")).unwrap();
+    flows.sync_catalog(fixtures, &admin).await.unwrap();
+    let mut servers = Vec::new();
+    // The third can pay for its first hour only.
+    for index in 0..3 {
+        let account_id = AccountId::new();
+        flows
+            .open_account(
+                account_id,
+                &format!("Guarded {index}"),
+                "guarded@example.com",
+                Currency::USD,
+                Country::parse("US").unwrap(),
+                &admin,
+            )
+            .await
+            .unwrap();
+        let funds = if index == 2 { dec!(0.006849) } else { dec!(5.00) };
+        flows.adjust(account_id, funds, "credit", &admin).await.unwrap();
+        let (order_id, server_id) = (OrderId::new(), ServerId::new());
+        flows
+            .place_order(
+                account_id,
+                PlanId::parse("vps-1g").unwrap(),
+                Location::parse("nyc").unwrap(),
+                order_id,
+                server_id,
+                &admin,
+            )
+            .await
+            .unwrap();
+        flows
+            .complete_provisioning(order_id, &format!("sim-g{index}"), &admin)
+            .await
+            .unwrap();
+        servers.push((account_id, server_id));
+    }
+    clock.set(at("2027-03-01T10:10:00Z")).unwrap();
+    projections::runner::catch_up_all(&db.pool).await.unwrap();
+    let until = HourSlot::containing(clock.now());
+    let (rows, checkpoint) = app::reads::charges_due(&db.pool, until.start()).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        let stream_version = log.stream_version(&ServerId(row.server_id).stream_id()).await.unwrap();
+        assert_eq!(row.version, stream_version, "a row carries the version it was folded from");
+        assert_eq!(row.first_billable_slot, Some(at("2027-03-01T09:00:00Z")));
+    }
+    let seen_at = log.seen_at(checkpoint).await.unwrap();
+    assert!(seen_at.is_some());
+
+    // The first account's server is suspended; the read model has not seen it.
+    let (suspended_account, suspended) = servers[0];
+    flows
+        .server_command(
+            suspended,
+            domain::ServerCommand::Suspend {
+                reason: domain::server::SuspensionReason::Dispute,
+                at: clock.now(),
+            },
+            &admin,
+        )
+        .await
+        .unwrap();
+    // The third's server is set up: its stream moved, and it is still billable.
+    flows
+        .server_command(
+            servers[2].1,
+            domain::ServerCommand::Setup {
+                os_image: "debian-12".into(),
+                hostname: domain::Hostname::parse("guarded-2").unwrap(),
+                at: clock.now(),
+            },
+            &admin,
+        )
+        .await
+        .unwrap();
+    let due: Vec<(AccountId, Vec<app::flows::DueServer>, usize)> = rows
+        .iter()
+        .map(|row| {
+            (
+                AccountId(row.account_id),
+                vec![app::flows::DueServer {
+                    server_id: ServerId(row.server_id),
+                    first: HourSlot::containing(row.next_charge_at),
+                    folded: Some(app::flows::FoldedServer {
+                        plan_id: PlanId::parse(&row.plan_id).unwrap(),
+                        billable_from: HourSlot::containing(row.first_billable_slot.unwrap()),
+                        version: row.version,
+                    }),
+                }],
+                1,
+            )
+        })
+        .collect();
+    let balance = |account_id: AccountId| {
+        let flows = &flows;
+        async move {
+            flows
+                .handler
+                .load::<domain::Account>(&account_id.stream_id())
+                .await
+                .unwrap()
+                .state
+                .balance()
+        }
+    };
+    let before = balance(suspended_account).await;
+    let charges = flows.charge_due_batch(&due, until, seen_at, &admin).await.unwrap();
+    assert_eq!(charges.charged, 1, "only the server still billable that can pay is charged");
+    assert_eq!(charges.declined, 1, "the one that cannot pay is declined");
+    let last: String = sqlx::query_scalar("SELECT event_type FROM events WHERE stream_id = $1 ORDER BY stream_version DESC LIMIT 1")
+        .bind(servers[2].1.stream_id())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        last, "ServerSuspended",
+        "declined, its server is suspended from its stream as it now is"
+    );
+    let charged: Vec<String> = sqlx::query_scalar(
+        "SELECT payload->>'server_id' FROM events WHERE event_type = 'HourCharged' AND (payload->>'slot')::timestamptz = $1",
+    )
+    .bind(until.start())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(charged, vec![servers[1].1.to_string()]);
+    assert_eq!(
+        balance(suspended_account).await,
+        before,
+        "the suspended server's wallet is not charged"
+    );
+}

@@ -255,6 +255,27 @@ impl EventLog {
         Ok(version.unwrap_or(0))
     }
 
+    /// The log as it was at `position` (0, or a committed position): for a reader that knows
+    /// streams' versions as of that position by other means (a read model whose checkpoint it
+    /// is), so that an append guarded by those versions can say where they held
+    /// (`StreamAppend::seen_at`). None for a position the log does not have.
+    pub async fn seen_at(&self, position: i64) -> Result<Option<SeenAt>, sqlx::Error> {
+        if position == 0 {
+            return Ok(Some(SeenAt {
+                position,
+                hash: crate::chain::GENESIS_HASH,
+            }));
+        }
+        let hash: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM events WHERE position = $1")
+            .bind(position)
+            .fetch_optional(&self.inner.pool)
+            .await?;
+        Ok(hash.map(|hash| SeenAt {
+            position,
+            hash: hash.try_into().expect("events.hash is 32 bytes by its CHECK"),
+        }))
+    }
+
     /// The last committed position and its hash.
     pub async fn head(&self) -> Result<(i64, [u8; 32]), sqlx::Error> {
         let (position, hash): (i64, Vec<u8>) = sqlx::query_as("SELECT position, hash FROM ledger_head WHERE singleton")

@@ -24,6 +24,8 @@ pub enum Decoded {
 #[derive(Clone, Debug)]
 pub struct Record {
     pub position: i64,
+    /// The event's version in its stream.
+    pub stream_version: i64,
     pub event_id: Uuid,
     pub occurred_at: DateTime<Utc>,
     pub event: Decoded,
@@ -63,6 +65,7 @@ pub fn decode(event: &RecordedEvent) -> Result<Record, DecodeError> {
     decode_stored(&StoredEvent {
         position: event.position,
         stream_id: event.stream_id.clone(),
+        stream_version: event.stream_version,
         event_id: event.event_id,
         event_type: event.event_type.clone(),
         schema_version: event.schema_version,
@@ -77,6 +80,7 @@ pub fn decode(event: &RecordedEvent) -> Result<Record, DecodeError> {
 pub struct StoredEvent {
     pub position: i64,
     pub stream_id: String,
+    pub stream_version: i64,
     pub event_id: Uuid,
     pub event_type: String,
     pub schema_version: i32,
@@ -91,7 +95,7 @@ pub async fn read_records_after<'e>(
     limit: usize,
 ) -> Result<Vec<Record>, crate::runner::ProjectionError> {
     let stored: Vec<StoredEvent> = sqlx::query_as(
-        "SELECT position, stream_id, event_id, event_type, schema_version, payload::text AS payload, occurred_at \
+        "SELECT position, stream_id, stream_version, event_id, event_type, schema_version, payload::text AS payload, occurred_at \
          FROM events WHERE position > $1 ORDER BY position LIMIT $2",
     )
     .bind(after_position)
@@ -126,6 +130,7 @@ pub fn decode_stored(event: &StoredEvent) -> Result<Record, DecodeError> {
     };
     Ok(Record {
         position: event.position,
+        stream_version: event.stream_version,
         event_id: event.event_id,
         occurred_at: event.occurred_at,
         event: decoded,

@@ -43,6 +43,12 @@ pub struct ServerRow {
     /// Why it is suspended (`non_payment`, `dispute`) and since when, while it is.
     pub suspension_reason: Option<String>,
     pub suspended_at: Option<DateTime<Utc>>,
+    /// The start of the first slot it may be billed for while billable
+    /// (`Server::first_billable_slot`).
+    pub first_billable_slot: Option<DateTime<Utc>>,
+    /// The version of the server's stream `state` was folded from (0: unknown, a row stored
+    /// before the column was).
+    pub version: i64,
     pub state: Json<Server>,
 }
 
@@ -66,6 +72,8 @@ const COLUMNS: &[&str] = &[
     "billable",
     "suspension_reason",
     "suspended_at",
+    "first_billable_slot",
+    "version",
     "state",
 ];
 
@@ -84,6 +92,7 @@ impl ServerRow {
         self.billable = server.is_billable();
         self.suspension_reason = server.suspension_in_force().map(|(reason, _)| reason.as_str().to_string());
         self.suspended_at = server.suspension_in_force().map(|(_, since)| since);
+        self.first_billable_slot = server.first_billable_slot().map(|slot| slot.start());
         // Billed in advance per slot: the next charge is at the start of the slot after the last
         // one charged, while the server is billable, and never before the slot in which it last
         // became billable (a resumption or revocation charges that slot in its own append).
@@ -160,6 +169,8 @@ impl Projection for Servers {
                                     billable: false,
                                     suspension_reason: None,
                                     suspended_at: None,
+                                    first_billable_slot: None,
+                                    version: 0,
                                     state: Json(Server::default()),
                                 },
                             );
@@ -168,6 +179,7 @@ impl Projection for Servers {
                             continue;
                         };
                         row.state.0.apply(event.clone());
+                        row.version = record.stream_version;
                         changed.insert(id.0);
                     }
                     Decoded::Account(

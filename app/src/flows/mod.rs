@@ -62,11 +62,17 @@ impl From<HandlerError<FlowError>> for FlowError {
 type Result<T> = std::result::Result<T, FlowError>;
 
 /// Runs `$body` (which uses `$unit`) and commits, retrying on conflict; evaluates to the body's value.
+/// `$attempt`, when named, is the attempt's number from 1. In the body, `break value` returns
+/// without committing, and `continue` starts the next attempt without committing.
 macro_rules! atomically {
-    ($flows:expr, $metadata:expr, |$unit:ident| $body:block) => {{
+    ($flows:expr, $metadata:expr, |$unit:ident| $body:block) => {
+        atomically!($flows, $metadata, |$unit, _attempt| $body)
+    };
+    ($flows:expr, $metadata:expr, |$unit:ident, $attempt:ident| $body:block) => {{
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            let $attempt = attempt;
             #[allow(unused_mut)]
             let mut $unit = $flows.handler.unit();
             let value = $body;
@@ -86,6 +92,7 @@ mod payments;
 mod servers;
 
 use billing::*;
+pub use billing::{DueServer, FoldedServer};
 use servers::*;
 
 pub use servers::ServerRequest;
