@@ -263,3 +263,104 @@ async fn a_run_that_read_the_servers_before_a_suspension_does_not_charge_the_sus
         "the suspended server's wallet is not charged"
     );
 }
+
+/// A database of the version before the servers read model carried stream versions: migration
+/// 0018 fills them (and the first billable slots) from the log and the folded states, so the rows
+/// match a replay (`billing verify`) and the billing run decides from them.
+#[tokio::test]
+async fn servers_stored_before_their_versions_were_get_them_from_the_migration() {
+    let db = TestDatabase::new().await;
+    let clock = Arc::new(ManualClock::new(at("2027-03-01T09:10:00Z")));
+    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
+    let flows = Flows::new(CommandHandler::new(log.clone(), clock.clone()));
+    let admin = Metadata::actor("admin", "test");
+    let fixtures = Fixtures::parse(include_str!("../../fixtures/plans.toml"), include_str!("../../fixtures/tax.toml")).unwrap();
+    flows.sync_catalog(fixtures, &admin).await.unwrap();
+    let account_id = AccountId::new();
+    flows
+        .open_account(
+            account_id,
+            "Upgraded",
+            "up@example.com",
+            Currency::USD,
+            Country::parse("US").unwrap(),
+            &admin,
+        )
+        .await
+        .unwrap();
+    flows.adjust(account_id, dec!(5.00), "credit", &admin).await.unwrap();
+    let mut servers = Vec::new();
+    for index in 0..3 {
+        let (order_id, server_id) = (OrderId::new(), ServerId::new());
+        flows
+            .place_order(
+                account_id,
+                PlanId::parse("vps-1g").unwrap(),
+                Location::parse("nyc").unwrap(),
+                order_id,
+                server_id,
+                &admin,
+            )
+            .await
+            .unwrap();
+        flows
+            .complete_provisioning(order_id, &format!("sim-u{index}"), &admin)
+            .await
+            .unwrap();
+        servers.push(server_id);
+    }
+    // One suspended and resumed an hour later (billable since then), one suspended still.
+    clock.set(at("2027-03-01T10:20:00Z")).unwrap();
+    for server_id in &servers[1..] {
+        flows
+            .server_command(
+                *server_id,
+                domain::ServerCommand::Suspend {
+                    reason: domain::server::SuspensionReason::Dispute,
+                    at: clock.now(),
+                },
+                &admin,
+            )
+            .await
+            .unwrap();
+    }
+    clock.set(at("2027-03-01T11:30:00Z")).unwrap();
+    flows.resume(servers[1], &admin).await.unwrap();
+    projections::runner::catch_up_all(&db.pool).await.unwrap();
+    let expected: Vec<(uuid::Uuid, i64, Option<DateTime<Utc>>)> =
+        sqlx::query_as("SELECT server_id, version, first_billable_slot FROM rm.servers ORDER BY server_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(expected.iter().any(|(_, _, first)| *first == Some(at("2027-03-01T11:00:00Z"))));
+    assert!(expected.iter().any(|(_, _, first)| first.is_none()));
+
+    // The database as the previous version left it, then migrated.
+    sqlx::query("ALTER TABLE rm.servers DROP COLUMN version, DROP COLUMN first_billable_slot")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 18")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    ledger::MIGRATOR.run(&db.pool).await.unwrap();
+    let migrated: Vec<(uuid::Uuid, i64, Option<DateTime<Utc>>)> =
+        sqlx::query_as("SELECT server_id, version, first_billable_slot FROM rm.servers ORDER BY server_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(migrated, expected);
+    for projection in projections::projection::all() {
+        let check = projections::verify::verify(&db.pool, projection.as_ref()).await.unwrap();
+        assert!(check.differences.is_empty(), "{}: {:?}", check.name, check.differences);
+    }
+    // The next hour is billed from the rows: the running and the resumed server.
+    clock.set(at("2027-03-01T12:05:00Z")).unwrap();
+    let run = app::workers::bill_due(&flows, HourSlot::containing(clock.now())).await.unwrap();
+    assert_eq!(
+        (run.charged, run.declined),
+        (4, 0),
+        "10:00, 11:00 and 12:00 of the running server, 12:00 of the resumed one"
+    );
+}
