@@ -256,7 +256,9 @@ pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::Ba
     let mut total = crate::flows::BatchCharges::default();
     let mut failed: std::collections::HashSet<domain::AccountId> = std::collections::HashSet::new();
     for _ in 0..BILL_PASSES_MAX {
+        let pass_started = std::time::Instant::now();
         catch_up(&pool).await?;
+        let caught_up = pass_started.elapsed();
         let (due, checkpoint) = crate::reads::charges_due(&pool, until.start())
             .await
             .map_err(crate::handler::StorageError::Read)?;
@@ -267,12 +269,22 @@ pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::Ba
             .seen_at(checkpoint)
             .await
             .map_err(crate::handler::StorageError::Read)?;
+        let rows = due.len();
         let work: Vec<Work> = plan(due, until)
             .into_iter()
             .filter(|work| !failed.contains(&work.account_id))
             .collect();
         let more = work.iter().any(|work| work.truncated);
+        let planned = pass_started.elapsed();
         let pass = bill_pass(flows, work, until, seen_at).await;
+        tracing::debug!(
+            servers = rows,
+            charged = pass.charges.charged,
+            catch_up_ms = caught_up.as_secs_f64() * 1e3,
+            read_and_plan_ms = (planned - caught_up).as_secs_f64() * 1e3,
+            batches_ms = (pass_started.elapsed() - planned).as_secs_f64() * 1e3,
+            "billing pass"
+        );
         total.charged += pass.charges.charged;
         total.declined += pass.charges.declined;
         total.skipped += pass.charges.skipped;

@@ -92,7 +92,20 @@ impl EventLog {
             })?;
         let (head, _) = watch::channel(position);
         let (jobs, receiver) = mpsc::channel(config.queue_depth);
-        tokio::spawn(writer::run(pool.clone(), receiver, head.clone(), config.clone()));
+        // The writer runs on a thread of its own: on the caller's runtime it would wait behind
+        // whatever CPU-bound work (deciding a batch of commands) holds the runtime's threads, and
+        // every appender waits on it. It ends when the last handle to the log is dropped.
+        let (writer_pool, writer_head, writer_config) = (pool.clone(), head.clone(), config.clone());
+        std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime.block_on(writer::run(writer_pool, receiver, writer_head, writer_config)),
+                    // Appends then fail: their requests are dropped with the receiver.
+                    Err(error) => tracing::error!(%error, "the log's writer could not start"),
+                }
+            })
+            .map_err(|error| LogError::Database(sqlx::Error::Io(error)))?;
         let listener = tokio::spawn(listen(pool.clone(), head.clone()));
         Ok(EventLog {
             inner: Arc::new(Inner {
