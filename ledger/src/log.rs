@@ -59,6 +59,8 @@ pub enum LogError {
     Database(#[from] sqlx::Error),
     #[error("the event log is not set up in this database (run `billing migrate`): {0}")]
     NotMigrated(sqlx::Error),
+    #[error("the log's writer could not start: {0}")]
+    Writer(std::io::Error),
 }
 
 #[derive(Clone)]
@@ -92,20 +94,19 @@ impl EventLog {
             })?;
         let (head, _) = watch::channel(position);
         let (jobs, receiver) = mpsc::channel(config.queue_depth);
-        // The writer runs on a thread of its own: on the caller's runtime it would wait behind
-        // whatever CPU-bound work (deciding a batch of commands) holds the runtime's threads, and
-        // every appender waits on it. It ends when the last handle to the log is dropped.
+        // The writer runs on a thread (and runtime) of its own: on the caller's runtime it would
+        // wait behind whatever CPU-bound work (deciding a batch of commands) holds the runtime's
+        // threads, and every appender waits on it. It ends once the last handle to the log is
+        // dropped and the appends queued before are done.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(LogError::Writer)?;
         let (writer_pool, writer_head, writer_config) = (pool.clone(), head.clone(), config.clone());
         std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(runtime) => runtime.block_on(writer::run(writer_pool, receiver, writer_head, writer_config)),
-                    // Appends then fail: their requests are dropped with the receiver.
-                    Err(error) => tracing::error!(%error, "the log's writer could not start"),
-                }
-            })
-            .map_err(|error| LogError::Database(sqlx::Error::Io(error)))?;
+            .spawn(move || runtime.block_on(writer::run(writer_pool, receiver, writer_head, writer_config)))
+            .map_err(LogError::Writer)?;
         let listener = tokio::spawn(listen(pool.clone(), head.clone()));
         Ok(EventLog {
             inner: Arc::new(Inner {
@@ -128,8 +129,8 @@ impl EventLog {
     /// caller that needs one before another awaits the first.
     pub async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, AppendError> {
         request.check()?;
-        // The JSON is written here, on the caller's task, so the writer (one per process, holding
-        // the log's lock) only chains and copies.
+        // The JSON is written here, on the caller's task, so the writer (one per log opened,
+        // holding the log's lock) only chains and copies.
         let json = request
             .streams
             .iter()

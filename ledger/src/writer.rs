@@ -1,4 +1,5 @@
-//! The appender: one task per process that groups concurrent appends into one transaction.
+//! The appender: one per log opened (`EventLog::open`), on a thread of its own, that groups
+//! concurrent appends into one transaction.
 //!
 //! Each batch locks the `ledger_head` row first, so batches from every process are serialised
 //! (two of this process's batches overlap only in that the second waits for the lock while the
