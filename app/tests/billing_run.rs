@@ -19,6 +19,55 @@ fn at(text: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(text).unwrap().to_utc()
 }
 
+/// A process of the product on `db` at `clock`, the fixtures' catalogue synced.
+async fn process(db: &TestDatabase, clock: Arc<ManualClock>) -> (EventLog, Flows) {
+    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
+    let flows = Flows::new(CommandHandler::new(log.clone(), clock));
+    let fixtures = Fixtures::parse(include_str!("../../fixtures/plans.toml"), include_str!("../../fixtures/tax.toml")).unwrap();
+    flows.sync_catalog(fixtures, &admin()).await.unwrap();
+    (log, flows)
+}
+
+fn admin() -> Metadata {
+    Metadata::actor("admin", "test")
+}
+
+/// A USD account in the US credited with `funds`.
+async fn customer(flows: &Flows, name: &str, funds: Decimal) -> AccountId {
+    let account_id = AccountId::new();
+    flows
+        .open_account(
+            account_id,
+            name,
+            "customer@example.com",
+            Currency::USD,
+            Country::parse("US").unwrap(),
+            &admin(),
+        )
+        .await
+        .unwrap();
+    flows.adjust(account_id, funds, "credit", &admin()).await.unwrap();
+    account_id
+}
+
+/// A `vps-1g` server of `account_id`, ordered and provisioned now (its first hour charged).
+async fn provisioned(flows: &Flows, account_id: AccountId, provider_server_id: &str) -> ServerId {
+    let (order_id, server_id) = (OrderId::new(), ServerId::new());
+    flows
+        .place_order(
+            account_id,
+            PlanId::parse("vps-1g").unwrap(),
+            Location::parse("nyc").unwrap(),
+            order_id,
+            server_id,
+            &admin(),
+        )
+        .await
+        .unwrap();
+    flows.complete_provisioning(order_id, provider_server_id, &admin()).await.unwrap();
+    server_id
+}
+
 #[tokio::test]
 async fn two_racing_runs_charge_each_slot_once_and_suspend_who_cannot_pay_once() {
     let db = TestDatabase::new().await;
@@ -40,37 +89,10 @@ async fn two_racing_runs_charge_each_slot_once_and_suspend_who_cannot_pay_once()
     // 40 accounts that can pay for two servers for hours, 6 that can pay one server's first hour only.
     let mut servers_of: HashMap<AccountId, Vec<ServerId>> = HashMap::new();
     for index in 0..46 {
-        let account_id = AccountId::new();
         let (funds, servers) = if index < 40 { (dec!(5.00), 2) } else { (first_hour, 1) };
-        flows
-            .open_account(
-                account_id,
-                &format!("Run {index}"),
-                "run@example.com",
-                Currency::USD,
-                Country::parse("US").unwrap(),
-                &admin,
-            )
-            .await
-            .unwrap();
-        flows.adjust(account_id, funds, "credit", &admin).await.unwrap();
+        let account_id = customer(&flows, &format!("Run {index}"), funds).await;
         for _ in 0..servers {
-            let (order_id, server_id) = (OrderId::new(), ServerId::new());
-            flows
-                .place_order(
-                    account_id,
-                    PlanId::parse("vps-1g").unwrap(),
-                    Location::parse("nyc").unwrap(),
-                    order_id,
-                    server_id,
-                    &admin,
-                )
-                .await
-                .unwrap();
-            flows
-                .complete_provisioning(order_id, &format!("sim-{index}"), &admin)
-                .await
-                .unwrap();
+            let server_id = provisioned(&flows, account_id, &format!("sim-{index}")).await;
             servers_of.entry(account_id).or_default().push(server_id);
         }
     }
@@ -127,44 +149,14 @@ async fn two_racing_runs_charge_each_slot_once_and_suspend_who_cannot_pay_once()
 async fn a_run_that_read_the_servers_before_a_suspension_does_not_charge_the_suspended_server() {
     let db = TestDatabase::new().await;
     let clock = Arc::new(ManualClock::new(at("2027-03-01T09:10:00Z")));
-    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
-    let flows = Flows::new(CommandHandler::new(log.clone(), clock.clone()));
-    let admin = Metadata::actor("admin", "test");
-    let fixtures = Fixtures::parse(include_str!("../../fixtures/plans.toml"), include_str!("../../fixtures/tax.toml")).unwrap();
-    flows.sync_catalog(fixtures, &admin).await.unwrap();
+    let (log, flows) = process(&db, clock.clone()).await;
+    let admin = admin();
     let mut servers = Vec::new();
     // The third can pay for its first hour only.
     for index in 0..3 {
-        let account_id = AccountId::new();
-        flows
-            .open_account(
-                account_id,
-                &format!("Guarded {index}"),
-                "guarded@example.com",
-                Currency::USD,
-                Country::parse("US").unwrap(),
-                &admin,
-            )
-            .await
-            .unwrap();
         let funds = if index == 2 { dec!(0.006849) } else { dec!(5.00) };
-        flows.adjust(account_id, funds, "credit", &admin).await.unwrap();
-        let (order_id, server_id) = (OrderId::new(), ServerId::new());
-        flows
-            .place_order(
-                account_id,
-                PlanId::parse("vps-1g").unwrap(),
-                Location::parse("nyc").unwrap(),
-                order_id,
-                server_id,
-                &admin,
-            )
-            .await
-            .unwrap();
-        flows
-            .complete_provisioning(order_id, &format!("sim-g{index}"), &admin)
-            .await
-            .unwrap();
+        let account_id = customer(&flows, &format!("Guarded {index}"), funds).await;
+        let server_id = provisioned(&flows, account_id, &format!("sim-g{index}")).await;
         servers.push((account_id, server_id));
     }
     clock.set(at("2027-03-01T10:10:00Z")).unwrap();
@@ -271,43 +263,12 @@ async fn a_run_that_read_the_servers_before_a_suspension_does_not_charge_the_sus
 async fn servers_stored_before_their_versions_were_get_them_from_the_migration() {
     let db = TestDatabase::new().await;
     let clock = Arc::new(ManualClock::new(at("2027-03-01T09:10:00Z")));
-    let log = EventLog::open(db.pool.clone(), LogConfig::default()).await.unwrap();
-    let flows = Flows::new(CommandHandler::new(log.clone(), clock.clone()));
-    let admin = Metadata::actor("admin", "test");
-    let fixtures = Fixtures::parse(include_str!("../../fixtures/plans.toml"), include_str!("../../fixtures/tax.toml")).unwrap();
-    flows.sync_catalog(fixtures, &admin).await.unwrap();
-    let account_id = AccountId::new();
-    flows
-        .open_account(
-            account_id,
-            "Upgraded",
-            "up@example.com",
-            Currency::USD,
-            Country::parse("US").unwrap(),
-            &admin,
-        )
-        .await
-        .unwrap();
-    flows.adjust(account_id, dec!(5.00), "credit", &admin).await.unwrap();
+    let (_, flows) = process(&db, clock.clone()).await;
+    let admin = admin();
+    let account_id = customer(&flows, "Upgraded", dec!(5.00)).await;
     let mut servers = Vec::new();
     for index in 0..3 {
-        let (order_id, server_id) = (OrderId::new(), ServerId::new());
-        flows
-            .place_order(
-                account_id,
-                PlanId::parse("vps-1g").unwrap(),
-                Location::parse("nyc").unwrap(),
-                order_id,
-                server_id,
-                &admin,
-            )
-            .await
-            .unwrap();
-        flows
-            .complete_provisioning(order_id, &format!("sim-u{index}"), &admin)
-            .await
-            .unwrap();
-        servers.push(server_id);
+        servers.push(provisioned(&flows, account_id, &format!("sim-u{index}")).await);
     }
     // One suspended and resumed an hour later (billable since then), one suspended still.
     clock.set(at("2027-03-01T10:20:00Z")).unwrap();
