@@ -458,11 +458,15 @@ async fn a_billing_run_killed_mid_run_and_rerun_charges_each_slot_once() {
             .unwrap();
         flows.complete_provisioning(order, &format!("sim-{index}"), &admin).await.unwrap();
     }
-    // Three days without a run: 72 slots a server. Killed mid-run twice, then run to the end.
-    let until = "2026-05-04T09:30:00Z";
+    // A week without a run: 168 slots a server, 20,160 in all. Killed mid-run twice, then run to
+    // the end.
+    const SLOTS: i64 = 168;
+    let until = "2026-05-08T09:30:00Z";
     let mut interrupted: Vec<i64> = Vec::new();
     // Killed twice, each time the moment its first batch of charges has landed (batches are bounded,
-    // so a run over 8,640 slots commits more than one): mid-run whatever this machine's speed.
+    // so a run over twice `BILL_BATCH_EVENTS` commits more than one): mid-run whatever this
+    // machine's speed.
+    assert!(SERVERS * (SLOTS + 1) > 2 * app::workers::BILL_BATCH_EVENTS as i64);
     for _ in 0..2 {
         let before = count(&db, "SELECT count(*) FROM events WHERE event_type = 'HourCharged'").await;
         let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_billing"))
@@ -483,9 +487,9 @@ async fn a_billing_run_killed_mid_run_and_rerun_charges_each_slot_once() {
         run.wait().unwrap();
         interrupted.push(count(&db, "SELECT count(*) FROM events WHERE event_type = 'HourCharged'").await);
     }
-    eprintln!("charges after each kill: {interrupted:?} of {}", SERVERS * 72);
+    eprintln!("charges after each kill: {interrupted:?} of {}", SERVERS * SLOTS);
     assert!(
-        interrupted.iter().any(|charged| (1..SERVERS * 72).contains(charged)),
+        interrupted.iter().any(|charged| (1..SERVERS * SLOTS).contains(charged)),
         "no kill came mid-run: {interrupted:?}"
     );
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_billing"))
@@ -503,7 +507,7 @@ async fn a_billing_run_killed_mid_run_and_rerun_charges_each_slot_once() {
     assert_eq!(twice, 0, "a slot was charged twice");
     assert_eq!(
         count(&db, "SELECT count(*) FROM events WHERE event_type = 'HourCharged'").await,
-        SERVERS * 72,
-        "every slot from 10:00 on the 1st to 09:00 on the 4th, once"
+        SERVERS * SLOTS,
+        "every slot from 10:00 on the 1st to 09:00 on the 8th, once"
     );
 }

@@ -234,35 +234,90 @@ pub struct DueRow {
 
 /// Every billable server with a slot due by `until`, by account, and the servers read model's
 /// checkpoint the rows were read at (one statement: the rows hold every server event up to it
-/// and none after).
+/// and none after). Read whole; the billing run reads them in chunks (`DueCursor`).
 pub async fn charges_due(pool: &PgPool, until: DateTime<Utc>) -> Result<(Vec<DueRow>, i64)> {
-    let rows: Vec<(i64, DueRow)> = sqlx::query_as::<_, (Option<i64>, Uuid, Uuid, DateTime<Utc>, String, Option<DateTime<Utc>>, i64)>(
-        "SELECT (SELECT position FROM checkpoints WHERE name = 'servers'), account_id, server_id, next_charge_at, \
-                plan_id, first_billable_slot, version \
-         FROM rm.servers WHERE billable AND next_charge_at <= $1 ORDER BY account_id, server_id",
-    )
-    .bind(until)
-    .fetch_all(pool)
-    .await?
-    .into_iter()
-    .map(
-        |(checkpoint, account_id, server_id, next_charge_at, plan_id, first_billable_slot, version)| {
-            (
-                checkpoint.unwrap_or(0),
-                DueRow {
-                    account_id,
-                    server_id,
-                    next_charge_at,
-                    plan_id,
-                    first_billable_slot,
-                    version,
-                },
-            )
-        },
-    )
-    .collect();
-    let checkpoint = rows.first().map_or(0, |(checkpoint, _)| *checkpoint);
-    Ok((rows.into_iter().map(|(_, row)| row).collect(), checkpoint))
+    let mut cursor = DueCursor::open(pool, until, DUE_ROWS_PER_FETCH).await?;
+    let mut rows = Vec::new();
+    while let Some(chunk) = cursor.next_chunk().await? {
+        rows.extend(chunk);
+    }
+    Ok((rows, cursor.checkpoint()))
+}
+
+/// The rows of `charges_due` through a cursor, in chunks in account order, so that work on the
+/// first accounts starts while the rest are read. The cursor's statement reads one snapshot, so
+/// every row is as of the one checkpoint it reports; a cursor's plan is chosen for its first rows
+/// (an index scan in account order rather than a scan and a sort of every due row).
+pub struct DueCursor {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    rows_per_fetch: usize,
+    checkpoint: Option<i64>,
+    done: bool,
+}
+
+/// Rows one fetch of a `DueCursor` reads, as the billing run reads them.
+pub const DUE_ROWS_PER_FETCH: usize = 2_000;
+
+impl DueCursor {
+    /// Opens the cursor, to read `rows_per_fetch` rows at a time; holds a connection until dropped.
+    pub async fn open(pool: &PgPool, until: DateTime<Utc>, rows_per_fetch: usize) -> Result<DueCursor> {
+        let mut tx = pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY").await?;
+        sqlx::query(
+            "DECLARE due_servers NO SCROLL CURSOR FOR \
+             SELECT (SELECT position FROM checkpoints WHERE name = 'servers'), account_id, server_id, next_charge_at, \
+                    plan_id, first_billable_slot, version \
+             FROM rm.servers WHERE billable AND next_charge_at <= $1 ORDER BY account_id, server_id",
+        )
+        .bind(until)
+        .execute(&mut *tx)
+        .await?;
+        Ok(DueCursor {
+            tx,
+            rows_per_fetch: rows_per_fetch.max(1),
+            checkpoint: None,
+            done: false,
+        })
+    }
+
+    /// The servers read model's checkpoint the rows are as of (0 while no row has been read, or
+    /// if none is due: nothing is then decided from it).
+    pub fn checkpoint(&self) -> i64 {
+        self.checkpoint.unwrap_or(0)
+    }
+
+    /// The next rows in account order, `None` once every row has been read.
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<DueRow>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let rows: Vec<(Option<i64>, Uuid, Uuid, DateTime<Utc>, String, Option<DateTime<Utc>>, i64)> =
+            sqlx::query_as(&format!("FETCH FORWARD {} FROM due_servers", self.rows_per_fetch))
+                .fetch_all(&mut *self.tx)
+                .await?;
+        if rows.len() < self.rows_per_fetch {
+            self.done = true;
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            rows.into_iter()
+                .map(
+                    |(checkpoint, account_id, server_id, next_charge_at, plan_id, first_billable_slot, version)| {
+                        self.checkpoint.get_or_insert(checkpoint.unwrap_or(0));
+                        DueRow {
+                            account_id,
+                            server_id,
+                            next_charge_at,
+                            plan_id,
+                            first_billable_slot,
+                            version,
+                        }
+                    },
+                )
+                .collect(),
+        ))
+    }
 }
 
 /// Accounts whose runway crossed `hours` (either way) since their last low-balance event: with

@@ -179,7 +179,7 @@ pub async fn run_due(flows: &Flows, now: DateTime<Utc>) -> Result<DueReport, Flo
 /// Events one append of the billing run carries, at most (the log takes up to
 /// `ledger::APPEND_EVENTS_MAX`; a batch's estimate counts every slot it may charge and a
 /// suspension per server).
-pub const BILL_BATCH_EVENTS: usize = 5_000;
+pub const BILL_BATCH_EVENTS: usize = 10_000;
 /// Batches of the billing run decided and appended at once.
 const BILL_BATCHES_IN_FLIGHT: usize = 3;
 /// Passes of one run, at most: each catches every server up by as many slots as its batch allows.
@@ -245,12 +245,18 @@ fn plan(due: Vec<crate::reads::DueRow>, until: HourSlot) -> Vec<Work> {
 }
 
 /// The hourly billing, set-based: one query finds every billable server with a slot due up to
-/// `until` (from the servers read model, brought up to date first), grouped by account; batches
+/// `until` (from the servers read model, brought up to date first), in account order; batches
 /// of accounts bounded by the events they may append are decided and appended at once
-/// (`Flows::charge_due_batch`), and passes repeat until every server is caught up. A batch that
+/// (`Flows::charge_due_batch`) while the query's later rows are still being read, and passes
+/// repeat until every server is caught up. A batch that
 /// fails is retried account by account; an account that fails alone is set aside (logged and
 /// counted in `/metrics`) and the run goes on with the rest of the fleet.
 pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::BatchCharges, FlowError> {
+    bill_due_reading(flows, until, crate::reads::DUE_ROWS_PER_FETCH).await
+}
+
+/// `bill_due`, reading the due rows `rows_per_read` at a time.
+pub async fn bill_due_reading(flows: &Flows, until: HourSlot, rows_per_read: usize) -> Result<crate::flows::BatchCharges, FlowError> {
     let started = std::time::Instant::now();
     let pool = flows.handler.log().pool().clone();
     let mut total = crate::flows::BatchCharges::default();
@@ -259,37 +265,35 @@ pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::Ba
         let pass_started = std::time::Instant::now();
         catch_up(&pool).await?;
         let caught_up = pass_started.elapsed();
-        let (due, checkpoint) = crate::reads::charges_due(&pool, until.start())
+        let due = DueWork::open(&pool, until, rows_per_read)
             .await
             .map_err(crate::handler::StorageError::Read)?;
         // The log as the rows were folded, to guard the appends by the rows' versions.
         let seen_at = flows
             .handler
             .log()
-            .seen_at(checkpoint)
+            .seen_at(due.checkpoint())
             .await
             .map_err(crate::handler::StorageError::Read)?;
-        let rows = due.len();
-        let work: Vec<Work> = plan(due, until)
-            .into_iter()
-            .filter(|work| !failed.contains(&work.account_id))
-            .collect();
-        let more = work.iter().any(|work| work.truncated);
-        let planned = pass_started.elapsed();
-        let pass = bill_pass(flows, work, until, seen_at).await;
+        let first_read = pass_started.elapsed();
+        let pass = bill_pass(flows, due, &failed, until, seen_at).await;
         tracing::debug!(
-            servers = rows,
+            servers = pass.rows,
             charged = pass.charges.charged,
             catch_up_ms = caught_up.as_secs_f64() * 1e3,
-            read_and_plan_ms = (planned - caught_up).as_secs_f64() * 1e3,
-            batches_ms = (pass_started.elapsed() - planned).as_secs_f64() * 1e3,
+            first_rows_ms = (first_read - caught_up).as_secs_f64() * 1e3,
+            batches_ms = (pass_started.elapsed() - first_read).as_secs_f64() * 1e3,
             "billing pass"
         );
         total.charged += pass.charges.charged;
         total.declined += pass.charges.declined;
         total.skipped += pass.charges.skipped;
         failed.extend(pass.failed);
-        if !more || pass.charges.charged + pass.charges.declined == 0 {
+        if let Some(error) = pass.read_error {
+            // What the pass's batches appended stands; the next run goes on from the read model.
+            return Err(crate::handler::StorageError::Read(error).into());
+        }
+        if !pass.more || pass.charges.charged + pass.charges.declined == 0 {
             break;
         }
     }
@@ -303,31 +307,175 @@ pub async fn bill_due(flows: &Flows, until: HourSlot) -> Result<crate::flows::Ba
 struct Pass {
     charges: crate::flows::BatchCharges,
     failed: Vec<domain::AccountId>,
+    /// Due rows read.
+    rows: usize,
+    /// Some server has more slots due than this pass charged.
+    more: bool,
+    /// Reading the due rows failed part way: the batches before it were billed, no more were.
+    read_error: Option<sqlx::Error>,
 }
 
-/// One pass: the work packed into batches of at most `BILL_BATCH_EVENTS` events, a few in flight.
-async fn bill_pass(flows: &Flows, work: Vec<Work>, until: HourSlot, seen_at: Option<ledger::SeenAt>) -> Pass {
-    let mut pass = Pass {
-        charges: crate::flows::BatchCharges::default(),
-        failed: Vec::new(),
-    };
+impl Pass {
+    fn new() -> Pass {
+        Pass {
+            charges: crate::flows::BatchCharges::default(),
+            failed: Vec::new(),
+            rows: 0,
+            more: false,
+            read_error: None,
+        }
+    }
+
+    fn add(&mut self, other: Pass) {
+        self.charges.charged += other.charges.charged;
+        self.charges.declined += other.charges.declined;
+        self.charges.skipped += other.charges.skipped;
+        self.failed.extend(other.failed);
+    }
+}
+
+/// What one pass has due, as work of at most `BILL_BATCH_EVENTS` events each, planned from the
+/// due rows as they are read (`crate::reads::DueCursor`): the first rows before the pass starts
+/// (they give the read model's checkpoint), the rest by a task of their own that reads them to
+/// the end as fast as they come, so the cursor's transaction lasts as long as the query and not
+/// as long as the pass. An account's rows are planned once a later account's have been read, so
+/// its servers are never split between two reads.
+struct DueWork {
+    chunks: tokio::sync::mpsc::UnboundedReceiver<Result<Option<Vec<crate::reads::DueRow>>, sqlx::Error>>,
+    checkpoint: i64,
+    /// Rows read and not planned yet: the last account's, which the next chunk may continue.
+    held: Vec<crate::reads::DueRow>,
+    ready: std::collections::VecDeque<Work>,
+    until: HourSlot,
+    rows: usize,
+    done: bool,
+}
+
+impl DueWork {
+    async fn open(pool: &sqlx::PgPool, until: HourSlot, rows_per_read: usize) -> Result<DueWork, sqlx::Error> {
+        let mut cursor = crate::reads::DueCursor::open(pool, until.start(), rows_per_read).await?;
+        let first = cursor.next_chunk().await?;
+        let checkpoint = cursor.checkpoint();
+        let (sender, chunks) = tokio::sync::mpsc::unbounded_channel();
+        let more = first.is_some();
+        let _ = sender.send(Ok(first));
+        if more {
+            tokio::spawn(async move {
+                loop {
+                    let read = cursor.next_chunk().await;
+                    let last = !matches!(read, Ok(Some(_)));
+                    if sender.send(read).is_err() || last {
+                        return;
+                    }
+                }
+            });
+        }
+        Ok(DueWork {
+            chunks,
+            checkpoint,
+            held: Vec::new(),
+            ready: std::collections::VecDeque::new(),
+            until,
+            rows: 0,
+            done: false,
+        })
+    }
+
+    fn checkpoint(&self) -> i64 {
+        self.checkpoint
+    }
+
+    /// Takes the next chunk read and plans every account it completes (all that is held, after
+    /// the last chunk).
+    async fn read(&mut self) -> Result<(), sqlx::Error> {
+        let read = self.chunks.recv().await.unwrap_or_else(|| {
+            // The reading task ended without saying the rows were all read: it panicked.
+            Err(sqlx::Error::Protocol("the due rows' reader stopped before the last row".into()))
+        });
+        match read? {
+            Some(chunk) => {
+                self.rows += chunk.len();
+                self.held.extend(chunk);
+                let last = self.held.last().expect("a chunk has rows").account_id;
+                // Rows come in account order: the last account's begin at its first row.
+                let split = self
+                    .held
+                    .iter()
+                    .position(|row| row.account_id == last)
+                    .expect("the last row's account");
+                let complete: Vec<_> = self.held.drain(..split).collect();
+                self.ready.extend(plan(complete, self.until));
+            }
+            None => {
+                self.ready.extend(plan(std::mem::take(&mut self.held), self.until));
+                self.done = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// The next work, reading as needed; `None` once everything due is planned and taken.
+    async fn next(&mut self) -> Result<Option<Work>, sqlx::Error> {
+        loop {
+            if let Some(work) = self.ready.pop_front() {
+                return Ok(Some(work));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            self.read().await?;
+        }
+    }
+}
+
+/// One pass: the work packed into batches of at most `BILL_BATCH_EVENTS` events, a few in flight
+/// while the rest of the due rows are read.
+async fn bill_pass(
+    flows: &Flows,
+    mut due: DueWork,
+    failed: &std::collections::HashSet<domain::AccountId>,
+    until: HourSlot,
+    seen_at: Option<ledger::SeenAt>,
+) -> Pass {
+    let mut pass = Pass::new();
     // Batches touch disjoint accounts (but for a huge account's chunks, which then conflict and
     // retry), so several are decided and appended at once: while one waits for its append,
     // another is read and decided (and the log's writer groups appends).
     let mut in_flight = tokio::task::JoinSet::new();
-    let mut work = work.into_iter().peekable();
+    let mut pending: Option<Work> = None;
+    let mut exhausted = false;
     loop {
-        while in_flight.len() < BILL_BATCHES_IN_FLIGHT {
+        while in_flight.len() < BILL_BATCHES_IN_FLIGHT && !exhausted {
             let mut batch = Vec::new();
             let mut events = 0;
-            while let Some(next) = work.peek() {
+            loop {
+                let next = match pending.take() {
+                    Some(work) => work,
+                    None => match due.next().await {
+                        Ok(Some(work)) => work,
+                        Ok(None) => {
+                            exhausted = true;
+                            break;
+                        }
+                        Err(error) => {
+                            pass.read_error = Some(error);
+                            exhausted = true;
+                            break;
+                        }
+                    },
+                };
+                if failed.contains(&next.account_id) {
+                    continue;
+                }
                 if events > 0 && events + next.events > BILL_BATCH_EVENTS {
+                    pending = Some(next);
                     break;
                 }
+                pass.more |= next.truncated;
                 events += next.events;
-                batch.push(work.next().expect("peeked"));
+                batch.push(next);
             }
-            if batch.is_empty() {
+            if batch.is_empty() || pass.read_error.is_some() {
                 break;
             }
             let flows = flows.clone();
@@ -337,12 +485,7 @@ async fn bill_pass(flows: &Flows, work: Vec<Work>, until: HourSlot, seen_at: Opt
             break;
         };
         match done {
-            Ok(done) => {
-                pass.charges.charged += done.charges.charged;
-                pass.charges.declined += done.charges.declined;
-                pass.charges.skipped += done.charges.skipped;
-                pass.failed.extend(done.failed);
-            }
+            Ok(done) => pass.add(done),
             Err(error) => {
                 // A panic in a batch: its accounts are simply not billed this pass.
                 tracing::error!(%error, "a billing batch panicked; its accounts are left for the next run");
@@ -350,6 +493,7 @@ async fn bill_pass(flows: &Flows, work: Vec<Work>, until: HourSlot, seen_at: Opt
             }
         }
     }
+    pass.rows = due.rows;
     pass
 }
 
@@ -360,23 +504,14 @@ async fn bill_batch(flows: &Flows, batch: Vec<Work>, until: HourSlot, seen_at: O
             .map(|work| (work.account_id, work.servers.clone(), work.slots_max))
             .collect()
     };
-    let mut pass = Pass {
-        charges: crate::flows::BatchCharges::default(),
-        failed: Vec::new(),
-    };
+    let mut pass = Pass::new();
     match flows.charge_due_batch(&appendable(&batch), until, seen_at, &system()).await {
         Ok(charges) => pass.charges = charges,
         Err(error) if batch.len() > 1 => {
             tracing::warn!(%error, accounts = batch.len(), "a billing batch failed; billing its accounts one by one");
             for work in batch {
-                let account_id = work.account_id;
-                let alone = Box::pin(bill_batch(flows, vec![work], until, seen_at)).await;
-                pass.charges.charged += alone.charges.charged;
-                pass.charges.declined += alone.charges.declined;
-                pass.charges.skipped += alone.charges.skipped;
-                if !alone.failed.is_empty() {
-                    pass.failed.push(account_id);
-                }
+                // An account that fails alone is the one its attempt sets aside.
+                pass.add(Box::pin(bill_batch(flows, vec![work], until, seen_at)).await);
             }
         }
         Err(error) => {

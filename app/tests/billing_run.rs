@@ -325,3 +325,56 @@ async fn servers_stored_before_their_versions_were_get_them_from_the_migration()
         "10:00, 11:00 and 12:00 of the running server, 12:00 of the resumed one"
     );
 }
+
+/// The run reads what is due a few rows at a time and bills the first accounts while it reads
+/// the rest: an account whose servers straddle two reads is billed whole, once, and the rows
+/// read in pieces are the rows of one read, in account order.
+#[tokio::test]
+async fn a_run_reading_its_due_rows_in_pieces_charges_every_server_once() {
+    let db = TestDatabase::new().await;
+    let clock = Arc::new(ManualClock::new(at("2027-03-01T09:10:00Z")));
+    let (_log, flows) = process(&db, clock.clone()).await;
+    let mut servers = 0;
+    for (index, count) in [3, 1, 4, 2].into_iter().enumerate() {
+        let account_id = customer(&flows, &format!("Pieces {index}"), dec!(5.00)).await;
+        for server in 0..count {
+            provisioned(&flows, account_id, &format!("sim-p{index}-{server}")).await;
+            servers += 1;
+        }
+    }
+    clock.set(at("2027-03-01T12:10:00Z")).unwrap();
+    projections::runner::catch_up_all(&db.pool).await.unwrap();
+    let until = HourSlot::containing(clock.now());
+
+    let (whole, checkpoint) = app::reads::charges_due(&db.pool, until.start()).await.unwrap();
+    assert_eq!(whole.len(), servers);
+    let mut cursor = app::reads::DueCursor::open(&db.pool, until.start(), 3).await.unwrap();
+    let mut pieces = Vec::new();
+    let mut reads = 0;
+    while let Some(chunk) = cursor.next_chunk().await.unwrap() {
+        assert!(chunk.len() <= 3);
+        pieces.extend(chunk);
+        reads += 1;
+    }
+    assert_eq!(reads, 4, "ten rows, three at a time");
+    assert_eq!(cursor.checkpoint(), checkpoint);
+    let ids = |rows: &[app::reads::DueRow]| rows.iter().map(|row| (row.account_id, row.server_id)).collect::<Vec<_>>();
+    assert_eq!(ids(&pieces), ids(&whole));
+    assert!(ids(&whole).windows(2).all(|pair| pair[0] <= pair[1]), "rows in account order");
+
+    // Slots 10:00, 11:00 and 12:00 are due (09:00 was charged at provisioning).
+    let report = app::workers::bill_due_reading(&flows, until, 3).await.unwrap();
+    assert_eq!(
+        (report.charged, report.declined, report.failed_accounts),
+        (3 * servers as u64, 0, 0)
+    );
+    let charges: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT payload->>'server_id', payload->>'slot', count(*) FROM events WHERE event_type = 'HourCharged' GROUP BY 1, 2",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(charges.len(), 3 * servers, "each server's three due hours, each once");
+    assert!(charges.iter().all(|(_, _, count)| *count == 1), "a slot charged twice: {charges:?}");
+    assert_eq!(app::workers::bill_due_reading(&flows, until, 3).await.unwrap().charged, 0);
+}
