@@ -261,6 +261,7 @@ pub async fn bill_due_reading(flows: &Flows, until: HourSlot, rows_per_read: usi
     let pool = flows.handler.log().pool().clone();
     let mut total = crate::flows::BatchCharges::default();
     let mut failed: std::collections::HashSet<domain::AccountId> = std::collections::HashSet::new();
+    let mut read_error = None;
     for _ in 0..BILL_PASSES_MAX {
         let pass_started = std::time::Instant::now();
         catch_up(&pool).await?;
@@ -290,8 +291,8 @@ pub async fn bill_due_reading(flows: &Flows, until: HourSlot, rows_per_read: usi
         total.skipped += pass.charges.skipped;
         failed.extend(pass.failed);
         if let Some(error) = pass.read_error {
-            // What the pass's batches appended stands; the next run goes on from the read model.
-            return Err(crate::handler::StorageError::Read(error).into());
+            read_error = Some(error);
+            break;
         }
         if !pass.more || pass.charges.charged + pass.charges.declined == 0 {
             break;
@@ -299,9 +300,17 @@ pub async fn bill_due_reading(flows: &Flows, until: HourSlot, rows_per_read: usi
     }
     total.failed_accounts = failed.len() as u64;
     total.failed = failed.into_iter().collect();
+    // A run cut short by a failed read still counts what it charged and set aside.
     crate::metrics::record_billing_run(started.elapsed(), total.charged);
     crate::metrics::record_billing_failures(total.failed_accounts);
-    Ok(total)
+    match read_error {
+        Some(error) => {
+            // What the run's batches appended stands; the next run goes on from the read model.
+            tracing::error!(%error, charged = total.charged, "reading the due servers failed part way; the run stopped");
+            Err(crate::handler::StorageError::Read(error).into())
+        }
+        None => Ok(total),
+    }
 }
 
 struct Pass {
@@ -335,20 +344,48 @@ impl Pass {
 }
 
 /// What one pass has due, as work of at most `BILL_BATCH_EVENTS` events each, planned from the
-/// due rows as they are read (`crate::reads::DueCursor`): the first rows before the pass starts
-/// (they give the read model's checkpoint), the rest by a task of their own that reads them to
-/// the end as fast as they come, so the cursor's transaction lasts as long as the query and not
-/// as long as the pass. An account's rows are planned once a later account's have been read, so
-/// its servers are never split between two reads.
+/// due rows as they are read (`crate::reads::DueCursor`, `Planner`): the first rows before the
+/// pass starts (they give the read model's checkpoint), the rest by a task of their own that
+/// reads them to the end as fast as they come, so the cursor's transaction lasts as long as the
+/// query and not as long as the pass.
 struct DueWork {
     chunks: tokio::sync::mpsc::UnboundedReceiver<Result<Option<Vec<crate::reads::DueRow>>, sqlx::Error>>,
     checkpoint: i64,
-    /// Rows read and not planned yet: the last account's, which the next chunk may continue.
-    held: Vec<crate::reads::DueRow>,
+    planner: Planner,
     ready: std::collections::VecDeque<Work>,
-    until: HourSlot,
     rows: usize,
     done: bool,
+}
+
+/// Plans due rows read in chunks in account order: an account's rows are planned once a later
+/// account's have been read (or the last chunk was), so its servers are never split.
+struct Planner {
+    until: HourSlot,
+    /// Rows read and not planned yet: the last account's, which the next chunk may continue.
+    held: Vec<crate::reads::DueRow>,
+}
+
+impl Planner {
+    /// The work of every account a chunk completes.
+    fn read(&mut self, chunk: Vec<crate::reads::DueRow>) -> Vec<Work> {
+        self.held.extend(chunk);
+        let Some(last) = self.held.last().map(|row| row.account_id) else {
+            return Vec::new();
+        };
+        // Rows come in account order: the last account's begin at its first row.
+        let split = self
+            .held
+            .iter()
+            .position(|row| row.account_id == last)
+            .expect("the last row's account");
+        let complete: Vec<_> = self.held.drain(..split).collect();
+        plan(complete, self.until)
+    }
+
+    /// The work of what is held, once the last chunk has been read.
+    fn finish(&mut self) -> Vec<Work> {
+        plan(std::mem::take(&mut self.held), self.until)
+    }
 }
 
 impl DueWork {
@@ -373,9 +410,8 @@ impl DueWork {
         Ok(DueWork {
             chunks,
             checkpoint,
-            held: Vec::new(),
+            planner: Planner { until, held: Vec::new() },
             ready: std::collections::VecDeque::new(),
-            until,
             rows: 0,
             done: false,
         })
@@ -395,19 +431,10 @@ impl DueWork {
         match read? {
             Some(chunk) => {
                 self.rows += chunk.len();
-                self.held.extend(chunk);
-                let last = self.held.last().expect("a chunk has rows").account_id;
-                // Rows come in account order: the last account's begin at its first row.
-                let split = self
-                    .held
-                    .iter()
-                    .position(|row| row.account_id == last)
-                    .expect("the last row's account");
-                let complete: Vec<_> = self.held.drain(..split).collect();
-                self.ready.extend(plan(complete, self.until));
+                self.ready.extend(self.planner.read(chunk));
             }
             None => {
-                self.ready.extend(plan(std::mem::take(&mut self.held), self.until));
+                self.ready.extend(self.planner.finish());
                 self.done = true;
             }
         }
@@ -569,5 +596,48 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     pub fn backoff(&self, attempt: u32) -> Duration {
         (self.backoff_base * 2u32.saturating_pow(attempt.saturating_sub(1).min(16))).min(self.backoff_max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(account: u128, server: u128) -> crate::reads::DueRow {
+        crate::reads::DueRow {
+            account_id: uuid::Uuid::from_u128(account),
+            server_id: uuid::Uuid::from_u128(server),
+            next_charge_at: "2027-03-01T10:00:00Z".parse().unwrap(),
+            plan_id: "vps-1g".into(),
+            first_billable_slot: Some("2027-03-01T09:00:00Z".parse().unwrap()),
+            version: 2,
+        }
+    }
+
+    #[test]
+    fn an_account_whose_rows_straddle_two_reads_is_planned_whole_once() {
+        let until = HourSlot::containing("2027-03-01T12:10:00Z".parse().unwrap());
+        let mut planner = Planner { until, held: Vec::new() };
+        // Accounts 1 to 4 with 3, 1, 4 and 2 servers, read three rows at a time.
+        let rows: Vec<_> = [(1, 3), (2, 1), (3, 4), (4, 2)]
+            .into_iter()
+            .flat_map(|(account, servers)| (0..servers).map(move |server| row(account, account * 10 + server)))
+            .collect();
+        let mut planned: Vec<Vec<Work>> = rows.chunks(3).map(|chunk| planner.read(chunk.to_vec())).collect();
+        planned.push(planner.finish());
+        let accounts =
+            |works: &[Work]| -> Vec<(u128, usize)> { works.iter().map(|work| (work.account_id.0.as_u128(), work.servers.len())).collect() };
+        let by_read: Vec<_> = planned.iter().map(|works| accounts(works)).collect();
+        assert_eq!(
+            by_read,
+            vec![vec![], vec![(1, 3), (2, 1)], vec![(3, 4)], vec![], vec![(4, 2)]],
+            "each account once, with all its servers, once a later account's rows or the end are read"
+        );
+        let work = &planned[2][0];
+        assert_eq!(
+            (work.slots_max, work.events, work.truncated),
+            ((BILL_BATCH_EVENTS / 4 - 1).min(CATCH_UP_SLOTS_MAX as usize), 4 * (3 + 1), false)
+        );
+        assert!(planner.finish().is_empty());
     }
 }
