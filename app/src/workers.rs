@@ -354,6 +354,8 @@ struct DueWork {
     planner: Planner,
     ready: std::collections::VecDeque<Work>,
     rows: usize,
+    /// Some work taken has a server with more slots due than this pass charges.
+    more: bool,
     done: bool,
 }
 
@@ -413,6 +415,7 @@ impl DueWork {
             planner: Planner { until, held: Vec::new() },
             ready: std::collections::VecDeque::new(),
             rows: 0,
+            more: false,
             done: false,
         })
     }
@@ -439,6 +442,26 @@ impl DueWork {
             }
         }
         Ok(())
+    }
+
+    /// The next batch: the work of accounts not set aside, at most `BILL_BATCH_EVENTS` events
+    /// (or one work alone); empty once everything due is taken.
+    async fn next_batch(&mut self, failed: &std::collections::HashSet<domain::AccountId>) -> Result<Vec<Work>, sqlx::Error> {
+        let mut batch = Vec::new();
+        let mut events = 0;
+        while let Some(next) = self.next().await? {
+            if failed.contains(&next.account_id) {
+                continue;
+            }
+            if events > 0 && events + next.events > BILL_BATCH_EVENTS {
+                self.ready.push_front(next);
+                break;
+            }
+            self.more |= next.truncated;
+            events += next.events;
+            batch.push(next);
+        }
+        Ok(batch)
     }
 
     /// The next work, reading as needed; `None` once everything due is planned and taken.
@@ -469,44 +492,20 @@ async fn bill_pass(
     // retry), so several are decided and appended at once: while one waits for its append,
     // another is read and decided (and the log's writer groups appends).
     let mut in_flight = tokio::task::JoinSet::new();
-    let mut pending: Option<Work> = None;
     let mut exhausted = false;
     loop {
         while in_flight.len() < BILL_BATCHES_IN_FLIGHT && !exhausted {
-            let mut batch = Vec::new();
-            let mut events = 0;
-            loop {
-                let next = match pending.take() {
-                    Some(work) => work,
-                    None => match due.next().await {
-                        Ok(Some(work)) => work,
-                        Ok(None) => {
-                            exhausted = true;
-                            break;
-                        }
-                        Err(error) => {
-                            pass.read_error = Some(error);
-                            exhausted = true;
-                            break;
-                        }
-                    },
-                };
-                if failed.contains(&next.account_id) {
-                    continue;
+            match due.next_batch(failed).await {
+                Ok(batch) if !batch.is_empty() => {
+                    let flows = flows.clone();
+                    in_flight.spawn(async move { bill_batch(&flows, batch, until, seen_at).await });
                 }
-                if events > 0 && events + next.events > BILL_BATCH_EVENTS {
-                    pending = Some(next);
-                    break;
+                Ok(_) => exhausted = true,
+                Err(error) => {
+                    pass.read_error = Some(error);
+                    exhausted = true;
                 }
-                pass.more |= next.truncated;
-                events += next.events;
-                batch.push(next);
             }
-            if batch.is_empty() || pass.read_error.is_some() {
-                break;
-            }
-            let flows = flows.clone();
-            in_flight.spawn(async move { bill_batch(&flows, batch, until, seen_at).await });
         }
         let Some(done) = in_flight.join_next().await else {
             break;
@@ -521,6 +520,7 @@ async fn bill_pass(
         }
     }
     pass.rows = due.rows;
+    pass.more = due.more;
     pass
 }
 
